@@ -183,7 +183,8 @@ TRANSFORMER_PRESETS: dict[str, TransformerConfig] = {
         diff_width=64, diff_depth=2, diffusion_batch_mul=2,
     ),
     # HART_SPEC §2.2 inferred config of mit-han-lab/hart-0.7b-1024px: 732.5M params, 36.6M head.
-    "hart-0.7b": TransformerConfig(),
+    # attn_l2_norm: the reference key list (hart_llm_keys_d16_c1536.tsv) has blocks.N.attn.scale_mul_1H11.
+    "hart-0.7b": TransformerConfig(attn_l2_norm=True),
 }
 
 

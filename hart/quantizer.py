@@ -104,7 +104,8 @@ class MultiScaleQuantizer(nn.Module):
     def embed_tokens(self, idx_Bl: torch.Tensor, pn: int) -> torch.Tensor:
         """Token ids of one scale (B, pn*pn) -> code map (B, C, pn, pn)."""
         B = idx_Bl.shape[0]
-        return self.embedding(idx_Bl).transpose(1, 2).reshape(B, self.channels, pn, pn)
+        # nn.Embedding only takes int32/int64; the token cache stores int16.
+        return self.embedding(idx_Bl.long()).transpose(1, 2).reshape(B, self.channels, pn, pn)
 
     def _quantize_scale(self, f_rest_BChw: torch.Tensor, si: int) -> torch.Tensor:
         pn, H = self.patch_nums[si], f_rest_BChw.shape[-1]

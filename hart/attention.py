@@ -1,0 +1,144 @@
+"""Self-attention (block-causal over scales, KV cache) and STAR-style cross-attention.
+
+Design: HART's mask is block-causal with sorted levels: text is level 0, scale k is level
+k, and a query attends to every key whose level is <= its own. Because levels only grow
+along the sequence, the keys of a query segment are exactly the prefix that ends where
+its own segment ends. So instead of a dense (L, L) additive mask (363 MB at 1024px, which
+the released code keeps as a buffer) we run one unmasked `scaled_dot_product_attention`
+per segment over that key prefix. This is exact, lets SDPA pick flash/efficient kernels
+on GPU, works identically on CPU, and also covers token subsampling (kept last-scale
+tokens still form one trailing segment). With a KV cache (sampling) each call adds one
+segment (the text, or one scale) and attends to everything cached so far.
+
+Projection layout matches the checkpoint: `qkv_proj` (llama) / `mat_qkv` (gpt2) without
+bias, learnable `q_bias` and `v_bias`, a persistent all-zero `zero_k_bias` buffer, `proj`
+with bias, and `scale_mul_1H11` (log scale, clamped at log 100) when `attn_l2_norm`.
+Softmax scale is 0.25/sqrt(hd) (the released value), or 1 after L2-normalising q and k.
+RoPE is applied after the L2 norm, and the cache stores post-RoPE keys.
+
+Shape legend: B batch, L tokens, C width, H heads, hd head dim, T text tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hart.rope import apply_rope
+
+
+class KVCache:
+    """Post-RoPE keys and values of one block, grown one segment at a time."""
+
+    def __init__(self) -> None:
+        self.k_BHLd: torch.Tensor | None = None
+        self.v_BHLd: torch.Tensor | None = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k_BHLd is None:
+            self.k_BHLd, self.v_BHLd = k, v
+        else:
+            self.k_BHLd = torch.cat([self.k_BHLd, k], dim=2)
+            self.v_BHLd = torch.cat([self.v_BHLd, v], dim=2)
+        return self.k_BHLd, self.v_BHLd
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, embed_dim: int, num_heads: int, attn_l2_norm: bool, qkv_name: str = "qkv_proj"):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        self.qkv_name = qkv_name
+        setattr(self, qkv_name, nn.Linear(embed_dim, 3 * embed_dim, bias=False))
+        self.q_bias = nn.Parameter(torch.zeros(embed_dim))
+        self.v_bias = nn.Parameter(torch.zeros(embed_dim))
+        self.register_buffer("zero_k_bias", torch.zeros(embed_dim))
+        self.proj = nn.Linear(embed_dim, embed_dim)
+        self.attn_l2_norm = attn_l2_norm
+        if attn_l2_norm:
+            self.scale = 1.0
+            self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), 4.0).log())
+            self.max_scale_mul = math.log(100.0)
+        else:
+            self.scale = 0.25 / math.sqrt(self.head_dim)
+
+    def project_qkv(self, x_BLC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, L, C = x_BLC.shape
+        weight = getattr(self, self.qkv_name).weight
+        bias = torch.cat([self.q_bias, self.zero_k_bias, self.v_bias])
+        qkv = F.linear(x_BLC, weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each B, H, L, hd
+        if self.attn_l2_norm:
+            scale_mul = self.scale_mul_1H11.clamp(max=self.max_scale_mul).exp()
+            q = F.normalize(q, dim=-1) * scale_mul
+            k = F.normalize(k, dim=-1)
+        return q, k, v
+
+    def forward(
+        self,
+        x_BLC: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor, bool] | None,
+        segment_ends: list[int] | None = None,
+        cache: KVCache | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attend with one of three masks.
+
+        - `segment_ends` (training): query segment i is [ends[i-1], ends[i]) and sees keys [0, ends[i]).
+        - `cache` (sampling): all queries see every cached key plus the new ones.
+        - `attn_mask` (reference/tests only): a dense additive or boolean mask for SDPA.
+        """
+        B, L, C = x_BLC.shape
+        q, k, v = self.project_qkv(x_BLC)
+        if rope is not None:
+            cos, sin, interleaved = rope
+            q = apply_rope(q, cos, sin, interleaved)
+            k = apply_rope(k, cos, sin, interleaved)
+        if cache is not None:
+            k, v = cache.append(k, v)
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        elif attn_mask is not None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)
+        else:
+            ends = segment_ends or [L]
+            assert ends[-1] == L, f"segments end at {ends[-1]} but the sequence has {L} tokens"
+            outs, start = [], 0
+            for end in ends:
+                outs.append(F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end], scale=self.scale))
+                start = end
+            out = torch.cat(outs, dim=2)
+        return self.proj(out.transpose(1, 2).reshape(B, L, C))
+
+
+class CrossAttention(nn.Module):
+    """Image tokens (queries) attend to the projected text tokens (keys/values), per sample.
+
+    Key names follow HART's unused `MultiHeadCrossAttention` (`q_linear`, `kv_linear`, `proj`).
+    Unlike that code (xformers over the flattened batch, pads unmasked) each sample sees only
+    its own text, with pad tokens masked. The output projection starts at zero, so switching
+    it on leaves a pretrained model's function unchanged at step 0.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        self.q_linear = nn.Linear(embed_dim, embed_dim)
+        self.kv_linear = nn.Linear(embed_dim, 2 * embed_dim)
+        self.proj = nn.Linear(embed_dim, embed_dim)
+
+    def forward(self, x_BNC: torch.Tensor, text_BTC: torch.Tensor, mask_BT: torch.Tensor | None) -> torch.Tensor:
+        B, N, C = x_BNC.shape
+        T = text_BTC.shape[1]
+        q = self.q_linear(x_BNC).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv_linear(text_BTC).view(B, T, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        keep = None
+        if mask_BT is not None:
+            keep = mask_BT.bool().clone()
+            keep[:, 0] |= ~keep.any(dim=1)  # a fully padded row still needs one key
+            keep = keep[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))

@@ -1,0 +1,164 @@
+"""Text -> image generation with HART: scale-by-scale sampling, CFG, residual diffusion, decode.
+
+Design (HART_SPEC §2.2 "Sampling", §3.2): the batch is doubled for classifier-free guidance
+(rows [:B] conditional, [B:] the null condition: zero features, mask with only position 0
+on, text positions all 0). One transformer call per scale with a KV cache: the text step
+predicts the 1x1 scale from the last text position, then each scale's input is the
+area-downsampled running latent f_hat (`quantizer.next_autoregressive_input`). Per scale
+the guided logits are `(1 + t) * cond - t * uncond` with `t = cfg * si / (S - 1)`; top-k is
+`top_k[0]` for scales < 7 and `top_k[1]` after (HART: 600 / 300), optionally with top-p.
+The last scale is predicted in one pass (HART's single maskgit iteration); its discrete
+tokens get a continuous residual from the diffusion head conditioned on
+`decoder_norm(h + word_embed(E[idx]))` with `eps = (1 + t) eps_c - t eps_u`, and are added to
+f_hat without Phi. The tokenizer decodes f_hat.
+
+Released-code quirk kept for parity: the last scale reuses the guidance ratio of the scale
+before it, `t = cfg * (S - 2) / (S - 1)` (the reference never updates `ratio` for the last
+stage), and a guidance weight of exactly 1.0 disables guidance in the diffusion head.
+`more_smooth` (Gumbel-softmax soft embeddings, tau = max(0.27 (1 - 0.95 r), 0.005)) is for
+visualisation; keep it False for FID. All randomness (tokens, Gumbel, diffusion noise) comes
+from one generator seeded with `seed`, so a seed gives the same images on CPU.
+
+Shape legend: B prompts, T text tokens, D text dim, l tokens of a scale, V vocab,
+Cv token dim, C width, H latent side.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+from PIL import Image
+
+from hart.sampling import gumbel_softmax, sample_top_k_top_p
+from hart.text_encoder import TextEncoder
+from hart.transformer import HARTForT2I
+
+LATE_SCALE_INDEX = 7  # scales >= this use top_k[1]
+
+
+def _check(model: HARTForT2I, tokenizer, text_encoder: TextEncoder, prompts) -> None:
+    if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
+        raise ValueError("prompts must be a non-empty list of strings")
+    if not all(isinstance(p, str) for p in prompts):
+        raise ValueError("every prompt must be a string")
+    mc, tc = model.config, tokenizer.config
+    if tuple(tc.patch_nums) != tuple(mc.patch_nums):
+        raise ValueError(f"tokenizer patch_nums {tuple(tc.patch_nums)} differ from the transformer's {tuple(mc.patch_nums)}")
+    if tc.z_channels != mc.token_dim or tc.vocab_size != mc.vocab_size:
+        raise ValueError(
+            f"tokenizer (vocab {tc.vocab_size}, z {tc.z_channels}) does not match the transformer "
+            f"(vocab {mc.vocab_size}, token_dim {mc.token_dim})"
+        )
+    if getattr(text_encoder, "dim", mc.context_dim) != mc.context_dim:
+        raise ValueError(f"text encoder dim {text_encoder.dim} != transformer context_dim {mc.context_dim}")
+    if getattr(text_encoder, "max_length", mc.context_token) != mc.context_token:
+        raise ValueError(f"text encoder max_length {text_encoder.max_length} != transformer context_token {mc.context_token}")
+
+
+def to_pil(images_B3HW: torch.Tensor) -> list[Image.Image]:
+    """[-1, 1] images -> RGB PIL images."""
+    array = ((images_B3HW.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(np.ascontiguousarray(a)) for a in array]
+
+
+@torch.no_grad()
+def sample_latent(
+    model: HARTForT2I,
+    quantizer,
+    context_BTD: torch.Tensor,
+    mask_BT: torch.Tensor,
+    cfg: float = 4.5,
+    top_k: tuple[int, int] = (600, 300),
+    top_p: float | None = None,
+    more_smooth: bool = False,
+    use_diffusion: bool = True,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Sample f_hat (B, Cv, H, H) and the discrete tokens per scale from text features."""
+    B, device = context_BTD.shape[0], context_BTD.device
+    S = len(model.patch_nums)
+    null_mask = torch.zeros_like(mask_BT, dtype=torch.bool)
+    null_mask[:, 0] = True
+    context2 = torch.cat([context_BTD.float(), torch.zeros_like(context_BTD, dtype=torch.float32)])
+    mask2 = torch.cat([mask_BT.bool(), null_mask])
+    positions2 = torch.cat([torch.cumsum(mask_BT.long(), 1) - 1, torch.zeros_like(mask_BT, dtype=torch.long)])
+    cond, caches, logits_2BlV = model.start_sampling(context2, mask2, positions2)
+    codebook_VCv = quantizer.embedding.weight
+    f_hat, tokens, ratio = None, [], 0.0
+    hidden_2BlC = None
+    for si, pn in enumerate(model.patch_nums):
+        if si < S - 1:
+            ratio = si / (S - 1)  # the last scale keeps the previous ratio (released behaviour)
+        t = cfg * ratio
+        logits_BlV = (1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]
+        k = top_k[0] if si < LATE_SCALE_INDEX else top_k[1]
+        idx_Bl = sample_top_k_top_p(logits_BlV, k, top_p or 0.0, generator=generator)
+        tokens.append(idx_Bl)
+        if more_smooth:
+            tau = max(0.27 * (1 - ratio * 0.95), 0.005)
+            h_BlCv = gumbel_softmax(logits_BlV * (1 + ratio), tau, generator) @ codebook_VCv
+        else:
+            h_BlCv = codebook_VCv[idx_Bl]
+        if si == S - 1 and use_diffusion:
+            z = model.diffusion_condition(hidden_2BlC, torch.cat([idx_Bl, idx_Bl]), codebook_VCv)
+            z_NC = z.reshape(-1, z.shape[-1])
+            residual = model.diffloss.sample(z_NC, cfg=None if t == 1.0 else t, temperature=temperature, generator=generator)
+            h_BlCv = h_BlCv + residual.view(2 * B, pn * pn, -1)[:B].to(h_BlCv.dtype)
+        h_BCvhw = h_BlCv.transpose(1, 2).reshape(B, -1, pn, pn)
+        f_hat, next_BCvhw = quantizer.next_autoregressive_input(si, f_hat, h_BCvhw)
+        if si < S - 1:
+            next_BlCv = next_BCvhw.flatten(2).transpose(1, 2)
+            logits_2BlV, hidden_2BlC = model.sampling_step(si + 1, torch.cat([next_BlCv, next_BlCv]), cond, caches)
+    return f_hat, tokens
+
+
+@torch.no_grad()
+def generate(
+    model: HARTForT2I,
+    tokenizer,
+    text_encoder: TextEncoder,
+    prompts: list[str],
+    cfg: float = 4.5,
+    top_k: tuple[int, int] = (600, 300),
+    top_p: float | None = None,
+    more_smooth: bool = False,
+    seed: int = 0,
+    use_diffusion: bool = True,
+    temperature: float = 1.0,
+    batch_size: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> list[Image.Image]:
+    """Images for `prompts` (one per prompt). `batch_size` splits long prompt lists.
+
+    `tokenizer` is a `HybridTokenizer` (its `quantize` and `decode_latent` are used);
+    `text_encoder` returns (features, mask) with `dim == context_dim`, `max_length == context_token`.
+    """
+    _check(model, tokenizer, text_encoder, prompts)
+    if isinstance(top_k, int):
+        top_k = (top_k, top_k)
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(int(seed))
+    model.eval()
+    images: list[Image.Image] = []
+    step = batch_size or len(prompts)
+    for start in range(0, len(prompts), step):
+        chunk = list(prompts[start : start + step])
+        features_BTD, mask_BT = text_encoder(chunk)
+        if features_BTD.shape[0] != len(chunk) or mask_BT.shape[0] != len(chunk):
+            raise ValueError(
+                f"text encoder returned {features_BTD.shape[0]} features / {mask_BT.shape[0]} masks for {len(chunk)} prompts"
+            )
+        autocast = (
+            torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+        )
+        with autocast:
+            f_hat, _ = sample_latent(
+                model, tokenizer.quantize, features_BTD.to(device), mask_BT.to(device), cfg, tuple(top_k), top_p,
+                more_smooth, use_diffusion, temperature, generator,
+            )
+            images_B3HW = tokenizer.decode_latent(f_hat.float())
+        images += to_pil(images_B3HW)
+    return images

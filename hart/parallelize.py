@@ -1,0 +1,163 @@
+"""Applying parallelism to a built model from the outside: activation checkpointing, compile, DDP/FSDP2.
+
+Design: the only module in `hart/` that touches `torch.distributed`. Model files stay
+single-device; a job builds the model, then calls `parallelize(model, config, device)`.
+The order follows torchtitan: activation checkpointing -> torch.compile (per block) ->
+data parallel wrapper. DDP is the default (HART-0.7B fits on one GPU); FSDP2
+(`fully_shard` per transformer block, then at the root) is for the large presets.
+
+Neither activation checkpointing nor compile changes state-dict keys (both patch the
+blocks in place). Blocks are the first `nn.ModuleList` named `blocks` anywhere in the tree
+(the transformer's); modules without one (the tokenizer) get root-level treatment only.
+
+State dicts for checkpoints are always *full* (unsharded, CPU) so a checkpoint written
+by N GPUs under FSDP2 can be read by 1 CPU process and exported to the official layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+STRATEGIES = ("none", "ddp", "fsdp")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How the model is wrapped on each worker."""
+
+    strategy: str = "ddp"  # "none" | "ddp" | "fsdp" (FSDP2 fully_shard); "ddp" falls back to none at world size 1
+    activation_checkpointing: bool = False  # recompute each block in backward
+    compile: bool = False  # torch.compile each block (and the root when there are no blocks)
+    find_unused_parameters: bool = False  # DDP: needed when a stage leaves params out of the loss
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"parallel.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+
+
+def distributed_ready() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if distributed_ready() else 1
+
+
+def find_blocks(model: nn.Module, block_attribute_name: str = "blocks") -> nn.ModuleList | None:
+    """The first `nn.ModuleList` named `blocks` in the module tree (the model may sit inside a loss module)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.split(".")[-1] == block_attribute_name:
+            return module
+    return None
+
+
+def apply_activation_checkpointing(model: nn.Module) -> int:
+    """Recompute each block in backward; returns the number of blocks (0 when there are none).
+
+    A model with its own `gradient_checkpointing` switch gets it turned on; otherwise each
+    block's `forward` is replaced on the instance (not wrapped), so state-dict keys stay the
+    official ones.
+    """
+    for module in model.modules():
+        if hasattr(module, "gradient_checkpointing"):  # the model's own switch (HARTForT2I)
+            module.gradient_checkpointing = True
+            return len(find_blocks(model) or ())
+    blocks = find_blocks(model)
+    if blocks is None:
+        return 0
+    for block in blocks:
+        inner = block.forward
+
+        def checkpointed_forward(*args, _inner=inner, **kwargs):
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        block.forward = checkpointed_forward
+    return len(blocks)
+
+
+def apply_compile(model: nn.Module) -> None:
+    """Compile per block (small graphs, fast recompiles), or the root when there are no blocks.
+
+    `nn.Module.compile` works in place and keeps state-dict keys (no `_orig_mod.` prefix).
+    """
+    blocks = find_blocks(model)
+    for module in blocks if blocks is not None else [model]:
+        module.compile()
+
+
+def parallelize(model: nn.Module, config: ParallelConfig, device: torch.device) -> nn.Module:
+    """Return the module to train (possibly a wrapper); `model` itself is modified in place.
+
+    Keep a reference to the original `model` for EMA, checkpoints and export: DDP's
+    wrapper adds a `module.` prefix to the keys; FSDP2 shards in place and keeps them.
+    """
+    model.to(device)
+    if config.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if config.compile:
+        apply_compile(model)
+    if config.strategy == "none" or not distributed_ready():
+        return model
+    if config.strategy == "ddp":
+        if world_size() == 1:
+            return model
+        device_ids = [device.index] if device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=device_ids, broadcast_buffers=False,
+            find_unused_parameters=config.find_unused_parameters,
+        )
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = find_blocks(model)
+    if blocks is not None:
+        for block in blocks:
+            fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded CPU state dict (gathers FSDP2 shards: a collective, call it on every rank)."""
+    if any(hasattr(p, "full_tensor") for p in model.parameters()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return state
+
+
+def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Inverse of full_state_dict: load full CPU weights into a plain or FSDP2-sharded model (strict)."""
+    if any(hasattr(p, "full_tensor") for p in model.parameters()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        model.load_state_dict(state, strict=True)
+
+
+def all_reduce_mean(value: float, device: torch.device) -> float:
+    """Mean of a scalar over ranks (for logged metrics); identity without a process group."""
+    if not distributed_ready():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return float(tensor) / dist.get_world_size()
+
+
+def barrier() -> None:
+    if distributed_ready():
+        dist.barrier()
+
+
+__all__ = [
+    "ParallelConfig", "parallelize", "full_state_dict", "load_full_state_dict",
+    "apply_activation_checkpointing", "apply_compile", "all_reduce_mean", "barrier", "world_size",
+    "distributed_ready",
+]

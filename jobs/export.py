@@ -1,0 +1,63 @@
+"""Final export of a training checkpoint to the official HART folder layout.
+
+Design: runs on the driver after `TorchTrainer.fit()`, from the last checkpoint only (so it
+works the same for a finished run and for a re-export of an old one):
+
+    <out>/llm/config.json, model.safetensors, ema_model.bin   (transformer stages)
+    <out>/tokenizer/config.json, model.safetensors            (every stage)
+
+The transformer's `llm/` folder comes from `HARTForT2I.save_pretrained` (official keys,
+derived mask buffer written, `ema_model.bin` from the EMA shadow). The `tokenizer/` folder is
+the frozen tokenizer the run used, or, for the tokenizer stage, the trained one (+ its
+discriminator, as `disc.*` keys). Both load back with our `from_pretrained` and with the
+official code's. `upload_folder` copies the result next to the checkpoints (local or S3).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hart.checkpoint import load_training_state
+from jobs.train_config import TrainRunConfig, model_configs
+
+
+def export_checkpoint(checkpoint_dir: str | Path, config: TrainRunConfig, out_dir: str | Path) -> Path:
+    """Write llm/ (+ ema_model.bin) and tokenizer/ from a training checkpoint directory."""
+    out_dir = Path(out_dir)
+    state = load_training_state(checkpoint_dir)
+    tokenizer_cfg, transformer_cfg = model_configs(config)
+    if config.stage == "tokenizer":
+        from hart.discriminator import NLayerDiscriminator
+        from hart.tokenizer import HybridTokenizer
+
+        tokenizer = HybridTokenizer(tokenizer_cfg)
+        tokenizer.load_state_dict(state.model, strict=True)
+        discriminator = None
+        if "discriminator" in state.extra:
+            discriminator = NLayerDiscriminator()
+            discriminator.load_state_dict(state.extra["discriminator"], strict=True)
+        tokenizer.save_pretrained(out_dir / "tokenizer", discriminator=discriminator)
+        return out_dir
+    from hart.tokenizer import HybridTokenizer
+    from hart.transformer import HARTForT2I
+
+    model = HARTForT2I(transformer_cfg)
+    model.load_state_dict(state.model, strict=True)
+    model.save_pretrained(out_dir / "llm", ema_state=state.ema)
+    HybridTokenizer.from_pretrained(config.model.tokenizer_checkpoint).save_pretrained(out_dir / "tokenizer")
+    return out_dir
+
+
+def upload_folder(local_dir: str | Path, uri: str, endpoint_url: str = "") -> None:
+    """Copy a local folder to a local path or an s3:// prefix (pyarrow.fs, one object per file)."""
+    import pyarrow.fs as pafs
+
+    from pipelines import storage
+
+    fs, path = storage.resolve(uri, endpoint_url)
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.create_dir(path, recursive=True)
+    pafs.copy_files(str(Path(local_dir).resolve()), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+__all__ = ["export_checkpoint", "upload_folder"]

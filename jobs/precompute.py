@@ -1,0 +1,69 @@
+"""Pre-tokenization job: WebDataset shards -> token + residual cache (Parquet) with a manifest.
+
+Usage:
+    python -m jobs.precompute --config jobs/configs/precompute.yaml [--set key=value ...]
+    hart-precompute --config ... --set input.shards='[s3://bucket/raw/shard-{00000..00999}.tar]' \
+        --set output=s3://bucket/tokens/hart-256 --set compute.tokenizer_gpus=1 --set compute.tokenizer_actors=8
+
+On a cluster, submit the same command as a Ray job (the working dir carries the code):
+    ray job submit --address http://HEAD:8265 --working-dir . -- \
+        python -m jobs.precompute --config jobs/configs/precompute.yaml --set output=s3://bucket/tokens/run1
+
+Design: a thin shell. It parses the config, connects to Ray (an existing cluster when
+RAY_ADDRESS is set, as under `ray job submit`; otherwise a local instance sized by
+`--num-cpus`), runs `pipelines.plan.run_precompute`, prints the summary table, and exits
+non-zero naming any shard that could not be read. Rerunning the same command resumes: committed
+shards are skipped, partial ones redone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from pipelines.config import load_precompute_config
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="hart-precompute", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="YAML/TOML/JSON run config (default: built-in defaults)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set compute.tokenizer_batch_size=64 (repeatable)")
+    parser.add_argument("--num-cpus", type=int, default=None,
+                        help="CPUs of the local Ray instance (ignored when connecting to a cluster)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_precompute_config(args.config, args.overrides)
+    except ValueError as exc:
+        print(f"hart-precompute: config error: {exc}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    from pipelines.plan import run_precompute
+
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init()
+        else:
+            ray.init(num_cpus=args.num_cpus, include_dashboard=False)
+    try:
+        summary = run_precompute(config)
+    except ValueError as exc:
+        print(f"hart-precompute: {exc}", file=sys.stderr)
+        return 2
+    print("\n" + summary.table())
+    if summary.shards_failed:
+        print(f"hart-precompute: {len(summary.shards_failed)} shard(s) failed: {', '.join(sorted(summary.shards_failed))}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

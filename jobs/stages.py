@@ -1,0 +1,256 @@
+"""Per-stage model building and losses for `jobs/train.py` (no Ray here: unit-testable).
+
+Design: every stage produces a `Stage`: the module whose weights are trained, EMA'd,
+checkpointed and exported (`model`: the tokenizer or the transformer), a *loss module*
+(`objective`: an nn.Module whose forward(batch) returns the loss dict of the hart
+objective), and the frozen helpers. The loss module is what DDP/FSDP wraps: all gradient
+traffic then goes through the wrapper's forward, which plain attribute calls such as
+`model.diffloss(...)` would bypass. Frozen helpers (quantizer, text encoder, and the
+discriminator inside the generator's loss module) are held outside the module tree
+(`_frozen` dicts), so the data-parallel wrapper never waits for gradients they do not get.
+
+Stages (HART_SPEC §4):
+- `tokenizer`: hybrid decoder fine-tuning (encoder + codebook frozen, alternating
+  continuous/discrete decoding) or full VQVAE training, optional PatchGAN (second
+  optimizer, `discriminator` module).
+- `ar`: transformer with CE only (the diffusion head is frozen and not optimised).
+- `diffusion`: residual diffusion head only, on a frozen transformer.
+- `joint`: CE + diffusion loss with last-scale subsampling (HART's recipe).
+
+Progressive resolution: `load_compatible_weights` loads a checkpoint made for another scale
+list, rebuilding the buffers derived from patch_nums (`lvl_1L`, the attention mask) and
+requiring every parameter to match; with RoPE no parameter depends on the scale list.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hart.checkpoint import read_meta
+from hart.quantizer import MultiScaleQuantizer
+from hart.weights import load_weight_file, load_weight_folder, match_state_dict
+from jobs.train_config import TrainRunConfig, model_configs
+
+# Buffers whose shape follows the scale list; rebuilt rather than loaded across resolutions.
+SCALE_DERIVED_KEYS = ("lvl_1L", "attn_bias_for_masking", "quantize.ema_vocab_hit_SV")
+
+
+@dataclass
+class Stage:
+    name: str
+    model: nn.Module  # trained module: EMA, checkpoints and export use its (official) state dict
+    objective: nn.Module  # loss module, wrapped by DDP/FSDP; forward(batch, step, generator) -> dict
+    tokenizer: nn.Module | None = None  # frozen tokenizer (transformer stages) for samples and export
+    text_encoder: Any = None
+    discriminator: nn.Module | None = None  # tokenizer stage with GAN
+    discriminator_objective: nn.Module | None = None
+    frozen: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------
+# Loss modules
+# --------------------------------------------------------------------------------------
+
+
+class TransformerObjective(nn.Module):
+    """t2i_losses around the transformer; the quantizer is frozen and kept out of the tree."""
+
+    def __init__(self, model: nn.Module, quantizer: MultiScaleQuantizer, ce_weight: float, diffusion_weight: float,
+                 use_diffusion: bool):
+        super().__init__()
+        self.model = model
+        self._frozen = {"quantizer": quantizer}
+        self.ce_weight, self.diffusion_weight, self.use_diffusion = ce_weight, diffusion_weight, use_diffusion
+
+    def forward(self, batch: dict[str, Any], step: int = 0, generator: torch.Generator | None = None):
+        from hart.t2i_objective import t2i_losses
+
+        return t2i_losses(
+            self.model, self._frozen["quantizer"], batch["context"], batch["context_mask"], batch["tokens"],
+            batch["residual"] if self.use_diffusion else None, ce_weight=self.ce_weight,
+            diffusion_weight=self.diffusion_weight, use_diffusion=self.use_diffusion, generator=generator,
+        )
+
+
+class TokenizerObjective(nn.Module):
+    """generator_losses around the tokenizer; the discriminator is a frozen critic here."""
+
+    def __init__(self, tokenizer: nn.Module, objective_config, discriminator: nn.Module | None):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.objective_config = objective_config
+        self._frozen = {"discriminator": discriminator}
+
+    def forward(self, batch: dict[str, Any], step: int = 0, generator: torch.Generator | None = None):
+        from hart.tokenizer_objective import generator_losses
+
+        return generator_losses(
+            self.tokenizer, batch["images"], self.objective_config, step=step,
+            discriminator=self._frozen["discriminator"], generator=generator,
+        )
+
+
+class DiscriminatorObjective(nn.Module):
+    def __init__(self, discriminator: nn.Module, objective_config):
+        super().__init__()
+        self.discriminator = discriminator
+        self.objective_config = objective_config
+
+    def forward(self, batch: dict[str, Any], step: int = 0, generator: torch.Generator | None = None):
+        from hart.tokenizer_objective import discriminator_losses
+
+        return discriminator_losses(
+            self.discriminator, batch["images"], batch["reconstructions"], self.objective_config, step=step
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Weights
+# --------------------------------------------------------------------------------------
+
+
+def read_start_weights(path: str) -> dict[str, torch.Tensor]:
+    """Weights to start from: a training checkpoint dir (its EMA if present), an llm/ or tokenizer/ folder, or a file."""
+    location = Path(path)
+    if (location / "meta.json").is_file():
+        read_meta(location)  # validates the format version
+        name = "ema.safetensors" if (location / "ema.safetensors").is_file() else "model.safetensors"
+        return load_weight_file(location / name)
+    if location.is_dir():
+        state = load_weight_folder(location)
+        from hart.tokenizer import split_tokenizer_state
+
+        if any(k.startswith("vae.") for k in state):
+            return split_tokenizer_state(state)[0]
+        return state
+    if location.is_file():
+        return load_weight_file(location)
+    raise ValueError(f"model.init_from not found: {path}")
+
+
+def load_compatible_weights(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> list[str]:
+    """Strict load except the scale-derived buffers, which keep the model's own values.
+
+    Returns the names of the buffers that were rebuilt (different scale list).
+    """
+    own = model.state_dict()
+    state = {k: v for k, v in state.items() if k != "attn_bias_for_masking"}
+    rebuilt = []
+    for key in SCALE_DERIVED_KEYS:
+        if key in state and key in own and state[key].shape != own[key].shape:
+            state[key] = own[key]
+            rebuilt.append(key)
+    match_state_dict(own, state, what)
+    model.load_state_dict(state, strict=True)
+    return rebuilt
+
+
+def load_frozen_tokenizer(config: TrainRunConfig):
+    """The tokenizer the cache was made with (ar/diffusion/joint), frozen, with the run's scale list."""
+    from hart.tokenizer import HybridTokenizer
+
+    tokenizer_cfg, transformer_cfg = model_configs(config)
+    path = config.model.tokenizer_checkpoint
+    if not path:
+        raise ValueError(f"stage {config.stage!r} needs model.tokenizer_checkpoint (the tokenizer the cache was made with)")
+    tokenizer = HybridTokenizer.from_pretrained(path)
+    if tuple(tokenizer.config.patch_nums) != tuple(transformer_cfg.patch_nums):
+        raise ValueError(
+            f"tokenizer {path} has patch_nums {tokenizer.config.patch_nums} but the transformer config has "
+            f"{transformer_cfg.patch_nums}"
+        )
+    if tokenizer.config.vocab_size != transformer_cfg.vocab_size or tokenizer.config.z_channels != transformer_cfg.token_dim:
+        raise ValueError(
+            f"tokenizer {path} (vocab {tokenizer.config.vocab_size}, z {tokenizer.config.z_channels}) does not match the "
+            f"transformer (vocab_size {transformer_cfg.vocab_size}, token_dim {transformer_cfg.token_dim})"
+        )
+    del tokenizer_cfg
+    return tokenizer.eval().requires_grad_(False)
+
+
+# --------------------------------------------------------------------------------------
+# Building a stage
+# --------------------------------------------------------------------------------------
+
+
+def build_stage(config: TrainRunConfig, device: torch.device, text_encoder: Any = None) -> Stage:
+    """Fresh weights (seeded identically on every rank) or `model.init_from`; objectives ready."""
+    if config.stage == "tokenizer":
+        return _build_tokenizer_stage(config, device)
+    return _build_transformer_stage(config, device, text_encoder)
+
+
+def _build_tokenizer_stage(config: TrainRunConfig, device: torch.device) -> Stage:
+    from hart.discriminator import NLayerDiscriminator
+    from hart.tokenizer import HybridTokenizer
+    from hart.tokenizer_objective import TokenizerObjectiveConfig, set_trainable
+
+    tokenizer_cfg, _ = model_configs(config)
+    objective = config.objective
+    mode = "decoder_finetune" if objective.tokenizer_mode == "hybrid" else "full"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.model.init_seed)
+        tokenizer = HybridTokenizer(tokenizer_cfg)
+        discriminator = NLayerDiscriminator() if objective.gan_weight > 0 else None
+    start = config.model.init_from or config.model.tokenizer_checkpoint
+    if start:
+        load_compatible_weights(tokenizer, read_start_weights(start), f"tokenizer start weights {start}")
+    elif mode == "decoder_finetune":
+        warnings.warn("hybrid decoder fine-tuning from random weights: set model.tokenizer_checkpoint", stacklevel=2)
+    set_trainable(tokenizer, mode)
+    tokenizer.to(device)
+    objective_config = TokenizerObjectiveConfig(
+        mode=mode, continuous_prob=objective.continuous_prob, gan_weight=objective.gan_weight,
+        gan_start_step=objective.gan_start_step, perceptual_weight=objective.perceptual_weight,
+    )
+    stage = Stage("tokenizer", tokenizer, TokenizerObjective(tokenizer, objective_config, discriminator))
+    if discriminator is not None:
+        discriminator.to(device)
+        stage.discriminator = discriminator
+        stage.discriminator_objective = DiscriminatorObjective(discriminator, objective_config)
+    return stage
+
+
+def _build_transformer_stage(config: TrainRunConfig, device: torch.device, text_encoder: Any) -> Stage:
+    from hart.transformer import HARTForT2I
+
+    _, transformer_cfg = model_configs(config)
+    tokenizer = load_frozen_tokenizer(config).to(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.model.init_seed)
+        model = HARTForT2I(transformer_cfg)
+        model.init_weights()
+    if config.model.init_from:
+        rebuilt = load_compatible_weights(model, read_start_weights(config.model.init_from), f"start weights {config.model.init_from}")
+        if rebuilt:
+            print(f"[train] progressive start from {config.model.init_from}: rebuilt {rebuilt} for patch_nums {transformer_cfg.patch_nums}")
+    elif config.stage == "diffusion":
+        warnings.warn("diffusion stage without model.init_from trains the head on a random frozen transformer", stacklevel=2)
+    model.requires_grad_(True)
+    if config.stage == "ar":
+        model.diffloss.requires_grad_(False)  # unused by CE: keep it out of the optimizer and of DDP
+    elif config.stage == "diffusion":
+        model.requires_grad_(False)
+        model.diffloss.requires_grad_(True)
+    model.to(device)
+    objective = TransformerObjective(
+        model, tokenizer.quantize, ce_weight=config.objective.ce_weight if config.stage != "diffusion" else 0.0,
+        diffusion_weight=config.objective.diffusion_weight, use_diffusion=config.stage in ("diffusion", "joint"),
+    )
+    return Stage(config.stage, model, objective, tokenizer=tokenizer, text_encoder=text_encoder)
+
+
+def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+__all__ = [
+    "Stage", "build_stage", "load_compatible_weights", "read_start_weights", "load_frozen_tokenizer",
+    "TransformerObjective", "TokenizerObjective", "DiscriminatorObjective", "trainable_parameters",
+]

@@ -1,0 +1,223 @@
+"""MLflow tracking for training runs: safe params, one run per run name, rank-0 logging, registry.
+
+Design:
+- The *driver* opens the MLflow run before any Ray worker starts (`open_run`): that is the
+  fail-fast reachability check, and it makes resume trivial: the run carries the tag
+  `hart.run_name`; resubmitting the same name finds that run and continues it, so a crash
+  before the first checkpoint still never creates a duplicate. The run id also goes into
+  every checkpoint's meta.json, and a mismatch on resume is an error.
+- Workers log only on world rank 0 (`RunLogger`), with explicit `step=` taken from the
+  training step, so a resumed run continues the same step axis (Ray's MLflowLoggerCallback
+  is a Tune callback and is rejected by Train V2, RAY_NOTES §2.2).
+- Params are the flattened run config (`flatten_params`). Anything that looks secret is
+  redacted: values of keys named like key/secret/token/password/credential, and user:pass
+  or credential query parameters inside URIs. Count-like fields such as `context_token`
+  (ints) are not secrets and stay.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import numpy as np
+
+RUN_NAME_TAG = "hart.run_name"
+DEFAULT_TRACKING_URI = "sqlite:///runs/mlflow.db"
+REDACTED = "***"
+MAX_PARAM_CHARS = 500
+# A key segment (split on . _ -) that names a secret. "token" alone, not "tokenizer"/"tokens".
+SECRET_SEGMENTS = {"key", "secret", "token", "password", "passwd", "pwd", "credential", "credentials", "auth"}
+SECRET_QUERY = re.compile(r"(key|secret|token|password|signature|credential|sig)", re.IGNORECASE)
+
+
+def resolve_tracking_uri(configured: str) -> str:
+    return configured or os.environ.get("MLFLOW_TRACKING_URI", "") or DEFAULT_TRACKING_URI
+
+
+# --------------------------------------------------------------------------------------
+# Params: flatten + redact
+# --------------------------------------------------------------------------------------
+
+
+def redact_uri(value: str) -> str:
+    """Remove user:password@ and credential-like query parameters from a URI string."""
+    if "://" not in value:
+        return value
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return REDACTED
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = f"{REDACTED}@{netloc.rsplit('@', 1)[1]}"
+    query = parts.query
+    if query:
+        pairs = [(k, REDACTED if SECRET_QUERY.search(k) else v) for k, v in parse_qsl(query, keep_blank_values=True)]
+        query = urlencode(pairs, safe="*")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def is_secret_key(key: str) -> bool:
+    segments = re.split(r"[._\-]", key.lower())
+    return any(segment in SECRET_SEGMENTS for segment in segments)
+
+
+def redact_value(key: str, value: Any) -> Any:
+    if isinstance(value, str):
+        if value and is_secret_key(key):
+            return REDACTED
+        return redact_uri(value)
+    return value
+
+
+def flatten_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested dict -> {"a.b.c": "value"} with secrets redacted and long values clipped."""
+    flat: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_params(value, f"{name}."))
+            continue
+        if isinstance(value, (list, tuple)):
+            value = [redact_value(name, v) for v in value]
+            text = ",".join(str(v) for v in value)
+        else:
+            text = str(redact_value(name, value))
+        flat[name] = text[:MAX_PARAM_CHARS]
+    return flat
+
+
+# --------------------------------------------------------------------------------------
+# Driver side: open or resume the run
+# --------------------------------------------------------------------------------------
+
+
+def probe_server(tracking_uri: str, timeout_s: float = 5.0) -> None:
+    """For http(s) stores: one GET of /health with a short timeout (MLflow's client retries for minutes)."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout_s).close()
+    except (urllib.error.URLError, OSError) as exc:
+        raise ValueError(f"MLflow tracking server {redact_uri(tracking_uri)} is unreachable: {exc}") from None
+
+
+def open_run(tracking_uri: str, experiment: str, run_name: str, params: Mapping[str, str]) -> tuple[str, bool]:
+    """Find the run tagged with `run_name` or create it; returns (run_id, resumed).
+
+    Raises ValueError when the tracking server cannot be reached (before workers start).
+    """
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    probe_server(tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        found = client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+        runs = client.search_runs(
+            [experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=2,
+        )
+    except Exception as exc:  # noqa: BLE001 - any transport/store error means "unreachable" here
+        raise ValueError(f"MLflow tracking at {redact_uri(tracking_uri)} is not usable: {type(exc).__name__}: {exc}") from None
+    if len(runs) > 1:
+        raise ValueError(f"MLflow experiment {experiment!r} holds several runs tagged {RUN_NAME_TAG}={run_name!r}")
+    if runs:
+        run_id = runs[0].info.run_id
+        client.set_terminated(run_id, status="RUNNING")
+        return run_id, True
+    run = client.create_run(experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name})
+    items = sorted(params.items())
+    for start in range(0, len(items), 100):  # log_batch limit: 100 params per call
+        client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in items[start : start + 100]])
+    return run.info.run_id, False
+
+
+def finish_run(tracking_uri: str, run_id: str, status: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri=tracking_uri).set_terminated(run_id, status=status)
+
+
+def log_export_and_register(tracking_uri: str, run_id: str, export_dir: str | Path, model_name: str) -> int:
+    """Upload the exported folders as run artifacts and register them; returns the model version."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    client.log_artifacts(run_id, str(export_dir), artifact_path="model")
+    try:
+        client.get_registered_model(model_name)
+    except Exception:  # noqa: BLE001 - mlflow raises RestException / MlflowException when absent
+        client.create_registered_model(model_name, description="HART weights exported by jobs.train")
+    source = f"{client.get_run(run_id).info.artifact_uri}/model"
+    version = client.create_model_version(model_name, source=source, run_id=run_id)
+    return int(version.version)
+
+
+# --------------------------------------------------------------------------------------
+# Worker side: rank-0 logger
+# --------------------------------------------------------------------------------------
+
+
+class RunLogger:
+    """Logs metrics and images into an existing run; a no-op on ranks other than 0."""
+
+    def __init__(self, tracking_uri: str, run_id: str, enabled: bool):
+        self.enabled = enabled and bool(run_id)
+        self.run_id = run_id
+        self.client = None
+        if self.enabled:
+            from mlflow.tracking import MlflowClient
+
+            self.client = MlflowClient(tracking_uri=tracking_uri)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        import mlflow
+
+        timestamp = int(1000 * time.time())
+        entries = [mlflow.entities.Metric(k, float(v), timestamp, step) for k, v in metrics.items()]
+        for start in range(0, len(entries), 1000):
+            self.client.log_batch(self.run_id, metrics=entries[start : start + 1000])
+
+    def log_image(self, image_HW3: np.ndarray, artifact_file: str) -> None:
+        if not self.enabled:
+            return
+        self.client.log_image(self.run_id, image_HW3, artifact_file=artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        if self.enabled:
+            self.client.log_text(self.run_id, text, artifact_file)
+
+
+def image_grid(images_BHW3: np.ndarray, columns: int = 4) -> np.ndarray:
+    """uint8 images (B, H, W, 3) -> one (rows*H, columns*W, 3) grid, padded with black."""
+    B, H, W, _ = images_BHW3.shape
+    columns = min(columns, B)
+    rows = -(-B // columns)
+    grid = np.zeros((rows * H, columns * W, 3), dtype=np.uint8)
+    for index in range(B):
+        r, c = divmod(index, columns)
+        grid[r * H : (r + 1) * H, c * W : (c + 1) * W] = images_BHW3[index]
+    return grid
+
+
+def to_uint8_images(images_B3HW) -> np.ndarray:
+    """Torch images in [-1, 1] (B, 3, H, W) -> uint8 numpy (B, H, W, 3)."""
+    array = images_B3HW.detach().float().clamp(-1, 1).add(1).mul(127.5).round().byte().cpu().numpy()
+    return np.ascontiguousarray(array.transpose(0, 2, 3, 1))
+
+
+__all__ = [
+    "flatten_params", "redact_uri", "is_secret_key", "open_run", "finish_run", "log_export_and_register",
+    "RunLogger", "image_grid", "to_uint8_images", "resolve_tracking_uri", "RUN_NAME_TAG",
+]

@@ -1,0 +1,353 @@
+"""Ray Train entry point for the four HART stages: `python -m jobs.train --stage joint --config FILE`.
+
+Design: the only module that calls `ray.train` (touch points marked `# [ray]`). The driver
+(`run_training`) checks everything that can be wrong before a worker starts (`preflight`:
+storage, cache manifest vs model, text encoder, MLflow), opens or resumes the MLflow run,
+and hands a plain-dict config to `TorchTrainer`. Each worker (`train_loop_per_worker`)
+builds its stage (`jobs.stages`), restores the latest checkpoint if Ray has one, wraps the
+loss module (`hart.parallelize`) and loops over `hart.training.train_step`.
+
+Resume = resubmit the same `run.name` with the same `run.storage_path` (Train V2 restores
+the latest checkpoint of `{storage_path}/{name}`; RAY_NOTES §2.2). The checkpoint holds the
+step, data epoch, optimizer/scheduler/EMA/RNG state and the MLflow run id, so the step
+count and the MLflow run continue; a run never repeats optimizer steps. Mid-epoch data
+position is not restored (Ray 2.60 has no mid-epoch iterator resume): a resumed run starts
+its current data epoch again with a new file order.
+
+Checkpoints are reported every `run.checkpoint_every` steps (a report is a barrier across
+workers, so none in between); metrics go to MLflow from rank 0 every `run.log_every` steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+from hart.checkpoint import load_rng_state, load_training_state, save_rng_state, save_training_state
+from hart.config import config_from_dict, config_to_dict
+from hart.parallelize import full_state_dict, load_full_state_dict, parallelize
+from hart.training import (
+    ExponentialMovingAverage, build_optimizer, build_scheduler, load_optimizer_and_scheduler, train_step,
+)
+from jobs import tracking
+from jobs.stages import Stage, build_stage
+from jobs.train_config import TrainRunConfig, load_train_config, model_configs
+from jobs.train_data import (
+    CacheCollate, TextFeatures, cache_dataset, check_cache, check_text_encoder, image_dataset, images_collate,
+    list_image_shards,
+)
+
+
+# ======================================================================================
+# Driver
+# ======================================================================================
+
+
+def check_storage(uri: str, endpoint_url: str):
+    """(filesystem, path) of the checkpoint root; ValueError if its bucket or disk is unusable."""
+    import pyarrow.fs as pafs
+
+    from pipelines import storage
+
+    fs, path = storage.resolve(uri, endpoint_url)
+    probe = path.split("/")[0] if storage.is_s3(uri) else os.path.dirname(path) or "/"
+    try:
+        info = fs.get_file_info(probe)
+    except OSError as exc:
+        raise ValueError(f"checkpoint storage {uri} is unreachable: {exc}") from None
+    if storage.is_s3(uri) and info.type == pafs.FileType.NotFound:
+        raise ValueError(f"checkpoint storage {uri}: bucket {probe!r} does not exist")
+    if not storage.is_s3(uri):
+        os.makedirs(path, exist_ok=True)
+    return fs, path
+
+
+def preflight(config: TrainRunConfig) -> dict[str, Any]:
+    """All driver-side checks, in the order a user would fix them; returns what the run needs."""
+    fs, path = check_storage(config.run.storage_path, config.run.endpoint_url)
+    facts: dict[str, Any] = {"storage_fs": fs, "storage_path": path, "manifest": None}
+    if config.stage == "tokenizer":
+        facts["shards"] = list_image_shards(config)
+    else:
+        from jobs.stages import load_frozen_tokenizer
+        from pipelines.tokenize_stage import weights_hash
+
+        tokenizer_hash = weights_hash(load_frozen_tokenizer(config))
+        facts["manifest"] = check_cache(config, tokenizer_hash)
+        check_text_encoder(config, facts["manifest"])
+    uri = tracking.resolve_tracking_uri(config.tracking.tracking_uri)
+    params = tracking.flatten_params(config.to_dict())
+    facts["tracking_uri"] = uri
+    facts["run_id"], facts["resumed"] = tracking.open_run(uri, config.tracking.experiment, config.run.name, params)
+    return facts
+
+
+def run_training(config: TrainRunConfig, export_dir: str | None = None) -> dict[str, Any]:
+    """Preflight, fit, export, register. Returns {run_id, final_step, checkpoint_path, export_dir, model_version}."""
+    import ray.train  # [ray]
+    from ray.train.torch import TorchTrainer  # [ray]
+
+    facts = preflight(config)
+    print(f"[train] stage={config.stage} run={config.run.name} mlflow run {facts['run_id']} "
+          f"({'resumed' if facts['resumed'] else 'new'}) -> {config.run.storage_path}")
+    dataset = image_dataset(config, facts["shards"]) if config.stage == "tokenizer" else cache_dataset(config, facts["manifest"])
+    scaling = config.scaling
+    resources = {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
+    is_s3 = config.run.storage_path.startswith("s3://")
+    trainer = TorchTrainer(  # [ray]
+        train_loop_per_worker,
+        train_loop_config={"config": config.to_dict(), "run_id": facts["run_id"], "tracking_uri": facts["tracking_uri"],
+                           "manifest": facts["manifest"]},
+        scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=config.run.name, storage_path=facts["storage_path"],
+            storage_filesystem=facts["storage_fs"] if is_s3 else None,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.run.num_to_keep),
+            failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
+        ),
+        datasets={"train": dataset},
+    )
+    try:
+        result = trainer.fit()  # [ray]
+    except Exception as exc:
+        tracking.finish_run(facts["tracking_uri"], facts["run_id"], "FAILED")
+        raise RuntimeError(f"training run {config.run.name!r} failed; the last good checkpoint is kept: {exc}") from exc
+    outcome = {"run_id": facts["run_id"], "checkpoint_path": result.checkpoint.path if result.checkpoint else None,
+               "final_step": int(result.metrics.get("step", 0)) if result.metrics else 0,
+               "export_dir": None, "model_version": None}
+    if config.run.export and result.checkpoint is not None:
+        outcome.update(export_and_register(config, facts, result.checkpoint, export_dir))
+    tracking.finish_run(facts["tracking_uri"], facts["run_id"], "FINISHED")
+    return outcome
+
+
+def export_and_register(config: TrainRunConfig, facts: dict[str, Any], checkpoint, export_dir: str | None) -> dict[str, Any]:
+    from jobs.export import export_checkpoint, upload_folder
+    from pipelines import storage
+
+    local = export_dir or tempfile.mkdtemp(prefix="hart-export-")
+    with checkpoint.as_directory() as directory:  # [ray]
+        export_checkpoint(directory, config, local)
+    destination = storage.join(config.run.storage_path, config.run.name, "export")
+    upload_folder(local, destination, config.run.endpoint_url)
+    name = config.tracking.registered_model or f"hart-{config.stage}"
+    version = tracking.log_export_and_register(facts["tracking_uri"], facts["run_id"], local, name)
+    print(f"[train] exported to {destination}; registered {name} version {version}")
+    return {"export_dir": local, "model_version": version}
+
+
+# ======================================================================================
+# Worker
+# ======================================================================================
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    import ray.train  # [ray]
+    import ray.train.torch  # [ray]
+
+    config = config_from_dict(TrainRunConfig, loop_config["config"])
+    context = ray.train.get_context()  # [ray]
+    rank = context.get_world_rank()
+    device = ray.train.torch.get_device()  # [ray]
+    torch.manual_seed(config.run.seed + rank)
+    manifest = loop_config["manifest"]
+    text = TextFeatures(config, manifest, device) if config.stage != "tokenizer" else None
+    stage = build_stage(config, device, text.encoder if text else None)
+    optimizer = build_optimizer(stage.model, config.optim)
+    scheduler = build_scheduler(optimizer, config.run.max_steps, config.optim)
+    disc_optimizer = None
+    if stage.discriminator is not None:
+        disc_optimizer = torch.optim.AdamW(stage.discriminator.parameters(), lr=config.objective.disc_lr,
+                                           betas=tuple(config.optim.betas))
+    ema = ExponentialMovingAverage(stage.model, config.ema_decay)
+    step, data_epoch, resumed = 0, 0, False
+    checkpoint = ray.train.get_checkpoint()  # [ray]
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:  # [ray]
+            step, data_epoch = restore(directory, stage, optimizer, scheduler, ema, loop_config["run_id"], rank)
+        resumed = True
+        print(f"[train] rank {rank}: resumed at step {step}, data epoch {data_epoch}")
+    objective = parallelize(stage.objective, config.parallel, device)
+    disc_objective = parallelize(stage.discriminator_objective, config.parallel, device) if disc_optimizer else None
+    logger = tracking.RunLogger(loop_config["tracking_uri"], loop_config["run_id"], enabled=rank == 0)
+    shard = ray.train.get_dataset_shard("train")  # [ray]
+    collate = images_collate if config.stage == "tokenizer" else CacheCollate(manifest)
+    accumulation, batch_size = config.data.grad_accumulation, config.data.batch_size
+    generator = torch.Generator(device=device)
+    sample_batch = None
+    while step < config.run.max_steps:
+        steps_before, micro_batches, started = step, [], time.perf_counter()
+        for batch in shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate, drop_last=True,  # [ray]
+                                              prefetch_batches=2):
+            batch = {**batch, "images": batch["images"].to(device)} if text is None else text.add_context(batch)
+            sample_batch = sample_batch if sample_batch is not None else batch
+            micro_batches.append(batch)
+            if len(micro_batches) < accumulation:
+                continue
+            generator.manual_seed(hash((config.run.seed, rank, step)) % (2**63))
+            metrics = optimizer_step(config, stage, objective, disc_objective, optimizer, scheduler, disc_optimizer,
+                                     micro_batches, step, generator)
+            ema.update(stage.model)
+            step += 1
+            metrics.update(throughput(config, micro_batches, time.perf_counter() - started, context.get_world_size()))
+            micro_batches, started = [], time.perf_counter()
+            if config.run.fail_at_step and step == config.run.fail_at_step and not resumed:
+                raise RuntimeError(f"injected failure at step {step} (run.fail_at_step)")
+            if step % config.run.log_every == 0:
+                logger.log_metrics(metrics, step)
+                if rank == 0:
+                    print(f"[train] step {step}/{config.run.max_steps} " + " ".join(
+                        f"{k}={v:.4g}" for k, v in metrics.items() if k in ("loss", "ce", "diffusion", "lr", "grad_norm")))
+            if config.tracking.sample_every and step % config.tracking.sample_every == 0 or step == config.run.max_steps:
+                log_samples(config, stage, ema, sample_batch, logger, step, manifest)
+            if step % config.run.checkpoint_every == 0 or step == config.run.max_steps:
+                report_checkpoint(config, stage, optimizer, scheduler, disc_optimizer, ema, metrics, step, data_epoch,
+                                  loop_config["run_id"], rank)
+            if step >= config.run.max_steps:
+                break
+        if step == steps_before:
+            raise ValueError(f"data epoch {data_epoch} gave no full step: each worker needs at least "
+                             f"batch_size * grad_accumulation = {batch_size * accumulation} rows")
+        if step < config.run.max_steps:
+            data_epoch += 1
+
+
+def optimizer_step(config, stage: Stage, objective, disc_objective, optimizer, scheduler, disc_optimizer,
+                   micro_batches, step, generator) -> dict[str, float]:
+    device_type = next(stage.model.parameters()).device.type
+    captured: list[dict] = []
+
+    def loss_fn(module, batch):
+        out = module(batch, step=step, generator=generator)
+        captured.append(out)
+        return {k: v for k, v in out.items() if k != "reconstructions"}
+
+    metrics = train_step(objective, loss_fn, micro_batches, optimizer, step=step, scheduler=scheduler,
+                         clip_grad_norm=config.optim.clip_grad_norm, precision=config.precision,
+                         device_type=device_type, parameters=[p for p in stage.model.parameters() if p.requires_grad])
+    if disc_objective is not None:  # PatchGAN side, on the reconstructions just made
+        disc_batches = [{"images": b["images"], "reconstructions": out["reconstructions"]}
+                        for b, out in zip(micro_batches, captured)]
+        disc = train_step(disc_objective, lambda m, b: m(b, step=step), disc_batches, disc_optimizer, step=step,
+                          clip_grad_norm=config.optim.clip_grad_norm, precision=config.precision, device_type=device_type)
+        metrics.update({f"disc_{k}": v for k, v in disc.items() if k != "lr"})
+    return metrics
+
+
+def throughput(config: TrainRunConfig, micro_batches, seconds: float, world_size: int) -> dict[str, float]:
+    """Images and tokens per second of the whole job (this rank's rate times the world size: no extra collective)."""
+    tokenizer_cfg, transformer_cfg = model_configs(config)
+    images = sum(len(b["caption"]) for b in micro_batches) * world_size
+    tokens_per_image = tokenizer_cfg.num_tokens() if config.stage == "tokenizer" else transformer_cfg.num_image_tokens()
+    return {"images_per_s": images / seconds, "tokens_per_s": images * tokens_per_image / seconds, "step_seconds": seconds}
+
+
+def restore(directory, stage: Stage, optimizer, scheduler, ema, run_id: str, rank: int) -> tuple[int, int]:
+    state = load_training_state(directory)
+    if state.meta.get("mlflow_run_id") not in (None, run_id):
+        raise ValueError(f"checkpoint belongs to MLflow run {state.meta['mlflow_run_id']}, the driver opened {run_id}")
+    load_full_state_dict(stage.model, state.model)
+    load_optimizer_and_scheduler(optimizer, scheduler, state.optimizer, state.scheduler)
+    if state.ema is not None:
+        ema.load_state_dict(state.ema)
+    if stage.discriminator is not None and "discriminator" in state.extra:
+        stage.discriminator.load_state_dict(state.extra["discriminator"])
+    load_rng_state(directory, rank)
+    return state.step, int(state.meta["data_epoch"])
+
+
+def report_checkpoint(config, stage: Stage, optimizer, scheduler, disc_optimizer, ema, metrics, step, data_epoch,
+                      run_id, rank) -> None:
+    import ray.train  # [ray]
+
+    model_state = full_state_dict(stage.model)  # a collective under FSDP2: every rank calls it
+    with tempfile.TemporaryDirectory(prefix="hart-ckpt-") as directory:
+        if rank == 0:
+            extra = {"discriminator": full_state_dict(stage.discriminator)} if stage.discriminator is not None else {}
+            meta = {"step": step, "data_epoch": data_epoch, "stage": config.stage, "mlflow_run_id": run_id,
+                    "run_name": config.run.name, "config": config.to_dict(), "metrics": metrics}
+            save_training_state(directory, meta=meta, model=model_state, ema=ema.state_dict(),
+                                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), extra=extra)
+        save_rng_state(directory, rank)
+        ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(directory),  # [ray]
+                         checkpoint_dir_name=f"checkpoint_step{step:08d}")
+
+
+def log_samples(config, stage: Stage, ema, sample_batch, logger, step, manifest) -> None:
+    """Rank 0: reconstructions (tokenizer) or generations from fixed prompts, with the EMA weights."""
+    if not logger.enabled or sample_batch is None:
+        return
+    import copy
+
+    model = copy.deepcopy(stage.model)
+    ema.copy_to(model)
+    model.eval()
+    with torch.no_grad():
+        if config.stage == "tokenizer":
+            images = sample_batch["images"][:8]
+            tokens, residual = model.encode(images)
+            rows = torch.cat([images, model.decode(tokens, residual), model.decode(tokens)])
+            grid = tracking.image_grid(tracking.to_uint8_images(rows), columns=len(images))
+            logger.log_image(grid, f"reconstructions/step_{step:07d}.png")  # rows: input, hybrid, discrete
+            return
+        from hart.generate import generate
+        import numpy as np
+
+        encoder = stage.text_encoder
+        if encoder is None:
+            from hart.text_encoder import build_text_encoder
+
+            name = (manifest.get("text") or {}).get("encoder") or config.data.text_encoder
+            encoder = stage.text_encoder = build_text_encoder(name, model.config.context_token)
+        images = generate(model, stage.tokenizer, encoder, list(config.tracking.sample_prompts),
+                          seed=config.tracking.sample_seed, use_diffusion=config.stage != "ar")
+        grid = tracking.image_grid(np.stack([np.asarray(im.convert("RGB")) for im in images]))
+        logger.log_image(grid, f"samples/step_{step:07d}.png")
+
+
+# ======================================================================================
+# CLI
+# ======================================================================================
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Train a HART stage with Ray Train (checkpoints + MLflow).")
+    parser.add_argument("--stage", choices=("tokenizer", "ar", "diffusion", "joint"), help="overrides the file's stage")
+    parser.add_argument("--config", help="run config (.yaml/.toml/.json), e.g. jobs/configs/train_tiny_joint.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set run.max_steps=200 --set scaling.num_workers=8")
+    parser.add_argument("--export-dir", help="local folder for the exported llm/ + tokenizer/ (default: a temp dir)")
+    parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster address (default: local)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import ray  # [ray]
+
+    args = parse_args(argv)
+    try:
+        config = load_train_config(args.config, args.stage, args.set)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not ray.is_initialized():
+        ray.init(address=args.address, include_dashboard=False)  # [ray]
+    try:
+        outcome = run_training(config, args.export_dir)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"[train] done: step {outcome['final_step']}, checkpoint {outcome['checkpoint_path']}, "
+          f"export {outcome['export_dir']}, model version {outcome['model_version']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

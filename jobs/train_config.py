@@ -1,0 +1,158 @@
+"""Typed run configuration of `jobs/train.py` (`jobs/configs/train_*.yaml`).
+
+Design: small frozen dataclasses loaded through `hart.config.config_from_dict`, so unknown
+keys and wrong types raise a `ValueError` naming the field, and `--set a.b=c` goes through
+`hart.config.apply_overrides`. The sections: `run` (identity, storage, step counts),
+`model` (presets / checkpoints), `data`, `optim` (hart.training.OptimizerConfig),
+`parallel` (hart.parallelize.ParallelConfig), `scaling` (Ray workers), `objective`
+(per-stage loss knobs) and `tracking` (MLflow). Going from 2 CPU workers to N GPUs only
+touches `scaling` (and `precision`/`parallel`); nothing else branches on the hardware.
+
+Model configs stay `TokenizerConfig` / `TransformerConfig`; here they are named by a
+preset or a `{preset: ..., field: value}` mapping and resolved by `model_configs()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hart.config import (
+    TokenizerConfig, TransformerConfig, apply_overrides, config_from_dict, config_to_dict, read_config_file,
+    tokenizer_config, transformer_config,
+)
+from hart.parallelize import ParallelConfig
+from hart.training import PRECISIONS, OptimizerConfig
+
+STAGES = ("tokenizer", "ar", "diffusion", "joint")
+
+
+@dataclass(frozen=True)
+class RunSection:
+    name: str = "hart-run"  # run name: resubmitting the same name resumes (checkpoints + MLflow run)
+    storage_path: str = "runs/train"  # checkpoint root: local path, file:// or s3://bucket/prefix
+    endpoint_url: str = ""  # S3-compatible endpoint for storage_path; empty = AWS_ENDPOINT_URL
+    seed: int = 0
+    max_steps: int = 100  # optimizer steps in total (a resumed run stops at the same count)
+    checkpoint_every: int = 50  # steps between checkpoints (a final one is always written)
+    num_to_keep: int = 2  # checkpoints kept in storage
+    log_every: int = 1  # steps between metric logs
+    max_failures: int = 0  # Ray Train worker-group restarts before the run fails
+    export: bool = True  # write the official folder layout after the last step
+    fail_at_step: int = 0  # testing only: raise in the worker at this step (simulated crash); 0 = off
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ValueError(f"run.name must be a non-empty name without '/', got {self.name!r}")
+        for name in ("max_steps", "checkpoint_every", "num_to_keep", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"run.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    tokenizer: Any = "tiny"  # TokenizerConfig preset name or {preset: ..., field: value}
+    transformer: Any = "tiny"  # TransformerConfig preset name or mapping
+    tokenizer_checkpoint: str = ""  # HART tokenizer/ folder or VAR .pth; required by ar/diffusion/joint
+    init_from: str = ""  # start weights: a training checkpoint dir or an llm/ (tokenizer/) folder;
+    # a lower-resolution one is fine (progressive training: buffers that depend on the scale list are rebuilt)
+    init_seed: int = 0  # seed of fresh weights (identical on every rank)
+
+
+@dataclass(frozen=True)
+class DataSection:
+    cache: str = ""  # token-cache root (ar/diffusion/joint), manifest.json inside
+    shards: tuple[str, ...] = ()  # WebDataset shards (tokenizer stage): paths, globs, s3:// URIs
+    batch_size: int = 8  # per worker and micro-batch
+    grad_accumulation: int = 1  # micro-batches per optimizer step
+    text_encoder: str = "minilm"  # used when the cache has no text_features
+    text_max_length: int = 0  # 0 = the transformer's context_token
+    read_parallelism: int = 1  # Ray Data read tasks
+    resolution: int = 0  # tokenizer stage image side; 0 = tokenizer native (last pn * 16)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.grad_accumulation < 1:
+            raise ValueError("data.batch_size and data.grad_accumulation must be >= 1")
+
+
+@dataclass(frozen=True)
+class ScalingSection:
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5  # fractional on small machines: Ray Data needs CPUs too (RAY_NOTES §3.2)
+    gpus_per_worker: float = 1.0  # used when use_gpu
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError(f"scaling.num_workers must be >= 1, got {self.num_workers}")
+
+
+@dataclass(frozen=True)
+class ObjectiveSection:
+    ce_weight: float = 1.0  # ar / joint
+    diffusion_weight: float = 1.0  # diffusion / joint
+    tokenizer_mode: str = "hybrid"  # "hybrid": decoder fine-tune (encoder+codebook frozen) | "full": VQVAE
+    continuous_prob: float = 0.5  # hybrid: share of steps decoding the continuous latent
+    gan_weight: float = 0.0  # > 0 trains a PatchGAN discriminator beside the tokenizer
+    gan_start_step: int = 0  # discriminator/adversarial loss switched on from this step
+    disc_lr: float = 1e-4
+    perceptual_weight: float = 0.0  # needs perceptual weights files; 0 = off
+
+    def __post_init__(self) -> None:
+        if self.tokenizer_mode not in ("hybrid", "full"):
+            raise ValueError(f"objective.tokenizer_mode must be 'hybrid' or 'full', got {self.tokenizer_mode!r}")
+        if not 0.0 <= self.continuous_prob <= 1.0:
+            raise ValueError(f"objective.continuous_prob must be in [0, 1], got {self.continuous_prob}")
+
+
+@dataclass(frozen=True)
+class TrackingSection:
+    tracking_uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db
+    experiment: str = "hart"
+    registered_model: str = ""  # Model Registry name; empty = "hart-<stage>"
+    sample_every: int = 0  # steps between sample/reconstruction grids (0 = only at the end)
+    sample_prompts: tuple[str, ...] = ("a red circle", "a blue square", "a green triangle", "a yellow star")
+    sample_seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainRunConfig:
+    stage: str = "joint"
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    ema_decay: float = 0.9999
+    precision: str = "bf16"  # "bf16" | "fp32" | "fp16" autocast
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        model_configs(self)  # resolve presets now: a typo fails at load time
+
+    def to_dict(self) -> dict[str, Any]:
+        return config_to_dict(self)
+
+
+def model_configs(config: TrainRunConfig) -> tuple[TokenizerConfig, TransformerConfig]:
+    return tokenizer_config(config.model.tokenizer), transformer_config(config.model.transformer)
+
+
+def load_train_config(path: str | None, stage: str | None = None, overrides: list[str] = ()) -> TrainRunConfig:
+    """Config file (optional) + `--stage` + `--set key=value` overrides -> TrainRunConfig."""
+    data = read_config_file(path) if path else {}
+    if stage is not None:
+        data["stage"] = stage
+    data = apply_overrides(data, list(overrides))
+    return config_from_dict(TrainRunConfig, data)
+
+
+__all__ = ["TrainRunConfig", "STAGES", "load_train_config", "model_configs"]

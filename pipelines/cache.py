@@ -1,0 +1,125 @@
+"""Training-side reader of the token cache (contract 4): manifest, Ray dataset, tensors.
+
+Design: readers trust only the manifest's `committed_shards` list (never a directory glob), so a
+shard whose parquet exists but whose commit marker does not is invisible to training. The cache
+files are plain Parquet: `pyarrow.parquet.read_table`, `pandas.read_parquet` and duckdb read them
+without this project (fp16 arrays are stored as little-endian bytes in fixed_size_binary columns,
+which every reader handles; `decode_fp16` turns them back into arrays). `batch_to_tensors` turns
+one numpy batch (from `Dataset.iter_batches(batch_format="numpy")` or a pyarrow table converted
+with `table_to_numpy`) into the tensors the training step wants.
+
+Shape legend: B rows, L tokens of all scales, l = pn*pn tokens of one scale, z/h/w residual,
+T/D text features.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pipelines import storage
+from pipelines.manifest import read_manifest
+
+__all__ = ["read_manifest", "committed_files", "read_cache_dataset", "read_cache_table", "batch_to_tensors",
+           "decode_fp16", "table_to_numpy", "split_scales"]
+
+
+def committed_files(uri: str, manifest: dict[str, Any], shards: list[str] | None = None) -> list[str]:
+    """Full URIs/paths of the committed parquet files (optionally only the given shards)."""
+    entries = manifest["committed_shards"]
+    if shards is not None:
+        wanted = set(shards)
+        missing = wanted - {e["shard"] for e in entries}
+        if missing:
+            raise ValueError(f"shards not committed in {uri}: {sorted(missing)}")
+        entries = [e for e in entries if e["shard"] in wanted]
+    return [storage.join(uri, e["file"]) for e in entries]
+
+
+def read_cache_dataset(uri: str, columns: list[str] | None = None, shuffle_seed: int | None = None,
+                       endpoint_url: str = "", shards: list[str] | None = None, **read_parquet_args):
+    """Committed rows as a `ray.data.Dataset` (file-level shuffle when `shuffle_seed` is set)."""
+    import ray
+
+    manifest = read_manifest(uri, endpoint_url)
+    files = committed_files(uri, manifest, shards)
+    if not files:
+        raise ValueError(f"cache {uri} has no committed shards yet")
+    fs, _ = storage.resolve(uri, endpoint_url)
+    paths = [storage.resolve(f, endpoint_url)[1] for f in files]
+    if shuffle_seed is not None:
+        read_parquet_args["shuffle"] = ray.data.FileShuffleConfig(seed=shuffle_seed)
+    return ray.data.read_parquet(paths, filesystem=fs, columns=columns, **read_parquet_args)
+
+
+def read_cache_table(uri: str, columns: list[str] | None = None, endpoint_url: str = "",
+                     shards: list[str] | None = None) -> pa.Table:
+    """All committed rows as one pyarrow Table (small caches, tests, audits); no Ray needed."""
+    manifest = read_manifest(uri, endpoint_url)
+    fs, _ = storage.resolve(uri, endpoint_url)
+    tables = [pq.read_table(storage.resolve(f, endpoint_url)[1], filesystem=fs, columns=columns)
+              for f in committed_files(uri, manifest, shards)]
+    if not tables:
+        raise ValueError(f"cache {uri} has no committed shards yet")
+    return pa.concat_tables(tables)
+
+
+def decode_fp16(values: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """fixed_size_binary fp16 values (numpy object array of bytes, list, or Arrow array) -> (B, *shape) float16."""
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        values = values.to_pylist()
+    if isinstance(values, np.ndarray) and values.dtype != object:
+        # Ray may hand fixed-size binary over as a bytes ('S') array.
+        return np.frombuffer(values.tobytes(), dtype="<f2").reshape(len(values), *shape)
+    joined = b"".join(values)
+    return np.frombuffer(joined, dtype="<f2").reshape(len(values), *shape)
+
+
+def _stack_int(values: Any) -> np.ndarray:
+    if isinstance(values, np.ndarray) and values.dtype != object:
+        return values
+    return np.stack([np.asarray(v) for v in values]) if len(values) else np.zeros((0, 0), np.int16)
+
+
+def table_to_numpy(table: pa.Table) -> dict[str, np.ndarray]:
+    """A pyarrow table of cache rows -> the numpy batch layout `batch_to_tensors` reads."""
+    batch: dict[str, np.ndarray] = {}
+    for name in table.column_names:
+        column = table.column(name).combine_chunks()
+        if pa.types.is_fixed_size_list(column.type):
+            width = column.type.list_size
+            batch[name] = column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), width)
+        else:
+            batch[name] = np.array(column.to_pylist(), dtype=object) if not pa.types.is_integer(column.type) else column.to_numpy()
+    return batch
+
+
+def split_scales(tokens_BL: torch.Tensor, patch_nums: list[int]) -> list[torch.Tensor]:
+    """(B, L) -> [(B, pn*pn) per scale], coarse to fine."""
+    sizes = [pn * pn for pn in patch_nums]
+    if tokens_BL.shape[1] != sum(sizes):
+        raise ValueError(f"tokens have length {tokens_BL.shape[1]}, the manifest's patch_nums need {sum(sizes)}")
+    return list(torch.split(tokens_BL, sizes, dim=1))
+
+
+def batch_to_tensors(batch: dict[str, Any], manifest: dict[str, Any], split: bool = True) -> dict[str, Any]:
+    """Numpy batch of cache rows -> tokens (list per scale, or (B, L) with split=False) LongTensor,
+    residual (B, z, h, w) float32, caption list[str], key list[str], and text_features (B, T, D)
+    float32 + text_mask (B, T) bool when present."""
+    tokens_BL = torch.from_numpy(_stack_int(batch["tokens"]).astype(np.int64))
+    out: dict[str, Any] = {
+        "tokens": split_scales(tokens_BL, manifest["patch_nums"]) if split else tokens_BL,
+        "caption": [str(c) for c in batch["caption"]],
+        "key": [str(k) for k in batch["key"]],
+    }
+    if "residual" in batch:
+        out["residual"] = torch.from_numpy(decode_fp16(batch["residual"], tuple(manifest["residual_shape"])).astype(np.float32))
+    if "text_features" in batch and manifest.get("text_features_shape"):
+        shape = tuple(manifest["text_features_shape"])
+        out["text_features"] = torch.from_numpy(decode_fp16(batch["text_features"], shape).astype(np.float32))
+        out["text_mask"] = torch.from_numpy(_stack_int(batch["text_mask"]).astype(bool))
+    return out

@@ -1,0 +1,212 @@
+"""The composed pre-tokenization plan: shards -> read -> decode -> tokenize (-> text) -> commit.
+
+Design: `run_precompute(config)` is the whole job minus cluster setup (Ray must already be
+initialised; only `jobs/` calls `ray.init`). It
+  1. builds the frozen tokenizer once on the driver to hash its weights and read its config,
+  2. writes/validates `manifest.json` (refusing a cache built with other settings),
+  3. lists input shards and skips the ones whose stats marker exists (resume),
+  4. streams the rest through Ray Data:
+       from_items(shards) -> read (TaskPool, raw bytes only) -> decode/filter/crop (TaskPool, CPU)
+       -> TokenizerStage (ActorPoolStrategy, num_gpus per actor, explicit batch size)
+       -> TextFeatureStage (optional actor pool) -> driver iter_batches -> ShardWriter,
+  5. rewrites the manifest and returns a `PrecomputeSummary`.
+Only `compute.*` sizes the stages, so the same config runs on a 2-core laptop (fractional CPUs
+leave headroom for the read tasks and the driver, RAY_NOTES §4) and on a GPU cluster.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
+
+from hart.config import config_to_dict
+from pipelines import manifest as manifest_lib
+from pipelines import shard_source
+from pipelines.config import PrecomputeConfig, preprocess_fingerprint
+from pipelines.decode import decode_batch
+from pipelines.tokenize_stage import TokenizerStage, load_tokenizer, weights_hash
+from pipelines.writer import ShardAssembler, ShardWriter, cache_schema
+
+MANIFEST_REFRESH_SECONDS = 15.0
+
+
+@dataclass
+class PrecomputeSummary:
+    shards_total: int = 0
+    shards_skipped: int = 0  # already committed before this run
+    shards_done: int = 0
+    shards_failed: dict[str, str] = field(default_factory=dict)
+    shards_left: int = 0  # pending shards not attempted (input.max_shards)
+    samples_in: int = 0
+    samples_written: int = 0
+    rejected: Counter = field(default_factory=Counter)
+    notes: Counter = field(default_factory=Counter)
+    members_ignored: Counter = field(default_factory=Counter)
+    unsorted_members: int = 0
+    truncated_shards: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.samples_in / self.seconds if self.seconds > 0 else 0.0
+
+    def table(self) -> str:
+        rows = [
+            ("shards total", self.shards_total), ("shards done", self.shards_done),
+            ("shards skipped (committed before)", self.shards_skipped),
+            ("shards failed", len(self.shards_failed)), ("shards left (max_shards)", self.shards_left),
+            ("samples in", self.samples_in), ("samples written", self.samples_written),
+            ("samples rejected", sum(self.rejected.values())),
+        ]
+        rows += [(f"  rejected: {reason}", n) for reason, n in sorted(self.rejected.items())]
+        rows += [(f"  note: {note}", n) for note, n in sorted(self.notes.items())]
+        rows += [(f"  member ignored: {reason}", n) for reason, n in sorted(self.members_ignored.items())]
+        rows += [("unsorted members", self.unsorted_members), ("truncated shards", self.truncated_shards),
+                 ("bytes read", self.bytes_read), ("bytes written", self.bytes_written),
+                 ("seconds", f"{self.seconds:.1f}"), ("images/s", f"{self.images_per_second:.1f}")]
+        width = max(len(name) for name, _ in rows)
+        lines = [f"{name:<{width}}  {value}" for name, value in rows]
+        lines += [f"FAILED shard {name}: {error}" for name, error in sorted(self.shards_failed.items())]
+        return "\n".join(lines)
+
+    def add_stats(self, stats: dict[str, Any]) -> None:
+        self.shards_done += 1
+        self.samples_in += stats["samples_in"]
+        self.samples_written += stats["samples_written"]
+        self.rejected.update(stats["rejected"])
+        self.notes.update(stats["notes"])
+        self.members_ignored.update(stats["members_ignored"])
+        self.unsorted_members += stats["unsorted_members"]
+        self.truncated_shards += bool(stats["truncated"])
+        self.bytes_read += stats["bytes_read"]
+        self.bytes_written += stats["bytes_written"]
+
+
+def build_dataset(shards: dict[str, str], config: PrecomputeConfig, resolution: int, tokenizer_hash: str) -> ray.data.Dataset:
+    """The lazy Ray Data plan over the pending shards (name -> uri)."""
+    compute = config.compute
+    items = [{"name": name, "uri": uri} for name, uri in shards.items()]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    ds = ds.map_batches(
+        shard_source.read_shards_batch, fn_kwargs={"config": config.input}, batch_size=1, batch_format="pyarrow",
+        compute=TaskPoolStrategy(size=compute.read_tasks), num_cpus=compute.read_cpus,
+    )
+    ds = ds.map_batches(
+        decode_batch, fn_kwargs={"config": config.preprocess, "resolution": resolution},
+        batch_size=compute.decode_batch_size, batch_format="numpy",
+        compute=TaskPoolStrategy(size=compute.decode_tasks), num_cpus=compute.decode_cpus,
+    )
+    gpu_args = {"num_gpus": compute.tokenizer_gpus} if compute.tokenizer_gpus > 0 else {}
+    ds = ds.map_batches(
+        TokenizerStage,
+        fn_constructor_kwargs={"source": config.tokenizer, "endpoint_url": config.input.endpoint_url,
+                               "expected_hash": tokenizer_hash,
+                               "torch_threads": compute.torch_threads or max(1, int(compute.tokenizer_cpus))},
+        batch_size=compute.tokenizer_batch_size, batch_format="numpy",
+        compute=ActorPoolStrategy(size=compute.tokenizer_actors), num_cpus=compute.tokenizer_cpus, **gpu_args,
+    )
+    if config.text.encoder:
+        from pipelines.text_stage import TextFeatureStage
+
+        text_gpu_args = {"num_gpus": compute.text_gpus} if compute.text_gpus > 0 else {}
+        ds = ds.map_batches(
+            TextFeatureStage, fn_constructor_kwargs={"config": config.text}, batch_size=compute.text_batch_size,
+            batch_format="numpy", compute=ActorPoolStrategy(size=compute.text_actors),
+            num_cpus=0 if compute.text_gpus > 0 else 1, **text_gpu_args,
+        )
+    return ds
+
+
+def prepare(config: PrecomputeConfig) -> dict[str, Any]:
+    """Driver-side setup shared by the job and the benchmark: tokenizer hash, fingerprint, schema."""
+    tokenizer = load_tokenizer(config.tokenizer, config.input.endpoint_url)
+    tokenizer_hash = weights_hash(tokenizer)
+    native = tokenizer.config.image_size()
+    resolution = config.preprocess.resolution or native
+    if resolution != native:
+        raise ValueError(
+            f"preprocess.resolution={resolution} does not match the tokenizer: its scales {tokenizer.config.patch_nums} "
+            f"and downsampling factor {tokenizer.config.downsample_factor()} need {native}px images"
+        )
+    if tokenizer.config.vocab_size > 32768:
+        raise ValueError(f"vocab_size {tokenizer.config.vocab_size} does not fit the int16 token column")
+    text_dim = 0
+    if config.text.encoder:
+        from pipelines.text_stage import load_text_encoder
+
+        text_dim = int(load_text_encoder(config.text).dim)
+    fingerprint = {
+        "schema_version": manifest_lib.SCHEMA_VERSION,
+        "tokenizer_hash": tokenizer_hash,
+        "tokenizer_config": config_to_dict(tokenizer.config),
+        "resolution": resolution,
+        "preprocess": preprocess_fingerprint(config.preprocess, resolution),
+        "text": {"encoder": config.text.encoder, "max_length": config.text.max_length, "dim": text_dim} if config.text.encoder else None,
+    }
+    side = tokenizer.config.patch_nums[-1]
+    schema = cache_schema(tokenizer.config.num_tokens(), (tokenizer.config.z_channels, side, side),
+                          (config.text.max_length, text_dim) if config.text.encoder else None)
+    header = manifest_lib.manifest_header(fingerprint, config_to_dict(config.tokenizer), text_dim)
+    return {"tokenizer": tokenizer, "tokenizer_hash": tokenizer_hash, "resolution": resolution,
+            "fingerprint": fingerprint, "schema": schema, "header": header}
+
+
+def run_precompute(config: PrecomputeConfig, log=print) -> PrecomputeSummary:
+    """Run (or resume) the job; Ray must be initialised. Returns the summary (failed shards inside)."""
+    started = time.perf_counter()
+    setup = prepare(config)
+    output, endpoint = config.output, config.output_endpoint()
+    fingerprint_hex = manifest_lib.fingerprint_hash(setup["fingerprint"])
+    existing = manifest_lib.read_json(output, manifest_lib.MANIFEST_NAME, endpoint)
+    if existing is not None:
+        manifest_lib.check_compatible(existing, setup["fingerprint"], output)
+    committed = manifest_lib.list_committed(output, fingerprint_hex, endpoint)
+    manifest_lib.write_json(output, manifest_lib.MANIFEST_NAME, manifest_lib.build_manifest(setup["header"], committed), endpoint)
+
+    uris = shard_source.list_shards(config.input)
+    names = shard_source.name_shards(uris)
+    summary = PrecomputeSummary(shards_total=len(names))
+    pending = {name: uri for name, uri in names.items() if name not in committed}
+    summary.shards_skipped = len(names) - len(pending)
+    if config.input.max_shards:
+        summary.shards_left = max(0, len(pending) - config.input.max_shards)
+        pending = dict(list(pending.items())[: config.input.max_shards])
+    log(f"precompute: {len(names)} shards, {summary.shards_skipped} already committed, {len(pending)} to do "
+        f"-> {output} (tokenizer {setup['tokenizer_hash'][:12]}, {setup['resolution']}px)")
+    del setup["tokenizer"]  # the actors build their own; free driver memory
+
+    if pending:
+        DataContext.get_current().enable_progress_bars = config.progress
+        dataset = build_dataset(pending, config, setup["resolution"], setup["tokenizer_hash"])
+        writer = ShardWriter(output, endpoint, fingerprint_hex, setup["schema"], pending,
+                             config.compute.writer_threads, config.crash_after_commits)
+        assembler = ShardAssembler()
+        last_manifest = time.perf_counter()
+        try:
+            for batch in dataset.iter_batches(batch_format="numpy", batch_size=None, prefetch_batches=2):
+                for shard in assembler.add(batch):
+                    writer.submit(shard, *assembler.take(shard))
+                writer.collect()
+                if time.perf_counter() - last_manifest > MANIFEST_REFRESH_SECONDS:
+                    manifest_lib.write_json(output, manifest_lib.MANIFEST_NAME, manifest_lib.build_manifest(
+                        setup["header"], {**committed, **writer.committed}), endpoint)
+                    last_manifest = time.perf_counter()
+            writer.collect(wait=True)
+        finally:
+            writer.close()
+        for shard in assembler.pending():  # cannot happen unless a stage drops rows: fail loudly
+            writer.failed[shard] = "incomplete: the stream ended before all rows of this shard arrived"
+        for stats in writer.committed.values():
+            summary.add_stats(stats)
+        summary.shards_failed = dict(writer.failed)
+        committed.update(writer.committed)
+    manifest_lib.write_json(output, manifest_lib.MANIFEST_NAME, manifest_lib.build_manifest(setup["header"], committed), endpoint)
+    summary.seconds = time.perf_counter() - started
+    return summary

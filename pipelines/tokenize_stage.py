@@ -1,0 +1,125 @@
+"""Tokenizer stage: the frozen HybridTokenizer as a Ray Data actor (`map_batches` callable class).
+
+Design: one model per actor, built once in `__init__` (the actor pool is sized by config:
+`compute.tokenizer_actors` actors with `compute.tokenizer_gpus` GPUs each on a cluster, one CPU
+actor on a laptop). On CUDA the encoder runs under bf16 autocast (the nearest-code search inside
+`HybridTokenizer.encode` stays fp32, so token ids do not flip); on CPU everything is fp32. Each
+actor re-computes the weight hash and refuses to run if it differs from the one the driver put in
+the manifest, so a checkpoint that changes under a running job can never mix two tokenizers in one
+cache. Rows that are not accepted samples (rejections, shard headers) pass through with zero
+tokens and never reach the model.
+
+`load_tokenizer`, `weights_hash` and `images_to_tensor` are shared with the driver (manifest) and
+the single-process benchmark loop.
+
+Shape legend: B rows, R image side, L tokens of all scales, z latent channels, h/w latent side.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+
+import numpy as np
+import pyarrow.fs as pafs
+import torch
+
+from hart.config import replace, tokenizer_config
+from hart.tokenizer import HybridTokenizer
+from pipelines import storage
+from pipelines.config import TokenizerSource
+
+
+def _local_checkpoint(uri: str, endpoint_url: str) -> str:
+    """A local path for `uri`; s3:// checkpoints (file or folder) are copied to a temp folder first."""
+    if not storage.is_s3(uri):
+        return uri[len("file://"):] if uri.startswith("file://") else uri
+    fs, path = storage.resolve(uri, endpoint_url)
+    target = os.path.join(tempfile.gettempdir(), "hart-checkpoints", hashlib.sha1(uri.encode()).hexdigest()[:16])
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        local = os.path.join(target, path.rsplit("/", 1)[-1])
+        files = [(path, local)]
+    elif info.type == pafs.FileType.Directory:
+        local = target
+        files = [(p, os.path.join(target, p.rsplit("/", 1)[-1])) for p in storage.list_files(fs, path)]
+    else:
+        raise ValueError(f"tokenizer checkpoint not found: {uri}")
+    os.makedirs(target, exist_ok=True)
+    for remote, destination in files:
+        if not os.path.exists(destination):
+            data = storage.read_bytes(fs, remote)
+            storage.write_bytes_atomic(pafs.LocalFileSystem(), destination, data)
+    return local
+
+
+def load_tokenizer(source: TokenizerSource, endpoint_url: str = "") -> HybridTokenizer:
+    """Frozen tokenizer from a checkpoint, or (tests/demo) random weights of a preset under a seed."""
+    if source.checkpoint:
+        model = HybridTokenizer.from_pretrained(_local_checkpoint(source.checkpoint, endpoint_url),
+                                                patch_nums=source.patch_nums or None)
+    else:
+        config = tokenizer_config(source.preset)
+        if source.patch_nums:
+            config = replace(config, patch_nums=tuple(source.patch_nums))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(source.seed)
+            model = HybridTokenizer(config)
+    model.eval().requires_grad_(False)
+    return model
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """sha256 over every state-dict entry (name, dtype, shape, raw bytes), in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def images_to_tensor(image_BRR3: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 (B, R, R, 3) -> float (B, 3, R, R) in [-1, 1] on `device`."""
+    x = torch.from_numpy(np.ascontiguousarray(image_BRR3)).to(device, non_blocking=True)
+    return x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+
+
+def encode_images(model: HybridTokenizer, image_BRR3: np.ndarray, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """(B, R, R, 3) uint8 -> (tokens (B, L) int16, residual (B, z, h, w) float16) as numpy."""
+    x_B3RR = images_to_tensor(image_BRR3, device)
+    with torch.inference_mode(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        tokens, residual_BzHW = model.encode(x_B3RR)
+    tokens_BL = torch.cat(tokens, dim=1).to(torch.int16)
+    return tokens_BL.cpu().numpy(), residual_BzHW.to(torch.float16).cpu().numpy()
+
+
+class TokenizerStage:
+    """`map_batches(TokenizerStage, compute=ActorPoolStrategy(...), batch_size=...)` UDF."""
+
+    def __init__(self, source: TokenizerSource, endpoint_url: str, expected_hash: str, torch_threads: int = 0):
+        if torch_threads > 0:
+            torch.set_num_threads(torch_threads)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model = load_tokenizer(source, endpoint_url)
+        actual = weights_hash(model)
+        if actual != expected_hash:
+            raise ValueError(f"tokenizer weights changed during the job: hash {actual[:12]} != manifest {expected_hash[:12]}")
+        self.model = model.to(self.device)
+        config = model.config
+        side = config.patch_nums[-1]
+        self.num_tokens = config.num_tokens()
+        self.residual_shape = (config.z_channels, side, side)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        num_rows = len(batch["row_kind"])
+        tokens_BL = np.zeros((num_rows, self.num_tokens), dtype=np.int16)
+        residual_BzHW = np.zeros((num_rows, *self.residual_shape), dtype=np.float16)
+        accepted = np.flatnonzero((batch["row_kind"] == "sample") & (batch["status"] == "ok"))
+        if len(accepted):
+            tokens_BL[accepted], residual_BzHW[accepted] = encode_images(self.model, batch["image"][accepted], self.device)
+        out = {name: column for name, column in batch.items() if name != "image"}  # drop pixels early
+        out["tokens"] = tokens_BL
+        out["residual"] = residual_BzHW
+        return out

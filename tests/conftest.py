@@ -1,0 +1,78 @@
+"""Shared test fixtures: one local Ray instance and one S3 server (moto) for the whole session.
+
+Fixtures (reuse them; they are generic):
+- `ray_local`     session scope: `ray.init(num_cpus=2, include_dashboard=False)` once (with
+                  RAY_AUTH_MODE=disabled), shut down at the end. Request it in any test that
+                  runs Ray Data or Ray Train; starting Ray costs ~8 s, so never start your own.
+- `s3_endpoint`   session scope: moto's `ThreadedMotoServer` on 127.0.0.1 and a free port,
+                  reached over real HTTP; yields the endpoint URL ("http://127.0.0.1:PORT").
+- `s3_bucket`     function scope: a fresh bucket on that server; yields "s3://<bucket>".
+                  Pass the endpoint explicitly (`endpoint_url=` options, `s3_filesystem(...)`,
+                  `boto3.client("s3", endpoint_url=...)`).
+- `s3_env`        function scope: like `s3_bucket`, and also sets AWS_ENDPOINT_URL for the test
+                  (code that only honours the env var), restored afterwards.
+
+Fake credentials: at import this file sets AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY to
+"testing", AWS_REGION to us-east-1 and AWS_EC2_METADATA_DISABLED=true, unless already set, so
+they exist before Ray starts its workers (workers inherit the environment of `ray.init`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+
+import pytest
+
+for _name, _value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                      ("AWS_REGION", "us-east-1"), ("AWS_DEFAULT_REGION", "us-east-1"),
+                      ("AWS_EC2_METADATA_DISABLED", "true"), ("RAY_AUTH_MODE", "disabled"),
+                      ("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1")):
+    os.environ.setdefault(_name, _value)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(num_cpus=2, include_dashboard=False)
+    yield ray
+    if started_here:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint):
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
+    yield f"s3://{name}"
+
+
+@pytest.fixture
+def s3_env(s3_bucket, s3_endpoint, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    yield s3_bucket

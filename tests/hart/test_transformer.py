@@ -1,0 +1,256 @@
+"""HARTForT2I: sizes and key layout of the 0.7B preset, masks, RoPE quirk, KV cache, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from hart.config import TRANSFORMER_PRESETS, replace
+from hart.rope import apply_rope, hart_scale_coords, image_rope, text_positions
+from hart.transformer import HARTForT2I
+from hart.weights import load_weight_folder, save_weight_file
+
+TSV = "/work/shared/design/reference/hart_llm_keys_d16_c1536.tsv"
+TINY = TRANSFORMER_PRESETS["tiny"]
+VARIANTS = {
+    "tiny": TINY,
+    "l2norm-avgpool": replace(TINY, attn_l2_norm=True, sep_aln_pooling_mode="avg"),
+    "gpt2": replace(TINY, attn_type="gpt2", mlp_type="gpt2", use_timestep_embed=False),
+    "star-crossattn": replace(TINY, rope_mode="star", rope_norm=16.0, use_cross_attn=True, use_context_norm=True),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny ops on a shared 2-core box: thread hand-offs cost more than the math.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_model(config=TINY, seed=0) -> HARTForT2I:
+    torch.manual_seed(seed)
+    model = HARTForT2I(config)
+    model.init_weights()
+    # Non-trivial gammas/biases so every path contributes to the outputs.
+    with torch.no_grad():
+        for block in model.blocks:
+            if hasattr(block, "ada_lin"):
+                block.ada_lin[-1].bias.normal_(0, 0.3)
+            block.attn.q_bias.normal_(0, 0.1)
+            if block.cross_attn is not None:
+                block.cross_attn.proj.weight.normal_(0, 0.05)
+    return model.eval()
+
+
+def make_batch(config=TINY, B=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ctx = torch.randn(B, config.context_token, config.context_dim, generator=g)
+    mask = torch.ones(B, config.context_token, dtype=torch.bool)
+    mask[1, 5:] = False  # right padding
+    tf = torch.randn(B, config.num_image_tokens() - 1, config.token_dim, generator=g)
+    return ctx, mask, tf
+
+
+def scale_bounds(config):
+    """(start, end) of every scale in the logits sequence (logit i predicts image token i)."""
+    bounds, start = [], 0
+    for pn in config.patch_nums:
+        bounds.append((start, start + pn * pn))
+        start += pn * pn
+    return bounds
+
+
+def test_0p7b_preset_sizes_on_meta_device():
+    with torch.device("meta"):
+        model = HARTForT2I(TRANSFORMER_PRESETS["hart-0.7b"])
+    total = sum(p.numel() for p in model.parameters())
+    head = sum(p.numel() for p in model.diffloss.parameters())
+    assert round(total / 1e6, 1) == 732.5
+    assert round(head / 1e6, 1) == 36.6
+
+
+def test_0p7b_key_set_equals_reference_tsv():
+    reference = {}
+    with open(TSV) as fh:
+        for line in fh:
+            key, shape, _ = line.rstrip("\n").split("\t")
+            reference[key] = tuple(int(x) for x in shape.strip("()").split(",") if x.strip())
+    with torch.device("meta"):
+        model = HARTForT2I(TRANSFORMER_PRESETS["hart-0.7b"])
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    L = model.lvl_1L.shape[1]
+    ours["attn_bias_for_masking"] = (1, 1, L, L)  # written on save, derived on load (documented rule)
+    assert set(ours) == set(reference)
+    assert {k: ours[k] for k in reference} == reference
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_block_causal_mask(name):
+    config = VARIANTS[name]
+    model = make_model(config)
+    ctx, mask, tf = make_batch(config)
+    base = model(ctx, mask, tf)
+    bounds = scale_bounds(config)
+    for changed in (2, len(config.patch_nums) - 1):
+        # teacher forcing input position p feeds image token p + 1
+        start, end = bounds[changed]
+        tf2 = tf.clone()
+        tf2[:, start - 1 : end - 1] += torch.randn_like(tf2[:, start - 1 : end - 1])
+        out = model(ctx, mask, tf2)
+        assert torch.equal(out[:, :start], base[:, :start]), "an earlier scale saw a later one"
+        assert not torch.allclose(out[:, start:end], base[:, start:end]), "a scale ignored its own input"
+    ctx2 = ctx.clone()
+    ctx2[:, 3] += 1.0
+    assert not torch.allclose(model(ctx2, mask, tf)[:, 0], base[:, 0]), "the first scale ignored the text"
+
+
+def test_segment_attention_equals_dense_mask():
+    model = make_model()
+    attn = model.blocks[0].attn
+    levels = model.lvl_1L[0]
+    L = levels.shape[0]
+    x = torch.randn(2, L, TINY.embed_dim)
+    allowed = levels[:, None] >= levels[None, :]
+    ends = [int((levels <= lv).sum()) for lv in range(int(levels.max()) + 1)]
+    pos = text_positions(torch.ones(2, TINY.context_token, dtype=torch.bool))
+    rope_t = model.rope.text(pos)
+    rope_i = model.rope.image(model.rope.image_positions(list(range(1, len(TINY.patch_nums))), pos))
+    rope = (torch.cat([rope_t[0], rope_i[0]], 1), torch.cat([rope_t[1], rope_i[1]], 1), False)
+    with torch.no_grad():
+        fast = attn(x, rope, segment_ends=ends)
+        dense = attn(x, rope, attn_mask=allowed)
+    torch.testing.assert_close(fast, dense, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny", "gpt2", "star-crossattn"])
+def test_kv_cache_sampling_matches_full_forward(name):
+    config = VARIANTS[name]
+    model = make_model(config)
+    ctx, mask, tf = make_batch(config)
+    with torch.no_grad():
+        full = model(ctx, mask, tf)
+        cond, caches, first = model.start_sampling(ctx, mask)
+        steps = [first]
+        bounds = scale_bounds(config)
+        for si in range(1, len(config.patch_nums)):
+            start, end = bounds[si]
+            logits, _ = model.sampling_step(si, tf[:, start - 1 : end - 1], cond, caches)
+            steps.append(logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=2e-5, rtol=1e-5)
+
+
+def test_subsampled_forward_matches_full_on_kept_tokens():
+    model = make_model()
+    ctx, mask, tf = make_batch()
+    last = TINY.patch_nums[-1] ** 2
+    keep = torch.stack([torch.arange(0, last, 2), torch.arange(1, last, 2)])
+    with torch.no_grad():
+        full = model(ctx, mask, tf)
+        sub = model(ctx, mask, tf, keep_last_Bk=keep)
+    n_prev = full.shape[1] - last
+    torch.testing.assert_close(sub[:, :n_prev], full[:, :n_prev])
+    # kept last-scale tokens attend to each other only, so their logits change but stay finite
+    assert sub.shape[1] == n_prev + keep.shape[1] and torch.isfinite(sub).all()
+
+
+def spec_rope_2d(x, row, col, hd, theta=10000.0):
+    """HART_SPEC §2.2 written out per dimension: layout [row f, row f, col f, col f], dim j paired with j + hd/2."""
+    q = hd // 4
+    inv = [1.0 / theta ** (4 * i / hd) for i in range(q)]
+    angle = [row * inv[j % q] if j < hd // 2 else col * inv[j % q] for j in range(hd)]
+    out = torch.empty_like(x)
+    for j in range(hd // 2):
+        out[..., j] = x[..., j] * math.cos(angle[j]) - x[..., j + hd // 2] * math.sin(angle[j])
+        out[..., j + hd // 2] = x[..., j + hd // 2] * math.cos(angle[j + hd // 2]) + x[..., j] * math.sin(angle[j + hd // 2])
+    return out
+
+
+def test_rope_2d_reproduces_spec_pairing_quirk():
+    hd, pn_max = 16, 8
+    coords = hart_scale_coords((2, 3), pn_max)
+    assert coords[:4].tolist() == [[0, 0], [0, 4], [4, 0], [4, 4]]  # 2x2 scale: (i, j) / 2 * 8
+    assert torch.allclose(coords[4 + 5], torch.tensor([8 / 3 * 1, 8 / 3 * 2]))  # 3x3 scale, (1, 2)
+    mask = torch.tensor([[True] * 5 + [False] * 3])
+    pos_text = text_positions(mask)
+    assert pos_text.tolist() == [[0, 1, 2, 3, 4, 4, 4, 4]]
+    pos = coords.unsqueeze(0) + pos_text[:, -1].view(1, 1, 1)  # + last text position id (4)
+    x = torch.randn(1, 1, pos.shape[1], hd, dtype=torch.float64)
+    cos, sin = image_rope(pos, hd, 10000.0, interleaved=False)
+    ours = apply_rope(x, cos.double(), sin.double(), interleaved=False)
+    for i in range(pos.shape[1]):
+        row, col = float(pos[0, i, 0]), float(pos[0, i, 1])
+        torch.testing.assert_close(ours[0, 0, i], spec_rope_2d(x[0, 0, i], row, col, hd), atol=1e-6, rtol=1e-5)
+    # the quirk: with row != col the map is not a rotation (norms change)
+    i = 1  # (0, 4) + 4 -> row 4, col 8
+    assert abs(float(ours[0, 0, i].norm() - x[0, 0, i].norm())) > 1e-4
+
+
+def test_save_load_bit_identical(tmp_path):
+    model = make_model(VARIANTS["l2norm-avgpool"])
+    ema = {k: v.clone() + (0.01 if v.is_floating_point() and "zero_k_bias" not in k else 0) for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp_path / "llm", ema_state=ema)
+    config_json = json.loads((tmp_path / "llm" / "config.json").read_text())
+    assert config_json["model_type"] == "hart_transformer_t2i"
+    loaded = HARTForT2I.from_pretrained(tmp_path / "llm")
+    assert loaded.config == model.config
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    ctx, mask, tf = make_batch()
+    assert torch.equal(loaded.eval()(ctx, mask, tf), model(ctx, mask, tf))
+    loaded_ema = HARTForT2I.from_pretrained(tmp_path / "llm", ema=True)
+    for key, value in ema.items():
+        assert torch.equal(loaded_ema.state_dict()[key], value), key
+    saved = load_weight_folder(tmp_path / "llm")
+    levels = model.lvl_1L[0]
+    dense = torch.where(levels[:, None] >= levels[None, :], 0.0, -torch.inf)
+    assert torch.equal(saved["attn_bias_for_masking"][0, 0], dense)
+
+
+def official_state(model):
+    """The state dict as the released code lays it out, mask buffer built independently."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    d = model.lvl_1L.view(1, -1, 1)
+    state["attn_bias_for_masking"] = torch.where(d >= d.transpose(1, 2), 0.0, -torch.inf).reshape(1, 1, d.shape[1], d.shape[1])
+    return state
+
+
+def test_load_official_layout_strictly(tmp_path):
+    config = replace(TINY, attn_l2_norm=True)
+    model = make_model(config)
+    folder = tmp_path / "llm"
+    folder.mkdir()
+    # An official-style config.json: HF fields and fields we ignore; depth/widths come from the weights.
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "hart_transformer_t2i", "architectures": ["HARTForT2I"], "num_heads": config.num_heads,
+        "mlp_type": "llama", "attn_type": "llama", "use_timestep_embed": True, "sep_aln_pooling_mode": "max",
+        "diffusion_batch_mul": config.diffusion_batch_mul, "num_sampling_steps": "8", "drop_path_rate": 0.0,
+        "flash_if_available": True, "vae_path": None, "transformers_version": "4.42.2",
+    }))
+    state = official_state(model)
+    save_weight_file(state, folder / "pytorch_model.bin")
+    torch.save(state, folder / "ema_model.bin")
+    loaded = HARTForT2I.from_pretrained(folder)
+    assert (loaded.config.depth, loaded.config.embed_dim, loaded.config.patch_nums) == (config.depth, config.embed_dim, config.patch_nums)
+    assert loaded.config.attn_l2_norm and loaded.config.vocab_size == config.vocab_size
+    ctx, mask, tf = make_batch(config)
+    assert torch.equal(loaded.eval()(ctx, mask, tf), model(ctx, mask, tf))
+    HARTForT2I.from_pretrained(folder, ema=True)
+
+    bad = dict(state)
+    bad["attn_bias_for_masking"] = bad["attn_bias_for_masking"].clone()
+    bad["attn_bias_for_masking"][0, 0, 0, -1] = 0.0  # a text token seeing the last scale
+    save_weight_file(bad, folder / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="attn_bias_for_masking"):
+        HARTForT2I.from_pretrained(folder)
+    bad = {k: v for k, v in state.items() if k != "head.bias"}
+    bad["head.extra"] = torch.zeros(1)
+    save_weight_file(bad, folder / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="missing keys .*head.bias.*unexpected keys .*head.extra"):
+        HARTForT2I.from_pretrained(folder)
+    with pytest.raises(ValueError, match="not found"):
+        HARTForT2I.from_pretrained(tmp_path / "nope")

@@ -1,0 +1,222 @@
+"""End-to-end pre-tokenization on a local 2-CPU Ray: cache contents, round trip, resume, refusal, bad input.
+
+One module-scoped cache (3 shapes shards) serves the read-side tests; resume, hostile-input and
+refusal tests make their own small outputs. Shards are tiny (a few samples) to keep Ray runs short.
+"""
+
+import json
+import os
+from collections import Counter
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from hart.config import config_to_dict
+from jobs.precompute import main as precompute_main
+from pipelines import shapes
+from pipelines.cache import batch_to_tensors, read_cache_dataset, read_cache_table, read_manifest, table_to_numpy
+from pipelines.config import InputConfig, PreprocessConfig, PrecomputeConfig, TokenizerSource, load_precompute_config
+from pipelines.decode import prepare_image
+from pipelines.hostile_shards import write_hostile_shards
+from pipelines.plan import run_precompute
+from pipelines.shard_source import read_shard_rows
+from pipelines.tokenize_stage import encode_images, load_tokenizer, weights_hash
+from pipelines.writer import InjectedCrash
+
+NUM_SHARDS, NUM_SAMPLES = 3, 24
+
+
+def make_config(shards, output, **overrides) -> PrecomputeConfig:
+    items = [f"input.shards={json.dumps(list(shards))}", f"output={output}", "progress=false",
+             "compute.tokenizer_batch_size=16", "compute.decode_batch_size=16"]
+    return load_precompute_config(None, items + [f"{k}={v}" for k, v in overrides.items()])
+
+
+def expected_keys(uris):
+    keys = set()
+    for uri in uris:
+        for table in read_shard_rows("x", uri, InputConfig()):
+            keys |= {k for k, kind in zip(table.column("key").to_pylist(), table.column("row_kind").to_pylist()) if kind == "sample"}
+    return keys
+
+
+@pytest.fixture(scope="module")
+def shapes_cache(ray_local, tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    uris = shapes.write_shapes_shards(str(root / "raw"), NUM_SAMPLES, NUM_SHARDS, seed=1)
+    config = make_config([str(root / "raw" / "shard-*.tar")], str(root / "cache"))
+    summary = run_precompute(config)
+    return {"root": root, "uris": uris, "config": config, "summary": summary, "cache": str(root / "cache")}
+
+
+def test_summary_manifest_and_files(shapes_cache):
+    summary, cache = shapes_cache["summary"], shapes_cache["cache"]
+    assert (summary.shards_done, summary.samples_in, summary.samples_written) == (NUM_SHARDS, NUM_SAMPLES, NUM_SAMPLES)
+    assert not summary.shards_failed and not summary.rejected and summary.bytes_written > 0
+    manifest = read_manifest(cache)
+    tokenizer = load_tokenizer(TokenizerSource())
+    assert manifest["tokenizer_hash"] == weights_hash(tokenizer)
+    assert manifest["tokenizer_config"] == config_to_dict(tokenizer.config)
+    assert manifest["patch_nums"] == list(tokenizer.config.patch_nums) and manifest["resolution"] == 64
+    assert manifest["residual_shape"] == [16, 8, 8] and manifest["num_rows"] == NUM_SAMPLES
+    assert [s["shard"] for s in manifest["committed_shards"]] == ["shard-00000", "shard-00001", "shard-00002"]
+    assert sorted(os.listdir(cache)) == ["data", "manifest.json", "stats"]
+    assert sorted(os.listdir(f"{cache}/data")) == [f"part-shard-0000{i}.parquet" for i in range(NUM_SHARDS)]
+    stats = json.loads(open(f"{cache}/stats/shard-00001.stats.json").read())
+    assert stats["samples_in"] == stats["samples_written"] == NUM_SAMPLES // NUM_SHARDS and stats["rejected"] == {}
+    assert "summary" not in stats and stats["bytes_written"] == os.path.getsize(f"{cache}/data/part-shard-00001.parquet")
+    assert "images/s" in summary.table()
+
+
+def test_plain_pyarrow_pandas_duckdb_read_the_cache(shapes_cache):
+    cache = shapes_cache["cache"]
+    path = f"{cache}/data/part-shard-00000.parquet"
+    table = pq.read_table(path)
+    assert {"key", "caption", "tokens", "residual", "width", "height", "source_shard"} <= set(table.column_names)
+    assert str(table.schema.field("tokens").type) == "fixed_size_list<item: int16>[130]"
+    frame = pd.read_parquet(path)
+    residual = np.frombuffer(frame["residual"].iloc[0], dtype="<f2").reshape(16, 8, 8)
+    assert np.isfinite(residual).all()
+    rows = duckdb.sql(f"select count(*), min(len(tokens)), max(octet_length(residual)) from '{cache}/data/*.parquet'").fetchall()
+    assert rows == [(NUM_SAMPLES, 130, 16 * 8 * 8 * 2)]
+    labels = duckdb.sql(f"select json_extract_string(metadata, '$.colour') c, caption from '{path}'").fetchall()
+    assert all(colour in caption for colour, caption in labels)
+
+
+def test_cache_round_trip_equals_direct_encode(shapes_cache):
+    cache, uris = shapes_cache["cache"], shapes_cache["uris"]
+    manifest = read_manifest(cache)
+    batch = batch_to_tensors(table_to_numpy(read_cache_table(cache, shards=["shard-00000"])), manifest)
+    tokenizer = load_tokenizer(TokenizerSource())
+    images = {}
+    for table in read_shard_rows("shard-00000", uris[0], InputConfig()):
+        for key, data in zip(table.column("key").to_pylist(), table.column("image_bytes").to_pylist()):
+            if data is not None:
+                images[key] = prepare_image(data, PreprocessConfig(), 64)[0]
+    image_BRR3 = np.stack([images[k] for k in batch["key"]])
+    tokens_BL, residual = encode_images(tokenizer, image_BRR3, torch.device("cpu"))
+    assert torch.equal(torch.cat(batch["tokens"], 1), torch.from_numpy(tokens_BL).long())
+    assert torch.equal(batch["residual"], torch.from_numpy(residual).float())
+    # tokens + residual from the cache reproduce the encoder's continuous latent (up to fp16 rounding).
+    x = torch.from_numpy(image_BRR3).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        f_direct = tokenizer.encode_latent(x)
+        f_cache = tokenizer.tokens_to_latent(batch["tokens"], batch["residual"])
+        assert torch.allclose(f_cache, f_direct, atol=2e-3 * f_direct.abs().max().item())
+        assert torch.allclose(tokenizer.decode(batch["tokens"], batch["residual"]), tokenizer.decode_latent(f_direct), atol=2e-2)
+
+
+def test_ray_dataset_reader(shapes_cache):
+    cache = shapes_cache["cache"]
+    manifest = read_manifest(cache)
+    dataset = read_cache_dataset(cache, columns=["key", "caption", "tokens", "residual"], shuffle_seed=0)
+    batches = list(dataset.iter_batches(batch_format="numpy", batch_size=10))
+    tensors = [batch_to_tensors(b, manifest, split=False) for b in batches]
+    assert sum(t["tokens"].shape[0] for t in tensors) == NUM_SAMPLES
+    assert tensors[0]["tokens"].dtype == torch.int64 and tensors[0]["residual"].shape[1:] == (16, 8, 8)
+    assert len({k for t in tensors for k in t["key"]}) == NUM_SAMPLES
+
+
+def test_rerun_skips_and_other_settings_are_refused(shapes_cache):
+    uris, cache = shapes_cache["uris"], shapes_cache["cache"]
+    before = {p: os.path.getmtime(f"{cache}/data/{p}") for p in os.listdir(f"{cache}/data")}
+    summary = run_precompute(shapes_cache["config"])
+    assert (summary.shards_skipped, summary.shards_done) == (NUM_SHARDS, 0)
+    assert before == {p: os.path.getmtime(f"{cache}/data/{p}") for p in os.listdir(f"{cache}/data")}
+    with pytest.raises(ValueError, match="tokenizer_hash"):
+        run_precompute(make_config(uris, cache, **{"tokenizer.seed": 1}))
+    with pytest.raises(ValueError, match="resolution"):
+        run_precompute(make_config(uris, cache, **{"tokenizer.patch_nums": "[1,2,4,8,16]"}))
+    with pytest.raises(ValueError, match="preprocess"):
+        run_precompute(make_config(uris, cache, **{"preprocess.min_side": 8}))
+    with pytest.raises(ValueError, match="does not match the tokenizer"):
+        run_precompute(make_config(uris, cache, **{"preprocess.resolution": 128}))
+
+
+def test_resume_is_exactly_once(ray_local, tmp_path):
+    uris = shapes.write_shapes_shards(str(tmp_path / "raw"), 20, 4, seed=2)
+    cache = str(tmp_path / "cache")
+    first = run_precompute(make_config(uris, cache, **{"input.max_shards": 1}))
+    assert (first.shards_done, first.shards_left) == (1, 3)
+    # Crash after writing the next shard's parquet, before its commit marker.
+    with pytest.raises(InjectedCrash):
+        run_precompute(make_config(uris, cache, crash_after_commits=0))
+    committed = {s["shard"] for s in read_manifest(cache)["committed_shards"]}
+    stats = set(os.listdir(f"{cache}/stats"))
+    parquet = set(os.listdir(f"{cache}/data"))
+    assert len(parquet) > len(stats) >= 1  # an uncommitted parquet exists ...
+    assert committed <= {s.removesuffix(".stats.json") for s in stats}
+    assert len(read_cache_table(cache)) == 5 * len(committed)  # ... but readers never see it
+    final = run_precompute(make_config(uris, cache))
+    assert final.shards_skipped == len(stats) and final.shards_done == 4 - len(stats) and not final.shards_failed
+    table = read_cache_table(cache)
+    keys = table.column("key").to_pylist()
+    assert len(keys) == len(set(keys)) == 20 and set(keys) == expected_keys(uris)
+    assert sorted(set(os.listdir(f"{cache}/data"))) == [f"part-shard-0000{i}.parquet" for i in range(4)]
+
+
+def test_hostile_input_is_counted_and_failed_shards_named(ray_local, tmp_path, capsys):
+    hostile = write_hostile_shards(str(tmp_path / "raw"))
+    cache = tmp_path / "out" / "cache"
+    code = precompute_main(["--set", f"input.shards=[{tmp_path}/raw/*.tar]", "--set", f"output={cache}",
+                            "--set", "progress=false"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "2 shard(s) failed: garbage_shard, zero_byte_shard" in captured.err
+    assert "rejected: image_decode_error" in captured.out and "member ignored: unsafe_member_name" in captured.out
+    for kind, (uri, expected) in hostile.items():
+        path = cache / "stats" / f"{kind}.stats.json"
+        if expected["failed"]:
+            assert not path.exists() and not (cache / "data" / f"part-{kind}.parquet").exists()
+            continue
+        stats = json.loads(path.read_text())
+        assert stats["samples_in"] == expected["samples_in"], kind
+        assert stats["samples_written"] == expected["samples_written"], kind
+        assert stats["rejected"] == expected["rejected"], kind
+        assert stats["members_ignored"] == expected["members_ignored"], kind
+        assert stats["unsorted_members"] == expected["unsorted_members"], kind
+        assert bool(stats["truncated"]) == expected["truncated"], kind
+        notes = dict(stats["notes"])
+        if expected["truncated"]:
+            assert notes.pop("truncated_tar") == 1
+        assert notes == expected["notes"], kind
+        assert len(pq.read_table(cache / "data" / f"part-{kind}.parquet")) == expected["samples_written"]
+    # `../` and absolute member names wrote nothing anywhere: only the cache layout exists.
+    assert sorted(os.listdir(tmp_path / "out")) == ["cache"]
+    assert sorted(os.listdir(cache)) == ["data", "manifest.json", "stats"]
+    assert not any("escape" in name or "path" in name for _, _, names in os.walk(tmp_path) for name in names)
+    unsorted = read_cache_table(str(cache), shards=["unsorted_members"])
+    assert sorted(unsorted.column("key").to_pylist()) == ["a", "b", "c"]
+    assert sorted(unsorted.column("caption").to_pylist()) == ["caption a", "caption b", "caption c"]
+
+
+def test_s3_input_and_output(ray_local, s3_bucket, s3_endpoint):
+    uris = shapes.write_shapes_shards(f"{s3_bucket}/raw", 8, 2, seed=3, endpoint_url=s3_endpoint)
+    output = f"{s3_bucket}/tokens/run"
+    config = make_config([f"{s3_bucket}/raw/shard-{{00000..00001}}.tar"], output, **{"input.endpoint_url": s3_endpoint})
+    summary = run_precompute(config)
+    assert (summary.shards_done, summary.samples_written) == (2, 8) and not summary.shards_failed
+    manifest = read_manifest(output, s3_endpoint)
+    assert manifest["num_rows"] == 8
+    table = read_cache_table(output, endpoint_url=s3_endpoint)
+    assert set(table.column("key").to_pylist()) == expected_keys_s3(uris, s3_endpoint)
+    rerun = run_precompute(config)
+    assert (rerun.shards_skipped, rerun.shards_done) == (2, 0)
+    import boto3
+
+    objects = boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(Bucket=s3_bucket[5:], Prefix="tokens/run/")
+    names = sorted(o["Key"].split("tokens/run/", 1)[1] for o in objects["Contents"])
+    assert names == ["data/part-shard-00000.parquet", "data/part-shard-00001.parquet", "manifest.json",
+                     "stats/shard-00000.stats.json", "stats/shard-00001.stats.json"]
+
+
+def expected_keys_s3(uris, endpoint):
+    keys = set()
+    for uri in uris:
+        for table in read_shard_rows("x", uri, InputConfig(endpoint_url=endpoint)):
+            keys |= {k for k in table.column("key").to_pylist() if k}
+    return keys

@@ -1,0 +1,64 @@
+"""The procedural shapes corpus: determinism, labels, held-out split, layout, speed."""
+
+import io
+import json
+import tarfile
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines import shapes
+
+
+def _members(path):
+    with tarfile.open(path) as archive:
+        return {m.name: archive.extractfile(m).read() for m in archive}
+
+
+def test_shards_are_deterministic_and_in_img2dataset_layout(tmp_path):
+    first = shapes.write_shapes_shards(str(tmp_path / "a"), num_samples=30, num_shards=3, seed=7)
+    second = shapes.write_shapes_shards(str(tmp_path / "b"), num_samples=30, num_shards=3, seed=7)
+    other = shapes.write_shapes_shards(str(tmp_path / "c"), num_samples=30, num_shards=3, seed=8)
+    assert [p.rsplit("/", 1)[-1] for p in first] == ["shard-00000.tar", "shard-00001.tar", "shard-00002.tar"]
+    assert all(open(a, "rb").read() == open(b, "rb").read() for a, b in zip(first, second))
+    assert open(first[0], "rb").read() != open(other[0], "rb").read()
+    members = _members(first[0])
+    names = list(members)
+    assert len(names) == 30 and names[:3] == ["000000000.jpg", "000000000.json", "000000000.txt"]
+    assert names == sorted(names)  # contiguous per key, like img2dataset
+    label = json.loads(members["000000000.json"])
+    caption = members["000000000.txt"].decode()
+    assert label["colour"] in caption and label["shape"] in caption and label["background"] in caption
+    assert shapes.LABELS[label["label"]] == (label["colour"], label["shape"])
+    image = Image.open(io.BytesIO(members["000000000.jpg"]))
+    assert image.size == (64, 64) and image.mode == "RGB"
+
+
+def test_rendered_colour_matches_label():
+    for index in range(20):
+        spec = shapes.sample_spec(index, seed=3)
+        pixels = np.asarray(shapes.render(spec)).reshape(-1, 3).astype(int)
+        target = np.array(shapes.COLOURS[spec.colour])
+        assert (np.abs(pixels - target).sum(1) < 10).sum() > 50, spec  # the shape is drawn in its colour
+
+
+def test_heldout_split_is_disjoint_from_train():
+    train = {(s.colour, s.shape) for s in (shapes.sample_spec(i, 0, "train") for i in range(500))}
+    heldout = {(s.colour, s.shape) for s in (shapes.sample_spec(i, 0, "heldout") for i in range(100))}
+    assert heldout == set(shapes.HELD_OUT_PAIRS) and not train & heldout
+    assert len(train) == len(shapes.LABELS) - len(shapes.HELD_OUT_PAIRS)
+    prompts = shapes.prompts("heldout")
+    assert len(prompts) == len(shapes.HELD_OUT_PAIRS) * len(shapes.BACKGROUNDS)
+    assert "a red triangle on a white background" in prompts
+    captions = {shapes.sample_spec(i).caption for i in range(300)}
+    assert len(captions) > 100  # paraphrases, not one template
+    with pytest.raises(ValueError, match="split"):
+        shapes.sample_spec(0, split="test")
+
+
+def test_thousands_of_samples_generate_quickly(tmp_path):
+    started = time.perf_counter()
+    shapes.write_shapes_shards(str(tmp_path), num_samples=3000, num_shards=4)
+    assert time.perf_counter() - started < 20.0

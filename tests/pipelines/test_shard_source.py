@@ -1,0 +1,102 @@
+"""Shard listing (braces, globs, list files, S3) and tar parsing of hostile shards, without Ray."""
+
+import json
+from collections import Counter
+
+import pyarrow as pa
+import pytest
+
+from pipelines import shapes, storage
+from pipelines.config import InputConfig, PreprocessConfig
+from pipelines.decode import decode_batch
+from pipelines.hostile_shards import HOSTILE_KINDS, write_hostile_shards
+from pipelines.shard_source import expand_braces, list_shards, name_shards, read_shard_rows, shard_name
+
+
+def test_expand_braces():
+    assert expand_braces("s-{000..002}.tar") == ["s-000.tar", "s-001.tar", "s-002.tar"]
+    assert expand_braces("{a,b}/x-{8..10}.tar") == ["a/x-8.tar", "a/x-9.tar", "a/x-10.tar", "b/x-8.tar", "b/x-9.tar", "b/x-10.tar"]
+    assert expand_braces("plain.tar") == ["plain.tar"]
+    with pytest.raises(ValueError, match="counts down"):
+        expand_braces("{5..1}")
+    with pytest.raises(ValueError, match="cannot expand"):
+        expand_braces("{abc}")
+
+
+def test_list_shards_local_glob_brace_dir_and_list_file(tmp_path):
+    uris = shapes.write_shapes_shards(str(tmp_path / "in"), num_samples=6, num_shards=3)
+    assert list_shards(InputConfig(shards=(str(tmp_path / "in" / "shard-*.tar"),))) == uris
+    assert list_shards(InputConfig(shards=(f"file://{tmp_path}/in/shard-{{00000..00001}}.tar",))) == [
+        f"file://{tmp_path}/in/shard-00000.tar", f"file://{tmp_path}/in/shard-00001.tar"]
+    assert list_shards(InputConfig(shards=(str(tmp_path / "in"),))) == uris
+    listing = tmp_path / "list.txt"
+    listing.write_text("# shards\n" + "\n".join(uris[::-1]) + "\n\n")
+    assert list_shards(InputConfig(list_file=str(listing))) == uris[::-1]
+    with pytest.raises(ValueError, match="matches no"):
+        list_shards(InputConfig(shards=(str(tmp_path / "nothing-*.tar"),)))
+    with pytest.raises(ValueError, match="no input shards"):
+        list_shards(InputConfig())
+
+
+def test_list_shards_on_s3_via_env_endpoint(s3_env, s3_endpoint):
+    uris = shapes.write_shapes_shards(f"{s3_env}/raw", num_samples=4, num_shards=2, endpoint_url=s3_endpoint)
+    # No endpoint in the config: AWS_ENDPOINT_URL (set by s3_env) is honoured.
+    assert list_shards(InputConfig(shards=(f"{s3_env}/raw/shard-*.tar",))) == uris
+    assert list_shards(InputConfig(shards=(f"{s3_env}/raw/shard-{{00000..00001}}.tar",))) == uris
+
+
+def test_shard_names_are_path_free_and_unique():
+    assert shard_name("s3://b/x/shard-00001.tar") == "shard-00001"
+    assert shard_name("/a/../../etc/pa ss.tar.gz") == "pa_ss"
+    assert shard_name("/x/..hidden.tar") == "hidden"
+    with pytest.raises(ValueError, match="same output name"):
+        name_shards(["/a/s.tar", "/b/s.tar"])
+
+
+def _read_and_decode(uri):
+    table = pa.concat_tables(list(read_shard_rows("x", uri, InputConfig())))
+    batch = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+    return decode_batch(batch, PreprocessConfig(), 64)
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE_KINDS))
+def test_hostile_shard_is_counted_not_lost(tmp_path, kind):
+    (uri, expected), = write_hostile_shards(str(tmp_path), [kind]).values()
+    out = _read_and_decode(uri)
+    header = json.loads(out["shard_info"][-1])
+    assert out["row_kind"][-1] == "shard" and bool(header["error"]) == expected["failed"]
+    samples = out["row_kind"] == "sample"
+    statuses = Counter(out["status"][samples])
+    assert samples.sum() == expected["samples_in"]
+    assert statuses.get("ok", 0) == expected["samples_written"]
+    assert {k: v for k, v in statuses.items() if k != "ok"} == expected["rejected"]
+    assert header.get("members_ignored", {}) == expected["members_ignored"]
+    assert header.get("unsorted_members", 0) == expected["unsorted_members"]
+    assert bool(header.get("truncated")) == expected["truncated"]
+    notes = Counter(n for joined in out["notes"] if joined for n in joined.split(","))
+    assert dict(notes) == expected["notes"]
+    assert set(out["sample_index"][samples]) == set(range(expected["samples_in"]))
+
+
+def test_missing_shard_is_a_failed_shard(tmp_path):
+    out = _read_and_decode(str(tmp_path / "missing.tar"))
+    assert list(out["row_kind"]) == ["shard"] and "not found" in json.loads(out["shard_info"][0])["error"]
+
+
+def test_gzip_shard_reads_like_plain(tmp_path):
+    import gzip
+
+    (uri,) = shapes.write_shapes_shards(str(tmp_path), num_samples=3, num_shards=1)
+    gz = tmp_path / "packed.tar.gz"
+    gz.write_bytes(gzip.compress(open(uri, "rb").read()))
+    out = _read_and_decode(str(gz))
+    assert list(out["status"][out["row_kind"] == "sample"]) == ["ok"] * 3
+
+
+def test_atomic_local_write_leaves_no_temp_files(tmp_path):
+    fs, base = storage.resolve(str(tmp_path))
+    storage.write_bytes_atomic(fs, f"{base}/d/x.bin", b"abc")
+    storage.write_bytes_atomic(fs, f"{base}/d/x.bin", b"abcd")
+    assert [p.name for p in (tmp_path / "d").iterdir()] == ["x.bin"] and (tmp_path / "d" / "x.bin").read_bytes() == b"abcd"
+    with pytest.raises(ValueError, match="scheme"):
+        storage.resolve("gs://bucket/x")
