@@ -13,7 +13,7 @@ HART mode (released checkpoint; HART_SPEC §2.2, §8.5), reproduced bit for bit:
   dim j with dim j + hd/2. For j < hd/4 that pairs a row angle with a column angle: the
   map is not a pure rotation when row != col. That is what the weights were trained with.
 STAR mode (`rope_mode="star"`, HART_SPEC §7): coordinates `(row, col) / (pn - 1) * rope_norm`
-(the 1x1 scale at 0), no text offset, table `[x*f, y*f]` per complex pair, applied to
+(the 1x1 scale at 0), no text offset, table `[x*f, y*f]` per complex pair (x = column), applied to
 interleaved (even, odd) pairs. Text keeps 1-D positions, also in interleaved pairing.
 
 Shape legend: B batch, L tokens, T text tokens, H heads, hd head dim, F frequencies.
@@ -72,8 +72,8 @@ def image_rope(pos_BL2: torch.Tensor, head_dim: int, theta: float, interleaved: 
     inv = inv_freq_2d(head_dim, theta, pos_BL2.device)
     row_BLF = pos_BL2[..., 0:1].float() * inv
     col_BLF = pos_BL2[..., 1:2].float() * inv
-    if interleaved:
-        emb = torch.cat([row_BLF, col_BLF], dim=-1).repeat_interleave(2, dim=-1)
+    if interleaved:  # STAR: x (column) frequencies first, then y (row)
+        emb = torch.cat([col_BLF, row_BLF], dim=-1).repeat_interleave(2, dim=-1)
     else:
         emb = torch.cat([row_BLF, row_BLF, col_BLF, col_BLF], dim=-1)
     return emb.cos(), emb.sin()

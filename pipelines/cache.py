@@ -53,7 +53,8 @@ def read_cache_dataset(uri: str, columns: list[str] | None = None, shuffle_seed:
     paths = [storage.resolve(f, endpoint_url)[1] for f in files]
     if shuffle_seed is not None:
         read_parquet_args["shuffle"] = ray.data.FileShuffleConfig(seed=shuffle_seed)
-    return ray.data.read_parquet(paths, filesystem=fs, columns=columns, **read_parquet_args)
+    dataset = ray.data.read_parquet(paths, filesystem=fs, **read_parquet_args)
+    return dataset.select_columns(columns) if columns else dataset
 
 
 def read_cache_table(uri: str, columns: list[str] | None = None, endpoint_url: str = "",

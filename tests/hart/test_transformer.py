@@ -254,3 +254,36 @@ def test_load_official_layout_strictly(tmp_path):
         HARTForT2I.from_pretrained(folder)
     with pytest.raises(ValueError, match="not found"):
         HARTForT2I.from_pretrained(tmp_path / "nope")
+
+
+def test_star_normalized_rope_values():
+    from hart.rope import star_scale_coords
+
+    coords = star_scale_coords((1, 2, 3), rope_norm=32.0)
+    assert coords[0].tolist() == [0, 0]  # the 1x1 scale stays at the origin
+    assert coords[1:5].tolist() == [[0, 0], [0, 32], [32, 0], [32, 32]]  # every scale spans [0, rope_norm]
+    assert coords[5:].unique().tolist() == [0, 16, 32]
+    hd, theta = 8, 100.0
+    pos = coords.unsqueeze(0)
+    x = torch.randn(1, 1, pos.shape[1], hd, dtype=torch.float64)
+    cos, sin = image_rope(pos, hd, theta, interleaved=True)
+    ours = apply_rope(x, cos.double(), sin.double(), interleaved=True)
+    # STAR: freqs theta^-(arange(0, hd, 4)/hd); cis = [polar(x f), polar(y f)] on (even, odd) pairs
+    freqs = 1.0 / theta ** (torch.arange(0, hd, 4, dtype=torch.float64) / hd)
+    x_col, y_row = pos[0, :, 1:].double(), pos[0, :, :1].double()  # STAR: x = t mod pn, y = t div pn
+    angles = torch.cat([x_col * freqs, y_row * freqs], dim=-1)
+    expected = torch.view_as_real(torch.view_as_complex(x[0, 0].unflatten(-1, (-1, 2)).contiguous()) * torch.polar(torch.ones_like(angles), angles)).flatten(-2)
+    torch.testing.assert_close(ours[0, 0], expected)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = make_model()
+    model.train()
+    ctx, mask, tf = make_batch()
+    grads = []
+    for flag in (False, True):
+        model.gradient_checkpointing = flag
+        model.zero_grad()
+        model(ctx, mask, tf).square().mean().backward()
+        grads.append(model.blocks[0].attn.proj.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])

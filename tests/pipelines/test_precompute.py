@@ -11,6 +11,7 @@ from collections import Counter
 import duckdb
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -77,7 +78,8 @@ def test_plain_pyarrow_pandas_duckdb_read_the_cache(shapes_cache):
     path = f"{cache}/data/part-shard-00000.parquet"
     table = pq.read_table(path)
     assert {"key", "caption", "tokens", "residual", "width", "height", "source_shard"} <= set(table.column_names)
-    assert str(table.schema.field("tokens").type) == "fixed_size_list<item: int16>[130]"
+    tokens_type = table.schema.field("tokens").type
+    assert pa.types.is_fixed_size_list(tokens_type) and tokens_type.list_size == 130 and tokens_type.value_type == pa.int16()
     frame = pd.read_parquet(path)
     residual = np.frombuffer(frame["residual"].iloc[0], dtype="<f2").reshape(16, 8, 8)
     assert np.isfinite(residual).all()
@@ -220,3 +222,23 @@ def expected_keys_s3(uris, endpoint):
         for table in read_shard_rows("x", uri, InputConfig(endpoint_url=endpoint)):
             keys |= {k for k in table.column("key").to_pylist() if k}
     return keys
+
+
+def test_text_feature_stage_stores_fp16_features(ray_local, tmp_path):
+    from hart.text_encoder import build_text_encoder
+
+    uris = shapes.write_shapes_shards(str(tmp_path / "raw"), 6, 1, seed=4)
+    cache = str(tmp_path / "cache")
+    summary = run_precompute(make_config(uris, cache, **{"text.encoder": "minilm", "text.max_length": 12}))
+    assert summary.samples_written == 6
+    manifest = read_manifest(cache)
+    assert manifest["text_features_shape"] == [12, 384] and manifest["fingerprint"]["text"]["encoder"] == "minilm"
+    batch = batch_to_tensors(table_to_numpy(read_cache_table(cache)), manifest)
+    assert batch["text_features"].shape == (6, 12, 384) and batch["text_mask"].dtype == torch.bool
+    features, mask = build_text_encoder("minilm", 12)(batch["caption"])
+    features = torch.nn.functional.pad(features.float(), (0, 0, 0, 12 - features.shape[1]))
+    mask = torch.nn.functional.pad(mask.bool(), (0, 12 - mask.shape[1]))
+    assert torch.equal(batch["text_mask"], mask)
+    expected = torch.where(mask[..., None], features, 0.0).half().float()
+    assert torch.allclose(batch["text_features"], expected, atol=1e-3)
+    assert duckdb.sql(f"select octet_length(text_features) from '{cache}/data/*.parquet' limit 1").fetchall() == [(12 * 384 * 2,)]

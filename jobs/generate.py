@@ -1,0 +1,99 @@
+"""Generation job: trained (or released) checkpoints + prompts -> PNG files.
+
+Usage:
+    python -m jobs.generate --llm runs/export/llm --tokenizer runs/export/tokenizer \
+        --prompt "a red circle on a white background" --output runs/samples [--ema] [--cfg 4.5]
+    hart-generate --llm /ckpt/hart-0.7b-1024px/llm --tokenizer /ckpt/hart-0.7b-1024px/tokenizer \
+        --text-encoder /ckpt/Qwen2-VL-1.5B-Instruct --prompts-file prompts.txt --output out/
+
+Design: single-process and Ray-free (generation of a batch fits one device); the library
+call is `hart.generate.generate`. The text encoder is `minilm` (the embedded offline
+default) or a local folder of a causal LM (HART uses Qwen2); nothing is downloaded.
+Files are named `<index>-<slug>.png` so a prompt list maps to files one to one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def slug(text: str, limit: int = 48) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "prompt"
+
+
+def load_models(llm: str, tokenizer: str, text_encoder: str, ema: bool, device: str):
+    from hart.text_encoder import build_text_encoder
+    from hart.tokenizer import HybridTokenizer
+    from hart.transformer import HARTForT2I
+
+    model = HARTForT2I.from_pretrained(llm, ema=ema).to(device).eval()
+    tok = HybridTokenizer.from_pretrained(tokenizer).to(device).eval()
+    encoder = build_text_encoder(text_encoder, max_length=model.config.context_token)
+    return model, tok, encoder
+
+
+def write_images(images, prompts: list[str], output: Path) -> list[Path]:
+    output.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, (image, prompt) in enumerate(zip(images, prompts)):
+        path = output / f"{index:04d}-{slug(prompt)}.png"
+        image.save(path)
+        paths.append(path)
+    return paths
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="hart-generate", description="generate images with a HART checkpoint")
+    parser.add_argument("--llm", required=True, help="transformer folder (official llm/ layout)")
+    parser.add_argument("--tokenizer", required=True, help="tokenizer folder (official tokenizer/ layout) or VAR .pth")
+    parser.add_argument("--text-encoder", default="minilm", help="'minilm' or a local causal-LM folder (e.g. Qwen2)")
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    parser.add_argument("--prompts-file", help="a text file with one prompt per line")
+    parser.add_argument("--output", required=True, help="folder for the PNG files")
+    parser.add_argument("--ema", action="store_true", help="use ema_model.bin weights (the released default)")
+    parser.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale")
+    parser.add_argument("--top-k", type=int, nargs=2, default=(600, 300), metavar=("EARLY", "LATE"),
+                        help="top-k for scales < 7 and for later scales")
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--no-diffusion", action="store_true", help="discrete tokens only (skip the residual head)")
+    parser.add_argument("--more-smooth", action="store_true", help="Gumbel-softmax smoothing (not for FID)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        prompts += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+    if not prompts:
+        print("hart-generate: give at least one --prompt or a --prompts-file", file=sys.stderr)
+        return 2
+    from hart.generate import generate
+
+    try:
+        model, tok, encoder = load_models(args.llm, args.tokenizer, args.text_encoder, args.ema, args.device)
+        autocast = torch.bfloat16 if args.device.startswith("cuda") else None
+        images = generate(model, tok, encoder, prompts, cfg=args.cfg, top_k=tuple(args.top_k), top_p=args.top_p,
+                          more_smooth=args.more_smooth, seed=args.seed, use_diffusion=not args.no_diffusion,
+                          batch_size=args.batch_size, autocast_dtype=autocast)
+    except ValueError as exc:
+        print(f"hart-generate: {exc}", file=sys.stderr)
+        return 2
+    paths = write_images(images, prompts, Path(args.output))
+    print(f"wrote {len(paths)} images to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Tests of hart/config.py: presets, YAML/TOML/JSON loading, strict typing, overrides.
+
+Run: .venv/bin/pytest tests/hart/test_config.py -q
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from hart.config import (
+    PATCH_NUMS_256, PATCH_NUMS_1024, TOKENIZER_PRESETS, TRANSFORMER_PRESETS, TokenizerConfig,
+    TransformerConfig, apply_overrides, config_from_dict, config_to_dict, read_config_file, replace,
+    tokenizer_config, transformer_config,
+)
+
+
+def test_presets_have_the_released_shapes():
+    var = TOKENIZER_PRESETS["var-d16-f16"]
+    assert (var.ch, var.ch_mult, var.z_channels, var.vocab_size) == (160, (1, 1, 2, 2, 4), 32, 4096)
+    assert var.patch_nums == PATCH_NUMS_256 and var.image_size() == 256 and var.num_tokens() == 680
+    hart = TOKENIZER_PRESETS["hart-1024"]
+    assert hart.patch_nums == PATCH_NUMS_1024 and hart.image_size() == 1024 and hart.num_tokens() == 9451
+    tiny = TOKENIZER_PRESETS["tiny"]
+    assert tiny.image_size() == 64 and tiny.downsample_factor() == 8
+    assert TRANSFORMER_PRESETS["tiny"].patch_nums == tiny.patch_nums
+
+
+def test_yaml_and_toml_files_load_the_same(tmp_path):
+    yaml_file = tmp_path / "tok.yaml"
+    yaml_file.write_text("preset: tiny\nvocab_size: 64\npatch_nums: [1, 2, 4, 8]\n")
+    toml_file = tmp_path / "tok.toml"
+    toml_file.write_text('preset = "tiny"\nvocab_size = 64\npatch_nums = [1, 2, 4, 8]\n')
+    from_yaml = tokenizer_config(read_config_file(yaml_file))
+    from_toml = tokenizer_config(read_config_file(toml_file))
+    assert from_yaml == from_toml
+    assert from_yaml.vocab_size == 64 and from_yaml.patch_nums == (1, 2, 4, 8)
+    assert from_yaml.ch == TOKENIZER_PRESETS["tiny"].ch  # untouched fields keep the preset's value
+
+
+def test_unknown_and_badly_typed_fields_raise():
+    with pytest.raises(ValueError, match="unknown field.*vocab_sise"):
+        config_from_dict(TokenizerConfig, {"vocab_sise": 10})
+    with pytest.raises(ValueError, match="vocab_size: expected an integer"):
+        config_from_dict(TokenizerConfig, {"vocab_size": "4096"})
+    with pytest.raises(ValueError, match="using_sa: expected true/false"):
+        config_from_dict(TokenizerConfig, {"using_sa": 1})
+    with pytest.raises(ValueError, match=r"patch_nums\[1\]: expected an integer"):
+        config_from_dict(TokenizerConfig, {"patch_nums": [1, 2.5, 4]})
+    with pytest.raises(ValueError, match="unknown preset"):
+        tokenizer_config("huge")
+    with pytest.raises(ValueError, match="mlp_type"):
+        transformer_config({"preset": "tiny", "mlp_type": "moe"})
+
+
+def test_validation_in_post_init():
+    with pytest.raises(ValueError, match="strictly increasing"):
+        TokenizerConfig(patch_nums=(1, 4, 2))
+    with pytest.raises(ValueError, match="multiples of 32"):
+        TokenizerConfig(ch=48)
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        TransformerConfig(embed_dim=100, num_heads=3)
+
+
+def test_overrides_and_replace():
+    data = apply_overrides({"tokenizer": {"preset": "tiny"}}, ["tokenizer.vocab_size=128", "tokenizer.patch_nums=[1,2,8]"])
+    config = tokenizer_config(data["tokenizer"])
+    assert config.vocab_size == 128 and config.patch_nums == (1, 2, 8)
+    with pytest.raises(ValueError, match="key.subkey=value"):
+        apply_overrides({}, ["novalue"])
+    changed = replace(config, z_channels=8)
+    assert changed.z_channels == 8 and changed.vocab_size == 128
+    with pytest.raises(ValueError):
+        replace(config, z_channels="eight")
+    assert config_from_dict(TokenizerConfig, config_to_dict(config)) == config
+
+
+def test_bad_config_files(tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        read_config_file(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("vocab_size = [")
+    with pytest.raises(ValueError, match="cannot parse"):
+        read_config_file(bad)
+    wrong_suffix = tmp_path / "config.ini"
+    wrong_suffix.write_text("a=1")
+    with pytest.raises(ValueError, match="must end in"):
+        read_config_file(wrong_suffix)

@@ -1,0 +1,147 @@
+"""t2i_losses: contract, token subsampling, CFG dropout, self-sampled diffusion targets, overfitting."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hart.config import TOKENIZER_PRESETS, TRANSFORMER_PRESETS, replace
+from hart.quantizer import MultiScaleQuantizer
+from hart.t2i_objective import choose_kept_last, drop_text, num_kept_last, sample_mask_rate, t2i_losses
+from hart.transformer import HARTForT2I
+
+TINY = TRANSFORMER_PRESETS["tiny"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def setup(config=TINY, B=2, seed=0):
+    torch.manual_seed(seed)
+    quantizer = MultiScaleQuantizer(TOKENIZER_PRESETS["tiny"]).eval()
+    model = HARTForT2I(config)
+    model.init_weights()
+    H = config.patch_nums[-1]
+    tokens, residual = quantizer.latent_to_tokens(torch.randn(B, config.token_dim, H, H))
+    context = torch.randn(B, config.context_token, config.context_dim)
+    mask = torch.ones(B, config.context_token, dtype=torch.bool)
+    mask[0, 7:] = False
+    return model, quantizer, context, mask, tokens, residual
+
+
+def test_contract_keys_and_finite():
+    model, quantizer, context, mask, tokens, residual = setup()
+    out = t2i_losses(model.train(), quantizer, context, mask, tokens, residual, generator=torch.Generator().manual_seed(0))
+    expected = {"loss", "ce", "diffusion", "acc_mean"} | {f"acc_scale_{k}" for k in range(len(TINY.patch_nums))}
+    assert expected <= set(out)
+    assert out["loss"].requires_grad and all(torch.isfinite(v) for v in out.values())
+    assert float(out["num_kept_last"]) == 32  # 8x8 last scale: keep exactly the 32-token minimum
+    out = t2i_losses(model, quantizer, context, mask, tokens, None, use_diffusion=False, ce_weight=2.0)
+    assert "diffusion" not in out
+    torch.testing.assert_close(out["loss"].detach(), 2 * out["ce"])
+
+
+def test_bad_inputs_are_value_errors():
+    model, quantizer, context, mask, tokens, residual = setup()
+    with pytest.raises(ValueError, match="residual"):
+        t2i_losses(model, quantizer, context, mask, tokens, None)
+    with pytest.raises(ValueError, match="batch sizes"):
+        t2i_losses(model, quantizer, context[:1], mask[:1], tokens, residual)
+    other = MultiScaleQuantizer(replace(TOKENIZER_PRESETS["tiny"], patch_nums=(1, 2, 4, 8)))
+    with pytest.raises(ValueError, match="patch_nums"):
+        t2i_losses(model, other, context, mask, tokens, residual)
+
+
+def test_mask_rate_and_kept_counts():
+    g = torch.Generator().manual_seed(0)
+    rates = torch.tensor([sample_mask_rate(g, "cpu") for _ in range(4000)])
+    assert rates.min() >= 0.5 and rates.max() <= 1.0
+    # mean of N(1, .25) truncated to [.5, 1]: 1 - .25 * (phi(0) - phi(-2)) / (Phi(0) - Phi(-2))
+    phi = lambda x: math.exp(-x * x / 2) / math.sqrt(2 * math.pi)  # noqa: E731
+    Phi = lambda x: 0.5 * (1 + math.erf(x / math.sqrt(2)))  # noqa: E731
+    mean = 1 - 0.25 * (phi(0) - phi(-2)) / (Phi(0) - Phi(-2))
+    assert abs(float(rates.mean()) - mean) < 0.01
+    assert num_kept_last(4096, 0.5) == 2048 and num_kept_last(4096, 1.0) == 32
+    assert num_kept_last(64, 0.7) == 32 and num_kept_last(16, 0.9) == 16  # fewer than 32: keep all
+    keep = choose_kept_last(3, 64, 20, g, "cpu")
+    assert keep.shape == (3, 20) and (keep.diff(dim=1) > 0).all() and not torch.equal(keep[0], keep[1])
+
+
+def test_cfg_dropout_probability_and_quirk():
+    context = torch.ones(20000, 1, 1)
+    g = torch.Generator().manual_seed(0)
+    dropped, drop = drop_text(context, 0.1, randn_quirk=False, generator=g)
+    assert abs(float(drop.float().mean()) - 0.1) < 0.01
+    assert torch.equal(dropped[drop], torch.zeros_like(dropped[drop])) and torch.equal(dropped[~drop], context[~drop])
+    _, drop = drop_text(context, 0.1, randn_quirk=True, generator=g)
+    assert abs(float(drop.float().mean()) - 0.5398) < 0.015  # Phi(0.1): the released randn < p
+
+
+def test_diffusion_target_is_relative_to_self_sampled_tokens():
+    model, quantizer, context, mask, tokens, residual = setup()
+    forced = 7
+    with torch.no_grad():  # make the model always sample token 7
+        model.head.weight.zero_()
+        model.head.bias.fill_(-1e4)
+        model.head.bias[forced] = 1e4
+    captured = {}
+    original = model.diffloss.forward
+
+    def capture(target, z, generator=None):
+        captured["target"] = target
+        return original(target, z, generator)
+
+    model.diffloss.forward = capture
+    t2i_losses(model, quantizer, context, mask, tokens, residual, subsample_last=False, generator=torch.Generator().manual_seed(0))
+    B, H = context.shape[0], TINY.patch_nums[-1]
+    E = quantizer.embedding.weight
+    f_rest = residual.reshape(B, TINY.token_dim, H * H).transpose(1, 2) + E[tokens[-1]]
+    expected = (f_rest - E[forced]).reshape(B * H * H, -1).repeat(TINY.diffusion_batch_mul, 1)
+    torch.testing.assert_close(captured["target"], expected)
+
+
+def test_frozen_transformer_trains_only_the_head():
+    model, quantizer, context, mask, tokens, residual = setup()
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("diffloss."))
+    out = t2i_losses(model.train(), quantizer, context, mask, tokens, residual, generator=torch.Generator().manual_seed(0))
+    out["loss"].backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads and all(n.startswith("diffloss.") for n in grads)
+
+
+def mean_eval(model, quantizer, context, mask, tokens, residual, key):
+    with torch.no_grad():
+        values = [
+            float(t2i_losses(model, quantizer, context, mask, tokens, residual, subsample_last=False,
+                             drop_text_condition=False, generator=torch.Generator().manual_seed(s))[key])
+            for s in range(4)
+        ]
+    return sum(values) / len(values)
+
+
+def test_one_batch_overfits():
+    # Larger AdaLN gamma init than HART's 1e-5 so 120 CPU steps suffice (the recipe is unchanged).
+    config = replace(TINY, init_adaln_gamma=0.5)
+    model, quantizer, context, mask, tokens, residual = setup(config)
+    model.train()
+    ce0 = mean_eval(model, quantizer, context, mask, tokens, residual, "ce")
+    diff0 = mean_eval(model, quantizer, context, mask, tokens, residual, "diffusion")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(120):
+        out = t2i_losses(model, quantizer, context, mask, tokens, residual, generator=g, drop_text_condition=False)
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+    ce1 = mean_eval(model, quantizer, context, mask, tokens, residual, "ce")
+    diff1 = mean_eval(model, quantizer, context, mask, tokens, residual, "diffusion")
+    assert ce1 < ce0 / 5, (ce0, ce1)
+    assert diff1 < diff0, (diff0, diff1)

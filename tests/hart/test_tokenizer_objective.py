@@ -1,0 +1,181 @@
+"""Tests of hart/tokenizer_objective.py, hart/perceptual.py and the discriminator in training use.
+
+A micro tokenizer (the tiny preset narrowed to 2 levels, 16px images) keeps the training tests
+within a few seconds on 2 CPU cores; the code path is the same as for every preset.
+
+Run: .venv/bin/pytest tests/hart/test_tokenizer_objective.py -q
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hart.config import TOKENIZER_PRESETS, replace
+from hart.discriminator import NLayerDiscriminator
+from hart.perceptual import PerceptualLoss
+from hart.tokenizer import HybridTokenizer
+from hart.tokenizer_objective import (
+    TokenizerObjectiveConfig, discriminator_losses, generator_losses, set_trainable,
+)
+from hart.weights import save_weight_file
+
+MICRO = replace(
+    TOKENIZER_PRESETS["tiny"], vocab_size=64, z_channels=8, ch_mult=(1, 2), num_res_blocks=1, patch_nums=(1, 2, 4, 8)
+)
+# Factor 4: 32px images, the smallest the released PatchGAN shape (3 layers, 4x4 kernels) accepts.
+MICRO_32PX = replace(MICRO, ch_mult=(1, 2, 2))
+TINY_VGG = (4, 8, 8, 16, 16)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """One intra-op thread: on a shared 2-core machine, 2 OpenMP threads spin-wait for each other
+    and small convs run 10-50x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def natural_images(batch: int = 4, size: int = 16) -> torch.Tensor:
+    """Smooth waves plus a hard-edged disc: structured like photos, unlike noise."""
+    g = torch.Generator().manual_seed(1)
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    out = []
+    for _ in range(batch):
+        p = torch.rand(7, generator=g)
+        red = torch.sin(3 * (p[0] + 1) * xs + 6 * p[1]) * torch.cos(2 * (p[2] + 1) * ys)
+        green = 0.8 * (((xs - p[3] + 0.5) ** 2 + (ys - p[4] + 0.5) ** 2 < 0.2 + 0.2 * p[5]).float() * 2 - 1)
+        blue = xs * ys * (2 * p[6] - 1)
+        out.append(torch.stack([red, green, blue]))
+    return torch.stack(out).clamp(-1, 1)
+
+
+def evaluate(tokenizer: HybridTokenizer, images: torch.Tensor) -> tuple[float, float]:
+    """(discrete-only MSE, hybrid MSE) of the decoded images."""
+    was_training = tokenizer.training
+    tokenizer.eval()
+    with torch.no_grad():
+        tokens, residual = tokenizer.encode(images)
+        discrete = F.mse_loss(tokenizer.decode(tokens), images).item()
+        hybrid = F.mse_loss(tokenizer.decode(tokens, residual), images).item()
+    tokenizer.train(was_training)
+    return discrete, hybrid
+
+
+@pytest.fixture(scope="module")
+def overfit_run():
+    """Train the micro tokenizer from scratch (full VQVAE objective) on 4 images."""
+    torch.manual_seed(0)
+    tokenizer = HybridTokenizer(MICRO).train()
+    images = natural_images()
+    config = TokenizerObjectiveConfig(mode="full", continuous_prob=0.5, l1_weight=0.0, l2_weight=1.0)
+    params = set_trainable(tokenizer, "full")
+    optimizer = torch.optim.Adam(params, lr=2e-3)
+    generator = torch.Generator().manual_seed(0)
+    before = evaluate(tokenizer, images)
+    for step in range(120):
+        out = generator_losses(tokenizer, images, config, step=step, generator=generator)
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+    return tokenizer, images, before, evaluate(tokenizer, images)
+
+
+def test_full_objective_overfits(overfit_run):
+    _, _, (discrete_before, _), (discrete_after, _) = overfit_run
+    assert discrete_after < discrete_before / 5, (discrete_before, discrete_after)
+
+
+def test_hybrid_beats_discrete_after_training(overfit_run):
+    _, _, _, (discrete, hybrid) = overfit_run
+    # The residual carries what the codebook missed, so the hybrid decode is closer.
+    assert hybrid < discrete, (discrete, hybrid)
+
+
+def test_decoder_finetune_changes_only_decoder():
+    torch.manual_seed(0)
+    tokenizer = HybridTokenizer(MICRO).train()
+    params = set_trainable(tokenizer, "decoder_finetune")
+    trainable = {n for n, p in tokenizer.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("decoder.", "post_quant_conv.")) for n in trainable)
+    assert len(params) == len(trainable)
+    before = {n: p.detach().clone() for n, p in tokenizer.named_parameters()}
+    optimizer = torch.optim.Adam(params, lr=1e-2)
+    config = TokenizerObjectiveConfig(mode="decoder_finetune")
+    for step, continuous in enumerate((True, False)):  # both decoding modes
+        out = generator_losses(tokenizer, natural_images(2), config, step=step, continuous=continuous)
+        assert float(out["continuous"]) == float(continuous)
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+    changed = {n for n, p in tokenizer.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == trainable
+
+
+def test_gan_path_gives_finite_grads():
+    torch.manual_seed(0)
+    tokenizer = HybridTokenizer(MICRO_32PX).train()
+    set_trainable(tokenizer, "decoder_finetune")
+    discriminator = NLayerDiscriminator().train()
+    images = natural_images(2, size=32)
+    config = TokenizerObjectiveConfig(gan_weight=0.5, gan_start_step=1)
+
+    early = generator_losses(tokenizer, images, config, step=0, discriminator=discriminator)
+    assert float(early["gan_generator"]) == 0.0
+    assert float(discriminator_losses(discriminator, images, early["reconstructions"], config, step=0)["loss"]) == 0.0
+
+    out = generator_losses(tokenizer, images, config, step=1, discriminator=discriminator)
+    assert float(out["gan_weight"]) > 0 and torch.isfinite(out["gan_weight"])
+    out["loss"].backward()
+    assert all(p.grad is None for p in discriminator.parameters())  # the critic is not trained here
+    grads = [p.grad for p in tokenizer.decoder.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+    d_out = discriminator_losses(discriminator, images, out["reconstructions"], config, step=1)
+    assert float(d_out["loss"]) > 0
+    d_out["loss"].backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in discriminator.parameters())
+
+
+def test_perceptual_from_file_and_in_objective(tmp_path):
+    torch.manual_seed(0)
+    source = PerceptualLoss(TINY_VGG)
+    state = source.state_dict()
+    trunk = {k: v for k, v in state.items() if k.startswith("features.")}
+    heads = {k: v.abs() for k, v in state.items() if k.startswith("lin")}  # LPIPS heads are >= 0
+    save_weight_file({**trunk, "classifier.0.weight": torch.zeros(2, 2)}, tmp_path / "vgg16.pth")
+    save_weight_file(heads, tmp_path / "lpips_heads.safetensors")
+    metric = PerceptualLoss.from_files([tmp_path / "vgg16.pth", tmp_path / "lpips_heads.safetensors"], TINY_VGG)
+    assert all(torch.equal(metric.state_dict()[k], v) for k, v in {**trunk, **heads}.items())
+
+    images = natural_images(2)
+    assert torch.allclose(metric(images, images), torch.zeros(2))
+    assert (metric(images, images.flip(-1)) > 0).all()
+    with pytest.raises(ValueError, match="missing keys.*lin4.model.1.weight"):
+        PerceptualLoss.from_files(tmp_path / "vgg16.pth", TINY_VGG)
+
+    tokenizer = HybridTokenizer(MICRO).train()
+    set_trainable(tokenizer, "decoder_finetune")
+    config = TokenizerObjectiveConfig(l2_weight=1.0, perceptual_weight=1.0)
+    out = generator_losses(tokenizer, images, config, perceptual=metric, continuous=True)
+    assert float(out["perceptual"]) > 0
+    out["loss"].backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in tokenizer.decoder.parameters())
+    assert all(p.grad is None for p in metric.parameters())
+
+
+def test_objective_config_and_missing_parts_raise():
+    with pytest.raises(ValueError, match="mode"):
+        TokenizerObjectiveConfig(mode="encoder_only")
+    with pytest.raises(ValueError, match="continuous_prob"):
+        TokenizerObjectiveConfig(continuous_prob=1.5)
+    tokenizer = HybridTokenizer(MICRO)
+    with pytest.raises(ValueError, match="needs a discriminator"):
+        generator_losses(tokenizer, natural_images(1), TokenizerObjectiveConfig(gan_weight=1.0))
+    with pytest.raises(ValueError, match="needs a PerceptualLoss"):
+        generator_losses(tokenizer, natural_images(1), TokenizerObjectiveConfig(perceptual_weight=1.0))
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        generator_losses(tokenizer, natural_images(1) * 2, TokenizerObjectiveConfig())
