@@ -26,7 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hart.config import PATCH_NUMS_256, PATCH_NUMS_512, PATCH_NUMS_1024, TRANSFORMER_PRESETS, TokenizerConfig, replace  # noqa: E402
+from hart.config import (  # noqa: E402
+    PATCH_NUMS_256, PATCH_NUMS_512, PATCH_NUMS_1024, TRANSFORMER_PRESETS, TokenizerConfig, replace,
+)
 from hart.generate import sample_latent  # noqa: E402
 from hart.quantizer import MultiScaleQuantizer  # noqa: E402
 from hart.t2i_objective import t2i_losses  # noqa: E402
@@ -60,13 +62,11 @@ def make_inputs(config, B, device, seed=0):
 
 def attention_flops(config, num_kept_last):
     """Forward FLOPs of QK^T and AV per sample under the block-causal mask (all layers)."""
-    ends, T = [], config.context_token
-    segments = [T] + [pn * pn for pn in config.patch_nums[1:-1]] + [num_kept_last]
+    segments = [config.context_token] + [pn * pn for pn in config.patch_nums[1:-1]] + [num_kept_last]
     total, seen = 0, 0
-    for q in segments:
+    for q in segments:  # each segment attends to every key up to its own end
         seen += q
         total += 4 * q * seen * config.embed_dim
-    del ends
     return total * config.depth
 
 

@@ -12,11 +12,12 @@ released model's `forward` and the paper (HART_SPEC §2.2, §3.2):
    at least 32 are kept (all of them when the last scale has <= 32); each row masks its own
    random subset. Masked tokens are removed from the sequence (input, positions, attention).
 4. CE over every kept token (label smoothing optional), uniformly weighted (VAR's recipe).
-5. Diffusion loss on the kept last-scale tokens: the discrete token is sampled from the
-   model's own logits (top-k 600 clipped to V, top-p 0.96, no CFG, no gradient; ground truth
-   if sampling fails), the target is `f_rest_before_last - E[idx_sampled]` where
-   `f_rest_before_last = residual + E[idx_gt]`, the condition is
-   `decoder_norm(h + word_embed(E[idx_sampled]))`, rows repeated `diffusion_batch_mul` times.
+5. Diffusion loss on the kept last-scale tokens (`HARTForT2I.diffusion_terms`, run inside the
+   model's forward): the discrete token is sampled from the model's own logits (top-k 600
+   clipped to V, top-p 0.96, no CFG, no gradient; ground truth if sampling fails); the
+   target is `f_rest_before_last - E[idx_sampled]` with `f_rest_before_last = residual +
+   E[idx_gt]`, the condition `decoder_norm(h + word_embed(E[idx_sampled]))`, and the rows are
+   repeated `diffusion_batch_mul` times.
 
 Everything random draws from `generator` (on the model's device) so a step is reproducible.
 Returned metrics are detached except "loss". "acc_mean" is the accuracy over all kept tokens.
@@ -33,12 +34,10 @@ import torch
 import torch.nn.functional as F
 
 from hart.quantizer import MultiScaleQuantizer
-from hart.sampling import sample_top_k_top_p
 from hart.transformer import HARTForT2I
 
 MIN_KEPT_LAST = 32
 MASK_RATE_MIN, MASK_RATE_MEAN, MASK_RATE_STD = 0.5, 1.0, 0.25
-SELF_SAMPLE_TOP_K, SELF_SAMPLE_TOP_P = 600, 0.96
 
 
 def _rand(shape, generator, device) -> torch.Tensor:
@@ -104,7 +103,9 @@ def t2i_losses(
     tokens = [t.long() for t in tokens]
     B, device = context_BTD.shape[0], context_BTD.device
     if any(t.shape[0] != B for t in tokens) or context_mask_BT.shape[0] != B:
-        raise ValueError(f"batch sizes differ: context {B}, mask {context_mask_BT.shape[0]}, tokens {[t.shape[0] for t in tokens]}")
+        raise ValueError(
+            f"batch sizes differ: context {B}, mask {context_mask_BT.shape[0]}, tokens {[t.shape[0] for t in tokens]}"
+        )
     if use_diffusion and residual_BChw is None:
         raise ValueError("use_diffusion=True needs the continuous residual (residual_BChw)")
 
@@ -125,8 +126,23 @@ def t2i_losses(
         if k < last_l:
             keep_Bk = choose_kept_last(B, last_l, k, generator, device)
 
-    logits_BLV, h_last_BkC, _ = model(context, context_mask_BT, tf_input, keep_last_Bk=keep_Bk, return_hidden=True)
     last_gt_Bk = tokens[-1] if keep_Bk is None else torch.gather(tokens[-1], 1, keep_Bk)
+    reference_BkCv = codebook_VCv = None
+    if use_diffusion:
+        codebook_VCv = quantizer.embedding.weight.detach()
+        with torch.no_grad():  # f_rest_before_last = residual + E[idx_gt] of the kept last-scale tokens
+            H = cfg.patch_nums[-1]
+            residual = residual_BChw.float().reshape(B, cfg.token_dim, H * H).transpose(1, 2)
+            reference_BkCv = residual + F.embedding(tokens[-1], codebook_VCv)
+            if keep_Bk is not None:
+                reference_BkCv = torch.gather(reference_BkCv, 1, keep_Bk.unsqueeze(-1).expand(-1, -1, cfg.token_dim))
+    # One model call computes logits and (inside the same forward) the diffusion terms: wrappers
+    # such as DDP/FSDP see every parameter use.
+    result = model(
+        context, context_mask_BT, tf_input, keep_last_Bk=keep_Bk, diffusion_reference=reference_BkCv,
+        codebook=codebook_VCv, generator=generator, fallback_idx_Bk=last_gt_Bk,
+    )
+    logits_BLV, terms = result if use_diffusion else (result, None)
     targets_BL = torch.cat(tokens[:-1] + [last_gt_Bk], dim=1)
     ce = F.cross_entropy(logits_BLV.flatten(0, 1), targets_BL.flatten(), label_smoothing=label_smoothing)
 
@@ -144,25 +160,6 @@ def t2i_losses(
     loss = ce_weight * ce
 
     if use_diffusion:
-        codebook_VCv = quantizer.embedding.weight.detach()
-        with torch.no_grad():
-            try:
-                idx_Bk = sample_top_k_top_p(
-                    logits_BLV[:, -k:].detach(), SELF_SAMPLE_TOP_K, SELF_SAMPLE_TOP_P, generator=generator
-                )
-            except RuntimeError:  # non-finite logits early in training: fall back to ground truth (as released)
-                idx_Bk = last_gt_Bk
-            H = cfg.patch_nums[-1]
-            residual = residual_BChw.float().reshape(B, cfg.token_dim, H * H).transpose(1, 2)
-            f_rest_BlCv = residual + F.embedding(tokens[-1], codebook_VCv)
-            if keep_Bk is not None:
-                f_rest_BlCv = torch.gather(f_rest_BlCv, 1, keep_Bk.unsqueeze(-1).expand(-1, -1, cfg.token_dim))
-            target_BkCv = f_rest_BlCv - F.embedding(idx_Bk, codebook_VCv)
-        z_BkC = model.diffusion_condition(h_last_BkC, idx_Bk, codebook_VCv)
-        mul = cfg.diffusion_batch_mul
-        terms = model.diffloss(
-            target_BkCv.reshape(B * k, -1).repeat(mul, 1), z_BkC.reshape(B * k, -1).repeat(mul, 1), generator=generator
-        )
         out["diffusion"] = terms["loss"].detach()
         out["diffusion_mse"] = terms["mse"].detach()
         out["diffusion_vb"] = terms["vb"].detach()

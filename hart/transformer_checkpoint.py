@@ -99,7 +99,9 @@ def config_from_official(config_json: dict, state: dict[str, torch.Tensor]) -> T
             fields[key] = value
     if "num_heads" not in fields:
         fields["num_heads"] = fields["embed_dim"] // 64
-        warnings.warn(f"num_heads not in config.json nor in the weights; assuming head_dim 64 -> {fields['num_heads']}", stacklevel=3)
+        warnings.warn(
+            f"num_heads not in config.json nor in the weights; assuming head_dim 64 -> {fields['num_heads']}", stacklevel=3
+        )
     if isinstance(fields.get("num_sampling_steps"), int):
         fields["num_sampling_steps"] = str(fields["num_sampling_steps"])
     if "mlp_ratio" in fields:

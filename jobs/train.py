@@ -90,10 +90,12 @@ def preflight(config: TrainRunConfig) -> dict[str, Any]:
 
 def run_training(config: TrainRunConfig, export_dir: str | None = None) -> dict[str, Any]:
     """Preflight, fit, export, register. Returns {run_id, final_step, checkpoint_path, export_dir, model_version}."""
+    import ray.data  # [ray]
     import ray.train  # [ray]
     from ray.train.torch import TorchTrainer  # [ray]
 
     facts = preflight(config)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # [ray] keeps job logs readable
     print(f"[train] stage={config.stage} run={config.run.name} mlflow run {facts['run_id']} "
           f"({'resumed' if facts['resumed'] else 'new'}) -> {config.run.storage_path}")
     dataset = image_dataset(config, facts["shards"]) if config.stage == "tokenizer" else cache_dataset(config, facts["manifest"])

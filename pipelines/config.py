@@ -82,16 +82,20 @@ class ComputeConfig:
     tokenizer_batch_size: int = 32
     torch_threads: int = 0  # intra-op threads in tokenizer actors; 0 = max(1, tokenizer_cpus)
     text_actors: int = 1
+    text_cpus: float = 0.5  # CPUs per text-encoder actor (0 is fine on GPU nodes)
     text_gpus: float = 0.0
     text_batch_size: int = 64
     writer_threads: int = 2  # driver threads that serialize and upload finished shards
+    # Refuse to start when the actor pools plus one read and one decode task do not fit the
+    # cluster's current CPUs/GPUs (Ray Data would wait forever). Turn off on autoscaling clusters.
+    check_resources: bool = True
 
     def __post_init__(self) -> None:
         for name in ("read_tasks", "decode_tasks", "decode_batch_size", "tokenizer_actors",
                      "tokenizer_batch_size", "text_actors", "text_batch_size", "writer_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"compute.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("read_cpus", "decode_cpus", "tokenizer_cpus", "tokenizer_gpus", "text_gpus"):
+        for name in ("read_cpus", "decode_cpus", "tokenizer_cpus", "tokenizer_gpus", "text_cpus", "text_gpus"):
             if getattr(self, name) < 0:
                 raise ValueError(f"compute.{name} must be >= 0, got {getattr(self, name)}")
 

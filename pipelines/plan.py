@@ -52,10 +52,17 @@ class PrecomputeSummary:
     bytes_read: int = 0
     bytes_written: int = 0
     seconds: float = 0.0
+    startup_seconds: float = 0.0  # from the start of the run to the first batch reaching the writer
+    ray_stats: str = ""  # Ray Data's per-operator timing report of this run
 
     @property
     def images_per_second(self) -> float:
         return self.samples_in / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def steady_images_per_second(self) -> float:
+        steady = self.seconds - self.startup_seconds
+        return self.samples_in / steady if steady > 0 else 0.0
 
     def table(self) -> str:
         rows = [
@@ -70,7 +77,8 @@ class PrecomputeSummary:
         rows += [(f"  member ignored: {reason}", n) for reason, n in sorted(self.members_ignored.items())]
         rows += [("unsorted members", self.unsorted_members), ("truncated shards", self.truncated_shards),
                  ("bytes read", self.bytes_read), ("bytes written", self.bytes_written),
-                 ("seconds", f"{self.seconds:.1f}"), ("images/s", f"{self.images_per_second:.1f}")]
+                 ("seconds", f"{self.seconds:.1f}"), ("  of which start-up", f"{self.startup_seconds:.1f}"),
+                 ("images/s", f"{self.images_per_second:.1f}"), ("images/s after start-up", f"{self.steady_images_per_second:.1f}")]
         width = max(len(name) for name, _ in rows)
         lines = [f"{name:<{width}}  {value}" for name, value in rows]
         lines += [f"FAILED shard {name}: {error}" for name, error in sorted(self.shards_failed.items())]
@@ -108,7 +116,8 @@ def build_dataset(shards: dict[str, str], config: PrecomputeConfig, resolution: 
         TokenizerStage,
         fn_constructor_kwargs={"source": config.tokenizer, "endpoint_url": config.input.endpoint_url,
                                "expected_hash": tokenizer_hash,
-                               "torch_threads": compute.torch_threads or max(1, int(compute.tokenizer_cpus))},
+                               "torch_threads": compute.torch_threads or max(1, int(compute.tokenizer_cpus)),
+                               "use_gpu": compute.tokenizer_gpus > 0},
         batch_size=compute.tokenizer_batch_size, batch_format="numpy",
         compute=ActorPoolStrategy(size=compute.tokenizer_actors), num_cpus=compute.tokenizer_cpus, **gpu_args,
     )
@@ -117,11 +126,27 @@ def build_dataset(shards: dict[str, str], config: PrecomputeConfig, resolution: 
 
         text_gpu_args = {"num_gpus": compute.text_gpus} if compute.text_gpus > 0 else {}
         ds = ds.map_batches(
-            TextFeatureStage, fn_constructor_kwargs={"config": config.text}, batch_size=compute.text_batch_size,
+            TextFeatureStage, fn_constructor_kwargs={"config": config.text, "use_gpu": compute.text_gpus > 0}, batch_size=compute.text_batch_size,
             batch_format="numpy", compute=ActorPoolStrategy(size=compute.text_actors),
-            num_cpus=0 if compute.text_gpus > 0 else 1, **text_gpu_args,
+            num_cpus=compute.text_cpus, **text_gpu_args,
         )
     return ds
+
+
+def check_resources(config: PrecomputeConfig) -> None:
+    """ValueError when the fixed actor pools leave no room for the read/decode tasks (a silent hang otherwise)."""
+    compute = config.compute
+    with_text = bool(config.text.encoder)
+    cpus = (compute.tokenizer_actors * compute.tokenizer_cpus + compute.read_cpus + compute.decode_cpus
+            + (compute.text_actors * compute.text_cpus if with_text else 0.0))
+    gpus = compute.tokenizer_actors * compute.tokenizer_gpus + (compute.text_actors * compute.text_gpus if with_text else 0.0)
+    available = ray.cluster_resources()
+    if cpus > available.get("CPU", 0.0) + 1e-9 or gpus > available.get("GPU", 0.0) + 1e-9:
+        raise ValueError(
+            f"the stages need {cpus:g} CPUs and {gpus:g} GPUs at once (actor pools + one read and one decode task) "
+            f"but the cluster has {available.get('CPU', 0):g} CPUs and {available.get('GPU', 0):g} GPUs; lower "
+            f"compute.*_actors / *_cpus / *_gpus, or set compute.check_resources=false on an autoscaling cluster"
+        )
 
 
 def prepare(config: PrecomputeConfig) -> dict[str, Any]:
@@ -183,6 +208,8 @@ def run_precompute(config: PrecomputeConfig, log=print) -> PrecomputeSummary:
     del setup["tokenizer"]  # the actors build their own; free driver memory
 
     if pending:
+        if config.compute.check_resources:
+            check_resources(config)
         DataContext.get_current().enable_progress_bars = config.progress
         dataset = build_dataset(pending, config, setup["resolution"], setup["tokenizer_hash"])
         writer = ShardWriter(output, endpoint, fingerprint_hex, setup["schema"], pending,
@@ -191,6 +218,8 @@ def run_precompute(config: PrecomputeConfig, log=print) -> PrecomputeSummary:
         last_manifest = time.perf_counter()
         try:
             for batch in dataset.iter_batches(batch_format="numpy", batch_size=None, prefetch_batches=2):
+                if not summary.startup_seconds:
+                    summary.startup_seconds = time.perf_counter() - started
                 for shard in assembler.add(batch):
                     writer.submit(shard, *assembler.take(shard))
                 writer.collect()
@@ -199,6 +228,7 @@ def run_precompute(config: PrecomputeConfig, log=print) -> PrecomputeSummary:
                         setup["header"], {**committed, **writer.committed}), endpoint)
                     last_manifest = time.perf_counter()
             writer.collect(wait=True)
+            summary.ray_stats = dataset.stats()
         finally:
             writer.close()
         for shard in assembler.pending():  # cannot happen unless a stage drops rows: fail loudly

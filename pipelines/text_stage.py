@@ -29,11 +29,13 @@ def load_text_encoder(config: TextConfig):
 class TextFeatureStage:
     """`map_batches(TextFeatureStage, compute=ActorPoolStrategy(...), batch_size=...)` UDF."""
 
-    def __init__(self, config: TextConfig):
+    def __init__(self, config: TextConfig, use_gpu: bool = False):
+        if use_gpu and not torch.cuda.is_available():
+            raise ValueError("compute.text_gpus > 0 but this text-encoder actor sees no CUDA device")
         self.encoder = load_text_encoder(config)
         self.max_length = config.max_length
         self.dim = int(self.encoder.dim)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device("cuda" if use_gpu else "cpu")
         if hasattr(self.encoder, "to"):
             self.encoder = self.encoder.to(device)
 

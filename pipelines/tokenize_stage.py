@@ -98,10 +98,13 @@ def encode_images(model: HybridTokenizer, image_BRR3: np.ndarray, device: torch.
 class TokenizerStage:
     """`map_batches(TokenizerStage, compute=ActorPoolStrategy(...), batch_size=...)` UDF."""
 
-    def __init__(self, source: TokenizerSource, endpoint_url: str, expected_hash: str, torch_threads: int = 0):
+    def __init__(self, source: TokenizerSource, endpoint_url: str, expected_hash: str, torch_threads: int = 0,
+                 use_gpu: bool = False):
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if use_gpu and not torch.cuda.is_available():
+            raise ValueError("compute.tokenizer_gpus > 0 but this tokenizer actor sees no CUDA device")
+        self.device = torch.device("cuda" if use_gpu else "cpu")
         model = load_tokenizer(source, endpoint_url)
         actual = weights_hash(model)
         if actual != expected_hash:

@@ -152,7 +152,7 @@ class ShardWriter:
         self.shard_uris = shard_uris
         self.crash_after_commits = crash_after_commits
         self.pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="shard-writer")
-        self.futures: list[Future] = []
+        self.futures: list[tuple[str, Future]] = []
         self.committed: dict[str, dict[str, Any]] = {}
         self.failed: dict[str, str] = {}
         self.num_started = 0
@@ -163,16 +163,23 @@ class ShardWriter:
             return
         crash = self.num_started == self.crash_after_commits
         self.num_started += 1
-        self.futures.append(self.pool.submit(self._commit, shard, header, columns, seconds, crash))
+        self.futures.append((shard, self.pool.submit(self._commit, shard, header, columns, seconds, crash)))
 
     def collect(self, wait: bool = False) -> list[str]:
-        """Finished commits since the last call (re-raises writer errors); waits for all if asked."""
+        """Finished commits since the last call; waits for all if asked. A shard whose write fails
+        (e.g. a storage error) is recorded as failed, not fatal; the crash test hook re-raises."""
         done, still = [], []
-        for future in self.futures:
-            if wait or future.done():
-                done.append(future.result())
+        for shard, future in self.futures:
+            if not (wait or future.done()):
+                still.append((shard, future))
+                continue
+            error = future.exception()
+            if isinstance(error, InjectedCrash):
+                raise error
+            if error is not None:
+                self.failed[shard] = f"write failed: {type(error).__name__}: {error}"
             else:
-                still.append(future)
+                done.append(shard)
         self.futures = still
         return done
 

@@ -107,6 +107,24 @@ def test_diffusion_target_is_relative_to_self_sampled_tokens():
     torch.testing.assert_close(captured["target"], expected)
 
 
+def test_non_finite_logits_fall_back_to_ground_truth_tokens():
+    model, quantizer, context, mask, tokens, residual = setup()
+    with torch.no_grad():
+        model.head.bias.fill_(float("nan"))
+    captured = {}
+    original = model.diffloss.forward
+
+    def capture(target, z, generator=None):
+        captured["t"] = target
+        return original(target, z, generator)
+
+    model.diffloss.forward = capture
+    t2i_losses(model, quantizer, context, mask, tokens, residual, subsample_last=False, generator=torch.Generator().manual_seed(0))
+    B, H = context.shape[0], TINY.patch_nums[-1]
+    expected = residual.reshape(B, TINY.token_dim, H * H).transpose(1, 2).reshape(B * H * H, -1)
+    torch.testing.assert_close(captured["t"], expected.repeat(TINY.diffusion_batch_mul, 1))
+
+
 def test_frozen_transformer_trains_only_the_head():
     model, quantizer, context, mask, tokens, residual = setup()
     for name, p in model.named_parameters():

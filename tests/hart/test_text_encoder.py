@@ -45,8 +45,11 @@ def tiny_qwen_dir(tmp_path_factory):
     return str(folder)
 
 
+SYSTEM_PROMPT = "Describe the picture in vivid visual detail.\nUser Prompt:\n"
+
+
 def test_qwen_features_shape_mask_and_system_prompt(tiny_qwen_dir):
-    encoder = build_text_encoder(tiny_qwen_dir, max_length=12)
+    encoder = build_text_encoder(tiny_qwen_dir, max_length=12, system_prompt=SYSTEM_PROMPT)
     assert isinstance(encoder, CausalLMTextEncoder) and encoder.dim == 32
     prompts = ["a red cat", "a blue dog on a cat"]
     features, mask = encoder(prompts)
@@ -65,8 +68,20 @@ def test_qwen_features_shape_mask_and_system_prompt(tiny_qwen_dir):
         expected = encoder.model(input_ids=full, attention_mask=attention).last_hidden_state[:, S:]
     torch.testing.assert_close(features, expected.float())
     # the system prompt changes the features of the prompt tokens (causal context)
-    plain, _ = build_text_encoder(tiny_qwen_dir, max_length=12, system_prompt=None)(prompts)
+    with pytest.warns(UserWarning, match="system prompt"):
+        plain_encoder = build_text_encoder(tiny_qwen_dir, max_length=12)
+    plain, _ = plain_encoder(prompts)
     assert not torch.allclose(plain[mask], features[mask])
+
+
+def test_system_prompt_file_next_to_the_model_is_used(tiny_qwen_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "qwen"
+    shutil.copytree(tiny_qwen_dir, folder)
+    (folder / "system_prompt.txt").write_text(SYSTEM_PROMPT)
+    from_file = build_text_encoder(str(folder), max_length=12)
+    assert from_file.system_prompt == SYSTEM_PROMPT
 
 
 def test_truncation_warns(tiny_qwen_dir):

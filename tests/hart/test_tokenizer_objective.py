@@ -76,7 +76,7 @@ def overfit_run():
     optimizer = torch.optim.Adam(params, lr=2e-3)
     generator = torch.Generator().manual_seed(0)
     before = evaluate(tokenizer, images)
-    for step in range(120):
+    for step in range(60):
         out = generator_losses(tokenizer, images, config, step=step, generator=generator)
         optimizer.zero_grad()
         out["loss"].backward()
@@ -125,7 +125,7 @@ def test_gan_path_gives_finite_grads():
 
     early = generator_losses(tokenizer, images, config, step=0, discriminator=discriminator)
     assert float(early["gan_generator"]) == 0.0
-    assert float(discriminator_losses(discriminator, images, early["reconstructions"], config, step=0)["loss"]) == 0.0
+    assert discriminator_losses(discriminator, images, early["reconstructions"], config, step=0)["loss"].item() == 0.0
 
     out = generator_losses(tokenizer, images, config, step=1, discriminator=discriminator)
     assert float(out["gan_weight"]) > 0 and torch.isfinite(out["gan_weight"])
@@ -135,7 +135,7 @@ def test_gan_path_gives_finite_grads():
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
     d_out = discriminator_losses(discriminator, images, out["reconstructions"], config, step=1)
-    assert float(d_out["loss"]) > 0
+    assert d_out["loss"].item() > 0
     d_out["loss"].backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in discriminator.parameters())
 
@@ -179,3 +179,15 @@ def test_objective_config_and_missing_parts_raise():
         generator_losses(tokenizer, natural_images(1), TokenizerObjectiveConfig(perceptual_weight=1.0))
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):
         generator_losses(tokenizer, natural_images(1) * 2, TokenizerObjectiveConfig())
+
+
+def test_perceptual_trunk_uses_torchvision_vgg16_keys():
+    with torch.device("meta"):
+        metric = PerceptualLoss()
+    convs = {k: tuple(v.shape) for k, v in metric.state_dict().items() if k.startswith("features.") and k.endswith("weight")}
+    indices = sorted(int(k.split(".")[1]) for k in convs)
+    assert indices == [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]
+    assert convs["features.0.weight"] == (64, 3, 3, 3) and convs["features.28.weight"] == (512, 512, 3, 3)
+    assert {k: tuple(v.shape) for k, v in metric.state_dict().items() if k.startswith("lin")} == {
+        f"lin{i}.model.1.weight": (1, c, 1, 1) for i, c in enumerate((64, 128, 256, 512, 512))
+    }

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -13,7 +15,7 @@ from hart.rope import apply_rope, hart_scale_coords, image_rope, text_positions
 from hart.transformer import HARTForT2I
 from hart.weights import load_weight_folder, save_weight_file
 
-TSV = "/work/shared/design/reference/hart_llm_keys_d16_c1536.tsv"
+TSV = str(Path(__file__).resolve().parents[1] / "assets/reference/hart_llm_keys_d16_c1536.tsv")
 TINY = TRANSFORMER_PRESETS["tiny"]
 VARIANTS = {
     "tiny": TINY,

@@ -36,10 +36,16 @@ KNOWN_KINDS = {
     "Deployment": "apps/v1",
     "StatefulSet": "apps/v1",
     "NetworkPolicy": "networking.k8s.io/v1",
+    "PersistentVolume": "v1",
+    "PersistentVolumeClaim": "v1",
 }
+CLUSTER_SCOPED = {"Namespace", "PersistentVolume"}
+# Read-only S3 prefix mounts (s3-volumes.yaml) every Ray pod carries: mount path -> claim name.
+S3_MOUNTS = {"/mnt/s3/weights": "hart-s3-weights", "/mnt/s3/checkpoints": "hart-s3-checkpoints"}
 EXPECTED_FILES = [
     "docker/Dockerfile",
     "kuberay/serviceaccount.yaml",
+    "kuberay/s3-volumes.yaml",
     "kuberay/raycluster.yaml",
     "kuberay/rayjob-precompute.yaml",
     *(f"kuberay/rayjob-train-{stage}.yaml" for stage in TRAIN_STAGES),
@@ -151,7 +157,7 @@ def test_kubernetes_objects_have_expected_kinds_and_api_versions():
         assert kind in KNOWN_KINDS, f"{path.name}: unexpected kind {kind!r}"
         assert doc.get("apiVersion") == KNOWN_KINDS[kind], f"{path.name}: {kind} needs apiVersion {KNOWN_KINDS[kind]}, got {doc.get('apiVersion')}"
         assert doc.get("metadata", {}).get("name"), f"{path.name}: {kind} without metadata.name"
-        if kind != "Namespace":
+        if kind not in CLUSTER_SCOPED:
             assert doc["metadata"].get("namespace") in ("hart", "hart-mlflow"), f"{path.name}: {kind} {doc['metadata']['name']} needs a namespace"
     assert len(documents_of_kind("RayCluster")) == 1
 
@@ -182,6 +188,10 @@ def test_rayjob_entrypoint_references_existing_module_and_config(path):
         assert config_path.name == f"train_{options['--stage']}.yaml"
     else:
         assert options["--config"] == f"jobs/configs/{module}.yaml"
+    for override in overrides:
+        value = override.partition("=")[2]
+        if value.startswith("/mnt/"):
+            assert any(value.startswith(m + "/") for m in S3_MOUNTS), f"{path.name}: {value} is not under a mounted S3 prefix"
     # The job's own loader validates the file plus every --set override (unknown keys, types,
     # preset names), after the placeholders are filled as envsubst would.
     filled = [re.sub(r"\$\{([A-Z0-9_]+)\}", lambda m: f"example-{m.group(1).lower()}", o) for o in overrides]
@@ -250,6 +260,12 @@ def ray_cluster_problems(name: str, spec: dict[str, Any]) -> list[str]:
         check(pod.get("serviceAccountName") == "hart-ray", f"{where}: S3 access goes through the IRSA service account")
         (container,) = pod["containers"]
         check(container["image"] == "${HART_IMAGE}", f"{where}: all Ray pods run the project image")
+        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod.get("volumes", []) if "persistentVolumeClaim" in v}
+        mounts_by_path = {m["mountPath"]: m for m in container.get("volumeMounts", [])}
+        for mount_path, claim in S3_MOUNTS.items():
+            mount = mounts_by_path.get(mount_path, {})
+            check(claims.get(mount.get("name")) == claim and mount.get("readOnly") is True,
+                  f"{where}: needs {claim} mounted read-only at {mount_path}")
         requests, limits = container["resources"]["requests"], container["resources"]["limits"]
         for resource in ("cpu", "memory"):
             check(parse_quantity(requests[resource]) <= parse_quantity(limits[resource]), f"{where}: {resource} request > limit")
@@ -287,6 +303,7 @@ PLANTED_CLUSTER_ERRORS = {
     "auth off": lambda spec: spec["authOptions"].update({"mode": "disabled"}),
     "num-gpus on CPU group": lambda spec: dict(ray_groups(spec))["cpu-decode"]["rayStartParams"].update({"num-gpus": "1"}),
     "no IRSA account": lambda spec: dict(ray_groups(spec))["cpu-decode"]["template"]["spec"].pop("serviceAccountName"),
+    "writable S3 mount": lambda spec: [m.pop("readOnly") for m in gpu_container(spec)["volumeMounts"] if m["mountPath"] == "/mnt/s3/weights"],
 }
 
 
@@ -322,6 +339,21 @@ def test_ray_service_account_uses_irsa():
     (account,) = [doc for _, doc in documents_of_kind("ServiceAccount") if doc["metadata"]["name"] == "hart-ray"]
     role = account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
     assert re.fullmatch(r"arn:aws:iam::\$\{AWS_ACCOUNT_ID\}:role/[\w-]+", role)
+
+
+def test_s3_volumes_are_read_only_prefix_mounts_with_pod_identity():
+    volumes = {doc["metadata"]["name"]: doc for _, doc in documents_of_kind("PersistentVolume")}
+    claims = {doc["metadata"]["name"]: doc for _, doc in documents_of_kind("PersistentVolumeClaim")}
+    assert set(volumes) == set(claims) == set(S3_MOUNTS.values())
+    for mount_path, name in S3_MOUNTS.items():
+        volume, claim = volumes[name]["spec"], claims[name]["spec"]
+        assert volume["accessModes"] == ["ReadOnlyMany"] == claim["accessModes"]
+        assert "read-only" in volume["mountOptions"], f"{name}: the S3 mount must be read-only"
+        prefix = mount_path.rsplit("/", 1)[1] + "/"
+        assert f"prefix {prefix}" in volume["mountOptions"], f"{name}: must mount only s3://BUCKET/{prefix}"
+        assert volume["csi"]["driver"] == "s3.csi.aws.com"
+        assert volume["csi"]["volumeAttributes"] == {"bucketName": "${HART_BUCKET}", "authenticationSource": "pod"}
+        assert volume["claimRef"] == {"namespace": "hart", "name": name} and claim["volumeName"] == name
 
 
 # --------------------------------------------------------------------------------------

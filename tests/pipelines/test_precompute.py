@@ -135,6 +135,8 @@ def test_rerun_skips_and_other_settings_are_refused(shapes_cache):
         run_precompute(make_config(uris, cache, **{"tokenizer.patch_nums": "[1,2,4,8,16]"}))
     with pytest.raises(ValueError, match="preprocess"):
         run_precompute(make_config(uris, cache, **{"preprocess.min_side": 8}))
+    with pytest.raises(ValueError, match="the stages need 3.75 CPUs"):
+        run_precompute(make_config(uris, str(shapes_cache["root"] / "other"), **{"compute.tokenizer_actors": 3}))
     with pytest.raises(ValueError, match="does not match the tokenizer"):
         run_precompute(make_config(uris, cache, **{"preprocess.resolution": 128}))
 
@@ -229,7 +231,8 @@ def test_text_feature_stage_stores_fp16_features(ray_local, tmp_path):
 
     uris = shapes.write_shapes_shards(str(tmp_path / "raw"), 6, 1, seed=4)
     cache = str(tmp_path / "cache")
-    summary = run_precompute(make_config(uris, cache, **{"text.encoder": "minilm", "text.max_length": 12}))
+    summary = run_precompute(make_config(uris, cache, **{"text.encoder": "minilm", "text.max_length": 12,
+                                                       "compute.tokenizer_cpus": 0.5, "compute.text_cpus": 0.5}))
     assert summary.samples_written == 6
     manifest = read_manifest(cache)
     assert manifest["text_features_shape"] == [12, 384] and manifest["fingerprint"]["text"]["encoder"] == "minilm"

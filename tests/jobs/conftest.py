@@ -1,0 +1,94 @@
+"""Fixtures of the training-job tests (Ray and S3 come from tests/conftest.py).
+
+- `train_assets` (session): a seeded tiny tokenizer saved as a HART `tokenizer/` folder, a
+  48-sample shapes corpus in 2 WebDataset shards, and a token cache made from them by the
+  real precompute pipeline (`pipelines.plan.run_precompute`, no text features: the training
+  worker then runs the embedded MiniLM text encoder itself).
+- `mlflow_server`: a real `mlflow server` process on 127.0.0.1 (sqlite backend), started for
+  the test and stopped after it.
+- `tiny_config(...)`: a TrainRunConfig for the tiny presets on those assets.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from hart.config import tokenizer_config
+from jobs.train_config import TrainRunConfig, load_train_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def train_assets(tmp_path_factory, ray_local):
+    from hart.tokenizer import HybridTokenizer
+    from pipelines.config import load_precompute_config
+    from pipelines.plan import run_precompute
+    from pipelines.shapes import write_shapes_shards
+
+    root = tmp_path_factory.mktemp("train_assets")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        HybridTokenizer(tokenizer_config("tiny")).save_pretrained(root / "tokenizer")
+    write_shapes_shards(str(root / "shards"), num_samples=48, num_shards=2)
+    precompute = load_precompute_config(None, [
+        f"input.shards=['{root}/shards/*.tar']", f"output={root}/cache", f"tokenizer.checkpoint={root}/tokenizer",
+        "progress=false", "compute.tokenizer_cpus=0.5",
+    ])
+    summary = run_precompute(precompute, log=lambda *a: None)
+    assert summary.samples_written == 48
+    return {"root": root, "tokenizer": str(root / "tokenizer"), "shards": str(root / "shards" / "*.tar"),
+            "cache": str(root / "cache")}
+
+
+def tiny_config(assets: dict, stage: str, tmp_path: Path, *overrides: str) -> TrainRunConfig:
+    """Tiny presets, fp32, 1 worker with half a CPU, MLflow in a sqlite file under tmp_path."""
+    base = [
+        f"run.storage_path={tmp_path / 'storage'}", "run.max_steps=4", "run.checkpoint_every=2", "run.log_every=1",
+        f"model.tokenizer_checkpoint={assets['tokenizer']}", f"data.cache={assets['cache']}",
+        f"data.shards=['{assets['shards']}']", "data.batch_size=8", "optim.lr=0.002", "optim.warmup_steps=0",
+        "optim.schedule=constant", "ema_decay=0.9", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"run.name=test-{stage}", "tracking.sample_prompts=['a red circle', 'a blue square']",
+    ]
+    return load_train_config(str(REPO / "jobs/configs/train_tiny.yaml"), stage, base + list(overrides))
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [
+        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+        "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+        "--default-artifact-root", str(tmp_path / "server-artifacts"), "--workers", "1",
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.time() > deadline:
+                    raise RuntimeError("mlflow server did not start") from None
+                time.sleep(0.5)
+        yield uri
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()

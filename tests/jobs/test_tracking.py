@@ -1,0 +1,50 @@
+"""MLflow helpers: params flattening and redaction, one run per run name (sqlite store).
+
+Run: .venv/bin/pytest tests/jobs/test_tracking.py -q
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from mlflow.tracking import MlflowClient
+
+from jobs import tracking
+from jobs.train_config import load_train_config
+
+
+def test_flatten_redacts_secrets_but_keeps_counts():
+    flat = tracking.flatten_params({
+        "storage": {"aws_secret_access_key": "abc123", "access_key_id": "AKIA999", "password": "hunter2",
+                    "api_token": "tok-1", "endpoint": "https://alice:pa55@minio.local:9000/bucket",
+                    "signed": "s3://b/k?X-Amz-Credential=AKIA999&X-Amz-Signature=f00&part=3"},
+        "model": {"context_token": 300, "tokenizer": "hart-1024", "tokens": [1, 2]},
+    })
+    text = " ".join(flat.values())
+    for secret in ("abc123", "AKIA999", "hunter2", "tok-1", "pa55", "f00", "alice"):
+        assert secret not in text
+    assert flat["model.context_token"] == "300" and flat["model.tokenizer"] == "hart-1024"
+    assert flat["storage.signed"].endswith("part=3") and flat["model.tokens"] == "1,2"
+
+
+def test_train_config_params_are_flat_strings():
+    config = load_train_config("jobs/configs/train_tiny.yaml", "joint",
+                               ["tracking.tracking_uri=http://bob:s3cret@mlflow:5000"])
+    flat = tracking.flatten_params(config.to_dict())
+    assert flat["optim.betas"] == "0.9,0.95" and flat["tracking.tracking_uri"] == "http://***@mlflow:5000"
+    assert all(isinstance(v, str) and len(v) <= tracking.MAX_PARAM_CHARS for v in flat.values())
+
+
+def test_open_run_resumes_by_name_and_logs_rank0_only(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id, resumed = tracking.open_run(uri, "exp", "run-a", {"a": "1"})
+    again, resumed_again = tracking.open_run(uri, "exp", "run-a", {"a": "1"})
+    other, _ = tracking.open_run(uri, "exp", "run-b", {"a": "1"})
+    assert (again, resumed, resumed_again) == (run_id, False, True) and other != run_id
+    tracking.RunLogger(uri, run_id, enabled=False).log_metrics({"loss": 9.0}, step=1)  # rank 1: nothing
+    logger = tracking.RunLogger(uri, run_id, enabled=True)
+    logger.log_metrics({"loss": 1.5}, step=7)
+    logger.log_image(tracking.image_grid(np.zeros((3, 4, 4, 3), np.uint8), columns=2), "samples/grid.png")
+    client = MlflowClient(tracking_uri=uri)
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(7, 1.5)]
+    assert client.get_run(run_id).data.params == {"a": "1"}
+    assert [a.path for a in client.list_artifacts(run_id, "samples")] == ["samples/grid.png"]

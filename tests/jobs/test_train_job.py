@@ -1,0 +1,92 @@
+"""The Ray Train job end to end on a local Ray (2 CPUs): S3 checkpoints on moto, MLflow stores, resume, export.
+
+Run: .venv/bin/pytest tests/jobs/test_train_job.py -q
+"""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.fs as pafs
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from hart.checkpoint import load_training_state
+from hart.tokenizer import HybridTokenizer
+from hart.transformer import HARTForT2I
+from jobs import tracking
+from jobs.train import run_training
+from pipelines import storage
+from tests.jobs.conftest import tiny_config
+
+
+def only_run(tracking_uri: str, experiment: str, run_name: str):
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{tracking.RUN_NAME_TAG}` = '{run_name}'")
+    assert len(runs) == 1, f"expected one MLflow run named {run_name}, found {len(runs)}"
+    return client, runs[0]
+
+
+def test_joint_crash_resume_on_s3_then_export(train_assets, s3_bucket, s3_endpoint, tmp_path):
+    settings = [f"run.storage_path={s3_bucket}/train", f"run.endpoint_url={s3_endpoint}", "run.max_steps=4",
+                "run.checkpoint_every=2", "run.fail_at_step=3", "tracking.sample_every=0"]
+    config = tiny_config(train_assets, "joint", tmp_path, *settings)
+    with pytest.raises(RuntimeError, match="last good checkpoint is kept"):
+        run_training(config)  # the worker dies at step 3, after the step-2 checkpoint
+    fs, path = storage.resolve(f"{s3_bucket}/train/{config.run.name}", s3_endpoint)
+    names = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(path)) if i.base_name.startswith("checkpoint_step"))
+    assert names == ["checkpoint_step00000002"]
+
+    outcome = run_training(config, export_dir=str(tmp_path / "export"))  # same name: resumes
+    assert outcome["final_step"] == 4
+    client, run = only_run(config.tracking.tracking_uri, config.tracking.experiment, config.run.name)
+    assert run.info.run_id == outcome["run_id"] and run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert sorted(steps) == [1, 2, 3, 4]  # no step logged twice, none missing
+    assert {"acc_scale_0", "lr", "grad_norm", "tokens_per_s", "images_per_s", "diffusion", "ce"} <= set(run.data.metrics)
+    # params: the flattened config, nothing credential-like (the fake AWS secret is "testing")
+    assert run.data.params["run.name"] == config.run.name and run.data.params["stage"] == "joint"
+    assert not any("testing" in value for value in run.data.params.values())
+
+    # the last checkpoint on S3 carries the step, the MLflow run id and the training state
+    local = tmp_path / "last"
+    local.mkdir()
+    for info in fs.get_file_info(pafs.FileSelector(f"{path}/checkpoint_step00000004")):
+        (local / info.base_name).write_bytes(storage.read_bytes(fs, info.path))
+    state = load_training_state(local)
+    assert state.step == 4 and state.meta["mlflow_run_id"] == run.info.run_id
+    assert state.optimizer["state"] and state.scheduler["last_epoch"] == 4
+
+    # export -> from_pretrained round trip (weights and EMA), tokenizer folder too, registry entry
+    model = HARTForT2I.from_pretrained(tmp_path / "export" / "llm")
+    ema_model = HARTForT2I.from_pretrained(tmp_path / "export" / "llm", ema=True)
+    for key, value in state.model.items():
+        torch.testing.assert_close(model.state_dict()[key], value, msg=key)
+        torch.testing.assert_close(ema_model.state_dict()[key], state.ema[key].to(value.dtype), msg=key)
+    assert not torch.equal(model.head.weight, ema_model.head.weight)
+    tokenizer = HybridTokenizer.from_pretrained(tmp_path / "export" / "tokenizer")
+    reference = HybridTokenizer.from_pretrained(train_assets["tokenizer"])
+    assert all(torch.equal(a, b) for a, b in zip(tokenizer.state_dict().values(), reference.state_dict().values()))
+    version = client.get_model_version("hart-joint", str(outcome["model_version"]))
+    assert version.run_id == run.info.run_id
+    assert json.loads((tmp_path / "export" / "llm" / "config.json").read_text())["model_type"] == "hart_transformer_t2i"
+
+
+def test_tokenizer_stage_with_mlflow_server(train_assets, mlflow_server, tmp_path):
+    config = tiny_config(train_assets, "tokenizer", tmp_path, f"tracking.tracking_uri={mlflow_server}",
+                         "run.max_steps=6", "run.checkpoint_every=6", "optim.lr=0.003", "data.batch_size=4")
+    outcome = run_training(config, export_dir=str(tmp_path / "export"))
+    client, run = only_run(mlflow_server, config.tracking.experiment, config.run.name)
+    history = sorted(client.get_metric_history(run.info.run_id, "reconstruction"), key=lambda m: m.step)
+    assert [m.step for m in history] == [1, 2, 3, 4, 5, 6]
+    assert history[-1].value < history[0].value
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "reconstructions")]
+    assert artifacts == ["reconstructions/step_0000006.png"]
+    trained = HybridTokenizer.from_pretrained(tmp_path / "export" / "tokenizer")
+    state = load_training_state(outcome["checkpoint_path"])
+    torch.testing.assert_close(trained.decoder.conv_out.weight, state.model["decoder.conv_out.weight"])
+    initial = HybridTokenizer.from_pretrained(train_assets["tokenizer"])
+    assert torch.equal(trained.encoder.conv_in.weight, initial.encoder.conv_in.weight)  # hybrid: encoder frozen
+    assert not torch.equal(trained.decoder.conv_out.weight, initial.decoder.conv_out.weight)

@@ -1,0 +1,86 @@
+"""Bad input is refused on the driver, before any Ray worker starts (`jobs.train.preflight`).
+
+Run: .venv/bin/pytest tests/jobs/test_train_preflight.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+import torch
+
+from hart.config import tokenizer_config
+from hart.tokenizer import HybridTokenizer
+from jobs.train import preflight
+from jobs.train_config import load_train_config
+from tests.jobs.conftest import tiny_config
+
+
+def closed_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_preflight_accepts_matching_cache(train_assets, tmp_path):
+    facts = preflight(tiny_config(train_assets, "ar", tmp_path))
+    assert facts["manifest"]["num_rows"] == 48 and facts["run_id"] and not facts["resumed"]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.transformer={preset: tiny, patch_nums: [1, 2, 4, 8]}", "patch_nums"),
+    ("model.transformer={preset: tiny, vocab_size: 512}", "vocab"),
+])
+def test_manifest_mismatch(train_assets, tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        preflight(tiny_config(train_assets, "joint", tmp_path, override))
+
+
+def test_other_tokenizer_weights_are_refused(train_assets, tmp_path):
+    torch.manual_seed(1)
+    HybridTokenizer(tokenizer_config("tiny")).save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="tokenizer hash"):
+        preflight(tiny_config(train_assets, "ar", tmp_path, f"model.tokenizer_checkpoint={tmp_path / 'other'}"))
+
+
+def test_missing_and_empty_cache(train_assets, tmp_path):
+    with pytest.raises(ValueError, match="not a token cache"):
+        preflight(tiny_config(train_assets, "ar", tmp_path, f"data.cache={tmp_path / 'nowhere'}"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    manifest = json.loads((train_assets["root"] / "cache" / "manifest.json").read_text())
+    manifest.update(committed_shards=[], num_committed_shards=0, num_rows=0)
+    (empty / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="empty"):
+        preflight(tiny_config(train_assets, "ar", tmp_path, f"data.cache={empty}"))
+
+
+def test_unreachable_mlflow_server(train_assets, tmp_path):
+    with pytest.raises(ValueError, match="unreachable"):
+        preflight(tiny_config(train_assets, "ar", tmp_path, f"tracking.tracking_uri=http://127.0.0.1:{closed_port()}"))
+
+
+def test_missing_bucket_and_unreachable_s3(train_assets, s3_endpoint, tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        preflight(tiny_config(train_assets, "ar", tmp_path, "run.storage_path=s3://no-such-bucket/train",
+                              f"run.endpoint_url={s3_endpoint}"))
+    with pytest.raises(ValueError, match="unreachable|does not exist"):
+        preflight(tiny_config(train_assets, "ar", tmp_path, "run.storage_path=s3://bucket/train",
+                              f"run.endpoint_url=http://127.0.0.1:{closed_port()}"))
+
+
+def test_bad_config_values_name_the_field():
+    with pytest.raises(ValueError, match="stage"):
+        load_train_config(None, "pretrain")
+    with pytest.raises(ValueError, match="run.max_stepz|unknown field"):
+        load_train_config(None, "ar", ["run.max_stepz=3"])
+    with pytest.raises(ValueError, match="preset"):
+        load_train_config(None, "ar", ["model.transformer=hart-9b"])
+
+
+def test_tokenizer_stage_needs_shards(tmp_path):
+    config = load_train_config(None, "tokenizer", [f"run.storage_path={tmp_path}", "data.shards=[]"])
+    with pytest.raises(ValueError, match="data.shards"):
+        preflight(config)
