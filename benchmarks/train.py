@@ -6,6 +6,8 @@ What it measures (nothing is estimated unless labelled):
    Reports median step time, tokens/s and images/s after warm-up steps.
 2. `ray`: the same config through `jobs.train.run_training` (TorchTrainer, 1 worker, Ray Data
    ingest from the same cache, MLflow logging to a sqlite file, one checkpoint at the end).
+   The worker uses as many torch threads as the bare loop (`scaling.torch_threads`; Ray's
+   default for a 0.5-CPU worker would be 1 thread, which is not a wrapper overhead).
    The per-step time comes from the worker's own `step_seconds` metric (data wait included);
    the ratio ray/bare is the wrapper's steady-state overhead (goal <= 1.10). The job's wall
    time, including Ray start-up, dataset planning and the checkpoint, is printed too.
@@ -60,7 +62,7 @@ def train_config(args, cache: str, tokenizer: str, work: Path):
         f"run.max_steps={args.steps}", f"run.checkpoint_every={args.steps}", "run.log_every=1",
         f"data.cache={cache}", f"model.tokenizer_checkpoint={tokenizer}", f"data.batch_size={args.batch_size}",
         f"tracking.tracking_uri=sqlite:///{work / 'mlflow.db'}", "tracking.sample_every=0", "run.export=false",
-        "precision=fp32",
+        "precision=fp32", f"scaling.torch_threads={torch.get_num_threads()}",  # same threads as the bare loop
     ])
 
 

@@ -11,6 +11,7 @@ read without unpickling anything:
     optimizer.json            the non-tensor rest of the optimizer state (param_groups)
     scheduler.json            LR scheduler state (a step counter and lrs)
     extra_<name>.safetensors  other trained modules (e.g. the tokenizer's discriminator)
+    optimizer_<name>.*        their optimizers, same flattening
     rng_rank<r>.safetensors   torch / numpy / python RNG state of rank r
 
 Every file goes through `hart/weights.py` (safetensors only), so a hostile checkpoint
@@ -44,6 +45,7 @@ class TrainingState:
     optimizer: dict[str, Any] | None = None
     scheduler: dict[str, Any] | None = None
     extra: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    extra_optimizers: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def step(self) -> int:
@@ -160,6 +162,7 @@ def save_training_state(
     optimizer: dict[str, Any] | None = None,
     scheduler: dict[str, Any] | None = None,
     extra: dict[str, dict[str, torch.Tensor]] | None = None,
+    extra_optimizers: dict[str, dict[str, Any]] | None = None,
 ) -> Path:
     """Write a checkpoint directory; meta.json is written last so it marks completeness."""
     directory = Path(directory)
@@ -177,6 +180,10 @@ def save_training_state(
         (directory / "scheduler.json").write_text(json.dumps(scheduler))
     for name, state in (extra or {}).items():
         save_weight_file(state, directory / f"extra_{name}.safetensors")
+    for name, state in (extra_optimizers or {}).items():
+        tensors, structure = flatten_optimizer_state(state)
+        save_weight_file(tensors, directory / f"optimizer_{name}.safetensors")
+        (directory / f"optimizer_{name}.json").write_text(json.dumps(structure))
     full_meta = {**meta, "format_version": CHECKPOINT_FORMAT_VERSION}
     (directory / META_FILE).write_text(json.dumps(full_meta, indent=1, sort_keys=True))
     return directory
@@ -205,6 +212,10 @@ def load_training_state(directory: str | Path) -> TrainingState:
         state.scheduler = json.loads((directory / "scheduler.json").read_text())
     for path in sorted(directory.glob("extra_*.safetensors")):
         state.extra[path.stem[len("extra_"):]] = load_weight_file(path)
+    for path in sorted(directory.glob("optimizer_*.json")):
+        name = path.stem[len("optimizer_"):]
+        tensors = load_weight_file(directory / f"optimizer_{name}.safetensors")
+        state.extra_optimizers[name] = unflatten_optimizer_state(tensors, json.loads(path.read_text()))
     return state
 
 

@@ -10,6 +10,8 @@ Neither activation checkpointing nor compile changes state-dict keys (both patch
 blocks in place). Blocks are the first `nn.ModuleList` named `blocks` anywhere in the tree
 (the transformer's); modules without one (the tokenizer) get root-level treatment only.
 
+Order on a worker: parallelize, *then* build the optimizer and the EMA (FSDP2 replaces the
+parameters with DTensors in place; the EMA shadow is then sharded the same way).
 State dicts for checkpoints are always *full* (unsharded, CPU) so a checkpoint written
 by N GPUs under FSDP2 can be read by 1 CPU process and exported to the official layout.
 """
@@ -123,7 +125,7 @@ def parallelize(model: nn.Module, config: ParallelConfig, device: torch.device) 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Unsharded CPU state dict (gathers FSDP2 shards: a collective, call it on every rank)."""
-    if any(hasattr(p, "full_tensor") for p in model.parameters()):
+    if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -134,12 +136,53 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Inverse of full_state_dict: load full CPU weights into a plain or FSDP2-sharded model (strict)."""
-    if any(hasattr(p, "full_tensor") for p in model.parameters()):
+    if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
     else:
         model.load_state_dict(state, strict=True)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return any(hasattr(p, "full_tensor") for p in model.parameters())
+
+
+def full_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Gather DTensor entries (e.g. an EMA shadow kept sharded like FSDP2 params) into CPU tensors."""
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu() for k, v in state.items()}
+
+
+def shard_like(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Full tensors -> DTensors placed like `reference`'s entries (plain entries pass through)."""
+    out = {}
+    for key, value in state.items():
+        ref = reference.get(key)
+        if ref is not None and hasattr(ref, "device_mesh"):
+            from torch.distributed.tensor import distribute_tensor
+
+            out[key] = distribute_tensor(value.to(ref.device, ref.dtype), ref.device_mesh, ref.placements)
+        else:
+            out[key] = value
+    return out
+
+
+def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Optimizer state with full tensors: plain `state_dict()`, or gathered (FQN keys) under FSDP2."""
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    if not is_sharded(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def all_reduce_mean(value: float, device: torch.device) -> float:
@@ -157,7 +200,8 @@ def barrier() -> None:
 
 
 __all__ = [
-    "ParallelConfig", "parallelize", "full_state_dict", "load_full_state_dict",
+    "ParallelConfig", "parallelize", "full_state_dict", "load_full_state_dict", "is_sharded", "full_tensors",
+    "shard_like", "full_optimizer_state_dict", "load_full_optimizer_state_dict",
     "apply_activation_checkpointing", "apply_compile", "all_reduce_mean", "barrier", "world_size",
     "distributed_ready",
 ]

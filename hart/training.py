@@ -153,6 +153,15 @@ def load_optimizer_and_scheduler(
 ) -> None:
     """Restore both; the groups' current lr is re-set from the scheduler, whatever the build order."""
     optimizer.load_state_dict(dict(optimizer_state))
+    restore_scheduler(optimizer, scheduler, scheduler_state)
+
+
+def restore_scheduler(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    scheduler_state: Mapping[str, Any] | None,
+) -> None:
+    """Load the scheduler's step counter and set each group's lr to the scheduled value."""
     if scheduler is not None and scheduler_state is not None:
         scheduler.load_state_dict(dict(scheduler_state))
         for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
@@ -299,5 +308,5 @@ def train_step(
 
 __all__ = [
     "NonFiniteLossError", "OptimizerConfig", "parameter_groups", "build_optimizer", "lr_factor",
-    "build_scheduler", "load_optimizer_and_scheduler", "ExponentialMovingAverage", "train_step", "autocast", "PRECISIONS",
+    "build_scheduler", "load_optimizer_and_scheduler", "restore_scheduler", "ExponentialMovingAverage", "train_step", "autocast", "PRECISIONS",
 ]

@@ -33,6 +33,8 @@ import torch
 from torch import nn
 
 from hart.checkpoint import read_meta
+from hart.training import train_step
+from jobs import tracking
 from hart.quantizer import MultiScaleQuantizer
 from hart.weights import load_weight_file, load_weight_folder, match_state_dict
 from jobs.train_config import TrainRunConfig, model_configs
@@ -246,6 +248,77 @@ def _build_transformer_stage(config: TrainRunConfig, device: torch.device, text_
     return Stage(config.stage, model, objective, tokenizer=tokenizer, text_encoder=text_encoder)
 
 
+# --------------------------------------------------------------------------------------
+# One step, throughput and sample grids (called by the worker loop in jobs/train.py)
+# --------------------------------------------------------------------------------------
+
+
+def optimizer_step(config, stage: Stage, objective, disc_objective, optimizer, scheduler, disc_optimizer,
+                   micro_batches, step, generator) -> dict[str, float]:
+    device_type = next(stage.model.parameters()).device.type
+    captured: list[dict] = []
+
+    def loss_fn(module, batch):
+        out = module(batch, step=step, generator=generator)
+        captured.append(out)
+        return {k: v for k, v in out.items() if k != "reconstructions"}
+
+    metrics = train_step(objective, loss_fn, micro_batches, optimizer, step=step, scheduler=scheduler,
+                         clip_grad_norm=config.optim.clip_grad_norm, precision=config.precision,
+                         device_type=device_type, parameters=[p for p in stage.model.parameters() if p.requires_grad])
+    if disc_objective is not None:  # PatchGAN side, on the reconstructions just made
+        disc_batches = [{"images": b["images"], "reconstructions": out["reconstructions"]}
+                        for b, out in zip(micro_batches, captured)]
+        disc = train_step(disc_objective, lambda m, b: m(b, step=step), disc_batches, disc_optimizer, step=step,
+                          clip_grad_norm=config.optim.clip_grad_norm, precision=config.precision, device_type=device_type)
+        metrics.update({f"disc_{k}": v for k, v in disc.items() if k != "lr"})
+    return metrics
+
+
+def throughput(config: TrainRunConfig, micro_batches, seconds: float, world_size: int) -> dict[str, float]:
+    """Images and tokens per second of the whole job (this rank's rate times the world size: no extra collective)."""
+    tokenizer_cfg, transformer_cfg = model_configs(config)
+    images = sum(len(b["caption"]) for b in micro_batches) * world_size
+    tokens_per_image = tokenizer_cfg.num_tokens() if config.stage == "tokenizer" else transformer_cfg.num_image_tokens()
+    return {"images_per_s": images / seconds, "tokens_per_s": images * tokens_per_image / seconds, "step_seconds": seconds}
+
+
+def log_samples(config, stage: Stage, ema, sample_batch, logger, step, manifest) -> None:
+    """Rank 0: reconstructions (tokenizer) or generations from fixed prompts, with the EMA weights."""
+    if not logger.enabled or sample_batch is None:
+        return
+    from hart.parallelize import is_sharded
+
+    if is_sharded(stage.model):  # rank-0-only generation cannot run on FSDP2 shards; use the exported model
+        return
+    import copy
+
+    model = copy.deepcopy(stage.model)
+    ema.copy_to(model)
+    model.eval()
+    with torch.no_grad():
+        if config.stage == "tokenizer":
+            images = sample_batch["images"][:8]
+            tokens, residual = model.encode(images)
+            rows = torch.cat([images, model.decode(tokens, residual), model.decode(tokens)])
+            grid = tracking.image_grid(tracking.to_uint8_images(rows), columns=len(images))
+            logger.log_image(grid, f"reconstructions/step_{step:07d}.png")  # rows: input, hybrid, discrete
+            return
+        from hart.generate import generate
+        import numpy as np
+
+        encoder = stage.text_encoder
+        if encoder is None:
+            from hart.text_encoder import build_text_encoder
+
+            name = (manifest.get("text") or {}).get("encoder") or config.data.text_encoder
+            encoder = stage.text_encoder = build_text_encoder(name, model.config.context_token)
+        images = generate(model, stage.tokenizer, encoder, list(config.tracking.sample_prompts),
+                          seed=config.tracking.sample_seed, use_diffusion=config.stage != "ar")
+        grid = tracking.image_grid(np.stack([np.asarray(im.convert("RGB")) for im in images]))
+        logger.log_image(grid, f"samples/step_{step:07d}.png")
+
+
 def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
@@ -253,4 +326,5 @@ def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
 __all__ = [
     "Stage", "build_stage", "load_compatible_weights", "read_start_weights", "load_frozen_tokenizer",
     "TransformerObjective", "TokenizerObjective", "DiscriminatorObjective", "trainable_parameters",
+    "optimizer_step", "throughput", "log_samples",
 ]

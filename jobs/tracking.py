@@ -174,6 +174,7 @@ class RunLogger:
         self.enabled = enabled and bool(run_id)
         self.run_id = run_id
         self.client = None
+        self.pending: list = []
         if self.enabled:
             from mlflow.tracking import MlflowClient
 
@@ -187,7 +188,16 @@ class RunLogger:
         timestamp = int(1000 * time.time())
         entries = [mlflow.entities.Metric(k, float(v), timestamp, step) for k, v in metrics.items()]
         for start in range(0, len(entries), 1000):
-            self.client.log_batch(self.run_id, metrics=entries[start : start + 1000])
+            # Asynchronous: MLflow's background queue does the I/O, the training step does not wait.
+            operation = self.client.log_batch(self.run_id, metrics=entries[start : start + 1000], synchronous=False)
+            if operation is not None:
+                self.pending.append(operation)
+
+    def flush(self) -> None:
+        """Wait for queued metric writes (called at checkpoints, so logged == checkpointed)."""
+        for operation in self.pending:
+            operation.wait()
+        self.pending = []
 
     def log_image(self, image_HW3: np.ndarray, artifact_file: str) -> None:
         if not self.enabled:

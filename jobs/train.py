@@ -21,23 +21,26 @@ workers, so none in between); metrics go to MLflow from rank 0 every `run.log_ev
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from hart.checkpoint import load_rng_state, load_training_state, save_rng_state, save_training_state
-from hart.config import config_from_dict, config_to_dict
-from hart.parallelize import full_state_dict, load_full_state_dict, parallelize
-from hart.training import (
-    ExponentialMovingAverage, build_optimizer, build_scheduler, load_optimizer_and_scheduler, train_step,
+from hart.config import config_from_dict
+from hart.parallelize import (
+    full_optimizer_state_dict, full_state_dict, full_tensors, load_full_optimizer_state_dict, load_full_state_dict,
+    parallelize, shard_like,
 )
+from hart.training import ExponentialMovingAverage, build_optimizer, build_scheduler, restore_scheduler
 from jobs import tracking
-from jobs.stages import Stage, build_stage
-from jobs.train_config import TrainRunConfig, load_train_config, model_configs
+from jobs.stages import Stage, build_stage, log_samples, optimizer_step, throughput
+from jobs.train_config import TrainRunConfig, load_train_config
 from jobs.train_data import (
     CacheCollate, TextFeatures, cache_dataset, check_cache, check_text_encoder, image_dataset, images_collate,
     list_image_shards,
@@ -137,6 +140,9 @@ def export_and_register(config: TrainRunConfig, facts: dict[str, Any], checkpoin
     local = export_dir or tempfile.mkdtemp(prefix="hart-export-")
     with checkpoint.as_directory() as directory:  # [ray]
         export_checkpoint(directory, config, local)
+    # The run config travels with the registered model (secrets redacted like the params).
+    params = tracking.flatten_params(config.to_dict())
+    (Path(local) / "train_config.json").write_text(json.dumps(params, indent=1, sort_keys=True) + "\n")
     destination = storage.join(config.run.storage_path, config.run.name, "export")
     upload_folder(local, destination, config.run.endpoint_url)
     name = config.tracking.registered_model or f"hart-{config.stage}"
@@ -159,9 +165,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank = context.get_world_rank()
     device = ray.train.torch.get_device()  # [ray]
     torch.manual_seed(config.run.seed + rank)
+    if config.scaling.torch_threads:
+        torch.set_num_threads(config.scaling.torch_threads)
     manifest = loop_config["manifest"]
     text = TextFeatures(config, manifest, device) if config.stage != "tokenizer" else None
     stage = build_stage(config, device, text.encoder if text else None)
+    # Wrap first: FSDP2 swaps parameters for DTensors, and the optimizer/EMA must hold those.
+    objective = parallelize(stage.objective, config.parallel, device)
+    disc_objective = None
+    if stage.discriminator_objective is not None:
+        disc_objective = parallelize(stage.discriminator_objective, config.parallel, device)
     optimizer = build_optimizer(stage.model, config.optim)
     scheduler = build_scheduler(optimizer, config.run.max_steps, config.optim)
     disc_optimizer = None
@@ -173,11 +186,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()  # [ray]
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:  # [ray]
-            step, data_epoch = restore(directory, stage, optimizer, scheduler, ema, loop_config["run_id"], rank)
+            step, data_epoch = restore(directory, stage, optimizer, scheduler, disc_optimizer, ema,
+                                       loop_config["run_id"], rank)
         resumed = True
         print(f"[train] rank {rank}: resumed at step {step}, data epoch {data_epoch}")
-    objective = parallelize(stage.objective, config.parallel, device)
-    disc_objective = parallelize(stage.discriminator_objective, config.parallel, device) if disc_optimizer else None
     logger = tracking.RunLogger(loop_config["tracking_uri"], loop_config["run_id"], enabled=rank == 0)
     shard = ray.train.get_dataset_shard("train")  # [ray]
     collate = images_collate if config.stage == "tokenizer" else CacheCollate(manifest)
@@ -210,6 +222,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if config.tracking.sample_every and step % config.tracking.sample_every == 0 or step == config.run.max_steps:
                 log_samples(config, stage, ema, sample_batch, logger, step, manifest)
             if step % config.run.checkpoint_every == 0 or step == config.run.max_steps:
+                logger.flush()
                 report_checkpoint(config, stage, optimizer, scheduler, disc_optimizer, ema, metrics, step, data_epoch,
                                   loop_config["run_id"], rank)
             if step >= config.run.max_steps:
@@ -221,46 +234,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             data_epoch += 1
 
 
-def optimizer_step(config, stage: Stage, objective, disc_objective, optimizer, scheduler, disc_optimizer,
-                   micro_batches, step, generator) -> dict[str, float]:
-    device_type = next(stage.model.parameters()).device.type
-    captured: list[dict] = []
-
-    def loss_fn(module, batch):
-        out = module(batch, step=step, generator=generator)
-        captured.append(out)
-        return {k: v for k, v in out.items() if k != "reconstructions"}
-
-    metrics = train_step(objective, loss_fn, micro_batches, optimizer, step=step, scheduler=scheduler,
-                         clip_grad_norm=config.optim.clip_grad_norm, precision=config.precision,
-                         device_type=device_type, parameters=[p for p in stage.model.parameters() if p.requires_grad])
-    if disc_objective is not None:  # PatchGAN side, on the reconstructions just made
-        disc_batches = [{"images": b["images"], "reconstructions": out["reconstructions"]}
-                        for b, out in zip(micro_batches, captured)]
-        disc = train_step(disc_objective, lambda m, b: m(b, step=step), disc_batches, disc_optimizer, step=step,
-                          clip_grad_norm=config.optim.clip_grad_norm, precision=config.precision, device_type=device_type)
-        metrics.update({f"disc_{k}": v for k, v in disc.items() if k != "lr"})
-    return metrics
-
-
-def throughput(config: TrainRunConfig, micro_batches, seconds: float, world_size: int) -> dict[str, float]:
-    """Images and tokens per second of the whole job (this rank's rate times the world size: no extra collective)."""
-    tokenizer_cfg, transformer_cfg = model_configs(config)
-    images = sum(len(b["caption"]) for b in micro_batches) * world_size
-    tokens_per_image = tokenizer_cfg.num_tokens() if config.stage == "tokenizer" else transformer_cfg.num_image_tokens()
-    return {"images_per_s": images / seconds, "tokens_per_s": images * tokens_per_image / seconds, "step_seconds": seconds}
-
-
-def restore(directory, stage: Stage, optimizer, scheduler, ema, run_id: str, rank: int) -> tuple[int, int]:
+def restore(directory, stage: Stage, optimizer, scheduler, disc_optimizer, ema, run_id: str, rank: int) -> tuple[int, int]:
     state = load_training_state(directory)
     if state.meta.get("mlflow_run_id") not in (None, run_id):
         raise ValueError(f"checkpoint belongs to MLflow run {state.meta['mlflow_run_id']}, the driver opened {run_id}")
     load_full_state_dict(stage.model, state.model)
-    load_optimizer_and_scheduler(optimizer, scheduler, state.optimizer, state.scheduler)
+    load_full_optimizer_state_dict(stage.model, optimizer, state.optimizer)
+    restore_scheduler(optimizer, scheduler, state.scheduler)
     if state.ema is not None:
-        ema.load_state_dict(state.ema)
+        ema.load_state_dict(shard_like(state.ema, ema.shadow))
     if stage.discriminator is not None and "discriminator" in state.extra:
         stage.discriminator.load_state_dict(state.extra["discriminator"])
+        disc_optimizer.load_state_dict(state.extra_optimizers["discriminator"])
     load_rng_state(directory, rank)
     return state.step, int(state.meta["data_epoch"])
 
@@ -269,49 +254,21 @@ def report_checkpoint(config, stage: Stage, optimizer, scheduler, disc_optimizer
                       run_id, rank) -> None:
     import ray.train  # [ray]
 
-    model_state = full_state_dict(stage.model)  # a collective under FSDP2: every rank calls it
+    # Gathers are collectives under FSDP2: every rank makes them, rank 0 writes.
+    model_state, ema_state = full_state_dict(stage.model), full_tensors(ema.state_dict())
+    optimizer_state = full_optimizer_state_dict(stage.model, optimizer)
     with tempfile.TemporaryDirectory(prefix="hart-ckpt-") as directory:
         if rank == 0:
             extra = {"discriminator": full_state_dict(stage.discriminator)} if stage.discriminator is not None else {}
             meta = {"step": step, "data_epoch": data_epoch, "stage": config.stage, "mlflow_run_id": run_id,
                     "run_name": config.run.name, "config": config.to_dict(), "metrics": metrics}
-            save_training_state(directory, meta=meta, model=model_state, ema=ema.state_dict(),
-                                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), extra=extra)
+            extra_optimizers = {"discriminator": disc_optimizer.state_dict()} if disc_optimizer is not None else {}
+            save_training_state(directory, meta=meta, model=model_state, ema=ema_state,
+                                optimizer=optimizer_state, scheduler=scheduler.state_dict(), extra=extra,
+                                extra_optimizers=extra_optimizers)
         save_rng_state(directory, rank)
         ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(directory),  # [ray]
                          checkpoint_dir_name=f"checkpoint_step{step:08d}")
-
-
-def log_samples(config, stage: Stage, ema, sample_batch, logger, step, manifest) -> None:
-    """Rank 0: reconstructions (tokenizer) or generations from fixed prompts, with the EMA weights."""
-    if not logger.enabled or sample_batch is None:
-        return
-    import copy
-
-    model = copy.deepcopy(stage.model)
-    ema.copy_to(model)
-    model.eval()
-    with torch.no_grad():
-        if config.stage == "tokenizer":
-            images = sample_batch["images"][:8]
-            tokens, residual = model.encode(images)
-            rows = torch.cat([images, model.decode(tokens, residual), model.decode(tokens)])
-            grid = tracking.image_grid(tracking.to_uint8_images(rows), columns=len(images))
-            logger.log_image(grid, f"reconstructions/step_{step:07d}.png")  # rows: input, hybrid, discrete
-            return
-        from hart.generate import generate
-        import numpy as np
-
-        encoder = stage.text_encoder
-        if encoder is None:
-            from hart.text_encoder import build_text_encoder
-
-            name = (manifest.get("text") or {}).get("encoder") or config.data.text_encoder
-            encoder = stage.text_encoder = build_text_encoder(name, model.config.context_token)
-        images = generate(model, stage.tokenizer, encoder, list(config.tracking.sample_prompts),
-                          seed=config.tracking.sample_seed, use_diffusion=config.stage != "ar")
-        grid = tracking.image_grid(np.stack([np.asarray(im.convert("RGB")) for im in images]))
-        logger.log_image(grid, f"samples/step_{step:07d}.png")
 
 
 # ======================================================================================

@@ -81,6 +81,7 @@ class ScalingSection:
     use_gpu: bool = False
     cpus_per_worker: float = 0.5  # fractional on small machines: Ray Data needs CPUs too (RAY_NOTES §3.2)
     gpus_per_worker: float = 1.0  # used when use_gpu
+    torch_threads: int = 0  # intra-op threads per worker; 0 = Ray's default (OMP_NUM_THREADS = the worker's whole CPUs, min 1)
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:

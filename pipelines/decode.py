@@ -31,6 +31,10 @@ _MODE_NOTES = {"L": "converted_grayscale", "I;16": "converted_16bit", "I": "conv
                "YCbCr": "converted_ycbcr", "LAB": "converted_lab", "HSV": "converted_hsv"}
 
 
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")  # JPEG also covers multi-picture (MPO) camera files
+Image.init()  # register every plugin up front: `Image.open(formats=...)` looks them up by name
+
+
 class Rejected(Exception):
     """A sample is rejected; `reason` is the short counter name used in stats."""
 
@@ -95,7 +99,9 @@ def prepare_image(data: bytes | None, config: PreprocessConfig, resolution: int)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))  # reads the header only
+            # Header only; and only formats we expect, so no other PIL plugin (e.g. EPS via
+            # Ghostscript) ever parses untrusted bytes.
+            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
             width, height = image.size
             if width * height > config.max_pixels:
                 raise Rejected("too_many_pixels")

@@ -98,12 +98,24 @@ def _short(value: Any) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
-def list_committed(uri: str, fingerprint_hex: str, endpoint_url: str = "") -> dict[str, dict[str, Any]]:
-    """shard -> stats of every shard whose stats marker exists and matches this fingerprint."""
+def list_committed(uri: str, fingerprint_hex: str, endpoint_url: str = "",
+                   manifest: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """shard -> stats of every shard whose stats marker exists and matches this fingerprint.
+
+    The stats directory listing is the truth; markers already listed in a matching `manifest`
+    are not downloaded again (one LIST instead of one GET per shard on object stores)."""
+    known = {}
+    if manifest is not None and manifest.get("fingerprint_hash") == fingerprint_hex:
+        known = {e["shard"]: {"shard": e["shard"], "file": e["file"], "samples_written": e["num_rows"],
+                              "source_uri": e["source_uri"]} for e in manifest.get("committed_shards", [])}
     fs, base = storage.resolve(uri, endpoint_url)
     committed = {}
     for path in storage.list_files(fs, f"{base}/{STATS_DIR}"):
         if not path.endswith(".stats.json"):
+            continue
+        shard = path.rsplit("/", 1)[-1][: -len(".stats.json")]
+        if shard in known:
+            committed[shard] = known[shard]
             continue
         try:
             stats = json.loads(storage.read_bytes(fs, path))

@@ -183,6 +183,14 @@ def prepare(config: PrecomputeConfig) -> dict[str, Any]:
             "fingerprint": fingerprint, "schema": schema, "header": header}
 
 
+def _log_commits(writer: ShardWriter, shards: list[str], log) -> None:
+    for shard in shards:
+        stats = writer.committed[shard]
+        rejected = sum(stats["rejected"].values())
+        log(f"committed {shard}: {stats['samples_written']}/{stats['samples_in']} written, {rejected} rejected "
+            f"({len(writer.committed)} shards this run)")
+
+
 def run_precompute(config: PrecomputeConfig, log=print) -> PrecomputeSummary:
     """Run (or resume) the job; Ray must be initialised. Returns the summary (failed shards inside)."""
     started = time.perf_counter()
@@ -192,7 +200,7 @@ def run_precompute(config: PrecomputeConfig, log=print) -> PrecomputeSummary:
     existing = manifest_lib.read_json(output, manifest_lib.MANIFEST_NAME, endpoint)
     if existing is not None:
         manifest_lib.check_compatible(existing, setup["fingerprint"], output)
-    committed = manifest_lib.list_committed(output, fingerprint_hex, endpoint)
+    committed = manifest_lib.list_committed(output, fingerprint_hex, endpoint, existing)
     manifest_lib.write_json(output, manifest_lib.MANIFEST_NAME, manifest_lib.build_manifest(setup["header"], committed), endpoint)
 
     uris = shard_source.list_shards(config.input)
@@ -222,12 +230,12 @@ def run_precompute(config: PrecomputeConfig, log=print) -> PrecomputeSummary:
                     summary.startup_seconds = time.perf_counter() - started
                 for shard in assembler.add(batch):
                     writer.submit(shard, *assembler.take(shard))
-                writer.collect()
+                _log_commits(writer, writer.collect(), log)
                 if time.perf_counter() - last_manifest > MANIFEST_REFRESH_SECONDS:
                     manifest_lib.write_json(output, manifest_lib.MANIFEST_NAME, manifest_lib.build_manifest(
                         setup["header"], {**committed, **writer.committed}), endpoint)
                     last_manifest = time.perf_counter()
-            writer.collect(wait=True)
+            _log_commits(writer, writer.collect(wait=True), log)
             summary.ray_stats = dataset.stats()
         finally:
             writer.close()

@@ -6,6 +6,10 @@ through the native `pyarrow.fs.S3FileSystem` (faster than an fsspec wrapper, RAY
 S3-compatible endpoint is reached through `endpoint_url` or, when that is empty, the standard
 `AWS_ENDPOINT_URL` / `AWS_ENDPOINT_URL_S3` env vars. Credentials and region come from the usual AWS
 chain (env vars, profile, instance role): nothing secret is ever stored in configs or manifests.
+Every S3 request retries transient errors (503 SlowDown, connection resets, short reads) with
+the AWS "standard" strategy: exponential backoff with jitter, at most `S3_MAX_ATTEMPTS` tries
+(env `HART_S3_MAX_ATTEMPTS`), and bounded connect/request timeouts, so a flaky store is
+survived and a dead one fails in seconds with the SDK's error instead of hanging.
 
 Commit semantics differ per backend and are hidden here: `write_bytes_atomic` writes a temporary
 sibling and renames it on local disks (rename is atomic on POSIX), and does a single PUT on S3
@@ -31,10 +35,25 @@ def endpoint_from_env() -> str:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
 
 
+S3_MAX_ATTEMPTS = 6  # tries per request (1 + 5 retries), backoff with jitter in between
+S3_CONNECT_TIMEOUT_S = 10.0
+S3_REQUEST_TIMEOUT_S = 60.0
+
+
+def s3_max_attempts() -> int:
+    value = os.environ.get("HART_S3_MAX_ATTEMPTS", "")
+    if not value:
+        return S3_MAX_ATTEMPTS
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"HART_S3_MAX_ATTEMPTS must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def s3_filesystem(endpoint_url: str = "") -> pafs.S3FileSystem:
     """Native S3 filesystem for AWS or any S3-compatible endpoint (MinIO, moto, R2 ...)."""
     endpoint_url = endpoint_url or endpoint_from_env()
-    kwargs: dict = {}
+    kwargs: dict = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=s3_max_attempts()),
+                    "connect_timeout": S3_CONNECT_TIMEOUT_S, "request_timeout": S3_REQUEST_TIMEOUT_S}
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         kwargs["region"] = region

@@ -179,6 +179,7 @@ class ShardWriter:
             if error is not None:
                 self.failed[shard] = f"write failed: {type(error).__name__}: {error}"
             else:
+                self.committed[shard] = future.result()  # only the driver thread touches `committed`
                 done.append(shard)
         self.futures = still
         return done
@@ -187,7 +188,7 @@ class ShardWriter:
         self.pool.shutdown(wait=True)
 
     def _commit(self, shard: str, header: dict[str, Any], columns: dict[str, np.ndarray] | None,
-                seconds: float, crash: bool) -> str:
+                seconds: float, crash: bool) -> dict[str, Any]:
         started = time.perf_counter()
         rejected: Counter = Counter()
         notes: Counter = Counter()
@@ -222,5 +223,4 @@ class ShardWriter:
         }
         assert stats["samples_in"] == stats["samples_written"] + sum(rejected.values()), "a sample was lost"
         manifest_lib.write_json(self.output, manifest_lib.stats_file(shard), stats, self.endpoint_url)
-        self.committed[shard] = stats
-        return shard
+        return stats

@@ -13,6 +13,7 @@ seconds (Ray import included).
 from __future__ import annotations
 
 import copy
+import functools
 import re
 import shlex
 from pathlib import Path
@@ -68,8 +69,11 @@ def yaml_files() -> list[Path]:
     return sorted(p for p in INFRA.rglob("*") if p.suffix in (".yaml", ".yml"))
 
 
+@functools.lru_cache(maxsize=None)
 def load_documents(path: Path) -> list[dict[str, Any]]:
-    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+    """Parsed once per session (the manifests are large); tests that mutate a document deep-copy it first."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return [doc for doc in yaml.load_all(path.read_text(), Loader=loader) if doc is not None]
 
 
 def kubernetes_documents() -> list[tuple[Path, dict[str, Any]]]:

@@ -45,7 +45,10 @@ def token_auth_head():
     head = subprocess.Popen(
         [str(RAY_BIN), "start", "--head", "--block", "--port=0", "--node-ip-address=127.0.0.1",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--num-cpus=2",
-         "--include-dashboard=true", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+         "--include-dashboard=true", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+         # every listener on a free port: another Ray instance of the session may hold the defaults
+         f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+         f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard_port}"

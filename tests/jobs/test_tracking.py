@@ -43,6 +43,7 @@ def test_open_run_resumes_by_name_and_logs_rank0_only(tmp_path):
     tracking.RunLogger(uri, run_id, enabled=False).log_metrics({"loss": 9.0}, step=1)  # rank 1: nothing
     logger = tracking.RunLogger(uri, run_id, enabled=True)
     logger.log_metrics({"loss": 1.5}, step=7)
+    logger.flush()
     logger.log_image(tracking.image_grid(np.zeros((3, 4, 4, 3), np.uint8), columns=2), "samples/grid.png")
     client = MlflowClient(tracking_uri=uri)
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(7, 1.5)]

@@ -74,13 +74,15 @@ def test_joint_crash_resume_on_s3_then_export(train_assets, s3_bucket, s3_endpoi
     assert json.loads((tmp_path / "export" / "llm" / "config.json").read_text())["model_type"] == "hart_transformer_t2i"
 
 
-def test_tokenizer_stage_with_mlflow_server(train_assets, mlflow_server, tmp_path):
+def test_tokenizer_stage_two_ddp_workers_with_mlflow_server(train_assets, mlflow_server, tmp_path):
+    # 2 workers x 0.5 CPU: DDP over gloo, each rank on its own data shard, logging from rank 0 only
     config = tiny_config(train_assets, "tokenizer", tmp_path, f"tracking.tracking_uri={mlflow_server}",
-                         "run.max_steps=6", "run.checkpoint_every=6", "optim.lr=0.003", "data.batch_size=4")
+                         "run.max_steps=6", "run.checkpoint_every=6", "optim.lr=0.003", "data.batch_size=4",
+                         "scaling.num_workers=2", "scaling.cpus_per_worker=0.5")
     outcome = run_training(config, export_dir=str(tmp_path / "export"))
     client, run = only_run(mlflow_server, config.tracking.experiment, config.run.name)
     history = sorted(client.get_metric_history(run.info.run_id, "reconstruction"), key=lambda m: m.step)
-    assert [m.step for m in history] == [1, 2, 3, 4, 5, 6]
+    assert [m.step for m in history] == [1, 2, 3, 4, 5, 6]  # one value per step: rank 0 only
     assert history[-1].value < history[0].value
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "reconstructions")]
     assert artifacts == ["reconstructions/step_0000006.png"]

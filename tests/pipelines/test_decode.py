@@ -83,3 +83,12 @@ def test_bad_config_values_raise():
         PreprocessConfig(max_aspect_ratio=0.5)
     with pytest.raises(ValueError, match="resample"):
         PreprocessConfig(resample="nearest")
+
+
+def test_only_expected_formats_are_parsed():
+    with pytest.raises(Rejected) as info:
+        prepare_image(encode(Image.new("RGB", (64, 64)), "BMP"), PreprocessConfig(), 64)
+    assert info.value.reason == "image_decode_error"
+    gif = encode(Image.new("P", (64, 64)), "GIF")
+    with pytest.raises(Rejected):
+        prepare_image(gif, PreprocessConfig(), 64)

@@ -100,3 +100,13 @@ def test_atomic_local_write_leaves_no_temp_files(tmp_path):
     assert [p.name for p in (tmp_path / "d").iterdir()] == ["x.bin"] and (tmp_path / "d" / "x.bin").read_bytes() == b"abcd"
     with pytest.raises(ValueError, match="scheme"):
         storage.resolve("gs://bucket/x")
+
+
+def test_oversized_members_are_skipped_and_counted(tmp_path):
+    from pipelines.shapes import tar_bytes
+
+    path = tmp_path / "big.tar"
+    path.write_bytes(tar_bytes([("a.jpg", b"x" * 5000), ("a.txt", b"caption"), ("b.jpg", b"y" * 10), ("b.txt", b"b")]))
+    table = pa.concat_tables(list(read_shard_rows("big", str(path), InputConfig(max_member_bytes=1000))))
+    rows = {k: s for k, s, kind in zip(*(table.column(c).to_pylist() for c in ("key", "status", "row_kind"))) if kind == "sample"}
+    assert rows == {"a": "member_too_large", "b": "ok"}

@@ -1,0 +1,166 @@
+"""Precompute under faults: SIGKILL the driver at random points, SIGKILL a tokenizer actor mid-run.
+
+Property checked after every trial (tests/faults/accounting.py): the committed key set equals the
+input key set (these corpora reject nothing), no key twice, every shard's counters add up, the
+manifest agrees, and no partial file is visible as committed (only hidden `.tmp-*` litter may
+remain from a write killed before its rename; parquet readers skip hidden names).
+
+- Driver kill, fast trial: `python -m jobs.precompute` as a separate driver attached to the test's
+  Ray instance (RAY_ADDRESS, as under `ray job submit`), SIGKILLed once the first shard committed
+  plus a seeded jitter; the rerun (in-process) finishes the job.
+- Driver kill, slow trials (`-m slow`): the job with its own local Ray in its own process group,
+  the whole group SIGKILLed after a seeded number of commits plus jitter, several seeds.
+- Actor kill: while `run_precompute` runs in this process, a thread finds the tokenizer actor
+  through `ray.util.state.list_actors` and SIGKILLs its process; Ray Data restarts it and retries
+  its batches, and the same run must still finish exactly once.
+
+Run: .venv/bin/pytest tests/faults/test_precompute_faults.py -q  (slow trials: -m slow)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pipelines import shapes
+from pipelines.config import load_precompute_config
+from pipelines.plan import run_precompute
+from tests.faults.accounting import assert_exactly_once, visible_junk
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def overrides(uris, cache) -> list[str]:
+    return [f"input.shards={json.dumps(uris)}", f"output={cache}", "progress=false",
+            "compute.tokenizer_batch_size=4", "compute.decode_batch_size=4"]
+
+
+def num_committed(cache: Path) -> int:
+    stats = cache / "stats"
+    return len([n for n in os.listdir(stats) if n.endswith(".stats.json")]) if stats.exists() else 0
+
+
+def kill_driver_after(command, env, cache: Path, commits: int, jitter_s: float, new_group: bool, timeout_s=300) -> int:
+    """Start the job, wait for `commits` shard commits, sleep `jitter_s`, SIGKILL; returns commits seen at the kill."""
+    process = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=new_group,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + timeout_s
+        while time.time() < deadline and process.poll() is None and num_committed(cache) < commits:
+            time.sleep(0.05)
+        time.sleep(jitter_s)
+        assert process.poll() is None, "the job ended before the kill: make the corpus bigger"
+    finally:
+        if process.poll() is None:
+            if new_group:
+                os.killpg(process.pid, signal.SIGKILL)  # driver + the local Ray it started
+            else:
+                os.kill(process.pid, signal.SIGKILL)  # the driver only; the cluster stays up
+        process.wait()
+    return num_committed(cache)
+
+
+def job_command(items: list[str], *extra: str) -> list[str]:
+    command = [sys.executable, "-m", "jobs.precompute", *extra]
+    for item in items:
+        command += ["--set", item]
+    return command
+
+
+def test_driver_sigkill_then_rerun_is_exactly_once(ray_local, tmp_path):
+    rng = random.Random(7)
+    uris = shapes.write_shapes_shards(str(tmp_path / "raw"), 48, 12, seed=7)
+    cache = tmp_path / "cache"
+    items = overrides(uris, cache)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    at_kill = kill_driver_after(job_command(items), env, cache, commits=1, jitter_s=rng.uniform(0.0, 0.5), new_group=False)
+    assert at_kill < 12, "the kill should land mid-run"
+    summary = run_precompute(load_precompute_config(None, items), log=lambda *a: None)
+    assert summary.shards_skipped == at_kill and summary.shards_done == 12 - at_kill and not summary.shards_failed
+    assert_exactly_once(str(cache), uris)
+    assert not visible_junk(str(cache))
+    print(f"driver SIGKILL: {at_kill}/12 shards committed at the kill")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])
+def test_job_group_sigkill_at_random_points(ray_local, tmp_path, seed):
+    rng = random.Random(seed)
+    uris = shapes.write_shapes_shards(str(tmp_path / "raw"), 60, 10, seed=seed)
+    cache = tmp_path / "cache"
+    items = overrides(uris, cache)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(ROOT)
+    commits, jitter = rng.randint(0, 6), rng.uniform(0.0, 1.0)
+    at_kill = kill_driver_after(job_command(items, "--num-cpus", "2"), env, cache, commits, jitter, new_group=True)
+    assert at_kill < 10
+    summary = run_precompute(load_precompute_config(None, items), log=lambda *a: None)
+    assert summary.shards_skipped == at_kill and not summary.shards_failed
+    assert_exactly_once(str(cache), uris)
+    assert not visible_junk(str(cache))
+    print(f"seed {seed}: killed after {commits} commits + {jitter:.2f}s; {at_kill}/10 committed at the kill")
+
+
+def tokenizer_actors(ray) -> list:
+    from ray.util.state import list_actors
+
+    return [a for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True)
+            if "MapWorker" in a.class_name and "TokenizerStage" in (a.repr_name or a.name or a.class_name)]
+
+
+def actor_killer(ray, cache: Path, after_commits: int, jitter_s: float, record: dict) -> None:
+    """Wait for the pool to work, then SIGKILL one tokenizer actor's process (found via the state API)."""
+    deadline = time.time() + 180
+    while time.time() < deadline and num_committed(cache) < after_commits:
+        time.sleep(0.05)
+    time.sleep(jitter_s)
+    while time.time() < deadline:
+        actors = tokenizer_actors(ray)
+        if actors:
+            record["committed_at_kill"] = num_committed(cache)
+            record["pid"], record["actor_id"] = actors[0].pid, actors[0].actor_id
+            os.kill(actors[0].pid, signal.SIGKILL)
+            return
+        time.sleep(0.1)
+
+
+def actor_kill_trial(ray, tmp_path, seed: int, num_shards: int, per_shard: int) -> dict:
+    rng = random.Random(seed)
+    uris = shapes.write_shapes_shards(str(tmp_path / "raw"), num_shards * per_shard, num_shards, seed=seed)
+    cache = tmp_path / "cache"
+    record: dict = {}
+    killer = threading.Thread(target=actor_killer, args=(ray, cache, rng.randint(0, 2), rng.uniform(0, 0.3), record))
+    killer.start()
+    summary = run_precompute(load_precompute_config(None, overrides(uris, cache)), log=lambda *a: None)
+    killer.join()
+    assert "pid" in record, "no tokenizer actor was found to kill"
+    assert record["committed_at_kill"] < num_shards, "the kill landed after the last commit: make the run longer"
+    # The same run survived the kill: Ray Data restarted the actor and retried its batches.
+    assert summary.shards_done == num_shards and not summary.shards_failed
+    assert_exactly_once(str(cache), uris)
+    assert not visible_junk(str(cache))
+    return record
+
+
+def test_tokenizer_actor_sigkill_mid_run(ray_local, tmp_path):
+    from ray.util.state import get_actor
+
+    record = actor_kill_trial(ray_local, tmp_path, seed=3, num_shards=10, per_shard=4)
+    assert get_actor(record["actor_id"]).state == "DEAD" or get_actor(record["actor_id"]).num_restarts >= 1
+    print(f"actor SIGKILL: pid {record['pid']} at {record['committed_at_kill']}/10 commits")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [11, 12, 13])
+def test_tokenizer_actor_sigkill_more_seeds(ray_local, tmp_path, seed):
+    record = actor_kill_trial(ray_local, tmp_path, seed=seed, num_shards=12, per_shard=5)
+    print(f"seed {seed}: actor pid {record['pid']} killed at {record['committed_at_kill']}/12 commits")

@@ -1,0 +1,111 @@
+"""S3 faults: precompute and checkpoint uploads through a fault-injecting proxy in front of moto.
+
+At a 5% fault rate (503 SlowDown, connection resets, truncated GET bodies) the production
+storage layer (`pipelines.storage.s3_filesystem`: AWS standard retries with backoff, bounded
+attempts) must finish with exactly-once output; at 100% it must fail with the SDK's error
+naming the operation and key, within bounded time (no hang). Faults are counted by the proxy,
+so a trial that injected nothing fails instead of passing vacuously.
+
+Run: .venv/bin/pytest tests/faults/test_s3_faults.py -q  (slow trials: add -m slow)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pyarrow.fs as pafs
+import pytest
+
+from pipelines import shapes, storage
+from pipelines.config import load_precompute_config
+from pipelines.plan import run_precompute
+from tests.faults.accounting import assert_exactly_once, visible_junk
+from tests.faults.s3_fault_proxy import FaultProxy
+
+
+def precompute_config(shards, output, endpoint, **overrides):
+    items = [f"input.shards={json.dumps(list(shards))}", f"output={output}", f"input.endpoint_url={endpoint}",
+             "progress=false", "compute.tokenizer_batch_size=8", "compute.decode_batch_size=8"]
+    return load_precompute_config(None, items + [f"{k}={v}" for k, v in overrides.items()])
+
+
+def run_through_proxy(s3_endpoint, bucket, rate, seed, num_samples, num_shards):
+    uris = shapes.write_shapes_shards(f"{bucket}/raw", num_samples, num_shards, seed=seed, endpoint_url=s3_endpoint)
+    output = f"{bucket}/tokens/faulty"
+    with FaultProxy(s3_endpoint, rate=rate, seed=seed) as proxy:
+        summary = run_precompute(precompute_config(uris, output, proxy.url), log=lambda *a: None)
+        # a shard whose read/write exhausted its retries is failed, not lost: the rerun finishes it
+        reruns = 0
+        while summary.shards_failed and reruns < 3:
+            reruns += 1
+            summary = run_precompute(precompute_config(uris, output, proxy.url), log=lambda *a: None)
+        counts = dict(proxy.counts)
+    assert not summary.shards_failed, summary.shards_failed
+    assert proxy.faults() > 0, f"no fault was injected ({counts}): the trial proves nothing"
+    seen = assert_exactly_once(output, uris, s3_endpoint)  # checked on the real server, not through the proxy
+    assert not visible_junk(output, s3_endpoint)
+    return counts, reruns, len(seen["keys"])
+
+
+def test_precompute_survives_5_percent_s3_faults(ray_local, s3_bucket, s3_endpoint):
+    counts, reruns, num_keys = run_through_proxy(s3_endpoint, s3_bucket, 0.05, seed=11, num_samples=12, num_shards=3)
+    assert num_keys == 12
+    print(f"S3 faults 5%: {counts}, reruns {reruns}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [21, 22, 23])
+def test_precompute_survives_5_percent_s3_faults_more_seeds(ray_local, s3_bucket, s3_endpoint, seed):
+    counts, reruns, num_keys = run_through_proxy(s3_endpoint, s3_bucket, 0.05, seed=seed, num_samples=40, num_shards=8)
+    assert num_keys == 40
+    print(f"S3 faults 5% seed {seed}: {counts}, reruns {reruns}")
+
+
+def upload_tree(local_dir: str, uri: str, endpoint: str) -> None:
+    """What Ray Train does with a checkpoint directory and a storage_filesystem: pyarrow copy_files."""
+    fs, path = storage.resolve(uri, endpoint)
+    pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def test_checkpoint_upload_and_download_survive_5_percent_faults(s3_bucket, s3_endpoint, tmp_path):
+    import torch
+
+    from hart.checkpoint import load_training_state, save_training_state
+
+    source = tmp_path / "ckpt"
+    model = {f"layer{i}.weight": torch.randn(64, 64) for i in range(6)}
+    save_training_state(source, meta={"step": 7, "data_epoch": 1}, model=model, ema=model,
+                        optimizer={"state": {}, "param_groups": []}, scheduler={"last_epoch": 7})
+    with FaultProxy(s3_endpoint, rate=0.05, seed=3) as proxy:
+        for round_index in range(4):
+            uri = f"{s3_bucket}/train/run/checkpoint_{round_index}"
+            upload_tree(str(source), uri, proxy.url)
+            back = tmp_path / f"back{round_index}"
+            back.mkdir()
+            fs, path = storage.resolve(uri, proxy.url)
+            pafs.copy_files(path, str(back), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+            state = load_training_state(back)
+            assert state.step == 7 and all(torch.equal(state.model[k], v) for k, v in model.items())
+            assert sorted(os.listdir(back)) == sorted(os.listdir(source))
+    assert proxy.faults() > 0, dict(proxy.counts)
+
+
+def test_dead_store_fails_fast_with_a_clear_error(s3_bucket, s3_endpoint, tmp_path):
+    uris = shapes.write_shapes_shards(f"{s3_bucket}/raw", 4, 1, seed=4, endpoint_url=s3_endpoint)
+    with FaultProxy(s3_endpoint, rate=1.0, kinds=("slowdown",), seed=5) as proxy:
+        started = time.perf_counter()
+        with pytest.raises(OSError, match=r"manifest.json' in bucket .*AWS Error .*(SLOW_DOWN|HTTP status 503)"):
+            run_precompute(precompute_config(uris, f"{s3_bucket}/tokens/dead", proxy.url), log=lambda *a: None)
+        seconds = time.perf_counter() - started
+        attempts = proxy.counts["requests"]
+    # bounded: a handful of tries with backoff, then the error (pyarrow's default would be 3 tries)
+    assert attempts == storage.S3_MAX_ATTEMPTS and seconds < 60, (attempts, seconds)
+    with FaultProxy(s3_endpoint, rate=1.0, kinds=("reset",), seed=6) as proxy:
+        source = tmp_path / "ckpt"
+        source.mkdir()
+        (source / "model.safetensors").write_bytes(b"x" * 1000)
+        with pytest.raises(OSError, match=r"AWS Error NETWORK_CONNECTION .*(reset|Recv failure)"):
+            upload_tree(str(source), f"{s3_bucket}/train/dead", proxy.url)
+        assert proxy.counts["requests"] <= 3 * storage.S3_MAX_ATTEMPTS
