@@ -11,7 +11,8 @@ Measures in one run, on the same shards and the same tokenizer weights:
 and prints images/s of both and the ratio a/b (goal: >= 0.85 on a 2-core CPU with the tiny
 tokenizer, >= 0.9 on a GPU at 256px with the released preset). The bare loop runs before and
 after the pipeline and the better of the two is used, so background load penalises the pipeline,
-not the baseline. It also prints the cache bytes per sample of the released presets at
+not the baseline; both use the same torch intra-op thread count (`--threads`), and the 1-minute
+load average is printed next to each number because a shared machine makes them noisy. It also prints the cache bytes per sample of the released presets at
 256/512/1024px, computed from the cache schema (int16 tokens + fp16 residual), and the measured
 parquet bytes per sample of this run.
 """
@@ -82,6 +83,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-cpus", type=int, default=None, help="local Ray CPUs (default: all)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch intra-op threads, the same for the bare loop and the tokenizer actor (0 = CPU count)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra pipeline config overrides")
     parser.add_argument("--ray-stats", action="store_true", help="print Ray Data's per-operator report")
     parser.add_argument("--json", default="", help="also write the results to this JSON file")
@@ -98,6 +101,7 @@ def main() -> None:
         resolution = TOKENIZER_PRESETS[args.preset].image_size()
         device = torch.device(args.device)
         cpus = os.cpu_count() or 1
+        threads = args.threads or cpus
         gpu = args.device == "cuda"
         overrides = [
             f"input.shards={json.dumps(uris)}", f"output={workdir}/cache", "progress=false",
@@ -106,16 +110,17 @@ def main() -> None:
             # 2-core CPU: one tokenizer actor with both cores' worth of intra-op threads; the decode
             # task and the driver are light. GPU: one actor per GPU, decode spread over the CPUs.
             f"compute.tokenizer_gpus={1 if gpu else 0}", f"compute.tokenizer_cpus={0 if gpu else 1}",
-            f"compute.torch_threads={0 if gpu else cpus}",
+            f"compute.torch_threads={0 if gpu else threads}",
             f"compute.decode_tasks={max(1, cpus - 2) if gpu else 1}", f"compute.read_tasks={2 if gpu else 1}",
         ] + args.overrides
         config = load_precompute_config(None, overrides)
 
         print(f"shards: {args.num_shards} x {args.num_samples // args.num_shards} samples at {args.image_size}px; "
               f"tokenizer {args.preset} ({resolution}px) on {args.device}; {cpus} CPUs")
-        torch.set_num_threads(cpus)
+        torch.set_num_threads(threads)
         bare_first = bare_loop(uris, source, resolution, args.batch_size, device)
-        print(f"(b) bare loop, run 1: {bare_first[0]} images in {bare_first[1]:.2f}s = {bare_first[0] / bare_first[1]:.1f} img/s")
+        print(f"(b) bare loop, run 1: {bare_first[0]} images in {bare_first[1]:.2f}s = {bare_first[0] / bare_first[1]:.1f} img/s"
+              f"  [{threads} threads; load average {os.getloadavg()[0]:.1f}]")
 
         ray.init(num_cpus=args.num_cpus, include_dashboard=False)
         started = time.perf_counter()
@@ -125,12 +130,15 @@ def main() -> None:
         assert summary.samples_written == bare_first[0] and not summary.shards_failed, summary.table()
         pipeline_rate = summary.samples_written / pipeline_seconds
         print(f"(a) Ray Data pipeline: {summary.samples_written} images in {pipeline_seconds:.2f}s = {pipeline_rate:.1f} img/s "
-              f"(start-up {summary.startup_seconds:.1f}s; {summary.steady_images_per_second:.1f} img/s after it)")
+              f"(start-up {summary.startup_seconds:.1f}s; {summary.steady_images_per_second:.1f} img/s after it)"
+              f"  [load average {os.getloadavg()[0]:.1f}]")
         if args.ray_stats:
             print(summary.ray_stats)
 
+        torch.set_num_threads(threads)
         bare_second = bare_loop(uris, source, resolution, args.batch_size, device)
-        print(f"(b) bare loop, run 2: {bare_second[0]} images in {bare_second[1]:.2f}s = {bare_second[0] / bare_second[1]:.1f} img/s")
+        print(f"(b) bare loop, run 2: {bare_second[0]} images in {bare_second[1]:.2f}s = {bare_second[0] / bare_second[1]:.1f} img/s"
+              f"  [load average {os.getloadavg()[0]:.1f}]")
         bare_rate = max(bare_first[0] / bare_first[1], bare_second[0] / bare_second[1])
         ratio = pipeline_rate / bare_rate
         print(f"ratio a/b = {ratio:.3f}  (pipeline {pipeline_rate:.1f} img/s / best bare {bare_rate:.1f} img/s)")

@@ -252,7 +252,7 @@ def run(config: DemoConfig) -> dict:
         cache = f"{root}/cache/shapes"
         step(f"3/6 precompute: Ray Data tokenizer pool -> {cache}")
         code = precompute_main([
-            "--set", f"input.shards=[\"{root}/shapes/shard-*.tar\"]", "--set", f"input.endpoint_url={endpoint}",
+            "--set", f"input.shards=[\"{root}/shapes/shard-*.tar\"]", "--set", f"input.endpoint_url='{endpoint}'",
             "--set", f"output={cache}", "--set", f"tokenizer.checkpoint={export / 'tokenizer'}",
             "--set", "text.encoder=minilm", "--set", f"text.max_length={context_token}",
             "--set", "compute.tokenizer_batch_size=128", "--set", "progress=false",

@@ -34,7 +34,7 @@ def export_checkpoint(checkpoint_dir: str | Path, config: TrainRunConfig, out_di
         tokenizer.load_state_dict(state.model, strict=True)
         discriminator = None
         if "discriminator" in state.extra:
-            discriminator = NLayerDiscriminator()
+            discriminator = NLayerDiscriminator(ndf=config.objective.disc_channels)
             discriminator.load_state_dict(state.extra["discriminator"], strict=True)
         tokenizer.save_pretrained(out_dir / "tokenizer", discriminator=discriminator)
         return out_dir

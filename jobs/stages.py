@@ -199,7 +199,7 @@ def _build_tokenizer_stage(config: TrainRunConfig, device: torch.device) -> Stag
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.model.init_seed)
         tokenizer = HybridTokenizer(tokenizer_cfg)
-        discriminator = NLayerDiscriminator() if objective.gan_weight > 0 else None
+        discriminator = NLayerDiscriminator(ndf=objective.disc_channels) if objective.gan_weight > 0 else None
     start = config.model.init_from or config.model.tokenizer_checkpoint
     if start:
         load_compatible_weights(tokenizer, read_start_weights(start), f"tokenizer start weights {start}")

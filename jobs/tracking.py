@@ -75,6 +75,33 @@ def redact_value(key: str, value: Any) -> Any:
     return value
 
 
+def redact_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The nested config with the same redaction as `flatten_params` (for files such as checkpoint meta)."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out[key] = redact_config(value, f"{name}.")
+        elif isinstance(value, (list, tuple)):
+            out[key] = [redact_value(name, v) for v in value]
+        else:
+            out[key] = redact_value(name, value)
+    return out
+
+
+def set_terminated_quietly(client, run_id: str, status: str) -> None:
+    """`MlflowClient.set_terminated` prints "View run ... at: <tracking URI>"; keep that line, minus credentials."""
+    import contextlib
+    import io
+    import sys
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        client.set_terminated(run_id, status=status)
+    if buffer.getvalue():
+        sys.stdout.write(re.sub(r"://[^/@\s]+@", f"://{REDACTED}@", buffer.getvalue()))
+
+
 def flatten_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """Nested dict -> {"a.b.c": "value"} with secrets redacted and long values clipped."""
     flat: dict[str, str] = {}
@@ -104,8 +131,19 @@ def probe_server(tracking_uri: str, timeout_s: float = 5.0) -> None:
     import urllib.error
     import urllib.request
 
+    # urllib cannot open a URL with user:password@ in it (it resolves "user:password@host" as the
+    # host): probe the bare host and send the credentials as a basic-auth header, as MLflow does.
+    parts = urlsplit(tracking_uri)
+    headers = {}
+    if parts.username is not None:
+        import base64
+
+        token = base64.b64encode(f"{parts.username}:{parts.password or ''}".encode()).decode()
+        headers["Authorization"] = f"Basic {token}"
+        parts = parts._replace(netloc=parts.netloc.rsplit("@", 1)[1])
+    request = urllib.request.Request(urlunsplit(parts).rstrip("/") + "/health", headers=headers)
     try:
-        urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout_s).close()
+        urllib.request.urlopen(request, timeout=timeout_s).close()
     except (urllib.error.URLError, OSError) as exc:
         raise ValueError(f"MLflow tracking server {redact_uri(tracking_uri)} is unreachable: {exc}") from None
 
@@ -132,7 +170,7 @@ def open_run(tracking_uri: str, experiment: str, run_name: str, params: Mapping[
         raise ValueError(f"MLflow experiment {experiment!r} holds several runs tagged {RUN_NAME_TAG}={run_name!r}")
     if runs:
         run_id = runs[0].info.run_id
-        client.set_terminated(run_id, status="RUNNING")
+        set_terminated_quietly(client, run_id, "RUNNING")
         return run_id, True
     run = client.create_run(experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name})
     items = sorted(params.items())
@@ -144,7 +182,7 @@ def open_run(tracking_uri: str, experiment: str, run_name: str, params: Mapping[
 def finish_run(tracking_uri: str, run_id: str, status: str) -> None:
     from mlflow.tracking import MlflowClient
 
-    MlflowClient(tracking_uri=tracking_uri).set_terminated(run_id, status=status)
+    set_terminated_quietly(MlflowClient(tracking_uri=tracking_uri), run_id, status)
 
 
 def log_export_and_register(tracking_uri: str, run_id: str, export_dir: str | Path, model_name: str) -> int:

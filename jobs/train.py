@@ -10,9 +10,11 @@ loss module (`hart.parallelize`) and loops over `hart.training.train_step`.
 Resume = resubmit the same `run.name` with the same `run.storage_path` (Train V2 restores
 the latest checkpoint of `{storage_path}/{name}`; RAY_NOTES §2.2). The checkpoint holds the
 step, data epoch, optimizer/scheduler/EMA/RNG state and the MLflow run id, so the step
-count and the MLflow run continue; a run never repeats optimizer steps. Mid-epoch data
-position is not restored (Ray 2.60 has no mid-epoch iterator resume): a resumed run starts
-its current data epoch again with a new file order.
+count and the MLflow run continue and the final step count is the configured one. Steps a
+crashed run made after its last checkpoint are redone from that checkpoint (their metrics
+can then appear twice under the same step number). Mid-epoch data position is not restored
+(Ray 2.60 has no mid-epoch iterator resume): a resumed run starts its current data epoch
+again with a new file order.
 
 Checkpoints are reported every `run.checkpoint_every` steps (a report is a barrier across
 workers, so none in between); metrics go to MLflow from rank 0 every `run.log_every` steps.
@@ -23,11 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 
@@ -60,6 +64,14 @@ def check_storage(uri: str, endpoint_url: str):
 
     fs, path = storage.resolve(uri, endpoint_url)
     probe = path.split("/")[0] if storage.is_s3(uri) else os.path.dirname(path) or "/"
+    endpoint = endpoint_url or storage.endpoint_from_env()
+    if storage.is_s3(uri) and endpoint:  # one TCP connect first: the S3 client retries for many seconds
+        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        try:
+            socket.create_connection((parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)),
+                                     timeout=5).close()
+        except OSError as exc:
+            raise ValueError(f"checkpoint storage {uri}: S3 endpoint {tracking.redact_uri(endpoint)} is unreachable: {exc}") from None
     try:
         info = fs.get_file_info(probe)
     except OSError as exc:
@@ -261,7 +273,7 @@ def report_checkpoint(config, stage: Stage, optimizer, scheduler, disc_optimizer
         if rank == 0:
             extra = {"discriminator": full_state_dict(stage.discriminator)} if stage.discriminator is not None else {}
             meta = {"step": step, "data_epoch": data_epoch, "stage": config.stage, "mlflow_run_id": run_id,
-                    "run_name": config.run.name, "config": config.to_dict(), "metrics": metrics}
+                    "run_name": config.run.name, "config": tracking.redact_config(config.to_dict()), "metrics": metrics}
             extra_optimizers = {"discriminator": disc_optimizer.state_dict()} if disc_optimizer is not None else {}
             save_training_state(directory, meta=meta, model=model_state, ema=ema_state,
                                 optimizer=optimizer_state, scheduler=scheduler.state_dict(), extra=extra,

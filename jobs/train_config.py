@@ -97,13 +97,16 @@ class ObjectiveSection:
     gan_weight: float = 0.0  # > 0 trains a PatchGAN discriminator beside the tokenizer
     gan_start_step: int = 0  # discriminator/adversarial loss switched on from this step
     disc_lr: float = 1e-4
-    perceptual_weight: float = 0.0  # needs perceptual weights files; 0 = off
+    disc_channels: int = 64  # PatchGAN base width (HART's released discriminator: 64)
+    perceptual_weight: float = 0.0  # LPIPS term: not wired into the job yet (needs local weight files); must be 0
 
     def __post_init__(self) -> None:
         if self.tokenizer_mode not in ("hybrid", "full"):
             raise ValueError(f"objective.tokenizer_mode must be 'hybrid' or 'full', got {self.tokenizer_mode!r}")
         if not 0.0 <= self.continuous_prob <= 1.0:
             raise ValueError(f"objective.continuous_prob must be in [0, 1], got {self.continuous_prob}")
+        if self.perceptual_weight != 0.0:
+            raise ValueError("objective.perceptual_weight: the LPIPS term is not wired into jobs.train yet; keep it 0")
 
 
 @dataclass(frozen=True)

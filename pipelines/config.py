@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import yaml
+
 from hart.config import apply_overrides, config_from_dict, config_to_dict, read_config_file
 
 # Image extensions read from shards (img2dataset writes jpg by default; png/webp with options).
@@ -121,7 +123,14 @@ class PrecomputeConfig:
 def load_precompute_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PrecomputeConfig:
     """Config file (optional) + `key=value` overrides -> validated PrecomputeConfig."""
     data: dict[str, Any] = read_config_file(path) if path else {}
-    data = apply_overrides(data, list(overrides))
+    try:
+        data = apply_overrides(data, list(overrides))
+    except yaml.YAMLError as exc:
+        raise ValueError(f"cannot parse an override value ({exc.__class__.__name__}); quote values that hold "
+                         f"braces or commas inside lists, e.g. input.shards='[\"s3://b/shard-{{000..009}}.tar\"]'") from None
+    section = data.get("input")
+    if isinstance(section, dict) and isinstance(section.get("shards"), str):
+        section["shards"] = [section["shards"]]  # one pattern given as a plain string
     return config_from_dict(PrecomputeConfig, data)
 
 

@@ -53,6 +53,7 @@ class PrecomputeSummary:
     bytes_written: int = 0
     seconds: float = 0.0
     startup_seconds: float = 0.0  # from the start of the run to the first batch reaching the writer
+    startup_samples: int = 0  # sample rows in that first batch (already encoded during start-up)
     ray_stats: str = ""  # Ray Data's per-operator timing report of this run
 
     @property
@@ -62,7 +63,7 @@ class PrecomputeSummary:
     @property
     def steady_images_per_second(self) -> float:
         steady = self.seconds - self.startup_seconds
-        return self.samples_in / steady if steady > 0 else 0.0
+        return (self.samples_in - self.startup_samples) / steady if steady > 0 else 0.0
 
     def table(self) -> str:
         rows = [
@@ -126,8 +127,8 @@ def build_dataset(shards: dict[str, str], config: PrecomputeConfig, resolution: 
 
         text_gpu_args = {"num_gpus": compute.text_gpus} if compute.text_gpus > 0 else {}
         ds = ds.map_batches(
-            TextFeatureStage, fn_constructor_kwargs={"config": config.text, "use_gpu": compute.text_gpus > 0}, batch_size=compute.text_batch_size,
-            batch_format="numpy", compute=ActorPoolStrategy(size=compute.text_actors),
+            TextFeatureStage, fn_constructor_kwargs={"config": config.text, "use_gpu": compute.text_gpus > 0},
+            batch_size=compute.text_batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=compute.text_actors),
             num_cpus=compute.text_cpus, **text_gpu_args,
         )
     return ds
@@ -228,6 +229,7 @@ def run_precompute(config: PrecomputeConfig, log=print) -> PrecomputeSummary:
             for batch in dataset.iter_batches(batch_format="numpy", batch_size=None, prefetch_batches=2):
                 if not summary.startup_seconds:
                     summary.startup_seconds = time.perf_counter() - started
+                    summary.startup_samples = int((batch["row_kind"] == "sample").sum())
                 for shard in assembler.add(batch):
                     writer.submit(shard, *assembler.take(shard))
                 _log_commits(writer, writer.collect(), log)

@@ -78,17 +78,17 @@ def job_command(items: list[str], *extra: str) -> list[str]:
 
 def test_driver_sigkill_then_rerun_is_exactly_once(ray_local, tmp_path):
     rng = random.Random(7)
-    uris = shapes.write_shapes_shards(str(tmp_path / "raw"), 48, 12, seed=7)
+    uris = shapes.write_shapes_shards(str(tmp_path / "raw"), 32, 8, seed=7)
     cache = tmp_path / "cache"
     items = overrides(uris, cache)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     at_kill = kill_driver_after(job_command(items), env, cache, commits=1, jitter_s=rng.uniform(0.0, 0.5), new_group=False)
-    assert at_kill < 12, "the kill should land mid-run"
+    assert at_kill < 8, "the kill should land mid-run"
     summary = run_precompute(load_precompute_config(None, items), log=lambda *a: None)
-    assert summary.shards_skipped == at_kill and summary.shards_done == 12 - at_kill and not summary.shards_failed
+    assert summary.shards_skipped == at_kill and summary.shards_done == 8 - at_kill and not summary.shards_failed
     assert_exactly_once(str(cache), uris)
     assert not visible_junk(str(cache))
-    print(f"driver SIGKILL: {at_kill}/12 shards committed at the kill")
+    print(f"driver SIGKILL: {at_kill}/8 shards committed at the kill")
 
 
 @pytest.mark.slow
@@ -110,11 +110,18 @@ def test_job_group_sigkill_at_random_points(ray_local, tmp_path, seed):
     print(f"seed {seed}: killed after {commits} commits + {jitter:.2f}s; {at_kill}/10 committed at the kill")
 
 
-def tokenizer_actors(ray) -> list:
-    from ray.util.state import list_actors
+def tokenizer_actors(ray) -> list[dict]:
+    """Alive Ray Data map actors of this driver's job, read from the GCS actor table.
 
-    return [a for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True)
-            if "MapWorker" in a.class_name and "TokenizerStage" in (a.repr_name or a.name or a.class_name)]
+    (`ray.util.state.list_actors` needs the dashboard, which the test cluster does not run; the
+    job filter makes sure we never touch another session's Ray processes.) The only actor pool
+    of this plan without a text encoder is the tokenizer stage.
+    """
+    from ray._private import state
+
+    job_id = ray.get_runtime_context().get_job_id()
+    return [a for a in state.actors().values()
+            if a["State"] == "ALIVE" and a["JobID"] == job_id and "MapWorker" in a["ActorClassName"] and a["Pid"]]
 
 
 def actor_killer(ray, cache: Path, after_commits: int, jitter_s: float, record: dict) -> None:
@@ -127,8 +134,8 @@ def actor_killer(ray, cache: Path, after_commits: int, jitter_s: float, record: 
         actors = tokenizer_actors(ray)
         if actors:
             record["committed_at_kill"] = num_committed(cache)
-            record["pid"], record["actor_id"] = actors[0].pid, actors[0].actor_id
-            os.kill(actors[0].pid, signal.SIGKILL)
+            record["pid"], record["actor_id"] = actors[0]["Pid"], actors[0]["ActorID"]
+            os.kill(actors[0]["Pid"], signal.SIGKILL)
             return
         time.sleep(0.1)
 
@@ -138,7 +145,7 @@ def actor_kill_trial(ray, tmp_path, seed: int, num_shards: int, per_shard: int) 
     uris = shapes.write_shapes_shards(str(tmp_path / "raw"), num_shards * per_shard, num_shards, seed=seed)
     cache = tmp_path / "cache"
     record: dict = {}
-    killer = threading.Thread(target=actor_killer, args=(ray, cache, rng.randint(0, 2), rng.uniform(0, 0.3), record))
+    killer = threading.Thread(target=actor_killer, args=(ray, cache, rng.randint(1, 3), rng.uniform(0, 0.3), record))
     killer.start()
     summary = run_precompute(load_precompute_config(None, overrides(uris, cache)), log=lambda *a: None)
     killer.join()
@@ -152,10 +159,11 @@ def actor_kill_trial(ray, tmp_path, seed: int, num_shards: int, per_shard: int) 
 
 
 def test_tokenizer_actor_sigkill_mid_run(ray_local, tmp_path):
-    from ray.util.state import get_actor
+    from ray._private import state
 
     record = actor_kill_trial(ray_local, tmp_path, seed=3, num_shards=10, per_shard=4)
-    assert get_actor(record["actor_id"]).state == "DEAD" or get_actor(record["actor_id"]).num_restarts >= 1
+    killed = state.actors(record["actor_id"])
+    assert killed["NumRestarts"] >= 1 or killed["State"] == "DEAD", killed  # the kill really happened
     print(f"actor SIGKILL: pid {record['pid']} at {record['committed_at_kill']}/10 commits")
 
 

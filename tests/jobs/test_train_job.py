@@ -92,3 +92,4 @@ def test_tokenizer_stage_two_ddp_workers_with_mlflow_server(train_assets, mlflow
     initial = HybridTokenizer.from_pretrained(train_assets["tokenizer"])
     assert torch.equal(trained.encoder.conv_in.weight, initial.encoder.conv_in.weight)  # hybrid: encoder frozen
     assert not torch.equal(trained.decoder.conv_out.weight, initial.decoder.conv_out.weight)
+

@@ -1,0 +1,189 @@
+"""Load trial: precompute many shards on a 2-CPU local Ray with bounded memory, then train from the cache without stalls.
+
+What it measures (nothing estimated):
+1. Precompute of `--num-shards` shapes shards (`--per-shard` samples each) through
+   `pipelines.plan.run_precompute` on `ray.init(num_cpus=2)` started here. A sampler thread reads
+   /proc every `--interval` s and sums VmRSS over this driver and every process descended from it
+   (GCS, raylet, Ray Data workers and actors). Reported: peak total RSS, peak driver RSS, peak of
+   the largest single worker, and the peak total in each quarter of the run: memory is bounded
+   when the last quarter's peak is not above the first's by more than a little (no growth with
+   shards processed). RSS counts pages of the shared object store in every process that maps
+   them, so the total is an upper bound of real use.
+2. Input stall of the trainer: the tiny AR step (`hart.t2i_objective.t2i_losses` + AdamW on
+   `HARTForT2I(tiny)`) fed by `read_cache_dataset(...).iter_torch_batches(collate_fn=CacheCollate)`,
+   the same reader and collate as `jobs.train`. Per step: seconds blocked waiting for the next
+   batch vs seconds of the step itself, after `--warmup` steps. Goal: wait < 5% of step time.
+   (Context features are random tensors of the right shape: the text encoder is not data input.)
+
+Run:  python benchmarks/load.py [--num-shards 200 --per-shard 16 --steps 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def rss_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def descendants(root: int) -> list[int]:
+    """Every live process whose parent chain reaches `root` (read from /proc/*/stat)."""
+    parents: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as handle:
+                stat = handle.read()
+            parents[int(name)] = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    children: dict[int, list[int]] = {}
+    for pid, parent in parents.items():
+        children.setdefault(parent, []).append(pid)
+    found, stack = [], [root]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+class MemorySampler(threading.Thread):
+    def __init__(self, interval: float):
+        super().__init__(daemon=True)
+        self.interval, self.samples, self.stop_event = interval, [], threading.Event()
+
+    def run(self) -> None:
+        me = os.getpid()
+        while not self.stop_event.is_set():
+            workers = {pid: rss_kib(pid) for pid in descendants(me)}
+            driver = rss_kib(me)
+            self.samples.append((time.perf_counter(), driver, sum(workers.values()), max(workers.values(), default=0)))
+            self.stop_event.wait(self.interval)
+
+    def report(self) -> dict:
+        start, end = self.samples[0][0], self.samples[-1][0]
+        quarters = [0, 0, 0, 0]
+        for t, driver, workers, _ in self.samples:
+            index = min(3, int(4 * (t - start) / max(end - start, 1e-9)))
+            quarters[index] = max(quarters[index], driver + workers)
+        mib = 1 / 1024
+        return {"memory_samples": len(self.samples), "peak_total_mib": round(max(d + w for _, d, w, _ in self.samples) * mib),
+                "peak_driver_mib": round(max(d for _, d, _, _ in self.samples) * mib),
+                "peak_single_worker_mib": round(max(m for *_, m in self.samples) * mib),
+                "peak_total_by_quarter_mib": [round(q * mib) for q in quarters]}
+
+
+def precompute_load(root: Path, num_shards: int, per_shard: int, interval: float) -> dict:
+    from pipelines.config import load_precompute_config
+    from pipelines.plan import run_precompute
+    from pipelines.shapes import write_shapes_shards
+
+    started = time.perf_counter()
+    write_shapes_shards(str(root / "raw"), num_shards * per_shard, num_shards, seed=0)
+    print(f"[load] wrote {num_shards} shards x {per_shard} samples in {time.perf_counter() - started:.1f}s", flush=True)
+    config = load_precompute_config(None, [f"input.shards=['{root}/raw/*.tar']", f"output={root}/cache", "progress=false"])
+    sampler = MemorySampler(interval)
+    sampler.start()
+    summary = run_precompute(config, log=lambda line: print(f"[load] {line}", flush=True))
+    sampler.stop_event.set()
+    sampler.join()
+    assert not summary.shards_failed and summary.samples_written == num_shards * per_shard, summary.table()
+    return {"shards": summary.shards_done, "samples": summary.samples_written, "seconds": round(summary.seconds, 1),
+            "images_per_s": round(summary.images_per_second, 1), **sampler.report()}
+
+
+def trainer_stall(cache: str, steps: int, warmup: int, batch_size: int) -> dict:
+    import torch
+
+    from hart.config import tokenizer_config, transformer_config
+    from hart.t2i_objective import t2i_losses
+    from hart.tokenizer import HybridTokenizer
+    from hart.transformer import HARTForT2I
+    from jobs.train_data import CacheCollate
+    from pipelines.cache import read_cache_dataset, read_manifest
+
+    manifest = read_manifest(cache)
+    torch.manual_seed(0)
+    quantizer = HybridTokenizer(tokenizer_config("tiny")).quantize  # same preset/seed as the cache (weights unused)
+    config = transformer_config("tiny")
+    model = HARTForT2I(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    dataset = read_cache_dataset(cache, columns=["key", "caption", "tokens", "residual"], shuffle_seed=0)
+    waits, computes = [], []
+
+    def epochs():
+        while True:  # as jobs.train does: a new pass over the cache when one ends
+            yield from dataset.iter_torch_batches(batch_size=batch_size, collate_fn=CacheCollate(manifest),
+                                                  drop_last=True, prefetch_batches=2)
+
+    iterator = epochs()
+    for step in range(steps + warmup):
+        began = time.perf_counter()
+        batch = next(iterator)
+        got = time.perf_counter()
+        context = torch.randn(batch_size, config.context_token, config.context_dim)
+        mask = torch.ones(batch_size, config.context_token, dtype=torch.bool)
+        losses = t2i_losses(model, quantizer, context, mask, batch["tokens"], batch["residual"])
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        optimizer.step()
+        done = time.perf_counter()
+        if step >= warmup:
+            waits.append(got - began)
+            computes.append(done - got)
+    total_wait, total_step = sum(waits), sum(waits) + sum(computes)
+    return {"steps": steps, "batch_size": batch_size, "median_step_s": round(statistics.median(computes), 4),
+            "median_wait_s": round(statistics.median(waits), 5), "max_wait_s": round(max(waits), 4),
+            "wait_fraction": round(total_wait / total_step, 4)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--num-shards", type=int, default=200)
+    parser.add_argument("--per-shard", type=int, default=16, help="samples per shard (64px shapes)")
+    parser.add_argument("--interval", type=float, default=0.5, help="seconds between /proc memory samples")
+    parser.add_argument("--steps", type=int, default=60, help="measured training steps")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--workdir", help="keep data here (default: a temp dir, removed)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    with tempfile.TemporaryDirectory(prefix="hart-load-") as temporary:
+        root = Path(args.workdir or temporary)
+        root.mkdir(parents=True, exist_ok=True)
+        results = {"precompute": precompute_load(root, args.num_shards, args.per_shard, args.interval)}
+        print(f"[load] precompute: {json.dumps(results['precompute'])}", flush=True)
+        results["trainer"] = trainer_stall(str(root / "cache"), args.steps, args.warmup, args.batch_size)
+        print(f"[load] trainer: {json.dumps(results['trainer'])}", flush=True)
+    ray.shutdown()
+    print(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

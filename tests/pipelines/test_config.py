@@ -1,0 +1,28 @@
+"""The precompute config: the shipped YAML loads, overrides apply, bad values name the field."""
+
+import pytest
+
+from pipelines.config import load_precompute_config
+
+CONFIG = "jobs/configs/precompute.yaml"
+
+
+def test_default_config_and_overrides():
+    config = load_precompute_config(CONFIG)
+    assert config.tokenizer.preset == "tiny" and config.compute.tokenizer_gpus == 0 and config.input.shards
+    config = load_precompute_config(CONFIG, ["input.shards=s3://b/raw/shard-{00000..00009}.tar", "compute.tokenizer_gpus=1",
+                                             "compute.tokenizer_actors=8", "output=s3://b/tokens"])
+    assert config.input.shards == ("s3://b/raw/shard-{00000..00009}.tar",)
+    assert (config.compute.tokenizer_gpus, config.compute.tokenizer_actors, config.output) == (1.0, 8, "s3://b/tokens")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("compute.tokenizer_gpu=1", "unknown field"),
+    ("compute.decode_tasks=0", "decode_tasks must be >= 1"),
+    ("preprocess.max_aspect_ratio=0.5", "max_aspect_ratio"),
+    ("input.shards=[s3://b/shard-{0..9}.tar]", "quote values"),
+    ("tokenizer.seed=abc", "tokenizer.seed"),
+])
+def test_bad_overrides_raise_value_error(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_precompute_config(CONFIG, [override])
