@@ -291,7 +291,7 @@ def report_checkpoint(config, stage: Stage, optimizer, scheduler, disc_optimizer
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train a HART stage with Ray Train (checkpoints + MLflow).")
     parser.add_argument("--stage", choices=("tokenizer", "ar", "diffusion", "joint"), help="overrides the file's stage")
-    parser.add_argument("--config", help="run config (.yaml/.toml/.json), e.g. jobs/configs/train_tiny_joint.yaml")
+    parser.add_argument("--config", help="run config (.yaml/.toml/.json), e.g. jobs/configs/train_tiny.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set run.max_steps=200 --set scaling.num_workers=8")
     parser.add_argument("--export-dir", help="local folder for the exported llm/ + tokenizer/ (default: a temp dir)")

@@ -8,9 +8,12 @@ drawn from `numpy.random.default_rng([seed, i])`, so a corpus is a pure function
 (colour, shape, background, position, size, class index) is stored in `KEY.json`, so tests and
 the demo can check generated images against their prompts.
 
-Held-out split: a fixed set of (colour, shape) pairs never appears in the "train" split; the
-"heldout" split draws only from those pairs. `prompts(split)` lists the canonical prompt of
-every (colour, shape, background) combination of a split, for evaluation.
+Held-out split: every (colour, shape) pair is held out on one background (rotating over the
+backgrounds), so 18 (colour, shape, background) scenes never appear in the "train" split and
+the "heldout" split draws only from them. Evaluation prompts therefore describe scenes the
+model never saw, while every colour and shape word was seen in training (a tiny CPU model is
+not asked for zero-shot composition of pairs it never saw). `prompts(split)` lists the
+canonical prompt of every scene of a split.
 
 Shards are written whole through `pipelines.storage` (local path, file:// or s3://), with
 members sorted by key (`KEY.jpg`, `KEY.json`, `KEY.txt`), like img2dataset. A few thousand
@@ -38,7 +41,6 @@ BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 
 POSITIONS = {"center": (0.5, 0.5), "top left": (0.3, 0.3), "top right": (0.7, 0.3),
              "bottom left": (0.3, 0.7), "bottom right": (0.7, 0.7)}
 SIZES = {"small": 0.25, "large": 0.45}  # shape extent as a fraction of the image side
-HELD_OUT_PAIRS = frozenset({("red", "triangle"), ("blue", "circle"), ("yellow", "square")})
 TEMPLATES = (
     "a {colour} {shape} on a {background} background",
     "a {size} {colour} {shape} on a {background} background",
@@ -48,6 +50,10 @@ TEMPLATES = (
     "simple drawing: one {colour} {shape} on {background}",
 )
 LABELS = tuple((colour, shape) for colour in COLOURS for shape in SHAPES)  # class index = position here
+# (colour, shape, background) scenes of the held-out split: pair i is held out on background i mod 3.
+HELD_OUT_SCENES = frozenset(
+    (colour, shape, list(BACKGROUNDS)[index % len(BACKGROUNDS)]) for index, (colour, shape) in enumerate(LABELS)
+)
 
 
 @dataclass(frozen=True)
@@ -65,11 +71,12 @@ class ShapeSample:
         return asdict(self)
 
 
-def _pairs(split: str) -> list[tuple[str, str]]:
+def _scenes(split: str) -> list[tuple[str, str, str]]:
+    scenes = [(c, s, b) for c, s in LABELS for b in BACKGROUNDS]
     if split == "train":
-        return [pair for pair in LABELS if pair not in HELD_OUT_PAIRS]
+        return [scene for scene in scenes if scene not in HELD_OUT_SCENES]
     if split == "heldout":
-        return [pair for pair in LABELS if pair in HELD_OUT_PAIRS]
+        return [scene for scene in scenes if scene in HELD_OUT_SCENES]
     raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
 
 
@@ -79,15 +86,14 @@ def canonical_prompt(colour: str, shape: str, background: str) -> str:
 
 def prompts(split: str = "heldout") -> list[str]:
     """Canonical prompts of every (colour, shape, background) of a split, for evaluation."""
-    return [canonical_prompt(c, s, b) for c, s in _pairs(split) for b in BACKGROUNDS]
+    return [canonical_prompt(c, s, b) for c, s, b in _scenes(split)]
 
 
 def sample_spec(index: int, seed: int = 0, split: str = "train", key: str | None = None) -> ShapeSample:
     """The (deterministic) description of sample `index`."""
     rng = np.random.default_rng([seed, index, 0 if split == "train" else 1])
-    pairs = _pairs(split)
-    colour, shape = pairs[int(rng.integers(len(pairs)))]
-    background = list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
+    scenes = _scenes(split)
+    colour, shape, background = scenes[int(rng.integers(len(scenes)))]
     position = list(POSITIONS)[int(rng.integers(len(POSITIONS)))]
     size = list(SIZES)[int(rng.integers(len(SIZES)))]
     template = TEMPLATES[int(rng.integers(len(TEMPLATES)))]

@@ -45,13 +45,15 @@ def test_rendered_colour_matches_label():
 
 
 def test_heldout_split_is_disjoint_from_train():
-    train = {(s.colour, s.shape) for s in (shapes.sample_spec(i, 0, "train") for i in range(500))}
-    heldout = {(s.colour, s.shape) for s in (shapes.sample_spec(i, 0, "heldout") for i in range(100))}
-    assert heldout == set(shapes.HELD_OUT_PAIRS) and not train & heldout
-    assert len(train) == len(shapes.LABELS) - len(shapes.HELD_OUT_PAIRS)
+    train = {(s.colour, s.shape, s.background) for s in (shapes.sample_spec(i, 0, "train") for i in range(800))}
+    heldout = {(s.colour, s.shape, s.background) for s in (shapes.sample_spec(i, 0, "heldout") for i in range(300))}
+    assert heldout == set(shapes.HELD_OUT_SCENES) and not train & heldout
+    assert len(train) == len(shapes.LABELS) * len(shapes.BACKGROUNDS) - len(shapes.HELD_OUT_SCENES)
+    # every colour and every shape word is still seen in training
+    assert {c for c, _, _ in train} == set(shapes.COLOURS) and {s for _, s, _ in train} == set(shapes.SHAPES)
     prompts = shapes.prompts("heldout")
-    assert len(prompts) == len(shapes.HELD_OUT_PAIRS) * len(shapes.BACKGROUNDS)
-    assert "a red triangle on a white background" in prompts
+    assert len(prompts) == len(shapes.HELD_OUT_SCENES) == len(shapes.LABELS)
+    assert "a red triangle on a gray background" in prompts and "a red triangle on a white background" not in prompts
     captions = {shapes.sample_spec(i).caption for i in range(300)}
     assert len(captions) > 100  # paraphrases, not one template
     with pytest.raises(ValueError, match="split"):
