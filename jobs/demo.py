@@ -50,10 +50,10 @@ class DemoConfig:
     num_train_samples: int = 4000
     num_shards: int = 8
     num_heldout_images: int = 240
-    tokenizer_full_steps: int = 400
-    tokenizer_hybrid_steps: int = 150
-    tokenizer_batch_size: int = 32
-    joint_steps: int = 1200
+    tokenizer_full_steps: int = 200
+    tokenizer_hybrid_steps: int = 60
+    tokenizer_batch_size: int = 16
+    joint_steps: int = 600
     joint_batch_size: int = 32
     joint_lr: float = 2e-3
     transformer: str = "demo"  # a TransformerConfig preset or "demo" (below)
@@ -221,6 +221,9 @@ def run(config: DemoConfig) -> dict:
         shutil.rmtree(workdir)  # the demo always starts clean; its MLflow store keeps history
     workdir.mkdir(parents=True)
     timings: dict[str, float] = {}
+    # Each demo starts clean, so its runs get fresh names: reusing a name would resume (append to)
+    # the MLflow run of an earlier demo whose checkpoints were just deleted.
+    tag = time.strftime("%Y%m%d-%H%M%S")
     with local_services(config, workdir) as (root, tracking_uri, endpoint):
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
         tick = time.time()
@@ -234,10 +237,10 @@ def run(config: DemoConfig) -> dict:
         export = workdir / "export"
         common = {"model.tokenizer": "tiny", "data.shards": [f"{root}/shapes/shard-*.tar"],
                   "data.batch_size": config.tokenizer_batch_size, "run.seed": config.seed}
-        full = train_stage("tokenizer", "demo-tokenizer-full", root, tracking_uri, endpoint, workdir / "export-full",
+        full = train_stage("tokenizer", f"demo-{tag}-tokenizer-full", root, tracking_uri, endpoint, workdir / "export-full",
                            {**common, "run.max_steps": config.tokenizer_full_steps, "objective.tokenizer_mode": "full",
                             "optim.lr": 2e-3, "optim.warmup_steps": 20})
-        hybrid = train_stage("tokenizer", "demo-tokenizer-hybrid", root, tracking_uri, endpoint, export,
+        hybrid = train_stage("tokenizer", f"demo-{tag}-tokenizer-hybrid", root, tracking_uri, endpoint, export,
                              {**common, "run.max_steps": config.tokenizer_hybrid_steps,
                               "objective.tokenizer_mode": "hybrid", "objective.continuous_prob": 0.5,
                               "model.init_from": str(workdir / "export-full" / "tokenizer"),
@@ -263,7 +266,7 @@ def run(config: DemoConfig) -> dict:
 
         tick = time.time()
         step(f"4/6 joint: transformer + residual diffusion head, {config.joint_steps} steps")
-        joint = train_stage("joint", "demo-joint", root, tracking_uri, endpoint, export,
+        joint = train_stage("joint", f"demo-{tag}-joint", root, tracking_uri, endpoint, export,
                             {"model.tokenizer": "tiny", "model.transformer": transformer,
                              "model.tokenizer_checkpoint": str(export / "tokenizer"), "data.cache": cache,
                              "data.batch_size": config.joint_batch_size, "run.max_steps": config.joint_steps,

@@ -130,7 +130,7 @@ def check_shard(data: bytes, members, scratch, mutated: bool) -> Counter:
     return Counter(r["status"] for r in rows)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, database=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(members=st.lists(MEMBER, max_size=12), cut=st.one_of(st.none(), st.floats(0.0, 1.0)),
        flips=st.lists(st.tuples(st.floats(0.0, 1.0), st.integers(0, 255)), max_size=3))
 def test_fuzz_reader_and_decoder_never_crash_and_account_for_every_sample(tmp_path, members, cut, flips):
@@ -149,7 +149,7 @@ def test_fuzz_reader_and_decoder_never_crash_and_account_for_every_sample(tmp_pa
 
 
 @pytest.mark.slow
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=1500, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(members=st.lists(MEMBER, max_size=30), cut=st.one_of(st.none(), st.floats(0.0, 1.0)))
 def test_fuzz_reader_many_examples(tmp_path, members, cut):
     data = build_tar(members)

@@ -92,7 +92,8 @@ def test_checkpoint_upload_and_download_survive_5_percent_faults(s3_bucket, s3_e
     assert proxy.faults() > 0, dict(proxy.counts)
 
 
-def test_dead_store_fails_fast_with_a_clear_error(s3_bucket, s3_endpoint, tmp_path):
+def test_dead_store_fails_fast_with_a_clear_error(s3_bucket, s3_endpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("HART_S3_MAX_ATTEMPTS", "3")  # the knob works, and the fast trial stays fast
     uris = shapes.write_shapes_shards(f"{s3_bucket}/raw", 4, 1, seed=4, endpoint_url=s3_endpoint)
     with FaultProxy(s3_endpoint, rate=1.0, kinds=("slowdown",), seed=5) as proxy:
         started = time.perf_counter()
@@ -101,11 +102,11 @@ def test_dead_store_fails_fast_with_a_clear_error(s3_bucket, s3_endpoint, tmp_pa
         seconds = time.perf_counter() - started
         attempts = proxy.counts["requests"]
     # bounded: a handful of tries with backoff, then the error (pyarrow's default would be 3 tries)
-    assert attempts == storage.S3_MAX_ATTEMPTS and seconds < 60, (attempts, seconds)
+    assert attempts == storage.s3_max_attempts() == 3 and seconds < 60, (attempts, seconds)
     with FaultProxy(s3_endpoint, rate=1.0, kinds=("reset",), seed=6) as proxy:
         source = tmp_path / "ckpt"
         source.mkdir()
         (source / "model.safetensors").write_bytes(b"x" * 1000)
         with pytest.raises(OSError, match=r"AWS Error NETWORK_CONNECTION .*(reset|Recv failure)"):
             upload_tree(str(source), f"{s3_bucket}/train/dead", proxy.url)
-        assert proxy.counts["requests"] <= 3 * storage.S3_MAX_ATTEMPTS
+        assert proxy.counts["requests"] <= 3 * storage.s3_max_attempts()

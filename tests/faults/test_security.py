@@ -16,7 +16,7 @@
 Infra manifests (Ray token auth, MLflow auth, loopback binds, no secrets in files) are checked by
 tests/infra/test_manifests.py and tests/infra/test_images_and_secrets.py; not repeated here.
 
-Run: .venv/bin/pytest tests/faults/test_security.py -q
+Run: .venv/bin/pytest tests/faults/test_security.py -q  (the credential scan: -m slow)
 """
 
 from __future__ import annotations
@@ -141,6 +141,7 @@ def files_under(*roots: Path):
             yield from (p for p in root.rglob("*") if p.is_file())
 
 
+@pytest.mark.slow  # ~55 s (precompute + training + export + registry); the fast security trials are above
 def test_no_credential_reaches_outputs_params_or_logs(train_assets, mlflow_server, tmp_path, monkeypatch, capfd):
     from mlflow.tracking import MlflowClient
 

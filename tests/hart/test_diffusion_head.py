@@ -12,14 +12,6 @@ from hart.diffusion import GaussianDiffusion, cosine_betas, space_timesteps
 from hart.diffusion_head import DiffLoss
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_head(seed=0) -> DiffLoss:
     torch.manual_seed(seed)
     head = DiffLoss(target_channels=4, z_channels=8, width=32, depth=2, num_sampling_steps="8")

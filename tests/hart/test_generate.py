@@ -14,14 +14,6 @@ from hart.transformer import HARTForT2I
 TINY = TRANSFORMER_PRESETS["tiny"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class HashTextEncoder:
     """A deterministic stand-in text encoder for generation tests (real encoders: test_text_encoder.py)."""
 

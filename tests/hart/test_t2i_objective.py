@@ -15,14 +15,6 @@ from hart.transformer import HARTForT2I
 TINY = TRANSFORMER_PRESETS["tiny"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def setup(config=TINY, B=2, seed=0):
     torch.manual_seed(seed)
     quantizer = MultiScaleQuantizer(TOKENIZER_PRESETS["tiny"]).eval()

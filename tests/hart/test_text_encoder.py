@@ -12,14 +12,6 @@ from hart.text_encoder import CausalLMTextEncoder, EncoderTextEncoder, build_tex
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny_qwen_dir(tmp_path_factory):
     """A random 2-layer Qwen2 and a byte-level BPE tokenizer trained on two sentences: no downloads."""

@@ -57,15 +57,6 @@ def natural_images(batch: int = 2, size: int = 64, seed: int = 0) -> torch.Tenso
     return images.clamp(-1, 1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """One intra-op thread: on a shared 2-core machine, 2 OpenMP threads spin-wait for each other."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)

@@ -29,16 +29,6 @@ MICRO_32PX = replace(MICRO, ch_mult=(1, 2, 2))
 TINY_VGG = (4, 8, 8, 16, 16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """One intra-op thread: on a shared 2-core machine, 2 OpenMP threads spin-wait for each other
-    and small convs run 10-50x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def natural_images(batch: int = 4, size: int = 16) -> torch.Tensor:
     """Smooth waves plus a hard-edged disc: structured like photos, unlike noise."""
     g = torch.Generator().manual_seed(1)

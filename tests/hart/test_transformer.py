@@ -25,15 +25,6 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny ops on a shared 2-core box: thread hand-offs cost more than the math.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_model(config=TINY, seed=0) -> HARTForT2I:
     torch.manual_seed(seed)
     model = HARTForT2I(config)

@@ -92,7 +92,9 @@ def test_precompute_job_submitted_through_the_api(token_auth_head, tmp_path):
     shards_dir = tmp_path / "shards"
     write_shapes_shards(str(shards_dir), num_samples=24, num_shards=2, seed=3)
     cache = tmp_path / "cache"
-    client = JobSubmissionClient(address)
+    # The token goes in the Authorization header explicitly: Ray caches its auth mode per process,
+    # and an earlier test of the session may have started Ray with auth disabled.
+    client = JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"})
     entrypoint = (
         f"{sys.executable} -m jobs.precompute --config jobs/configs/precompute.yaml "
         f"--set 'input.shards=[\"{shards_dir}/shard-*.tar\"]' --set output={cache} --set progress=false"
