@@ -26,8 +26,9 @@ install: $(VENV)/.installed
 test: install
 	$(PY) -m pytest -q -m "not slow and not gpu" tests
 
+# STORAGE=s3 runs the demo against a local S3-compatible server + an mlflow server on loopback.
 demo: install
-	$(PY) -m jobs.demo $(DEMO_ARGS)
+	STORAGE=$(or $(STORAGE),local) $(PY) -m jobs.demo $(DEMO_ARGS)
 
 chaos: install
 	$(PY) -m pytest -q -m slow tests
@@ -35,6 +36,9 @@ chaos: install
 bench: install
 	$(PY) benchmarks/tokenizer.py
 	$(PY) benchmarks/transformer.py
+	$(PY) benchmarks/precompute.py
+	$(PY) benchmarks/train.py
+	$(PY) benchmarks/cost_table.py
 
 mlflow-ui: install
 	@echo "MLflow UI on http://127.0.0.1:5000 (store: runs/mlflow.db)"

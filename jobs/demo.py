@@ -60,6 +60,10 @@ class DemoConfig:
     samples_per_prompt: int = 4
     cfg: float = 3.0
     top_k: int = 16
+    from_step: str = "data"  # rerun from a later step, reusing the earlier steps' outputs in workdir
+
+
+STEPS = ("data", "tokenizer", "precompute", "joint", "evaluate")
 
 
 # A slightly wider tiny transformer: still CPU-fast, enough capacity for colours x shapes.
@@ -217,79 +221,96 @@ def run(config: DemoConfig) -> dict:
 
     started = time.time()
     workdir = Path(config.workdir).resolve()
-    if workdir.exists():
-        shutil.rmtree(workdir)  # the demo always starts clean; its MLflow store keeps history
-    workdir.mkdir(parents=True)
+    if config.from_step not in STEPS:
+        raise ValueError(f"from_step must be one of {STEPS}, got {config.from_step!r}")
+    start = STEPS.index(config.from_step)
+    if start == 0 and workdir.exists():
+        shutil.rmtree(workdir)  # a full demo starts clean; its MLflow store keeps history
+    workdir.mkdir(parents=True, exist_ok=True)
+    previous = json.loads((workdir / "runs.json").read_text()) if start > 0 and (workdir / "runs.json").exists() else {}
     timings: dict[str, float] = {}
     # Each demo starts clean, so its runs get fresh names: reusing a name would resume (append to)
     # the MLflow run of an earlier demo whose checkpoints were just deleted.
     tag = time.strftime("%Y%m%d-%H%M%S")
     with local_services(config, workdir) as (root, tracking_uri, endpoint):
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
-        tick = time.time()
-        step(f"1/6 data: {config.num_train_samples} shapes samples in {config.num_shards} shards -> {root}/shapes")
-        write_shapes_shards(f"{root}/shapes", config.num_train_samples, config.num_shards, config.seed,
-                            endpoint_url=endpoint)
-        timings["data"] = time.time() - tick
-
-        tick = time.time()
-        step(f"2/6 tokenizer: full VQVAE {config.tokenizer_full_steps} steps, then hybrid decoder fine-tune")
+        runs = dict(previous)
         export = workdir / "export"
-        common = {"model.tokenizer": "tiny", "data.shards": [f"{root}/shapes/shard-*.tar"],
-                  "data.batch_size": config.tokenizer_batch_size, "run.seed": config.seed}
-        full = train_stage("tokenizer", f"demo-{tag}-tokenizer-full", root, tracking_uri, endpoint, workdir / "export-full",
-                           {**common, "run.max_steps": config.tokenizer_full_steps, "objective.tokenizer_mode": "full",
-                            "optim.lr": 2e-3, "optim.warmup_steps": 20})
-        hybrid = train_stage("tokenizer", f"demo-{tag}-tokenizer-hybrid", root, tracking_uri, endpoint, export,
-                             {**common, "run.max_steps": config.tokenizer_hybrid_steps,
-                              "objective.tokenizer_mode": "hybrid", "objective.continuous_prob": 0.5,
-                              "model.init_from": str(workdir / "export-full" / "tokenizer"),
-                              "optim.lr": 1e-3, "optim.warmup_steps": 10})
-        timings["tokenizer"] = time.time() - tick
+        if start <= 0:
+            tick = time.time()
+            step(f"1/6 data: {config.num_train_samples} shapes samples in {config.num_shards} shards -> {root}/shapes")
+            write_shapes_shards(f"{root}/shapes", config.num_train_samples, config.num_shards, config.seed,
+                                endpoint_url=endpoint)
+            timings["data"] = time.time() - tick
+        if start <= 1:
+            tick = time.time()
+            step(f"2/6 tokenizer: full VQVAE {config.tokenizer_full_steps} steps, then hybrid decoder fine-tune")
+            common = {"model.tokenizer": "tiny", "data.shards": [f"{root}/shapes/shard-*.tar"],
+                      "data.batch_size": config.tokenizer_batch_size, "run.seed": config.seed}
+            runs["tokenizer_full"] = train_stage(
+                "tokenizer", f"demo-{tag}-tokenizer-full", root, tracking_uri, endpoint, workdir / "export-full",
+                {**common, "run.max_steps": config.tokenizer_full_steps, "objective.tokenizer_mode": "full",
+                 "optim.lr": 2e-3, "optim.warmup_steps": 20})["run_id"]
+            runs["tokenizer_hybrid"] = train_stage(
+                "tokenizer", f"demo-{tag}-tokenizer-hybrid", root, tracking_uri, endpoint, export,
+                {**common, "run.max_steps": config.tokenizer_hybrid_steps, "objective.tokenizer_mode": "hybrid",
+                 "objective.continuous_prob": 0.5, "model.init_from": str(workdir / "export-full" / "tokenizer"),
+                 "optim.lr": 1e-3, "optim.warmup_steps": 10})["run_id"]
+            timings["tokenizer"] = time.time() - tick
+            (workdir / "runs.json").write_text(json.dumps(runs))
 
-        tick = time.time()
         transformer = DEMO_TRANSFORMER if config.transformer == "demo" else config.transformer
         from hart.config import transformer_config
 
         context_token = transformer_config(transformer).context_token
         cache = f"{root}/cache/shapes"
-        step(f"3/6 precompute: Ray Data tokenizer pool -> {cache}")
-        code = precompute_main([
-            "--set", f"input.shards=[\"{root}/shapes/shard-*.tar\"]", "--set", f"input.endpoint_url='{endpoint}'",
-            "--set", f"output={cache}", "--set", f"tokenizer.checkpoint={export / 'tokenizer'}",
-            "--set", "text.encoder=minilm", "--set", f"text.max_length={context_token}",
-            "--set", "compute.tokenizer_batch_size=128", "--set", "progress=false",
-        ])
-        if code != 0:
-            raise RuntimeError(f"precompute failed with exit code {code}")
-        timings["precompute"] = time.time() - tick
-
-        tick = time.time()
-        step(f"4/6 joint: transformer + residual diffusion head, {config.joint_steps} steps")
-        joint = train_stage("joint", f"demo-{tag}-joint", root, tracking_uri, endpoint, export,
-                            {"model.tokenizer": "tiny", "model.transformer": transformer,
-                             "model.tokenizer_checkpoint": str(export / "tokenizer"), "data.cache": cache,
-                             "data.batch_size": config.joint_batch_size, "run.max_steps": config.joint_steps,
-                             "run.seed": config.seed, "optim.lr": config.joint_lr, "optim.warmup_steps": 50,
-                             "ema_decay": 0.995})
-        timings["joint"] = time.time() - tick
+        if start <= 2:
+            tick = time.time()
+            step(f"3/6 precompute: Ray Data tokenizer pool -> {cache}")
+            precompute(precompute_main, root, endpoint, cache, export, context_token)
+            timings["precompute"] = time.time() - tick
+        if start <= 3:
+            tick = time.time()
+            step(f"4/6 joint: transformer + residual diffusion head, {config.joint_steps} steps")
+            runs["joint"] = train_stage(
+                "joint", f"demo-{tag}-joint", root, tracking_uri, endpoint, export,
+                {"model.tokenizer": "tiny", "model.transformer": transformer,
+                 "model.tokenizer_checkpoint": str(export / "tokenizer"), "data.cache": cache,
+                 "data.batch_size": config.joint_batch_size, "run.max_steps": config.joint_steps,
+                 "run.seed": config.seed, "optim.lr": config.joint_lr, "optim.warmup_steps": 50,
+                 "ema_decay": 0.995})["run_id"]
+            timings["joint"] = time.time() - tick
+            (workdir / "runs.json").write_text(json.dumps(runs))
         ray.shutdown()
 
         tick = time.time()
         step("5/6 + 6/6 generate held-out prompts and evaluate")
         results = evaluate(export, config, workdir)
         timings["generate+evaluate"] = time.time() - tick
-        _log_summary_run(tracking_uri, joint["run_id"], results)
+        _log_summary_run(tracking_uri, runs["joint"], results)
 
     results["seconds_total"] = time.time() - started
     summary = {"results": results, "timings_s": timings, "where": {
         "shards": f"{root}/shapes", "cache": cache, "checkpoints": f"{root}/train",
         "export": str(export), "samples": str(workdir / "samples"), "mlflow": tracking_uri,
-        "mlflow_runs": {"tokenizer_full": full["run_id"], "tokenizer_hybrid": hybrid["run_id"], "joint": joint["run_id"]},
+        "mlflow_runs": runs,
     }}
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     print_summary(summary)
     return summary
+
+
+def precompute(precompute_main, root: str, endpoint: str, cache: str, export: Path, context_token: int) -> None:
+    code = precompute_main([
+        "--set", f"input.shards=[\"{root}/shapes/shard-*.tar\"]", "--set", f"input.endpoint_url='{endpoint}'",
+        "--set", f"output={cache}", "--set", f"tokenizer.checkpoint={export / 'tokenizer'}",
+        "--set", "text.encoder=minilm", "--set", f"text.max_length={context_token}",
+        "--set", "compute.tokenizer_batch_size=128", "--set", "progress=false",
+        # 2 CPUs: read 0.25 + decode 0.5 + tokenizer 0.75 + text 0.5 (the job refuses more)
+        "--set", "compute.tokenizer_cpus=0.75", "--set", "compute.text_cpus=0.5",
+    ])
+    if code != 0:
+        raise RuntimeError(f"precompute failed with exit code {code}")
 
 
 def _log_summary_run(tracking_uri: str, run_id: str, results: dict) -> None:
@@ -333,10 +354,13 @@ def parse_args(argv: list[str] | None = None) -> DemoConfig:
     parser.add_argument("--num-train-samples", type=int, default=defaults.num_train_samples)
     parser.add_argument("--cfg", type=float, default=defaults.cfg)
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--from-step", default=defaults.from_step, choices=STEPS,
+                        help="rerun from this step, reusing earlier outputs in --workdir (local storage)")
     args = parser.parse_args(argv)
     return DemoConfig(workdir=args.workdir, storage=args.storage, joint_steps=args.joint_steps,
                       tokenizer_full_steps=args.tokenizer_full_steps, tokenizer_hybrid_steps=args.tokenizer_hybrid_steps,
-                      num_train_samples=args.num_train_samples, cfg=args.cfg, seed=args.seed)
+                      num_train_samples=args.num_train_samples, cfg=args.cfg, seed=args.seed,
+                      from_step=args.from_step)
 
 
 def main(argv: list[str] | None = None) -> int:

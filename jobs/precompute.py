@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"hart-precompute: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # storage unreachable after the bounded retries (pipelines/storage.py)
+        print(f"hart-precompute: storage error after retries: {exc}", file=sys.stderr)
+        return 1
     print("\n" + summary.table())
     if summary.shards_failed:
         print(f"hart-precompute: {len(summary.shards_failed)} shard(s) failed: {', '.join(sorted(summary.shards_failed))}",

@@ -76,3 +76,8 @@ def s3_bucket(s3_endpoint):
 def s3_env(s3_bucket, s3_endpoint, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
     yield s3_bucket
+
+
+# Training fixtures (tiny tokenizer + shards + real token cache, a real `mlflow server`) live in one
+# module so that tests/jobs and tests/faults share a single session-scoped copy.
+from tests.training_fixtures import mlflow_server, train_assets  # noqa: E402,F401  (pytest fixtures)

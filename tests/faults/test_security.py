@@ -148,7 +148,7 @@ def test_no_credential_reaches_outputs_params_or_logs(train_assets, mlflow_serve
     from jobs.train import run_training
     from pipelines.config import load_precompute_config
     from pipelines.plan import run_precompute
-    from tests.jobs.conftest import tiny_config
+    from tests.training_fixtures import tiny_config
 
     for name, value in SECRETS.items():
         monkeypatch.setenv(name, value)

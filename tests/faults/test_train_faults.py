@@ -29,7 +29,7 @@ from mlflow.tracking import MlflowClient
 from hart.checkpoint import load_training_state
 from jobs import tracking
 from jobs.train import run_training
-from tests.jobs.conftest import REPO, tiny_config
+from tests.training_fixtures import REPO, tiny_config
 
 
 def checkpoints(storage: Path, name: str) -> list[str]:

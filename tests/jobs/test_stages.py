@@ -11,7 +11,7 @@ import torch
 from hart.training import build_optimizer, train_step
 from jobs.stages import build_stage, load_compatible_weights
 from jobs.train_data import TextFeatures, images_collate
-from tests.jobs.conftest import tiny_config
+from tests.training_fixtures import tiny_config
 
 
 @pytest.fixture(scope="module")

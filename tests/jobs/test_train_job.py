@@ -18,7 +18,7 @@ from hart.transformer import HARTForT2I
 from jobs import tracking
 from jobs.train import run_training
 from pipelines import storage
-from tests.jobs.conftest import tiny_config
+from tests.training_fixtures import tiny_config
 
 
 def only_run(tracking_uri: str, experiment: str, run_name: str):

@@ -15,7 +15,7 @@ from hart.config import tokenizer_config
 from hart.tokenizer import HybridTokenizer
 from jobs.train import preflight
 from jobs.train_config import load_train_config
-from tests.jobs.conftest import tiny_config
+from tests.training_fixtures import tiny_config
 
 
 def closed_port() -> int:

@@ -1,4 +1,4 @@
-"""Fixtures of the training-job tests (Ray and S3 come from tests/conftest.py).
+"""Training fixtures shared by tests/jobs and tests/faults (imported once by tests/conftest.py).
 
 - `train_assets` (session): a seeded tiny tokenizer saved as a HART `tokenizer/` folder, a
   48-sample shapes corpus in 2 WebDataset shards, and a token cache made from them by the
@@ -25,7 +25,7 @@ import torch
 from hart.config import tokenizer_config
 from jobs.train_config import TrainRunConfig, load_train_config
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
