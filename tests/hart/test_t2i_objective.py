@@ -28,6 +28,21 @@ def setup(config=TINY, B=2, seed=0):
     return model, quantizer, context, mask, tokens, residual
 
 
+def diffusion_target(model, quantizer, context, mask, tokens, residual) -> torch.Tensor:
+    """The target `t2i_losses` hands to the diffusion head (no subsampling, fixed seed)."""
+    captured = {}
+    original = model.diffloss.forward
+
+    def capture(target, z, generator=None):
+        captured["target"] = target
+        return original(target, z, generator)
+
+    model.diffloss.forward = capture
+    t2i_losses(model, quantizer, context, mask, tokens, residual, subsample_last=False,
+               generator=torch.Generator().manual_seed(0))
+    return captured["target"]
+
+
 def test_contract_keys_and_finite():
     model, quantizer, context, mask, tokens, residual = setup()
     out = t2i_losses(model.train(), quantizer, context, mask, tokens, residual, generator=torch.Generator().manual_seed(0))
@@ -83,38 +98,22 @@ def test_diffusion_target_is_relative_to_self_sampled_tokens():
         model.head.weight.zero_()
         model.head.bias.fill_(-1e4)
         model.head.bias[forced] = 1e4
-    captured = {}
-    original = model.diffloss.forward
-
-    def capture(target, z, generator=None):
-        captured["target"] = target
-        return original(target, z, generator)
-
-    model.diffloss.forward = capture
-    t2i_losses(model, quantizer, context, mask, tokens, residual, subsample_last=False, generator=torch.Generator().manual_seed(0))
+    target = diffusion_target(model, quantizer, context, mask, tokens, residual)
     B, H = context.shape[0], TINY.patch_nums[-1]
     E = quantizer.embedding.weight
     f_rest = residual.reshape(B, TINY.token_dim, H * H).transpose(1, 2) + E[tokens[-1]]
     expected = (f_rest - E[forced]).reshape(B * H * H, -1).repeat(TINY.diffusion_batch_mul, 1)
-    torch.testing.assert_close(captured["target"], expected)
+    torch.testing.assert_close(target, expected)
 
 
 def test_non_finite_logits_fall_back_to_ground_truth_tokens():
     model, quantizer, context, mask, tokens, residual = setup()
     with torch.no_grad():
         model.head.bias.fill_(float("nan"))
-    captured = {}
-    original = model.diffloss.forward
-
-    def capture(target, z, generator=None):
-        captured["t"] = target
-        return original(target, z, generator)
-
-    model.diffloss.forward = capture
-    t2i_losses(model, quantizer, context, mask, tokens, residual, subsample_last=False, generator=torch.Generator().manual_seed(0))
+    target = diffusion_target(model, quantizer, context, mask, tokens, residual)
     B, H = context.shape[0], TINY.patch_nums[-1]
     expected = residual.reshape(B, TINY.token_dim, H * H).transpose(1, 2).reshape(B * H * H, -1)
-    torch.testing.assert_close(captured["t"], expected.repeat(TINY.diffusion_batch_mul, 1))
+    torch.testing.assert_close(target, expected.repeat(TINY.diffusion_batch_mul, 1))
 
 
 def test_frozen_transformer_trains_only_the_head():
