@@ -48,7 +48,7 @@ IMAGE_RANGE_SLACK = 1e-3  # accept [-1 - slack, 1 + slack]: float rounding of no
 # Fields of HART's config.json that carry no architecture we need; accepted and not used.
 HART_TRAINING_FIELDS = ("levels", "test_mode", "hybrid", "freeze_codebook_for_hybrid", "default_qresi_counts")
 # Architecture fields we add to config.json (HART hard-codes them); absent -> HART's values.
-OUR_EXTRA_FIELDS = ("num_res_blocks", "using_sa", "using_mid_sa", "in_channels")
+OUR_EXTRA_FIELDS = ("num_res_blocks", "using_sa", "using_mid_sa", "in_channels", "norm_groups")
 
 
 class HybridTokenizer(nn.Module):
@@ -245,7 +245,7 @@ def config_to_hart_json(config: TokenizerConfig) -> dict[str, Any]:
         "disable_quant_resi": False,
         "freeze_codebook_for_hybrid": True,
         "double_decoder": False,
-        # The official code hard-codes these four; it ignores unknown config keys.
+        # The official code hard-codes these (norm_groups = 32); it ignores unknown config keys.
         **{name: ours[name] for name in OUR_EXTRA_FIELDS},
     }
 

@@ -8,7 +8,7 @@ stored lowest level first). Everything else (width, depth, which levels attend) 
 `TokenizerConfig`, so the same code builds the released 160-channel net and the tiny test net.
 
 Numerics that matter for the released weights:
-- GroupNorm(32 groups, eps 1e-6) + SiLU before every conv of a residual block;
+- GroupNorm(`norm_groups`, 32 in every release; eps 1e-6) + SiLU before every conv of a residual block;
 - downsampling pads one pixel right/bottom, then a stride-2 3x3 conv with no padding;
 - upsampling is nearest x2 followed by a 3x3 conv;
 - attention is single-head over all positions, 1x1-conv q/k/v packed as one (3C) conv in q,k,v
@@ -28,8 +28,8 @@ from torch import nn
 from hart.config import TokenizerConfig
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+def group_norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
 class Upsample(nn.Module):
@@ -57,11 +57,11 @@ class Downsample(nn.Module):
 class ResnetBlock(nn.Module):
     """GN-SiLU-conv, GN-SiLU-dropout-conv, plus a 1x1 shortcut when the width changes."""
 
-    def __init__(self, in_channels: int, out_channels: int, dropout: float):
+    def __init__(self, in_channels: int, out_channels: int, dropout: float, groups: int):
         super().__init__()
-        self.norm1 = group_norm(in_channels)
+        self.norm1 = group_norm(in_channels, groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
-        self.norm2 = group_norm(out_channels)
+        self.norm2 = group_norm(out_channels, groups)
         # Identity when dropout is off keeps the module free of a no-op layer (no keys either way).
         self.dropout = nn.Dropout(dropout) if dropout > 1e-6 else nn.Identity()
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
@@ -79,10 +79,10 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all spatial positions, with a residual connection."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, groups: int):
         super().__init__()
         self.channels = channels
-        self.norm = group_norm(channels)
+        self.norm = group_norm(channels, groups)
         self.qkv = nn.Conv2d(channels, 3 * channels, kernel_size=1)
         self.proj_out = nn.Conv2d(channels, channels, kernel_size=1)
 
@@ -106,11 +106,11 @@ class _Level(nn.Module):
 
 
 class _Middle(nn.Module):
-    def __init__(self, channels: int, dropout: float, using_mid_sa: bool):
+    def __init__(self, channels: int, dropout: float, using_mid_sa: bool, groups: int):
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, dropout)
-        self.attn_1 = AttnBlock(channels) if using_mid_sa else nn.Identity()
-        self.block_2 = ResnetBlock(channels, channels, dropout)
+        self.block_1 = ResnetBlock(channels, channels, dropout, groups)
+        self.attn_1 = AttnBlock(channels, groups) if using_mid_sa else nn.Identity()
+        self.block_2 = ResnetBlock(channels, channels, dropout, groups)
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(x_BCHW)))
@@ -121,7 +121,7 @@ class Encoder(nn.Module):
 
     def __init__(self, config: TokenizerConfig):
         super().__init__()
-        ch, ch_mult = config.ch, tuple(config.ch_mult)
+        ch, ch_mult, groups = config.ch, tuple(config.ch_mult), config.norm_groups
         self.num_levels = len(ch_mult)
         self.num_res_blocks = config.num_res_blocks
         self.conv_in = nn.Conv2d(config.in_channels, ch, kernel_size=3, stride=1, padding=1)
@@ -131,15 +131,15 @@ class Encoder(nn.Module):
             stage = _Level()
             lowest = level == self.num_levels - 1
             for _ in range(config.num_res_blocks):
-                stage.block.append(ResnetBlock(width, ch * mult, config.dropout))
+                stage.block.append(ResnetBlock(width, ch * mult, config.dropout, groups))
                 width = ch * mult
                 if lowest and config.using_sa:
-                    stage.attn.append(AttnBlock(width))
+                    stage.attn.append(AttnBlock(width, groups))
             if not lowest:
                 stage.downsample = Downsample(width)
             self.down.append(stage)
-        self.mid = _Middle(width, config.dropout, config.using_mid_sa)
-        self.norm_out = group_norm(width)
+        self.mid = _Middle(width, config.dropout, config.using_mid_sa, groups)
+        self.norm_out = group_norm(width, groups)
         self.conv_out = nn.Conv2d(width, config.z_channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
@@ -160,11 +160,11 @@ class Decoder(nn.Module):
 
     def __init__(self, config: TokenizerConfig):
         super().__init__()
-        ch, ch_mult = config.ch, tuple(config.ch_mult)
+        ch, ch_mult, groups = config.ch, tuple(config.ch_mult), config.norm_groups
         self.num_levels = len(ch_mult)
         width = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(config.z_channels, width, kernel_size=3, stride=1, padding=1)
-        self.mid = _Middle(width, config.dropout, config.using_mid_sa)
+        self.mid = _Middle(width, config.dropout, config.using_mid_sa, groups)
         # Built from the lowest resolution up, stored in level order (up.0 = full resolution),
         # which is how the released keys are numbered.
         levels: list[_Level] = []
@@ -172,15 +172,15 @@ class Decoder(nn.Module):
             stage = _Level()
             lowest = level == self.num_levels - 1
             for _ in range(config.num_res_blocks + 1):
-                stage.block.append(ResnetBlock(width, ch * ch_mult[level], config.dropout))
+                stage.block.append(ResnetBlock(width, ch * ch_mult[level], config.dropout, groups))
                 width = ch * ch_mult[level]
                 if lowest and config.using_sa:
-                    stage.attn.append(AttnBlock(width))
+                    stage.attn.append(AttnBlock(width, groups))
             if level != 0:
                 stage.upsample = Upsample(width)
             levels.insert(0, stage)
         self.up = nn.ModuleList(levels)
-        self.norm_out = group_norm(width)
+        self.norm_out = group_norm(width, groups)
         self.conv_out = nn.Conv2d(width, config.in_channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, z_BCHW: torch.Tensor) -> torch.Tensor:

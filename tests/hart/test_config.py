@@ -55,8 +55,11 @@ def test_unknown_and_badly_typed_fields_raise():
 def test_validation_in_post_init():
     with pytest.raises(ValueError, match="strictly increasing"):
         TokenizerConfig(patch_nums=(1, 4, 2))
-    with pytest.raises(ValueError, match="multiples of 32"):
+    with pytest.raises(ValueError, match="multiples of norm_groups=32"):
         TokenizerConfig(ch=48)
+    assert TokenizerConfig(ch=48, norm_groups=16).norm_groups == 16
+    with pytest.raises(ValueError, match="norm_groups must be >= 1"):
+        TokenizerConfig(norm_groups=0)
     with pytest.raises(ValueError, match="divisible by num_heads"):
         TransformerConfig(embed_dim=100, num_heads=3)
 

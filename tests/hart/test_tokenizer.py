@@ -163,6 +163,7 @@ def test_loads_official_layout_folder_strictly(tiny, tmp_path):
     save_weight_file(state, folder / "pytorch_model.bin")
     loaded = HybridTokenizer.from_pretrained(folder)
     assert all(torch.equal(v, loaded.state_dict()[k[4:]]) for k, v in state.items() if k.startswith("vae."))
+    assert loaded.config.norm_groups == 32  # HART's config.json has no norm_groups: the released GroupNorm(32)
 
     # A missing key, an unexpected key and a wrong shape are each named.
     broken = dict(state)
