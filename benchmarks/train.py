@@ -1,21 +1,28 @@
 """Training-step benchmark: bare step loop vs the Ray Train job on the same data, and GPU MFU.
 
 What it measures (nothing is estimated unless labelled):
-1. `bare`: the joint (or --stage) step of `jobs.stages` + `hart.training.train_step` in a
-   plain Python loop over batches already in memory (read from the token cache), tiny preset, CPU.
-   Reports median step time, tokens/s and images/s after warm-up steps.
+1. `bare`: the worker's step (`jobs.stages.optimizer_step` + the EMA update, the loss module through
+   `hart.parallelize.parallelize` as on a worker) in a plain Python loop over batches already in memory
+   (read from the token cache), tiny preset, CPU. Reports the median step period, tokens/s, images/s
+   and the process's CPU seconds per step, after warm-up steps.
 2. `ray`: the same config through `jobs.train.run_training` (TorchTrainer, 1 worker, Ray Data
-   ingest from the same cache, MLflow logging to a sqlite file, one checkpoint at the end).
-   The worker uses as many torch threads as the bare loop (`scaling.torch_threads`; Ray's
-   default for a 0.5-CPU worker would be 1 thread, which is not a wrapper overhead).
-   The per-step time comes from the worker's own `step_seconds` metric (data wait included);
-   the ratio ray/bare is the wrapper's steady-state overhead (goal <= 1.10). The job's wall
-   time, including Ray start-up, dataset planning and the checkpoint, is printed too.
+   ingest from the same cache, MLflow logging to a sqlite file every `run.log_every` steps as in
+   `jobs/configs/train_tiny.yaml`, one checkpoint at the end). Same torch threads in both
+   (`--threads`, default all cores; `scaling.torch_threads` on the worker). Same scheduling priority
+   too: Ray starts workers at niceness +15 by default, so the Ray instance started here gets
+   `RAY_worker_niceness=0` (`--ray-worker-niceness 15` measures Ray's default).
+   The per-step time is the worker's own `step_seconds` metric: the loop's period, with data wait,
+   EMA and logging included; `data_seconds` / `compute_seconds` / `ema_seconds` split it. The ratio
+   ray/bare is the wrapper's steady-state overhead (goal <= 1.10). CPU accounting (Linux /proc,
+   the driver and every process it started, over the timed steps) gives CPU seconds per step of the
+   train worker and of everything else (Ray daemons and actors, Ray Data, MLflow), a figure that
+   moves less than wall time on a shared machine. The job's wall time, including Ray start-up,
+   dataset planning and the checkpoint, is printed too.
 3. `gpu` (only with CUDA): hart-0.7b at 256 and 512 px, bf16 autocast, random tokens, model
    FLOPs utilisation = 6 * trainable params * tokens per step (+ attention) / step time / peak.
    Without a GPU this part prints "skipped".
 
-Run:  python benchmarks/train.py [--steps 30] [--warmup 5] [--cache DIR --tokenizer DIR]
+Run:  python benchmarks/train.py [--steps 30] [--warmup 5] [--threads N] [--cache DIR --tokenizer DIR]
 Without --cache a small shapes corpus and cache are made first (precompute pipeline, ~30 s).
 """
 
@@ -60,17 +67,19 @@ def train_config(args, cache: str, tokenizer: str, work: Path):
 
     return load_train_config(str(REPO / "jobs/configs/train_tiny.yaml"), args.stage, [
         f"run.name=bench-{args.stage}-{int(time.time())}", f"run.storage_path={work / 'storage'}",
-        f"run.max_steps={args.steps}", f"run.checkpoint_every={args.steps}", "run.log_every=1",
+        f"run.max_steps={args.steps}", f"run.checkpoint_every={args.steps}",
         f"data.cache={cache}", f"model.tokenizer_checkpoint={tokenizer}", f"data.batch_size={args.batch_size}",
         f"tracking.tracking_uri=sqlite:///{work / 'mlflow.db'}", "tracking.sample_every=0", "run.export=false",
-        "precision=fp32", f"scaling.torch_threads={torch.get_num_threads()}",  # same threads as the bare loop
+        "precision=fp32", f"scaling.torch_threads={args.threads}",  # same threads as the bare loop
         "tracking.experiment=bench-train",
     ])
 
 
-def bare_loop(config, cache: str, steps: int, warmup: int) -> list[float]:
-    from hart.training import build_optimizer, build_scheduler, train_step
-    from jobs.stages import build_stage
+def bare_loop(config, cache: str, steps: int, warmup: int) -> tuple[list[float], float]:
+    """Step periods (s) of the worker's step (`optimizer_step` + EMA update) over in-memory batches, and CPU s/step."""
+    from hart.parallelize import parallelize
+    from hart.training import ExponentialMovingAverage, build_optimizer, build_scheduler
+    from jobs.stages import build_stage, optimizer_step
     from jobs.train_data import TextFeatures
     from pipelines.cache import batch_to_tensors, read_cache_table, read_manifest, table_to_numpy
 
@@ -82,21 +91,92 @@ def bare_loop(config, cache: str, steps: int, warmup: int) -> list[float]:
     batches = [text.add_context(batch_to_tensors(table_to_numpy(table.slice(i, batch_size)), manifest))
                for i in range(0, table.num_rows - batch_size + 1, batch_size)]
     stage = build_stage(config, device, text.encoder)
+    objective = parallelize(stage.objective, config.parallel, device)
     optimizer = build_optimizer(stage.model, config.optim)
-    scheduler = build_scheduler(optimizer, steps, config.optim)
+    scheduler = build_scheduler(optimizer, config.run.max_steps, config.optim)
+    ema = ExponentialMovingAverage(stage.model, config.ema_decay)
     generator = torch.Generator()
-    times = []
+    times, cpu_started = [], 0.0
+    last = time.perf_counter()
     for step in range(steps + warmup):
+        if step == warmup:
+            cpu_started = time.process_time()
         batch = batches[step % len(batches)]
         generator.manual_seed(step)
-        started = time.perf_counter()
-        train_step(stage.objective, lambda m, b: m(b, step=step, generator=generator), [batch], optimizer, step=step,
-                   scheduler=scheduler, clip_grad_norm=config.optim.clip_grad_norm, precision=config.precision)
-        times.append(time.perf_counter() - started)
-    return times[warmup:]
+        optimizer_step(config, stage, objective, None, optimizer, scheduler, None, [batch], step, generator)
+        ema.update(stage.model)
+        now = time.perf_counter()
+        times.append(now - last)
+        last = now
+    return times[warmup:], (time.process_time() - cpu_started) / steps
 
 
-def ray_job(config, warmup: int) -> tuple[list[float], float]:
+def tree_cpu_seconds(root: int) -> dict[int, tuple[str, float]]:
+    """{pid: (command, user+system CPU seconds)} of `root` and all its descendants (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(parent, []).append(int(name))
+    out, stack, tick = {}, [root], os.sysconf("SC_CLK_TCK")
+    while stack:
+        pid = stack.pop()
+        stack.extend(children.get(pid, []))
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/cmdline") as f:
+                command = f.read().replace("\0", " ").strip()
+        except OSError:
+            continue
+        out[pid] = (command, (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+class CpuSampler:
+    """Samples the CPU seconds of this process tree (driver + the Ray processes it started) in a thread."""
+
+    def __init__(self, interval_s: float = 0.25):
+        import threading
+
+        self.samples: list[tuple[float, dict[int, tuple[str, float]]]] = []
+        self.interval_s, self.stopped = interval_s, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stopped.is_set():
+            self.samples.append((time.time(), tree_cpu_seconds(os.getpid())))
+            self.stopped.wait(self.interval_s)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopped.set()
+        self.thread.join()
+
+    def window(self, start: float, end: float) -> dict[str, float]:
+        """CPU seconds used between two wall times, by the train worker and by everything else."""
+        first = min(self.samples, key=lambda s: abs(s[0] - start))
+        last = min(self.samples, key=lambda s: abs(s[0] - end))
+        used = {"worker": 0.0, "rest": 0.0, "seconds": last[0] - first[0]}
+        for pid, (command, cpu) in last[1].items():
+            before = first[1].get(pid, (command, 0.0))[1]
+            used["worker" if "RayTrainWorker" in command else "rest"] += cpu - before
+        return used
+
+
+BREAKDOWN = ("step_seconds", "data_seconds", "compute_seconds", "ema_seconds")
+
+
+def ray_job(config, warmup: int) -> tuple[dict[str, list[float]], float, dict[str, float]]:
+    """Per-step histories of the worker's timing metrics (warm-up steps dropped), the job's wall time,
+    and the CPU seconds the whole process tree used per timed step (train worker / everything else)."""
     import ray
     from mlflow.tracking import MlflowClient
 
@@ -106,11 +186,19 @@ def ray_job(config, warmup: int) -> tuple[list[float], float]:
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     started = time.perf_counter()
-    outcome = run_training(config)
+    with CpuSampler() as sampler:
+        outcome = run_training(config)
     wall = time.perf_counter() - started
     client = MlflowClient(tracking_uri=tracking.resolve_tracking_uri(config.tracking.tracking_uri))
-    history = sorted(client.get_metric_history(outcome["run_id"], "step_seconds"), key=lambda m: m.step)
-    return [m.value for m in history][warmup:], wall
+    histories, stamps = {}, []
+    for name in BREAKDOWN:
+        history = sorted(client.get_metric_history(outcome["run_id"], name), key=lambda m: m.step)
+        histories[name] = [m.value for m in history][warmup:]
+        stamps = [m.timestamp / 1e3 for m in history]
+    # steps warmup+1 .. last were recorded between these two times
+    used = sampler.window(stamps[warmup - 1], stamps[-1])
+    timed = len(stamps) - warmup
+    return histories, wall, {"worker": used["worker"] / timed, "rest": used["rest"] / timed}
 
 
 def gpu_mfu(steps: int, warmup: int) -> None:
@@ -166,11 +254,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed steps")
     parser.add_argument("--warmup", type=int, default=5, help="untimed first steps")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch intra-op threads of the bare loop and of the Ray worker (default: all cores)")
+    parser.add_argument("--ray-worker-niceness", type=int, default=0,
+                        help="RAY_worker_niceness of the Ray instance started here (Ray's own default is 15)")
     parser.add_argument("--cache", help="existing tiny token cache (with text features); default: make one")
     parser.add_argument("--tokenizer", help="tokenizer folder the cache was made with")
     parser.add_argument("--skip-ray", action="store_true")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    # Ray starts its worker processes 15 nice levels below the driver unless told otherwise; on a shared
+    # machine that alone slows the worker against every other process, which is scheduling, not wrapper
+    # overhead. Same priority as the bare loop by default; --ray-worker-niceness 15 shows Ray's default.
+    os.environ.setdefault("RAY_worker_niceness", str(args.ray_worker_niceness))
     work = Path(tempfile.mkdtemp(prefix="hart-bench-train-"))
     if args.cache:
         cache, tokenizer = args.cache, args.tokenizer
@@ -186,26 +283,36 @@ def main(argv: list[str] | None = None) -> None:
     from hart.config import transformer_config
 
     tokens_per_image = transformer_config(config.model.transformer).num_image_tokens()
-    def report_bare(label: str) -> float:
-        bare_s = statistics.median(bare_loop(config, cache, args.steps, args.warmup))
-        print(f"{label} {args.stage} tiny CPU bs{args.batch_size}: {bare_s * 1e3:.1f} ms/step (median of {args.steps}), "
-              f"{args.batch_size * tokens_per_image / bare_s:,.0f} tokens/s, {args.batch_size / bare_s:.1f} images/s "
-              f"[load avg {os.getloadavg()[0]:.1f}]", flush=True)
-        return bare_s
+    label = (f"{args.stage} tiny CPU bs{args.batch_size}, {args.threads} torch threads, "
+             f"Ray worker niceness {os.environ['RAY_worker_niceness']}")
 
-    print(f"cache {cache} tokenizer {tokenizer}", flush=True)
-    bare_before = report_bare("bare  ")
+    def report_bare() -> tuple[float, float]:
+        times, cpu = bare_loop(config, cache, args.steps, args.warmup)
+        bare_s = statistics.median(times)
+        print(f"bare   {bare_s * 1e3:.1f} ms/step (median of {args.steps}, mean {statistics.mean(times) * 1e3:.1f}), "
+              f"{args.batch_size * tokens_per_image / bare_s:,.0f} tokens/s, {args.batch_size / bare_s:.1f} images/s; "
+              f"CPU {cpu * 1e3:.0f} ms/step [load avg {os.getloadavg()[0]:.1f}]", flush=True)
+        return bare_s, cpu
+
+    print(f"cache {cache} tokenizer {tokenizer}\n{label}", flush=True)
+    bare_before, cpu_before = report_bare()
     if not args.skip_ray:
         # bare, Ray, bare again: the two bare runs bracket the Ray run, so a change in machine load shows up
-        ray_steps, wall = ray_job(config, args.warmup)
+        histories, wall, cpu = ray_job(config, args.warmup)
+        ray_steps = histories["step_seconds"]
         ray_s = statistics.median(ray_steps)
-        print(f"ray    {args.stage} tiny CPU bs{args.batch_size}: {ray_s * 1e3:.1f} ms/step (median of {len(ray_steps)}), "
+        print(f"ray    {ray_s * 1e3:.1f} ms/step (median of {len(ray_steps)}, mean {statistics.mean(ray_steps) * 1e3:.1f}), "
               f"{args.batch_size * tokens_per_image / ray_s:,.0f} tokens/s; job wall {wall:.1f} s for "
               f"{args.steps + args.warmup} steps incl. start-up and checkpoint [load avg {os.getloadavg()[0]:.1f}]")
-        bare_after = report_bare("bare  ")
-        bare_s = (bare_before + bare_after) / 2
+        parts = {name: statistics.median(values) * 1e3 for name, values in histories.items()}
+        print("ray    per-step medians (ms): " + ", ".join(f"{name} {value:.1f}" for name, value in parts.items())
+              + f"; rest {parts['step_seconds'] - parts['data_seconds'] - parts['compute_seconds'] - parts['ema_seconds']:.1f}")
+        print(f"ray    CPU per timed step: train worker {cpu['worker'] * 1e3:.0f} ms + everything else (driver, Ray "
+              f"daemons and actors, Ray Data) {cpu['rest'] * 1e3:.0f} ms", flush=True)
+        bare_after, cpu_after = report_bare()
+        bare_s, bare_cpu = (bare_before + bare_after) / 2, (cpu_before + cpu_after) / 2
         print(f"overhead ray/bare per step: {ray_s / bare_s:.3f} (goal <= 1.10; bare runs {bare_before * 1e3:.0f} "
-              f"and {bare_after * 1e3:.0f} ms/step)")
+              f"and {bare_after * 1e3:.0f} ms/step); CPU ray/bare {(cpu['worker'] + cpu['rest']) / bare_cpu:.3f}")
     gpu_mfu(steps=10, warmup=3)
 
 

@@ -14,7 +14,7 @@ Both may sit in one file or in two. Without weights the module is randomly initi
 is only useful for tests: a random trunk is not a perceptual metric.
 
 `channels` can shrink the trunk widths (tests use a tiny one); the released metric uses
-`VGG16_CHANNELS`. The network is frozen (requires_grad False) but differentiable w.r.t. its inputs.
+`VGG16_CHANNELS`. `from_files` reads them from the heads' shapes unless given. The network is frozen (requires_grad False) but differentiable w.r.t. its inputs.
 
 Shape legend: B batch, C channels, H/W spatial size.
 """
@@ -73,18 +73,28 @@ class PerceptualLoss(nn.Module):
 
     @classmethod
     def from_files(
-        cls, paths: str | Path | list[str | Path], channels: tuple[int, ...] = VGG16_CHANNELS
+        cls, paths: str | Path | list[str | Path], channels: tuple[int, ...] | None = None
     ) -> "PerceptualLoss":
-        """Build and strictly load trunk + heads from one or more local weight files."""
+        """Build and strictly load trunk + heads from one or more local weight files.
+
+        `channels=None` reads the block widths from the heads `lin{i}.model.1.weight` (1, C, 1, 1)
+        (VGG16's when the files have no heads; the strict match then names what is missing).
+        """
         paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
         if not paths:
             raise ValueError("PerceptualLoss.from_files needs at least one weight file")
         loaded: dict[str, torch.Tensor] = {}
         for path in paths:
+            if not Path(path).is_file():
+                raise ValueError(f"perceptual weight file not found: {path}")
             for key, value in load_weight_file(path).items():
                 if key in loaded:
                     raise ValueError(f"key {key!r} appears in more than one perceptual weight file")
                 loaded[key] = value
+        if channels is None:
+            heads = [loaded.get(f"lin{i}.model.1.weight") for i in range(len(VGG16_CHANNELS))]
+            channels = tuple(int(h.shape[1]) for h in heads) if all(h is not None and h.ndim == 4 for h in heads) \
+                else VGG16_CHANNELS
         module = cls(channels)
         loaded = {k: v for k, v in loaded.items() if not k.startswith("classifier.")}
         match_state_dict(module.state_dict(), loaded, what=f"perceptual weights {[str(p) for p in paths]}")

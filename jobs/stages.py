@@ -5,14 +5,15 @@ checkpointed and exported (`model`: the tokenizer or the transformer), a *loss m
 (`objective`: an nn.Module whose forward(batch) returns the loss dict of the hart
 objective), and the frozen helpers. The loss module is what DDP/FSDP wraps: all gradient
 traffic then goes through the wrapper's forward, which plain attribute calls such as
-`model.diffloss(...)` would bypass. Frozen helpers (quantizer, text encoder, and the
-discriminator inside the generator's loss module) are held outside the module tree
+`model.diffloss(...)` would bypass. Frozen helpers (quantizer, text encoder, the LPIPS
+metric, and the discriminator inside the generator's loss module) are held outside the module tree
 (`_frozen` dicts), so the data-parallel wrapper never waits for gradients they do not get.
 
 Stages (HART_SPEC §4):
 - `tokenizer`: hybrid decoder fine-tuning (encoder + codebook frozen, alternating
   continuous/discrete decoding) or full VQVAE training, optional PatchGAN (second
-  optimizer, `discriminator` module).
+  optimizer, `discriminator` module), optional LPIPS term from local weight files
+  (`objective.perceptual_weights`).
 - `ar`: transformer with CE only (the diffusion head is frozen and not optimised).
 - `diffusion`: residual diffusion head only, on a frozen transformer.
 - `joint`: CE + diffusion loss with last-scale subsampling (HART's recipe).
@@ -81,20 +82,21 @@ class TransformerObjective(nn.Module):
 
 
 class TokenizerObjective(nn.Module):
-    """generator_losses around the tokenizer; the discriminator is a frozen critic here."""
+    """generator_losses around the tokenizer; the discriminator (a critic here) and the LPIPS metric are frozen."""
 
-    def __init__(self, tokenizer: nn.Module, objective_config, discriminator: nn.Module | None):
+    def __init__(self, tokenizer: nn.Module, objective_config, discriminator: nn.Module | None,
+                 perceptual: nn.Module | None = None):
         super().__init__()
         self.tokenizer = tokenizer
         self.objective_config = objective_config
-        self._frozen = {"discriminator": discriminator}
+        self._frozen = {"discriminator": discriminator, "perceptual": perceptual}
 
     def forward(self, batch: dict[str, Any], step: int = 0, generator: torch.Generator | None = None):
         from hart.tokenizer_objective import generator_losses
 
         return generator_losses(
             self.tokenizer, batch["images"], self.objective_config, step=step,
-            discriminator=self._frozen["discriminator"], generator=generator,
+            discriminator=self._frozen["discriminator"], perceptual=self._frozen["perceptual"], generator=generator,
         )
 
 
@@ -211,12 +213,37 @@ def _build_tokenizer_stage(config: TrainRunConfig, device: torch.device) -> Stag
         mode=mode, continuous_prob=objective.continuous_prob, gan_weight=objective.gan_weight,
         gan_start_step=objective.gan_start_step, perceptual_weight=objective.perceptual_weight,
     )
-    stage = Stage("tokenizer", tokenizer, TokenizerObjective(tokenizer, objective_config, discriminator))
+    perceptual = build_perceptual(config)
+    if perceptual is not None:
+        perceptual.to(device)
+    stage = Stage("tokenizer", tokenizer, TokenizerObjective(tokenizer, objective_config, discriminator, perceptual))
+    stage.frozen["perceptual"] = perceptual
     if discriminator is not None:
         discriminator.to(device)
         stage.discriminator = discriminator
         stage.discriminator_objective = DiscriminatorObjective(discriminator, objective_config)
     return stage
+
+
+def check_perceptual_weights(config: TrainRunConfig) -> None:
+    """Driver-side: every configured LPIPS weight file exists (local paths; nothing is downloaded)."""
+    objective = config.objective
+    if config.stage != "tokenizer" or objective.perceptual_weight <= 0:
+        return
+    missing = [path for path in objective.perceptual_weights if not Path(path).is_file()]
+    if missing:
+        raise ValueError(f"objective.perceptual_weights: file(s) not found: {missing} (local files; nothing is downloaded)")
+
+
+def build_perceptual(config: TrainRunConfig):
+    """The frozen LPIPS metric of the tokenizer stage, or None when objective.perceptual_weight is 0."""
+    objective = config.objective
+    if objective.perceptual_weight <= 0:
+        return None
+    from hart.perceptual import PerceptualLoss
+
+    check_perceptual_weights(config)
+    return PerceptualLoss.from_files(list(objective.perceptual_weights)).requires_grad_(False).eval()
 
 
 def _build_transformer_stage(config: TrainRunConfig, device: torch.device, text_encoder: Any) -> Stage:
@@ -326,5 +353,5 @@ def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
 __all__ = [
     "Stage", "build_stage", "load_compatible_weights", "read_start_weights", "load_frozen_tokenizer",
     "TransformerObjective", "TokenizerObjective", "DiscriminatorObjective", "trainable_parameters",
-    "optimizer_step", "throughput", "log_samples",
+    "optimizer_step", "throughput", "log_samples", "build_perceptual", "check_perceptual_weights",
 ]

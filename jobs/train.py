@@ -10,14 +10,17 @@ loss module (`hart.parallelize`) and loops over `hart.training.train_step`.
 Resume = resubmit the same `run.name` with the same `run.storage_path` (Train V2 restores
 the latest checkpoint of `{storage_path}/{name}`; RAY_NOTES §2.2). The checkpoint holds the
 step, data epoch, optimizer/scheduler/EMA/RNG state and the MLflow run id, so the step
-count and the MLflow run continue and the final step count is the configured one. Steps a
+count and the MLflow run continue and the final step count is the configured one. The
+driver reads the same checkpoint first (`resumable_checkpoint`): no checkpoint means a new
+MLflow run, even if an older run of that name exists (its history is never appended to). Steps a
 crashed run made after its last checkpoint are redone from that checkpoint (their metrics
 can then appear twice under the same step number). Mid-epoch data position is not restored
 (Ray 2.60 has no mid-epoch iterator resume): a resumed run starts its current data epoch
 again with a new file order.
 
 Checkpoints are reported every `run.checkpoint_every` steps (a report is a barrier across
-workers, so none in between); metrics go to MLflow from rank 0 every `run.log_every` steps.
+workers, so none in between). Rank 0 records every step's metrics and writes them to MLflow
+in one batch every `run.log_every` steps and at each checkpoint.
 """
 
 from __future__ import annotations
@@ -83,12 +86,51 @@ def check_storage(uri: str, endpoint_url: str):
     return fs, path
 
 
+# Train V2 keeps its list of reported checkpoints in this file of the run folder and restores the
+# latest one it names (RAY_NOTES §2.2); reading it tells the driver what the workers will resume.
+RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def resumable_checkpoint(fs, storage_path: str, run_name: str) -> dict[str, Any] | None:
+    """meta.json of the checkpoint Ray Train will restore for `run_name`, or None when it starts fresh.
+
+    ValueError when Ray's snapshot names a checkpoint folder that is gone (a partial delete): Ray
+    would hand the workers a checkpoint it cannot read.
+    """
+    import pyarrow.fs as pafs
+
+    from hart.checkpoint import META_FILE, upgrade_meta
+    from pipelines import storage
+
+    run_dir = f"{storage_path.rstrip('/')}/{run_name}"
+    snapshot_path = f"{run_dir}/{RAY_CHECKPOINT_SNAPSHOT}"
+    if fs.get_file_info(snapshot_path).type == pafs.FileType.NotFound:
+        return None
+    try:
+        latest = json.loads(storage.read_bytes(fs, snapshot_path)).get("latest_checkpoint_result")
+        name = latest["checkpoint_dir_name"] if latest else None
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"cannot read Ray Train's checkpoint list {snapshot_path}: {exc}") from None
+    if name is None:
+        return None
+    meta_path = f"{run_dir}/{name}/{META_FILE}"
+    if not storage.exists(fs, meta_path):
+        raise ValueError(
+            f"run {run_name!r}: Ray Train's checkpoint list {snapshot_path} names {name}, but {meta_path} is missing; "
+            f"restore that checkpoint, or delete {run_dir} to start the run over"
+        )
+    return upgrade_meta(json.loads(storage.read_bytes(fs, meta_path)))
+
+
 def preflight(config: TrainRunConfig) -> dict[str, Any]:
     """All driver-side checks, in the order a user would fix them; returns what the run needs."""
     fs, path = check_storage(config.run.storage_path, config.run.endpoint_url)
     facts: dict[str, Any] = {"storage_fs": fs, "storage_path": path, "manifest": None}
     if config.stage == "tokenizer":
+        from jobs.stages import check_perceptual_weights
+
         facts["shards"] = list_image_shards(config)
+        check_perceptual_weights(config)
     else:
         from jobs.stages import load_frozen_tokenizer
         from pipelines.tokenize_stage import weights_hash
@@ -99,7 +141,12 @@ def preflight(config: TrainRunConfig) -> dict[str, Any]:
     uri = tracking.resolve_tracking_uri(config.tracking.tracking_uri)
     params = tracking.flatten_params(config.to_dict())
     facts["tracking_uri"] = uri
-    facts["run_id"], facts["resumed"] = tracking.open_run(uri, config.tracking.experiment, config.run.name, params)
+    checkpoint_meta = resumable_checkpoint(fs, path, config.run.name)
+    facts["resume_step"] = checkpoint_meta["step"] if checkpoint_meta else 0
+    facts["run_id"], facts["resumed"] = tracking.open_run(
+        uri, config.tracking.experiment, config.run.name, params,
+        resume_run_id=checkpoint_meta.get("mlflow_run_id") if checkpoint_meta else None,
+    )
     return facts
 
 
@@ -112,7 +159,7 @@ def run_training(config: TrainRunConfig, export_dir: str | None = None) -> dict[
     facts = preflight(config)
     ray.data.DataContext.get_current().enable_progress_bars = False  # [ray] keeps job logs readable
     print(f"[train] stage={config.stage} run={config.run.name} mlflow run {facts['run_id']} "
-          f"({'resumed' if facts['resumed'] else 'new'}) -> {config.run.storage_path}")
+          f"({'resumed at step %d' % facts['resume_step'] if facts['resumed'] else 'new'}) -> {config.run.storage_path}")
     dataset = image_dataset(config, facts["shards"]) if config.stage == "tokenizer" else cache_dataset(config, facts["manifest"])
     scaling = config.scaling
     resources = {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
@@ -208,26 +255,38 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     accumulation, batch_size = config.data.grad_accumulation, config.data.batch_size
     generator = torch.Generator(device=device)
     sample_batch = None
+    last_step_end = time.perf_counter()
     while step < config.run.max_steps:
-        steps_before, micro_batches, started = step, [], time.perf_counter()
+        steps_before, micro_batches, data_seconds = step, [], 0.0
+        waiting = time.perf_counter()
         for batch in shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate, drop_last=True,  # [ray]
                                               prefetch_batches=2):
             batch = {**batch, "images": batch["images"].to(device)} if text is None else text.add_context(batch)
+            data_seconds += time.perf_counter() - waiting
             sample_batch = sample_batch if sample_batch is not None else batch
             micro_batches.append(batch)
             if len(micro_batches) < accumulation:
+                waiting = time.perf_counter()
                 continue
             generator.manual_seed(hash((config.run.seed, rank, step)) % (2**63))
+            computing = time.perf_counter()
             metrics = optimizer_step(config, stage, objective, disc_objective, optimizer, scheduler, disc_optimizer,
                                      micro_batches, step, generator)
+            ema_started = time.perf_counter()
             ema.update(stage.model)
             step += 1
-            metrics.update(throughput(config, micro_batches, time.perf_counter() - started, context.get_world_size()))
-            micro_batches, started = [], time.perf_counter()
+            now = time.perf_counter()
+            # step_seconds: the loop's period (previous step's end to this one's), so data wait, logging and
+            # everything else the loop does count; data_seconds / compute_seconds split it.
+            metrics.update(throughput(config, micro_batches, now - last_step_end, context.get_world_size()))
+            metrics.update(data_seconds=data_seconds, compute_seconds=ema_started - computing,
+                           ema_seconds=now - ema_started)
+            last_step_end, micro_batches, data_seconds = now, [], 0.0
             if config.run.fail_at_step and step == config.run.fail_at_step and not resumed:
                 raise RuntimeError(f"injected failure at step {step} (run.fail_at_step)")
+            logger.record(metrics, step)
             if step % config.run.log_every == 0:
-                logger.log_metrics(metrics, step)
+                logger.write()
                 if rank == 0:
                     print(f"[train] step {step}/{config.run.max_steps} " + " ".join(
                         f"{k}={v:.4g}" for k, v in metrics.items() if k in ("loss", "ce", "diffusion", "lr", "grad_norm")))
@@ -239,6 +298,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                   loop_config["run_id"], rank)
             if step >= config.run.max_steps:
                 break
+            waiting = time.perf_counter()
         if step == steps_before:
             raise ValueError(f"data epoch {data_epoch} gave no full step: each worker needs at least "
                              f"batch_size * grad_accumulation = {batch_size * accumulation} rows")

@@ -36,7 +36,7 @@ class RunSection:
     max_steps: int = 100  # optimizer steps in total (a resumed run stops at the same count)
     checkpoint_every: int = 50  # steps between checkpoints (a final one is always written)
     num_to_keep: int = 2  # checkpoints kept in storage
-    log_every: int = 1  # steps between metric logs
+    log_every: int = 1  # steps between MLflow writes (each write carries every step's metrics since the last)
     max_failures: int = 0  # Ray Train worker-group restarts before the run fails
     export: bool = True  # write the official folder layout after the last step
     fail_at_step: int = 0  # testing only: raise in the worker at this step (simulated crash); 0 = off
@@ -98,15 +98,24 @@ class ObjectiveSection:
     gan_start_step: int = 0  # discriminator/adversarial loss switched on from this step
     disc_lr: float = 1e-4
     disc_channels: int = 64  # PatchGAN base width (HART's released discriminator: 64)
-    perceptual_weight: float = 0.0  # LPIPS term: not wired into the job yet (needs local weight files); must be 0
+    perceptual_weight: float = 0.0  # LPIPS term (tokenizer stage); > 0 needs perceptual_weights
+    # Local weight files of the LPIPS metric (hart.perceptual): torchvision VGG16 trunk keys
+    # `features.*` + LPIPS heads `lin{0..4}.model.1.weight`, in one file or two (.safetensors/.pth/.bin).
+    # Nothing is downloaded; the trunk widths are read from the heads.
+    perceptual_weights: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.tokenizer_mode not in ("hybrid", "full"):
             raise ValueError(f"objective.tokenizer_mode must be 'hybrid' or 'full', got {self.tokenizer_mode!r}")
         if not 0.0 <= self.continuous_prob <= 1.0:
             raise ValueError(f"objective.continuous_prob must be in [0, 1], got {self.continuous_prob}")
-        if self.perceptual_weight != 0.0:
-            raise ValueError("objective.perceptual_weight: the LPIPS term is not wired into jobs.train yet; keep it 0")
+        if self.perceptual_weight < 0:
+            raise ValueError(f"objective.perceptual_weight must be >= 0, got {self.perceptual_weight}")
+        if self.perceptual_weight > 0 and not self.perceptual_weights:
+            raise ValueError(
+                "objective.perceptual_weight > 0 needs objective.perceptual_weights: local LPIPS weight files "
+                "(VGG16 trunk + LPIPS heads, e.g. ['vgg16.pth', 'lpips_vgg.safetensors']); nothing is downloaded"
+            )
 
 
 @dataclass(frozen=True)

@@ -248,6 +248,19 @@ def test_parallelize_without_process_group_is_plain():
         ParallelConfig(strategy="tp")
 
 
+def test_compile_on_cpu_without_a_compiler_is_a_clear_error(monkeypatch):
+    import torch._inductor.config as inductor_config
+    from torch._inductor.cpp_builder import cpp_compiler_search
+
+    cpp_compiler_search.cache_clear()
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("no-such-c++-compiler",))
+    try:
+        with pytest.raises(ValueError, match="parallel.compile on CPU needs a C\\+\\+ compiler"):
+            parallelize(TinyNet(), ParallelConfig(compile=True), torch.device("cpu"))
+    finally:
+        cpp_compiler_search.cache_clear()
+
+
 def test_fsdp2_single_process_matches_plain_training_and_round_trips(tmp_path):
     """FSDP2 on a 1-process gloo group: same losses as plain training; full state out and back in."""
     import torch.distributed as dist

@@ -89,3 +89,71 @@ def test_progressive_start_rebuilds_scale_buffers(train_assets, tmp_path):
     wider = HARTForT2I(transformer_config({"preset": "tiny", "embed_dim": 128}))
     with pytest.raises(ValueError, match="wrong shapes"):
         load_compatible_weights(wider, low.state_dict(), "mismatched weights")
+
+
+def test_tokenizer_stage_with_perceptual_term(train_assets, tiny_lpips_weights, tmp_path):
+    from pipelines.shapes import render, sample_spec
+    import numpy as np
+
+    files = "[" + ",".join(f"'{p}'" for p in tiny_lpips_weights) + "]"
+    config = tiny_config(train_assets, "tokenizer", tmp_path, "objective.perceptual_weight=1.0",
+                         f"objective.perceptual_weights={files}")
+    stage = build_stage(config, torch.device("cpu"))
+    metric = stage.frozen["perceptual"]
+    assert metric is not None and metric.channels == (4, 8, 8, 16, 16)  # widths read from the heads
+    # frozen helper: outside the loss module's tree (what DDP wraps) and out of the optimizer
+    module_params = {id(p) for p in stage.objective.parameters()}
+    assert not any(id(p) in module_params for p in metric.parameters())
+    images = np.stack([np.asarray(render(sample_spec(i))) for i in range(4)])
+    batch = images_collate({"image": images, "caption": np.array(["x"] * 4, dtype=object)})
+    history = overfit(stage, batch, steps=6)
+    assert all(h["perceptual"] > 0 for h in history)
+    assert history[-1]["perceptual"] < history[0]["perceptual"]
+    assert all(p.grad is None for p in metric.parameters())
+
+
+def test_perceptual_settings_are_checked(train_assets, tiny_lpips_weights, tmp_path):
+    from jobs.train import preflight
+
+    with pytest.raises(ValueError, match="needs objective.perceptual_weights"):
+        tiny_config(train_assets, "tokenizer", tmp_path, "objective.perceptual_weight=0.5")
+    missing = tiny_config(train_assets, "tokenizer", tmp_path, "objective.perceptual_weight=0.5",
+                          f"objective.perceptual_weights=['{tmp_path / 'nowhere.safetensors'}']")
+    with pytest.raises(ValueError, match="not found.*nowhere.safetensors"):
+        preflight(missing)  # on the driver, before any worker starts
+    with pytest.raises(ValueError, match="not found.*nowhere.safetensors"):
+        build_stage(missing, torch.device("cpu"))
+    heads_only = tiny_config(train_assets, "tokenizer", tmp_path, "objective.perceptual_weight=0.5",
+                             f"objective.perceptual_weights=['{tiny_lpips_weights[1]}']")
+    with pytest.raises(ValueError, match="missing keys.*features.0.weight"):
+        build_stage(heads_only, torch.device("cpu"))
+
+
+@pytest.mark.slow  # torch.compile of the tiny transformer on CPU (inductor + gcc): ~1-3 min on 2 cores
+def test_compiled_joint_step_matches_eager(train_assets, cache_batch, tmp_path):
+    from torch._dynamo.utils import counters
+
+    from hart.parallelize import parallelize
+
+    manifest, raw = cache_batch
+    losses = {}
+    for compiled in (False, True):
+        config = tiny_config(train_assets, "joint", tmp_path, f"parallel.compile={str(compiled).lower()}")
+        text = TextFeatures(config, manifest, torch.device("cpu"))
+        stage = build_stage(config, torch.device("cpu"), text.encoder)
+        keys = list(stage.model.state_dict())
+        counters.clear()
+        objective = parallelize(stage.objective, config.parallel, torch.device("cpu"))
+        optimizer = build_optimizer(stage.model, stage_optim(3e-3))
+        generator = torch.Generator()
+        batch = text.add_context(raw)
+        history = []
+        for step in range(3):
+            generator.manual_seed(step)
+            history.append(train_step(objective, lambda m, b: m(b, step=step, generator=generator), [batch], optimizer,
+                                      step=step, clip_grad_norm=2.0)["loss"])
+        losses[compiled] = history
+        assert list(stage.model.state_dict()) == keys  # compile patches in place: official keys stay
+        if compiled:
+            assert counters["frames"]["ok"] > 0 and counters["stats"]["unique_graphs"] > 0, dict(counters["frames"])
+    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-3, atol=1e-4)

@@ -6,6 +6,7 @@ Run: .venv/bin/pytest tests/jobs/test_tracking.py -q
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from mlflow.tracking import MlflowClient
 
 from jobs import tracking
@@ -34,18 +35,35 @@ def test_train_config_params_are_flat_strings():
     assert all(isinstance(v, str) and len(v) <= tracking.MAX_PARAM_CHARS for v in flat.values())
 
 
-def test_open_run_resumes_by_name_and_logs_rank0_only(tmp_path):
+def test_open_run_continues_only_the_checkpointed_run(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_id, resumed = tracking.open_run(uri, "exp", "run-a", {"a": "1"})
-    again, resumed_again = tracking.open_run(uri, "exp", "run-a", {"a": "1"})
+    again, resumed_again = tracking.open_run(uri, "exp", "run-a", {"a": "1"}, resume_run_id=run_id)
+    assert (again, resumed, resumed_again) == (run_id, False, True)
+    # same name, no checkpoint to resume: a new run (the old history is not appended to), linked by a tag
+    fresh, resumed_fresh = tracking.open_run(uri, "exp", "run-a", {"a": "1"})
     other, _ = tracking.open_run(uri, "exp", "run-b", {"a": "1"})
-    assert (again, resumed, resumed_again) == (run_id, False, True) and other != run_id
+    assert not resumed_fresh and len({run_id, fresh, other}) == 3
+    client = MlflowClient(tracking_uri=uri)
+    assert client.get_run(fresh).data.tags[tracking.PREVIOUS_RUNS_TAG] == run_id
+    assert tracking.PREVIOUS_RUNS_TAG not in client.get_run(other).data.tags
+    with pytest.raises(ValueError, match="does not hold"):
+        tracking.open_run(uri, "exp", "run-a", {"a": "1"}, resume_run_id="0" * 32)
+
+
+def test_run_logger_batches_steps_and_logs_rank0_only(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id, _ = tracking.open_run(uri, "exp", "run-a", {"a": "1"})
     tracking.RunLogger(uri, run_id, enabled=False).log_metrics({"loss": 9.0}, step=1)  # rank 1: nothing
     logger = tracking.RunLogger(uri, run_id, enabled=True)
-    logger.log_metrics({"loss": 1.5}, step=7)
-    logger.flush()
-    logger.log_image(tracking.image_grid(np.zeros((3, 4, 4, 3), np.uint8), columns=2), "samples/grid.png")
     client = MlflowClient(tracking_uri=uri)
-    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(7, 1.5)]
+    for step in (5, 6, 7):
+        logger.record({"loss": step / 10}, step=step)
+    assert client.get_metric_history(run_id, "loss") == []  # recorded, not written yet
+    logger.write()
+    logger.record({"loss": 0.8}, step=8)
+    logger.flush()  # writes step 8 too and waits
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(5, 0.5), (6, 0.6), (7, 0.7), (8, 0.8)]
+    logger.log_image(tracking.image_grid(np.zeros((3, 4, 4, 3), np.uint8), columns=2), "samples/grid.png")
     assert client.get_run(run_id).data.params == {"a": "1"}
     assert [a.path for a in client.list_artifacts(run_id, "samples")] == ["samples/grid.png"]

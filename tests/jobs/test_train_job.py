@@ -74,16 +74,21 @@ def test_joint_crash_resume_on_s3_then_export(train_assets, s3_bucket, s3_endpoi
     assert json.loads((tmp_path / "export" / "llm" / "config.json").read_text())["model_type"] == "hart_transformer_t2i"
 
 
-def test_tokenizer_stage_two_ddp_workers_with_mlflow_server(train_assets, mlflow_server, tmp_path):
-    # 2 workers x 0.5 CPU: DDP over gloo, each rank on its own data shard, logging from rank 0 only
+def test_tokenizer_stage_two_ddp_workers_with_mlflow_server(train_assets, mlflow_server, tiny_lpips_weights, tmp_path):
+    # 2 workers x 0.5 CPU: DDP over gloo, each rank on its own data shard, logging from rank 0 only;
+    # the LPIPS term from local weight files (a frozen helper outside the DDP-wrapped module)
+    files = "[" + ",".join(f"'{p}'" for p in tiny_lpips_weights) + "]"
     config = tiny_config(train_assets, "tokenizer", tmp_path, f"tracking.tracking_uri={mlflow_server}",
                          "run.max_steps=6", "run.checkpoint_every=6", "optim.lr=0.003", "data.batch_size=4",
-                         "scaling.num_workers=2", "scaling.cpus_per_worker=0.5")
+                         "scaling.num_workers=2", "scaling.cpus_per_worker=0.5", "run.log_every=4",
+                         "objective.perceptual_weight=0.5", f"objective.perceptual_weights={files}")
     outcome = run_training(config, export_dir=str(tmp_path / "export"))
     client, run = only_run(mlflow_server, config.tracking.experiment, config.run.name)
     history = sorted(client.get_metric_history(run.info.run_id, "reconstruction"), key=lambda m: m.step)
-    assert [m.step for m in history] == [1, 2, 3, 4, 5, 6]  # one value per step: rank 0 only
+    # one value per step (rank 0 only), though written in batches (log_every=4, and at the checkpoint)
+    assert [m.step for m in history] == [1, 2, 3, 4, 5, 6]
     assert history[-1].value < history[0].value
+    assert all(m.value > 0 for m in client.get_metric_history(run.info.run_id, "perceptual"))
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "reconstructions")]
     assert artifacts == ["reconstructions/step_0000006.png"]
     trained = HybridTokenizer.from_pretrained(tmp_path / "export" / "tokenizer")
@@ -93,3 +98,28 @@ def test_tokenizer_stage_two_ddp_workers_with_mlflow_server(train_assets, mlflow
     assert torch.equal(trained.encoder.conv_in.weight, initial.encoder.conv_in.weight)  # hybrid: encoder frozen
     assert not torch.equal(trained.decoder.conv_out.weight, initial.decoder.conv_out.weight)
 
+
+
+def test_run_name_without_checkpoint_starts_a_new_mlflow_run(train_assets, tmp_path):
+    import shutil
+
+    from jobs.train import preflight
+
+    config = tiny_config(train_assets, "ar", tmp_path, "run.max_steps=2", "run.checkpoint_every=2", "run.export=false",
+                         "tracking.sample_every=0")
+    first = run_training(config)
+    facts = preflight(config)  # the checkpoint is there: its MLflow run is the one continued
+    assert (facts["run_id"], facts["resumed"], facts["resume_step"]) == (first["run_id"], True, 2)
+    tracking.finish_run(facts["tracking_uri"], facts["run_id"], "FINISHED")
+
+    run_dir = tmp_path / "storage" / config.run.name
+    shutil.rmtree(run_dir / "checkpoint_step00000002")  # Ray's checkpoint list still names it
+    with pytest.raises(ValueError, match="checkpoint_step00000002.*missing"):
+        preflight(config)
+    shutil.rmtree(run_dir)  # checkpoints gone: the same name trains from step 0 again, in a new MLflow run
+    second = run_training(config)
+    assert second["run_id"] != first["run_id"] and second["final_step"] == 2
+    client = MlflowClient(tracking_uri=config.tracking.tracking_uri)
+    assert sorted(m.step for m in client.get_metric_history(first["run_id"], "loss")) == [1, 2]  # old history untouched
+    assert sorted(m.step for m in client.get_metric_history(second["run_id"], "loss")) == [1, 2]
+    assert client.get_run(second["run_id"]).data.tags[tracking.PREVIOUS_RUNS_TAG] == first["run_id"]
