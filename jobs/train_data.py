@@ -107,13 +107,28 @@ def list_image_shards(config: TrainRunConfig) -> list[str]:
 
 
 def cache_dataset(config: TrainRunConfig, manifest: dict[str, Any]):
+    """The cache as a streaming Dataset; each execution (data epoch) re-reads it in a new file order.
+
+    Read through Ray Data's V1 parquet datasource: it reads the file footers once, here on the
+    driver, and each epoch only runs the read tasks. The V2 datasource (Ray 2.60's default) plans
+    every execution with a ListFiles task that lists and re-reads all footers first: measured
+    1.5-3 s before the first batch of *every* epoch on 2 cores (a 0.1 s step waits for it),
+    against 0.14-0.18 s with V1.
+    """
+    import ray.data
+
     from pipelines.cache import read_cache_dataset
 
     columns = CACHE_COLUMNS + (TEXT_COLUMNS if manifest.get("text_features_shape") else [])
-    return read_cache_dataset(
-        config.data.cache, columns=columns, shuffle_seed=config.run.seed, endpoint_url=config.run.endpoint_url,
-        override_num_blocks=config.data.read_parallelism if config.data.read_parallelism > 1 else None,
-    )
+    context = ray.data.DataContext.get_current()  # [ray] read_parquet picks the datasource at call time
+    previous, context.use_datasource_v2 = context.use_datasource_v2, False
+    try:
+        return read_cache_dataset(
+            config.data.cache, columns=columns, shuffle_seed=config.run.seed, endpoint_url=config.run.endpoint_url,
+            override_num_blocks=config.data.read_parallelism if config.data.read_parallelism > 1 else None,
+        )
+    finally:
+        context.use_datasource_v2 = previous
 
 
 def image_dataset(config: TrainRunConfig, shards: list[str]):
