@@ -5,14 +5,18 @@
 
 Measures in one run, on the same shards and the same tokenizer weights:
   (a) `pipelines.plan.run_precompute` end to end (planning, actor start-up, read, decode, encode,
-      parquet commit), Ray already initialised, and
+      parquet commit), Ray already initialised, with the shipped job config
+      `jobs/configs/precompute.yaml` (its `compute` section is what a user gets; on `--device cuda`
+      the GPU sizing from that file's header), only input/output/tokenizer/batch size set here,
+      plus any `--set` overrides, and
   (b) a bare loop in this process: read tar -> decode/crop (`prepare_image`) -> `encode_images`
-      in batches (no writing),
+      in batches (no writing), with `--threads` torch intra-op threads (default: all CPUs),
 and prints images/s of both and the ratio a/b (goal: >= 0.85 on a 2-core CPU with the tiny
 tokenizer, >= 0.9 on a GPU at 256px with the released preset). The bare loop runs before and
 after the pipeline and the better of the two is used, so background load penalises the pipeline,
-not the baseline; both use the same torch intra-op thread count (`--threads`), and the 1-minute
-load average is printed next to each number because a shared machine makes them noisy. It also prints the cache bytes per sample of the released presets at
+not the baseline; the same `--batch-size` goes to both. The 1-minute load average is printed next
+to each number because a shared machine makes them noisy, and the pipeline's start-up is split
+into its driver-side phases (`PrecomputeSummary.startup_phases`). It also prints the cache bytes per sample of the released presets at
 256/512/1024px, computed from the cache schema (int16 tokens + fp16 residual), and the measured
 parquet bytes per sample of this run.
 """
@@ -83,8 +87,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-cpus", type=int, default=None, help="local Ray CPUs (default: all)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch intra-op threads, the same for the bare loop and the tokenizer actor (0 = CPU count)")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads of the bare loop (0 = CPU count)")
+    parser.add_argument("--config", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "jobs", "configs", "precompute.yaml"),
+                        help="pipeline job config whose compute section (a) uses (default: the shipped one)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra pipeline config overrides")
     parser.add_argument("--ray-stats", action="store_true", help="print Ray Data's per-operator report")
     parser.add_argument("--json", default="", help="also write the results to this JSON file")
@@ -104,19 +109,23 @@ def main() -> None:
         threads = args.threads or cpus
         gpu = args.device == "cuda"
         overrides = [
-            f"input.shards={json.dumps(uris)}", f"output={workdir}/cache", "progress=false",
-            f"tokenizer.preset={args.preset}", f"compute.tokenizer_batch_size={args.batch_size}",
-            f"compute.decode_batch_size={args.batch_size}",
-            # 2-core CPU: one tokenizer actor with both cores' worth of intra-op threads; the decode
-            # task and the driver are light. GPU: one actor per GPU, decode spread over the CPUs.
-            f"compute.tokenizer_gpus={1 if gpu else 0}", f"compute.tokenizer_cpus={0 if gpu else 1}",
-            f"compute.torch_threads={0 if gpu else threads}",
-            f"compute.decode_tasks={max(1, cpus - 2) if gpu else 1}", f"compute.read_tasks={2 if gpu else 1}",
-        ] + args.overrides
-        config = load_precompute_config(None, overrides)
+            f"input.shards={json.dumps(uris)}", "input.list_file=''", f"output={workdir}/cache", "progress=false",
+            "tokenizer.checkpoint=''", f"tokenizer.preset={args.preset}", "tokenizer.seed=0",
+            f"compute.tokenizer_batch_size={args.batch_size}", f"compute.decode_batch_size={args.batch_size}",
+        ]
+        if gpu:  # the GPU sizing of the config file's header: one actor per GPU, decode on the CPUs
+            overrides += ["compute.tokenizer_gpus=1", "compute.tokenizer_actors=1", "compute.tokenizer_cpus=0",
+                          f"compute.decode_tasks={max(1, cpus - 2)}", "compute.read_tasks=2"]
+        config = load_precompute_config(args.config, overrides + args.overrides)
 
         print(f"shards: {args.num_shards} x {args.num_samples // args.num_shards} samples at {args.image_size}px; "
               f"tokenizer {args.preset} ({resolution}px) on {args.device}; {cpus} CPUs")
+        compute = config.compute
+        print(f"pipeline compute ({os.path.relpath(args.config)}{' + ' + ' '.join(args.overrides) if args.overrides else ''}): "
+              f"{compute.tokenizer_actors} tokenizer actor(s) x {compute.tokenizer_cpus:g} CPU / {compute.tokenizer_gpus:g} GPU, "
+              f"{compute.torch_threads or max(1, int(compute.tokenizer_cpus))} torch thread(s) each, batch {compute.tokenizer_batch_size}; "
+              f"{compute.read_tasks} read x {compute.read_cpus:g} CPU, {compute.decode_tasks} decode x {compute.decode_cpus:g} CPU; "
+              f"bare loop: {threads} thread(s)")
         torch.set_num_threads(threads)
         bare_first = bare_loop(uris, source, resolution, args.batch_size, device)
         print(f"(b) bare loop, run 1: {bare_first[0]} images in {bare_first[1]:.2f}s = {bare_first[0] / bare_first[1]:.1f} img/s"
@@ -132,6 +141,8 @@ def main() -> None:
         print(f"(a) Ray Data pipeline: {summary.samples_written} images in {pipeline_seconds:.2f}s = {pipeline_rate:.1f} img/s "
               f"(start-up {summary.startup_seconds:.1f}s; {summary.steady_images_per_second:.1f} img/s after it)"
               f"  [load average {os.getloadavg()[0]:.1f}]")
+        print("    start-up phases (s): " + ", ".join(f"{phase} {seconds:.2f}" for phase, seconds in summary.startup_phases.items())
+              + f"  [first batch: {summary.startup_samples} samples]")
         if args.ray_stats:
             print(summary.ray_stats)
 
@@ -153,6 +164,7 @@ def main() -> None:
         if args.json:
             with open(args.json, "w") as handle:
                 json.dump({"pipeline_img_s": pipeline_rate, "bare_img_s": bare_rate, "ratio": ratio,
+                           "startup_seconds": summary.startup_seconds, "startup_phases": summary.startup_phases,
                            "bare_runs_img_s": [bare_first[0] / bare_first[1], bare_second[0] / bare_second[1]],
                            "measured_bytes_per_sample": measured, "released_presets": table, "args": vars(args)}, handle, indent=2)
     finally:

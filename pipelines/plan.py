@@ -12,6 +12,14 @@ initialised; only `jobs/` calls `ray.init`). It
   5. rewrites the manifest and returns a `PrecomputeSummary`.
 Only `compute.*` sizes the stages, so the same config runs on a 2-core laptop (fractional CPUs
 leave headroom for the read tasks and the driver, RAY_NOTES §4) and on a GPU cluster.
+
+Start-up (measured on 2 CPUs, BENCHMARKS.md "Pre-tokenization"): the driver-side steps 1-3 and
+planning take well under a second (the weight hash of the tiny tokenizer is ~15 ms); the fixed
+cost is Ray's: the executor start, each tokenizer actor's worker importing ray.data and torch, and
+Ray Data's helper actors, all competing for the same cores. `PrecomputeSummary.startup_phases`
+records the driver's view of it. The driver iterates with `prefetch_batches=0`: with whole-shard
+blocks, Ray's prefetch held every finished block back until `prefetch_batches` more existed, which
+delayed each commit by two shards and made the start-up look ~2 shards longer than it was.
 """
 
 from __future__ import annotations
@@ -54,6 +62,10 @@ class PrecomputeSummary:
     seconds: float = 0.0
     startup_seconds: float = 0.0  # from the start of the run to the first batch reaching the writer
     startup_samples: int = 0  # sample rows in that first batch (already encoded during start-up)
+    # Driver-side split of the start-up, in order: setup (tokenizer load + weight hash), manifest
+    # (read/check/list committed/write), listing (input shards), planning (resource check + lazy
+    # plan), first_batch (Ray executor and actor start, read/decode/encode of the first block).
+    startup_phases: dict[str, float] = field(default_factory=dict)
     ray_stats: str = ""  # Ray Data's per-operator timing report of this run
 
     @property
@@ -79,6 +91,7 @@ class PrecomputeSummary:
         rows += [("unsorted members", self.unsorted_members), ("truncated shards", self.truncated_shards),
                  ("bytes read", self.bytes_read), ("bytes written", self.bytes_written),
                  ("seconds", f"{self.seconds:.1f}"), ("  of which start-up", f"{self.startup_seconds:.1f}"),
+                 *[(f"    {phase}", f"{seconds:.2f}") for phase, seconds in self.startup_phases.items()],
                  ("images/s", f"{self.images_per_second:.1f}"), ("images/s after start-up", f"{self.steady_images_per_second:.1f}")]
         width = max(len(name) for name, _ in rows)
         lines = [f"{name:<{width}}  {value}" for name, value in rows]
@@ -194,8 +207,17 @@ def _log_commits(writer: ShardWriter, shards: list[str], log) -> None:
 
 def run_precompute(config: PrecomputeConfig, log=print) -> PrecomputeSummary:
     """Run (or resume) the job; Ray must be initialised. Returns the summary (failed shards inside)."""
-    started = time.perf_counter()
+    started = last_mark = time.perf_counter()
+    phases: dict[str, float] = {}
+
+    def mark(phase: str) -> None:
+        nonlocal last_mark
+        now = time.perf_counter()
+        phases[phase] = now - last_mark
+        last_mark = now
+
     setup = prepare(config)
+    mark("setup")
     output, endpoint = config.output, config.output_endpoint()
     fingerprint_hex = manifest_lib.fingerprint_hash(setup["fingerprint"])
     existing = manifest_lib.read_json(output, manifest_lib.MANIFEST_NAME, endpoint)
@@ -203,9 +225,11 @@ def run_precompute(config: PrecomputeConfig, log=print) -> PrecomputeSummary:
         manifest_lib.check_compatible(existing, setup["fingerprint"], output)
     committed = manifest_lib.list_committed(output, fingerprint_hex, endpoint, existing)
     manifest_lib.write_json(output, manifest_lib.MANIFEST_NAME, manifest_lib.build_manifest(setup["header"], committed), endpoint)
+    mark("manifest")
 
     uris = shard_source.list_shards(config.input)
     names = shard_source.name_shards(uris)
+    mark("listing")
     summary = PrecomputeSummary(shards_total=len(names))
     pending = {name: uri for name, uri in names.items() if name not in committed}
     summary.shards_skipped = len(names) - len(pending)
@@ -221,13 +245,17 @@ def run_precompute(config: PrecomputeConfig, log=print) -> PrecomputeSummary:
             check_resources(config)
         DataContext.get_current().enable_progress_bars = config.progress
         dataset = build_dataset(pending, config, setup["resolution"], setup["tokenizer_hash"])
+        mark("planning")
         writer = ShardWriter(output, endpoint, fingerprint_hex, setup["schema"], pending,
                              config.compute.writer_threads, config.crash_after_commits)
         assembler = ShardAssembler()
         last_manifest = time.perf_counter()
         try:
-            for batch in dataset.iter_batches(batch_format="numpy", batch_size=None, prefetch_batches=2):
+            # prefetch_batches=0: hand each block to the writer as soon as it exists (see module doc).
+            for batch in dataset.iter_batches(batch_format="numpy", batch_size=None, prefetch_batches=0):
                 if not summary.startup_seconds:
+                    mark("first_batch")
+                    summary.startup_phases = dict(phases)
                     summary.startup_seconds = time.perf_counter() - started
                     summary.startup_samples = int((batch["row_kind"] == "sample").sum())
                 for shard in assembler.add(batch):

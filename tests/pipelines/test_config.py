@@ -16,6 +16,15 @@ def test_default_config_and_overrides():
     assert (config.compute.tokenizer_gpus, config.compute.tokenizer_actors, config.output) == (1.0, 8, "s3://b/tokens")
 
 
+def test_shipped_laptop_sizing_fits_two_cpus():
+    """The shipped config is the 2-core laptop sizing the benchmark measures: its tokenizer pool,
+    one read and one decode task fit 2 CPUs (else Ray Data waits), one torch thread per actor."""
+    compute = load_precompute_config(CONFIG).compute
+    reserved = compute.tokenizer_actors * compute.tokenizer_cpus + compute.read_cpus + compute.decode_cpus
+    assert reserved <= 2.0, reserved
+    assert compute.tokenizer_actors == 2 and compute.torch_threads == 0 and int(compute.tokenizer_cpus) == 0
+
+
 @pytest.mark.parametrize("override, message", [
     ("compute.tokenizer_gpu=1", "unknown field"),
     ("compute.decode_tasks=0", "decode_tasks must be >= 1"),

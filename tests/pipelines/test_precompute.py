@@ -71,6 +71,26 @@ def test_summary_manifest_and_files(shapes_cache):
     assert stats["samples_in"] == stats["samples_written"] == NUM_SAMPLES // NUM_SHARDS and stats["rejected"] == {}
     assert "summary" not in stats and stats["bytes_written"] == os.path.getsize(f"{cache}/data/part-shard-00001.parquet")
     assert "images/s" in summary.table()
+    # The start-up is split into its driver-side phases, in order, adding up to the start-up.
+    assert list(summary.startup_phases) == ["setup", "manifest", "listing", "planning", "first_batch"]
+    assert all(seconds >= 0 for seconds in summary.startup_phases.values())
+    assert abs(sum(summary.startup_phases.values()) - summary.startup_seconds) < 0.05
+    assert "first_batch" in summary.table()
+
+
+def test_weights_hash_is_the_byte_copy_digest():
+    """`weights_hash` feeds zero-copy views; the digest must equal the documented per-tensor
+    formula over copied bytes, so manifests written before that change stay compatible."""
+    import hashlib
+
+    model = load_tokenizer(TokenizerSource())
+    for dtype in (torch.float32, torch.bfloat16):
+        model = model.to(dtype)
+        digest = hashlib.sha256()
+        for name, tensor in sorted(model.state_dict().items()):
+            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+            digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        assert weights_hash(model) == digest.hexdigest()
 
 
 def test_plain_pyarrow_pandas_duckdb_read_the_cache(shapes_cache):
