@@ -8,21 +8,27 @@ What it measures (nothing is estimated unless labelled):
 2. `ray`: the same config through `jobs.train.run_training` (TorchTrainer, 1 worker, Ray Data
    ingest from the same cache, MLflow logging to a sqlite file every `run.log_every` steps as in
    `jobs/configs/train_tiny.yaml`, one checkpoint at the end). Same torch threads in both
-   (`--threads`, default all cores; `scaling.torch_threads` on the worker). Same scheduling priority
+   (`scaling.torch_threads` on the worker), compared at each count of `--threads` (default: all
+   cores, then 1: on a 2-core machine a 1-thread trainer leaves a core to Ray Data and Ray's own
+   processes, a 2-thread one shares both with them). Same scheduling priority
    too: Ray starts workers at niceness +15 by default, so the Ray instance started here gets
    `RAY_worker_niceness=0` (`--ray-worker-niceness 15` measures Ray's default).
    The per-step time is the worker's own `step_seconds` metric: the loop's period, with data wait,
-   EMA and logging included; `data_seconds` / `compute_seconds` / `ema_seconds` split it. The ratio
+   EMA and logging included; `data_seconds` / `compute_seconds` / `ema_seconds` split it. The worker
+   logs means over `run.log_every`-step windows (5 in train_tiny.yaml), so the bare loop's per-step
+   periods are averaged over the same windows and both sides report the median window. The ratio
    ray/bare is the wrapper's steady-state overhead (goal <= 1.10). CPU accounting (Linux /proc,
    the driver and every process it started, over the timed steps) gives CPU seconds per step of the
-   train worker and of everything else (Ray daemons and actors, Ray Data, MLflow), a figure that
-   moves less than wall time on a shared machine. The job's wall time, including Ray start-up,
-   dataset planning and the checkpoint, is printed too.
+   train worker and of everything else (Ray daemons and actors, Ray Data, MLflow): where the
+   extra time goes (it grows under contention too: waiting OpenMP threads spin). Besides medians,
+   the 10th percentile of step times (p10) is printed: on a shared machine it is the least
+   disturbed figure. The job's wall time, including Ray start-up, dataset planning and the
+   checkpoint, is printed too.
 3. `gpu` (only with CUDA): hart-0.7b at 256 and 512 px, bf16 autocast, random tokens, model
    FLOPs utilisation = 6 * trainable params * tokens per step (+ attention) / step time / peak.
    Without a GPU this part prints "skipped".
 
-Run:  python benchmarks/train.py [--steps 30] [--warmup 5] [--threads N] [--cache DIR --tokenizer DIR]
+Run:  python benchmarks/train.py [--steps 30] [--warmup 5] [--threads 2,1] [--cache DIR --tokenizer DIR]
 Without --cache a small shapes corpus and cache are made first (precompute pipeline, ~30 s).
 """
 
@@ -111,8 +117,8 @@ def bare_loop(config, cache: str, steps: int, warmup: int) -> tuple[list[float],
     return times[warmup:], (time.process_time() - cpu_started) / steps
 
 
-def tree_cpu_seconds(root: int) -> dict[int, tuple[str, float]]:
-    """{pid: (command, user+system CPU seconds)} of `root` and all its descendants (Linux /proc)."""
+def process_tree(root: int) -> list[int]:
+    """`root` and all its descendants (Linux /proc)."""
     children: dict[int, list[int]] = {}
     for name in os.listdir("/proc"):
         if name.isdigit():
@@ -122,34 +128,51 @@ def tree_cpu_seconds(root: int) -> dict[int, tuple[str, float]]:
             except OSError:
                 continue
             children.setdefault(parent, []).append(int(name))
-    out, stack, tick = {}, [root], os.sysconf("SC_CLK_TCK")
+    out, stack = [], [root]
     while stack:
         pid = stack.pop()
+        out.append(pid)
         stack.extend(children.get(pid, []))
+    return out
+
+
+def cpu_seconds(pids: list[int], commands: dict[int, str]) -> dict[int, tuple[str, float]]:
+    """{pid: (command, user+system CPU seconds)}; `commands` caches the command lines."""
+    out, tick = {}, os.sysconf("SC_CLK_TCK")
+    for pid in pids:
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{pid}/cmdline") as f:
-                command = f.read().replace("\0", " ").strip()
+            if pid not in commands:
+                with open(f"/proc/{pid}/cmdline") as f:
+                    commands[pid] = f.read().replace("\0", " ").strip()
         except OSError:
             continue
-        out[pid] = (command, (int(fields[11]) + int(fields[12])) / tick)
+        out[pid] = (commands[pid], (int(fields[11]) + int(fields[12])) / tick)
     return out
 
 
 class CpuSampler:
-    """Samples the CPU seconds of this process tree (driver + the Ray processes it started) in a thread."""
+    """Samples the CPU seconds of this process tree (driver + the Ray processes it started) in a thread.
 
-    def __init__(self, interval_s: float = 0.25):
+    The tree is re-listed every `relist_s` (a full /proc scan, ~4 ms); in between only the known
+    processes' counters are read (well under 1 ms), so the sampler itself costs < 0.5% of a core.
+    """
+
+    def __init__(self, interval_s: float = 0.2, relist_s: float = 2.0):
         import threading
 
         self.samples: list[tuple[float, dict[int, tuple[str, float]]]] = []
-        self.interval_s, self.stopped = interval_s, threading.Event()
+        self.interval_s, self.relist_s, self.stopped = interval_s, relist_s, threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
+        commands: dict[int, str] = {}
+        pids, listed = [], 0.0
         while not self.stopped.is_set():
-            self.samples.append((time.time(), tree_cpu_seconds(os.getpid())))
+            if time.time() - listed > self.relist_s:  # Ray renames a pooled worker when it becomes an actor
+                pids, listed, commands = process_tree(os.getpid()), time.time(), {}
+            self.samples.append((time.time(), cpu_seconds(pids, commands)))
             self.stopped.wait(self.interval_s)
 
     def __enter__(self):
@@ -175,8 +198,9 @@ BREAKDOWN = ("step_seconds", "data_seconds", "compute_seconds", "ema_seconds")
 
 
 def ray_job(config, warmup: int) -> tuple[dict[str, list[float]], float, dict[str, float]]:
-    """Per-step histories of the worker's timing metrics (warm-up steps dropped), the job's wall time,
-    and the CPU seconds the whole process tree used per timed step (train worker / everything else)."""
+    """The worker's timing metrics over the timed steps (one value per `run.log_every`-step window: the
+    window's mean, as logged), the job's wall time, and the CPU seconds the whole process tree used per
+    timed step (train worker / everything else)."""
     import ray
     from mlflow.tracking import MlflowClient
 
@@ -190,15 +214,20 @@ def ray_job(config, warmup: int) -> tuple[dict[str, list[float]], float, dict[st
         outcome = run_training(config)
     wall = time.perf_counter() - started
     client = MlflowClient(tracking_uri=tracking.resolve_tracking_uri(config.tracking.tracking_uri))
-    histories, stamps = {}, []
+    histories, history = {}, []
     for name in BREAKDOWN:
         history = sorted(client.get_metric_history(outcome["run_id"], name), key=lambda m: m.step)
-        histories[name] = [m.value for m in history][warmup:]
-        stamps = [m.timestamp / 1e3 for m in history]
-    # steps warmup+1 .. last were recorded between these two times
-    used = sampler.window(stamps[warmup - 1], stamps[-1])
-    timed = len(stamps) - warmup
+        histories[name] = [m.value for m in history if m.step > warmup]
+    # the timed steps were made between the end of the warm-up window and the last window
+    start = max(m.timestamp for m in history if m.step <= warmup) / 1e3
+    used = sampler.window(start, history[-1].timestamp / 1e3)
+    timed = history[-1].step - warmup
     return histories, wall, {"worker": used["worker"] / timed, "rest": used["rest"] / timed}
+
+
+def windows(times: list[float], size: int) -> list[float]:
+    """Means of consecutive `size`-step windows: the statistic the Ray worker logs (`run.log_every`)."""
+    return [statistics.mean(times[i : i + size]) for i in range(0, len(times) - size + 1, size)]
 
 
 def gpu_mfu(steps: int, warmup: int) -> None:
@@ -248,14 +277,75 @@ def gpu_mfu(steps: int, warmup: int) -> None:
         torch.cuda.empty_cache()
 
 
+def p10(values: list[float]) -> float:
+    """10th percentile: the least disturbed steps, a steadier figure than the median on a shared machine."""
+    return statistics.quantiles(values, n=10)[0]
+
+
+def compare(args, cache: str, tokenizer: str, work: Path, threads: int) -> None:
+    """bare, Ray, bare again at `threads` torch threads; prints the step times and the ratio."""
+    from hart.config import transformer_config
+
+    torch.set_num_threads(threads)
+    args.threads = threads
+    args.steps += args.warmup  # the Ray job runs warm-up + timed steps too
+    config = train_config(args, cache, tokenizer, work)
+    args.steps -= args.warmup
+    tokens_per_image = transformer_config(config.model.transformer).num_image_tokens()
+    print(f"--- {args.stage} tiny CPU bs{args.batch_size}, {threads} torch thread(s) in the bare loop and the Ray worker, "
+          f"Ray worker niceness {os.environ['RAY_worker_niceness']}", flush=True)
+
+    every = config.run.log_every
+    if args.warmup % every or args.steps % every:
+        raise SystemExit(f"--warmup and --steps must be multiples of run.log_every ({every}): the worker logs "
+                         f"{every}-step means")
+
+    def report_bare() -> tuple[float, float, float]:
+        steps, cpu = bare_loop(config, cache, args.steps, args.warmup)
+        times = windows(steps, every)
+        bare_s = statistics.median(times)
+        print(f"bare   {bare_s * 1e3:.1f} ms/step (median of {len(times)} {every}-step means; mean "
+              f"{statistics.mean(times) * 1e3:.1f}, p10 {p10(times) * 1e3:.1f}; per-step median "
+              f"{statistics.median(steps) * 1e3:.1f}), {args.batch_size * tokens_per_image / bare_s:,.0f} tokens/s, "
+              f"{args.batch_size / bare_s:.1f} images/s; CPU {cpu * 1e3:.0f} ms/step [load avg {os.getloadavg()[0]:.1f}]",
+              flush=True)
+        return bare_s, p10(times), cpu
+
+    bare_before = report_bare()
+    if args.skip_ray:
+        return
+    # bare, Ray, bare again: the two bare runs bracket the Ray run, so a change in machine load shows up
+    histories, wall, cpu = ray_job(config, args.warmup)
+    ray_steps = histories["step_seconds"]
+    ray_s = statistics.median(ray_steps)
+    print(f"ray    {ray_s * 1e3:.1f} ms/step (median of {len(ray_steps)} {every}-step means; mean "
+          f"{statistics.mean(ray_steps) * 1e3:.1f}, "
+          f"p10 {p10(ray_steps) * 1e3:.1f}), {args.batch_size * tokens_per_image / ray_s:,.0f} tokens/s; job wall "
+          f"{wall:.1f} s for {args.steps + args.warmup} steps incl. start-up and checkpoint [load avg {os.getloadavg()[0]:.1f}]")
+    sums = {name: sum(values) * 1e3 / len(values) for name, values in histories.items()}
+    print("ray    means over the timed steps (ms/step): " + ", ".join(f"{name} {value:.1f}" for name, value in sums.items())
+          + f"; rest {sums['step_seconds'] - sums['data_seconds'] - sums['compute_seconds'] - sums['ema_seconds']:.1f}")
+    print(f"ray    CPU per timed step: train worker {cpu['worker'] * 1e3:.0f} ms + everything else (driver, Ray "
+          f"daemons and actors, Ray Data) {cpu['rest'] * 1e3:.0f} ms", flush=True)
+    bare_after = report_bare()
+    bare_s = (bare_before[0] + bare_after[0]) / 2
+    bare_p10 = (bare_before[1] + bare_after[1]) / 2
+    bare_cpu = (bare_before[2] + bare_after[2]) / 2
+    print(f"overhead ray/bare per step ({threads} thread(s)): median {ray_s / bare_s:.3f} (goal <= 1.10; bare runs "
+          f"{bare_before[0] * 1e3:.0f} and {bare_after[0] * 1e3:.0f} ms/step), p10 {p10(ray_steps) / bare_p10:.3f}, "
+          f"CPU {(cpu['worker'] + cpu['rest']) / bare_cpu:.3f}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stage", default="joint", choices=("ar", "diffusion", "joint"))
     parser.add_argument("--steps", type=int, default=30, help="timed steps")
     parser.add_argument("--warmup", type=int, default=5, help="untimed first steps")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                        help="torch intra-op threads of the bare loop and of the Ray worker (default: all cores)")
+    cores = torch.get_num_threads()
+    parser.add_argument("--threads", default=",".join(dict.fromkeys([str(cores), "1"])),
+                        help="comma-separated torch thread counts to compare at, each used by both the bare loop and "
+                             "the Ray worker (default: all cores, then 1)")
     parser.add_argument("--ray-worker-niceness", type=int, default=0,
                         help="RAY_worker_niceness of the Ray instance started here (Ray's own default is 15)")
     parser.add_argument("--cache", help="existing tiny token cache (with text features); default: make one")
@@ -263,7 +353,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-ray", action="store_true")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
     # Ray starts its worker processes 15 nice levels below the driver unless told otherwise; on a shared
     # machine that alone slows the worker against every other process, which is scheduling, not wrapper
     # overhead. Same priority as the bare loop by default; --ray-worker-niceness 15 shows Ray's default.
@@ -277,42 +366,9 @@ def main(argv: list[str] | None = None) -> None:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         print("making a 256-sample shapes cache ...", flush=True)
         cache, tokenizer = make_assets(work)
-    args.steps += args.warmup  # the Ray job runs warm-up + timed steps too
-    config = train_config(args, cache, tokenizer, work)
-    args.steps -= args.warmup
-    from hart.config import transformer_config
-
-    tokens_per_image = transformer_config(config.model.transformer).num_image_tokens()
-    label = (f"{args.stage} tiny CPU bs{args.batch_size}, {args.threads} torch threads, "
-             f"Ray worker niceness {os.environ['RAY_worker_niceness']}")
-
-    def report_bare() -> tuple[float, float]:
-        times, cpu = bare_loop(config, cache, args.steps, args.warmup)
-        bare_s = statistics.median(times)
-        print(f"bare   {bare_s * 1e3:.1f} ms/step (median of {args.steps}, mean {statistics.mean(times) * 1e3:.1f}), "
-              f"{args.batch_size * tokens_per_image / bare_s:,.0f} tokens/s, {args.batch_size / bare_s:.1f} images/s; "
-              f"CPU {cpu * 1e3:.0f} ms/step [load avg {os.getloadavg()[0]:.1f}]", flush=True)
-        return bare_s, cpu
-
-    print(f"cache {cache} tokenizer {tokenizer}\n{label}", flush=True)
-    bare_before, cpu_before = report_bare()
-    if not args.skip_ray:
-        # bare, Ray, bare again: the two bare runs bracket the Ray run, so a change in machine load shows up
-        histories, wall, cpu = ray_job(config, args.warmup)
-        ray_steps = histories["step_seconds"]
-        ray_s = statistics.median(ray_steps)
-        print(f"ray    {ray_s * 1e3:.1f} ms/step (median of {len(ray_steps)}, mean {statistics.mean(ray_steps) * 1e3:.1f}), "
-              f"{args.batch_size * tokens_per_image / ray_s:,.0f} tokens/s; job wall {wall:.1f} s for "
-              f"{args.steps + args.warmup} steps incl. start-up and checkpoint [load avg {os.getloadavg()[0]:.1f}]")
-        parts = {name: statistics.median(values) * 1e3 for name, values in histories.items()}
-        print("ray    per-step medians (ms): " + ", ".join(f"{name} {value:.1f}" for name, value in parts.items())
-              + f"; rest {parts['step_seconds'] - parts['data_seconds'] - parts['compute_seconds'] - parts['ema_seconds']:.1f}")
-        print(f"ray    CPU per timed step: train worker {cpu['worker'] * 1e3:.0f} ms + everything else (driver, Ray "
-              f"daemons and actors, Ray Data) {cpu['rest'] * 1e3:.0f} ms", flush=True)
-        bare_after, cpu_after = report_bare()
-        bare_s, bare_cpu = (bare_before + bare_after) / 2, (cpu_before + cpu_after) / 2
-        print(f"overhead ray/bare per step: {ray_s / bare_s:.3f} (goal <= 1.10; bare runs {bare_before * 1e3:.0f} "
-              f"and {bare_after * 1e3:.0f} ms/step); CPU ray/bare {(cpu['worker'] + cpu['rest']) / bare_cpu:.3f}")
+    print(f"cache {cache} tokenizer {tokenizer}", flush=True)
+    for threads in [int(t) for t in args.threads.split(",")]:
+        compare(args, cache, tokenizer, work, threads)
     gpu_mfu(steps=10, warmup=3)
 
 

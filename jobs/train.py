@@ -19,8 +19,9 @@ can then appear twice under the same step number). Mid-epoch data position is no
 again with a new file order.
 
 Checkpoints are reported every `run.checkpoint_every` steps (a report is a barrier across
-workers, so none in between). Rank 0 records every step's metrics and writes them to MLflow
-in one batch every `run.log_every` steps and at each checkpoint.
+workers, so none in between). Rank 0 logs metrics to MLflow every `run.log_every` steps and at
+each checkpoint: one row per metric, the mean over the steps since the last write
+(`tracking.RunLogger`).
 """
 
 from __future__ import annotations
@@ -286,10 +287,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 raise RuntimeError(f"injected failure at step {step} (run.fail_at_step)")
             logger.record(metrics, step)
             if step % config.run.log_every == 0:
-                logger.write()
-                if rank == 0:
+                if rank == 0:  # the window's values, as logged
                     print(f"[train] step {step}/{config.run.max_steps} " + " ".join(
-                        f"{k}={v:.4g}" for k, v in metrics.items() if k in ("loss", "ce", "diffusion", "lr", "grad_norm")))
+                        f"{k}={v:.4g}" for k, v in logger.summary().items() if k in ("loss", "ce", "diffusion", "lr", "grad_norm")))
+                logger.write()
             if config.tracking.sample_every and step % config.tracking.sample_every == 0 or step == config.run.max_steps:
                 log_samples(config, stage, ema, sample_batch, logger, step, manifest)
             if step % config.run.checkpoint_every == 0 or step == config.run.max_steps:

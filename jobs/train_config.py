@@ -36,7 +36,7 @@ class RunSection:
     max_steps: int = 100  # optimizer steps in total (a resumed run stops at the same count)
     checkpoint_every: int = 50  # steps between checkpoints (a final one is always written)
     num_to_keep: int = 2  # checkpoints kept in storage
-    log_every: int = 1  # steps between MLflow writes (each write carries every step's metrics since the last)
+    log_every: int = 1  # steps between MLflow metric rows (each the mean over those steps; 1 = every step)
     max_failures: int = 0  # Ray Train worker-group restarts before the run fails
     export: bool = True  # write the official folder layout after the last step
     fail_at_step: int = 0  # testing only: raise in the worker at this step (simulated crash); 0 = off

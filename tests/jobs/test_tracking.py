@@ -51,19 +51,22 @@ def test_open_run_continues_only_the_checkpointed_run(tmp_path):
         tracking.open_run(uri, "exp", "run-a", {"a": "1"}, resume_run_id="0" * 32)
 
 
-def test_run_logger_batches_steps_and_logs_rank0_only(tmp_path):
+def test_run_logger_logs_window_means_and_rank0_only(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_id, _ = tracking.open_run(uri, "exp", "run-a", {"a": "1"})
     tracking.RunLogger(uri, run_id, enabled=False).log_metrics({"loss": 9.0}, step=1)  # rank 1: nothing
     logger = tracking.RunLogger(uri, run_id, enabled=True)
     client = MlflowClient(tracking_uri=uri)
-    for step in (5, 6, 7):
-        logger.record({"loss": step / 10}, step=step)
+    for step, (loss, lr, rate) in zip((5, 6, 7), ((0.5, 1e-3, 10.0), (0.6, 2e-3, 20.0), (0.7, 3e-3, 20.0))):
+        logger.record({"loss": loss, "lr": lr, "images_per_s": rate}, step=step)
     assert client.get_metric_history(run_id, "loss") == []  # recorded, not written yet
     logger.write()
-    logger.record({"loss": 0.8}, step=8)
-    logger.flush()  # writes step 8 too and waits
-    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(5, 0.5), (6, 0.6), (7, 0.7), (8, 0.8)]
+    logger.record({"loss": 0.8, "lr": 4e-3, "images_per_s": 5.0}, step=8)
+    logger.flush()  # writes the open window (step 8) and waits
+    history = {key: [(m.step, round(m.value, 6)) for m in client.get_metric_history(run_id, key)]
+               for key in ("loss", "lr", "images_per_s")}
+    # mean over the window; last lr; rates as the window's total (3 equal steps in 0.1 + 0.05 + 0.05 s)
+    assert history == {"loss": [(7, 0.6), (8, 0.8)], "lr": [(7, 0.003), (8, 0.004)], "images_per_s": [(7, 15.0), (8, 5.0)]}
     logger.log_image(tracking.image_grid(np.zeros((3, 4, 4, 3), np.uint8), columns=2), "samples/grid.png")
     assert client.get_run(run_id).data.params == {"a": "1"}
     assert [a.path for a in client.list_artifacts(run_id, "samples")] == ["samples/grid.png"]
