@@ -216,9 +216,21 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_from_rank0(tensors: list[torch.Tensor]) -> None:
+    """Overwrite `tensors` on every rank with rank 0's values (in place); no-op without a process group.
+
+    For state a rank changes outside the optimizer step (codebook restarts): DDP only
+    synchronises gradients, so such a change must be copied to the other ranks explicitly.
+    """
+    if not distributed_ready():
+        return
+    for tensor in tensors:
+        dist.broadcast(tensor.data, src=0)
+
+
 __all__ = [
     "ParallelConfig", "parallelize", "full_state_dict", "load_full_state_dict", "is_sharded", "full_tensors",
     "shard_like", "full_optimizer_state_dict", "load_full_optimizer_state_dict",
-    "apply_activation_checkpointing", "apply_compile", "check_compile_toolchain", "all_reduce_mean", "barrier", "world_size",
+    "apply_activation_checkpointing", "apply_compile", "check_compile_toolchain", "all_reduce_mean", "barrier", "broadcast_from_rank0", "world_size",
     "distributed_ready",
 ]

@@ -198,6 +198,58 @@ class MultiScaleQuantizer(nn.Module):
             if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.vocab_size):
                 raise ValueError(f"scale {si}: token ids outside [0, {self.vocab_size})")
 
+    # ---------------------------------------------------------------- codebook upkeep (training)
+    @torch.no_grad()
+    def search_inputs(self, f_BChw: torch.Tensor, residual: bool = True) -> torch.Tensor:
+        """Every vector the nearest-code search sees for latent f (VAR rule), all scales: (N, C).
+
+        `residual=False` skips subtracting each scale's codes: the plain area means of f.
+        """
+        self._check_latent(f_BChw)
+        H = f_BChw.shape[-1]
+        f_rest = f_BChw.detach().to(self.embedding.weight.dtype).clone()
+        vectors = []
+        for si, pn in enumerate(self.patch_nums):
+            z_BChw = f_rest if pn == H else F.interpolate(f_rest, size=(pn, pn), mode="area")
+            vectors.append(z_BChw.permute(0, 2, 3, 1).reshape(-1, self.channels))
+            if residual:
+                f_rest -= self._code_to_full(self._quantize_scale(f_rest, si), si, H, apply_phi=True)
+        return torch.cat(vectors)
+
+    @torch.no_grad()
+    def restart_codes(
+        self, f_BChw: torch.Tensor, min_hit_fraction: float | None, generator: torch.Generator | None = None
+    ) -> int:
+        """Re-seed codes from the search inputs of latent f; returns how many were replaced.
+
+        Why: a codebook trained from scratch collapses (measured on the demo corpus: ~1% of the
+        codes in use after 200 steps), because codes that start far from the encoder's outputs
+        never win a search and so never get a gradient. `min_hit_fraction=None` re-seeds every
+        code (data-dependent initialisation, before the first step); otherwise codes whose
+        hit-count EMA (summed over scales) is below `min_hit_fraction` x the mean are
+        "dead" and get a random search input each, and their hit counts restart at the mean
+        so they are not replaced again before they could be used.
+        """
+        hits_V = self.ema_vocab_hit_SV.sum(0)
+        if min_hit_fraction is None:
+            codes = torch.arange(self.vocab_size, device=f_BChw.device)
+            # Two passes: plain means first, so that the second pass's residual chain subtracts
+            # codes that mean something and the finer scales get residual-sized codes too.
+            self._reseed(codes, self.search_inputs(f_BChw, residual=False), generator)
+            self._reseed(codes, self.search_inputs(f_BChw, residual=True), generator)
+            return int(codes.numel())
+        codes = (hits_V < min_hit_fraction * hits_V.mean()).nonzero().flatten()
+        if codes.numel() == 0:
+            return 0
+        self._reseed(codes, self.search_inputs(f_BChw), generator)
+        self.ema_vocab_hit_SV[:, codes] = hits_V.mean() / self.num_scales
+        return int(codes.numel())
+
+    def _reseed(self, codes: torch.Tensor, vectors_NC: torch.Tensor, generator: torch.Generator | None) -> None:
+        pick = torch.randint(0, vectors_NC.shape[0], (codes.numel(),), generator=generator, device="cpu")
+        weight = self.embedding.weight
+        weight[codes.to(weight.device)] = vectors_NC[pick.to(vectors_NC.device)].to(weight.dtype)
+
     # ---------------------------------------------------------------- training path
     def forward(
         self, f_BChw: torch.Tensor, continuous: bool = False

@@ -50,9 +50,9 @@ class DemoConfig:
     num_train_samples: int = 4000
     num_shards: int = 8
     num_heldout_images: int = 240
-    tokenizer_full_steps: int = 200
+    tokenizer_full_steps: int = 400
     tokenizer_hybrid_steps: int = 60
-    tokenizer_batch_size: int = 16
+    tokenizer_batch_size: int = 8
     joint_steps: int = 600
     joint_batch_size: int = 32
     joint_lr: float = 2e-3
@@ -250,7 +250,9 @@ def run(config: DemoConfig) -> dict:
             runs["tokenizer_full"] = train_stage(
                 "tokenizer", f"demo-{tag}-tokenizer-full", root, tracking_uri, endpoint, workdir / "export-full",
                 {**common, "run.max_steps": config.tokenizer_full_steps, "objective.tokenizer_mode": "full",
-                 "optim.lr": 2e-3, "optim.warmup_steps": 20})["run_id"]
+                 # from scratch the codebook collapses to ~1% usage without data-dependent init + restarts
+                 "objective.codebook_init": True, "objective.codebook_restart_every": 10,
+                 "optim.lr": 1e-3, "optim.warmup_steps": 20})["run_id"]
             runs["tokenizer_hybrid"] = train_stage(
                 "tokenizer", f"demo-{tag}-tokenizer-hybrid", root, tracking_uri, endpoint, export,
                 {**common, "run.max_steps": config.tokenizer_hybrid_steps, "objective.tokenizer_mode": "hybrid",

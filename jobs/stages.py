@@ -198,6 +198,9 @@ def _build_tokenizer_stage(config: TrainRunConfig, device: torch.device) -> Stag
     tokenizer_cfg, _ = model_configs(config)
     objective = config.objective
     mode = "decoder_finetune" if objective.tokenizer_mode == "hybrid" else "full"
+    if config.parallel.strategy == "fsdp" and (objective.codebook_init or objective.codebook_restart_every):
+        raise ValueError("codebook_init / codebook_restart_every re-seed whole codebook rows and need "
+                         "parallel.strategy 'ddp' or 'none', not 'fsdp' (sharded parameters)")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.model.init_seed)
         tokenizer = HybridTokenizer(tokenizer_cfg)
@@ -290,6 +293,7 @@ def optimizer_step(config, stage: Stage, objective, disc_objective, optimizer, s
         captured.append(out)
         return {k: v for k, v in out.items() if k != "reconstructions"}
 
+    upkeep = codebook_upkeep(config, stage, micro_batches[0]["images"], step) if config.stage == "tokenizer" else {}
     metrics = train_step(objective, loss_fn, micro_batches, optimizer, step=step, scheduler=scheduler,
                          clip_grad_norm=config.optim.clip_grad_norm, precision=config.precision,
                          device_type=device_type, parameters=[p for p in stage.model.parameters() if p.requires_grad])
@@ -299,7 +303,36 @@ def optimizer_step(config, stage: Stage, objective, disc_objective, optimizer, s
         disc = train_step(disc_objective, lambda m, b: m(b, step=step), disc_batches, disc_optimizer, step=step,
                           clip_grad_norm=config.optim.clip_grad_norm, precision=config.precision, device_type=device_type)
         metrics.update({f"disc_{k}": v for k, v in disc.items() if k != "lr"})
-    return metrics
+    return {**metrics, **upkeep}
+
+
+def codebook_upkeep(config: TrainRunConfig, stage: Stage, images_B3HW: torch.Tensor, step: int) -> dict[str, float]:
+    """Tokenizer "full" mode: re-seed the codebook from this batch's latents before step 0
+    (`objective.codebook_init`) and its dead codes every `codebook_restart_every` steps.
+
+    Rank 0's codebook is then broadcast: DDP synchronises gradients only, and each rank's
+    batch (hence its re-seeded codes) differs. Returns {"codes_restarted": n} when it acted.
+    """
+    from hart.parallelize import broadcast_from_rank0
+
+    objective = config.objective
+    every = objective.codebook_restart_every
+    if step == 0 and objective.codebook_init:
+        threshold = None
+    elif every and step > 0 and step % every == 0 and step < objective.codebook_restart_until * config.run.max_steps:
+        threshold = objective.codebook_restart_threshold
+    else:
+        return {}
+    tokenizer = stage.model
+    quantizer = tokenizer.quantize
+    with torch.no_grad():
+        latent = tokenizer.quant_conv(tokenizer.encoder(images_B3HW))
+    # A CPU generator of its own (restart_codes draws on the CPU), seeded by run seed and step:
+    # reruns and resumes re-seed the same codes.
+    draws = torch.Generator().manual_seed(config.run.seed * 1_000_003 + step)
+    restarted = quantizer.restart_codes(latent, threshold, generator=draws)
+    broadcast_from_rank0([quantizer.embedding.weight, quantizer.ema_vocab_hit_SV])
+    return {"codes_restarted": float(restarted)}
 
 
 def throughput(config: TrainRunConfig, micro_batches, seconds: float, world_size: int) -> dict[str, float]:
@@ -353,5 +386,5 @@ def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
 __all__ = [
     "Stage", "build_stage", "load_compatible_weights", "read_start_weights", "load_frozen_tokenizer",
     "TransformerObjective", "TokenizerObjective", "DiscriminatorObjective", "trainable_parameters",
-    "optimizer_step", "throughput", "log_samples", "build_perceptual", "check_perceptual_weights",
+    "optimizer_step", "codebook_upkeep", "throughput", "log_samples", "build_perceptual", "check_perceptual_weights",
 ]

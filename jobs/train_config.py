@@ -103,12 +103,25 @@ class ObjectiveSection:
     # `features.*` + LPIPS heads `lin{0..4}.model.1.weight`, in one file or two (.safetensors/.pth/.bin).
     # Nothing is downloaded; the trunk widths are read from the heads.
     perceptual_weights: tuple[str, ...] = ()
+    # Codebook upkeep, tokenizer stage in "full" mode (hart.quantizer.restart_codes): a codebook
+    # trained from scratch collapses to a few codes without these.
+    codebook_init: bool = False  # before step 0: every code re-seeded from the first batch's latents
+    codebook_restart_every: int = 0  # every N steps: re-seed dead codes; 0 = never
+    codebook_restart_threshold: float = 0.03  # "dead": hit-count EMA below this x the mean
+    codebook_restart_until: float = 0.8  # no restarts after this fraction of max_steps (let codes settle)
 
     def __post_init__(self) -> None:
         if self.tokenizer_mode not in ("hybrid", "full"):
             raise ValueError(f"objective.tokenizer_mode must be 'hybrid' or 'full', got {self.tokenizer_mode!r}")
         if not 0.0 <= self.continuous_prob <= 1.0:
             raise ValueError(f"objective.continuous_prob must be in [0, 1], got {self.continuous_prob}")
+        if self.codebook_restart_every < 0 or self.codebook_restart_threshold < 0:
+            raise ValueError("objective.codebook_restart_every and codebook_restart_threshold must be >= 0")
+        if not 0.0 <= self.codebook_restart_until <= 1.0:
+            raise ValueError(f"objective.codebook_restart_until must be in [0, 1], got {self.codebook_restart_until}")
+        if (self.codebook_init or self.codebook_restart_every) and self.tokenizer_mode != "full":
+            raise ValueError("objective.codebook_init / codebook_restart_every need tokenizer_mode 'full' "
+                             "(the hybrid decoder fine-tune freezes the codebook)")
         if self.perceptual_weight < 0:
             raise ValueError(f"objective.perceptual_weight must be >= 0, got {self.perceptual_weight}")
         if self.perceptual_weight > 0 and not self.perceptual_weights:

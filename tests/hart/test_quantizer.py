@@ -145,3 +145,43 @@ def test_bad_inputs_raise():
     tokens[2][0, 0] = TINY.vocab_size
     with pytest.raises(ValueError, match="outside"):
         quantizer.tokens_to_latent(tokens)
+
+
+def test_restart_codes_initialises_a_collapsed_codebook_from_the_latents():
+    """VAR-style tiny codebook far from the encoder's outputs: few codes win; re-seeding fixes it."""
+    torch.manual_seed(0)
+    quantizer = MultiScaleQuantizer(TINY).double()
+    torch.nn.init.uniform_(quantizer.embedding.weight, -1 / TINY.vocab_size, 1 / TINY.vocab_size)
+    g = torch.Generator().manual_seed(1)
+    # Clustered latents away from the origin (an encoder's outputs are structured, not white noise):
+    # each position holds one of 64 prototype vectors.
+    prototypes_KC = 3.0 + torch.randn(64, TINY.z_channels, generator=g, dtype=torch.float64)
+    which_BHW = torch.randint(0, 64, (8, 8, 8), generator=g)
+    f = prototypes_KC[which_BHW].permute(0, 3, 1, 2).contiguous()
+
+    def codes_used() -> int:
+        tokens, _ = quantizer.latent_to_tokens(f)
+        return len(torch.unique(torch.cat([t.flatten() for t in tokens])))
+
+    before = codes_used()
+    assert quantizer.restart_codes(f, None, torch.Generator().manual_seed(0)) == TINY.vocab_size
+    after = codes_used()
+    assert after >= 2 * before, (before, after)  # 10 -> 20 codes here; training then spreads them
+
+
+def test_restart_codes_replaces_only_dead_codes():
+    quantizer = make_quantizer().train()
+    f = random_latent(TINY, batch=4)
+    hits = torch.ones(TINY.vocab_size)
+    dead = torch.tensor([3, 17, 200])
+    hits[dead] = 0.0
+    quantizer.ema_vocab_hit_SV.copy_(hits.expand(len(TINY.patch_nums), -1))
+    before = quantizer.embedding.weight.detach().clone()
+    inputs = quantizer.search_inputs(f)
+    assert quantizer.restart_codes(f, 0.03, torch.Generator().manual_seed(0)) == 3
+    after = quantizer.embedding.weight.detach()
+    changed = (after != before).any(1).nonzero().flatten()
+    assert torch.equal(changed, dead)
+    assert torch.cdist(after[dead], inputs).min(1).values.max() < 1e-5  # each re-seeded from a search input
+    # their hit counts restart at the mean, so the next call finds nothing dead
+    assert quantizer.restart_codes(f, 0.03) == 0

@@ -173,3 +173,34 @@ def test_cache_dataset_streams_every_row_in_a_new_file_order_each_epoch(train_as
     epochs = [[row["key"] for row in dataset.iter_rows()] for _ in range(4)]
     assert all(sorted(keys) == sorted(epochs[0]) and len(keys) == 48 for keys in epochs)
     assert len({tuple(keys) for keys in epochs}) > 1  # file order reshuffled per execution (2 shard files)
+
+
+def test_codebook_upkeep_seeds_and_restarts_codes_through_the_step(train_assets, tmp_path):
+    """Full-mode tokenizer: step 0 re-seeds every code from the batch's latents, later steps only dead ones."""
+    from pipelines.shapes import render, sample_spec
+    import numpy as np
+
+    from hart.training import build_optimizer
+    from jobs.stages import optimizer_step
+
+    config = tiny_config(train_assets, "tokenizer", tmp_path, "objective.tokenizer_mode=full", "objective.codebook_init=true",
+                         "objective.codebook_restart_every=2", "run.max_steps=10", "model.tokenizer_checkpoint=''")
+    stage = build_stage(config, torch.device("cpu"))
+    images = np.stack([np.asarray(render(sample_spec(i))) for i in range(4)])
+    batch = images_collate({"image": images, "caption": np.array(["x"] * 4, dtype=object)})
+    optimizer = build_optimizer(stage.model, config.optim)
+    quantizer = stage.model.quantize
+    before = quantizer.embedding.weight.detach().clone()
+    generator = torch.Generator()
+    history = [optimizer_step(config, stage, stage.objective, None, optimizer, None, None, [batch], step, generator)
+               for step in range(5)]
+    assert history[0]["codes_restarted"] == 256  # the tiny vocabulary, all re-seeded
+    assert "codes_restarted" not in history[1] and "codes_restarted" not in history[3]  # every 2 steps only
+    assert 0 < history[2]["codes_restarted"] < 256  # only the dead codes: 4 small images use few of 256
+    assert (quantizer.embedding.weight.detach() != before).any(1).all()
+
+    with pytest.raises(ValueError, match="tokenizer_mode 'full'"):
+        tiny_config(train_assets, "tokenizer", tmp_path, "objective.codebook_init=true")
+    with pytest.raises(ValueError, match="not 'fsdp'"):
+        build_stage(tiny_config(train_assets, "tokenizer", tmp_path, "objective.tokenizer_mode=full",
+                                "objective.codebook_restart_every=5", "parallel.strategy=fsdp"), torch.device("cpu"))
