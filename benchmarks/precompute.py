@@ -80,8 +80,9 @@ def cache_bytes_per_sample(preset: str) -> dict[str, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--num-samples", type=int, default=2000)
-    parser.add_argument("--num-shards", type=int, default=8)
+    # 16,000 images: a workload long enough that Ray's ~13 s start-up is not most of it (BENCHMARKS.md).
+    parser.add_argument("--num-samples", type=int, default=16000)
+    parser.add_argument("--num-shards", type=int, default=32)
     parser.add_argument("--preset", default="tiny", help="tokenizer preset (random weights, seed 0)")
     parser.add_argument("--image-size", type=int, default=64, help="side of the generated images")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
