@@ -323,10 +323,9 @@ def codebook_upkeep(config: TrainRunConfig, stage: Stage, images_B3HW: torch.Ten
         threshold = objective.codebook_restart_threshold
     else:
         return {}
-    tokenizer = stage.model
-    quantizer = tokenizer.quantize
+    quantizer = stage.model.quantize
     with torch.no_grad():
-        latent = tokenizer.quant_conv(tokenizer.encoder(images_B3HW))
+        latent = stage.model.encode_latent(images_B3HW)
     # A CPU generator of its own (restart_codes draws on the CPU), seeded by run seed and step:
     # reruns and resumes re-seed the same codes.
     draws = torch.Generator().manual_seed(config.run.seed * 1_000_003 + step)
