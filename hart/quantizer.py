@@ -208,12 +208,15 @@ class MultiScaleQuantizer(nn.Module):
         self._check_latent(f_BChw)
         H = f_BChw.shape[-1]
         f_rest = f_BChw.detach().to(self.embedding.weight.dtype).clone()
+        B = f_rest.shape[0]
         vectors = []
         for si, pn in enumerate(self.patch_nums):
             z_BChw = f_rest if pn == H else F.interpolate(f_rest, size=(pn, pn), mode="area")
-            vectors.append(z_BChw.permute(0, 2, 3, 1).reshape(-1, self.channels))
-            if residual:
-                f_rest -= self._code_to_full(self._quantize_scale(f_rest, si), si, H, apply_phi=True)
+            z_NC = z_BChw.permute(0, 2, 3, 1).reshape(-1, self.channels)
+            vectors.append(z_NC)
+            if residual:  # the search `_quantize_scale` would make, on the vectors already at hand
+                idx_Bl = self.nearest_code(z_NC).view(B, pn * pn)
+                f_rest -= self._code_to_full(idx_Bl, si, H, apply_phi=True)
         return torch.cat(vectors)
 
     @torch.no_grad()
@@ -230,7 +233,6 @@ class MultiScaleQuantizer(nn.Module):
         "dead" and get a random search input each, and their hit counts restart at the mean
         so they are not replaced again before they could be used.
         """
-        hits_V = self.ema_vocab_hit_SV.sum(0)
         if min_hit_fraction is None:
             codes = torch.arange(self.vocab_size, device=f_BChw.device)
             # Two passes: plain means first, so that the second pass's residual chain subtracts
@@ -238,6 +240,7 @@ class MultiScaleQuantizer(nn.Module):
             self._reseed(codes, self.search_inputs(f_BChw, residual=False), generator)
             self._reseed(codes, self.search_inputs(f_BChw, residual=True), generator)
             return int(codes.numel())
+        hits_V = self.ema_vocab_hit_SV.sum(0)
         codes = (hits_V < min_hit_fraction * hits_V.mean()).nonzero().flatten()
         if codes.numel() == 0:
             return 0
