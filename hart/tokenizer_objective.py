@@ -10,7 +10,12 @@ Design (HART_SPEC §1.2, §4.1). Two modes, chosen by `TokenizerObjectiveConfig.
 - "full": the VQVAE objective to train a tokenizer from scratch. Everything learns; the
   quantizer's loss (commitment beta, codebook term) is added and the straight-through
   estimator carries the reconstruction gradient to the encoder. `continuous_prob` still
-  applies (0 gives VAR's pure VQVAE).
+  applies (0 gives VAR's pure VQVAE). `vq_warmup_steps` first trains a plain autoencoder:
+  before that step the decoder always sees the continuous latent and the quantizer's loss is
+  weighted 0. Why: from random weights the VQ loss pulls the unnormalised latent towards the
+  (random) codes and shrinks its spatial variation, and the tokenizer settles at "right
+  background, shape a blob". Warmed-up latents are worth seeding the codebook from (the job
+  does that at the warm-up's end, `jobs.stages.codebook_upkeep`).
 
 `set_trainable(tokenizer, mode)` sets requires_grad accordingly and returns the parameters
 to optimise. The generator side (`generator_losses`) and the discriminator side
@@ -18,7 +23,7 @@ to optimise. The generator side (`generator_losses`) and the discriminator side
 differentiable and whose other entries are detached scalars to log. The generator terms:
   reconstruction = l1_weight * |x - x'| + l2_weight * (x - x')^2     (means)
   + perceptual_weight * LPIPS(x', x)                                  (if a metric is given)
-  + vq_weight * vq_loss                                               ("full" only)
+  + vq_weight * vq_loss                              ("full" only; 0 before vq_warmup_steps)
   + gan_weight * lambda * hinge_G(D(x'))                             (from gan_start_step on)
 with lambda the VQGAN adaptive weight |grad_last(nll)| / (|grad_last(G)| + 1e-4), measured on
 the decoder's output conv, which balances the two gradients at the layer they share.
@@ -49,6 +54,7 @@ class TokenizerObjectiveConfig:
     l1_weight: float = 1.0
     l2_weight: float = 0.0  # HART's released compute_loss uses MSE; VQGAN uses L1
     vq_weight: float = 1.0  # quantizer loss weight, "full" mode only
+    vq_warmup_steps: int = 0  # "full" only: steps before this are a plain autoencoder (no VQ term)
     perceptual_weight: float = 0.0  # needs a PerceptualLoss built from user-supplied weights
     gan_weight: float = 0.0  # 0 disables the adversarial term
     gan_start_step: int = 0  # the discriminator and the G term start at this step
@@ -67,6 +73,10 @@ class TokenizerObjectiveConfig:
             raise ValueError("at least one of l1_weight and l2_weight must be > 0")
         if self.gan_start_step < 0:
             raise ValueError(f"gan_start_step must be >= 0, got {self.gan_start_step}")
+        if self.vq_warmup_steps < 0:
+            raise ValueError(f"vq_warmup_steps must be >= 0, got {self.vq_warmup_steps}")
+        if self.vq_warmup_steps and self.mode != "full":
+            raise ValueError("vq_warmup_steps needs mode 'full' (decoder_finetune freezes the quantizer)")
 
 
 def set_trainable(tokenizer: HybridTokenizer, mode: str) -> list[nn.Parameter]:
@@ -122,7 +132,10 @@ def generator_losses(
     if config.gan_weight > 0 and discriminator is None:
         raise ValueError("gan_weight > 0 needs a discriminator")
     tokenizer.check_images(images_B3HW)
-    if continuous is None:
+    warming_up = config.mode == "full" and step < config.vq_warmup_steps
+    if warming_up:
+        continuous = True
+    elif continuous is None:
         continuous = _draw_continuous(config.continuous_prob, generator)
 
     # Frozen encoder in fine-tuning: no graph through it (saves the activations' memory).
@@ -143,7 +156,9 @@ def generator_losses(
     nll = reconstruction + config.perceptual_weight * perceptual_term
     loss = nll
     if config.mode == "full":
-        loss = loss + config.vq_weight * vq_loss
+        # Weight 0 (not a dropped term) in warm-up: the quantizer stays in the graph, so DDP
+        # sees a gradient for every parameter.
+        loss = loss + (0.0 if warming_up else config.vq_weight) * vq_loss
 
     gan_term = l1.new_zeros(())
     gan_lambda = l1.new_zeros(())

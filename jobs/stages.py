@@ -214,7 +214,9 @@ def _build_tokenizer_stage(config: TrainRunConfig, device: torch.device) -> Stag
     tokenizer.to(device)
     objective_config = TokenizerObjectiveConfig(
         mode=mode, continuous_prob=objective.continuous_prob, gan_weight=objective.gan_weight,
+        l1_weight=objective.l1_weight, l2_weight=objective.l2_weight,
         gan_start_step=objective.gan_start_step, perceptual_weight=objective.perceptual_weight,
+        vq_warmup_steps=objective.vq_warmup_steps,
     )
     perceptual = build_perceptual(config)
     if perceptual is not None:
@@ -307,8 +309,9 @@ def optimizer_step(config, stage: Stage, objective, disc_objective, optimizer, s
 
 
 def codebook_upkeep(config: TrainRunConfig, stage: Stage, images_B3HW: torch.Tensor, step: int) -> dict[str, float]:
-    """Tokenizer "full" mode: re-seed the codebook from this batch's latents before step 0
-    (`objective.codebook_init`) and its dead codes every `codebook_restart_every` steps.
+    """Tokenizer "full" mode: re-seed the codebook from this batch's latents when the VQ part
+    starts (`objective.codebook_init`: step 0, or the end of `vq_warmup_steps`) and its dead
+    codes every `codebook_restart_every` steps after that.
 
     Rank 0's codebook is then broadcast: DDP synchronises gradients only, and each rank's
     batch (hence its re-seeded codes) differs. Returns {"codes_restarted": n} when it acted.
@@ -316,10 +319,11 @@ def codebook_upkeep(config: TrainRunConfig, stage: Stage, images_B3HW: torch.Ten
     from hart.parallelize import broadcast_from_rank0
 
     objective = config.objective
-    every = objective.codebook_restart_every
-    if step == 0 and objective.codebook_init:
+    every, start = objective.codebook_restart_every, objective.vq_warmup_steps
+    if step == start and objective.codebook_init:
         threshold = None
-    elif every and step > 0 and step % every == 0 and step < objective.codebook_restart_until * config.run.max_steps:
+    elif (every and step > start and (step - start) % every == 0
+          and step < objective.codebook_restart_until * config.run.max_steps):
         threshold = objective.codebook_restart_threshold
     else:
         return {}

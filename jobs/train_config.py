@@ -94,6 +94,8 @@ class ObjectiveSection:
     diffusion_weight: float = 1.0  # diffusion / joint
     tokenizer_mode: str = "hybrid"  # "hybrid": decoder fine-tune (encoder+codebook frozen) | "full": VQVAE
     continuous_prob: float = 0.5  # hybrid: share of steps decoding the continuous latent
+    l1_weight: float = 1.0  # tokenizer reconstruction: l1 * |x - x'| + l2 * (x - x')^2
+    l2_weight: float = 0.0  # (HART's released loss is MSE; VQGAN's is L1)
     gan_weight: float = 0.0  # > 0 trains a PatchGAN discriminator beside the tokenizer
     gan_start_step: int = 0  # discriminator/adversarial loss switched on from this step
     disc_lr: float = 1e-4
@@ -109,14 +111,25 @@ class ObjectiveSection:
     codebook_restart_every: int = 0  # every N steps: re-seed dead codes; 0 = never
     codebook_restart_threshold: float = 0.03  # "dead": hit-count EMA below this x the mean
     codebook_restart_until: float = 0.8  # no restarts after this fraction of max_steps (let codes settle)
+    # "full" mode: the first N steps train a plain autoencoder (continuous decode, no VQ term);
+    # codebook_init then seeds the codes from the warmed-up latents at step N, and restarts count from N.
+    vq_warmup_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.tokenizer_mode not in ("hybrid", "full"):
             raise ValueError(f"objective.tokenizer_mode must be 'hybrid' or 'full', got {self.tokenizer_mode!r}")
         if not 0.0 <= self.continuous_prob <= 1.0:
             raise ValueError(f"objective.continuous_prob must be in [0, 1], got {self.continuous_prob}")
+        if self.l1_weight < 0 or self.l2_weight < 0 or self.l1_weight + self.l2_weight == 0:
+            raise ValueError(f"objective.l1_weight and l2_weight must be >= 0 and not both 0, "
+                             f"got {self.l1_weight} and {self.l2_weight}")
         if self.codebook_restart_every < 0 or self.codebook_restart_threshold < 0:
             raise ValueError("objective.codebook_restart_every and codebook_restart_threshold must be >= 0")
+        if self.vq_warmup_steps < 0:
+            raise ValueError(f"objective.vq_warmup_steps must be >= 0, got {self.vq_warmup_steps}")
+        if self.vq_warmup_steps and self.tokenizer_mode != "full":
+            raise ValueError("objective.vq_warmup_steps needs tokenizer_mode 'full' (the hybrid decoder fine-tune "
+                             "freezes the codebook)")
         if not 0.0 <= self.codebook_restart_until <= 1.0:
             raise ValueError(f"objective.codebook_restart_until must be in [0, 1], got {self.codebook_restart_until}")
         if (self.codebook_init or self.codebook_restart_every) and self.tokenizer_mode != "full":
@@ -162,6 +175,9 @@ class TrainRunConfig:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.stage == "tokenizer" and self.objective.vq_warmup_steps >= self.run.max_steps:
+            raise ValueError(f"objective.vq_warmup_steps ({self.objective.vq_warmup_steps}) must be below "
+                             f"run.max_steps ({self.run.max_steps}): the VQ part would never train")
         model_configs(self)  # resolve presets now: a typo fails at load time
 
     def to_dict(self) -> dict[str, Any]:

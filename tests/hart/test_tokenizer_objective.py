@@ -107,6 +107,31 @@ def test_decoder_finetune_changes_only_decoder():
     assert changed == trainable
 
 
+def test_vq_warmup_is_a_plain_autoencoder_until_its_last_step():
+    """Before vq_warmup_steps: always the continuous decode and no VQ term (the codebook gets a
+    zero gradient, still present for DDP); from that step on the configured mix and weight."""
+    torch.manual_seed(0)
+    tokenizer = HybridTokenizer(MICRO).train()
+    set_trainable(tokenizer, "full")
+    images = natural_images(2)
+    config = TokenizerObjectiveConfig(mode="full", continuous_prob=0.0, vq_weight=1.0, vq_warmup_steps=3)
+    warm = generator_losses(tokenizer, images, config, step=2, continuous=False)
+    assert float(warm["continuous"]) == 1.0  # forced, even against an explicit request
+    torch.testing.assert_close(warm["loss"].detach(), warm["reconstruction"])
+    warm["loss"].backward()
+    codebook_grad = tokenizer.quantize.embedding.weight.grad
+    assert codebook_grad is not None and not codebook_grad.any()
+    assert tokenizer.encoder.conv_in.weight.grad.abs().sum() > 0  # the autoencoder itself learns
+
+    after = generator_losses(tokenizer, images, config, step=3)
+    assert float(after["continuous"]) == 0.0 and float(after["vq"]) > 0
+    torch.testing.assert_close(after["loss"].detach(), after["reconstruction"] + after["vq"])
+    with pytest.raises(ValueError, match="vq_warmup_steps needs mode 'full'"):
+        TokenizerObjectiveConfig(mode="decoder_finetune", vq_warmup_steps=5)
+    with pytest.raises(ValueError, match="vq_warmup_steps must be >= 0"):
+        TokenizerObjectiveConfig(mode="full", vq_warmup_steps=-1)
+
+
 def test_gan_path_gives_finite_grads():
     torch.manual_seed(0)
     tokenizer = HybridTokenizer(MICRO_32PX).train()

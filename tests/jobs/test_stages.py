@@ -181,7 +181,7 @@ def test_codebook_upkeep_seeds_and_restarts_codes_through_the_step(train_assets,
     import numpy as np
 
     from hart.training import build_optimizer
-    from jobs.stages import optimizer_step
+    from jobs.stages import codebook_upkeep, optimizer_step
 
     config = tiny_config(train_assets, "tokenizer", tmp_path, "objective.tokenizer_mode=full", "objective.codebook_init=true",
                          "objective.codebook_restart_every=2", "run.max_steps=10", "model.tokenizer_checkpoint=''")
@@ -201,6 +201,25 @@ def test_codebook_upkeep_seeds_and_restarts_codes_through_the_step(train_assets,
 
     with pytest.raises(ValueError, match="tokenizer_mode 'full'"):
         tiny_config(train_assets, "tokenizer", tmp_path, "objective.codebook_init=true")
+
+    # With an autoencoder warm-up the codes are seeded when it ends, and restarts count from there.
+    warm = tiny_config(train_assets, "tokenizer", tmp_path, "objective.tokenizer_mode=full", "objective.codebook_init=true",
+                       "objective.codebook_restart_every=2", "objective.vq_warmup_steps=2", "run.max_steps=10",
+                       "model.tokenizer_checkpoint=''")
+    acted = [codebook_upkeep(warm, stage, batch["images"], step).get("codes_restarted") for step in range(6)]
+    # Step 4 (warm-up end + 2) checks for dead codes; no forward pass since the re-seed reset the
+    # hit counts, so none is dead.
+    assert acted == [None, None, 256, None, 0.0, None]
+    with pytest.raises(ValueError, match="must be below run.max_steps"):
+        tiny_config(train_assets, "tokenizer", tmp_path, "objective.tokenizer_mode=full",
+                    "objective.vq_warmup_steps=10", "run.max_steps=10")
+    weighted = build_stage(tiny_config(train_assets, "tokenizer", tmp_path, "objective.tokenizer_mode=full",
+                                       "objective.vq_warmup_steps=3", "objective.l1_weight=0", "objective.l2_weight=2",
+                                       "model.tokenizer_checkpoint=''"), torch.device("cpu"))
+    objective_config = weighted.objective.objective_config
+    assert (objective_config.l1_weight, objective_config.l2_weight, objective_config.vq_warmup_steps) == (0.0, 2.0, 3)
+    with pytest.raises(ValueError, match="vq_warmup_steps needs tokenizer_mode 'full'"):
+        tiny_config(train_assets, "tokenizer", tmp_path, "objective.vq_warmup_steps=1")
     with pytest.raises(ValueError, match="not 'fsdp'"):
         build_stage(tiny_config(train_assets, "tokenizer", tmp_path, "objective.tokenizer_mode=full",
                                 "objective.codebook_restart_every=5", "parallel.strategy=fsdp"), torch.device("cpu"))

@@ -78,6 +78,10 @@ def test_bad_config_values_name_the_field():
         load_train_config(None, "ar", ["run.max_stepz=3"])
     with pytest.raises(ValueError, match="preset"):
         load_train_config(None, "ar", ["model.transformer=hart-9b"])
+    with pytest.raises(ValueError, match="l1_weight and l2_weight"):
+        load_train_config(None, "tokenizer", ["objective.l1_weight=0"])
+    config = load_train_config(None, "tokenizer", ["objective.l1_weight=0", "objective.l2_weight=1"])
+    assert (config.objective.l1_weight, config.objective.l2_weight) == (0.0, 1.0)
 
 
 def test_tokenizer_stage_needs_shards(tmp_path):
