@@ -29,7 +29,10 @@ What it measures (nothing is estimated unless labelled):
    Without a GPU this part prints "skipped".
 
 Run:  python benchmarks/train.py [--steps 30] [--warmup 5] [--threads 2,1] [--cache DIR --tokenizer DIR]
-Without --cache a small shapes corpus and cache are made first (precompute pipeline, ~30 s).
+Without --cache a small shapes corpus and cache are made first (precompute pipeline, ~30 s;
+`--num-samples`, 1024 by default: 64 steps per epoch at batch 16. The Ray loop pays its data-stream
+restart, ~0.15 s, once per epoch; with the old 256-row cache that came every 4 steps at batch 64
+and was ~35 ms of every step).
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ sys.path.insert(0, str(REPO))
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks
 
 
-def make_assets(root: Path) -> tuple[str, str]:
+def make_assets(root: Path, num_samples: int) -> tuple[str, str]:
     from hart.config import tokenizer_config
     from hart.tokenizer import HybridTokenizer
     from pipelines.config import load_precompute_config
@@ -59,7 +62,7 @@ def make_assets(root: Path) -> tuple[str, str]:
 
     torch.manual_seed(0)
     HybridTokenizer(tokenizer_config("tiny")).save_pretrained(root / "tokenizer")
-    write_shapes_shards(str(root / "shards"), num_samples=256, num_shards=2)
+    write_shapes_shards(str(root / "shards"), num_samples=num_samples, num_shards=2)
     config = load_precompute_config(None, [
         f"input.shards=['{root}/shards/*.tar']", f"output={root}/cache", f"tokenizer.checkpoint={root}/tokenizer",
         "progress=false", "compute.tokenizer_cpus=0.25", "text.encoder=minilm", "text.max_length=16",
@@ -342,6 +345,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed steps")
     parser.add_argument("--warmup", type=int, default=5, help="untimed first steps")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--num-samples", type=int, default=1024,
+                        help="rows of the generated cache; the Ray loop restarts its data stream (~0.15 s) "
+                             "once per epoch, num_samples / batch_size steps: a tiny cache inflates that share")
     cores = torch.get_num_threads()
     parser.add_argument("--threads", default=",".join(dict.fromkeys([str(cores), "1"])),
                         help="comma-separated torch thread counts to compare at, each used by both the bare loop and "
@@ -364,8 +370,8 @@ def main(argv: list[str] | None = None) -> None:
         import ray
 
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        print("making a 256-sample shapes cache ...", flush=True)
-        cache, tokenizer = make_assets(work)
+        print(f"making a {args.num_samples}-sample shapes cache ...", flush=True)
+        cache, tokenizer = make_assets(work, args.num_samples)
     print(f"cache {cache} tokenizer {tokenizer}", flush=True)
     for threads in [int(t) for t in args.threads.split(",")]:
         compare(args, cache, tokenizer, work, threads)
