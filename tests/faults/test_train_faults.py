@@ -108,8 +108,9 @@ def test_worker_sigkill_restores_from_checkpoint_by_itself(train_assets, tmp_pat
 @pytest.mark.slow
 def test_job_sigkill_then_resubmit_resumes(train_assets, tmp_path):
     max_steps = 6
-    settings = [f"run.max_steps={max_steps}", "run.checkpoint_every=2", "run.export=false", "tracking.sample_every=0",
-                "run.name=job-kill"]
+    # log_every=1 on both submissions (train_tiny.yaml logs 5-step window means): every step's metric row is checked
+    settings = [f"run.max_steps={max_steps}", "run.checkpoint_every=2", "run.log_every=1", "run.export=false",
+                "tracking.sample_every=0", "run.name=job-kill"]
     config = tiny_config(train_assets, "ar", tmp_path, *settings)
     storage = tmp_path / "storage"
     base = [f"run.storage_path={storage}", f"model.tokenizer_checkpoint={train_assets['tokenizer']}",
