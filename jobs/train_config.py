@@ -107,7 +107,7 @@ class ObjectiveSection:
     perceptual_weights: tuple[str, ...] = ()
     # Codebook upkeep, tokenizer stage in "full" mode (hart.quantizer.restart_codes): a codebook
     # trained from scratch collapses to a few codes without these.
-    codebook_init: bool = False  # before step 0: every code re-seeded from the first batch's latents
+    codebook_init: bool = False  # when the VQ part starts (step vq_warmup_steps): every code re-seeded from that batch's latents
     codebook_restart_every: int = 0  # every N steps: re-seed dead codes; 0 = never
     codebook_restart_threshold: float = 0.03  # "dead": hit-count EMA below this x the mean
     codebook_restart_until: float = 0.8  # no restarts after this fraction of max_steps (let codes settle)
