@@ -64,6 +64,11 @@ def check_cache(config: TrainRunConfig, tokenizer_hash: str | None) -> dict[str,
             f"text features: cache (T, D) = {tuple(text_shape)}, model (context_token, context_dim) = "
             f"{(transformer.context_token, transformer.context_dim)}"
         )
+    if text_shape and (manifest.get("text") or {}).get("pad_features") != "encoder_output":
+        # Older caches zeroed the padded text positions, which generation never does (the pads are
+        # prefix tokens the model attends to): a model trained on them ignores the prompt.
+        problems.append("text features: the cache zeroed its padded text positions (built before pad_features="
+                        "'encoder_output'); rebuild it with jobs.precompute")
     if problems:
         raise ValueError(f"token cache {uri} does not match the run config: " + "; ".join(problems))
     return manifest

@@ -178,7 +178,7 @@ def prepare(config: PrecomputeConfig) -> dict[str, Any]:
         raise ValueError(f"vocab_size {tokenizer.config.vocab_size} does not fit the int16 token column")
     text_dim = 0
     if config.text.encoder:
-        from pipelines.text_stage import load_text_encoder
+        from pipelines.text_stage import PAD_FEATURES, load_text_encoder
 
         text_dim = int(load_text_encoder(config.text).dim)
     fingerprint = {
@@ -187,7 +187,8 @@ def prepare(config: PrecomputeConfig) -> dict[str, Any]:
         "tokenizer_config": config_to_dict(tokenizer.config),
         "resolution": resolution,
         "preprocess": preprocess_fingerprint(config.preprocess, resolution),
-        "text": {"encoder": config.text.encoder, "max_length": config.text.max_length, "dim": text_dim} if config.text.encoder else None,
+        "text": {"encoder": config.text.encoder, "max_length": config.text.max_length, "dim": text_dim,
+                 "pad_features": PAD_FEATURES} if config.text.encoder else None,
     }
     side = tokenizer.config.patch_nums[-1]
     schema = cache_schema(tokenizer.config.num_tokens(), (tokenizer.config.z_channels, side, side),

@@ -3,8 +3,15 @@
 Design: a callable class for an actor pool, like the tokenizer stage. The encoder comes from
 `hart.text_encoder.build_text_encoder(name, max_length)` (contract 2), imported inside the actor
 so jobs without a text stage never load transformers. Features are cast to fp16 (half the bytes,
-the precision the released text encoders run at) with a boolean mask; padded positions are zero.
-Rows that are not accepted samples get all-zero features and an all-false mask.
+the precision the released text encoders run at) with a boolean mask.
+
+Padded positions keep the encoder's own outputs (`PAD_FEATURES = "encoder_output"`, recorded in
+the cache fingerprint), exactly what generation feeds the model: in HART every text position,
+pads included, is a prefix token that image tokens attend to, the 1x1 scale is predicted from
+the last text position (usually a pad), and the head's AdaLN condition is a max over all
+positions (HART_SPEC §2.2). Zeroing the pads here made training and generation see different
+inputs, and generation ignored the prompt. Rows that are not accepted samples get all-zero
+features and an all-false mask.
 
 Shape legend: B rows, T text tokens (max_length), D feature width.
 """
@@ -15,6 +22,8 @@ import numpy as np
 import torch
 
 from pipelines.config import TextConfig
+
+PAD_FEATURES = "encoder_output"  # what padded text positions hold in the cache (see above)
 
 
 def load_text_encoder(config: TextConfig):
@@ -58,7 +67,7 @@ class TextFeatureStage:
                 raise ValueError(
                     f"text encoder returned features {features.shape} / mask {mask.shape}; expected (B, {self.max_length}, {self.dim})"
                 )
-            features_BTD[accepted] = np.where(mask[..., None], features, 0.0).astype(np.float16)
+            features_BTD[accepted] = features.astype(np.float16)
             mask_BT[accepted] = mask
         out = dict(batch)
         out["text_features"] = features_BTD

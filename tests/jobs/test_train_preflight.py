@@ -57,6 +57,18 @@ def test_missing_and_empty_cache(train_assets, tmp_path):
         preflight(tiny_config(train_assets, "ar", tmp_path, f"data.cache={empty}"))
 
 
+def test_cache_with_zeroed_text_pads_is_refused(train_assets, tmp_path):
+    """Caches from before `pad_features` zeroed the padded text positions: training on them would
+    teach the model other inputs than generation gives it."""
+    old = tmp_path / "old"
+    old.mkdir()
+    manifest = json.loads((train_assets["root"] / "cache" / "manifest.json").read_text())
+    manifest.update(text={"encoder": "minilm", "max_length": 16, "dim": 384}, text_features_shape=[16, 384])
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="zeroed its padded text positions"):
+        preflight(tiny_config(train_assets, "ar", tmp_path, f"data.cache={old}"))
+
+
 def test_unreachable_mlflow_server(train_assets, tmp_path):
     with pytest.raises(ValueError, match="unreachable"):
         preflight(tiny_config(train_assets, "ar", tmp_path, f"tracking.tracking_uri=http://127.0.0.1:{closed_port()}"))
