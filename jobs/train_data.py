@@ -64,11 +64,13 @@ def check_cache(config: TrainRunConfig, tokenizer_hash: str | None) -> dict[str,
             f"text features: cache (T, D) = {tuple(text_shape)}, model (context_token, context_dim) = "
             f"{(transformer.context_token, transformer.context_dim)}"
         )
-    if text_shape and (manifest.get("text") or {}).get("pad_features") != "encoder_output":
+    from pipelines.text_stage import PAD_FEATURES
+
+    if text_shape and (manifest.get("text") or {}).get("pad_features") != PAD_FEATURES:
         # Older caches zeroed the padded text positions, which generation never does (the pads are
         # prefix tokens the model attends to): a model trained on them ignores the prompt.
-        problems.append("text features: the cache zeroed its padded text positions (built before pad_features="
-                        "'encoder_output'); rebuild it with jobs.precompute")
+        problems.append(f"text features: the cache zeroed its padded text positions (built before pad_features="
+                        f"{PAD_FEATURES!r}); rebuild it with jobs.precompute")
     if problems:
         raise ValueError(f"token cache {uri} does not match the run config: " + "; ".join(problems))
     return manifest
