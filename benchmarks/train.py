@@ -17,7 +17,9 @@ What it measures (nothing is estimated unless labelled):
    EMA and logging included; `data_seconds` / `compute_seconds` / `ema_seconds` split it. The worker
    logs means over `run.log_every`-step windows (5 in train_tiny.yaml), so the bare loop's per-step
    periods are averaged over the same windows and both sides report the median window. The ratio
-   ray/bare is the wrapper's steady-state overhead (goal <= 1.10). CPU accounting (Linux /proc,
+   ray/bare is the wrapper's steady-state overhead (goal <= 1.10): bare, then `--rounds` times
+   (Ray, bare), each Ray run divided by the mean of the bare runs on either side; the median
+   of those per-round ratios is the headline. CPU accounting (Linux /proc,
    the driver and every process it started, over the timed steps) gives CPU seconds per step of the
    train worker and of everything else (Ray daemons and actors, Ray Data, MLflow): where the
    extra time goes (it grows under contention too: waiting OpenMP threads spin). Besides medians,
@@ -28,7 +30,7 @@ What it measures (nothing is estimated unless labelled):
    FLOPs utilisation = 6 * trainable params * tokens per step (+ attention) / step time / peak.
    Without a GPU this part prints "skipped".
 
-Run:  python benchmarks/train.py [--steps 30] [--warmup 5] [--threads 2,1] [--cache DIR --tokenizer DIR]
+Run:  python benchmarks/train.py [--steps 30] [--warmup 5] [--threads 2,1] [--rounds 3] [--cache DIR --tokenizer DIR]
 Without --cache a small shapes corpus and cache are made first (precompute pipeline, ~30 s;
 `--num-samples`, 1024 by default: 64 steps per epoch at batch 16. The Ray loop pays its data-stream
 restart, ~0.15 s, once per epoch; with the old 256-row cache that came every 4 steps at batch 64
@@ -43,6 +45,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -286,7 +289,12 @@ def p10(values: list[float]) -> float:
 
 
 def compare(args, cache: str, tokenizer: str, work: Path, threads: int) -> None:
-    """bare, Ray, bare again at `threads` torch threads; prints the step times and the ratio."""
+    """bare, then `--rounds` x (Ray, bare) at `threads` torch threads; prints step times and ratios.
+
+    Each Ray run is compared with the mean of the two bare runs around it: the machine's speed
+    drifts by 10-20% over minutes here, and bracketing cancels the slow part of that drift. The
+    headline is the median of the per-round ratios.
+    """
     from hart.config import transformer_config
 
     torch.set_num_threads(threads)
@@ -296,7 +304,7 @@ def compare(args, cache: str, tokenizer: str, work: Path, threads: int) -> None:
     args.steps -= args.warmup
     tokens_per_image = transformer_config(config.model.transformer).num_image_tokens()
     print(f"--- {args.stage} tiny CPU bs{args.batch_size}, {threads} torch thread(s) in the bare loop and the Ray worker, "
-          f"Ray worker niceness {os.environ['RAY_worker_niceness']}", flush=True)
+          f"Ray worker niceness {os.environ['RAY_worker_niceness']}, {args.rounds} round(s)", flush=True)
 
     every = config.run.log_every
     if args.warmup % every or args.steps % every:
@@ -314,29 +322,39 @@ def compare(args, cache: str, tokenizer: str, work: Path, threads: int) -> None:
               flush=True)
         return bare_s, p10(times), cpu
 
-    bare_before = report_bare()
+    def report_ray(round_index: int) -> tuple[float, float, float]:
+        round_config = replace(config, run=replace(config.run, name=f"{config.run.name}-r{round_index}"))  # fresh run
+        histories, wall, cpu = ray_job(round_config, args.warmup)
+        ray_steps = histories["step_seconds"]
+        ray_s = statistics.median(ray_steps)
+        print(f"ray    {ray_s * 1e3:.1f} ms/step (median of {len(ray_steps)} {every}-step means; mean "
+              f"{statistics.mean(ray_steps) * 1e3:.1f}, "
+              f"p10 {p10(ray_steps) * 1e3:.1f}), {args.batch_size * tokens_per_image / ray_s:,.0f} tokens/s; job wall "
+              f"{wall:.1f} s for {args.steps + args.warmup} steps incl. start-up and checkpoint [load avg {os.getloadavg()[0]:.1f}]")
+        sums = {name: sum(values) * 1e3 / len(values) for name, values in histories.items()}
+        print("ray    means over the timed steps (ms/step): " + ", ".join(f"{name} {value:.1f}" for name, value in sums.items())
+              + f"; rest {sums['step_seconds'] - sums['data_seconds'] - sums['compute_seconds'] - sums['ema_seconds']:.1f}")
+        print(f"ray    CPU per timed step: train worker {cpu['worker'] * 1e3:.0f} ms + everything else (driver, Ray "
+              f"daemons and actors, Ray Data) {cpu['rest'] * 1e3:.0f} ms", flush=True)
+        return ray_s, p10(ray_steps), cpu["worker"] + cpu["rest"]
+
+    bare_runs = [report_bare()]
     if args.skip_ray:
         return
-    # bare, Ray, bare again: the two bare runs bracket the Ray run, so a change in machine load shows up
-    histories, wall, cpu = ray_job(config, args.warmup)
-    ray_steps = histories["step_seconds"]
-    ray_s = statistics.median(ray_steps)
-    print(f"ray    {ray_s * 1e3:.1f} ms/step (median of {len(ray_steps)} {every}-step means; mean "
-          f"{statistics.mean(ray_steps) * 1e3:.1f}, "
-          f"p10 {p10(ray_steps) * 1e3:.1f}), {args.batch_size * tokens_per_image / ray_s:,.0f} tokens/s; job wall "
-          f"{wall:.1f} s for {args.steps + args.warmup} steps incl. start-up and checkpoint [load avg {os.getloadavg()[0]:.1f}]")
-    sums = {name: sum(values) * 1e3 / len(values) for name, values in histories.items()}
-    print("ray    means over the timed steps (ms/step): " + ", ".join(f"{name} {value:.1f}" for name, value in sums.items())
-          + f"; rest {sums['step_seconds'] - sums['data_seconds'] - sums['compute_seconds'] - sums['ema_seconds']:.1f}")
-    print(f"ray    CPU per timed step: train worker {cpu['worker'] * 1e3:.0f} ms + everything else (driver, Ray "
-          f"daemons and actors, Ray Data) {cpu['rest'] * 1e3:.0f} ms", flush=True)
-    bare_after = report_bare()
-    bare_s = (bare_before[0] + bare_after[0]) / 2
-    bare_p10 = (bare_before[1] + bare_after[1]) / 2
-    bare_cpu = (bare_before[2] + bare_after[2]) / 2
-    print(f"overhead ray/bare per step ({threads} thread(s)): median {ray_s / bare_s:.3f} (goal <= 1.10; bare runs "
-          f"{bare_before[0] * 1e3:.0f} and {bare_after[0] * 1e3:.0f} ms/step), p10 {p10(ray_steps) / bare_p10:.3f}, "
-          f"CPU {(cpu['worker'] + cpu['rest']) / bare_cpu:.3f}", flush=True)
+    ratios = []
+    for round_index in range(args.rounds):
+        ray_s, ray_p10, ray_cpu = report_ray(round_index)
+        bare_runs.append(report_bare())
+        before, after = bare_runs[-2], bare_runs[-1]
+        ratio = (ray_s / ((before[0] + after[0]) / 2), ray_p10 / ((before[1] + after[1]) / 2),
+                 ray_cpu / ((before[2] + after[2]) / 2))
+        ratios.append(ratio)
+        print(f"round {round_index + 1}: ray/bare median {ratio[0]:.3f} (bare {before[0] * 1e3:.0f} and "
+              f"{after[0] * 1e3:.0f} ms/step around it), p10 {ratio[1]:.3f}, CPU {ratio[2]:.3f}", flush=True)
+    print(f"overhead ray/bare per step ({threads} thread(s)): median {statistics.median(r[0] for r in ratios):.3f} "
+          f"over {len(ratios)} round(s) [{', '.join(f'{r[0]:.3f}' for r in ratios)}] (goal <= 1.10), "
+          f"p10 {statistics.median(r[1] for r in ratios):.3f}, CPU {statistics.median(r[2] for r in ratios):.3f}",
+          flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -356,6 +374,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="RAY_worker_niceness of the Ray instance started here (Ray's own default is 15)")
     parser.add_argument("--cache", help="existing tiny token cache (with text features); default: make one")
     parser.add_argument("--tokenizer", help="tokenizer folder the cache was made with")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="Ray runs per thread count, each between two bare runs; the ratio is their median")
     parser.add_argument("--skip-ray", action="store_true")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
