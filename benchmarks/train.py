@@ -292,7 +292,7 @@ def compare(args, cache: str, tokenizer: str, work: Path, threads: int) -> None:
     """bare, then `--rounds` x (Ray, bare) at `threads` torch threads; prints step times and ratios.
 
     Each Ray run is compared with the mean of the two bare runs around it: the machine's speed
-    drifts by 10-20% over minutes here, and bracketing cancels the slow part of that drift. The
+    drifts by 10-30% over minutes here, and bracketing cancels the slow part of that drift. The
     headline is the median of the per-round ratios.
     """
     from hart.config import transformer_config
