@@ -176,6 +176,9 @@ def run_training(config: TrainRunConfig, export_dir: str | None = None) -> dict[
             storage_filesystem=facts["storage_fs"] if is_s3 else None,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.run.num_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
+            # Train V2 patches `print` in workers to log through the root logger *and* tee to stdout
+            # once Ray has wrapped stdout, so every worker line reached the driver twice.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
         datasets={"train": dataset},
     )

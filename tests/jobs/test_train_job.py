@@ -6,6 +6,7 @@ Run: .venv/bin/pytest tests/jobs/test_train_job.py -q
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
@@ -123,3 +124,19 @@ def test_run_name_without_checkpoint_starts_a_new_mlflow_run(train_assets, tmp_p
     assert sorted(m.step for m in client.get_metric_history(first["run_id"], "loss")) == [1, 2]  # old history untouched
     assert sorted(m.step for m in client.get_metric_history(second["run_id"], "loss")) == [1, 2]
     assert client.get_run(second["run_id"]).data.tags[tracking.PREVIOUS_RUNS_TAG] == first["run_id"]
+
+
+def test_worker_progress_lines_reach_the_logs_once(train_assets, tmp_path):
+    """Train V2's print patch logged every worker `print` through the root logger and teed it to stdout:
+    each `[train] step` line was written twice to the worker's log files (and shown twice)."""
+    import ray
+
+    config = tiny_config(train_assets, "ar", tmp_path, "run.max_steps=1", "run.checkpoint_every=1", "run.export=false",
+                         "tracking.sample_every=0", "run.seed=4242", "run.name=test-log-once")
+    outcome = run_training(config)
+    loss = MlflowClient(tracking_uri=config.tracking.tracking_uri).get_metric_history(outcome["run_id"], "loss")[0].value
+    marker = "[train] step 1/1 "
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    lines = [line for path in logs.glob("worker-*") if path.suffix in (".out", ".err")
+             for line in path.read_text(errors="replace").splitlines() if marker in line and f"loss={loss:.4g}" in line]
+    assert len(lines) == 1, lines
