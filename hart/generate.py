@@ -76,8 +76,13 @@ def sample_latent(
     use_diffusion: bool = True,
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
+    head_cfg: float | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Sample f_hat (B, Cv, H, H) and the discrete tokens per scale from text features."""
+    """Sample f_hat (B, Cv, H, H) and the discrete tokens per scale from text features.
+
+    `head_cfg`: guidance of the residual diffusion head. None = the released behaviour (the last
+    scale's token guidance, unguided when that is 1); a number = that scale (1.0 = unguided).
+    """
     B, device = context_BTD.shape[0], context_BTD.device
     S = len(model.patch_nums)
     null_mask = torch.zeros_like(mask_BT, dtype=torch.bool)
@@ -105,7 +110,9 @@ def sample_latent(
         if si == S - 1 and use_diffusion:
             z = model.diffusion_condition(hidden_2BlC, torch.cat([idx_Bl, idx_Bl]), codebook_VCv)
             z_NC = z.reshape(-1, z.shape[-1])
-            residual = model.diffloss.sample(z_NC, cfg=None if t == 1.0 else t, temperature=temperature, generator=generator)
+            guidance = t if head_cfg is None else head_cfg
+            residual = model.diffloss.sample(z_NC, cfg=None if guidance == 1.0 else guidance, temperature=temperature,
+                                             generator=generator)
             h_BlCv = h_BlCv + residual.view(2 * B, pn * pn, -1)[:B].to(h_BlCv.dtype)
         h_BCvhw = h_BlCv.transpose(1, 2).reshape(B, -1, pn, pn)
         f_hat, next_BCvhw = quantizer.next_autoregressive_input(si, f_hat, h_BCvhw)
@@ -130,6 +137,7 @@ def generate(
     temperature: float = 1.0,
     batch_size: int | None = None,
     autocast_dtype: torch.dtype | None = None,
+    head_cfg: float | None = None,
 ) -> list[Image.Image]:
     """Images for `prompts` (one per prompt). `batch_size` splits long prompt lists.
 
@@ -157,7 +165,7 @@ def generate(
         with autocast:
             f_hat, _ = sample_latent(
                 model, tokenizer.quantize, features_BTD.to(device), mask_BT.to(device), cfg, tuple(top_k), top_p,
-                more_smooth, use_diffusion, temperature, generator,
+                more_smooth, use_diffusion, temperature, generator, head_cfg,
             )
             images_B3HW = tokenizer.decode_latent(f_hat.float())
         images += to_pil(images_B3HW)

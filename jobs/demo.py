@@ -67,6 +67,10 @@ class DemoConfig:
     transformer: str = "demo"  # a TransformerConfig preset or "demo" (below)
     samples_per_prompt: int = 4
     cfg: float = 3.0
+    # Guidance of the residual head: 1.0 = unguided. The released schedule (the tokens' guidance, ~2.4
+    # here) made the sampled residual 3-5x larger than the real one (std 0.14-0.17 vs 0.03-0.05) on four
+    # demo models; unguided: 0.07-0.10, and colour +3 to +15 points (BENCHMARKS.md, fifth run).
+    head_cfg: float | None = 1.0
     top_k: int = 16
     from_step: str = "data"  # rerun from a later step, reusing the earlier steps' outputs in workdir
 
@@ -215,7 +219,7 @@ def evaluate(export: Path, config: DemoConfig, out: Path) -> dict:
     for use_diffusion in (True, False):
         tag = "with_head" if use_diffusion else "without_head"
         generated = generate(model, tok, encoder, prompt_list, cfg=config.cfg, top_k=(config.top_k, config.top_k),
-                             seed=config.seed, use_diffusion=use_diffusion, batch_size=32)
+                             seed=config.seed, use_diffusion=use_diffusion, batch_size=32, head_cfg=config.head_cfg)
         scores = shapes_classifier.accuracy(generated, prompt_labels)
         for key, value in scores.items():
             results[f"generation_{key}_{tag}"] = value

@@ -66,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--no-diffusion", action="store_true", help="discrete tokens only (skip the residual head)")
+    parser.add_argument("--head-cfg", type=float, default=None,
+                        help="guidance of the residual diffusion head (default: the released schedule, the last "
+                             "scale's token guidance; 1.0 = unguided)")
     parser.add_argument("--more-smooth", action="store_true", help="Gumbel-softmax smoothing (not for FID)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args(argv)
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         autocast = torch.bfloat16 if args.device.startswith("cuda") else None
         images = generate(model, tok, encoder, prompts, cfg=args.cfg, top_k=tuple(args.top_k), top_p=args.top_p,
                           more_smooth=args.more_smooth, seed=args.seed, use_diffusion=not args.no_diffusion,
-                          batch_size=args.batch_size, autocast_dtype=autocast)
+                          batch_size=args.batch_size, autocast_dtype=autocast, head_cfg=args.head_cfg)
     except ValueError as exc:
         print(f"hart-generate: {exc}", file=sys.stderr)
         return 2

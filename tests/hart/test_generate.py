@@ -105,3 +105,28 @@ def test_long_prompt_is_truncated_with_a_warning(parts):
     with pytest.warns(UserWarning, match="truncated"):
         images = generate(model, tokenizer, encoder, ["a very long prompt about a cat " * 5], seed=1)
     assert len(images) == 1
+
+
+@pytest.mark.parametrize("head_cfg, expected", [(None, "token guidance"), (1.0, None), (2.0, 2.0)])
+def test_head_cfg_sets_the_diffusion_heads_guidance(parts, head_cfg, expected):
+    """None keeps the released schedule (the last scale's token guidance); a number overrides it, 1.0 = unguided."""
+    model, tokenizer, encoder = parts
+    features, mask = encoder(["a red cat"])
+    seen, sample = [], model.diffloss.sample
+
+    def recording_sample(z_NZ, cfg=None, **kwargs):  # the real sampler, with its guidance argument recorded
+        seen.append(cfg)
+        return sample(z_NZ, cfg=cfg, **kwargs)
+
+    model.diffloss.sample = recording_sample
+    try:
+        f_hat, _ = sample_latent(model, tokenizer.quantize, features, mask, cfg=3.0, head_cfg=head_cfg,
+                                 generator=torch.Generator().manual_seed(0))
+    finally:
+        del model.diffloss.sample
+    S = len(TINY.patch_nums)
+    token_guidance = 3.0 * (S - 2) / (S - 1)  # the last scale keeps the previous scale's ratio
+    assert seen == [pytest.approx(token_guidance) if expected == "token guidance" else expected]
+    unguided, _ = sample_latent(model, tokenizer.quantize, features, mask, cfg=3.0, head_cfg=1.0,
+                                generator=torch.Generator().manual_seed(0))
+    assert torch.equal(f_hat, unguided) == (head_cfg == 1.0)
