@@ -396,6 +396,8 @@ def parse_args(argv: list[str] | None = None) -> DemoConfig:
     parser.add_argument("--joint-threads", type=int, default=defaults.joint_threads,
                         help="torch threads of the joint stage's Ray Train worker")
     parser.add_argument("--cfg", type=float, default=defaults.cfg)
+    parser.add_argument("--head-cfg", type=float, default=defaults.head_cfg,
+                        help="guidance of the residual diffusion head (1.0 = unguided, the demo's default)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--from-step", default=defaults.from_step, choices=STEPS,
                         help="rerun from this step, reusing earlier outputs in --workdir (local storage)")
@@ -403,7 +405,7 @@ def parse_args(argv: list[str] | None = None) -> DemoConfig:
     return DemoConfig(workdir=args.workdir, storage=args.storage, joint_steps=args.joint_steps,
                       tokenizer_full_steps=args.tokenizer_full_steps, tokenizer_hybrid_steps=args.tokenizer_hybrid_steps,
                       tokenizer_vq_warmup_steps=args.tokenizer_vq_warmup_steps,
-                      num_train_samples=args.num_train_samples, cfg=args.cfg, seed=args.seed,
+                      num_train_samples=args.num_train_samples, cfg=args.cfg, head_cfg=args.head_cfg, seed=args.seed,
                       tokenizer_threads=args.tokenizer_threads, joint_threads=args.joint_threads,
                       from_step=args.from_step)
 

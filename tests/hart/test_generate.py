@@ -108,7 +108,7 @@ def test_long_prompt_is_truncated_with_a_warning(parts):
 
 
 @pytest.mark.parametrize("head_cfg, expected", [(None, "token guidance"), (1.0, None), (2.0, 2.0)])
-def test_head_cfg_sets_the_diffusion_heads_guidance(parts, head_cfg, expected):
+def test_head_cfg_sets_the_diffusion_heads_guidance(parts, head_cfg, expected, monkeypatch):
     """None keeps the released schedule (the last scale's token guidance); a number overrides it, 1.0 = unguided."""
     model, tokenizer, encoder = parts
     features, mask = encoder(["a red cat"])
@@ -118,12 +118,10 @@ def test_head_cfg_sets_the_diffusion_heads_guidance(parts, head_cfg, expected):
         seen.append(cfg)
         return sample(z_NZ, cfg=cfg, **kwargs)
 
-    model.diffloss.sample = recording_sample
-    try:
+    with monkeypatch.context() as patch:
+        patch.setattr(model.diffloss, "sample", recording_sample)
         f_hat, _ = sample_latent(model, tokenizer.quantize, features, mask, cfg=3.0, head_cfg=head_cfg,
                                  generator=torch.Generator().manual_seed(0))
-    finally:
-        del model.diffloss.sample
     S = len(TINY.patch_nums)
     token_guidance = 3.0 * (S - 2) / (S - 1)  # the last scale keeps the previous scale's ratio
     assert seen == [pytest.approx(token_guidance) if expected == "token guidance" else expected]
