@@ -8,11 +8,15 @@ drawn from `numpy.random.default_rng([seed, i])`, so a corpus is a pure function
 (colour, shape, background, position, size, class index) is stored in `KEY.json`, so tests and
 the demo can check generated images against their prompts.
 
-Held-out split: every (colour, shape) pair is held out on one background (rotating over the
-backgrounds), so 18 (colour, shape, background) scenes never appear in the "train" split and
-the "heldout" split draws only from them. Evaluation prompts therefore describe scenes the
-model never saw, while every colour and shape word was seen in training (a tiny CPU model is
-not asked for zero-shot composition of pairs it never saw). `prompts(split)` lists the
+Held-out split: every (colour, shape) pair is held out on one background, so 18 (colour, shape,
+background) scenes never appear in the "train" split and the "heldout" split draws only from
+them. The background is a Latin square, (colour index + shape index) mod 3, so every *pair* of
+factors is still seen in training: each (colour, shape) on two backgrounds, each (shape,
+background) with four colours, each (colour, background) with two shapes. Evaluation prompts
+therefore describe scenes the model never saw, composed only of pairs it did see (a tiny CPU
+model is not asked for zero-shot composition of pairs it never saw). An earlier rule, pair
+index mod 3, tied the background to the shape (every circle held out on white, every square
+on black), so training never showed a circle on white at all. `prompts(split)` lists the
 canonical prompt of every scene of a split.
 
 Shards are written whole through `pipelines.storage` (local path, file:// or s3://), with
@@ -50,9 +54,10 @@ TEMPLATES = (
     "simple drawing: one {colour} {shape} on {background}",
 )
 LABELS = tuple((colour, shape) for colour in COLOURS for shape in SHAPES)  # class index = position here
-# (colour, shape, background) scenes of the held-out split: pair i is held out on background i mod 3.
+# (colour, shape, background) scenes of the held-out split: a Latin square over (colour, shape) -> background.
 HELD_OUT_SCENES = frozenset(
-    (colour, shape, list(BACKGROUNDS)[index % len(BACKGROUNDS)]) for index, (colour, shape) in enumerate(LABELS)
+    (colour, shape, list(BACKGROUNDS)[(c + s) % len(BACKGROUNDS)])
+    for c, colour in enumerate(COLOURS) for s, shape in enumerate(SHAPES)
 )
 
 

@@ -49,11 +49,15 @@ def test_heldout_split_is_disjoint_from_train():
     heldout = {(s.colour, s.shape, s.background) for s in (shapes.sample_spec(i, 0, "heldout") for i in range(300))}
     assert heldout == set(shapes.HELD_OUT_SCENES) and not train & heldout
     assert len(train) == len(shapes.LABELS) * len(shapes.BACKGROUNDS) - len(shapes.HELD_OUT_SCENES)
-    # every colour and every shape word is still seen in training
-    assert {c for c, _, _ in train} == set(shapes.COLOURS) and {s for _, s, _ in train} == set(shapes.SHAPES)
+    # every pair of factors is still seen in training: only the triple is new
+    for first, second in ((0, 1), (0, 2), (1, 2)):
+        seen = {(scene[first], scene[second]) for scene in train}
+        assert {(scene[first], scene[second]) for scene in heldout} <= seen, (first, second)
+    assert {(s, b) for _, s, b in train} == {(s, b) for s in shapes.SHAPES for b in shapes.BACKGROUNDS}
     prompts = shapes.prompts("heldout")
     assert len(prompts) == len(shapes.HELD_OUT_SCENES) == len(shapes.LABELS)
     assert "a red triangle on a gray background" in prompts and "a red triangle on a white background" not in prompts
+    assert "a red circle on a white background" in prompts and "a green circle on a white background" not in prompts
     captions = {shapes.sample_spec(i).caption for i in range(300)}
     assert len(captions) > 100  # paraphrases, not one template
     with pytest.raises(ValueError, match="split"):
