@@ -69,6 +69,9 @@ class DataSection:
     text_max_length: int = 0  # 0 = the transformer's context_token
     read_parallelism: int = 1  # Ray Data read tasks
     resolution: int = 0  # tokenizer stage image side; 0 = tokenizer native (last pn * 16)
+    # Keep Ray Data's block order fixed, so a seeded run sees the same batches every time (exactly
+    # reproducible with 1 worker). Off by default: in-order output can stall on one slow block.
+    preserve_order: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.grad_accumulation < 1:

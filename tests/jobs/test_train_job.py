@@ -140,3 +140,22 @@ def test_worker_progress_lines_reach_the_logs_once(train_assets, tmp_path):
     lines = [line for path in logs.glob("worker-*") if path.suffix in (".out", ".err")
              for line in path.read_text(errors="replace").splitlines() if marker in line and f"loss={loss:.4g}" in line]
     assert len(lines) == 1, lines
+
+
+def test_preserve_order_repeats_a_seeded_runs_losses(train_assets, tmp_path):
+    """Two seeded tokenizer runs over many small shards (more read blocks than CPUs, so blocks finish in
+    varying order) train on the same batches when `data.preserve_order` is set: identical loss histories."""
+    from jobs.train import ingest_options
+    from pipelines.shapes import write_shapes_shards
+
+    write_shapes_shards(str(tmp_path / "shards"), num_samples=48, num_shards=8, seed=7)
+    histories = []
+    for attempt in range(2):
+        config = tiny_config(train_assets, "tokenizer", tmp_path, f"data.shards=['{tmp_path / 'shards'}/*.tar']",
+                             "data.preserve_order=true", "run.max_steps=8", "run.checkpoint_every=8", "run.export=false",
+                             "tracking.sample_every=0", "run.seed=11", f"run.name=test-order-{attempt}")
+        assert ingest_options(config).preserve_order
+        outcome = run_training(config)
+        history = MlflowClient(tracking_uri=config.tracking.tracking_uri).get_metric_history(outcome["run_id"], "loss")
+        histories.append([m.value for m in sorted(history, key=lambda m: m.step)])
+    assert len(histories[0]) == 8 and histories[0] == histories[1]
