@@ -15,8 +15,8 @@ Steps (each is the real job, run in-process on one local Ray instance):
                  validated on real held-out images (it must score >= 98% there)
 Everything is tracked in MLflow (embedded default: sqlite store `runs/mlflow.db`); the summary
 says where caches, checkpoints, samples and runs are. Both training stages keep Ray Data's block
-order (`data.preserve_order`), so a demo with the same seed trains on the same batches and two
-recipes can be compared (before, two demos with the same settings differed by 10-20 points).
+order (`data.preserve_order`): with the same seed they train on the same batches, so two demo
+runs differ only by what their settings change.
 
 `--storage s3` runs the same demo against a local S3-compatible server (moto, loopback) for
 shards, caches and checkpoints and an `mlflow server` process on loopback, both started and
