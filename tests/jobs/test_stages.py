@@ -65,14 +65,17 @@ def test_tokenizer_stage_with_gan_overfits(train_assets, tmp_path):
     from pipelines.shapes import render, sample_spec
     import numpy as np
 
+    # continuous_prob 1: one decoding path every step; with the 50/50 discrete/continuous alternation a
+    # short loss curve is mostly the difference between the two paths
     config = tiny_config(train_assets, "tokenizer", tmp_path, "objective.gan_weight=0.1", "objective.tokenizer_mode=full",
-                         "objective.disc_channels=16")
+                         "objective.disc_channels=16", "objective.continuous_prob=1.0")
     stage = build_stage(config, torch.device("cpu"))
     assert stage.discriminator is not None
     images = np.stack([np.asarray(render(sample_spec(i))) for i in range(4)])
     batch = images_collate({"image": images, "caption": np.array(["x"] * 4, dtype=object)})
-    history = overfit(stage, batch, steps=10)
-    assert history[-1]["reconstruction"] < 0.85 * history[0]["reconstruction"]
+    history = overfit(stage, batch, steps=24)
+    last = sum(h["reconstruction"] for h in history[-3:]) / 3
+    assert last < 0.85 * history[0]["reconstruction"], [h["reconstruction"] for h in history]
     assert history[-1]["gan_weight"] > 0  # the adversarial term is active
 
 
@@ -96,8 +99,9 @@ def test_tokenizer_stage_with_perceptual_term(train_assets, tiny_lpips_weights, 
     import numpy as np
 
     files = "[" + ",".join(f"'{p}'" for p in tiny_lpips_weights) + "]"
+    # continuous_prob 1 for the same reason as in the GAN test above
     config = tiny_config(train_assets, "tokenizer", tmp_path, "objective.perceptual_weight=1.0",
-                         f"objective.perceptual_weights={files}")
+                         f"objective.perceptual_weights={files}", "objective.continuous_prob=1.0")
     stage = build_stage(config, torch.device("cpu"))
     metric = stage.frozen["perceptual"]
     assert metric is not None and metric.channels == (4, 8, 8, 16, 16)  # widths read from the heads
@@ -106,9 +110,10 @@ def test_tokenizer_stage_with_perceptual_term(train_assets, tiny_lpips_weights, 
     assert not any(id(p) in module_params for p in metric.parameters())
     images = np.stack([np.asarray(render(sample_spec(i))) for i in range(4)])
     batch = images_collate({"image": images, "caption": np.array(["x"] * 4, dtype=object)})
-    history = overfit(stage, batch, steps=6)
+    history = overfit(stage, batch, steps=24)
     assert all(h["perceptual"] > 0 for h in history)
-    assert history[-1]["perceptual"] < history[0]["perceptual"]
+    last = sum(h["perceptual"] for h in history[-3:]) / 3
+    assert last < 0.8 * history[0]["perceptual"], [h["perceptual"] for h in history]
     assert all(p.grad is None for p in metric.parameters())
 
 
