@@ -30,13 +30,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hart.generate import to_pil  # noqa: E402
 from hart.tokenizer import HybridTokenizer  # noqa: E402
+from jobs.train_data import images_collate  # noqa: E402
 from pipelines import shapes_classifier  # noqa: E402
 from pipelines.shapes import BACKGROUNDS, COLOURS, ShapeSample, encode_image, render, sample_spec  # noqa: E402
 
 
 def as_batch(images: list[Image.Image]) -> torch.Tensor:
-    """PIL RGB images -> (B, 3, H, W) in [-1, 1]."""
-    return torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) / 127.5 - 1 for im in images])).permute(0, 3, 1, 2)
+    """PIL RGB images -> (B, 3, H, W) in [-1, 1], by the tokenizer stage's own collate."""
+    batch = {"image": np.stack([np.asarray(im) for im in images]), "caption": np.array([""] * len(images), dtype=object)}
+    return images_collate(batch)["images"]
 
 
 def centre_rgb(images_B3HW: torch.Tensor) -> list[tuple[int, ...]]:
