@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -87,8 +88,9 @@ def train_config(args, cache: str, tokenizer: str, work: Path):
     ])
 
 
-def bare_loop(config, cache: str, steps: int, warmup: int) -> tuple[list[float], float]:
-    """Step periods (s) of the worker's step (`optimizer_step` + EMA update) over in-memory batches, and CPU s/step."""
+def bare_loop(config, cache: str, steps: int, warmup: int) -> tuple[list[float], dict[str, float]]:
+    """Step periods (s) of the worker's step (`optimizer_step` + EMA update) over in-memory batches, and this
+    process's user and system CPU seconds and minor page faults per step."""
     from hart.parallelize import parallelize
     from hart.training import ExponentialMovingAverage, build_optimizer, build_scheduler
     from jobs.stages import build_stage, optimizer_step
@@ -108,11 +110,11 @@ def bare_loop(config, cache: str, steps: int, warmup: int) -> tuple[list[float],
     scheduler = build_scheduler(optimizer, config.run.max_steps, config.optim)
     ema = ExponentialMovingAverage(stage.model, config.ema_decay)
     generator = torch.Generator()
-    times, cpu_started = [], 0.0
+    times, started = [], resource.getrusage(resource.RUSAGE_SELF)
     last = time.perf_counter()
     for step in range(steps + warmup):
         if step == warmup:
-            cpu_started = time.process_time()
+            started = resource.getrusage(resource.RUSAGE_SELF)
         batch = batches[step % len(batches)]
         generator.manual_seed(step)
         optimizer_step(config, stage, objective, None, optimizer, scheduler, None, [batch], step, generator)
@@ -120,7 +122,10 @@ def bare_loop(config, cache: str, steps: int, warmup: int) -> tuple[list[float],
         now = time.perf_counter()
         times.append(now - last)
         last = now
-    return times[warmup:], (time.process_time() - cpu_started) / steps
+    ended = resource.getrusage(resource.RUSAGE_SELF)
+    return times[warmup:], {"user": (ended.ru_utime - started.ru_utime) / steps,
+                            "system": (ended.ru_stime - started.ru_stime) / steps,
+                            "faults": (ended.ru_minflt - started.ru_minflt) / steps}
 
 
 def process_tree(root: int) -> list[int]:
@@ -142,8 +147,8 @@ def process_tree(root: int) -> list[int]:
     return out
 
 
-def cpu_seconds(pids: list[int], commands: dict[int, str]) -> dict[int, tuple[str, float]]:
-    """{pid: (command, user+system CPU seconds)}; `commands` caches the command lines."""
+def cpu_seconds(pids: list[int], commands: dict[int, str]) -> dict[int, tuple[str, float, float, int]]:
+    """{pid: (command, user CPU s, system CPU s, minor page faults)}; `commands` caches the command lines."""
     out, tick = {}, os.sysconf("SC_CLK_TCK")
     for pid in pids:
         try:
@@ -154,7 +159,7 @@ def cpu_seconds(pids: list[int], commands: dict[int, str]) -> dict[int, tuple[st
                     commands[pid] = f.read().replace("\0", " ").strip()
         except OSError:
             continue
-        out[pid] = (commands[pid], (int(fields[11]) + int(fields[12])) / tick)
+        out[pid] = (commands[pid], int(fields[11]) / tick, int(fields[12]) / tick, int(fields[7]))
     return out
 
 
@@ -190,13 +195,19 @@ class CpuSampler:
         self.thread.join()
 
     def window(self, start: float, end: float) -> dict[str, float]:
-        """CPU seconds used between two wall times, by the train worker and by everything else."""
+        """Between two wall times: the train worker's user and system CPU seconds and minor page faults,
+        and the CPU seconds of everything else."""
         first = min(self.samples, key=lambda s: abs(s[0] - start))
         last = min(self.samples, key=lambda s: abs(s[0] - end))
-        used = {"worker": 0.0, "rest": 0.0, "seconds": last[0] - first[0]}
-        for pid, (command, cpu) in last[1].items():
-            before = first[1].get(pid, (command, 0.0))[1]
-            used["worker" if "RayTrainWorker" in command else "rest"] += cpu - before
+        used = {"user": 0.0, "system": 0.0, "faults": 0.0, "rest": 0.0, "seconds": last[0] - first[0]}
+        for pid, (command, user, system, faults) in last[1].items():
+            _, user0, system0, faults0 = first[1].get(pid, (command, 0.0, 0.0, 0))
+            if "RayTrainWorker" in command:
+                used["user"] += user - user0
+                used["system"] += system - system0
+                used["faults"] += faults - faults0
+            else:
+                used["rest"] += user - user0 + system - system0
         return used
 
 
@@ -205,8 +216,8 @@ BREAKDOWN = ("step_seconds", "data_seconds", "compute_seconds", "ema_seconds")
 
 def ray_job(config, warmup: int) -> tuple[dict[str, list[float]], float, dict[str, float]]:
     """The worker's timing metrics over the timed steps (one value per `run.log_every`-step window: the
-    window's mean, as logged), the job's wall time, and the CPU seconds the whole process tree used per
-    timed step (train worker / everything else)."""
+    window's mean, as logged), the job's wall time, and per timed step: the train worker's user and system
+    CPU seconds and minor page faults, and the CPU seconds of the rest of the process tree."""
     import ray
     from mlflow.tracking import MlflowClient
 
@@ -228,7 +239,7 @@ def ray_job(config, warmup: int) -> tuple[dict[str, list[float]], float, dict[st
     start = max(m.timestamp for m in history if m.step <= warmup) / 1e3
     used = sampler.window(start, history[-1].timestamp / 1e3)
     timed = history[-1].step - warmup
-    return histories, wall, {"worker": used["worker"] / timed, "rest": used["rest"] / timed}
+    return histories, wall, {name: used[name] / timed for name in ("user", "system", "faults", "rest")}
 
 
 def windows(times: list[float], size: int) -> list[float]:
@@ -312,13 +323,15 @@ def compare(args, cache: str, tokenizer: str, work: Path, threads: int) -> None:
                          f"{every}-step means")
 
     def report_bare() -> tuple[float, float, float]:
-        steps, cpu = bare_loop(config, cache, args.steps, args.warmup)
+        steps, usage = bare_loop(config, cache, args.steps, args.warmup)
+        cpu = usage["user"] + usage["system"]
         times = windows(steps, every)
         bare_s = statistics.median(times)
         print(f"bare   {bare_s * 1e3:.1f} ms/step (median of {len(times)} {every}-step means; mean "
               f"{statistics.mean(times) * 1e3:.1f}, p10 {p10(times) * 1e3:.1f}; per-step median "
               f"{statistics.median(steps) * 1e3:.1f}), {args.batch_size * tokens_per_image / bare_s:,.0f} tokens/s, "
-              f"{args.batch_size / bare_s:.1f} images/s; CPU {cpu * 1e3:.0f} ms/step [load avg {os.getloadavg()[0]:.1f}]",
+              f"{args.batch_size / bare_s:.1f} images/s; CPU {cpu * 1e3:.0f} ms/step (user {usage['user'] * 1e3:.0f}, "
+              f"system {usage['system'] * 1e3:.0f}, {usage['faults']:.0f} minor faults) [load avg {os.getloadavg()[0]:.1f}]",
               flush=True)
         return bare_s, p10(times), cpu
 
@@ -334,9 +347,11 @@ def compare(args, cache: str, tokenizer: str, work: Path, threads: int) -> None:
         sums = {name: sum(values) * 1e3 / len(values) for name, values in histories.items()}
         print("ray    means over the timed steps (ms/step): " + ", ".join(f"{name} {value:.1f}" for name, value in sums.items())
               + f"; rest {sums['step_seconds'] - sums['data_seconds'] - sums['compute_seconds'] - sums['ema_seconds']:.1f}")
-        print(f"ray    CPU per timed step: train worker {cpu['worker'] * 1e3:.0f} ms + everything else (driver, Ray "
-              f"daemons and actors, Ray Data) {cpu['rest'] * 1e3:.0f} ms", flush=True)
-        return ray_s, p10(ray_steps), cpu["worker"] + cpu["rest"]
+        worker = cpu["user"] + cpu["system"]
+        print(f"ray    CPU per timed step: train worker {worker * 1e3:.0f} ms (user {cpu['user'] * 1e3:.0f}, system "
+              f"{cpu['system'] * 1e3:.0f}, {cpu['faults']:.0f} minor faults) + everything else (driver, Ray daemons and "
+              f"actors, Ray Data) {cpu['rest'] * 1e3:.0f} ms", flush=True)
+        return ray_s, p10(ray_steps), worker + cpu["rest"]
 
     bare_runs = [report_bare()]
     if args.skip_ray:

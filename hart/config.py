@@ -53,7 +53,7 @@ class TokenizerConfig:
     z_channels: int = 32  # latent channels (codebook vector width)
     ch: int = 160  # base conv width; ch * each ch_mult must be a multiple of norm_groups
     ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)  # width multiplier per level; factor = 2**(len-1)
-    num_res_blocks: int = 2  # encoder blocks per level (decoder uses +1)
+    num_res_blocks: int = 2  # encoder blocks per level (decoder uses +1); 0 = the shallowest net (demo)
     dropout: float = 0.0
     using_sa: bool = True  # self-attention at the lowest-resolution level
     using_mid_sa: bool = True  # self-attention in the middle block
@@ -82,6 +82,9 @@ class TokenizerConfig:
             raise ValueError(f"share_quant_resi must be >= 1, got {self.share_quant_resi}")
         if self.vocab_size < 2:
             raise ValueError(f"vocab_size must be >= 2, got {self.vocab_size}")
+        if self.num_res_blocks < 0:
+            raise ValueError(f"num_res_blocks must be >= 0 (0: no encoder blocks, one per decoder level), "
+                             f"got {self.num_res_blocks}")
 
     def downsample_factor(self) -> int:
         return 2 ** (len(self.ch_mult) - 1)

@@ -109,6 +109,25 @@ def test_round_trip_shapes_and_hybrid_identity(tiny):
     assert tiny.tokens_to_teacher_forcing_input(tokens).shape == (2, TINY.num_tokens() - 1, TINY.z_channels)
 
 
+def test_shallowest_layout_builds_round_trips_and_reloads(tmp_path):
+    """The demo's net: no encoder blocks, one decoder block per level, no attention."""
+    config = replace(TINY, num_res_blocks=0, using_sa=False, using_mid_sa=False, norm_groups=1)
+    tok = HybridTokenizer(config).eval()
+    assert not any("attn" in key or "down.0.block" in key for key in tok.state_dict())
+    assert "decoder.up.0.block.0.conv1.weight" in tok.state_dict()
+    images = natural_images()
+    with torch.no_grad():
+        tokens, residual = tok.encode(images)
+        assert tok.decode(tokens, residual).shape == images.shape
+    tok.save_pretrained(tmp_path / "tok")
+    loaded = HybridTokenizer.from_pretrained(tmp_path / "tok").eval()
+    assert loaded.config == config
+    with torch.no_grad():
+        assert torch.equal(loaded.decode(tokens, residual), tok.decode(tokens, residual))
+    with pytest.raises(ValueError, match="num_res_blocks must be >= 0"):
+        replace(TINY, num_res_blocks=-1)
+
+
 def test_bad_images_raise(tiny):
     ok = natural_images(1)
     tiny.encode(ok * (1 + 1e-4))  # tiny float slack is fine
