@@ -57,9 +57,9 @@ class DemoConfig:
     # Step counts are set by the 15-minute budget, install included, on a slow day of this 2-core host:
     # 1500 + 350 steps took 15 min 11 s from a fresh clone (pipeline 779 s), so each stage gave some up.
     # The tokenizer's net is the shallowest VAR layout (DEMO_TOKENIZER): ~2x cheaper steps than with a
-    # block per level and attention, so 2000 steps fit where 1300 did (seventh session, BENCHMARKS.md).
-    tokenizer_full_steps: int = 2000
-    tokenizer_vq_warmup_steps: int = 1500  # plain autoencoder first: from scratch the VQ term blurs shapes
+    # block per level and attention, so 1700 steps fit in less time than 1300 did (seventh session, BENCHMARKS.md).
+    tokenizer_full_steps: int = 1700
+    tokenizer_vq_warmup_steps: int = 1300  # plain autoencoder first: from scratch the VQ term blurs shapes
     tokenizer_hybrid_steps: int = 0  # HART's decoder fine-tune after the full run (0 = skip, saves ~1 min)
     tokenizer_batch_size: int = 8
     tokenizer_lr: float = 2e-3
