@@ -56,8 +56,9 @@ class DemoConfig:
     num_heldout_images: int = 240
     # Step counts are set by the 15-minute budget, install included, on a slow day of this 2-core host:
     # 1500 + 350 steps took 15 min 11 s from a fresh clone (pipeline 779 s), so each stage gave some up.
-    # The tokenizer's net is the shallowest VAR layout (DEMO_TOKENIZER): ~2x cheaper steps than with a
-    # block per level and attention, so 1700 steps fit in less time than 1300 did (seventh session, BENCHMARKS.md).
+    # The tokenizer's net is the shallowest VAR layout (DEMO_TOKENIZER): its steps cost about half as
+    # much, so 1700 fit in about the time 1300 of the deeper net took. 2000 took 13 min 59 s from a fresh
+    # clone, too close to 15; 1700: 13 min 6 s (seventh session, BENCHMARKS.md).
     tokenizer_full_steps: int = 1700
     tokenizer_vq_warmup_steps: int = 1300  # plain autoencoder first: from scratch the VQ term blurs shapes
     tokenizer_hybrid_steps: int = 0  # HART's decoder fine-tune after the full run (0 = skip, saves ~1 min)
@@ -87,8 +88,7 @@ STEPS = ("data", "tokenizer", "precompute", "joint", "evaluate")
 # The tiny tokenizer narrowed at full resolution (16 channels at 64 px, 32 at 16 px) and made as
 # shallow as the VAR layout allows (no resnet block per encoder level, one per decoder level, no
 # attention): in the time budget a 2-core CPU then sees enough images to learn the palette. Measured
-# (seventh session, bare-loop replicas of this stage): colour of held-out hybrid reconstructions 0.89 at
-# 2000 steps vs 0.67 for the deeper net at 1300 steps, about the same time.
+# (seventh session): colour of held-out hybrid reconstructions 86-100% in three demos, 57-68% before.
 # One norm group: GroupNorm erases the relative amplitude of its groups, and with few channels that is
 # the colour.
 DEMO_TOKENIZER = {"preset": "tiny", "ch": 16, "ch_mult": [1, 1, 2, 2], "norm_groups": 1, "num_res_blocks": 0,
