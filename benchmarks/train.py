@@ -4,7 +4,7 @@ What it measures (nothing is estimated unless labelled):
 1. `bare`: the worker's step (`jobs.stages.optimizer_step` + the EMA update, the loss module through
    `hart.parallelize.parallelize` as on a worker) in a plain Python loop over batches already in memory
    (read from the token cache), tiny preset, CPU. Reports the median step period, tokens/s, images/s
-   and the process's CPU seconds per step, after warm-up steps.
+   and the process's user and system CPU seconds and minor page faults per step, after warm-up steps.
 2. `ray`: the same config through `jobs.train.run_training` (TorchTrainer, 1 worker, Ray Data
    ingest from the same cache, MLflow logging to a sqlite file every `run.log_every` steps as in
    `jobs/configs/train_tiny.yaml`, one checkpoint at the end). Same torch threads in both
@@ -21,7 +21,8 @@ What it measures (nothing is estimated unless labelled):
    (Ray, bare), each Ray run divided by the mean of the bare runs on either side; the median
    of those per-round ratios is the headline. CPU accounting (Linux /proc,
    the driver and every process it started, over the timed steps) gives CPU seconds per step of the
-   train worker and of everything else (Ray daemons and actors, Ray Data, MLflow): where the
+   train worker (user / system, and its minor page faults, to compare with the bare loop's) and of
+   everything else (Ray daemons and actors, Ray Data, MLflow): where the
    extra time goes (it grows under contention too: waiting OpenMP threads spin). Besides medians,
    the 10th percentile of step times (p10) is printed: on a shared machine it is the least
    disturbed figure. The job's wall time, including Ray start-up, dataset planning and the
