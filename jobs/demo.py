@@ -70,8 +70,9 @@ class DemoConfig:
     tokenizer_threads: int = 0
     # Joint stage: smaller batches, more steps and a higher peak lr learn the text conditioning faster
     # at about the same compute. Bare-loop replicas on one tokenizer (eighth session, BENCHMARKS.md),
-    # held-out colour with the head, mean of 3 sampling seeds: 32 x 300 at lr 2e-3 ~39-45%, at 4e-3 61%;
-    # 16 x 600 at 4e-3 66%; 8 x 1200 at 4e-3 68-72% (but ~40 s more in Ray than the budget holds).
+    # held-out colour with the head, mean of 3 sampling seeds: 32 x 300 at lr 2e-3 ~39%, at 4e-3 61%;
+    # 16 x 600 at 4e-3 66%; 8 x 1200 at 4e-3 68-72%. In Ray 8 x 1200 took 284 s against 210 s for
+    # 16 x 600 and scored no better (57-63% vs 59.7%), so the cheaper one is the default.
     joint_steps: int = 600
     joint_batch_size: int = 16
     joint_lr: float = 4e-3
