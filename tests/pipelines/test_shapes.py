@@ -68,3 +68,24 @@ def test_thousands_of_samples_generate_quickly(tmp_path):
     started = time.perf_counter()
     shapes.write_shapes_shards(str(tmp_path), num_samples=3000, num_shards=4)
     assert time.perf_counter() - started < 20.0
+
+
+def test_jittered_shapes_stay_inside_the_border_and_images_are_distinct():
+    # The classifier reads the 2-pixel border as the background, so no shape may reach it; the
+    # jitter exists so that the corpus is not a few hundred images repeated (see the module docstring).
+    specs = [shapes.sample_spec(index, seed=0) for index in range(400)]
+    digests = set()
+    for spec in specs:
+        pixels = np.asarray(shapes.render(spec)).astype(int)
+        background = np.array(shapes.BACKGROUNDS[spec.background])
+        border = np.concatenate([pixels[:3].reshape(-1, 3), pixels[-3:].reshape(-1, 3),
+                                 pixels[:, :3].reshape(-1, 3), pixels[:, -3:].reshape(-1, 3)])
+        assert (border == background).all(), spec
+        assert abs(spec.dx) <= shapes.JITTER and abs(spec.dy) <= shapes.JITTER, spec
+        assert shapes.SCALE_RANGE[0] <= spec.scale <= shapes.SCALE_RANGE[1], spec
+        digests.add(pixels.tobytes())
+    # 400 draws of 36 scenes x 5 positions x 2 sizes: without jitter 239 distinct images. PIL
+    # draws on the integer pixel grid, so two draws can still coincide now and then.
+    assert len(digests) >= 0.98 * len(specs)
+    # the jitter is part of the stored label, so any sample can be redrawn from its KEY.json
+    assert {"dx", "dy", "scale"} <= set(specs[0].metadata())
