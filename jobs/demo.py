@@ -59,7 +59,7 @@ class DemoConfig:
     # The tokenizer's net is the shallowest VAR layout (DEMO_TOKENIZER): its steps cost about half as
     # much, so 1700 fit in about the time 1300 of the deeper net took. 2000 took 13 min 59 s from a fresh
     # clone, too close to 15; 1700: 13 min 6 s (seventh session, BENCHMARKS.md). With the joint stage
-    # below: 10 min 47 s in a fast hour (eighth session); a slow hour should stay near 13 min.
+    # below: 10 min 47 s in a fast hour (eighth session); 11 min 52 s with the jittered corpus (ninth).
     tokenizer_full_steps: int = 1700
     tokenizer_vq_warmup_steps: int = 1300  # plain autoencoder first: from scratch the VQ term blurs shapes
     tokenizer_hybrid_steps: int = 0  # HART's decoder fine-tune after the full run (0 = skip, saves ~1 min)
