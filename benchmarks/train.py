@@ -27,11 +27,14 @@ What it measures (nothing is estimated unless labelled):
    the 10th percentile of step times (p10) is printed: on a shared machine it is the least
    disturbed figure. The job's wall time, including Ray start-up, dataset planning and the
    checkpoint, is printed too.
-3. `gpu` (only with CUDA): hart-0.7b at 256 and 512 px, bf16 autocast, random tokens, model
-   FLOPs utilisation = 6 * trainable params * tokens per step (+ attention) / step time / peak.
-   Without a GPU this part prints "skipped".
+3. `gpu` (only with CUDA): hart-0.7b at 256 and 512 px (`MFU_RUNS`: batch sizes, activation
+   checkpointing, `parallel.compile`), bf16 autocast, random tokens, the worker's step + EMA.
+   Model FLOPs utilisation = FLOPs counted by `FlopCounterMode` over a real forward + backward /
+   step time / the device's dense bf16 peak. Needs no Ray (`--gpu-only`); without a GPU it prints
+   "skipped" (`--mfu-preset tiny --mfu-device cpu` runs the same code on the CPU, as a check).
 
 Run:  python benchmarks/train.py [--steps 30] [--warmup 5] [--threads 2,1] [--rounds 3] [--cache DIR --tokenizer DIR]
+      python benchmarks/train.py --gpu-only [--gpu-steps 10]
 Without --cache a small shapes corpus and cache are made first (precompute pipeline, ~30 s;
 `--num-samples`, 1024 by default: 64 steps per epoch at batch 16. The Ray loop pays its data-stream
 restart, ~0.15 s, once per epoch; with the old 256-row cache that came every 4 steps at batch 64
@@ -248,51 +251,140 @@ def windows(times: list[float], size: int) -> list[float]:
     return [statistics.mean(times[i : i + size]) for i in range(0, len(times) - size + 1, size)]
 
 
-def gpu_mfu(steps: int, warmup: int) -> None:
-    if not torch.cuda.is_available():
-        print("gpu: skipped (no CUDA device on this machine)")
-        return
-    from hart.config import PATCH_NUMS_256, PATCH_NUMS_512, replace, tokenizer_config, transformer_config
+# (resolution, batch size, activation checkpointing, torch.compile per block) of the `gpu` part. Batch 64 at
+# 256px and 16 at 512px do not fit an 80 GB card without activation checkpointing (AdamW state alone is ~12 GB).
+MFU_RUNS = (
+    (256, 16, False, False), (256, 32, False, False), (256, 32, False, True), (256, 64, True, False),
+    (512, 8, False, False), (512, 8, False, True), (512, 16, True, False),
+)
+
+
+def mfu_run(preset: str, resolution: int, batch_size: int, activation_checkpointing: bool, compile: bool,
+            device: torch.device, steps: int, warmup: int) -> dict[str, float]:
+    """One `gpu` setting: the worker's step (train_step + EMA) on random tokens, timed; FLOPs counted.
+
+    Steady state, not start-up: step i draws its random choices (kept last-scale count, CFG dropout,
+    diffusion noise) from seed i % warmup, so the timed steps replay the warm-up steps' shapes. The
+    kept count sets the sequence length, and every new length costs once: cuDNN attention (torch's
+    first choice on Hopper) builds a plan per shape on the host (~1.3 s for a step of new shapes at
+    512px, measured), compile re-specialises. A long run sees each length many times.
+    FLOPs are counted, not estimated: `FlopCounterMode` over one eager forward + backward per seed
+    (every matmul and attention call that runs, the diffusion head on its subsampled tokens included;
+    activation checkpointing's recompute is not counted, as MFU's convention is model FLOPs; its
+    settings count the forward at full size and take the backward's share from a quarter batch). Tokens are text + image tokens per sample before last-scale
+    subsampling.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from hart.config import PATCH_NUMS_256, PATCH_NUMS_512, PATCH_NUMS_1024, TokenizerConfig, replace, transformer_config
+    from hart.parallelize import ParallelConfig, parallelize
     from hart.quantizer import MultiScaleQuantizer
-    from hart.training import OptimizerConfig, build_optimizer, train_step
+    from hart.training import ExponentialMovingAverage, OptimizerConfig, autocast, build_optimizer, train_step
     from hart.transformer import HARTForT2I
     from jobs.stages import TransformerObjective
 
-    device = torch.device("cuda")
-    name = torch.cuda.get_device_name()
-    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-    for resolution, patch_nums, batch_size in ((256, PATCH_NUMS_256, 16), (512, PATCH_NUMS_512, 8)):
-        cfg = replace(transformer_config("hart-0.7b"), patch_nums=tuple(patch_nums))
+    patch_nums = {256: PATCH_NUMS_256, 512: PATCH_NUMS_512, 1024: PATCH_NUMS_1024}[resolution]
+    cfg = replace(transformer_config(preset), patch_nums=tuple(patch_nums))
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    torch.manual_seed(0)
+    with device:  # built on the device (fast init); .to() also moves buffers made on the CPU on purpose
         model = HARTForT2I(cfg).to(device)
         model.init_weights()
-        quantizer = MultiScaleQuantizer(replace(tokenizer_config("hart-1024"), patch_nums=tuple(patch_nums))).to(device)
-        objective = TransformerObjective(model, quantizer, 1.0, 1.0, use_diffusion=True)
-        optimizer = build_optimizer(model, OptimizerConfig(fused=True))
+        quantizer = MultiScaleQuantizer(TokenizerConfig(vocab_size=cfg.vocab_size, z_channels=cfg.token_dim,
+                                                        patch_nums=tuple(patch_nums)))
         g = torch.Generator(device=device).manual_seed(0)
         batch = {
-            "context": torch.randn(batch_size, cfg.context_token, cfg.context_dim, device=device),
-            "context_mask": torch.ones(batch_size, cfg.context_token, dtype=torch.bool, device=device),
-            "tokens": [torch.randint(0, cfg.vocab_size, (batch_size, p * p), device=device, generator=g) for p in patch_nums],
-            "residual": torch.randn(batch_size, cfg.token_dim, patch_nums[-1], patch_nums[-1], device=device) * 0.1,
+            "context": torch.randn(batch_size, cfg.context_token, cfg.context_dim),
+            "context_mask": torch.ones(batch_size, cfg.context_token, dtype=torch.bool),
+            "tokens": [torch.randint(0, cfg.vocab_size, (batch_size, p * p), generator=g) for p in patch_nums],
+            "residual": torch.randn(batch_size, cfg.token_dim, patch_nums[-1], patch_nums[-1]) * 0.1,
         }
-        times = []
-        for step in range(steps + warmup):
-            torch.cuda.synchronize()
-            started = time.perf_counter()
-            train_step(objective, lambda m, b: m(b, step=step, generator=g), [batch], optimizer, step=step,
-                       clip_grad_norm=2.0, precision="bf16", device_type="cuda")
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - started)
-        step_s = statistics.median(times[warmup:])
-        params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        tokens = batch_size * (cfg.seq_len())
-        flops = 6 * params * tokens + 12 * cfg.depth * cfg.embed_dim * batch_size * cfg.seq_len() ** 2
-        achieved = flops / step_s / 1e12
-        mfu = f"{100 * achieved / peak:.1f}%" if peak else "n/a (unknown peak)"
-        print(f"gpu {name} hart-0.7b {resolution}px bs{batch_size}: {step_s * 1e3:.1f} ms/step, "
-              f"{tokens / step_s:,.0f} tokens/s, {achieved:.1f} TFLOP/s, MFU {mfu}")
-        del model, optimizer, objective
-        torch.cuda.empty_cache()
+    objective = TransformerObjective(model, quantizer, 1.0, 1.0, use_diffusion=True)
+
+    def counted(batch_: dict, seed: int, backward: bool) -> int:
+        counter = FlopCounterMode(display=False)
+        with counter, torch.set_grad_enabled(backward):
+            with autocast(device.type, precision):
+                out = objective(batch_, step=0, generator=g.manual_seed(seed))
+            if backward:
+                out["loss"].float().backward()
+        model.zero_grad(set_to_none=True)
+        return counter.get_total_flops()
+
+    flops_by_seed = []
+    for seed in range(warmup):
+        if not activation_checkpointing:
+            flops_by_seed.append(counted(batch, seed, backward=True))
+            continue
+        # The settings that need activation checkpointing cannot be counted with a backward: under the
+        # counter's dispatch mode the checkpointed activations stay alive (measured: bs64 at 256px
+        # went out of memory while counting, 12 GiB without the counter). The forward is counted at
+        # full size without grad; the backward's share comes from a quarter batch, counted whole.
+        quarter = {k: (v[: batch_size // 4] if torch.is_tensor(v) else [t[: batch_size // 4] for t in v])
+                   for k, v in batch.items()}
+        share = counted(quarter, seed, backward=True) / counted(quarter, seed, backward=False)
+        flops_by_seed.append(round(counted(batch, seed, backward=False) * share))
+    trained = parallelize(objective, ParallelConfig(strategy="none", activation_checkpointing=activation_checkpointing,
+                                                    compile=compile), device)
+    optimizer = build_optimizer(model, OptimizerConfig(fused=device.type == "cuda"))
+    ema = ExponentialMovingAverage(model, 0.9999)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    step_times, ema_times = [], []
+    for step in range(steps + warmup):
+        sync()
+        started = time.perf_counter()
+        g.manual_seed(step % warmup)
+        train_step(trained, lambda m, b: m(b, step=step, generator=g), [batch], optimizer, step=step,
+                   clip_grad_norm=2.0, precision=precision, device_type=device.type)
+        sync()
+        stepped = time.perf_counter()
+        ema.update(model)
+        sync()
+        step_times.append(time.perf_counter() - started)
+        ema_times.append(time.perf_counter() - stepped)
+    timed = step_times[warmup:]
+    return {
+        "step_s": statistics.mean(timed), "ema_s": statistics.mean(ema_times[warmup:]),
+        "flops": statistics.mean(flops_by_seed[step % warmup] for step in range(warmup, steps + warmup)),
+        "tokens": batch_size * cfg.seq_len(), "images": batch_size, "first_s": sum(step_times[:warmup]),
+        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan"),
+    }
+
+
+def gpu_mfu(steps: int, warmup: int, preset: str = "hart-0.7b", device_name: str = "cuda",
+            runs=MFU_RUNS) -> None:
+    """The `gpu` part: each MFU_RUNS setting of `preset`, one line each (an out-of-memory setting says so)."""
+    if device_name == "cuda" and not torch.cuda.is_available():
+        print("gpu: skipped (no CUDA device on this machine)")
+        return
+    device = torch.device(device_name)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    print(f"gpu: {name}, torch {torch.__version__}, {preset}, dense bf16 peak "
+          f"{f'{peak:.0f} TFLOP/s' if peak else 'unknown'}; step = train_step ("
+          f"{'bf16 autocast, fused AdamW' if device.type == 'cuda' else 'fp32, AdamW'}, clip 2.0) + EMA update; "
+          f"mean of {steps} steps after {warmup} (replaying their shapes)", flush=True)
+    for resolution, batch_size, activation_checkpointing, compile in runs:
+        label = (f"{preset} {resolution}px bs{batch_size}"
+                 f"{' +act-ckpt' if activation_checkpointing else ''}{' +compile' if compile else ''}")
+        try:
+            r = mfu_run(preset, resolution, batch_size, activation_checkpointing, compile, device, steps, warmup)
+        except torch.cuda.OutOfMemoryError:
+            print(f"gpu {label}: out of memory", flush=True)
+            torch._dynamo.reset()
+            torch.cuda.empty_cache()
+            continue
+        achieved = r["flops"] / r["step_s"] / 1e12
+        mfu = f"{100 * achieved / peak:.1f}%" if peak else "n/a"
+        print(f"gpu {label}: {r['step_s'] * 1e3:.1f} ms/step (EMA {r['ema_s'] * 1e3:.1f}), "
+              f"{r['tokens'] / r['step_s']:,.0f} tokens/s, {r['images'] / r['step_s']:.1f} images/s, "
+              f"{r['flops'] / 1e12:.2f} TFLOP/step counted, {achieved:.1f} TFLOP/s, MFU {mfu}, "
+              f"peak {r['peak_gib']:.1f} GiB, warm-up {r['first_s']:.1f} s", flush=True)
+        torch._dynamo.reset()  # compiled graphs keep the run's model and optimizer alive otherwise
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def p10(values: list[float]) -> float:
@@ -393,7 +485,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3,
                         help="Ray runs per thread count, each between two bare runs; the ratio is their median")
     parser.add_argument("--skip-ray", action="store_true")
+    parser.add_argument("--gpu-only", action="store_true",
+                        help="run only the `gpu` part (needs no Ray: torch, numpy, safetensors and PyYAML suffice)")
+    parser.add_argument("--gpu-steps", type=int, default=10, help="timed steps per `gpu` setting (after 3 warm-up)")
+    parser.add_argument("--mfu-preset", default="hart-0.7b",
+                        help="transformer preset of the `gpu` part (`tiny` with --mfu-device cpu checks the code)")
+    parser.add_argument("--mfu-device", default="cuda", choices=("cuda", "cpu"))
     args = parser.parse_args(argv)
+    if args.gpu_only:
+        gpu_mfu(args.gpu_steps, 3, args.mfu_preset, args.mfu_device)
+        return
     torch.manual_seed(0)
     # Ray starts its worker processes 15 nice levels below the driver unless told otherwise; on a shared
     # machine that alone slows the worker against every other process, which is scheduling, not wrapper
@@ -411,7 +512,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"cache {cache} tokenizer {tokenizer}", flush=True)
     for threads in [int(t) for t in args.threads.split(",")]:
         compare(args, cache, tokenizer, work, threads)
-    gpu_mfu(steps=10, warmup=3)
+    gpu_mfu(args.gpu_steps, 3, args.mfu_preset, args.mfu_device)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,23 @@ from torch import nn
 from hart.rope import apply_rope
 
 
+@torch.compiler.disable
+def segmented_attention(q_BHLd, k_BHLd, v_BHLd, ends: list[int], scale: float) -> torch.Tensor:
+    """Block-causal attention as one SDPA call per segment: segment i's queries see keys [0, ends[i]).
+
+    Kept out of torch.compile (a graph break; the SDPA kernels are already fused): the last
+    segment's length changes every step (last-scale subsampling), so the compiled block goes
+    dynamic in L, and inductor (torch 2.13, CPU) then fixed the strides of these slices at their
+    first values and failed in backward ("expected stride ... at dim=0") once L changed.
+    """
+    outs, start = [], 0
+    for end in ends:
+        outs.append(F.scaled_dot_product_attention(
+            q_BHLd[:, :, start:end], k_BHLd[:, :, :end], v_BHLd[:, :, :end], scale=scale))
+        start = end
+    return torch.cat(outs, dim=2)
+
+
 class KVCache:
     """Post-RoPE keys and values of one block, grown one segment at a time."""
 
@@ -105,11 +122,7 @@ class SelfAttention(nn.Module):
         else:
             ends = segment_ends or [L]
             assert ends[-1] == L, f"segments end at {ends[-1]} but the sequence has {L} tokens"
-            outs, start = [], 0
-            for end in ends:
-                outs.append(F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end], scale=self.scale))
-                start = end
-            out = torch.cat(outs, dim=2)
+            out = segmented_attention(q, k, v, ends, self.scale)
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
 
 

@@ -154,3 +154,42 @@ def test_one_batch_overfits():
     diff1 = mean_eval(model, quantizer, context, mask, tokens, residual, "diffusion")
     assert ce1 < ce0 / 5, (ce0, ce1)
     assert diff1 < diff0, (diff0, diff1)
+
+
+def test_compiled_blocks_follow_a_changing_last_scale_length():
+    """torch.compile per block (parallel.compile) over steps whose kept last-scale count differs.
+
+    The count changes the sequence length every step, so the blocks recompile as dynamic in L; the
+    segment-sliced attention used to fail inside the compiled backward ("expected stride ... at
+    dim=0") once L changed. Losses and gradients must equal eager ones at every length.
+    """
+    import copy
+
+    from hart.parallelize import ParallelConfig, parallelize
+
+    config = replace(TINY, patch_nums=(1, 2, 4, 16), depth=1)  # 16x16 last scale: 32..128 tokens kept
+    torch.manual_seed(0)
+    quantizer = MultiScaleQuantizer(replace(TOKENIZER_PRESETS["tiny"], patch_nums=config.patch_nums)).eval()
+    eager = HARTForT2I(config)
+    eager.init_weights()
+    compiled = copy.deepcopy(eager)
+    parallelize(compiled, ParallelConfig(strategy="none", compile=True), torch.device("cpu"))
+    tokens, residual = quantizer.latent_to_tokens(torch.randn(2, config.token_dim, 16, 16))
+    context = torch.randn(2, config.context_token, config.context_dim)
+    mask = torch.ones(2, config.context_token, dtype=torch.bool)
+    kept = set()
+    for seed in range(3):
+        outs = []
+        for model in (eager, compiled):
+            model.zero_grad(set_to_none=True)
+            out = t2i_losses(model.train(), quantizer, context, mask, tokens, residual,
+                             generator=torch.Generator().manual_seed(seed))
+            out["loss"].backward()
+            outs.append((out, [p.grad for p in model.parameters()]))
+        (out_e, grads_e), (out_c, grads_c) = outs
+        kept.add(int(out_e["num_kept_last"]))
+        assert int(out_c["num_kept_last"]) == int(out_e["num_kept_last"])
+        torch.testing.assert_close(out_c["loss"], out_e["loss"], rtol=1e-4, atol=1e-5)
+        for g_c, g_e in zip(grads_c, grads_e):
+            torch.testing.assert_close(g_c, g_e, rtol=1e-3, atol=1e-5)
+    assert len(kept) == 3, kept  # three different sequence lengths were compiled and run
