@@ -251,8 +251,9 @@ def windows(times: list[float], size: int) -> list[float]:
     return [statistics.mean(times[i : i + size]) for i in range(0, len(times) - size + 1, size)]
 
 
-# (resolution, batch size, activation checkpointing, torch.compile per block) of the `gpu` part. Batch 64 at
-# 256px and 16 at 512px do not fit an 80 GB card without activation checkpointing (AdamW state alone is ~12 GB).
+# (resolution, batch size, activation checkpointing, torch.compile per block) of the `gpu` part. The
+# checkpointed settings double the eager batches, which would not fit an 80 GB H100 (eager peaks: 63 GiB
+# at 256px batch 32, 42 GiB at 512px batch 8; weights, gradients, AdamW state and EMA are ~15 GB).
 MFU_RUNS = (
     (256, 16, False, False), (256, 32, False, False), (256, 32, False, True), (256, 64, True, False),
     (512, 8, False, False), (512, 8, False, True), (512, 16, True, False),
@@ -271,8 +272,8 @@ def mfu_run(preset: str, resolution: int, batch_size: int, activation_checkpoint
     FLOPs are counted, not estimated: `FlopCounterMode` over one eager forward + backward per seed
     (every matmul and attention call that runs, the diffusion head on its subsampled tokens included;
     activation checkpointing's recompute is not counted, as MFU's convention is model FLOPs; its
-    settings count the forward at full size and take the backward's share from a quarter batch). Tokens are text + image tokens per sample before last-scale
-    subsampling.
+    settings count the forward at full size and take the backward's share from a quarter batch).
+    Tokens are text + image tokens per sample before last-scale subsampling.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
