@@ -252,8 +252,8 @@ def windows(times: list[float], size: int) -> list[float]:
 
 
 # (resolution, batch size, activation checkpointing, torch.compile per block) of the `gpu` part. The
-# checkpointed settings double the eager batches, which would not fit an 80 GB H100 (eager peaks: 63 GiB
-# at 256px batch 32, 42 GiB at 512px batch 8; weights, gradients, AdamW state and EMA are ~15 GB).
+# checkpointed settings double the eager batches. Eager peaks on an 80 GB H100: 63 GiB at 256px batch 32
+# (so batch 64 cannot fit), 42 GiB at 512px batch 8; weights, gradients, AdamW state and EMA are ~15 GB.
 MFU_RUNS = (
     (256, 16, False, False), (256, 32, False, False), (256, 32, False, True), (256, 64, True, False),
     (512, 8, False, False), (512, 8, False, True), (512, 16, True, False),
