@@ -273,7 +273,9 @@ def run(config: DemoConfig) -> dict:
     # the MLflow run of an earlier demo whose checkpoints were just deleted.
     tag = time.strftime("%Y%m%d-%H%M%S")
     with local_services(config, workdir) as (root, tracking_uri, endpoint):
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+        from jobs.train import LOCAL_RAY_RUNTIME_ENV
+
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True, runtime_env=LOCAL_RAY_RUNTIME_ENV)
         runs = dict(previous)
         export = workdir / "export"
         if start <= 0:
