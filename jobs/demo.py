@@ -273,7 +273,7 @@ def run(config: DemoConfig) -> dict:
     # the MLflow run of an earlier demo whose checkpoints were just deleted.
     tag = time.strftime("%Y%m%d-%H%M%S")
     with local_services(config, workdir) as (root, tracking_uri, endpoint):
-        from jobs.train import LOCAL_RAY_RUNTIME_ENV
+        from jobs.local_ray import LOCAL_RAY_RUNTIME_ENV
 
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True, runtime_env=LOCAL_RAY_RUNTIME_ENV)
         runs = dict(previous)

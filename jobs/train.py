@@ -367,22 +367,6 @@ def report_checkpoint(config, stage: Stage, optimizer, scheduler, disc_optimizer
 # ======================================================================================
 
 
-# A Ray instance started here (no --address, no RAY_ADDRESS) runs without the dashboard, so without
-# the State API. Ray Train's detached PlacementGroupCleaner asks that API every second whether the
-# controller lives, and without it logs "Failed to query Ray Train Controller actor state" each time
-# (477 lines in one `make demo`). What it guards against (a dead controller's placement group left
-# behind) cannot outlive a local instance, which stops with this process. Its warnings only are muted.
-PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
-LOCAL_RAY_RUNTIME_ENV = {"worker_process_setup_hook": "jobs.train.quiet_placement_group_cleaner"}
-
-
-def quiet_placement_group_cleaner() -> None:
-    """`worker_process_setup_hook` of the local Ray instances this repo starts (see above)."""
-    import logging
-
-    logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train a HART stage with Ray Train (checkpoints + MLflow).")
     parser.add_argument("--stage", choices=("tokenizer", "ar", "diffusion", "joint"), help="overrides the file's stage")
@@ -404,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not ray.is_initialized():
+        from jobs.local_ray import LOCAL_RAY_RUNTIME_ENV
+
         local = {} if args.address else {"runtime_env": LOCAL_RAY_RUNTIME_ENV}
         ray.init(address=args.address, include_dashboard=False, **local)  # [ray]
     try:
