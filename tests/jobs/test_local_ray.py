@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,8 +37,11 @@ def test_local_ray_mutes_the_placement_group_cleaner_and_nothing_else():
     every second (477 lines in one demo). A Ray upgrade that moves its module fails here."""
     importlib.import_module(PLACEMENT_GROUP_CLEANER_LOGGER)
     short = tempfile.mkdtemp(prefix="r", dir="/tmp")  # Ray's socket paths must stay short
-    done = subprocess.run([sys.executable, "-c", SCRIPT, short], cwd=REPO, capture_output=True, text=True,
-                          timeout=180)
+    try:
+        done = subprocess.run([sys.executable, "-c", SCRIPT, short], cwd=REPO, capture_output=True, text=True,
+                              timeout=180)
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
     assert done.returncode == 0, done.stderr[-2000:]
     muted, other, torch_before, threads = done.stdout.split("RESULT")[1].split()
     assert int(muted) == logging.ERROR

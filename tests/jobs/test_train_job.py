@@ -161,4 +161,3 @@ def test_preserve_order_repeats_a_seeded_runs_losses(train_assets, tmp_path):
         history = MlflowClient(tracking_uri=config.tracking.tracking_uri).get_metric_history(outcome["run_id"], "loss")
         histories.append([m.value for m in sorted(history, key=lambda m: m.step)])
     assert len(histories[0]) == 8 and histories[0] == histories[1]
-
