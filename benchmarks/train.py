@@ -321,8 +321,8 @@ def mfu_run(preset: str, resolution: int, batch_size: int, activation_checkpoint
         # counter's dispatch mode the checkpointed activations stay alive (measured: bs64 at 256px
         # went out of memory while counting, 12 GiB without the counter). The forward is counted at
         # full size without grad; the backward's share comes from a quarter batch, counted whole.
-        quarter = {k: (v[: batch_size // 4] if torch.is_tensor(v) else [t[: batch_size // 4] for t in v])
-                   for k, v in batch.items()}
+        rows = max(1, batch_size // 4)
+        quarter = {k: (v[:rows] if torch.is_tensor(v) else [t[:rows] for t in v]) for k, v in batch.items()}
         share = counted(quarter, seed, backward=True) / counted(quarter, seed, backward=False)
         flops_by_seed.append(round(counted(batch, seed, backward=False) * share))
     trained = parallelize(objective, ParallelConfig(strategy="none", activation_checkpointing=activation_checkpointing,
