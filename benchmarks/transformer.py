@@ -6,6 +6,9 @@ What it measures (wall clock, after warm-up steps that are not counted):
   Reported as processed sequence tokens/s (text prefix + kept image tokens) and image tokens/s.
 - generation: `sample_latent` (all scales with KV cache, CFG, 8-step diffusion head) for a
   batch, plus the tokenizer decode, as latency per batch.
+- segment attention: forward + backward of `hart.attention.segmented_attention` against the
+  same per-segment SDPA calls over plain slices (whose backward zero-fills a full-size gradient
+  per segment), alternated call by call; reported as the median of the paired time ratios.
 CPU part: a small 256px preset (10 scales) in fp32. GPU part (skipped, with a message, when
 no CUDA device is present): `hart-0.7b` at 512px and 1024px in bf16 autocast with peak
 memory and MFU (model FLOPs: 6 x matmul params x tokens + block-causal attention, over the
@@ -18,14 +21,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from hart.attention import segmented_attention  # noqa: E402
 from hart.config import (  # noqa: E402
     PATCH_NUMS_256, PATCH_NUMS_512, PATCH_NUMS_1024, TRANSFORMER_PRESETS, TokenizerConfig, replace,
 )
@@ -138,6 +144,45 @@ def bench_generation(config, tok_cfg, B, device, repeats, dtype=None):
     return {"sample_s": sum(times_sample) / repeats, "decode_s": sum(times_decode) / repeats}
 
 
+def sliced_attention(q_BHLd, k_BHLd, v_BHLd, ends, scale):
+    """The baseline: segmented attention written with plain slices (the implementation before `_Prefixes`)."""
+    outs, start = [], 0
+    for end in ends:
+        outs.append(F.scaled_dot_product_attention(
+            q_BHLd[:, :, start:end], k_BHLd[:, :, :end], v_BHLd[:, :, :end], scale=scale))
+        start = end
+    return torch.cat(outs, dim=2)
+
+
+def bench_segment_attention(config, B, device, repeats=30, dtype=torch.float32):
+    """Median ms of forward + backward for each implementation, and the median of paired ratios."""
+    ends, end = [config.context_token], config.context_token
+    for pn in config.patch_nums:
+        end += pn * pn
+        ends.append(end)
+    shape = (B, config.num_heads, end, config.embed_dim // config.num_heads)
+    q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    grad = torch.randn(shape, device=device, dtype=dtype)
+
+    def timed(attend):
+        sync(device)
+        started = time.perf_counter()
+        attend(q, k, v, ends, 0.125).backward(grad)
+        sync(device)
+        return time.perf_counter() - started
+
+    for attend in (segmented_attention, sliced_attention):
+        timed(attend)  # warm-up
+    times = {"segmented": [], "sliced": []}
+    for i in range(repeats):
+        order = ("segmented", "sliced") if i % 2 else ("sliced", "segmented")
+        for name in order:
+            times[name].append(timed(segmented_attention if name == "segmented" else sliced_attention))
+    ratios = [a / b for a, b in zip(times["segmented"], times["sliced"])]
+    return {"segments": len(ends), "tokens": end, **{f"{k}_ms": 1e3 * statistics.median(v) for k, v in times.items()},
+            "ratio": statistics.median(ratios)}
+
+
 def run_cpu(args):
     device = torch.device("cpu")
     torch.set_num_threads(args.threads)
@@ -154,6 +199,9 @@ def run_cpu(args):
     gen = bench_generation(config, tok_cfg, args.batch, device, repeats=2)
     print(f"[cpu] generation, batch {args.batch}, cfg 4.5, 10 scales + 8 diffusion steps: "
           f"{gen['sample_s']:.3f} s sampling + {gen['decode_s']:.3f} s decode (ch=32 tokenizer)")
+    seg = bench_segment_attention(config, args.batch, device)
+    print(f"[cpu] segment attention fwd+bwd, batch {args.batch}, {seg['segments']} segments, {seg['tokens']} tokens: "
+          f"{seg['segmented_ms']:.1f} ms vs plain slices {seg['sliced_ms']:.1f} ms, paired ratio {seg['ratio']:.3f}")
 
 
 def run_gpu(args):
@@ -174,6 +222,9 @@ def run_gpu(args):
         gen = bench_generation(config, tok_cfg, 8, device, repeats=3, dtype=torch.bfloat16)
         print(f"[gpu {name}] hart-0.7b {res}px generation bf16, batch 8: {gen['sample_s']:.3f} s sampling + "
               f"{gen['decode_s']:.3f} s decode")
+        seg = bench_segment_attention(config, batch, device, dtype=torch.bfloat16)
+        print(f"[gpu {name}] hart-0.7b {res}px segment attention fwd+bwd bf16, batch {batch}: "
+              f"{seg['segmented_ms']:.2f} ms vs plain slices {seg['sliced_ms']:.2f} ms, paired ratio {seg['ratio']:.3f}")
         torch.cuda.empty_cache()
 
 

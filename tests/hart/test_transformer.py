@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from hart.config import TRANSFORMER_PRESETS, replace
 from hart.rope import apply_rope, hart_scale_coords, image_rope, text_positions
@@ -118,6 +119,35 @@ def test_segment_attention_equals_dense_mask():
         fast = attn(x, rope, segment_ends=ends)
         dense = attn(x, rope, attn_mask=allowed)
     torch.testing.assert_close(fast, dense, atol=1e-5, rtol=1e-5)
+
+
+def test_segment_attention_gradients_equal_plain_slicing():
+    """The summed prefix gradients are bit-identical to autograd over plain slices, and match the dense mask."""
+    from hart.attention import segmented_attention
+
+    ends = [16, 17, 21, 30, 46, 82, 105]  # text, then scales; the last segment is a subsampled one
+    q, k, v = (torch.randn(3, 4, ends[-1], 8, requires_grad=True) for _ in range(3))
+    grad_out = torch.randn(3, 4, ends[-1], 8)
+
+    def grads(attend):
+        q.grad = k.grad = v.grad = None
+        attend().backward(grad_out)
+        return [t.grad.clone() for t in (q, k, v)]
+
+    def sliced():
+        outs, start = [], 0
+        for end in ends:
+            outs.append(F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end], scale=0.3))
+            start = end
+        return torch.cat(outs, dim=2)
+
+    levels = torch.repeat_interleave(torch.arange(len(ends)), torch.tensor([ends[0], *torch.tensor(ends).diff()]))
+    allowed = levels[:, None] >= levels[None, :]
+    fast = grads(lambda: segmented_attention(q, k, v, ends, 0.3))
+    for name, a, b in zip("qkv", fast, grads(sliced)):
+        assert torch.equal(a, b), f"d{name} differs from plain slicing"
+    for a, b in zip(fast, grads(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=0.3))):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["tiny", "gpt2", "star-crossattn"])

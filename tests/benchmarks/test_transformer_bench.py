@@ -1,0 +1,24 @@
+"""benchmarks/transformer.py's segment-attention part, on the tiny preset: it also runs in the GPU
+part (bf16, hart-0.7b), which CI cannot run, so this keeps the shared code from rotting."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from hart.config import transformer_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_segment_attention_benchmark_times_both_implementations():
+    spec = importlib.util.spec_from_file_location("bench_transformer", REPO / "benchmarks" / "transformer.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    config = transformer_config("tiny")
+    result = bench.bench_segment_attention(config, 2, torch.device("cpu"), repeats=3)
+    assert result["segments"] == len(config.patch_nums) + 1  # the text, then one per scale
+    assert result["tokens"] == config.context_token + sum(p * p for p in config.patch_nums)
+    assert result["segmented_ms"] > 0 and result["sliced_ms"] > 0 and result["ratio"] > 0
