@@ -167,6 +167,30 @@ def cpu_seconds(pids: list[int], commands: dict[int, str]) -> dict[int, tuple[st
     return out
 
 
+class HostSteal:
+    """Share of the machine's CPU time that the hypervisor gave to other guests while the block ran
+    (`steal` in /proc/stat; None where there is no /proc/stat). On this shared VM it comes in spells
+    (47% for minutes, measured): a run inside one is slow for reasons that are not the code's."""
+
+    @staticmethod
+    def _read() -> list[int] | None:
+        try:
+            with open("/proc/stat") as stat:
+                return [int(v) for v in stat.readline().split()[1:]]
+        except OSError:
+            return None
+
+    def __enter__(self) -> "HostSteal":
+        self.start, self.share = self._read(), None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        end = self._read()
+        if self.start and end:
+            delta = [b - a for a, b in zip(self.start, end)]
+            self.share = delta[7] / max(1, sum(delta[:8]))  # user nice system idle iowait irq softirq steal
+
+
 class CpuSampler:
     """Samples the CPU seconds of this process tree (driver + the Ray processes it started) in a thread.
 
@@ -393,6 +417,10 @@ def p10(values: list[float]) -> float:
     return statistics.quantiles(values, n=10)[0]
 
 
+def steal_note(steal: HostSteal) -> str:
+    return "" if steal.share is None else f", host steal {100 * steal.share:.0f}%"
+
+
 def compare(args, cache: str, tokenizer: str, work: Path, threads: int) -> None:
     """bare, then `--rounds` x (Ray, bare) at `threads` torch threads; prints step times and ratios.
 
@@ -417,7 +445,8 @@ def compare(args, cache: str, tokenizer: str, work: Path, threads: int) -> None:
                          f"{every}-step means")
 
     def report_bare() -> tuple[float, float, float]:
-        steps, usage = bare_loop(config, cache, args.steps, args.warmup)
+        with HostSteal() as steal:
+            steps, usage = bare_loop(config, cache, args.steps, args.warmup)
         cpu = usage["user"] + usage["system"]
         times = windows(steps, every)
         bare_s = statistics.median(times)
@@ -425,19 +454,22 @@ def compare(args, cache: str, tokenizer: str, work: Path, threads: int) -> None:
               f"{statistics.mean(times) * 1e3:.1f}, p10 {p10(times) * 1e3:.1f}; per-step median "
               f"{statistics.median(steps) * 1e3:.1f}), {args.batch_size * tokens_per_image / bare_s:,.0f} tokens/s, "
               f"{args.batch_size / bare_s:.1f} images/s; CPU {cpu * 1e3:.0f} ms/step (user {usage['user'] * 1e3:.0f}, "
-              f"system {usage['system'] * 1e3:.0f}, {usage['faults']:.0f} minor faults) [load avg {os.getloadavg()[0]:.1f}]",
+              f"system {usage['system'] * 1e3:.0f}, {usage['faults']:.0f} minor faults) [load avg {os.getloadavg()[0]:.1f}"
+              f"{steal_note(steal)}]",
               flush=True)
         return bare_s, p10(times), cpu
 
     def report_ray(round_index: int) -> tuple[float, float, float]:
         round_config = replace(config, run=replace(config.run, name=f"{config.run.name}-r{round_index}"))  # fresh run
-        histories, wall, cpu = ray_job(round_config, args.warmup)
+        with HostSteal() as steal:
+            histories, wall, cpu = ray_job(round_config, args.warmup)
         ray_steps = histories["step_seconds"]
         ray_s = statistics.median(ray_steps)
         print(f"ray    {ray_s * 1e3:.1f} ms/step (median of {len(ray_steps)} {every}-step means; mean "
               f"{statistics.mean(ray_steps) * 1e3:.1f}, "
               f"p10 {p10(ray_steps) * 1e3:.1f}), {args.batch_size * tokens_per_image / ray_s:,.0f} tokens/s; job wall "
-              f"{wall:.1f} s for {args.steps + args.warmup} steps incl. start-up and checkpoint [load avg {os.getloadavg()[0]:.1f}]")
+              f"{wall:.1f} s for {args.steps + args.warmup} steps incl. start-up and checkpoint [load avg "
+              f"{os.getloadavg()[0]:.1f}{steal_note(steal)}]")
         sums = {name: sum(values) * 1e3 / len(values) for name, values in histories.items()}
         print("ray    means over the timed steps (ms/step): " + ", ".join(f"{name} {value:.1f}" for name, value in sums.items())
               + f"; rest {sums['step_seconds'] - sums['data_seconds'] - sums['compute_seconds'] - sums['ema_seconds']:.1f}")
