@@ -154,20 +154,27 @@ def sliced_attention(q_BHLd, k_BHLd, v_BHLd, ends, scale):
     return torch.cat(outs, dim=2)
 
 
-def bench_segment_attention(config, B, device, repeats=30, dtype=torch.float32):
-    """Median ms of forward + backward for each implementation, and the median of paired ratios."""
+def bench_segment_attention(config, B, device, repeats=30, autocast_dtype=None):
+    """Median ms of forward + backward for each implementation, and the median of paired ratios.
+
+    With `autocast_dtype` the call runs under autocast with q and k in fp32 and v in that dtype, as
+    a model with `attn_l2_norm` (hart-0.7b) hands them over; without it everything is fp32.
+    """
     ends, end = [config.context_token], config.context_token
     for pn in config.patch_nums:
         end += pn * pn
         ends.append(end)
     shape = (B, config.num_heads, end, config.embed_dim // config.num_heads)
-    q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
-    grad = torch.randn(shape, device=device, dtype=dtype)
+    q, k = (torch.randn(shape, device=device, requires_grad=True) for _ in range(2))
+    v = torch.randn(shape, device=device, dtype=autocast_dtype or torch.float32, requires_grad=True)
+    grad = torch.randn(shape, device=device, dtype=autocast_dtype or torch.float32)
 
     def timed(attend):
         sync(device)
         started = time.perf_counter()
-        attend(q, k, v, ends, 0.125).backward(grad)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            out = attend(q, k, v, ends, 0.125)
+        out.backward(grad)
         sync(device)
         return time.perf_counter() - started
 
@@ -199,9 +206,11 @@ def run_cpu(args):
     gen = bench_generation(config, tok_cfg, args.batch, device, repeats=2)
     print(f"[cpu] generation, batch {args.batch}, cfg 4.5, 10 scales + 8 diffusion steps: "
           f"{gen['sample_s']:.3f} s sampling + {gen['decode_s']:.3f} s decode (ch=32 tokenizer)")
-    seg = bench_segment_attention(config, args.batch, device)
-    print(f"[cpu] segment attention fwd+bwd, batch {args.batch}, {seg['segments']} segments, {seg['tokens']} tokens: "
-          f"{seg['segmented_ms']:.1f} ms vs plain slices {seg['sliced_ms']:.1f} ms, paired ratio {seg['ratio']:.3f}")
+    for autocast_dtype in (None, torch.bfloat16):
+        seg = bench_segment_attention(config, args.batch, device, autocast_dtype=autocast_dtype)
+        print(f"[cpu] segment attention fwd+bwd ({'bf16 autocast, q/k fp32' if autocast_dtype else 'fp32'}), batch "
+              f"{args.batch}, {seg['segments']} segments, {seg['tokens']} tokens: {seg['segmented_ms']:.1f} ms vs plain "
+              f"slices {seg['sliced_ms']:.1f} ms, paired ratio {seg['ratio']:.3f}")
 
 
 def run_gpu(args):
@@ -222,8 +231,8 @@ def run_gpu(args):
         gen = bench_generation(config, tok_cfg, 8, device, repeats=3, dtype=torch.bfloat16)
         print(f"[gpu {name}] hart-0.7b {res}px generation bf16, batch 8: {gen['sample_s']:.3f} s sampling + "
               f"{gen['decode_s']:.3f} s decode")
-        seg = bench_segment_attention(config, batch, device, dtype=torch.bfloat16)
-        print(f"[gpu {name}] hart-0.7b {res}px segment attention fwd+bwd bf16, batch {batch}: "
+        seg = bench_segment_attention(config, batch, device, autocast_dtype=torch.bfloat16)
+        print(f"[gpu {name}] hart-0.7b {res}px segment attention fwd+bwd (bf16 autocast, q/k fp32), batch {batch}: "
               f"{seg['segmented_ms']:.2f} ms vs plain slices {seg['sliced_ms']:.2f} ms, paired ratio {seg['ratio']:.3f}")
         torch.cuda.empty_cache()
 

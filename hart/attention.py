@@ -31,28 +31,30 @@ from hart.rope import apply_rope
 
 
 class _Prefixes(torch.autograd.Function):
-    """Views x[:, :, :end] for each end, with one gradient buffer in backward.
+    """Views x.to(dtype)[:, :, :end] for each end, with one gradient buffer in backward.
 
     Plain slicing is correct but slow in backward: each slice's gradient is a zero-filled tensor
     of x's full size, and autograd adds the n of them together (n fills + n full-size adds: a
     quarter of the attention's forward + backward time at 11 segments, measured on CPU). Here the
-    prefix gradients are added in place into one buffer, each only over its own prefix. They are
-    added last segment first, the order autograd's engine uses for the slices, so the sums are
-    bit-identical to plain slicing (tests/hart/test_transformer.py checks).
+    prefix gradients are added in place into one buffer of x's dtype, each only over its own
+    prefix. They are added last segment first, the order autograd's engine uses for the slices, so
+    the sums are bit-identical to plain slicing (tests/hart/test_transformer.py checks). The cast
+    to `dtype` (the autocast dtype SDPA would cast each prefix to) also happens once, not per segment.
     """
 
     @staticmethod
-    def forward(ctx, x_BHLd: torch.Tensor, ends: list[int]):
-        ctx.ends, ctx.shape = ends, x_BHLd.shape
-        return tuple(x_BHLd[:, :, :end] for end in ends)
+    def forward(ctx, x_BHLd: torch.Tensor, ends: list[int], dtype: torch.dtype):
+        ctx.ends, ctx.shape, ctx.dtype = ends, x_BHLd.shape, x_BHLd.dtype
+        cast_BHLd = x_BHLd.to(dtype)
+        return tuple(cast_BHLd[:, :, :end] for end in ends)
 
     @staticmethod
     def backward(ctx, *grads):
-        grad_BHLd = grads[0].new_zeros(ctx.shape)
+        grad_BHLd = grads[0].new_zeros(ctx.shape, dtype=ctx.dtype)
         for end, grad in reversed(list(zip(ctx.ends, grads))):
             if grad is not None:
                 grad_BHLd[:, :, :end].add_(grad)  # not `+=`: that also copies the slice back onto itself
-        return grad_BHLd, None
+        return grad_BHLd, None, None
 
 
 @torch.compiler.disable
@@ -66,9 +68,13 @@ def segmented_attention(q_BHLd, k_BHLd, v_BHLd, ends: list[int], scale: float) -
     dynamic in L, and inductor (torch 2.13, CPU) then fixed the strides of these slices at their
     first values and failed in backward ("expected stride ... at dim=0") once L changed.
     """
+    # Under autocast SDPA casts its inputs to the autocast dtype (with attn_l2_norm q and k arrive in
+    # fp32, v in bf16): cast each tensor once here, not once per segment and key prefix.
+    device = q_BHLd.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else q_BHLd.dtype
     sizes = [end - start for start, end in zip([0, *ends[:-1]], ends)]
-    queries = q_BHLd.split(sizes, dim=2)
-    keys, values = _Prefixes.apply(k_BHLd, ends), _Prefixes.apply(v_BHLd, ends)
+    queries = q_BHLd.to(dtype).split(sizes, dim=2)
+    keys, values = _Prefixes.apply(k_BHLd, ends, dtype), _Prefixes.apply(v_BHLd, ends, dtype)
     outs = [F.scaled_dot_product_attention(q, k, v, scale=scale) for q, k, v in zip(queries, keys, values)]
     return torch.cat(outs, dim=2)
 

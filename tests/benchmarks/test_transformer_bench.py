@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 from hart.config import transformer_config
@@ -13,12 +14,13 @@ from hart.config import transformer_config
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_segment_attention_benchmark_times_both_implementations():
+@pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16])
+def test_segment_attention_benchmark_times_both_implementations(autocast_dtype):
     spec = importlib.util.spec_from_file_location("bench_transformer", REPO / "benchmarks" / "transformer.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     config = transformer_config("tiny")
-    result = bench.bench_segment_attention(config, 2, torch.device("cpu"), repeats=3)
+    result = bench.bench_segment_attention(config, 2, torch.device("cpu"), repeats=3, autocast_dtype=autocast_dtype)
     assert result["segments"] == len(config.patch_nums) + 1  # the text, then one per scale
     assert result["tokens"] == config.context_token + sum(p * p for p in config.patch_nums)
     assert result["segmented_ms"] > 0 and result["sliced_ms"] > 0 and result["ratio"] > 0
