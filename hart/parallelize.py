@@ -1,4 +1,5 @@
-"""Applying parallelism to a built model from the outside: activation checkpointing, compile, DDP/FSDP2.
+"""Applying parallelism to a built model from the outside: memory format, activation checkpointing, compile,
+DDP/FSDP2.
 
 Design: the only module in `hart/` that touches `torch.distributed`. Model files stay
 single-device; a job builds the model, then calls `parallelize(model, config, device)`.
@@ -37,10 +38,17 @@ class ParallelConfig:
     activation_checkpointing: bool = False  # recompute each block in backward
     compile: bool = False  # torch.compile each block (and the root when there are no blocks)
     find_unused_parameters: bool = False  # DDP: needed when a stage leaves params out of the loss
+    # Conv weights (4-D parameters) in torch.channels_last: the convolutions then run without layout
+    # reorders (demo tokenizer step on CPU: 0.78x the time, BENCHMARKS.md). Changes the conv
+    # algorithms, so losses match NCHW to ~1e-7, not bit for bit. Checkpoints are written contiguous.
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"parallel.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.channels_last and self.strategy == "fsdp":
+            raise ValueError("parallel.channels_last is not supported with parallel.strategy='fsdp' (untested "
+                             "with sharded conv weights); use ddp for the tokenizer")
 
 
 def distributed_ready() -> bool:
@@ -115,6 +123,8 @@ def parallelize(model: nn.Module, config: ParallelConfig, device: torch.device) 
     wrapper adds a `module.` prefix to the keys; FSDP2 shards in place and keeps them.
     """
     model.to(device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
     if config.activation_checkpointing:
         apply_activation_checkpointing(model)
     if config.compile:
@@ -196,10 +206,24 @@ def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer
 def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
     if not is_sharded(model):
         optimizer.load_state_dict(state)
+        match_state_layout(optimizer)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def match_state_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give loaded per-parameter state (AdamW's moments) its parameter's memory layout.
+
+    Checkpoints hold contiguous tensors and `Optimizer.load_state_dict` keeps that layout, so with
+    channels-last parameters the moments would come back NCHW: correct, but every update would then
+    mix layouts (slower; fused kernels expect one). Values are unchanged.
+    """
+    for param, param_state in optimizer.state.items():
+        for key, value in param_state.items():
+            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                param_state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def all_reduce_mean(value: float, device: torch.device) -> float:
@@ -231,6 +255,6 @@ def broadcast_from_rank0(tensors: list[torch.Tensor]) -> None:
 __all__ = [
     "ParallelConfig", "parallelize", "full_state_dict", "load_full_state_dict", "is_sharded", "full_tensors",
     "shard_like", "full_optimizer_state_dict", "load_full_optimizer_state_dict",
-    "apply_activation_checkpointing", "apply_compile", "check_compile_toolchain", "all_reduce_mean", "barrier", "broadcast_from_rank0", "world_size",
+    "apply_activation_checkpointing", "apply_compile", "match_state_layout", "check_compile_toolchain", "all_reduce_mean", "barrier", "broadcast_from_rank0", "world_size",
     "distributed_ready",
 ]

@@ -293,7 +293,9 @@ def run(config: DemoConfig) -> dict:
             common = {"model.tokenizer": DEMO_TOKENIZER, "data.shards": [f"{root}/shapes/shard-*.tar"],
                       "data.batch_size": config.tokenizer_batch_size, "run.seed": config.seed,
                       "optim.lr": config.tokenizer_lr, "optim.clip_grad_norm": 0.0, "optim.weight_decay": 0.0,
-                      "objective.l1_weight": 0.0, "objective.l2_weight": 1.0}
+                      "objective.l1_weight": 0.0, "objective.l2_weight": 1.0,
+                      # conv weights in channels_last: 0.78x the step time on this CPU (BENCHMARKS.md)
+                      "parallel.channels_last": True}
             full_export = workdir / "export-full" if config.tokenizer_hybrid_steps else export
             runs["tokenizer_full"] = train_stage(
                 "tokenizer", f"demo-{tag}-tokenizer-full", root, tracking_uri, endpoint, full_export,

@@ -43,7 +43,7 @@ from hart.checkpoint import load_rng_state, load_training_state, save_rng_state,
 from hart.config import config_from_dict
 from hart.parallelize import (
     full_optimizer_state_dict, full_state_dict, full_tensors, load_full_optimizer_state_dict, load_full_state_dict,
-    parallelize, shard_like,
+    match_state_layout, parallelize, shard_like,
 )
 from hart.training import ExponentialMovingAverage, build_optimizer, build_scheduler, restore_scheduler
 from jobs import tracking
@@ -337,6 +337,7 @@ def restore(directory, stage: Stage, optimizer, scheduler, disc_optimizer, ema, 
     if stage.discriminator is not None and "discriminator" in state.extra:
         stage.discriminator.load_state_dict(state.extra["discriminator"])
         disc_optimizer.load_state_dict(state.extra_optimizers["discriminator"])
+        match_state_layout(disc_optimizer)
     load_rng_state(directory, rank)
     return state.step, int(state.meta["data_epoch"])
 

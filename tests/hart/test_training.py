@@ -248,6 +248,59 @@ def test_parallelize_without_process_group_is_plain():
         ParallelConfig(strategy="tp")
 
 
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv_in = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv_out = nn.Conv2d(8, 3, 3, padding=1)
+
+    def forward(self, x_B3HW):
+        return self.conv_out(torch.nn.functional.silu(self.conv_in(x_B3HW)))
+
+
+def mse_loss(model, batch):
+    loss = nn.functional.mse_loss(model(batch["x"]), batch["x"])
+    return {"loss": loss}
+
+
+def test_channels_last_trains_like_nchw_and_resumes_in_its_layout(tmp_path):
+    """parallel.channels_last: conv weights in channels_last, a step close to NCHW's, and a resumed run
+    that continues exactly, with AdamW's moments back in the parameters' layout (checkpoints are contiguous)."""
+    from hart.parallelize import load_full_optimizer_state_dict
+
+    torch.manual_seed(0)
+    plain = ConvNet()
+    fast = copy.deepcopy(plain)
+    parallelize(fast, ParallelConfig(strategy="none", channels_last=True), torch.device("cpu"))
+    assert fast.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not fast.conv_in.weight.is_contiguous()
+    config = OptimizerConfig(lr=1e-2, warmup_steps=0)
+    batches = [{"x": torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(i))} for i in range(6)]
+    runs = {}
+    for name, model in (("plain", plain), ("fast", fast)):
+        optimizer = build_optimizer(model, config)
+        runs[name] = (optimizer, [train_step(model, mse_loss, [b], optimizer, step=i)["loss"] for i, b in enumerate(batches[:3])])
+    torch.testing.assert_close(runs["fast"][1], runs["plain"][1], rtol=1e-5, atol=1e-6)
+
+    optimizer = runs["fast"][0]
+    save_training_state(tmp_path / "ckpt", meta={"step": 3, "data_epoch": 0}, model=full_state_dict(fast),
+                        ema=None, optimizer=optimizer.state_dict(), scheduler={}, extra={}, extra_optimizers={})
+    state = load_training_state(tmp_path / "ckpt")
+    restored = ConvNet()
+    parallelize(restored, ParallelConfig(strategy="none", channels_last=True), torch.device("cpu"))
+    restored.load_state_dict(state.model)
+    restored_optimizer = build_optimizer(restored, config)
+    load_full_optimizer_state_dict(restored, restored_optimizer, state.optimizer)
+    moments = restored_optimizer.state[restored.conv_in.weight]["exp_avg"]
+    assert moments.stride() == restored.conv_in.weight.stride()
+    for i, b in enumerate(batches[3:], start=3):
+        a = train_step(fast, mse_loss, [b], optimizer, step=i)["loss"]
+        c = train_step(restored, mse_loss, [b], restored_optimizer, step=i)["loss"]
+        assert a == c
+    with pytest.raises(ValueError, match="channels_last"):
+        ParallelConfig(strategy="fsdp", channels_last=True)
+
+
 def test_compile_on_cpu_without_a_compiler_is_a_clear_error(monkeypatch):
     import torch._inductor.config as inductor_config
     from torch._inductor.cpp_builder import cpp_compiler_search
