@@ -10,30 +10,38 @@ What it measures (nothing is estimated unless labelled):
    `jobs/configs/train_tiny.yaml`, one checkpoint at the end). Same torch threads in both
    (`scaling.torch_threads` on the worker), compared at each count of `--threads` (default: all
    cores, then 1: on a 2-core machine a 1-thread trainer leaves a core to Ray Data and Ray's own
-   processes, a 2-thread one shares both with them). Same scheduling priority
-   too: Ray starts workers at niceness +15 by default, so the Ray instance started here gets
+   processes, a 2-thread one shares both with them). Same scheduling priority too: Ray starts
+   workers at niceness +15 by default, so the Ray instance started here gets
    `RAY_worker_niceness=0` (`--ray-worker-niceness 15` measures Ray's default).
    The per-step time is the worker's own `step_seconds` metric: the loop's period, with data wait,
    EMA and logging included; `data_seconds` / `compute_seconds` / `ema_seconds` split it. The worker
    logs means over `run.log_every`-step windows (5 in train_tiny.yaml), so the bare loop's per-step
-   periods are averaged over the same windows and both sides report the median window. The ratio
-   ray/bare is the wrapper's steady-state overhead (goal <= 1.10): bare, then `--rounds` times
-   (Ray, bare), each Ray run divided by the mean of the bare runs on either side; the median
-   of those per-round ratios is the headline. CPU accounting (Linux /proc,
-   the driver and every process it started, over the timed steps) gives CPU seconds per step of the
-   train worker (user / system, and its minor page faults, to compare with the bare loop's) and of
-   everything else (Ray daemons and actors, Ray Data, MLflow): where the
-   extra time goes (it grows under contention too: waiting OpenMP threads spin). Besides medians,
-   the 10th percentile of step times (p10) is printed: on a shared machine it is the least
-   disturbed figure. The job's wall time, including Ray start-up, dataset planning and the
-   checkpoint, is printed too.
+   periods are averaged over the same windows. The ratio ray/bare is the wrapper's steady-state
+   overhead (goal <= 1.10), measured one of two ways:
+   - `--mode interleave` (default): the Ray job and the bare loop (a child process) run in the same
+     minutes and take turns of `--block-seconds` (4 s), the side not running frozen
+     (`benchmarks/turns.py`); only windows wholly inside one of their side's turns count. Headline:
+     the median over Ray turns of (turn's median window / mean of the bare turns just before and
+     after it). Below all cores, the bare loop and the Ray train worker process are pinned to the
+     same core(s) (`--no-pin` to not): this VM's two vCPUs differ in speed by 3-6%, measured.
+     Why: the host's speed drifts 10-30% over minutes, and eleven sessions of whole-run
+     comparisons put this ratio anywhere from 0.88 to 1.41.
+   - `--mode rounds`: bare, then `--rounds` times (Ray, bare) as whole runs, each Ray run divided by
+     the mean of the bare runs on either side, the median of those ratios the headline; with CPU
+     accounting (Linux /proc, the driver and every process it started, over the timed steps): CPU
+     seconds per step of the train worker (user / system, minor page faults) and of everything else
+     (Ray daemons and actors, Ray Data, MLflow). The job's wall time, including Ray start-up,
+     dataset planning and the checkpoint, is printed too.
+   Besides medians, the 10th percentile of step times (p10) is printed: on a shared machine it is
+   the least disturbed figure.
 3. `gpu` (only with CUDA): hart-0.7b at 256 and 512 px (`MFU_RUNS`: batch sizes, activation
    checkpointing, `parallel.compile`), bf16 autocast, random tokens, the worker's step + EMA.
    Model FLOPs utilisation = FLOPs counted by `FlopCounterMode` over a real forward + backward /
    step time / the device's dense bf16 peak. Needs no Ray (`--gpu-only`); without a GPU it prints
    "skipped" (`--mfu-preset tiny --mfu-device cpu` runs the same code on the CPU, as a check).
 
-Run:  python benchmarks/train.py [--steps 30] [--warmup 5] [--threads 2,1] [--rounds 3] [--cache DIR --tokenizer DIR]
+Run:  python benchmarks/train.py [--steps 600] [--warmup 5] [--threads 2,1] [--cache DIR --tokenizer DIR]
+      python benchmarks/train.py --mode rounds [--steps 30] [--rounds 3]
       python benchmarks/train.py --gpu-only [--gpu-steps 10]
 Without --cache a small shapes corpus and cache are made first (precompute pipeline, ~30 s;
 `--num-samples`, 1024 by default: 64 steps per epoch at batch 16. The Ray loop pays its data-stream
@@ -49,6 +57,7 @@ import resource
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -57,6 +66,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from benchmarks.turns import Turns, paired_ratios, pin_threads, process_tree, windows_in_turns  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks
 
@@ -80,11 +91,14 @@ def make_assets(root: Path, num_samples: int) -> tuple[str, str]:
 
 
 def train_config(args, cache: str, tokenizer: str, work: Path):
+    """The Ray job's config (also the bare loop's): `--warmup` + `--steps` steps, one checkpoint at the end."""
     from jobs.train_config import load_train_config
+
+    total = args.warmup + args.steps
 
     return load_train_config(str(REPO / "jobs/configs/train_tiny.yaml"), args.stage, [
         f"run.name=bench-{args.stage}-{int(time.time())}", f"run.storage_path={work / 'storage'}",
-        f"run.max_steps={args.steps}", f"run.checkpoint_every={args.steps}",
+        f"run.max_steps={total}", f"run.checkpoint_every={total}",
         f"data.cache={cache}", f"model.tokenizer_checkpoint={tokenizer}", f"data.batch_size={args.batch_size}",
         f"tracking.tracking_uri=sqlite:///{work / 'mlflow.db'}", "tracking.sample_every=0", "run.export=false",
         "precision=fp32", f"scaling.torch_threads={args.threads}",  # same threads as the bare loop
@@ -92,9 +106,9 @@ def train_config(args, cache: str, tokenizer: str, work: Path):
     ])
 
 
-def bare_loop(config, cache: str, steps: int, warmup: int) -> tuple[list[float], dict[str, float]]:
+def bare_loop(config, cache: str, steps: int, warmup: int, on_step=None) -> tuple[list[float], dict[str, float]]:
     """Step periods (s) of the worker's step (`optimizer_step` + EMA update) over in-memory batches, and this
-    process's user and system CPU seconds and minor page faults per step."""
+    process's user and system CPU seconds and minor page faults per step. `on_step()` runs after every step."""
     from hart.parallelize import parallelize
     from hart.training import ExponentialMovingAverage, build_optimizer, build_scheduler
     from jobs.stages import build_stage, optimizer_step
@@ -126,29 +140,12 @@ def bare_loop(config, cache: str, steps: int, warmup: int) -> tuple[list[float],
         now = time.perf_counter()
         times.append(now - last)
         last = now
+        if on_step is not None:
+            on_step()
     ended = resource.getrusage(resource.RUSAGE_SELF)
     return times[warmup:], {"user": (ended.ru_utime - started.ru_utime) / steps,
                             "system": (ended.ru_stime - started.ru_stime) / steps,
                             "faults": (ended.ru_minflt - started.ru_minflt) / steps}
-
-
-def process_tree(root: int) -> list[int]:
-    """`root` and all its descendants (Linux /proc)."""
-    children: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-            children.setdefault(parent, []).append(int(name))
-    out, stack = [], [root]
-    while stack:
-        pid = stack.pop()
-        out.append(pid)
-        stack.extend(children.get(pid, []))
-    return out
 
 
 def cpu_seconds(pids: list[int], commands: dict[int, str]) -> dict[int, tuple[str, float, float, int]]:
@@ -432,9 +429,7 @@ def compare(args, cache: str, tokenizer: str, work: Path, threads: int) -> None:
 
     torch.set_num_threads(threads)
     args.threads = threads
-    args.steps += args.warmup  # the Ray job runs warm-up + timed steps too
     config = train_config(args, cache, tokenizer, work)
-    args.steps -= args.warmup
     tokens_per_image = transformer_config(config.model.transformer).num_image_tokens()
     print(f"--- {args.stage} tiny CPU bs{args.batch_size}, {threads} torch thread(s) in the bare loop and the Ray worker, "
           f"Ray worker niceness {os.environ['RAY_worker_niceness']}, {args.rounds} round(s)", flush=True)
@@ -498,10 +493,160 @@ def compare(args, cache: str, tokenizer: str, work: Path, threads: int) -> None:
           flush=True)
 
 
+def bare_child(args) -> None:
+    """`--bare-child FILE`: the bare loop without end, each step's end (wall clock) appended to FILE; the
+    interleaved comparison freezes, resumes and finally kills this process."""
+    torch.set_num_threads(args.threads_child)
+    args.threads = args.threads_child
+    config = train_config(args, args.cache, args.tokenizer, Path(tempfile.mkdtemp(prefix="hart-bench-bare-")))
+    with open(args.bare_child, "w", buffering=1) as stamps:
+        bare_loop(config, args.cache, 10**9, 0, on_step=lambda: stamps.write(f"{time.time():.6f}\n"))
+
+
+def pin_train_worker(root: int, cpus: set[int], pinned: dict[int, int], stop: threading.Event) -> None:
+    """Pin the Ray train worker process under `root` to `cpus`, all its threads, re-applied every 0.5 s
+    until `stop` (a thread started before a pass keeps its old mask otherwise); `pinned` gets
+    {pid: most threads pinned in one pass}."""
+    workers: list[int] = []
+    while not stop.wait(0.5):
+        if not workers:  # a pooled Ray worker is renamed when it becomes the train worker actor
+            commands: dict[int, str] = {}
+            cpu_seconds(process_tree(root), commands)
+            workers = [pid for pid, command in commands.items() if "RayTrainWorker" in command]
+        for pid in workers:
+            pinned[pid] = max(pinned.get(pid, 0), pin_threads(pid, cpus))
+
+
+def ray_windows_in_turns(turns: Turns, histories: dict, warmup: int, every: int):
+    """The worker's logged `every`-step windows after `warmup` that lie wholly inside one Ray turn (between
+    two log timestamps): ({turn: [step_seconds]}, [the same windows from the log timestamps], {metric:
+    mean ms over them})."""
+    history = histories["step_seconds"]
+    by_turn: dict[int, list[float]] = {}
+    by_log_time, counted = [], set()
+    for previous, current in zip(history, history[1:]):
+        if previous.step < warmup or current.step - previous.step != every:
+            continue
+        turn = turns.inside("ray", previous.timestamp / 1e3, current.timestamp / 1e3)
+        if turn is not None:
+            by_turn.setdefault(turn, []).append(current.value)
+            by_log_time.append((current.timestamp - previous.timestamp) / 1e3 / every)
+            counted.add(current.step)
+    split = {name: statistics.mean(m.value for m in values if m.step in counted) * 1e3
+             for name, values in histories.items()} if counted else {}
+    return by_turn, by_log_time, split
+
+
+def interleave(args, cache: str, tokenizer: str, work: Path, threads: int) -> float:
+    """The Ray job and the bare loop (a child process) in the same minutes, taking turns of
+    `--block-seconds` (benchmarks/turns.py: the side not running is frozen). Ray windows are the worker's
+    logged `run.log_every`-step means whose whole span (between two log timestamps) lies inside one Ray
+    turn; bare windows are as many steps wholly inside one bare turn. Headline: the median, over Ray
+    turns, of the turn's median window over the mean of the bare turns just before and after it; the
+    ratio of the two sides' pooled medians is printed beside it. Returns the headline."""
+    import subprocess
+
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    from hart.config import transformer_config
+    from jobs import tracking
+    from jobs.train import run_training
+
+    torch.set_num_threads(threads)
+    args.threads = threads
+    config = train_config(args, cache, tokenizer, work)
+    every = config.run.log_every
+    tokens_per_image = transformer_config(config.model.transformer).num_image_tokens()
+    print(f"--- {args.stage} tiny CPU bs{args.batch_size}, {threads} torch thread(s) in the bare loop and the Ray worker, "
+          f"Ray worker niceness {os.environ['RAY_worker_niceness']}, interleaved turns of {args.block_seconds:g} s, "
+          f"{args.warmup} + {args.steps} Ray steps", flush=True)
+    stamps_path = work / f"bare-stamps-{threads}-{int(time.time())}.txt"
+    # Below all cores, both loops get the same core: the vCPUs of this VM differ in speed (turns.py).
+    cores = os.cpu_count() or 1
+    pin = {cores - 1 - i for i in range(threads)} if args.pin and threads < cores else None
+    child = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--bare-child", str(stamps_path),
+                              "--threads-child", str(threads), "--cache", cache, "--tokenizer", tokenizer,
+                              "--stage", args.stage, "--batch-size", str(args.batch_size),
+                              "--steps", str(args.steps), "--warmup", str(args.warmup)],
+                             preexec_fn=(lambda: os.sched_setaffinity(0, pin)) if pin else None)
+
+    def stamps() -> list[float]:
+        return [float(line) for line in stamps_path.read_text().split()] if stamps_path.exists() else []
+
+    deadline = time.time() + 600
+    while len(stamps()) < args.warmup:  # the bare side warms up alone, then waits frozen for its turns
+        if child.poll() is not None or time.time() > deadline:
+            raise SystemExit(f"the bare-loop child exited with {child.returncode} before {args.warmup} steps")
+        time.sleep(0.2)
+    me = os.getpid()
+    sides = {"ray": lambda: [p for p in process_tree(me) if p != me and p not in set(process_tree(child.pid))],
+             "bare": lambda: process_tree(child.pid)}
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    config = replace(config, run=replace(config.run, name=f"{config.run.name}-interleaved-{threads}"))
+    pinned: dict[int, int] = {}
+    stop_pinning = threading.Event()
+    pinner = threading.Thread(target=pin_train_worker, args=(me, pin, pinned, stop_pinning), daemon=True)
+    if pin:
+        pinner.start()
+    try:
+        with HostSteal() as steal, Turns(sides, args.block_seconds) as turns:
+            turns.start("ray")
+            outcome = run_training(config)
+            turns.stop()
+    finally:
+        stop_pinning.set()
+        child.kill()
+        child.wait()
+    if pin:
+        pinner.join()
+        if not pinned:
+            raise SystemExit("found no Ray train worker process to pin")
+    client = MlflowClient(tracking_uri=tracking.resolve_tracking_uri(config.tracking.tracking_uri))
+    histories = {name: sorted(client.get_metric_history(outcome["run_id"], name), key=lambda m: m.step)
+                 for name in BREAKDOWN}
+    ray_by_turn, by_log_time, split = ray_windows_in_turns(turns, histories, args.warmup, every)
+    bare_by_turn = windows_in_turns(turns, "bare", stamps(), every)
+    ray_windows = [v for values in ray_by_turn.values() for v in values]
+    bare_windows = [v for values in bare_by_turn.values() for v in values]
+    counts = {side: sum(turn.side == side for turn in turns.turns) for side in ("ray", "bare")}
+    if len(ray_windows) < 3 or len(bare_windows) < 3:
+        raise SystemExit(f"too few windows inside turns (ray {len(ray_windows)}, bare {len(bare_windows)}): "
+                         f"raise --steps or --block-seconds")
+    ray_s, bare_s = statistics.median(ray_windows), statistics.median(bare_windows)
+    print(f"ray    {ray_s * 1e3:.1f} ms/step (median of {len(ray_windows)} {every}-step means inside {len(ray_by_turn)} of "
+          f"its {counts['ray']} turns; from the log timestamps {statistics.median(by_log_time) * 1e3:.1f}; p10 "
+          f"{p10(ray_windows) * 1e3:.1f}), {args.batch_size * tokens_per_image / ray_s:,.0f} tokens/s, "
+          f"{args.batch_size / ray_s:.1f} images/s", flush=True)
+    print("ray    means over the counted windows (ms/step): " + ", ".join(f"{k} {v:.1f}" for k, v in split.items())
+          + f"; rest {split['step_seconds'] - split['data_seconds'] - split['compute_seconds'] - split['ema_seconds']:.1f}")
+    print(f"bare   {bare_s * 1e3:.1f} ms/step (median of {len(bare_windows)} {every}-step means inside {len(bare_by_turn)} of "
+          f"its {counts['bare']} turns; p10 {p10(bare_windows) * 1e3:.1f}), "
+          f"{args.batch_size * tokens_per_image / bare_s:,.0f} tokens/s, {args.batch_size / bare_s:.1f} images/s", flush=True)
+    if pin:
+        print(f"both loops pinned to CPU {sorted(pin)} (bare loop process; Ray train worker process, "
+              f"{max(pinned.values())} threads); Ray's other processes unpinned", flush=True)
+    paired = paired_ratios(ray_by_turn, bare_by_turn, a_first=True)
+    quartiles = statistics.quantiles(paired, n=4) if len(paired) > 1 else [paired[0]] * 3
+    headline = statistics.median(paired)
+    print(f"overhead ray/bare per step ({threads} thread(s), interleaved): {headline:.3f} (median over {len(paired)} Ray "
+          f"turns of turn / bare turns around it; quartiles {quartiles[0]:.3f}-{quartiles[2]:.3f}) (goal <= 1.10); "
+          f"pooled medians {ray_s / bare_s:.3f}, p10 {p10(ray_windows) / p10(bare_windows):.3f} [load avg "
+          f"{os.getloadavg()[0]:.1f}{steal_note(steal)}]", flush=True)
+    return headline
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stage", default="joint", choices=("ar", "diffusion", "joint"))
-    parser.add_argument("--steps", type=int, default=30, help="timed steps")
+    parser.add_argument("--mode", default="interleave", choices=("interleave", "rounds"),
+                        help="interleave: Ray and bare loop take turns of --block-seconds in the same minutes "
+                             "(benchmarks/turns.py); rounds: whole Ray runs between bare runs, with CPU accounting")
+    parser.add_argument("--steps", type=int, help="timed steps (default: 600 interleaved, 30 per run in rounds)")
+    parser.add_argument("--block-seconds", type=float, default=4.0, help="length of one turn (interleave)")
+    parser.add_argument("--no-pin", dest="pin", action="store_false",
+                        help="interleave below all cores: do not pin both loops to the same core(s)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed first steps")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--num-samples", type=int, default=1024,
@@ -524,7 +669,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mfu-preset", default="hart-0.7b",
                         help="transformer preset of the `gpu` part (`tiny` with --mfu-device cpu checks the code)")
     parser.add_argument("--mfu-device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--bare-child", help=argparse.SUPPRESS)  # internal: the interleaved bare loop's stamp file
+    parser.add_argument("--threads-child", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.steps is None:
+        args.steps = 600 if args.mode == "interleave" else 30
+    if args.bare_child:
+        bare_child(args)
+        return
     if args.gpu_only:
         gpu_mfu(args.gpu_steps, 3, args.mfu_preset, args.mfu_device)
         return
@@ -544,7 +696,7 @@ def main(argv: list[str] | None = None) -> None:
         cache, tokenizer = make_assets(work, args.num_samples)
     print(f"cache {cache} tokenizer {tokenizer}", flush=True)
     for threads in [int(t) for t in args.threads.split(",")]:
-        compare(args, cache, tokenizer, work, threads)
+        (interleave if args.mode == "interleave" else compare)(args, cache, tokenizer, work, threads)
     gpu_mfu(args.gpu_steps, 3, args.mfu_preset, args.mfu_device)
 
 
