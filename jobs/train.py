@@ -50,7 +50,7 @@ from jobs import tracking
 from jobs.stages import Stage, build_stage, log_samples, optimizer_step, throughput
 from jobs.train_config import TrainRunConfig, load_train_config
 from jobs.train_data import (
-    CacheCollate, TextFeatures, cache_dataset, check_cache, check_text_encoder, image_dataset, images_collate,
+    CacheCollate, ImagesCollate, TextFeatures, cache_dataset, check_cache, check_text_encoder, image_dataset,
     list_image_shards,
 )
 
@@ -270,7 +270,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         print(f"[train] rank {rank}: resumed at step {step}, data epoch {data_epoch}")
     logger = tracking.RunLogger(loop_config["tracking_uri"], loop_config["run_id"], enabled=rank == 0)
     shard = ray.train.get_dataset_shard("train")  # [ray]
-    collate = images_collate if config.stage == "tokenizer" else CacheCollate(manifest)
+    collate = ImagesCollate() if config.stage == "tokenizer" else CacheCollate(manifest)
     accumulation, batch_size = config.data.grad_accumulation, config.data.batch_size
     generator = torch.Generator(device=device)
     sample_batch = None

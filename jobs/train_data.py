@@ -21,7 +21,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
+from ray.data.collate_fn import ArrowBatchCollateFn, NumpyBatchCollateFn
 
 from jobs.train_config import TrainRunConfig, model_configs
 
@@ -175,16 +177,31 @@ def images_collate(batch: dict[str, np.ndarray]) -> dict[str, Any]:
     return {"images": images, "caption": [str(c) for c in batch["caption"]]}
 
 
-class CacheCollate:
-    """`iter_torch_batches(collate_fn=...)`: cache rows -> tokens per scale, residual, text."""
+# `iter_torch_batches(collate_fn=...)` takes these classes: Ray hands a NumpyBatchCollateFn numpy
+# batches and an ArrowBatchCollateFn the pyarrow table itself (a plain function is deprecated).
+
+
+class ImagesCollate(NumpyBatchCollateFn):
+    """Image shard rows -> `images_collate`."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        return images_collate(batch)
+
+
+class CacheCollate(ArrowBatchCollateFn):
+    """Cache rows (a pyarrow table) -> tokens per scale, residual, text. `table_to_numpy` views the
+    fixed-size columns' buffers; Ray's own numpy conversion would make a Python bytes object per
+    value. Measured on the tiny cache, batch 16: 1.2-1.9 ms of CPU per batch either way, Ray's
+    iteration included (the fp16 -> fp32 copies dominate the collate), so the point is the
+    supported collate interface, not speed."""
 
     def __init__(self, manifest: dict[str, Any]):
         self.manifest = manifest
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        from pipelines.cache import batch_to_tensors
+    def __call__(self, batch: pa.Table) -> dict[str, Any]:
+        from pipelines.cache import batch_to_tensors, table_to_numpy
 
-        return batch_to_tensors(batch, self.manifest)
+        return batch_to_tensors(table_to_numpy(batch), self.manifest)
 
 
 class TextFeatures:
@@ -224,5 +241,5 @@ class TextFeatures:
 
 __all__ = [
     "check_cache", "check_text_encoder", "list_image_shards", "cache_dataset", "image_dataset",
-    "images_collate", "CacheCollate", "TextFeatures", "text_length",
+    "images_collate", "ImagesCollate", "CacheCollate", "TextFeatures", "text_length",
 ]

@@ -6,7 +6,8 @@ files are plain Parquet: `pyarrow.parquet.read_table`, `pandas.read_parquet` and
 without this project (fp16 arrays are stored as little-endian bytes in fixed_size_binary columns,
 which every reader handles; `decode_fp16` turns them back into arrays). `batch_to_tensors` turns
 one numpy batch (from `Dataset.iter_batches(batch_format="numpy")` or a pyarrow table converted
-with `table_to_numpy`) into the tensors the training step wants.
+with `table_to_numpy`) into the tensors the training step wants. `table_to_numpy` views the
+fixed-size columns' Arrow buffers in place (no per-row Python bytes objects).
 
 Shape legend: B rows, L tokens of all scales, l = pn*pn tokens of one scale, z/h/w residual,
 T/D text features.
@@ -74,8 +75,8 @@ def decode_fp16(values: Any, shape: tuple[int, ...]) -> np.ndarray:
     if isinstance(values, (pa.Array, pa.ChunkedArray)):
         values = values.to_pylist()
     if isinstance(values, np.ndarray) and values.dtype != object:
-        # Ray may hand fixed-size binary over as a bytes ('S') array.
-        return np.frombuffer(values.tobytes(), dtype="<f2").reshape(len(values), *shape)
+        # a bytes ('S') array: from `table_to_numpy`, or as Ray hands fixed-size binary over
+        return np.ascontiguousarray(values).view(np.uint8).view("<f2").reshape(len(values), *shape)
     joined = b"".join(values)
     return np.frombuffer(joined, dtype="<f2").reshape(len(values), *shape)
 
@@ -87,13 +88,19 @@ def _stack_int(values: Any) -> np.ndarray:
 
 
 def table_to_numpy(table: pa.Table) -> dict[str, np.ndarray]:
-    """A pyarrow table of cache rows -> the numpy batch layout `batch_to_tensors` reads."""
+    """A pyarrow table of cache rows -> the numpy batch layout `batch_to_tensors` reads. Fixed-size
+    binary columns become read-only 'S<width>' arrays over Arrow's buffer, fixed-size lists (B, width)
+    arrays (both without copying, bools aside); strings become object arrays."""
     batch: dict[str, np.ndarray] = {}
     for name in table.column_names:
         column = table.column(name).combine_chunks()
         if pa.types.is_fixed_size_list(column.type):
             width = column.type.list_size
             batch[name] = column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), width)
+        elif pa.types.is_fixed_size_binary(column.type) and not column.null_count:
+            width = column.type.byte_width
+            batch[name] = np.frombuffer(column.buffers()[1], dtype=f"S{width}", count=len(column),
+                                        offset=column.offset * width)
         else:
             batch[name] = np.array(column.to_pylist(), dtype=object) if not pa.types.is_integer(column.type) else column.to_numpy()
     return batch
