@@ -67,7 +67,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.turns import Turns, paired_ratios, pin_threads, process_tree, windows_in_turns  # noqa: E402
+from benchmarks.turns import (  # noqa: E402
+    Turns, command_line, paired_ratios, pin_threads, process_tree, windows_in_turns,
+)
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks
 
@@ -156,8 +158,7 @@ def cpu_seconds(pids: list[int], commands: dict[int, str]) -> dict[int, tuple[st
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
             if pid not in commands:
-                with open(f"/proc/{pid}/cmdline") as f:
-                    commands[pid] = f.read().replace("\0", " ").strip()
+                commands[pid] = command_line(pid)
         except OSError:
             continue
         out[pid] = (commands[pid], int(fields[11]) / tick, int(fields[12]) / tick, int(fields[7]))
@@ -510,9 +511,7 @@ def pin_train_worker(root: int, cpus: set[int], pinned: dict[int, int], stop: th
     workers: list[int] = []
     while not stop.wait(0.5):
         if not workers:  # a pooled Ray worker is renamed when it becomes the train worker actor
-            commands: dict[int, str] = {}
-            cpu_seconds(process_tree(root), commands)
-            workers = [pid for pid, command in commands.items() if "RayTrainWorker" in command]
+            workers = [pid for pid in process_tree(root) if "RayTrainWorker" in command_line(pid)]
         for pid in workers:
             pinned[pid] = max(pinned.get(pid, 0), pin_threads(pid, cpus))
 
@@ -580,8 +579,12 @@ def interleave(args, cache: str, tokenizer: str, work: Path, threads: int) -> fl
             raise SystemExit(f"the bare-loop child exited with {child.returncode} before {args.warmup} steps")
         time.sleep(0.2)
     me = os.getpid()
-    sides = {"ray": lambda: [p for p in process_tree(me) if p != me and p not in set(process_tree(child.pid))],
-             "bare": lambda: process_tree(child.pid)}
+
+    def ray_side() -> list[int]:  # every process this driver started except itself and the bare loop's
+        bare = set(process_tree(child.pid))
+        return [pid for pid in process_tree(me) if pid != me and pid not in bare]
+
+    sides = {"ray": ray_side, "bare": lambda: process_tree(child.pid)}
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     config = replace(config, run=replace(config.run, name=f"{config.run.name}-interleaved-{threads}"))

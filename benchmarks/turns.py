@@ -2,7 +2,7 @@
 
 Why: this 2-core VM's speed moves 10-30% over minutes (hypervisor steal, neighbours), more than
 the few percent `benchmarks/train.py` tries to measure (the Ray Train wrapper against a bare step
-loop). Running A, then B, then A cancels only the slow part of that drift: twelve sessions of
+loop). Running A, then B, then A cancels only the slow part of that drift: eleven sessions of
 bracketed rounds put the same ratio anywhere between 0.88 and 1.41. Here both sides run during
 the same minutes and take turns: one side runs alone for `block_s` seconds while the other is
 frozen with SIGSTOP (SIGCONT resumes it exactly where it stopped; no Ray timeout is shorter than
@@ -11,10 +11,10 @@ measurement window counts only if it lies wholly inside one of its side's turns:
 window holds a frozen spell, a switch, or the other side's work.
 
 A side is a function returning its current process ids (re-listed at every switch: Ray starts
-workers as it goes). `pin_threads` confines a process to chosen cores: this VM's two vCPUs differ
-in speed by 3-6% (two identical loops, each pinned to its own vCPU, measured), so two processes
-compared while the scheduler places them freely carry that difference as if it were theirs. Freezing re-lists until no new process appears, so a child forked during
-the switch is caught too. Whatever happens, `resume_all()` (also on context exit) SIGCONTs both
+workers as it goes). Freezing re-lists until no new process appears, so a child forked during
+the switch is caught too. `pin_threads` confines a process to chosen cores: this VM's two vCPUs
+differ in speed by 3-7% (two identical loops, each pinned to its own vCPU, measured), so two
+processes compared while the scheduler places them freely carry that difference as if it were theirs. Whatever happens, `resume_all()` (also on context exit) SIGCONTs both
 sides: a benchmark that dies must not leave frozen processes behind.
 
 Linux only (signals and /proc).
@@ -48,6 +48,15 @@ def process_tree(root: int) -> list[int]:
         out.append(pid)
         stack.extend(children.get(pid, []))
     return out
+
+
+def command_line(pid: int) -> str:
+    """The process's command line, spaces for NULs ("" if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline") as f:
+            return f.read().replace("\0", " ").strip()
+    except OSError:
+        return ""
 
 
 def _signal(pids, sig: int) -> None:
@@ -190,4 +199,4 @@ def paired_ratios(a_by_turn: dict[int, list[float]], b_by_turn: dict[int, list[f
     return ratios
 
 
-__all__ = ["process_tree", "pin_threads", "Turn", "Turns", "windows_in_turns", "paired_ratios"]
+__all__ = ["process_tree", "command_line", "pin_threads", "Turn", "Turns", "windows_in_turns", "paired_ratios"]
