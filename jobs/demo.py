@@ -54,14 +54,14 @@ class DemoConfig:
     num_train_samples: int = 4000
     num_shards: int = 8
     num_heldout_images: int = 240
-    # Step counts are set by the 15-minute budget, install included, on a slow day of this 2-core host:
-    # 1500 + 350 steps took 15 min 11 s from a fresh clone (pipeline 779 s), so each stage gave some up.
-    # The tokenizer's net is the shallowest VAR layout (DEMO_TOKENIZER): its steps cost about half as
-    # much, so 1700 fit in about the time 1300 of the deeper net took. 2000 took 13 min 59 s from a fresh
-    # clone, too close to 15; 1700: 13 min 6 s (seventh session, BENCHMARKS.md). With the joint stage
-    # below: 10 min 47 s in a fast hour (eighth session); 11 min 52 s with the jittered corpus (ninth).
-    tokenizer_full_steps: int = 1700
-    tokenizer_vq_warmup_steps: int = 1300  # plain autoencoder first: from scratch the VQ term blurs shapes
+    # Step counts are set by the 15-minute budget, install included, on this 2-core host. Until the
+    # thirteenth session the tokenizer had 1700 steps and the joint stage 600 (fresh clones: 8 min 39 s
+    # to 13 min 8 s). On the corpus's larger shapes the generator learns shape between 600 and 1200
+    # joint steps (held-out shape at chance at 600, 70-76% at 1500-1800; BENCHMARKS.md), so the
+    # tokenizer gave up 500 steps (~40 s; its held-out reconstructions keep 96-99% colour and 85-93%
+    # shape from tokens alone) and the joint stage got 1200 more (~290 s).
+    tokenizer_full_steps: int = 1200
+    tokenizer_vq_warmup_steps: int = 900  # plain autoencoder first: from scratch the VQ term blurs shapes
     tokenizer_hybrid_steps: int = 0  # HART's decoder fine-tune after the full run (0 = skip, saves ~1 min)
     tokenizer_batch_size: int = 8
     tokenizer_lr: float = 2e-3
@@ -69,11 +69,10 @@ class DemoConfig:
     # step slower (0.22-0.33 s vs 0.17 s), the OpenMP pair sharing its cores with Ray Data's decode.
     tokenizer_threads: int = 0
     # Joint stage: smaller batches, more steps and a higher peak lr learn the text conditioning faster
-    # at about the same compute. Bare-loop replicas on one tokenizer (eighth session, BENCHMARKS.md),
-    # held-out colour with the head, mean of 3 sampling seeds: 32 x 300 at lr 2e-3 ~39%, at 4e-3 61%;
-    # 16 x 600 at 4e-3 66%; 8 x 1200 at 4e-3 68-72%. In Ray 8 x 1200 took 284 s against 210 s for
-    # 16 x 600 and scored no better (57-63% vs 59.7%), so the cheaper one is the default.
-    joint_steps: int = 600
+    # at about the same compute (eighth session: 16 x 600 at lr 4e-3 beat 32 x 300 at 2e-3 and matched
+    # 8 x 1200 for less time). Shape needs the steps: held-out shape with the head, one Ray demo per
+    # seed (thirteenth session): 600 steps 37%, 1500 steps 62-70%, 1800 steps 76% / 71%.
+    joint_steps: int = 1800
     joint_batch_size: int = 16
     joint_lr: float = 4e-3
     joint_threads: int = 2  # torch threads of the joint worker (the cache reader is light)

@@ -8,13 +8,15 @@ drawn from `numpy.random.default_rng([seed, i])`, so a corpus is a pure function
 (colour, shape, background, position, size, class index, jitter) is stored in `KEY.json`, so
 tests and the demo can check generated images against their prompts.
 
-Geometry (ninth session, BENCHMARKS.md): the named position and size are jittered per sample
-(centre +-3% of the side, extent x0.9-1.1), and shapes are at least 20 px across. Before, the
-corpus held only 360 distinct images (36 scenes x 5 positions x 2 sizes): the demo's generator
-memorised them (4x its training steps: 89% colour on training scenes, 54% on held-out ones),
-and a 16 px shape spans two latent tokens of the 8x-downsampling tokenizer, too few to keep its
-outline (small squares survived discrete reconstruction 36% of the time). Every shape stays at
-least 3 px inside the border, which `shapes_classifier` reads as the background.
+Geometry: the named position and size are jittered per sample (centre +-3% of the side, extent
+x0.9-1.1; ninth session, BENCHMARKS.md), shapes are 45% or 60% of the side (at least 25 px
+across) and the four off-centre positions sit 9% of the side from the centre. Without the
+jitter the corpus held only 360 distinct images and the demo's generator memorised them. The
+sizes were 35% / 50% until the thirteenth session: at 45% / 60% a shape covers more latent
+tokens of the 8x-downsampling tokenizer, and the demo's held-out colour accuracy rose from
+74-81% to 92% (two demo seeds, BENCHMARKS.md); the larger shapes leave less room, so the
+positions moved towards the centre (they were 14% from it). Every shape stays at least 3 px
+inside the border, which `shapes_classifier` reads as the background.
 
 Held-out split: every (colour, shape) pair is held out on one background, so 18 (colour, shape,
 background) scenes never appear in the "train" split and the "heldout" split draws only from
@@ -50,9 +52,10 @@ COLOURS = {
 }
 SHAPES = ("circle", "square", "triangle")
 BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128)}
-POSITIONS = {"center": (0.5, 0.5), "top left": (0.36, 0.36), "top right": (0.64, 0.36),
-             "bottom left": (0.36, 0.64), "bottom right": (0.64, 0.64)}
-SIZES = {"small": 0.35, "large": 0.5}  # shape extent as a fraction of the image side
+# The largest shape (0.6 x 1.1 of the side) at the largest jitter keeps 3 px from the border here.
+POSITIONS = {"center": (0.5, 0.5), "top left": (0.41, 0.41), "top right": (0.59, 0.41),
+             "bottom left": (0.41, 0.59), "bottom right": (0.59, 0.59)}
+SIZES = {"small": 0.45, "large": 0.6}  # shape extent as a fraction of the image side
 JITTER = 0.03  # largest centre offset per axis, as a fraction of the side
 SCALE_RANGE = (0.9, 1.1)  # extent multiplier drawn per sample
 TEMPLATES = (
