@@ -70,7 +70,7 @@ def test_thousands_of_samples_generate_quickly(tmp_path):
     assert time.perf_counter() - started < 20.0
 
 
-def test_jittered_shapes_stay_inside_the_border_and_images_are_distinct():
+def test_jittered_shapes_stay_inside_the_border_are_large_and_distinct():
     # The classifier reads the 2-pixel border as the background, so no shape may reach it; the
     # jitter exists so that the corpus is not a few hundred images repeated (see the module docstring).
     specs = [shapes.sample_spec(index, seed=0) for index in range(400)]
@@ -81,6 +81,9 @@ def test_jittered_shapes_stay_inside_the_border_and_images_are_distinct():
         border = np.concatenate([pixels[:3].reshape(-1, 3), pixels[-3:].reshape(-1, 3),
                                  pixels[:, :3].reshape(-1, 3), pixels[:, -3:].reshape(-1, 3)])
         assert (border == background).all(), spec
+        # ... and none is small: at least 25 px across (the module docstring says why the sizes grew)
+        columns = np.flatnonzero((pixels != background).any(axis=2).any(axis=0))
+        assert columns[-1] - columns[0] + 1 >= 25, spec
         assert abs(spec.dx) <= shapes.JITTER and abs(spec.dy) <= shapes.JITTER, spec
         assert shapes.SCALE_RANGE[0] <= spec.scale <= shapes.SCALE_RANGE[1], spec
         digests.add(pixels.tobytes())
