@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import io
 import json
+import logging
 import os
 import shutil
 import socket
@@ -124,6 +125,9 @@ def local_services(config: DemoConfig, workdir: Path):
     s3_port, mlflow_port = _free_port(), _free_port()
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=s3_port)
     moto.start()
+    # The server logs every request (werkzeug, INFO): ~6,800 lines per demo, mostly the tokenizer's
+    # shard reads, which buried the demo's own progress output. Warnings and errors still show.
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     endpoint = f"http://127.0.0.1:{s3_port}"
     # moto accepts any credentials; these are placeholders for the local fake server only.
     os.environ.update({"AWS_ACCESS_KEY_ID": "demo", "AWS_SECRET_ACCESS_KEY": "demo",
