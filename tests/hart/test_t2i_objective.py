@@ -137,7 +137,9 @@ def mean_eval(model, quantizer, context, mask, tokens, residual, key):
 
 
 def test_one_batch_overfits():
-    # Larger AdaLN gamma init than HART's 1e-5 so 120 CPU steps suffice (the recipe is unchanged).
+    # Larger AdaLN gamma init than HART's 1e-5 so 200 CPU steps suffice (the recipe is unchanged). The CE
+    # curve has spikes whose place moves with the CPU's vector instructions (on AVX2 it climbs from 1.08 to
+    # 1.51 at step 120, short of the 5x bound); by step 200 it is 0.35 there, 16x below its start.
     config = replace(TINY, init_adaln_gamma=0.5)
     model, quantizer, context, mask, tokens, residual = setup(config)
     model.train()
@@ -145,7 +147,7 @@ def test_one_batch_overfits():
     diff0 = mean_eval(model, quantizer, context, mask, tokens, residual, "diffusion")
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
-    for _ in range(120):
+    for _ in range(200):
         out = t2i_losses(model, quantizer, context, mask, tokens, residual, generator=g, drop_text_condition=False)
         optimizer.zero_grad()
         out["loss"].backward()

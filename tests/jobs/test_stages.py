@@ -73,7 +73,9 @@ def test_tokenizer_stage_with_gan_overfits(train_assets, tmp_path):
     assert stage.discriminator is not None
     images = np.stack([np.asarray(render(sample_spec(i))) for i in range(4)])
     batch = images_collate({"image": images, "caption": np.array(["x"] * 4, dtype=object)})
-    history = overfit(stage, batch, steps=24)
+    # 40 steps: the adversarial term makes the curve spike once (step ~17 on an AVX2 host, 0.86x at step
+    # 24); by step 40 it is ~0.54x its start
+    history = overfit(stage, batch, steps=40)
     last = sum(h["reconstruction"] for h in history[-3:]) / 3
     assert last < 0.85 * history[0]["reconstruction"], [h["reconstruction"] for h in history]
     assert history[-1]["gan_weight"] > 0  # the adversarial term is active
