@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test demo chaos bench mlflow-ui clean
+.PHONY: install test demo demo-smoke chaos bench mlflow-ui clean
 
 $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,7 +24,12 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 install: $(VENV)/.installed
 
 test: install
-	$(PY) -m pytest -q -m "not slow and not gpu" tests
+	$(PY) -m pytest -q -m "not slow and not gpu and not smoke" tests
+
+# The whole demo chain at tiny step counts in a temporary workdir, its outputs checked, and the
+# check itself tested (tests/jobs/test_demo_smoke.py). CI runs it after `make test`.
+demo-smoke: install
+	$(PY) -m pytest -q -s -m smoke tests/jobs/test_demo_smoke.py
 
 # STORAGE=s3 runs the demo against a local S3-compatible server + an mlflow server on loopback.
 demo: install
@@ -40,9 +45,14 @@ bench: install
 	$(PY) benchmarks/train.py
 	$(PY) benchmarks/cost_table.py
 
+# MLFLOW_STORE: the sqlite file of the runs; MLFLOW_ARTIFACTS: where proxied (mlflow-artifacts:/)
+# artifacts now live, e.g. an S3 demo's copy of its bucket. The demo's summary prints the line to use.
+MLFLOW_STORE ?= runs/mlflow.db
+MLFLOW_ARTIFACTS ?=
 mlflow-ui: install
-	@echo "MLflow UI on http://127.0.0.1:5000 (store: runs/mlflow.db)"
-	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///runs/mlflow.db
+	@echo "MLflow UI on http://127.0.0.1:5000 (store: $(MLFLOW_STORE))"
+	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///$(abspath $(MLFLOW_STORE)) \
+	    $(if $(MLFLOW_ARTIFACTS),--artifacts-destination $(abspath $(MLFLOW_ARTIFACTS)))
 
 clean:
 	rm -rf runs .pytest_cache

@@ -16,7 +16,9 @@ Checkpoints (all reads and writes go through hart.weights, loads are strict):
   model_type `hart_autoencoder` folders (no prefix) are read too.
 - VAR `.pth` (e.g. vae_ch160v4096z32.pth): the same keys without the `vae.` prefix and no config;
   the architecture comes from `config=` (default: the `var-d16-f16` preset).
-`save_pretrained` writes the HART folder layout, readable by the official code.
+`save_pretrained` writes the HART folder layout. The official code reads it when the config
+uses the values it fixes in code (`REFERENCE_FIXED`: the released presets do, `tiny` does not);
+otherwise the folder gets a note saying so (hart.reference_compat).
 
 `quantize.ema_vocab_hit_SV` is a usage statistic with one row per scale. A checkpoint made for
 another scale list has another row count; as VAR does, we then keep our zero-initialised buffer,
@@ -39,6 +41,7 @@ from torch import nn
 from hart.config import TOKENIZER_PRESETS, TokenizerConfig, config_from_dict, config_to_dict, replace
 from hart.discriminator import NLayerDiscriminator
 from hart.quantizer import MultiScaleQuantizer
+from hart.reference_compat import Difference, differences, record
 from hart.vae import Decoder, Encoder
 from hart.weights import load_weight_file, load_weight_folder, match_state_dict, save_weight_file
 
@@ -47,8 +50,9 @@ MODEL_TYPES = (MODEL_TYPE, "hart_autoencoder")
 IMAGE_RANGE_SLACK = 1e-3  # accept [-1 - slack, 1 + slack]: float rounding of normalisation
 # Fields of HART's config.json that carry no architecture we need; accepted and not used.
 HART_TRAINING_FIELDS = ("levels", "test_mode", "hybrid", "freeze_codebook_for_hybrid", "default_qresi_counts")
-# Architecture fields we add to config.json (HART hard-codes them); absent -> HART's values.
-OUR_EXTRA_FIELDS = ("num_res_blocks", "using_sa", "using_mid_sa", "in_channels", "norm_groups")
+# What the reference HARTAutoEncoder fixes in code instead of reading config.json. We write these
+# fields into config.json too (the reference ignores them); absent from a folder -> these values.
+REFERENCE_FIXED = {"num_res_blocks": 2, "using_sa": True, "using_mid_sa": True, "in_channels": 3, "norm_groups": 32}
 
 
 class HybridTokenizer(nn.Module):
@@ -186,6 +190,12 @@ class HybridTokenizer(nn.Module):
             state.update({f"disc.{k}": v for k, v in discriminator.state_dict().items()})
         save_weight_file(state, path / "model.safetensors")
         (path / "config.json").write_text(json.dumps(config_to_hart_json(self.config), indent=2) + "\n")
+        record(path, "tokenizer", reference_differences(self.config), "hart.tokenizer.HybridTokenizer.from_pretrained")
+
+
+def reference_differences(config: TokenizerConfig, prefix: str = "") -> list[Difference]:
+    """Fields the reference implementation would build differently (empty: it can load this config)."""
+    return differences(config_to_dict(config), REFERENCE_FIXED, prefix)
 
 
 def split_tokenizer_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -245,8 +255,8 @@ def config_to_hart_json(config: TokenizerConfig) -> dict[str, Any]:
         "disable_quant_resi": False,
         "freeze_codebook_for_hybrid": True,
         "double_decoder": False,
-        # The official code hard-codes these (norm_groups = 32); it ignores unknown config keys.
-        **{name: ours[name] for name in OUR_EXTRA_FIELDS},
+        # REFERENCE_FIXED: the official code ignores these keys and builds with its own values
+        **{name: ours[name] for name in REFERENCE_FIXED},
     }
 
 
@@ -292,7 +302,7 @@ def config_from_hart_json(path: Path) -> TokenizerConfig:
         "quant_resi": data.get("quant_resi", 0.5), "share_quant_resi": data.get("share_quant_resi", 4),
         "patch_nums": data.get("v_patch_nums", [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]),
     }
-    fields.update({name: data[name] for name in OUR_EXTRA_FIELDS if name in data})
+    fields.update({name: data.get(name, value) for name, value in REFERENCE_FIXED.items()})
     known = set(fields) | set(unsupported) | set(HART_TRAINING_FIELDS) | {"v_patch_nums", "model_type"}
     unknown = sorted(set(data) - known - HF_GENERIC_CONFIG_KEYS)
     if unknown:
@@ -303,6 +313,6 @@ def config_from_hart_json(path: Path) -> TokenizerConfig:
 
 
 __all__ = [
-    "HybridTokenizer", "load_discriminator", "split_tokenizer_state",
+    "HybridTokenizer", "load_discriminator", "split_tokenizer_state", "reference_differences", "REFERENCE_FIXED",
     "config_to_hart_json", "config_from_hart_json", "MODEL_TYPE",
 ]

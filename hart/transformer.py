@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 from hart.attention import KVCache
 from hart.blocks import AdaLNBeforeHead, AdaLNSelfAttnBlock, RMSNorm, TimestepEmbedder, make_norm, pool_condition
-from hart.config import TransformerConfig
+from hart.config import TokenizerConfig, TransformerConfig
 from hart.diffusion_head import DiffLoss
 from hart.rope import RopeBuilder, text_positions
 from hart.sampling import sample_top_k_top_p
@@ -141,10 +141,13 @@ class HARTForT2I(nn.Module):
 
         return load_transformer(llm_dir, ema=ema, config=config)
 
-    def save_pretrained(self, llm_dir: str | Path, ema_state: dict[str, torch.Tensor] | None = None) -> None:
+    def save_pretrained(self, llm_dir: str | Path, ema_state: dict[str, torch.Tensor] | None = None,
+                        tokenizer: TokenizerConfig | None = None) -> None:
+        """Official `llm/` folder; pass the config of the tokenizer saved beside it (the official
+        loader builds it from `../tokenizer`) so the compatibility note covers it too."""
         from hart.transformer_checkpoint import save_transformer
 
-        save_transformer(self, llm_dir, ema_state=ema_state)
+        save_transformer(self, llm_dir, ema_state=ema_state, tokenizer=tokenizer)
 
     # ------------------------------------------------------------------ pieces
     def encode_context(

@@ -14,6 +14,10 @@ Persistent buffers of the released state dict:
   -inf elsewhere). Rule: it is optional on load; when present it is verified in row chunks
   against the derived mask (ValueError on any difference) and then dropped. Save always
   writes it, so the official code can load our files with its strict `load_state_dict`.
+
+The official `HARTForT2I` fixes a few values in code (`REFERENCE_FIXED`) and reads its vocabulary
+and token width from the tokenizer folder beside `llm/`; `save_transformer` writes a note into
+`llm/` when the config, or the tokenizer it is saved with, departs from them (hart.reference_compat).
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ from pathlib import Path
 import torch
 
 from hart.blocks import llama_hidden_dim
-from hart.config import TransformerConfig, config_from_dict, config_to_dict
+from hart.config import TokenizerConfig, TransformerConfig, config_from_dict, config_to_dict
+from hart.reference_compat import Difference, differences, record
+from hart.tokenizer import reference_differences as tokenizer_differences
 from hart.weights import load_weight_file, load_weight_folder, match_state_dict, save_weight_file
 
 MODEL_TYPE = "hart_transformer_t2i"
@@ -40,6 +46,21 @@ IGNORED_OFFICIAL_FIELDS = {
     "diffusion_head_repeats", "latent_condition_weight", "model_type", "architectures", "torch_dtype",
     "transformers_version", "_name_or_path", "auto_map", "sampler", "shared_aln",
 }
+
+# What the official HARTForT2I fixes in code: RoPE base and mode (its blocks pass rope_theta=10000 and
+# only know the released 2-D RoPE) and the residual scale of its diffusion head (DiffLoss.vae_scale).
+REFERENCE_FIXED = {"rope_theta": 10000.0, "rope_mode": "hart", "diffusion_target_scale": 0.6}
+
+
+def reference_differences(config: TransformerConfig, tokenizer: TokenizerConfig | None = None) -> list[Difference]:
+    """Fields the reference would build differently; with `tokenizer`, also those of the tokenizer
+    folder it loads beside `llm/` and the sizes it reads from there (vocabulary, token width)."""
+    found = differences(config_to_dict(config), REFERENCE_FIXED)
+    if tokenizer is not None:
+        read_from_tokenizer = {"vocab_size": tokenizer.vocab_size, "token_dim": tokenizer.z_channels}
+        found += differences(config_to_dict(config), read_from_tokenizer)
+        found += tokenizer_differences(tokenizer, prefix="tokenizer.")
+    return found
 
 
 def infer_config_fields(state: dict[str, torch.Tensor]) -> dict:
@@ -180,7 +201,9 @@ def official_config_json(config: TransformerConfig) -> dict:
     return data
 
 
-def save_transformer(model, llm_dir, ema_state: dict[str, torch.Tensor] | None = None) -> None:
+def save_transformer(model, llm_dir, ema_state: dict[str, torch.Tensor] | None = None,
+                     tokenizer: TokenizerConfig | None = None) -> None:
+    """Write `llm/`; `tokenizer` is the config of the tokenizer folder saved beside it, if known."""
     llm_dir = Path(llm_dir)
     llm_dir.mkdir(parents=True, exist_ok=True)
     levels = model.derived_levels()
@@ -189,3 +212,7 @@ def save_transformer(model, llm_dir, ema_state: dict[str, torch.Tensor] | None =
         match_state_dict(model.state_dict(), ema_state, "EMA state")
         save_weight_file(export_state(ema_state, levels), llm_dir / EMA_FILE)
     (llm_dir / "config.json").write_text(json.dumps(official_config_json(model.config), indent=2) + "\n")
+    record(llm_dir, "transformer", reference_differences(model.config, tokenizer),
+           "hart.transformer.HARTForT2I.from_pretrained",
+           "" if tokenizer is None else "The reference builds the transformer together with the tokenizer/ folder beside\n"
+           "llm/ and reads vocab_size and token_dim from it; tokenizer.* rows are that folder's fields.")

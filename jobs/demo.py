@@ -18,15 +18,23 @@ says where caches, checkpoints, samples and runs are. Both training stages keep 
 order (`data.preserve_order`): with the same seed they train on the same batches, so two demo
 runs differ only by what their settings change.
 
+Every demo ends by checking that each step left its outputs (`jobs.demo_outputs`) and exits
+non-zero when one is missing. `--smoke` (`make demo-smoke`) runs the same chain at tiny step
+counts in a temporary workdir, in about two and a half minutes on 2 cores: it checks the plumbing,
+not the quality, and removes the workdir when every check passes.
+
 `--storage s3` runs the same demo against a local S3-compatible server (moto, loopback) for
 shards, caches and checkpoints and an `mlflow server` process on loopback, both started and
-stopped here: the cluster code path on one machine.
+stopped here: the cluster code path on one machine. Before the servers stop, everything the
+bucket holds (shards, cache, checkpoints, MLflow artifacts) is copied to `<workdir>/s3-copy/`,
+and the summary names the MLflow store and the `make mlflow-ui` line that serve those copies.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -35,6 +43,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +58,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 @dataclass(frozen=True)
 class DemoConfig:
-    workdir: str = "runs/demo"
+    workdir: str = "runs/demo"  # "" = a new temporary folder, removed when every output check passes
     storage: str = "local"  # "local" | "s3"
     seed: int = 0
     num_train_samples: int = 4000
@@ -88,8 +97,18 @@ class DemoConfig:
     from_step: str = "data"  # rerun from a later step, reusing the earlier steps' outputs in workdir
 
 
+# `--smoke`: every step at the smallest size that still runs it for real (two shards, both training
+# stages past their warm-ups, one sample per held-out prompt). Measured: ~2.5 min on 2 cores.
+SMOKE = {"num_train_samples": 64, "num_shards": 2, "num_heldout_images": 36, "tokenizer_full_steps": 20,
+         "tokenizer_vq_warmup_steps": 10, "joint_steps": 10, "samples_per_prompt": 1}
 STEPS = ("data", "tokenizer", "precompute", "joint", "evaluate")
 CLASSIFIER_MIN_ACCURACY = 0.98  # on real held-out images, before it may score generated ones
+# The tokenizer's PSNR verdict (hybrid vs discrete-only) needs a gain of at least this much, with a
+# 95% interval of the paired per-image gain clear of zero. Demo runs measure 1.1-2.5 dB; after a
+# few steps the two are within ~0.1 dB, which is no evidence either way.
+PSNR_MEANINGFUL_DB = 0.5
+S3_BUCKET = "hart-demo"
+S3_COPY = "s3-copy"  # <workdir>/s3-copy: what the loopback S3 server held, copied out before it stops
 
 
 # The tiny tokenizer narrowed at full resolution (16 channels at 64 px, 32 at 16 px) and made as
@@ -111,16 +130,53 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@dataclass(frozen=True)
+class Services:
+    """Where this demo's data and runs live, and what stays after it (paths are absolute)."""
+
+    root: str  # data root: shards, cache and checkpoints below it
+    tracking_uri: str
+    endpoint: str  # S3 endpoint ("" for local storage)
+    artifact_location: str  # MLflow artifact root of a new experiment ("" = the server decides)
+    mlflow_store: Path  # the sqlite file that holds the runs once the demo has exited
+    mlflow_artifacts: Path | None  # where the artifacts are after exit, if not where the store recorded them
+    s3_copy: Path | None = None  # local copy of the bucket (s3 only)
+
+
+def shown(path: Path) -> str:
+    """A path as a user types it: relative to the working directory when inside it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def mlflow_ui_command(services: Services) -> str:
+    """The `make mlflow-ui` line that serves this demo's runs (the Makefile's default store is runs/mlflow.db)."""
+    command = "make mlflow-ui"
+    if services.mlflow_store != (Path.cwd() / "runs" / "mlflow.db"):
+        command += f" MLFLOW_STORE={shown(services.mlflow_store)}"
+    if services.mlflow_artifacts is not None:
+        command += f" MLFLOW_ARTIFACTS={shown(services.mlflow_artifacts)}"
+    return command
+
+
 @contextlib.contextmanager
 def local_services(config: DemoConfig, workdir: Path):
-    """Yields (data_root, tracking_uri, endpoint_url); for s3 starts moto + mlflow server on loopback."""
+    """Yields `Services`; for s3 starts moto + an mlflow server on loopback and, before stopping
+    them, copies everything the bucket holds to `<workdir>/s3-copy` (the servers keep nothing)."""
     if config.storage == "local":
-        yield str(workdir), f"sqlite:///{workdir.parent.resolve() / 'mlflow.db'}", ""
+        store = workdir.parent
+        yield Services(root=str(workdir), tracking_uri=f"sqlite:///{store / 'mlflow.db'}", endpoint="",
+                       artifact_location=str(store / "mlartifacts"), mlflow_store=store / "mlflow.db",
+                       mlflow_artifacts=None)
         return
     if config.storage != "s3":
         raise ValueError(f"storage must be 'local' or 's3', got {config.storage!r}")
     import boto3
     from moto.server import ThreadedMotoServer
+
+    from pipelines import storage
 
     s3_port, mlflow_port = _free_port(), _free_port()
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=s3_port)
@@ -132,14 +188,18 @@ def local_services(config: DemoConfig, workdir: Path):
     # moto accepts any credentials; these are placeholders for the local fake server only.
     os.environ.update({"AWS_ACCESS_KEY_ID": "demo", "AWS_SECRET_ACCESS_KEY": "demo",
                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint})
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="hart-demo")
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=S3_BUCKET)
     store = workdir / "mlflow-server"
     store.mkdir(parents=True, exist_ok=True)
+    # --serve-artifacts: runs record `mlflow-artifacts:/` URIs that the server maps onto the bucket's
+    # mlflow/ prefix, so after the demo `mlflow ui --artifacts-destination <copy>/mlflow` serves them.
     server = subprocess.Popen(
         [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
-         "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination", "s3://hart-demo/mlflow",
-         "--serve-artifacts"],
-        stdout=open(store / "server.log", "w"), stderr=subprocess.STDOUT, env={**os.environ},
+         "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination", f"s3://{S3_BUCKET}/mlflow",
+         "--serve-artifacts", "--workers", "1"],
+        # one worker and no job executor: a demo needs no more, and each costs seconds of start-up on 2 cores
+        stdout=open(store / "server.log", "w"), stderr=subprocess.STDOUT,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
     )
     uri = f"http://127.0.0.1:{mlflow_port}"
     from jobs.tracking import probe_server
@@ -155,9 +215,17 @@ def local_services(config: DemoConfig, workdir: Path):
                 moto.stop()
                 raise RuntimeError(f"mlflow server did not start; see {store / 'server.log'}")
             time.sleep(1)
+    copy = workdir / S3_COPY
     try:
-        yield "s3://hart-demo/demo", uri, endpoint
+        yield Services(root=f"s3://{S3_BUCKET}/demo", tracking_uri=uri, endpoint=endpoint, artifact_location="",
+                       mlflow_store=store / "mlflow.db", mlflow_artifacts=copy / "mlflow", s3_copy=copy)
     finally:
+        try:
+            storage.copy_tree(f"s3://{S3_BUCKET}", str(copy), endpoint)
+            print(f"[demo] copied the loopback S3 bucket to {shown(copy)} before stopping its server", flush=True)
+        except Exception as exc:  # noqa: BLE001 - stopping the servers matters more than the copy
+            print(f"[demo] WARNING: could not copy the S3 bucket out ({type(exc).__name__}: {exc}); "
+                  f"its contents are lost with the server", flush=True)
         server.terminate()
         server.wait(timeout=30)
         moto.stop()
@@ -167,16 +235,16 @@ def step(title: str):
     print(f"\n{'=' * 78}\n[demo] {title}\n{'=' * 78}", flush=True)
 
 
-def train_stage(stage: str, name: str, root: str, tracking_uri: str, endpoint: str, export_dir: Path,
-                sets: dict) -> dict:
+def train_stage(stage: str, name: str, services: Services, export_dir: Path, sets: dict) -> dict:
     from hart.config import apply_overrides, config_from_dict
     from jobs.train import run_training
     from jobs.train_config import TrainRunConfig
 
-    data = {"stage": stage, "run": {"name": name, "storage_path": f"{root}/train", "endpoint_url": endpoint,
-                                    "log_every": 10, "checkpoint_every": 100000},
+    data = {"stage": stage, "run": {"name": name, "storage_path": f"{services.root}/train",
+                                    "endpoint_url": services.endpoint, "log_every": 10, "checkpoint_every": 100000},
             "precision": "fp32", "scaling": {"num_workers": 1, "use_gpu": False, "cpus_per_worker": 1.0},
-            "tracking": {"tracking_uri": tracking_uri, "experiment": "hart-demo", "sample_every": 0}}
+            "tracking": {"tracking_uri": services.tracking_uri, "experiment": "hart-demo", "sample_every": 0,
+                         "artifact_location": services.artifact_location}}
     data = apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in sets.items()])
     config = config_from_dict(TrainRunConfig, data)
     return run_training(config, str(export_dir))
@@ -199,10 +267,10 @@ def heldout_images(root: Path, config: DemoConfig):
     return torch.from_numpy(array).permute(0, 3, 1, 2), pil, labels, prompts
 
 
-def psnr(a_B3HW: torch.Tensor, b_B3HW: torch.Tensor) -> float:
-    """Mean PSNR (dB) of images in [-1, 1]."""
+def psnr(a_B3HW: torch.Tensor, b_B3HW: torch.Tensor) -> torch.Tensor:
+    """PSNR (dB) of each image pair, images in [-1, 1]: shape (B,)."""
     mse = ((a_B3HW - b_B3HW) / 2).square().flatten(1).mean(1).clamp_min(1e-10)
-    return float((10 * torch.log10(1 / mse)).mean())
+    return 10 * torch.log10(1 / mse)
 
 
 def evaluate(export: Path, config: DemoConfig, out: Path) -> dict:
@@ -219,8 +287,12 @@ def evaluate(export: Path, config: DemoConfig, out: Path) -> dict:
     with torch.no_grad():
         tokens, residual = tok.encode(images)
         decoded = {"hybrid": tok.decode(tokens, residual), "discrete": tok.decode(tokens)}
-    for kind, reconstruction in decoded.items():
-        results[f"tokenizer_psnr_{kind}"] = psnr(reconstruction, images)
+    per_image = {kind: psnr(reconstruction, images) for kind, reconstruction in decoded.items()}
+    for kind, values in per_image.items():
+        results[f"tokenizer_psnr_{kind}"] = float(values.mean())
+    # standard error of the mean paired gain: the same images decoded both ways
+    gain = (per_image["hybrid"] - per_image["discrete"]).double()
+    results["tokenizer_psnr_gain_se"] = float(gain.std() / len(gain) ** 0.5) if len(gain) > 1 else float("inf")
     real = shapes_classifier.accuracy(pil, labels)
     results["classifier_accuracy_on_real"] = real["joint_accuracy"]
     # A classifier that misreads real images cannot score generated ones: then no accuracy is reported.
@@ -247,7 +319,8 @@ def evaluate(export: Path, config: DemoConfig, out: Path) -> dict:
             scores = shapes_classifier.accuracy(generated, prompt_labels)
             for key, value in scores.items():
                 results[f"generation_{key}_{tag}"] = value
-        (samples_dir / tag).mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(samples_dir / tag, ignore_errors=True)  # a rerun from this step leaves no stale images
+        (samples_dir / tag).mkdir(parents=True)
         for index, (image, prompt) in enumerate(zip(generated, prompt_list)):
             image.save(samples_dir / tag / f"{index:03d}-{prompt.replace(' ', '_')}.png")
     return results
@@ -261,8 +334,11 @@ def _label_of(prompt: str) -> tuple[str, str]:
 
 
 def run(config: DemoConfig) -> dict:
+    """The six steps, then the outputs check; returns the summary (its "problems" list is empty when
+    every step produced its outputs)."""
     import ray
 
+    from jobs.demo_outputs import check_demo
     from jobs.precompute import main as precompute_main
     from pipelines.shapes import write_shapes_shards
 
@@ -271,18 +347,24 @@ def run(config: DemoConfig) -> dict:
     if config.from_step not in STEPS:
         raise ValueError(f"from_step must be one of {STEPS}, got {config.from_step!r}")
     start = STEPS.index(config.from_step)
+    if start > 0 and config.storage == "s3":
+        raise ValueError("--from-step needs local storage: an S3 demo's bucket lived on a loopback server that "
+                         "stopped with it (its copy in <workdir>/s3-copy is not read back)")
     if start == 0 and workdir.exists():
         shutil.rmtree(workdir)  # a full demo starts clean; its MLflow store keeps history
     workdir.mkdir(parents=True, exist_ok=True)
+    print(f"[demo] workdir {workdir}", flush=True)
     previous = json.loads((workdir / "runs.json").read_text()) if start > 0 and (workdir / "runs.json").exists() else {}
     timings: dict[str, float] = {}
     # Each demo starts clean, so its runs get fresh names: reusing a name would resume (append to)
     # the MLflow run of an earlier demo whose checkpoints were just deleted.
     tag = time.strftime("%Y%m%d-%H%M%S")
-    with local_services(config, workdir) as (root, tracking_uri, endpoint):
+    with local_services(config, workdir) as services:
         from jobs.local_ray import LOCAL_RAY_RUNTIME_ENV
 
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True, runtime_env=LOCAL_RAY_RUNTIME_ENV)
+        root, endpoint = services.root, services.endpoint
+        if start < STEPS.index("evaluate"):  # generation and evaluation run in this process, without Ray
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True, runtime_env=LOCAL_RAY_RUNTIME_ENV)
         runs = dict(previous)
         export = workdir / "export"
         if start <= 0:
@@ -305,7 +387,7 @@ def run(config: DemoConfig) -> dict:
                       "parallel.channels_last": True}
             full_export = workdir / "export-full" if config.tokenizer_hybrid_steps else export
             runs["tokenizer_full"] = train_stage(
-                "tokenizer", f"demo-{tag}-tokenizer-full", root, tracking_uri, endpoint, full_export,
+                "tokenizer", f"demo-{tag}-tokenizer-full", services, full_export,
                 {**common, "run.max_steps": config.tokenizer_full_steps, "objective.tokenizer_mode": "full",
                  "objective.vq_warmup_steps": config.tokenizer_vq_warmup_steps,
                  # from scratch the codebook collapses to ~1% usage without data-dependent init + restarts
@@ -314,7 +396,7 @@ def run(config: DemoConfig) -> dict:
                  "scaling.torch_threads": config.tokenizer_threads})["run_id"]
             if config.tokenizer_hybrid_steps:
                 runs["tokenizer_hybrid"] = train_stage(
-                    "tokenizer", f"demo-{tag}-tokenizer-hybrid", root, tracking_uri, endpoint, export,
+                    "tokenizer", f"demo-{tag}-tokenizer-hybrid", services, export,
                     {**common, "run.max_steps": config.tokenizer_hybrid_steps, "objective.tokenizer_mode": "hybrid",
                      "objective.continuous_prob": 0.5, "model.init_from": str(full_export / "tokenizer"),
                      "optim.lr": config.tokenizer_lr / 2, "optim.warmup_steps": 10,
@@ -336,7 +418,7 @@ def run(config: DemoConfig) -> dict:
             tick = time.time()
             step(f"4/6 joint: transformer + residual diffusion head, {config.joint_steps} steps")
             runs["joint"] = train_stage(
-                "joint", f"demo-{tag}-joint", root, tracking_uri, endpoint, export,
+                "joint", f"demo-{tag}-joint", services, export,
                 {"model.tokenizer": "tiny", "model.transformer": transformer,
                  "model.tokenizer_checkpoint": str(export / "tokenizer"), "data.cache": cache,
                  "data.batch_size": config.joint_batch_size, "run.max_steps": config.joint_steps,
@@ -347,20 +429,27 @@ def run(config: DemoConfig) -> dict:
                  "scaling.torch_threads": config.joint_threads, "ema_decay": 0.98})["run_id"]
             timings["joint"] = time.time() - tick
             (workdir / "runs.json").write_text(json.dumps(runs))
-        ray.shutdown()
+        ray.shutdown()  # a no-op when Ray was not started
 
         tick = time.time()
         step("5/6 + 6/6 generate held-out prompts and evaluate")
         results = evaluate(export, config, workdir)
+        log_figures(services.tracking_uri, runs["joint"], results, workdir / "samples")
         timings["generate+evaluate"] = time.time() - tick
-        _log_summary_run(tracking_uri, runs["joint"], results)
 
+        summary = {"config": dataclasses.asdict(config), "results": results, "timings_s": timings,
+                   "classifier_min_accuracy": CLASSIFIER_MIN_ACCURACY, "where": {
+                       "shards": f"{root}/shapes", "cache": cache, "checkpoints": f"{root}/train",
+                       "export": str(export), "samples": str(workdir / "samples"), "mlflow": services.tracking_uri,
+                       "mlflow_runs": runs}}
+        tick = time.time()
+        step("check: every step's outputs")
+        summary["problems"] = check_demo(summary, endpoint)  # while an S3 demo's servers still run
+        timings["check"] = time.time() - tick
     results["seconds_total"] = time.time() - started
-    summary = {"results": results, "timings_s": timings, "where": {
-        "shards": f"{root}/shapes", "cache": cache, "checkpoints": f"{root}/train",
-        "export": str(export), "samples": str(workdir / "samples"), "mlflow": tracking_uri,
-        "mlflow_runs": runs,
-    }}
+    summary["after_exit"] = {"mlflow_store": str(services.mlflow_store), "mlflow_ui": mlflow_ui_command(services)}
+    if services.s3_copy is not None:
+        summary["after_exit"]["s3_copy"] = str(services.s3_copy)
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     print_summary(summary)
     return summary
@@ -379,12 +468,31 @@ def precompute(precompute_main, root: str, endpoint: str, cache: str, export: Pa
         raise RuntimeError(f"precompute failed with exit code {code}")
 
 
-def _log_summary_run(tracking_uri: str, run_id: str, results: dict) -> None:
+def log_figures(tracking_uri: str, run_id: str, results: dict, samples_dir: Path) -> None:
+    """The figures as `demo/<name>` metrics of the joint run, and a grid of its held-out samples (with the head)."""
     import mlflow
+    from PIL import Image
+
+    from jobs import tracking
+    from jobs.demo_outputs import HELDOUT_GRID
 
     mlflow.set_tracking_uri(tracking_uri)
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics({f"demo/{k}": float(v) for k, v in results.items()})
+    files = sorted((samples_dir / "with_head").glob("*.png"))
+    if files:  # none: the outputs check reports the missing images and grid
+        images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+        tracking.RunLogger(tracking_uri, run_id, enabled=True).log_image(
+            tracking.image_grid(images, columns=8), f"demo/{HELDOUT_GRID}")
+
+
+def psnr_verdict(r: dict) -> str:
+    """Hybrid vs discrete-only PSNR, with a verdict only when the gain is large and clear of noise."""
+    gain, interval = r["tokenizer_psnr_hybrid"] - r["tokenizer_psnr_discrete"], 2 * r["tokenizer_psnr_gain_se"]
+    figures = f"{gain:+.2f} dB, 95% interval +-{interval:.2f}"
+    if abs(gain) >= PSNR_MEANINGFUL_DB and abs(gain) > interval:
+        return f"hybrid {'higher, as HART claims' if gain > 0 else 'LOWER, against HART claim'} ({figures})"
+    return f"no meaningful difference ({figures}; a verdict needs >= {PSNR_MEANINGFUL_DB} dB beyond the interval)"
 
 
 def print_summary(summary: dict) -> None:
@@ -392,8 +500,7 @@ def print_summary(summary: dict) -> None:
     lines = [
         "", "=" * 78, "HART demo summary", "=" * 78,
         f"tokenizer PSNR on held-out images: hybrid {r['tokenizer_psnr_hybrid']:.2f} dB vs "
-        f"discrete-only {r['tokenizer_psnr_discrete']:.2f} dB "
-        f"({'hybrid higher, as HART claims' if r['tokenizer_psnr_hybrid'] > r['tokenizer_psnr_discrete'] else 'NOT higher'})",
+        f"discrete-only {r['tokenizer_psnr_discrete']:.2f} dB: {psnr_verdict(r)}",
         f"shape/colour classifier on real held-out images: {r['classifier_accuracy_on_real']:.1%} "
         f"(must be >= {CLASSIFIER_MIN_ACCURACY:.0%} to score generated images)",
         f"the classifier on tokenizer reconstructions (the ceiling for generation): discrete colour "
@@ -409,50 +516,72 @@ def print_summary(summary: dict) -> None:
                      f"shape {r[f'generation_shape_accuracy_{tag}']:.1%}, both {r[f'generation_joint_accuracy_{tag}']:.1%}")
     lines.append("targets: colour >= 90%, shape >= 70% (with the head)")
     lines.append("")
-    for key, value in summary["where"].items():
+    where, after = summary["where"], summary["after_exit"]
+    copy, bucket = after.get("s3_copy"), f"s3://{S3_BUCKET}/"
+    for key, value in where.items():
+        if copy and isinstance(value, str) and value.startswith(bucket):
+            value = f"{value}  (copy: {copy}/{value[len(bucket):]})"
+        elif copy and key == "mlflow":
+            value = f"{value}  (stopped; runs in {after['mlflow_store']}, artifacts in {copy}/mlflow)"
         lines.append(f"{key:12s} {value}")
+    if copy:
+        lines += ["", "The loopback S3 and MLflow servers stopped with the demo; before that, everything the bucket held "
+                      f"(shards, cache, checkpoints, MLflow artifacts) was copied to {copy}/."]
     lines.append("timings     " + ", ".join(f"{k} {v:.0f}s" for k, v in summary["timings_s"].items())
                  + f"; total {r['seconds_total']:.0f}s")
-    lines.append("MLflow UI:  make mlflow-ui  (http://127.0.0.1:5000)")
+    problems = summary["problems"]
+    lines.append(f"outputs     {'every step produced its outputs' if not problems else f'{len(problems)} PROBLEMS:'}")
+    lines += [f"  - {problem}" for problem in problems]
+    lines.append(f"MLflow UI:  {after['mlflow_ui']}  (http://127.0.0.1:5000)")
     print("\n".join(lines), flush=True)
 
 
 def parse_args(argv: list[str] | None = None) -> DemoConfig:
     parser = argparse.ArgumentParser(prog="hart-demo", description=__doc__.split("\n\n")[0])
-    defaults = DemoConfig()
-    parser.add_argument("--storage", default=os.environ.get("STORAGE", defaults.storage), choices=("local", "s3"))
-    parser.add_argument("--workdir", default=defaults.workdir)
-    parser.add_argument("--joint-steps", type=int, default=defaults.joint_steps)
-    parser.add_argument("--joint-batch-size", type=int, default=defaults.joint_batch_size)
-    parser.add_argument("--joint-lr", type=float, default=defaults.joint_lr, help="peak learning rate of the joint stage")
-    parser.add_argument("--tokenizer-full-steps", type=int, default=defaults.tokenizer_full_steps)
-    parser.add_argument("--tokenizer-vq-warmup-steps", type=int, default=defaults.tokenizer_vq_warmup_steps)
-    parser.add_argument("--tokenizer-hybrid-steps", type=int, default=defaults.tokenizer_hybrid_steps,
+    parser.add_argument("--smoke", action="store_true",
+                        help="the whole chain at tiny step counts, in a temporary workdir unless --workdir is given; "
+                             "checks that every step produces its outputs, not their quality")
+    parser.add_argument("--storage", choices=("local", "s3"))
+    parser.add_argument("--workdir", help="default runs/demo ('' or --smoke: a temporary folder, removed if all passes)")
+    parser.add_argument("--joint-steps", type=int)
+    parser.add_argument("--joint-batch-size", type=int)
+    parser.add_argument("--joint-lr", type=float, help="peak learning rate of the joint stage")
+    parser.add_argument("--tokenizer-full-steps", type=int)
+    parser.add_argument("--tokenizer-vq-warmup-steps", type=int)
+    parser.add_argument("--tokenizer-hybrid-steps", type=int,
                         help="HART's hybrid decoder fine-tune after the full run (0 = skip)")
-    parser.add_argument("--num-train-samples", type=int, default=defaults.num_train_samples)
-    parser.add_argument("--tokenizer-threads", type=int, default=defaults.tokenizer_threads,
+    parser.add_argument("--num-train-samples", type=int)
+    parser.add_argument("--tokenizer-threads", type=int,
                         help="torch threads of the tokenizer's Ray Train worker (0 = its CPUs)")
-    parser.add_argument("--joint-threads", type=int, default=defaults.joint_threads,
-                        help="torch threads of the joint stage's Ray Train worker")
-    parser.add_argument("--cfg", type=float, default=defaults.cfg)
-    parser.add_argument("--head-cfg", type=float, default=defaults.head_cfg,
+    parser.add_argument("--joint-threads", type=int, help="torch threads of the joint stage's Ray Train worker")
+    parser.add_argument("--cfg", type=float)
+    parser.add_argument("--head-cfg", type=float,
                         help="guidance of the residual diffusion head (1.0 = unguided, the demo's default)")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--from-step", default=defaults.from_step, choices=STEPS,
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--from-step", choices=STEPS,
                         help="rerun from this step, reusing earlier outputs in --workdir (local storage)")
-    args = parser.parse_args(argv)
-    return DemoConfig(workdir=args.workdir, storage=args.storage, joint_steps=args.joint_steps,
-                      joint_batch_size=args.joint_batch_size, joint_lr=args.joint_lr,
-                      tokenizer_full_steps=args.tokenizer_full_steps, tokenizer_hybrid_steps=args.tokenizer_hybrid_steps,
-                      tokenizer_vq_warmup_steps=args.tokenizer_vq_warmup_steps,
-                      num_train_samples=args.num_train_samples, cfg=args.cfg, head_cfg=args.head_cfg, seed=args.seed,
-                      tokenizer_threads=args.tokenizer_threads, joint_threads=args.joint_threads,
-                      from_step=args.from_step)
+    args = vars(parser.parse_args(argv))
+    # Unset flags keep the base config's values: the defaults, or the smoke sizes with --smoke.
+    base = dataclasses.replace(DemoConfig(), workdir="", **SMOKE) if args.pop("smoke") else DemoConfig()
+    base = dataclasses.replace(base, storage=os.environ.get("STORAGE", base.storage))
+    return dataclasses.replace(base, **{name: value for name, value in args.items() if value is not None})
 
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
-    run(config)
+    temporary = None
+    if not config.workdir:
+        if config.from_step != "data":
+            raise SystemExit("--from-step needs the --workdir of an earlier demo")
+        temporary = Path(tempfile.mkdtemp(prefix="hart-demo-"))
+        config = dataclasses.replace(config, workdir=str(temporary / "demo"))
+    summary = run(config)
+    if summary["problems"]:
+        print(f"[demo] FAILED: {len(summary['problems'])} outputs missing or unreadable; kept {config.workdir}", flush=True)
+        return 1
+    if temporary is not None:
+        shutil.rmtree(temporary)
+        print(f"[demo] every output checked; removed the temporary workdir {temporary}", flush=True)
     return 0
 
 

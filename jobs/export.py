@@ -9,8 +9,10 @@ works the same for a finished run and for a re-export of an old one):
 The transformer's `llm/` folder comes from `HARTForT2I.save_pretrained` (official keys,
 derived mask buffer written, `ema_model.bin` from the EMA shadow). The `tokenizer/` folder is
 the frozen tokenizer the run used, or, for the tokenizer stage, the trained one (+ its
-discriminator, as `disc.*` keys). Both load back with our `from_pretrained` and with the
-official code's. `upload_folder` copies the result next to the checkpoints (local or S3).
+discriminator, as `disc.*` keys). Both load back with our `from_pretrained`; the official code
+loads them when their configs use the values it fixes in code, and otherwise each folder holds a
+note saying which fields differ (hart.reference_compat). `upload_folder` copies the result next to
+the checkpoints (local or S3).
 """
 
 from __future__ import annotations
@@ -43,21 +45,17 @@ def export_checkpoint(checkpoint_dir: str | Path, config: TrainRunConfig, out_di
 
     model = HARTForT2I(transformer_cfg)
     model.load_state_dict(state.model, strict=True)
-    model.save_pretrained(out_dir / "llm", ema_state=state.ema)
-    HybridTokenizer.from_pretrained(config.model.tokenizer_checkpoint).save_pretrained(out_dir / "tokenizer")
+    tokenizer = HybridTokenizer.from_pretrained(config.model.tokenizer_checkpoint)
+    tokenizer.save_pretrained(out_dir / "tokenizer")
+    model.save_pretrained(out_dir / "llm", ema_state=state.ema, tokenizer=tokenizer.config)
     return out_dir
 
 
 def upload_folder(local_dir: str | Path, uri: str, endpoint_url: str = "") -> None:
-    """Copy a local folder to a local path or an s3:// prefix (pyarrow.fs, one object per file)."""
-    import pyarrow.fs as pafs
-
+    """Copy a local folder to a local path or an s3:// prefix (one object per file)."""
     from pipelines import storage
 
-    fs, path = storage.resolve(uri, endpoint_url)
-    if isinstance(fs, pafs.LocalFileSystem):
-        fs.create_dir(path, recursive=True)
-    pafs.copy_files(str(Path(local_dir).resolve()), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    storage.copy_tree(str(Path(local_dir).resolve()), uri, endpoint_url)
 
 
 __all__ = ["export_checkpoint", "upload_folder"]

@@ -153,12 +153,13 @@ def probe_server(tracking_uri: str, timeout_s: float = 5.0) -> None:
 
 
 def open_run(tracking_uri: str, experiment: str, run_name: str, params: Mapping[str, str],
-             resume_run_id: str | None = None) -> tuple[str, bool]:
+             resume_run_id: str | None = None, artifact_location: str = "") -> tuple[str, bool]:
     """Continue `resume_run_id` (the run of the checkpoint being resumed) or create a new run; returns (run_id, resumed).
 
     Without a checkpoint to resume there is no step history to continue: a new run is created even
     when older runs carry the same `run_name` (their steps are not appended to). The new run is
-    tagged with the ids of those older runs (`hart.previous_runs`).
+    tagged with the ids of those older runs (`hart.previous_runs`). `artifact_location` is the artifact
+    root of the experiment if this call creates it (empty: the store's default).
     Raises ValueError when the tracking server cannot be reached (before workers start), or when
     the run to resume is not in this tracking store.
     """
@@ -169,7 +170,8 @@ def open_run(tracking_uri: str, experiment: str, run_name: str, params: Mapping[
     client = MlflowClient(tracking_uri=tracking_uri)
     try:
         found = client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+        experiment_id = found.experiment_id if found else client.create_experiment(
+            experiment, artifact_location=artifact_location or None)
         previous = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'")
     except Exception as exc:  # noqa: BLE001 - any transport/store error means "unreachable" here
         raise ValueError(f"MLflow tracking at {redact_uri(tracking_uri)} is not usable: {type(exc).__name__}: {exc}") from None

@@ -93,7 +93,13 @@ RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
 def resumable_checkpoint(fs, storage_path: str, run_name: str) -> dict[str, Any] | None:
-    """meta.json of the checkpoint Ray Train will restore for `run_name`, or None when it starts fresh.
+    """meta.json of the checkpoint Ray Train will restore for `run_name`, or None when it starts fresh."""
+    found = latest_checkpoint(fs, storage_path, run_name)
+    return found[1] if found else None
+
+
+def latest_checkpoint(fs, storage_path: str, run_name: str) -> tuple[str, dict[str, Any]] | None:
+    """(folder path in `fs`, meta.json) of the checkpoint Ray Train would restore for `run_name`, or None.
 
     ValueError when Ray's snapshot names a checkpoint folder that is gone (a partial delete): Ray
     would hand the workers a checkpoint it cannot read.
@@ -120,7 +126,7 @@ def resumable_checkpoint(fs, storage_path: str, run_name: str) -> dict[str, Any]
             f"run {run_name!r}: Ray Train's checkpoint list {snapshot_path} names {name}, but {meta_path} is missing; "
             f"restore that checkpoint, or delete {run_dir} to start the run over"
         )
-    return upgrade_meta(json.loads(storage.read_bytes(fs, meta_path)))
+    return f"{run_dir}/{name}", upgrade_meta(json.loads(storage.read_bytes(fs, meta_path)))
 
 
 def preflight(config: TrainRunConfig) -> dict[str, Any]:
@@ -147,6 +153,7 @@ def preflight(config: TrainRunConfig) -> dict[str, Any]:
     facts["run_id"], facts["resumed"] = tracking.open_run(
         uri, config.tracking.experiment, config.run.name, params,
         resume_run_id=checkpoint_meta.get("mlflow_run_id") if checkpoint_meta else None,
+        artifact_location=config.tracking.artifact_location,
     )
     return facts
 

@@ -151,6 +151,10 @@ class ObjectiveSection:
 class TrackingSection:
     tracking_uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db
     experiment: str = "hart"
+    # Artifact root given to the experiment when this run creates it (empty: the store's default,
+    # which for a sqlite file without a server is ./mlruns under the working directory). An
+    # experiment that exists keeps the root it was created with.
+    artifact_location: str = ""
     registered_model: str = ""  # Model Registry name; empty = "hart-<stage>"
     sample_every: int = 0  # steps between sample/reconstruction grids (0 = only at the end)
     sample_prompts: tuple[str, ...] = ("a red circle", "a blue square", "a green triangle", "a yellow star")

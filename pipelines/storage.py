@@ -120,6 +120,15 @@ def delete_if_exists(fs: pafs.FileSystem, path: str) -> None:
         fs.delete_file(path)
 
 
+def copy_tree(source: str, destination: str, endpoint_url: str = "") -> None:
+    """Copy a folder, file by file, between local paths, `file://` and `s3://` prefixes (either way)."""
+    source_fs, source_path = resolve(source, endpoint_url)
+    destination_fs, destination_path = resolve(destination, endpoint_url)
+    if isinstance(destination_fs, pafs.LocalFileSystem):
+        destination_fs.create_dir(destination_path, recursive=True)
+    pafs.copy_files(source_path, destination_path, source_filesystem=source_fs, destination_filesystem=destination_fs)
+
+
 def list_files(fs: pafs.FileSystem, directory: str) -> list[str]:
     """Paths of the files directly inside `directory` (empty if it does not exist)."""
     info = fs.get_file_info(directory)

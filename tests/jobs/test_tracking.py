@@ -70,3 +70,15 @@ def test_run_logger_logs_window_means_and_rank0_only(tmp_path):
     logger.log_image(tracking.image_grid(np.zeros((3, 4, 4, 3), np.uint8), columns=2), "samples/grid.png")
     assert client.get_run(run_id).data.params == {"a": "1"}
     assert [a.path for a in client.list_artifacts(run_id, "samples")] == ["samples/grid.png"]
+
+
+def test_a_new_experiment_keeps_its_artifacts_where_it_is_told(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the store's default root would be ./mlruns here
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id, _ = tracking.open_run(uri, "exp", "run-a", {}, artifact_location=str(tmp_path / "artifacts"))
+    tracking.RunLogger(uri, run_id, enabled=True).log_text("hello", "notes/a.txt")
+    assert (tmp_path / "artifacts" / run_id / "artifacts" / "notes" / "a.txt").read_text() == "hello"
+    assert not (tmp_path / "mlruns").exists()
+    # an existing experiment keeps its root
+    again, _ = tracking.open_run(uri, "exp", "run-b", {}, artifact_location=str(tmp_path / "elsewhere"))
+    assert MlflowClient(tracking_uri=uri).get_run(again).info.artifact_uri.startswith(str(tmp_path / "artifacts"))

@@ -1,0 +1,263 @@
+"""What a finished demo must have left behind, checked step by step.
+
+Design: the demo writes `summary.json` (its config, figures, MLflow run ids and where every output
+went) and then calls `check_demo(summary)`, which reads only that summary and the stores it names:
+the local disk or the loopback S3 server, and the MLflow store. It checks plumbing, not quality:
+every output exists, loads with this project's loaders, and agrees in count with the config. The
+result is a list of problems, one line each, prefixed by the step that should have produced the
+output; empty means every step did its part. Each step has its own check function
+(`STEP_CHECKS`), so a test can break one output and see that step's check, and only it, fail.
+
+`make demo` and `make demo-smoke` (the same chain at tiny step counts) both end with this check and
+exit non-zero when it finds a problem.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from pipelines import storage
+
+Summary = dict[str, Any]
+Problems = list[str]
+
+# A finished run's status in MLflow, and the artifact folders the training loop fills at its end.
+FINISHED = "FINISHED"
+GRID_FOLDER = {"tokenizer": "reconstructions", "joint": "samples"}
+SAMPLE_TAGS = ("with_head", "without_head")
+HELDOUT_GRID = "heldout_with_head.png"  # the demo logs its held-out samples as demo/<this> in the joint run
+
+
+@contextlib.contextmanager
+def local_folder(uri: str, endpoint_url: str = "") -> Iterator[Path]:
+    """A local path of the folder at `uri` (a temporary copy for S3)."""
+    if not storage.is_s3(uri):
+        yield Path(storage.resolve(uri)[1])
+        return
+    with tempfile.TemporaryDirectory(prefix="hart-demo-check-") as tmp:
+        storage.copy_tree(uri, tmp, endpoint_url)
+        yield Path(tmp)
+
+
+def mlflow_client(summary: Summary):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=summary["where"]["mlflow"])
+
+
+# --------------------------------------------------------------------------------------
+# Pieces shared by the training steps
+# --------------------------------------------------------------------------------------
+
+
+def check_training_run(summary: Summary, key: str, stage: str, steps: int, endpoint_url: str,
+                       local_export: Path | None = None) -> Problems:
+    """The MLflow run `key` of `summary` finished with metrics, its grid and its exported model; its
+    last checkpoint is at `steps` and loads; its exported folders (next to the checkpoints, and
+    `local_export` if given) load and hold that checkpoint's weights (not an earlier run's)."""
+    from hart.checkpoint import load_training_state
+    from jobs.tracking import RUN_NAME_TAG
+    from jobs.train import latest_checkpoint
+
+    run_id = summary["where"]["mlflow_runs"].get(key)
+    if not run_id:
+        return [f"no MLflow run recorded for {key}"]
+    client = mlflow_client(summary)
+    run = client.get_run(run_id)
+    problems = []
+    if run.info.status != FINISHED:
+        problems.append(f"MLflow run {run_id} has status {run.info.status}, expected {FINISHED}")
+    if not run.data.metrics:
+        problems.append(f"MLflow run {run_id} has no metrics")
+    grids = [a.path for a in client.list_artifacts(run_id, GRID_FOLDER[stage]) if a.path.endswith(".png")]
+    if not grids:
+        problems.append(f"MLflow run {run_id} has no {GRID_FOLDER[stage]}/*.png grid")
+    if not client.list_artifacts(run_id, "model"):
+        problems.append(f"MLflow run {run_id} has no exported model artifact")
+
+    root = summary["where"]["checkpoints"]
+    name = run.data.tags.get(RUN_NAME_TAG, "")
+    fs, path = storage.resolve(root, endpoint_url)
+    found = latest_checkpoint(fs, path, name)
+    if found is None:
+        return problems + [f"run {name!r} has no checkpoint under {root}"]
+    folder, meta = found
+    if int(meta["step"]) != steps:
+        problems.append(f"the last checkpoint of {name!r} is at step {meta['step']}, expected {steps}")
+    with local_folder(f"s3://{folder}" if storage.is_s3(root) else folder, endpoint_url) as local:
+        state = load_training_state(local)
+    # the weights an export must hold: the tokenizer stage's model, a transformer stage's EMA shadow
+    trained = state.model if stage == "tokenizer" else state.ema if state.ema is not None else state.model
+    exports = [storage.join(root, name, "export")] + ([str(local_export)] if local_export is not None else [])
+    for export_uri in exports:
+        with local_folder(export_uri, endpoint_url) as export:
+            found_problems, models = check_export(export, with_transformer=stage != "tokenizer")
+            problems += found_problems
+            exported = models.get("tokenizer" if stage == "tokenizer" else "llm")
+            if exported is not None and not same_weights(exported.state_dict(), trained):
+                problems.append(f"export {export_uri} does not hold the weights of {name!r}'s last checkpoint")
+    return problems
+
+
+def same_weights(exported: dict, trained: dict) -> bool:
+    return exported.keys() == trained.keys() and all(torch_equal(exported[k], trained[k]) for k in trained)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return a.shape == b.shape and torch.equal(a.to(b.dtype), b)
+
+
+def check_export(folder: Path, with_transformer: bool) -> tuple[Problems, dict]:
+    """`tokenizer/` (and `llm/` with its EMA weights) load, and each holds the reference-compatibility
+    note exactly when its config is one the reference implementation cannot build. Returns the
+    problems and the loaded models ("tokenizer", "llm")."""
+    from hart.reference_compat import NOTE_FILE
+    from hart.tokenizer import HybridTokenizer
+    from hart.tokenizer import reference_differences as tokenizer_differences
+
+    if not (folder / "tokenizer").is_dir():
+        return [f"export {folder} has no tokenizer/ folder"], {}
+    models: dict = {"tokenizer": HybridTokenizer.from_pretrained(folder / "tokenizer")}
+    expected = {folder / "tokenizer": bool(tokenizer_differences(models["tokenizer"].config))}
+    problems = []
+    if with_transformer:
+        from hart.transformer import HARTForT2I
+        from hart.transformer_checkpoint import reference_differences as transformer_differences
+
+        if not (folder / "llm").is_dir():
+            return [f"export {folder} has no llm/ folder"], models
+        models["llm"] = HARTForT2I.from_pretrained(folder / "llm", ema=True)
+        expected[folder / "llm"] = bool(transformer_differences(models["llm"].config, models["tokenizer"].config))
+    for path, needs_note in expected.items():
+        if (path / NOTE_FILE).is_file() != needs_note:
+            problems.append(f"{path}: {NOTE_FILE} is {'missing' if needs_note else 'present'}, but the reference "
+                            f"implementation {'cannot' if needs_note else 'can'} build this config")
+    return problems, models
+
+
+# --------------------------------------------------------------------------------------
+# One check per demo step
+# --------------------------------------------------------------------------------------
+
+
+def check_data(summary: Summary, endpoint_url: str) -> Problems:
+    uri, expected = summary["where"]["shards"], summary["config"]["num_shards"]
+    fs, path = storage.resolve(uri, endpoint_url)
+    shards = [p for p in storage.list_files(fs, path) if p.endswith(".tar")]
+    return [] if len(shards) == expected else [f"{len(shards)} shard files in {uri}, expected {expected}"]
+
+
+def check_tokenizer(summary: Summary, endpoint_url: str) -> Problems:
+    config = summary["config"]
+    problems = check_training_run(summary, "tokenizer_full", "tokenizer", config["tokenizer_full_steps"], endpoint_url)
+    if config["tokenizer_hybrid_steps"]:
+        problems += check_training_run(summary, "tokenizer_hybrid", "tokenizer", config["tokenizer_hybrid_steps"],
+                                       endpoint_url)
+    return problems
+
+
+def check_precompute(summary: Summary, endpoint_url: str) -> Problems:
+    """Committed shards = input shards, and cache rows = samples, each key once."""
+    import pyarrow.parquet as pq
+
+    from pipelines.cache import committed_files, read_manifest
+
+    uri, config = summary["where"]["cache"], summary["config"]
+    manifest = read_manifest(uri, endpoint_url)
+    problems = []
+    if len(manifest["committed_shards"]) != config["num_shards"]:
+        problems.append(f"{len(manifest['committed_shards'])} committed shards in {uri}, expected {config['num_shards']}")
+    keys = []
+    for file in committed_files(uri, manifest):
+        fs, path = storage.resolve(file, endpoint_url)
+        keys += pq.read_table(path, columns=["key"], filesystem=fs).column("key").to_pylist()
+    if len(keys) != config["num_train_samples"]:
+        problems.append(f"{len(keys)} cache rows in {uri}, expected {config['num_train_samples']} (one per sample)")
+    if len(set(keys)) != len(keys):
+        problems.append(f"{len(keys) - len(set(keys))} duplicated keys in {uri}")
+    return problems
+
+
+def check_joint(summary: Summary, endpoint_url: str) -> Problems:
+    # the local export is the one generation reads
+    return check_training_run(summary, "joint", "joint", summary["config"]["joint_steps"], endpoint_url,
+                              local_export=Path(summary["where"]["export"]))
+
+
+def check_generate(summary: Summary, endpoint_url: str) -> Problems:
+    """One readable PNG per held-out prompt and sample, with and without the head, all of one size."""
+    from PIL import Image
+
+    from pipelines.shapes import prompts
+
+    expected = len(prompts("heldout")) * summary["config"]["samples_per_prompt"]
+    problems, sizes = [], set()
+    for tag in SAMPLE_TAGS:
+        files = sorted((Path(summary["where"]["samples"]) / tag).glob("*.png"))
+        if len(files) != expected:
+            problems.append(f"{len(files)} images in samples/{tag}, expected {expected}")
+        for file in files:
+            with Image.open(file) as image:
+                image.load()
+                sizes.add(image.size)
+    if len(sizes) > 1:
+        problems.append(f"samples have several sizes: {sorted(sizes)}")
+    return problems
+
+
+def expected_figures(summary: Summary) -> list[str]:
+    """The figures the evaluation step reports (generation only when the classifier passed on real images)."""
+    names = ["tokenizer_psnr_hybrid", "tokenizer_psnr_discrete", "tokenizer_psnr_gain_se", "classifier_accuracy_on_real"]
+    names += [f"reconstruction_{what}_accuracy_{kind}" for what in ("colour", "shape") for kind in ("hybrid", "discrete")]
+    results = summary["results"]
+    if results.get("classifier_accuracy_on_real", 0.0) >= summary["classifier_min_accuracy"]:
+        names += [f"generation_{what}_accuracy_{tag}" for what in ("colour", "shape", "joint") for tag in SAMPLE_TAGS]
+    return names
+
+
+def check_evaluate(summary: Summary, endpoint_url: str) -> Problems:
+    """Every figure is in the summary, finite, and logged to the joint run as `demo/<name>`."""
+    results, problems = summary["results"], []
+    for name in expected_figures(summary):
+        value = results.get(name)
+        if value is None:
+            problems.append(f"figure {name} is missing from the summary")
+        elif not math.isfinite(value):
+            problems.append(f"figure {name} is {value}")
+    run_id = summary["where"]["mlflow_runs"].get("joint")
+    if run_id:
+        client = mlflow_client(summary)
+        logged = client.get_run(run_id).data.metrics
+        missing = [name for name in expected_figures(summary) if name in results and f"demo/{name}" not in logged]
+        if missing:
+            problems.append(f"figures not logged to MLflow run {run_id}: {missing}")
+        if not any(a.path == f"demo/{HELDOUT_GRID}" for a in client.list_artifacts(run_id, "demo")):
+            problems.append(f"MLflow run {run_id} has no demo/{HELDOUT_GRID} (the held-out samples)")
+    return problems
+
+
+STEP_CHECKS: dict[str, Callable[[Summary, str], Problems]] = {
+    "data": check_data, "tokenizer": check_tokenizer, "precompute": check_precompute,
+    "joint": check_joint, "generate": check_generate, "evaluate": check_evaluate,
+}
+
+
+def check_demo(summary: Summary, endpoint_url: str = "") -> Problems:
+    """All problems with a finished demo's outputs, as 'step: problem' lines (empty: all present)."""
+    problems = []
+    for step, check in STEP_CHECKS.items():
+        try:
+            found = check(summary, endpoint_url)
+        except Exception as exc:  # noqa: BLE001 - an output that cannot even be read is a finding, not a crash
+            found = [f"cannot read its outputs: {type(exc).__name__}: {exc}"]
+        problems += [f"{step}: {problem}" for problem in found]
+    return problems
+
+
+__all__ = ["check_demo", "STEP_CHECKS", "check_export", "expected_figures"]

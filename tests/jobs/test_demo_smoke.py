@@ -1,0 +1,176 @@
+"""`make demo-smoke`: the README's first command end to end at tiny step counts, and its check's teeth.
+
+The module runs the demo once with `--smoke` (`jobs.demo.main`, in this process: a local Ray
+instance of its own, started and stopped by the demo), then:
+- asserts that it passed its outputs check (`jobs.demo_outputs`) and exited 0;
+- breaks one real output at a time (in place, restored afterwards) and asserts that exactly the
+  step that should have produced it reports the problem;
+- reruns the last step with its image writing broken and asserts that the demo exits non-zero.
+
+Marked `smoke`: `make test` leaves it out, `make demo-smoke` (and so `.ci/run`) runs it.
+Run: .venv/bin/pytest -m smoke tests/jobs/test_demo_smoke.py -q -s
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.smoke
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    from jobs.demo import main
+
+    root = tmp_path_factory.mktemp("smoke")
+    started = time.time()
+    code = main(["--smoke", "--workdir", str(root / "demo")])
+    print(f"\n[demo-smoke] python -m jobs.demo --smoke: exit code {code} in {time.time() - started:.0f} s")
+    summary = json.loads((root / "demo" / "summary.json").read_text())
+    assert code == 0, summary["problems"]
+    return {"root": root, "workdir": root / "demo", "summary": summary}
+
+
+def test_every_step_produced_its_outputs(smoke):
+    from jobs.demo import psnr_verdict
+    from jobs.demo_outputs import check_demo, expected_figures
+
+    summary = smoke["summary"]
+    assert summary["problems"] == []
+    assert check_demo(summary) == []  # the same check, run again from the saved summary
+    assert all(math.isfinite(summary["results"][name]) for name in expected_figures(summary))
+    # the demo tokenizer is not reference-buildable: both exported folders say so
+    for folder in ("tokenizer", "llm"):
+        assert (smoke["workdir"] / "export" / folder / "REFERENCE_COMPATIBILITY.txt").is_file()
+    # after a few steps hybrid and discrete PSNR are within noise: no verdict
+    assert psnr_verdict(summary["results"]).startswith("no meaningful difference")
+
+
+@contextlib.contextmanager
+def moved_away(path: Path):
+    """`path` is gone inside the block and back after it."""
+    aside = path.with_name(path.name + ".aside")
+    shutil.move(path, aside)
+    try:
+        yield
+    finally:
+        shutil.move(aside, path)
+
+
+@contextlib.contextmanager
+def rewritten(path: Path, change):
+    """`path` holds `change(path)`'s edit inside the block, its own bytes after it."""
+    original = path.read_bytes()
+    try:
+        change(path)
+        yield
+    finally:
+        path.write_bytes(original)
+
+
+def drop_a_row(path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    pq.write_table(table.slice(1), path)
+
+
+def perturb_ema(path: Path) -> None:
+    from hart.weights import load_weight_file, save_weight_file
+
+    state = load_weight_file(path)
+    key = next(k for k, v in state.items() if v.is_floating_point() and "attn_bias" not in k)
+    state[key] = state[key] + 1.0
+    save_weight_file(state, path)
+
+
+def run_folder(workdir: Path, suffix: str) -> Path:
+    return next((workdir / "train").glob(f"demo-*-{suffix}"))
+
+
+def mlflow_artifacts(smoke, run_key: str) -> Path:
+    run_id = smoke["summary"]["where"]["mlflow_runs"][run_key]
+    return next((smoke["root"] / "mlartifacts").glob(f"{run_id}/artifacts"))
+
+
+# (what is broken, how, which step must report it, words of its report)
+BREAKAGES = {
+    "a shard file": (lambda s: moved_away(sorted((s["workdir"] / "shapes").glob("*.tar"))[0]),
+                     "data", "1 shard files"),
+    "the tokenizer stage's export": (lambda s: moved_away(run_folder(s["workdir"], "tokenizer-full") / "export"),
+                                     "tokenizer", "has no tokenizer/ folder"),
+    "the tokenizer stage's reconstruction grid": (
+        lambda s: moved_away(mlflow_artifacts(s, "tokenizer_full") / "reconstructions"), "tokenizer",
+        "no reconstructions/*.png grid"),
+    "a cache row": (lambda s: rewritten(sorted((s["workdir"] / "cache/shapes/data").glob("*.parquet"))[0], drop_a_row),
+                    "precompute", "63 cache rows"),
+    "the generator export (export skipped)": (lambda s: moved_away(s["workdir"] / "export" / "llm"),
+                                              "joint", "has no llm/ folder"),
+    "the exported weights (a stale export)": (
+        lambda s: rewritten(s["workdir"] / "export" / "llm" / "ema_model.bin", perturb_ema),
+        "joint", "does not hold the weights"),
+    "the joint checkpoint": (lambda s: moved_away(next(run_folder(s["workdir"], "joint").glob("checkpoint_*"))),
+                             "joint", "checkpoint"),
+    "the joint run's sample grid": (lambda s: moved_away(mlflow_artifacts(s, "joint") / "samples"),
+                                    "joint", "no samples/*.png grid"),
+    "the compatibility note": (
+        lambda s: moved_away(s["workdir"] / "export" / "tokenizer" / "REFERENCE_COMPATIBILITY.txt"),
+        "joint", "REFERENCE_COMPATIBILITY.txt is missing"),
+    "a generated image": (lambda s: moved_away(sorted((s["workdir"] / "samples" / "with_head").glob("*.png"))[0]),
+                          "generate", "images in samples/with_head"),
+}
+
+
+@pytest.mark.parametrize("what", list(BREAKAGES))
+def test_a_missing_output_fails_the_check_of_its_step(smoke, what):
+    from jobs.demo_outputs import check_demo
+
+    breakage, step, words = BREAKAGES[what]
+    with breakage(smoke):
+        problems = check_demo(smoke["summary"])
+    assert problems, f"breaking {what} went unnoticed"
+    assert all(p.startswith(f"{step}: ") for p in problems), problems
+    assert any(words in p for p in problems), problems
+    assert check_demo(smoke["summary"]) == []  # restored
+
+
+def test_a_missing_or_nan_figure_fails_the_evaluate_check(smoke):
+    from jobs.demo_outputs import check_demo
+
+    summary = json.loads(json.dumps(smoke["summary"]))
+    summary["results"]["tokenizer_psnr_hybrid"] = float("nan")
+    del summary["results"]["generation_shape_accuracy_with_head"]
+    problems = check_demo(summary)
+    assert problems == ["evaluate: figure tokenizer_psnr_hybrid is nan",
+                        "evaluate: figure generation_shape_accuracy_with_head is missing from the summary"]
+
+
+def test_a_broken_step_makes_the_demo_fail(smoke, monkeypatch, capsys):
+    """The generation step rerun with its image writing broken (saving to a file does nothing):
+    nothing raises inside the demo, and its outputs check fails it. Runs last: it leaves the
+    workdir without samples."""
+    import PIL.Image
+
+    from jobs.demo import main
+
+    save = PIL.Image.Image.save
+
+    def save_nothing_to_files(self, fp, *args, **kwargs):
+        if isinstance(fp, (str, os.PathLike)):
+            return None
+        return save(self, fp, *args, **kwargs)  # in-memory encoding (the held-out images) still works
+
+    monkeypatch.setattr(PIL.Image.Image, "save", save_nothing_to_files)
+    code = main(["--smoke", "--workdir", str(smoke["workdir"]), "--from-step", "evaluate"])
+    output = capsys.readouterr().out
+    assert code == 1, output[-3000:]
+    assert "generate: 0 images in samples/with_head, expected 18" in output
+    assert "[demo] FAILED" in output
