@@ -70,12 +70,23 @@ def token_auth_head():
         patch.setenv("RAY_AUTH_MODE", "token")
         patch.setenv("RAY_AUTH_TOKEN", token)
         yield address, token
+    # A graceful stop takes this head ~35 s; its processes (GCS, raylet, dashboard, workers) all share
+    # its process group and its own temp dir, so after a short grace the group is killed outright.
     os.killpg(head.pid, signal.SIGTERM)
     try:
-        head.wait(timeout=60)
+        head.wait(timeout=5)
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
         head.wait()
+    survivors = [p.name for p in Path("/proc").iterdir() if p.name.isdigit() and temp_dir in _cmdline(p)]
+    assert not survivors, f"processes of the test's Ray head outlived it: {survivors}"
+
+
+def _cmdline(proc: Path) -> str:
+    try:
+        return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:  # the process ended meanwhile
+        return ""
 
 
 def test_unauthenticated_request_is_refused(token_auth_head):
