@@ -59,14 +59,14 @@ def test_demo_tokenizer_folder_gets_a_note_and_a_warning(tmp_path):
     assert HybridTokenizer.from_pretrained(tmp_path / "tok").config == DEMO_TOKENIZER
 
 
-def test_reference_shaped_folder_has_no_note_and_a_stale_note_is_removed(tmp_path):
+def test_released_preset_folder_has_no_note_and_a_stale_note_is_removed(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ReferenceCompatibilityWarning)
         HybridTokenizer(DEMO_TOKENIZER).save_pretrained(tmp_path / "tok")
     assert (tmp_path / "tok" / NOTE_FILE).is_file()
     with warnings.catch_warnings():
         warnings.simplefilter("error", ReferenceCompatibilityWarning)  # any such warning fails the test
-        HybridTokenizer(REFERENCE_SHAPED_TOKENIZER).save_pretrained(tmp_path / "tok")
+        HybridTokenizer(TOKENIZER_PRESETS["hart-1024"]).save_pretrained(tmp_path / "tok")  # HART's released size
     assert not (tmp_path / "tok" / NOTE_FILE).exists()
 
 
