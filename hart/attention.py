@@ -10,6 +10,13 @@ on GPU, works identically on CPU, and also covers token subsampling (kept last-s
 tokens still form one trailing segment). With a KV cache (sampling) each call adds one
 segment (the text, or one scale) and attends to everything cached so far.
 
+A second training path runs the whole block-causal mask in one FlexAttention call
+(`flex_segmented_attention`) with a `BlockMask` built once per segment layout (text length,
+scale list, kept last-scale count) and cached (`block_causal_mask`). It computes the same
+function as the segment path, fused into one kernel on GPU, and its mask is exactly the one
+above: text pads are attended, as in the released model. FlexAttention has no CPU backward
+(torch 2.13), so on CPU it serves forward passes only; `hart.parallelize` picks the path.
+
 Projection layout matches the checkpoint: `qkv_proj` (llama) / `mat_qkv` (gpt2) without
 bias, learnable `q_bias` and `v_bias`, a persistent all-zero `zero_k_bias` buffer, `proj`
 with bias, and `scale_mul_1H11` (log scale, clamped at log 100) when `attn_l2_norm`.
@@ -21,13 +28,20 @@ Shape legend: B batch, L tokens, C width, H heads, hd head dim, T text tokens.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from hart.rope import apply_rope
+
+ATTENTION_BACKENDS = ("sdpa", "flex")
+# One BlockMask per segment layout: with last-scale subsampling the kept count sets the last segment,
+# so a run sees at most one mask per kept count (a handful with bucketed counts).
+MASK_CACHE_SIZE = 256
 
 
 class _Prefixes(torch.autograd.Function):
@@ -77,6 +91,43 @@ def segmented_attention(q_BHLd, k_BHLd, v_BHLd, ends: list[int], scale: float) -
     keys, values = _Prefixes.apply(k_BHLd, ends, dtype), _Prefixes.apply(v_BHLd, ends, dtype)
     outs = [F.scaled_dot_product_attention(q, k, v, scale=scale) for q, k, v in zip(queries, keys, values)]
     return torch.cat(outs, dim=2)
+
+
+@functools.lru_cache(maxsize=MASK_CACHE_SIZE)
+def block_causal_mask(ends: tuple[int, ...], device: str) -> BlockMask:
+    """The block-causal rule of `ends` (query segment i sees keys [0, ends[i])) as a FlexAttention mask.
+
+    Segment i holds level i; a query attends to every key whose level is not above its own.
+    Built once per (ends, device) and kept: creating it evaluates the rule over the whole grid.
+    """
+    sizes = torch.tensor([ends[0], *(b - a for a, b in zip(ends, ends[1:]))])
+    levels_L = torch.repeat_interleave(torch.arange(len(ends)), sizes).to(device)
+
+    def query_level_at_least_key_level(batch, head, q_idx, kv_idx):
+        return levels_L[q_idx] >= levels_L[kv_idx]
+
+    return create_block_mask(query_level_at_least_key_level, B=None, H=None, Q_LEN=ends[-1], KV_LEN=ends[-1],
+                             device=device)
+
+
+@functools.cache
+def _compiled_flex_attention():
+    # Called eagerly, flex_attention materialises the whole score matrix; compiled, it is one fused
+    # kernel. Inside a compiled block (parallel.compile) the plain function is traced instead.
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_segmented_attention(q_BHLd, k_BHLd, v_BHLd, block_mask: BlockMask, scale: float) -> torch.Tensor:
+    """Block-causal attention in one FlexAttention call; same function as `segmented_attention`."""
+    device = q_BHLd.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else q_BHLd.dtype
+    # One dtype (autocast does not cast for flex) and contiguous: compiled on CPU (torch 2.13), the flex
+    # kernel read the strided views the qkv projection leaves (v) wrongly inside a compiled block (max
+    # error 0.5 on the tiny preset; exact once contiguous). Under compile the copy fuses into the producer.
+    q, k, v = (t.to(dtype).contiguous() for t in (q_BHLd, k_BHLd, v_BHLd))
+    if device == "cuda" and not torch.compiler.is_compiling():
+        return _compiled_flex_attention()(q, k, v, block_mask=block_mask, scale=scale)
+    return flex_attention(q, k, v, block_mask=block_mask, scale=scale)
 
 
 class KVCache:
@@ -133,10 +184,12 @@ class SelfAttention(nn.Module):
         segment_ends: list[int] | None = None,
         cache: KVCache | None = None,
         attn_mask: torch.Tensor | None = None,
+        block_mask: BlockMask | None = None,
     ) -> torch.Tensor:
-        """Attend with one of three masks.
+        """Attend with one of four masks.
 
         - `segment_ends` (training): query segment i is [ends[i-1], ends[i]) and sees keys [0, ends[i]).
+        - `block_mask` (training, flex path): the same rule as one FlexAttention mask (`block_causal_mask`).
         - `cache` (sampling): all queries see every cached key plus the new ones.
         - `attn_mask` (reference/tests only): a dense additive or boolean mask for SDPA.
         """
@@ -151,6 +204,8 @@ class SelfAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         elif attn_mask is not None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)
+        elif block_mask is not None:
+            out = flex_segmented_attention(q, k, v, block_mask, self.scale)
         else:
             ends = segment_ends or [L]
             assert ends[-1] == L, f"segments end at {ends[-1]} but the sequence has {L} tokens"

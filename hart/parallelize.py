@@ -3,8 +3,8 @@ DDP/FSDP2.
 
 Design: the only module in `hart/` that touches `torch.distributed`. Model files stay
 single-device; a job builds the model, then calls `parallelize(model, config, device)`.
-The order follows torchtitan: activation checkpointing -> torch.compile (per block) ->
-data parallel wrapper. DDP is the default (HART-0.7B fits on one GPU); FSDP2
+The order follows torchtitan: attention kernel choice -> activation checkpointing ->
+torch.compile (per block) -> data parallel wrapper. DDP is the default (HART-0.7B fits on one GPU); FSDP2
 (`fully_shard` per transformer block, then at the root) is for the large presets.
 
 Neither activation checkpointing nor compile changes state-dict keys (both patch the
@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 STRATEGIES = ("none", "ddp", "fsdp")
+ATTENTION_CHOICES = ("sdpa", "flex", "auto")
 
 
 @dataclass(frozen=True)
@@ -42,10 +43,17 @@ class ParallelConfig:
     # reorders (demo tokenizer step on CPU: 0.78x the time, BENCHMARKS.md). Changes the conv
     # algorithms, so losses match NCHW to ~1e-7, not bit for bit. Checkpoints are written contiguous.
     channels_last: bool = False
+    # Training attention kernel of the transformer: "sdpa" (one SDPA call per scale), "flex" (one
+    # FlexAttention call over the whole block-causal mask; CUDA only, FlexAttention has no CPU backward),
+    # "auto" (flex on CUDA, sdpa elsewhere). The default stays "sdpa" until flex's backward and speed
+    # have been measured on a GPU.
+    attention: str = "sdpa"
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"parallel.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(f"parallel.attention must be one of {ATTENTION_CHOICES}, got {self.attention!r}")
         if self.channels_last and self.strategy == "fsdp":
             raise ValueError("parallel.channels_last is not supported with parallel.strategy='fsdp' (untested "
                              "with sharded conv weights); use ddp for the tokenizer")
@@ -91,6 +99,28 @@ def apply_activation_checkpointing(model: nn.Module) -> int:
     return len(blocks)
 
 
+def resolve_attention(choice: str, device: torch.device) -> str:
+    """The training attention kernel for `choice` on `device` ("auto": flex on CUDA, sdpa elsewhere)."""
+    if choice == "auto":
+        return "flex" if device.type == "cuda" else "sdpa"
+    if choice == "flex" and device.type != "cuda":
+        raise ValueError(f"parallel.attention=flex trains on CUDA only (FlexAttention has no backward on "
+                         f"{device.type}); use sdpa or auto")
+    return choice
+
+
+def apply_attention(model: nn.Module, choice: str, device: torch.device) -> str | None:
+    """Set the training attention kernel on the modules that have one (the transformer); returns it,
+    or None for a model without attention (the tokenizer)."""
+    holders = [module for module in model.modules() if hasattr(module, "attention_backend")]
+    if not holders:
+        return None
+    backend = resolve_attention(choice, device)
+    for module in holders:
+        module.attention_backend = backend
+    return backend
+
+
 def apply_compile(model: nn.Module) -> None:
     """Compile per block (small graphs, fast recompiles), or the root when there are no blocks.
 
@@ -125,6 +155,7 @@ def parallelize(model: nn.Module, config: ParallelConfig, device: torch.device) 
     model.to(device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
+    apply_attention(model, config.attention, device)
     if config.activation_checkpointing:
         apply_activation_checkpointing(model)
     if config.compile:

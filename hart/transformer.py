@@ -6,7 +6,8 @@ projected tokens, pooled, drive every block's AdaLN (avg or max per config) and,
 max-pooled, the head's AdaLN. Each token gets the sinusoidal level embedding of its scale
 (text = level 0). The 1x1 first scale has no input token: it is predicted from the last
 text position, so logits start at position T-1 and line up with the image tokens.
-Attention is block-causal over levels (see `hart.attention`); positions are RoPE (text
+Attention is block-causal over levels (see `hart.attention`; `attention_backend` picks the
+training kernel, set from outside by `hart.parallelize`); positions are RoPE (text
 1-D, image 2-D, `hart.rope`) for `attn_type="llama"`, learned absolute tables for "gpt2".
 
 The module has three entry points:
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from hart.attention import KVCache
+from hart.attention import KVCache, block_causal_mask
 from hart.blocks import AdaLNBeforeHead, AdaLNSelfAttnBlock, RMSNorm, TimestepEmbedder, make_norm, pool_condition
 from hart.config import TokenizerConfig, TransformerConfig
 from hart.diffusion_head import DiffLoss
@@ -61,6 +62,9 @@ class HARTForT2I(nn.Module):
         self.patch_nums = tuple(cfg.patch_nums)
         self.num_scales = len(self.patch_nums)
         self.gradient_checkpointing = False
+        # Training attention kernel, chosen from outside (hart.parallelize): "sdpa" = one SDPA call per
+        # segment, "flex" = one FlexAttention call with a cached block mask (hart.attention).
+        self.attention_backend = "sdpa"
 
         self.word_embed = nn.Linear(cfg.token_dim, C)
         self.context_embed = nn.Linear(cfg.context_dim, C)
@@ -189,12 +193,13 @@ class HARTForT2I(nn.Module):
         sin = torch.cat([p[1] for p in parts], dim=1)
         return cos, sin, self.rope.interleaved
 
-    def run_blocks(self, x_BLC, cond: TextCondition, rope, num_text: int, segment_ends=None, caches=None):
+    def run_blocks(self, x_BLC, cond: TextCondition, rope, num_text: int, segment_ends=None, caches=None,
+                   block_mask=None):
         for i, block in enumerate(self.blocks):
             cache = caches[i] if caches is not None else None
 
             def attend(attn, x, cache=cache):
-                return attn(x, rope, segment_ends=segment_ends, cache=cache)
+                return attn(x, rope, segment_ends=segment_ends, cache=cache, block_mask=block_mask)
 
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x_BLC = checkpoint(
@@ -268,7 +273,10 @@ class HARTForT2I(nn.Module):
         for pn in self.patch_nums[1:-1]:
             ends.append(ends[-1] + pn * pn)
         ends.append(ends[-1] + k)
-        h = self.run_blocks(x, cond, rope, T, segment_ends=ends)
+        block_mask = None
+        if self.attention_backend == "flex":  # built once per layout (text, scales, kept count), then cached
+            block_mask = block_causal_mask(tuple(ends), str(x.device))
+        h = self.run_blocks(x, cond, rope, T, segment_ends=ends, block_mask=block_mask)
         logits = self.logits(h[:, T - 1 :], cond)
         if diffusion_reference is not None:
             if codebook is None:
