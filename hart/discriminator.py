@@ -29,7 +29,7 @@ class NLayerDiscriminator(nn.Module):
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-        self.in_channels = in_channels
+        self.in_channels, self.ndf, self.num_layers = in_channels, ndf, num_layers
         layers: list[nn.Module] = [
             nn.Conv2d(in_channels, ndf, kernel_size=4, stride=2, padding=1),
             nn.LeakyReLU(0.2, inplace=True),

@@ -1,13 +1,15 @@
 """Whether the reference implementation (mit-han-lab/hart) can build a config we save.
 
 Design: the released code reads most architecture from `config.json`, but it fixes a few
-values in code instead (the tokenizer's conv-net depth, attention and GroupNorm groups; the
-transformer's RoPE base and mode and the residual scale of its diffusion head). Our configs make
-those values fields, so a folder we write can hold a network the reference would build
-differently: its `from_pretrained` then fails on missing keys or shape mismatches, or builds
-another function. Each loader module owns its table of fixed values (`REFERENCE_FIXED` in
-`hart.tokenizer` and `hart.transformer_checkpoint`); this module compares a config against such
-a table and tells the truth in two places when they differ:
+values in code instead (the tokenizer's conv-net depth, attention, GroupNorm groups and
+discriminator size; the transformer's RoPE base and mode and the residual scale of its diffusion
+head). Our configs make those values fields, so a folder we write can hold a network the reference
+would build differently: its `from_pretrained` (Hugging Face) then fails on mismatched shapes, or
+warns about missing or unexpected keys and fills the missing ones with random weights, or quietly
+computes another function (a different GroupNorm group count changes no shape). Each loader module
+owns its table of fixed values (`REFERENCE_FIXED` in `hart.tokenizer` and
+`hart.transformer_checkpoint`); this module compares a config against such a table and tells the
+truth in two places when they differ:
 
 - a note next to `config.json` (`NOTE_FILE`), naming each field, our value and the reference's;
 - a `ReferenceCompatibilityWarning` on the console naming the same fields.

@@ -53,6 +53,8 @@ HART_TRAINING_FIELDS = ("levels", "test_mode", "hybrid", "freeze_codebook_for_hy
 # What the reference HARTAutoEncoder fixes in code instead of reading config.json. We write these
 # fields into config.json too (the reference ignores them); absent from a folder -> these values.
 REFERENCE_FIXED = {"num_res_blocks": 2, "using_sa": True, "using_mid_sa": True, "in_channels": 3, "norm_groups": 32}
+# Its discriminator (the `disc.*` keys) is always built at the released size.
+REFERENCE_DISCRIMINATOR = {"in_channels": 3, "ndf": 64, "num_layers": 3}
 
 
 class HybridTokenizer(nn.Module):
@@ -190,12 +192,19 @@ class HybridTokenizer(nn.Module):
             state.update({f"disc.{k}": v for k, v in discriminator.state_dict().items()})
         save_weight_file(state, path / "model.safetensors")
         (path / "config.json").write_text(json.dumps(config_to_hart_json(self.config), indent=2) + "\n")
-        record(path, "tokenizer", reference_differences(self.config), "hart.tokenizer.HybridTokenizer.from_pretrained")
+        record(path, "tokenizer", reference_differences(self.config, discriminator),
+               "hart.tokenizer.HybridTokenizer.from_pretrained")
 
 
-def reference_differences(config: TokenizerConfig, prefix: str = "") -> list[Difference]:
-    """Fields the reference implementation would build differently (empty: it can load this config)."""
-    return differences(config_to_dict(config), REFERENCE_FIXED, prefix)
+def reference_differences(config: TokenizerConfig, discriminator: NLayerDiscriminator | None = None,
+                          prefix: str = "") -> list[Difference]:
+    """Fields the reference implementation would build differently (empty: it can load this config),
+    including those of a discriminator saved with it (`disc.*`)."""
+    found = differences(config_to_dict(config), REFERENCE_FIXED, prefix)
+    if discriminator is not None:
+        sizes = {name: getattr(discriminator, name) for name in REFERENCE_DISCRIMINATOR}
+        found += differences(sizes, REFERENCE_DISCRIMINATOR, f"{prefix}disc.")
+    return found
 
 
 def split_tokenizer_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -221,7 +230,12 @@ def load_discriminator(path: str | Path) -> NLayerDiscriminator:
     _, disc_state = split_tokenizer_state(state)
     if not disc_state:
         raise ValueError(f"{path} holds no `disc.*` keys (no discriminator was saved with this tokenizer)")
-    discriminator = NLayerDiscriminator()
+    # Its size from the weights (the first conv is ndf x in_channels, one BatchNorm per hidden layer);
+    # without them the released size, and the strict match below lists what is missing.
+    first = disc_state.get("main.0.weight")
+    ndf, in_channels = (int(first.shape[0]), int(first.shape[1])) if first is not None else (64, 3)
+    num_layers = sum(1 for key in disc_state if key.endswith(".running_mean")) or 3
+    discriminator = NLayerDiscriminator(in_channels=in_channels, ndf=ndf, num_layers=num_layers)
     match_state_dict(discriminator.state_dict(), disc_state, what=f"discriminator {path}")
     discriminator.load_state_dict(disc_state, strict=True)
     return discriminator

@@ -47,15 +47,18 @@ IGNORED_OFFICIAL_FIELDS = {
     "transformers_version", "_name_or_path", "auto_map", "sampler", "shared_aln",
 }
 
-# What the official HARTForT2I fixes in code: RoPE base and mode (its blocks pass rope_theta=10000 and
-# only know the released 2-D RoPE) and the residual scale of its diffusion head (DiffLoss.vae_scale).
-REFERENCE_FIXED = {"rope_theta": 10000.0, "rope_mode": "hart", "diffusion_target_scale": 0.6}
+# What the official HARTForT2I fixes in code: the residual scale of its diffusion head (DiffLoss.vae_scale)
+# and, for llama attention (the only kind with RoPE, there and here), RoPE base and mode: its blocks
+# pass rope_theta=10000 and only know the released 2-D RoPE.
+REFERENCE_FIXED = {"diffusion_target_scale": 0.6}
+REFERENCE_FIXED_ROPE = {"rope_theta": 10000.0, "rope_mode": "hart"}
 
 
 def reference_differences(config: TransformerConfig, tokenizer: TokenizerConfig | None = None) -> list[Difference]:
     """Fields the reference would build differently; with `tokenizer`, also those of the tokenizer
     folder it loads beside `llm/` and the sizes it reads from there (vocabulary, token width)."""
-    found = differences(config_to_dict(config), REFERENCE_FIXED)
+    fixed = {**REFERENCE_FIXED, **(REFERENCE_FIXED_ROPE if config.attn_type == "llama" else {})}
+    found = differences(config_to_dict(config), fixed)
     if tokenizer is not None:
         read_from_tokenizer = {"vocab_size": tokenizer.vocab_size, "token_dim": tokenizer.z_channels}
         found += differences(config_to_dict(config), read_from_tokenizer)

@@ -19,9 +19,10 @@ order (`data.preserve_order`): with the same seed they train on the same batches
 runs differ only by what their settings change.
 
 Every demo ends by checking that each step left its outputs (`jobs.demo_outputs`) and exits
-non-zero when one is missing. `--smoke` (`make demo-smoke`) runs the same chain at tiny step
-counts in a temporary workdir, in about two and a half minutes on 2 cores: it checks the plumbing,
-not the quality, and removes the workdir when every check passes.
+non-zero when one is missing. `--smoke` runs the same chain at tiny step counts, in about two and
+a half minutes on 2 cores, in a temporary workdir that is removed when every check passes (or in
+`--workdir`, kept): it checks the plumbing, not the quality. `make demo-smoke` runs it under
+pytest together with the tests of the check itself (tests/jobs/test_demo_smoke.py).
 
 `--storage s3` runs the same demo against a local S3-compatible server (moto, loopback) for
 shards, caches and checkpoints and an `mlflow server` process on loopback, both started and
@@ -96,16 +97,37 @@ class DemoConfig:
     top_k: int = 16
     from_step: str = "data"  # rerun from a later step, reusing the earlier steps' outputs in workdir
 
+    def __post_init__(self) -> None:
+        if self.storage not in ("local", "s3"):
+            raise ValueError(f"storage must be 'local' or 's3', got {self.storage!r}")
+        if self.from_step not in STEPS:
+            raise ValueError(f"from_step must be one of {STEPS}, got {self.from_step!r}")
+        if self.num_heldout_images < 2:  # the PSNR gain's interval needs two images
+            raise ValueError(f"num_heldout_images must be >= 2, got {self.num_heldout_images}")
+        if self.samples_per_prompt < 1 or self.num_shards < 1 or self.num_train_samples < self.num_shards:
+            raise ValueError("samples_per_prompt and num_shards must be >= 1, and num_train_samples >= num_shards")
 
-# `--smoke`: every step at the smallest size that still runs it for real (two shards, both training
-# stages past their warm-ups, one sample per held-out prompt). Measured: ~2.5 min on 2 cores.
+
+# `--smoke`: every step at the smallest size that still runs it for real (two shards, the tokenizer
+# past its autoencoder warm-up so the codebook is seeded and used, one sample per held-out prompt).
+# Measured: 2-3 min on 2 cores.
 SMOKE = {"num_train_samples": 64, "num_shards": 2, "num_heldout_images": 36, "tokenizer_full_steps": 20,
          "tokenizer_vq_warmup_steps": 10, "joint_steps": 10, "samples_per_prompt": 1}
 STEPS = ("data", "tokenizer", "precompute", "joint", "evaluate")
+# The settings whose values shape each step's outputs; a step records them when it runs
+# (<workdir>/steps.json), so a `--from-step` rerun checks the earlier steps' outputs against the
+# settings that made them.
+STEP_SETTINGS = {
+    "data": ("num_train_samples", "num_shards", "seed"),
+    "tokenizer": ("tokenizer_full_steps", "tokenizer_hybrid_steps"),
+    "joint": ("joint_steps",),
+    "evaluate": ("num_heldout_images", "samples_per_prompt"),
+}
+SAMPLE_TAGS = ("with_head", "without_head")  # generation with and without the residual head
 CLASSIFIER_MIN_ACCURACY = 0.98  # on real held-out images, before it may score generated ones
-# The tokenizer's PSNR verdict (hybrid vs discrete-only) needs a gain of at least this much, with a
-# 95% interval of the paired per-image gain clear of zero. Demo runs measure 1.1-2.5 dB; after a
-# few steps the two are within ~0.1 dB, which is no evidence either way.
+# The tokenizer's PSNR verdict (hybrid vs discrete-only) needs a gain of at least this much that is
+# also larger than the 95% interval of the paired per-image gain. Demo runs measure 1.1-2.5 dB;
+# after a few steps the two are within ~0.1 dB, which is no evidence either way.
 PSNR_MEANINGFUL_DB = 0.5
 S3_BUCKET = "hart-demo"
 S3_COPY = "s3-copy"  # <workdir>/s3-copy: what the loopback S3 server held, copied out before it stops
@@ -152,9 +174,11 @@ def shown(path: Path) -> str:
 
 
 def mlflow_ui_command(services: Services) -> str:
-    """The `make mlflow-ui` line that serves this demo's runs (the Makefile's default store is runs/mlflow.db)."""
+    """The `make mlflow-ui` line that serves this demo's runs (the Makefile's default store is the jobs' default)."""
+    from jobs.tracking import DEFAULT_TRACKING_URI
+
     command = "make mlflow-ui"
-    if services.mlflow_store != (Path.cwd() / "runs" / "mlflow.db"):
+    if services.mlflow_store != Path.cwd() / DEFAULT_TRACKING_URI.removeprefix("sqlite:///"):
         command += f" MLFLOW_STORE={shown(services.mlflow_store)}"
     if services.mlflow_artifacts is not None:
         command += f" MLFLOW_ARTIFACTS={shown(services.mlflow_artifacts)}"
@@ -171,8 +195,6 @@ def local_services(config: DemoConfig, workdir: Path):
                        artifact_location=str(store / "mlartifacts"), mlflow_store=store / "mlflow.db",
                        mlflow_artifacts=None)
         return
-    if config.storage != "s3":
-        raise ValueError(f"storage must be 'local' or 's3', got {config.storage!r}")
     import boto3
     from moto.server import ThreadedMotoServer
 
@@ -273,6 +295,15 @@ def psnr(a_B3HW: torch.Tensor, b_B3HW: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(1 / mse)
 
 
+def figure_names(classifier_valid: bool) -> list[str]:
+    """The figures `evaluate` reports; generation is scored only by a classifier that reads real images."""
+    names = ["tokenizer_psnr_hybrid", "tokenizer_psnr_discrete", "tokenizer_psnr_gain_se", "classifier_accuracy_on_real"]
+    names += [f"reconstruction_{what}_accuracy_{kind}" for kind in ("hybrid", "discrete") for what in ("colour", "shape")]
+    if classifier_valid:
+        names += [f"generation_{what}_accuracy_{tag}" for tag in SAMPLE_TAGS for what in ("colour", "shape", "joint")]
+    return names
+
+
 def evaluate(export: Path, config: DemoConfig, out: Path) -> dict:
     from hart.generate import generate, to_pil
     from hart.text_encoder import build_text_encoder
@@ -292,7 +323,7 @@ def evaluate(export: Path, config: DemoConfig, out: Path) -> dict:
         results[f"tokenizer_psnr_{kind}"] = float(values.mean())
     # standard error of the mean paired gain: the same images decoded both ways
     gain = (per_image["hybrid"] - per_image["discrete"]).double()
-    results["tokenizer_psnr_gain_se"] = float(gain.std() / len(gain) ** 0.5) if len(gain) > 1 else float("inf")
+    results["tokenizer_psnr_gain_se"] = float(gain.std() / len(gain) ** 0.5)
     real = shapes_classifier.accuracy(pil, labels)
     results["classifier_accuracy_on_real"] = real["joint_accuracy"]
     # A classifier that misreads real images cannot score generated ones: then no accuracy is reported.
@@ -311,8 +342,8 @@ def evaluate(export: Path, config: DemoConfig, out: Path) -> dict:
     prompt_list = [p for p in prompt_list for _ in range(config.samples_per_prompt)]
     prompt_labels = [lab for lab in prompt_labels for _ in range(config.samples_per_prompt)]
     samples_dir = out / "samples"
-    for use_diffusion in (True, False):
-        tag = "with_head" if use_diffusion else "without_head"
+    for tag in SAMPLE_TAGS:
+        use_diffusion = tag == "with_head"
         generated = generate(model, tok, encoder, prompt_list, cfg=config.cfg, top_k=(config.top_k, config.top_k),
                              seed=config.seed, use_diffusion=use_diffusion, batch_size=32, head_cfg=config.head_cfg)
         if classifier_valid:
@@ -323,6 +354,7 @@ def evaluate(export: Path, config: DemoConfig, out: Path) -> dict:
         (samples_dir / tag).mkdir(parents=True)
         for index, (image, prompt) in enumerate(zip(generated, prompt_list)):
             image.save(samples_dir / tag / f"{index:03d}-{prompt.replace(' ', '_')}.png")
+    assert sorted(results) == sorted(figure_names(classifier_valid)), sorted(results)
     return results
 
 
@@ -333,9 +365,9 @@ def _label_of(prompt: str) -> tuple[str, str]:
     return next(w for w in words if w in COLOURS), next(w for w in words if w in SHAPES)
 
 
-def run(config: DemoConfig) -> dict:
+def run(config: DemoConfig, temporary: bool = False) -> dict:
     """The six steps, then the outputs check; returns the summary (its "problems" list is empty when
-    every step produced its outputs)."""
+    every step produced its outputs). `temporary`: the workdir and its store go when the check passes."""
     import ray
 
     from jobs.demo_outputs import check_demo
@@ -344,8 +376,6 @@ def run(config: DemoConfig) -> dict:
 
     started = time.time()
     workdir = Path(config.workdir).resolve()
-    if config.from_step not in STEPS:
-        raise ValueError(f"from_step must be one of {STEPS}, got {config.from_step!r}")
     start = STEPS.index(config.from_step)
     if start > 0 and config.storage == "s3":
         raise ValueError("--from-step needs local storage: an S3 demo's bucket lived on a loopback server that "
@@ -355,6 +385,14 @@ def run(config: DemoConfig) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"[demo] workdir {workdir}", flush=True)
     previous = json.loads((workdir / "runs.json").read_text()) if start > 0 and (workdir / "runs.json").exists() else {}
+    recorded = json.loads((workdir / "steps.json").read_text()) if start > 0 and (workdir / "steps.json").exists() else {}
+    settings = {step: recorded.get(step) or {name: getattr(config, name) for name in names}
+                for step, names in STEP_SETTINGS.items()}  # a workdir without steps.json: the current values
+
+    def record(step_name: str) -> None:
+        settings[step_name] = {name: getattr(config, name) for name in STEP_SETTINGS[step_name]}
+        (workdir / "steps.json").write_text(json.dumps(settings, indent=1))
+
     timings: dict[str, float] = {}
     # Each demo starts clean, so its runs get fresh names: reusing a name would resume (append to)
     # the MLflow run of an earlier demo whose checkpoints were just deleted.
@@ -372,6 +410,7 @@ def run(config: DemoConfig) -> dict:
             step(f"1/6 data: {config.num_train_samples} shapes samples in {config.num_shards} shards -> {root}/shapes")
             write_shapes_shards(f"{root}/shapes", config.num_train_samples, config.num_shards, config.seed,
                                 endpoint_url=endpoint)
+            record("data")
             timings["data"] = time.time() - tick
         if start <= 1:
             tick = time.time()
@@ -403,6 +442,7 @@ def run(config: DemoConfig) -> dict:
                      "scaling.torch_threads": config.tokenizer_threads})["run_id"]
             timings["tokenizer"] = time.time() - tick
             (workdir / "runs.json").write_text(json.dumps(runs))
+            record("tokenizer")
 
         transformer = DEMO_TRANSFORMER if config.transformer == "demo" else config.transformer
         from hart.config import transformer_config
@@ -429,25 +469,29 @@ def run(config: DemoConfig) -> dict:
                  "scaling.torch_threads": config.joint_threads, "ema_decay": 0.98})["run_id"]
             timings["joint"] = time.time() - tick
             (workdir / "runs.json").write_text(json.dumps(runs))
+            record("joint")
         ray.shutdown()  # a no-op when Ray was not started
 
         tick = time.time()
         step("5/6 + 6/6 generate held-out prompts and evaluate")
         results = evaluate(export, config, workdir)
-        log_figures(services.tracking_uri, runs["joint"], results, workdir / "samples")
+        record("evaluate")
+        # named per invocation, so a rerun of this step cannot pass its check on an earlier run's grid
+        grid = f"demo/heldout_with_head-{tag}.png"
+        log_figures(services.tracking_uri, runs["joint"], results, workdir / "samples", grid)
         timings["generate+evaluate"] = time.time() - tick
 
-        summary = {"config": dataclasses.asdict(config), "results": results, "timings_s": timings,
-                   "classifier_min_accuracy": CLASSIFIER_MIN_ACCURACY, "where": {
-                       "shards": f"{root}/shapes", "cache": cache, "checkpoints": f"{root}/train",
-                       "export": str(export), "samples": str(workdir / "samples"), "mlflow": services.tracking_uri,
-                       "mlflow_runs": runs}}
+        summary = {"config": dataclasses.asdict(config), "steps": settings, "results": results, "timings_s": timings,
+                   "where": {"shards": f"{root}/shapes", "cache": cache, "checkpoints": f"{root}/train",
+                             "export": str(export), "samples": str(workdir / "samples"),
+                             "mlflow": services.tracking_uri, "mlflow_runs": runs, "heldout_grid": grid}}
         tick = time.time()
         step("check: every step's outputs")
         summary["problems"] = check_demo(summary, endpoint)  # while an S3 demo's servers still run
         timings["check"] = time.time() - tick
     results["seconds_total"] = time.time() - started
-    summary["after_exit"] = {"mlflow_store": str(services.mlflow_store), "mlflow_ui": mlflow_ui_command(services)}
+    summary["after_exit"] = {"mlflow_store": str(services.mlflow_store),
+                             "mlflow_ui": "" if temporary else mlflow_ui_command(services)}
     if services.s3_copy is not None:
         summary["after_exit"]["s3_copy"] = str(services.s3_copy)
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -468,13 +512,12 @@ def precompute(precompute_main, root: str, endpoint: str, cache: str, export: Pa
         raise RuntimeError(f"precompute failed with exit code {code}")
 
 
-def log_figures(tracking_uri: str, run_id: str, results: dict, samples_dir: Path) -> None:
-    """The figures as `demo/<name>` metrics of the joint run, and a grid of its held-out samples (with the head)."""
+def log_figures(tracking_uri: str, run_id: str, results: dict, samples_dir: Path, grid: str) -> None:
+    """The figures as `demo/<name>` metrics of the joint run, and `grid`: its held-out samples (with the head)."""
     import mlflow
     from PIL import Image
 
     from jobs import tracking
-    from jobs.demo_outputs import HELDOUT_GRID
 
     mlflow.set_tracking_uri(tracking_uri)
     with mlflow.start_run(run_id=run_id):
@@ -482,8 +525,7 @@ def log_figures(tracking_uri: str, run_id: str, results: dict, samples_dir: Path
     files = sorted((samples_dir / "with_head").glob("*.png"))
     if files:  # none: the outputs check reports the missing images and grid
         images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
-        tracking.RunLogger(tracking_uri, run_id, enabled=True).log_image(
-            tracking.image_grid(images, columns=8), f"demo/{HELDOUT_GRID}")
+        tracking.RunLogger(tracking_uri, run_id, enabled=True).log_image(tracking.image_grid(images, columns=8), grid)
 
 
 def psnr_verdict(r: dict) -> str:
@@ -492,7 +534,8 @@ def psnr_verdict(r: dict) -> str:
     figures = f"{gain:+.2f} dB, 95% interval +-{interval:.2f}"
     if abs(gain) >= PSNR_MEANINGFUL_DB and abs(gain) > interval:
         return f"hybrid {'higher, as HART claims' if gain > 0 else 'LOWER, against HART claim'} ({figures})"
-    return f"no meaningful difference ({figures}; a verdict needs >= {PSNR_MEANINGFUL_DB} dB beyond the interval)"
+    return (f"no meaningful difference ({figures}; a verdict needs a gain of >= {PSNR_MEANINGFUL_DB} dB that is "
+            f"also larger than the interval)")
 
 
 def print_summary(summary: dict) -> None:
@@ -507,7 +550,7 @@ def print_summary(summary: dict) -> None:
         f"{r['reconstruction_colour_accuracy_discrete']:.1%}, shape {r['reconstruction_shape_accuracy_discrete']:.1%}; "
         f"hybrid colour {r['reconstruction_colour_accuracy_hybrid']:.1%}, shape {r['reconstruction_shape_accuracy_hybrid']:.1%}",
     ]
-    for tag in ("with_head", "without_head"):
+    for tag in SAMPLE_TAGS:
         if f"generation_colour_accuracy_{tag}" not in r:
             lines.append(f"generation ({tag.replace('_', ' ')}): not scored, the classifier is below "
                          f"{CLASSIFIER_MIN_ACCURACY:.0%} on real images")
@@ -532,7 +575,11 @@ def print_summary(summary: dict) -> None:
     problems = summary["problems"]
     lines.append(f"outputs     {'every step produced its outputs' if not problems else f'{len(problems)} PROBLEMS:'}")
     lines += [f"  - {problem}" for problem in problems]
-    lines.append(f"MLflow UI:  {after['mlflow_ui']}  (http://127.0.0.1:5000)")
+    if after["mlflow_ui"]:
+        lines.append(f"MLflow UI:  {after['mlflow_ui']}  (http://127.0.0.1:5000)")
+    else:
+        lines.append("MLflow:     the store lives in the temporary workdir, removed when every check passes "
+                     "(--workdir keeps it)")
     print("\n".join(lines), flush=True)
 
 
@@ -575,13 +622,13 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("--from-step needs the --workdir of an earlier demo")
         temporary = Path(tempfile.mkdtemp(prefix="hart-demo-"))
         config = dataclasses.replace(config, workdir=str(temporary / "demo"))
-    summary = run(config)
+    summary = run(config, temporary=temporary is not None)
     if summary["problems"]:
         print(f"[demo] FAILED: {len(summary['problems'])} outputs missing or unreadable; kept {config.workdir}", flush=True)
         return 1
     if temporary is not None:
         shutil.rmtree(temporary)
-        print(f"[demo] every output checked; removed the temporary workdir {temporary}", flush=True)
+        print(f"[demo] every output checked; removed the temporary workdir {temporary} and its MLflow store", flush=True)
     return 0
 
 

@@ -1,12 +1,15 @@
 """What a finished demo must have left behind, checked step by step.
 
-Design: the demo writes `summary.json` (its config, figures, MLflow run ids and where every output
-went) and then calls `check_demo(summary)`, which reads only that summary and the stores it names:
-the local disk or the loopback S3 server, and the MLflow store. It checks plumbing, not quality:
-every output exists, loads with this project's loaders, and agrees in count with the config. The
-result is a list of problems, one line each, prefixed by the step that should have produced the
-output; empty means every step did its part. Each step has its own check function
-(`STEP_CHECKS`), so a test can break one output and see that step's check, and only it, fail.
+Design: the demo writes `summary.json` (its config, the settings each step ran with, figures,
+MLflow run ids and where every output went) and then calls `check_demo(summary)`, which reads only
+that summary and the stores it names: the local disk or the loopback S3 server, and the MLflow
+store. It checks plumbing, not quality: every output exists, loads with this project's loaders,
+holds what its step wrote in this demo (exports carry the run's last checkpoint, MLflow carries this
+evaluation's figures and grid), and agrees in count with the settings of the step that made it (a
+`--from-step` rerun checks earlier steps against the settings they ran with). The result is a list
+of problems, one line each, prefixed by the step that should have produced the output; empty means
+every step did its part. Each step has its own check (`STEP_CHECKS`), so a test can break one
+output and see that step's check, and only it, fail.
 
 `make demo` and `make demo-smoke` (the same chain at tiny step counts) both end with this check and
 exit non-zero when it finds a problem.
@@ -24,17 +27,16 @@ from pipelines import storage
 
 Summary = dict[str, Any]
 Problems = list[str]
-
-# A finished run's status in MLflow, and the artifact folders the training loop fills at its end.
-FINISHED = "FINISHED"
-GRID_FOLDER = {"tokenizer": "reconstructions", "joint": "samples"}
-SAMPLE_TAGS = ("with_head", "without_head")
-HELDOUT_GRID = "heldout_with_head.png"  # the demo logs its held-out samples as demo/<this> in the joint run
+FINISHED = "FINISHED"  # a run's MLflow status once its job completed
 
 
 @contextlib.contextmanager
 def local_folder(uri: str, endpoint_url: str = "") -> Iterator[Path]:
-    """A local path of the folder at `uri` (a temporary copy for S3)."""
+    """A local path of the folder at `uri`: the folder itself, or a fresh temporary copy of an S3 prefix.
+
+    Always fresh (unlike the precompute actors' cached checkpoint copies): a check must read what is
+    there now, not what an earlier run left under the same name.
+    """
     if not storage.is_s3(uri):
         yield Path(storage.resolve(uri)[1])
         return
@@ -60,7 +62,8 @@ def check_training_run(summary: Summary, key: str, stage: str, steps: int, endpo
     last checkpoint is at `steps` and loads; its exported folders (next to the checkpoints, and
     `local_export` if given) load and hold that checkpoint's weights (not an earlier run's)."""
     from hart.checkpoint import load_training_state
-    from jobs.tracking import RUN_NAME_TAG
+    from jobs.stages import GRID_FOLDER
+    from jobs.tracking import EXPORT_ARTIFACT_PATH, RUN_NAME_TAG
     from jobs.train import latest_checkpoint
 
     run_id = summary["where"]["mlflow_runs"].get(key)
@@ -73,11 +76,11 @@ def check_training_run(summary: Summary, key: str, stage: str, steps: int, endpo
         problems.append(f"MLflow run {run_id} has status {run.info.status}, expected {FINISHED}")
     if not run.data.metrics:
         problems.append(f"MLflow run {run_id} has no metrics")
-    grids = [a.path for a in client.list_artifacts(run_id, GRID_FOLDER[stage]) if a.path.endswith(".png")]
-    if not grids:
-        problems.append(f"MLflow run {run_id} has no {GRID_FOLDER[stage]}/*.png grid")
-    if not client.list_artifacts(run_id, "model"):
-        problems.append(f"MLflow run {run_id} has no exported model artifact")
+    folder = GRID_FOLDER["tokenizer" if stage == "tokenizer" else "transformer"]
+    if not any(a.path.endswith(".png") for a in client.list_artifacts(run_id, folder)):
+        problems.append(f"MLflow run {run_id} has no {folder}/*.png grid")
+    if not client.list_artifacts(run_id, EXPORT_ARTIFACT_PATH):
+        problems.append(f"MLflow run {run_id} has no exported model ({EXPORT_ARTIFACT_PATH}/)")
 
     root = summary["where"]["checkpoints"]
     name = run.data.tags.get(RUN_NAME_TAG, "")
@@ -85,10 +88,10 @@ def check_training_run(summary: Summary, key: str, stage: str, steps: int, endpo
     found = latest_checkpoint(fs, path, name)
     if found is None:
         return problems + [f"run {name!r} has no checkpoint under {root}"]
-    folder, meta = found
+    checkpoint, meta = found
     if int(meta["step"]) != steps:
         problems.append(f"the last checkpoint of {name!r} is at step {meta['step']}, expected {steps}")
-    with local_folder(f"s3://{folder}" if storage.is_s3(root) else folder, endpoint_url) as local:
+    with local_folder(f"s3://{checkpoint}" if storage.is_s3(root) else checkpoint, endpoint_url) as local:
         state = load_training_state(local)
     # the weights an export must hold: the tokenizer stage's model, a transformer stage's EMA shadow
     trained = state.model if stage == "tokenizer" else state.ema if state.ema is not None else state.model
@@ -96,21 +99,19 @@ def check_training_run(summary: Summary, key: str, stage: str, steps: int, endpo
     for export_uri in exports:
         with local_folder(export_uri, endpoint_url) as export:
             found_problems, models = check_export(export, with_transformer=stage != "tokenizer")
-            problems += found_problems
-            exported = models.get("tokenizer" if stage == "tokenizer" else "llm")
-            if exported is not None and not same_weights(exported.state_dict(), trained):
-                problems.append(f"export {export_uri} does not hold the weights of {name!r}'s last checkpoint")
+        problems += found_problems
+        exported = models.get("tokenizer" if stage == "tokenizer" else "llm")
+        if exported is not None and not same_weights(exported.state_dict(), trained):
+            problems.append(f"export {export_uri} does not hold the weights of {name!r}'s last checkpoint")
     return problems
 
 
 def same_weights(exported: dict, trained: dict) -> bool:
-    return exported.keys() == trained.keys() and all(torch_equal(exported[k], trained[k]) for k in trained)
-
-
-def torch_equal(a, b) -> bool:
     import torch
 
-    return a.shape == b.shape and torch.equal(a.to(b.dtype), b)
+    return exported.keys() == trained.keys() and all(
+        exported[k].shape == trained[k].shape and torch.equal(exported[k].to(trained[k].dtype), trained[k])
+        for k in trained)
 
 
 def check_export(folder: Path, with_transformer: bool) -> tuple[Problems, dict]:
@@ -118,14 +119,16 @@ def check_export(folder: Path, with_transformer: bool) -> tuple[Problems, dict]:
     note exactly when its config is one the reference implementation cannot build. Returns the
     problems and the loaded models ("tokenizer", "llm")."""
     from hart.reference_compat import NOTE_FILE
-    from hart.tokenizer import HybridTokenizer
+    from hart.tokenizer import HybridTokenizer, load_discriminator, split_tokenizer_state
     from hart.tokenizer import reference_differences as tokenizer_differences
+    from hart.weights import load_weight_folder
 
     if not (folder / "tokenizer").is_dir():
         return [f"export {folder} has no tokenizer/ folder"], {}
     models: dict = {"tokenizer": HybridTokenizer.from_pretrained(folder / "tokenizer")}
-    expected = {folder / "tokenizer": bool(tokenizer_differences(models["tokenizer"].config))}
-    problems = []
+    has_discriminator = bool(split_tokenizer_state(load_weight_folder(folder / "tokenizer"))[1])
+    discriminator = load_discriminator(folder / "tokenizer") if has_discriminator else None
+    expected = {folder / "tokenizer": bool(tokenizer_differences(models["tokenizer"].config, discriminator))}
     if with_transformer:
         from hart.transformer import HARTForT2I
         from hart.transformer_checkpoint import reference_differences as transformer_differences
@@ -134,6 +137,7 @@ def check_export(folder: Path, with_transformer: bool) -> tuple[Problems, dict]:
             return [f"export {folder} has no llm/ folder"], models
         models["llm"] = HARTForT2I.from_pretrained(folder / "llm", ema=True)
         expected[folder / "llm"] = bool(transformer_differences(models["llm"].config, models["tokenizer"].config))
+    problems = []
     for path, needs_note in expected.items():
         if (path / NOTE_FILE).is_file() != needs_note:
             problems.append(f"{path}: {NOTE_FILE} is {'missing' if needs_note else 'present'}, but the reference "
@@ -147,17 +151,17 @@ def check_export(folder: Path, with_transformer: bool) -> tuple[Problems, dict]:
 
 
 def check_data(summary: Summary, endpoint_url: str) -> Problems:
-    uri, expected = summary["where"]["shards"], summary["config"]["num_shards"]
+    uri, expected = summary["where"]["shards"], summary["steps"]["data"]["num_shards"]
     fs, path = storage.resolve(uri, endpoint_url)
     shards = [p for p in storage.list_files(fs, path) if p.endswith(".tar")]
     return [] if len(shards) == expected else [f"{len(shards)} shard files in {uri}, expected {expected}"]
 
 
 def check_tokenizer(summary: Summary, endpoint_url: str) -> Problems:
-    config = summary["config"]
-    problems = check_training_run(summary, "tokenizer_full", "tokenizer", config["tokenizer_full_steps"], endpoint_url)
-    if config["tokenizer_hybrid_steps"]:
-        problems += check_training_run(summary, "tokenizer_hybrid", "tokenizer", config["tokenizer_hybrid_steps"],
+    settings = summary["steps"]["tokenizer"]
+    problems = check_training_run(summary, "tokenizer_full", "tokenizer", settings["tokenizer_full_steps"], endpoint_url)
+    if settings["tokenizer_hybrid_steps"]:
+        problems += check_training_run(summary, "tokenizer_hybrid", "tokenizer", settings["tokenizer_hybrid_steps"],
                                        endpoint_url)
     return problems
 
@@ -168,17 +172,17 @@ def check_precompute(summary: Summary, endpoint_url: str) -> Problems:
 
     from pipelines.cache import committed_files, read_manifest
 
-    uri, config = summary["where"]["cache"], summary["config"]
+    uri, data = summary["where"]["cache"], summary["steps"]["data"]
     manifest = read_manifest(uri, endpoint_url)
     problems = []
-    if len(manifest["committed_shards"]) != config["num_shards"]:
-        problems.append(f"{len(manifest['committed_shards'])} committed shards in {uri}, expected {config['num_shards']}")
+    if len(manifest["committed_shards"]) != data["num_shards"]:
+        problems.append(f"{len(manifest['committed_shards'])} committed shards in {uri}, expected {data['num_shards']}")
     keys = []
     for file in committed_files(uri, manifest):
         fs, path = storage.resolve(file, endpoint_url)
         keys += pq.read_table(path, columns=["key"], filesystem=fs).column("key").to_pylist()
-    if len(keys) != config["num_train_samples"]:
-        problems.append(f"{len(keys)} cache rows in {uri}, expected {config['num_train_samples']} (one per sample)")
+    if len(keys) != data["num_train_samples"]:
+        problems.append(f"{len(keys)} cache rows in {uri}, expected {data['num_train_samples']} (one per sample)")
     if len(set(keys)) != len(keys):
         problems.append(f"{len(keys) - len(set(keys))} duplicated keys in {uri}")
     return problems
@@ -186,7 +190,7 @@ def check_precompute(summary: Summary, endpoint_url: str) -> Problems:
 
 def check_joint(summary: Summary, endpoint_url: str) -> Problems:
     # the local export is the one generation reads
-    return check_training_run(summary, "joint", "joint", summary["config"]["joint_steps"], endpoint_url,
+    return check_training_run(summary, "joint", "joint", summary["steps"]["joint"]["joint_steps"], endpoint_url,
                               local_export=Path(summary["where"]["export"]))
 
 
@@ -194,9 +198,10 @@ def check_generate(summary: Summary, endpoint_url: str) -> Problems:
     """One readable PNG per held-out prompt and sample, with and without the head, all of one size."""
     from PIL import Image
 
+    from jobs.demo import SAMPLE_TAGS
     from pipelines.shapes import prompts
 
-    expected = len(prompts("heldout")) * summary["config"]["samples_per_prompt"]
+    expected = len(prompts("heldout")) * summary["steps"]["evaluate"]["samples_per_prompt"]
     problems, sizes = [], set()
     for tag in SAMPLE_TAGS:
         files = sorted((Path(summary["where"]["samples"]) / tag).glob("*.png"))
@@ -212,17 +217,15 @@ def check_generate(summary: Summary, endpoint_url: str) -> Problems:
 
 
 def expected_figures(summary: Summary) -> list[str]:
-    """The figures the evaluation step reports (generation only when the classifier passed on real images)."""
-    names = ["tokenizer_psnr_hybrid", "tokenizer_psnr_discrete", "tokenizer_psnr_gain_se", "classifier_accuracy_on_real"]
-    names += [f"reconstruction_{what}_accuracy_{kind}" for what in ("colour", "shape") for kind in ("hybrid", "discrete")]
-    results = summary["results"]
-    if results.get("classifier_accuracy_on_real", 0.0) >= summary["classifier_min_accuracy"]:
-        names += [f"generation_{what}_accuracy_{tag}" for what in ("colour", "shape", "joint") for tag in SAMPLE_TAGS]
-    return names
+    """The figures the evaluation reports (generation only when the classifier passed on real images)."""
+    from jobs.demo import CLASSIFIER_MIN_ACCURACY, figure_names
+
+    return figure_names(summary["results"].get("classifier_accuracy_on_real", 0.0) >= CLASSIFIER_MIN_ACCURACY)
 
 
 def check_evaluate(summary: Summary, endpoint_url: str) -> Problems:
-    """Every figure is in the summary, finite, and logged to the joint run as `demo/<name>`."""
+    """Every figure is in the summary and finite, the joint run's `demo/<name>` metrics hold these
+    values, and it has this evaluation's grid of held-out samples."""
     results, problems = summary["results"], []
     for name in expected_figures(summary):
         value = results.get(name)
@@ -231,14 +234,17 @@ def check_evaluate(summary: Summary, endpoint_url: str) -> Problems:
         elif not math.isfinite(value):
             problems.append(f"figure {name} is {value}")
     run_id = summary["where"]["mlflow_runs"].get("joint")
-    if run_id:
-        client = mlflow_client(summary)
-        logged = client.get_run(run_id).data.metrics
-        missing = [name for name in expected_figures(summary) if name in results and f"demo/{name}" not in logged]
-        if missing:
-            problems.append(f"figures not logged to MLflow run {run_id}: {missing}")
-        if not any(a.path == f"demo/{HELDOUT_GRID}" for a in client.list_artifacts(run_id, "demo")):
-            problems.append(f"MLflow run {run_id} has no demo/{HELDOUT_GRID} (the held-out samples)")
+    if not run_id:
+        return problems  # the joint check reports the missing run
+    client = mlflow_client(summary)
+    logged = client.get_run(run_id).data.metrics  # the latest value of each metric
+    stale = [name for name in expected_figures(summary) if name in results and math.isfinite(results[name])
+             and not math.isclose(logged.get(f"demo/{name}", math.nan), results[name], rel_tol=1e-6)]
+    if stale:
+        problems.append(f"MLflow run {run_id} does not hold this evaluation's figures: {stale}")
+    grid = summary["where"]["heldout_grid"]
+    if not any(a.path == grid for a in client.list_artifacts(run_id, grid.rsplit("/", 1)[0])):
+        problems.append(f"MLflow run {run_id} has no {grid} (this evaluation's held-out samples)")
     return problems
 
 
@@ -260,4 +266,4 @@ def check_demo(summary: Summary, endpoint_url: str = "") -> Problems:
     return problems
 
 
-__all__ = ["check_demo", "STEP_CHECKS", "check_export", "expected_figures"]
+__all__ = ["check_demo", "STEP_CHECKS", "check_export", "expected_figures", "local_folder"]

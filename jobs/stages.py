@@ -346,6 +346,11 @@ def throughput(config: TrainRunConfig, micro_batches, seconds: float, world_size
     return {"images_per_s": images / seconds, "tokens_per_s": images * tokens_per_image / seconds, "step_seconds": seconds}
 
 
+# MLflow artifact folder of the grids `log_samples` writes: tokenizer reconstructions (rows: input,
+# hybrid, discrete) and transformer samples of `tracking.sample_prompts`.
+GRID_FOLDER = {"tokenizer": "reconstructions", "transformer": "samples"}
+
+
 def log_samples(config, stage: Stage, ema, sample_batch, logger, step, manifest) -> None:
     """Rank 0: reconstructions (tokenizer) or generations from fixed prompts, with the EMA weights."""
     if not logger.enabled or sample_batch is None:
@@ -365,7 +370,7 @@ def log_samples(config, stage: Stage, ema, sample_batch, logger, step, manifest)
             tokens, residual = model.encode(images)
             rows = torch.cat([images, model.decode(tokens, residual), model.decode(tokens)])
             grid = tracking.image_grid(tracking.to_uint8_images(rows), columns=len(images))
-            logger.log_image(grid, f"reconstructions/step_{step:07d}.png")  # rows: input, hybrid, discrete
+            logger.log_image(grid, f"{GRID_FOLDER['tokenizer']}/step_{step:07d}.png")  # rows: input, hybrid, discrete
             return
         from hart.generate import generate
         import numpy as np
@@ -379,7 +384,7 @@ def log_samples(config, stage: Stage, ema, sample_batch, logger, step, manifest)
         images = generate(model, stage.tokenizer, encoder, list(config.tracking.sample_prompts),
                           seed=config.tracking.sample_seed, use_diffusion=config.stage != "ar")
         grid = tracking.image_grid(np.stack([np.asarray(im.convert("RGB")) for im in images]))
-        logger.log_image(grid, f"samples/step_{step:07d}.png")
+        logger.log_image(grid, f"{GRID_FOLDER['transformer']}/step_{step:07d}.png")
 
 
 def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
@@ -389,5 +394,6 @@ def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
 __all__ = [
     "Stage", "build_stage", "load_compatible_weights", "read_start_weights", "load_frozen_tokenizer",
     "TransformerObjective", "TokenizerObjective", "DiscriminatorObjective", "trainable_parameters",
-    "optimizer_step", "codebook_upkeep", "throughput", "log_samples", "build_perceptual", "check_perceptual_weights",
+    "optimizer_step", "codebook_upkeep", "throughput", "log_samples", "GRID_FOLDER", "build_perceptual",
+    "check_perceptual_weights",
 ]

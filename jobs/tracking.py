@@ -32,6 +32,7 @@ import numpy as np
 RUN_NAME_TAG = "hart.run_name"
 PREVIOUS_RUNS_TAG = "hart.previous_runs"  # earlier runs of the same name that had no checkpoint left to resume
 DEFAULT_TRACKING_URI = "sqlite:///runs/mlflow.db"
+EXPORT_ARTIFACT_PATH = "model"  # run artifact folder of the exported llm/ + tokenizer/ (and the registry source)
 REDACTED = "***"
 MAX_PARAM_CHARS = 500
 # A key segment (split on . _ -) that names a secret. "token" alone, not "tokenizer"/"tokens".
@@ -205,12 +206,12 @@ def log_export_and_register(tracking_uri: str, run_id: str, export_dir: str | Pa
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
-    client.log_artifacts(run_id, str(export_dir), artifact_path="model")
+    client.log_artifacts(run_id, str(export_dir), artifact_path=EXPORT_ARTIFACT_PATH)
     try:
         client.get_registered_model(model_name)
     except Exception:  # noqa: BLE001 - mlflow raises RestException / MlflowException when absent
         client.create_registered_model(model_name, description="HART weights exported by jobs.train")
-    source = f"{client.get_run(run_id).info.artifact_uri}/model"
+    source = f"{client.get_run(run_id).info.artifact_uri}/{EXPORT_ARTIFACT_PATH}"
     version = client.create_model_version(model_name, source=source, run_id=run_id)
     return int(version.version)
 

@@ -14,15 +14,16 @@ import pytest
 import torch
 
 from hart.config import TOKENIZER_PRESETS, TRANSFORMER_PRESETS, replace, tokenizer_config
+from hart.discriminator import NLayerDiscriminator
 from hart.reference_compat import NOTE_FILE, ReferenceCompatibilityWarning
 from hart.tokenizer import HybridTokenizer
 from hart.tokenizer import reference_differences as tokenizer_differences
 from hart.transformer import HARTForT2I
 from hart.transformer_checkpoint import reference_differences as transformer_differences
+from jobs import demo
 
-# The demo's tokenizer (jobs/demo.py DEMO_TOKENIZER): the shallowest net, one norm group.
-DEMO_TOKENIZER = tokenizer_config({"preset": "tiny", "ch": 16, "ch_mult": [1, 1, 2, 2], "norm_groups": 1,
-                                   "num_res_blocks": 0, "using_sa": False, "using_mid_sa": False})
+# The demo's tokenizer: the shallowest net, one norm group.
+DEMO_TOKENIZER = tokenizer_config(demo.DEMO_TOKENIZER)
 # Small enough to save in a test, built with every value the reference fixes.
 REFERENCE_SHAPED_TOKENIZER = replace(TOKENIZER_PRESETS["tiny"], num_res_blocks=2, norm_groups=32, ch_mult=(1, 2, 2, 2))
 
@@ -70,6 +71,21 @@ def test_released_preset_folder_has_no_note_and_a_stale_note_is_removed(tmp_path
     assert not (tmp_path / "tok" / NOTE_FILE).exists()
 
 
+def test_a_discriminator_of_another_size_is_named_and_loads_back(tmp_path):
+    from hart.tokenizer import load_discriminator
+
+    released = HybridTokenizer(TOKENIZER_PRESETS["hart-1024"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ReferenceCompatibilityWarning)
+        released.save_pretrained(tmp_path / "released", discriminator=NLayerDiscriminator())  # HART's own sizes
+    assert not (tmp_path / "released" / NOTE_FILE).exists()
+    with pytest.warns(ReferenceCompatibilityWarning, match=r"disc.ndf=16 \(reference: 64\)"):
+        released.save_pretrained(tmp_path / "small-disc", discriminator=NLayerDiscriminator(ndf=16, num_layers=2))
+    assert "disc.num_layers" in (tmp_path / "small-disc" / NOTE_FILE).read_text()
+    loaded = load_discriminator(tmp_path / "small-disc")
+    assert (loaded.ndf, loaded.num_layers) == (16, 2)
+
+
 def transformer_for(tokenizer_cfg, **changes):
     config = replace(TRANSFORMER_PRESETS["tiny"], vocab_size=tokenizer_cfg.vocab_size,
                      token_dim=tokenizer_cfg.z_channels, patch_nums=tokenizer_cfg.patch_nums, **changes)
@@ -88,6 +104,10 @@ def test_transformer_note_names_its_own_fields_and_the_tokenizer_beside_it(tmp_p
     with pytest.warns(ReferenceCompatibilityWarning, match=r"rope_theta=100.0 \(reference: 10000.0\)"):
         model.save_pretrained(tmp_path / "theta")
     assert "rope_theta" in (tmp_path / "theta" / NOTE_FILE).read_text()
+
+    # gpt2 attention has no RoPE (here or in the reference): its RoPE fields build nothing
+    gpt2 = replace(TRANSFORMER_PRESETS["tiny"], attn_type="gpt2", mlp_type="gpt2", rope_theta=100.0)
+    assert transformer_differences(gpt2) == []
 
     model = transformer_for(DEMO_TOKENIZER)
     with pytest.warns(ReferenceCompatibilityWarning) as caught:

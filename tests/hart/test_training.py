@@ -301,15 +301,16 @@ def test_channels_last_trains_like_nchw_and_resumes_in_its_layout(tmp_path):
         ParallelConfig(strategy="fsdp", channels_last=True)
 
 
-def test_compile_on_cpu_without_a_compiler_is_a_clear_error(monkeypatch):
+def test_compile_on_cpu_without_a_compiler_is_a_clear_error():
     import torch._inductor.config as inductor_config
     from torch._inductor.cpp_builder import cpp_compiler_search
 
     cpp_compiler_search.cache_clear()
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("no-such-c++-compiler",))
+    # inductor's own patch(): monkeypatch's undo left `cpp.cxx` deleted, breaking every later CPU compile
     try:
-        with pytest.raises(ValueError, match="parallel.compile on CPU needs a C\\+\\+ compiler"):
-            parallelize(TinyNet(), ParallelConfig(compile=True), torch.device("cpu"))
+        with inductor_config.patch({"cpp.cxx": ("no-such-c++-compiler",)}):
+            with pytest.raises(ValueError, match="parallel.compile on CPU needs a C\\+\\+ compiler"):
+                parallelize(TinyNet(), ParallelConfig(compile=True), torch.device("cpu"))
     finally:
         cpp_compiler_search.cache_clear()
 

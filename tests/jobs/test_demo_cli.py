@@ -89,6 +89,7 @@ def test_s3_services_leave_a_copy_of_the_bucket_and_a_store_that_serves_it(tmp_p
 
     from jobs import tracking
     from jobs.demo import local_services
+    from jobs.demo_outputs import local_folder
     from pipelines import storage
 
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL"):
@@ -98,6 +99,8 @@ def test_s3_services_leave_a_copy_of_the_bucket_and_a_store_that_serves_it(tmp_p
         assert services.root.startswith("s3://") and services.s3_copy == workdir / "s3-copy"
         fs, path = storage.resolve(f"{services.root}/cache/part.txt", services.endpoint)
         storage.write_bytes_atomic(fs, path, b"rows")
+        with local_folder(f"{services.root}/cache", services.endpoint) as folder:  # how the outputs check reads S3
+            assert (folder / "part.txt").read_bytes() == b"rows"
         run_id, _ = tracking.open_run(services.tracking_uri, "hart-demo", "run", {})
         tracking.RunLogger(services.tracking_uri, run_id, enabled=True).log_text("grid", "samples/grid.txt")
     assert (workdir / "s3-copy" / "demo" / "cache" / "part.txt").read_bytes() == b"rows"

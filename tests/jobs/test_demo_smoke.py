@@ -32,7 +32,7 @@ def smoke(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("smoke")
     started = time.time()
-    code = main(["--smoke", "--workdir", str(root / "demo")])
+    code = main(["--smoke", "--storage", "local", "--workdir", str(root / "demo")])
     print(f"\n[demo-smoke] python -m jobs.demo --smoke: exit code {code} in {time.time() - started:.0f} s")
     summary = json.loads((root / "demo" / "summary.json").read_text())
     assert code == 0, summary["problems"]
@@ -101,31 +101,81 @@ def mlflow_artifacts(smoke, run_key: str) -> Path:
     return next((smoke["root"] / "mlartifacts").glob(f"{run_id}/artifacts"))
 
 
+@contextlib.contextmanager
+def run_status(smoke, run_key: str, status: str):
+    """The MLflow run has `status` inside the block, FINISHED after it."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=smoke["summary"]["where"]["mlflow"])
+    run_id = smoke["summary"]["where"]["mlflow_runs"][run_key]
+    client.update_run(run_id, status=status)
+    try:
+        yield
+    finally:
+        client.update_run(run_id, status="FINISHED")
+
+
+def duplicate_a_key(path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    pq.write_table(pa.concat_tables([table.slice(0, 1), table.slice(0, len(table) - 1)]), path)  # same row count
+
+
+def step_back(path: Path) -> None:
+    meta = json.loads(path.read_text())
+    path.write_text(json.dumps({**meta, "step": meta["step"] - 1}))
+
+
+def drop_a_commit(path: Path) -> None:
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps({**manifest, "committed_shards": manifest["committed_shards"][1:]}))
+
+
+def cache_file(s) -> Path:
+    return sorted((s["workdir"] / "cache/shapes/data").glob("*.parquet"))[0]
+
+
 # (what is broken, how, which step must report it, words of its report)
 BREAKAGES = {
     "a shard file": (lambda s: moved_away(sorted((s["workdir"] / "shapes").glob("*.tar"))[0]),
-                     "data", "1 shard files"),
+                     "data", "1 shard files in"),
     "the tokenizer stage's export": (lambda s: moved_away(run_folder(s["workdir"], "tokenizer-full") / "export"),
                                      "tokenizer", "has no tokenizer/ folder"),
     "the tokenizer stage's reconstruction grid": (
         lambda s: moved_away(mlflow_artifacts(s, "tokenizer_full") / "reconstructions"), "tokenizer",
-        "no reconstructions/*.png grid"),
-    "a cache row": (lambda s: rewritten(sorted((s["workdir"] / "cache/shapes/data").glob("*.parquet"))[0], drop_a_row),
-                    "precompute", "63 cache rows"),
+        "has no reconstructions/*.png grid"),
+    "the tokenizer run's exported model artifact": (
+        lambda s: moved_away(mlflow_artifacts(s, "tokenizer_full") / "model"), "tokenizer", "has no exported model"),
+    "the tokenizer run's end (status FAILED)": (lambda s: run_status(s, "tokenizer_full", "FAILED"),
+                                                "tokenizer", "has status FAILED, expected FINISHED"),
+    "a cache row": (lambda s: rewritten(cache_file(s), drop_a_row), "precompute", "63 cache rows"),
+    "a cache key (duplicated)": (lambda s: rewritten(cache_file(s), duplicate_a_key), "precompute", "1 duplicated keys"),
+    "a shard's commit": (lambda s: rewritten(s["workdir"] / "cache/shapes/manifest.json", drop_a_commit),
+                         "precompute", "1 committed shards in"),
     "the generator export (export skipped)": (lambda s: moved_away(s["workdir"] / "export" / "llm"),
                                               "joint", "has no llm/ folder"),
     "the exported weights (a stale export)": (
         lambda s: rewritten(s["workdir"] / "export" / "llm" / "ema_model.bin", perturb_ema),
         "joint", "does not hold the weights"),
-    "the joint checkpoint": (lambda s: moved_away(next(run_folder(s["workdir"], "joint").glob("checkpoint_*"))),
-                             "joint", "checkpoint"),
+    "Ray Train's checkpoint list": (
+        lambda s: moved_away(run_folder(s["workdir"], "joint") / "checkpoint_manager_snapshot.json"),
+        "joint", "has no checkpoint under"),
+    "the joint checkpoint folder": (lambda s: moved_away(next(run_folder(s["workdir"], "joint").glob("checkpoint_*"))),
+                                    "joint", "cannot read its outputs: ValueError: run 'demo-"),
+    "the joint checkpoint's step": (
+        lambda s: rewritten(next(run_folder(s["workdir"], "joint").glob("checkpoint_*")) / "meta.json", step_back),
+        "joint", "is at step 9, expected 10"),
     "the joint run's sample grid": (lambda s: moved_away(mlflow_artifacts(s, "joint") / "samples"),
-                                    "joint", "no samples/*.png grid"),
+                                    "joint", "has no samples/*.png grid"),
     "the compatibility note": (
         lambda s: moved_away(s["workdir"] / "export" / "tokenizer" / "REFERENCE_COMPATIBILITY.txt"),
         "joint", "REFERENCE_COMPATIBILITY.txt is missing"),
     "a generated image": (lambda s: moved_away(sorted((s["workdir"] / "samples" / "with_head").glob("*.png"))[0]),
-                          "generate", "images in samples/with_head"),
+                          "generate", "17 images in samples/with_head, expected 18"),
+    "the evaluation's held-out grid": (lambda s: moved_away(mlflow_artifacts(s, "joint") / "demo"),
+                                       "evaluate", "has no demo/heldout_with_head-"),
 }
 
 
@@ -148,19 +198,23 @@ def test_a_missing_or_nan_figure_fails_the_evaluate_check(smoke):
     summary = json.loads(json.dumps(smoke["summary"]))
     summary["results"]["tokenizer_psnr_hybrid"] = float("nan")
     del summary["results"]["generation_shape_accuracy_with_head"]
+    summary["results"]["classifier_accuracy_on_real"] = 0.99  # not what this evaluation logged to MLflow
     problems = check_demo(summary)
     assert problems == ["evaluate: figure tokenizer_psnr_hybrid is nan",
-                        "evaluate: figure generation_shape_accuracy_with_head is missing from the summary"]
+                        "evaluate: figure generation_shape_accuracy_with_head is missing from the summary",
+                        f"evaluate: MLflow run {summary['where']['mlflow_runs']['joint']} does not hold this "
+                        "evaluation's figures: ['classifier_accuracy_on_real']"]
 
 
-def test_a_broken_step_makes_the_demo_fail(smoke, monkeypatch, capsys):
-    """The generation step rerun with its image writing broken (saving to a file does nothing):
-    nothing raises inside the demo, and its outputs check fails it. Runs last: it leaves the
-    workdir without samples."""
+def test_a_broken_step_makes_the_demo_fail(smoke, tmp_path, monkeypatch, capsys):
+    """The generation step rerun, on a copy of the demo, with its image writing broken (saving to a file
+    does nothing): nothing raises inside the demo, and its outputs check fails it."""
     import PIL.Image
 
     from jobs.demo import main
 
+    shutil.copytree(smoke["workdir"], tmp_path / "demo", symlinks=True)
+    shutil.copy(smoke["root"] / "mlflow.db", tmp_path / "mlflow.db")  # the store sits beside the workdir
     save = PIL.Image.Image.save
 
     def save_nothing_to_files(self, fp, *args, **kwargs):
@@ -169,8 +223,9 @@ def test_a_broken_step_makes_the_demo_fail(smoke, monkeypatch, capsys):
         return save(self, fp, *args, **kwargs)  # in-memory encoding (the held-out images) still works
 
     monkeypatch.setattr(PIL.Image.Image, "save", save_nothing_to_files)
-    code = main(["--smoke", "--workdir", str(smoke["workdir"]), "--from-step", "evaluate"])
+    code = main(["--smoke", "--storage", "local", "--workdir", str(tmp_path / "demo"), "--from-step", "evaluate"])
     output = capsys.readouterr().out
     assert code == 1, output[-3000:]
     assert "generate: 0 images in samples/with_head, expected 18" in output
+    assert "evaluate: MLflow run" in output and "has no demo/heldout_with_head-" in output  # not the first run's
     assert "[demo] FAILED" in output
