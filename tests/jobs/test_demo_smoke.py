@@ -5,7 +5,9 @@ instance of its own, started and stopped by the demo), then:
 - asserts that it passed its outputs check (`jobs.demo_outputs`) and exited 0;
 - breaks one real output at a time (in place, restored afterwards) and asserts that exactly the
   step that should have produced it reports the problem;
-- reruns the last step with its image writing broken and asserts that the demo exits non-zero.
+- reruns the last step (on a copy) with its image writing broken and asserts that the demo exits
+  non-zero, and with other evaluation settings and asserts that earlier steps are checked against
+  the settings they ran with.
 
 Marked `smoke`: `make test` leaves it out, `make demo-smoke` (and so `.ci/run`) runs it.
 Run: .venv/bin/pytest -m smoke tests/jobs/test_demo_smoke.py -q -s
@@ -206,6 +208,25 @@ def test_a_missing_or_nan_figure_fails_the_evaluate_check(smoke):
                         "evaluation's figures: ['classifier_accuracy_on_real']"]
 
 
+def copy_of(smoke, root: Path) -> Path:
+    """A copy of the demo's workdir and MLflow store (which sits beside it) under `root`."""
+    shutil.copytree(smoke["workdir"], root / "demo", symlinks=True)
+    shutil.copy(smoke["root"] / "mlflow.db", root / "mlflow.db")
+    return root / "demo"
+
+
+def test_a_rerun_with_other_settings_checks_earlier_steps_against_theirs(smoke, tmp_path):
+    """`--from-step evaluate` without --smoke: the default evaluation sizes (8 samples per prompt), while
+    the data, tokenizer and joint outputs keep the smoke sizes they were made with."""
+    from jobs.demo import main
+
+    workdir = copy_of(smoke, tmp_path)
+    assert main(["--storage", "local", "--workdir", str(workdir), "--from-step", "evaluate"]) == 0
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["steps"]["data"]["num_train_samples"] == 64 and summary["config"]["num_train_samples"] == 4000
+    assert len(list((workdir / "samples" / "with_head").glob("*.png"))) == 18 * 8
+
+
 def test_a_broken_step_makes_the_demo_fail(smoke, tmp_path, monkeypatch, capsys):
     """The generation step rerun, on a copy of the demo, with its image writing broken (saving to a file
     does nothing): nothing raises inside the demo, and its outputs check fails it."""
@@ -213,8 +234,7 @@ def test_a_broken_step_makes_the_demo_fail(smoke, tmp_path, monkeypatch, capsys)
 
     from jobs.demo import main
 
-    shutil.copytree(smoke["workdir"], tmp_path / "demo", symlinks=True)
-    shutil.copy(smoke["root"] / "mlflow.db", tmp_path / "mlflow.db")  # the store sits beside the workdir
+    workdir = copy_of(smoke, tmp_path)
     save = PIL.Image.Image.save
 
     def save_nothing_to_files(self, fp, *args, **kwargs):
@@ -223,7 +243,7 @@ def test_a_broken_step_makes_the_demo_fail(smoke, tmp_path, monkeypatch, capsys)
         return save(self, fp, *args, **kwargs)  # in-memory encoding (the held-out images) still works
 
     monkeypatch.setattr(PIL.Image.Image, "save", save_nothing_to_files)
-    code = main(["--smoke", "--storage", "local", "--workdir", str(tmp_path / "demo"), "--from-step", "evaluate"])
+    code = main(["--smoke", "--storage", "local", "--workdir", str(workdir), "--from-step", "evaluate"])
     output = capsys.readouterr().out
     assert code == 1, output[-3000:]
     assert "generate: 0 images in samples/with_head, expected 18" in output
