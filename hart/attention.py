@@ -131,19 +131,39 @@ def flex_segmented_attention(q_BHLd, k_BHLd, v_BHLd, block_mask: BlockMask, scal
 
 
 class KVCache:
-    """Post-RoPE keys and values of one block, grown one segment at a time."""
+    """Post-RoPE keys and values of one block, grown one segment at a time.
 
-    def __init__(self) -> None:
+    With `capacity` (the whole sequence length) the cache is static: two buffers allocated at the
+    first append and filled in place, each call attending to a prefix view of them. No per-scale
+    concatenation (which copied the whole cache at every scale and briefly held it twice), and fixed
+    addresses and shapes per scale for compiled or graph-captured steps. SDPA reads the views as it
+    read the concatenated tensors: the outputs are bit-identical (tests/hart/test_transformer.py).
+    Without `capacity` segments are concatenated (any length).
+    """
+
+    def __init__(self, capacity: int | None = None) -> None:
+        self.capacity = capacity
+        self.length = 0
         self.k_BHLd: torch.Tensor | None = None
         self.v_BHLd: torch.Tensor | None = None
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[2]
+        if self.capacity is None:
+            self.k_BHLd = k if self.k_BHLd is None else torch.cat([self.k_BHLd, k], dim=2)
+            self.v_BHLd = v if self.v_BHLd is None else torch.cat([self.v_BHLd, v], dim=2)
+            self.length = end
+            return self.k_BHLd, self.v_BHLd
+        if end > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} tokens; appending {k.shape[2]} to {self.length} overflows it")
         if self.k_BHLd is None:
-            self.k_BHLd, self.v_BHLd = k, v
-        else:
-            self.k_BHLd = torch.cat([self.k_BHLd, k], dim=2)
-            self.v_BHLd = torch.cat([self.v_BHLd, v], dim=2)
-        return self.k_BHLd, self.v_BHLd
+            B, H, _, hd = k.shape
+            self.k_BHLd = k.new_empty(B, H, self.capacity, hd)
+            self.v_BHLd = v.new_empty(B, H, self.capacity, v.shape[-1])
+        self.k_BHLd[:, :, self.length : end].copy_(k)
+        self.v_BHLd[:, :, self.length : end].copy_(v)
+        self.length = end
+        return self.k_BHLd[:, :, :end], self.v_BHLd[:, :, :end]
 
 
 class SelfAttention(nn.Module):

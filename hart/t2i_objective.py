@@ -11,6 +11,11 @@ released model's `forward` and the paper (HART_SPEC §2.2, §3.2):
    N(1, 0.25) truncated to [0.5, 1]; `ceil(rate * l_last)` last-scale tokens are masked but
    at least 32 are kept (all of them when the last scale has <= 32); each row masks its own
    random subset. Masked tokens are removed from the sequence (input, positions, attention).
+   With `kept_bucket` > 0 (not in HART) the kept count is then rounded to a neighbouring rung
+   of the ladder {32, multiples of kept_bucket, l_last}, up with probability proportional to
+   its distance from the lower rung: the mean kept count stays HART's, its spread grows by
+   at most one rung, and a compiled model sees one sequence length per rung (17 at 1024px
+   with 128) instead of up to ~2000.
 4. CE over every kept token (label smoothing optional), uniformly weighted (VAR's recipe).
 5. Diffusion loss on the kept last-scale tokens (`HARTForT2I.diffusion_terms`, run inside the
    model's forward): the discrete token is sampled from the model's own logits (top-k 600
@@ -59,6 +64,22 @@ def num_kept_last(last_l: int, mask_rate: float) -> int:
     return last_l - num_masked
 
 
+def kept_ladder(last_l: int, bucket: int) -> list[int]:
+    """The kept counts `bucketed_kept` rounds to: the minimum, every multiple of `bucket` above it, l_last."""
+    low = min(MIN_KEPT_LAST, last_l)
+    return sorted({low, last_l, *range(bucket * (low // bucket + 1), last_l, bucket)})
+
+
+def bucketed_kept(k: int, ladder: list[int], u: float) -> int:
+    """k rounded to the rung below or above it, up with probability (k - below) / (above - below),
+    so that the expected result is k itself; `u` is a uniform draw in [0, 1)."""
+    above = next(rung for rung in ladder if rung >= k)
+    below = max(rung for rung in ladder if rung <= k)
+    if above == below:
+        return k
+    return above if u < (k - below) / (above - below) else below
+
+
 def choose_kept_last(B: int, last_l: int, num_keep: int, generator, device) -> torch.Tensor:
     """(B, num_keep) sorted random last-scale positions per row."""
     order = _rand((B, last_l), generator, device).argsort(dim=1)
@@ -89,12 +110,16 @@ def t2i_losses(
     label_smoothing: float = 0.0,
     subsample_last: bool = True,
     drop_text_condition: bool | None = None,
+    kept_bucket: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Losses and metrics of one batch; see the module docstring for the recipe.
 
     `subsample_last=False` keeps every last-scale token; `drop_text_condition` defaults to
-    `model.training` (no CFG dropout in eval).
+    `model.training` (no CFG dropout in eval); `kept_bucket` > 0 rounds the kept count to few
+    values (see the module docstring; 0 draws nothing extra from `generator`).
     """
+    if kept_bucket < 0:
+        raise ValueError(f"kept_bucket must be >= 0, got {kept_bucket}")
     cfg = model.config
     if tuple(quantizer.patch_nums) != tuple(cfg.patch_nums):
         raise ValueError(f"quantizer patch_nums {quantizer.patch_nums} differ from the transformer's {cfg.patch_nums}")
@@ -123,6 +148,8 @@ def t2i_losses(
     k = last_l
     if subsample_last:
         k = num_kept_last(last_l, sample_mask_rate(generator, device))
+        if kept_bucket:
+            k = bucketed_kept(k, kept_ladder(last_l, kept_bucket), float(_rand((), generator, device)))
         if k < last_l:
             keep_Bk = choose_kept_last(B, last_l, k, generator, device)
 

@@ -324,11 +324,15 @@ class HARTForT2I(nn.Module):
 
     # ------------------------------------------------------------------ sampling with a KV cache
     def start_sampling(
-        self, context: torch.Tensor, context_mask: torch.Tensor, context_position_ids: torch.Tensor | None = None
+        self, context: torch.Tensor, context_mask: torch.Tensor, context_position_ids: torch.Tensor | None = None,
+        static_cache: bool = True,
     ) -> tuple[TextCondition, list[KVCache], torch.Tensor]:
-        """Run the text step. Returns (cond, caches, logits of the 1x1 scale (B, 1, V))."""
+        """Run the text step. Returns (cond, caches, logits of the 1x1 scale (B, 1, V)).
+
+        `static_cache`: KV caches preallocated for the whole sequence (see `hart.attention.KVCache`).
+        """
         cond = self.encode_context(context, context_mask, context_position_ids)
-        caches = [KVCache() for _ in self.blocks]
+        caches = [KVCache(self.config.seq_len() if static_cache else None) for _ in self.blocks]
         T = self.config.context_token
         x = cond.tokens_BTC + self.level_embedding(torch.zeros(1, dtype=torch.long, device=context.device))
         if self.pos_start is not None:

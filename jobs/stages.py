@@ -65,11 +65,12 @@ class TransformerObjective(nn.Module):
     """t2i_losses around the transformer; the quantizer is frozen and kept out of the tree."""
 
     def __init__(self, model: nn.Module, quantizer: MultiScaleQuantizer, ce_weight: float, diffusion_weight: float,
-                 use_diffusion: bool):
+                 use_diffusion: bool, kept_bucket: int = 0):
         super().__init__()
         self.model = model
         self._frozen = {"quantizer": quantizer}
         self.ce_weight, self.diffusion_weight, self.use_diffusion = ce_weight, diffusion_weight, use_diffusion
+        self.kept_bucket = kept_bucket
 
     def forward(self, batch: dict[str, Any], step: int = 0, generator: torch.Generator | None = None):
         from hart.t2i_objective import t2i_losses
@@ -78,6 +79,7 @@ class TransformerObjective(nn.Module):
             self.model, self._frozen["quantizer"], batch["context"], batch["context_mask"], batch["tokens"],
             batch["residual"] if self.use_diffusion else None, ce_weight=self.ce_weight,
             diffusion_weight=self.diffusion_weight, use_diffusion=self.use_diffusion, generator=generator,
+            kept_bucket=self.kept_bucket,
         )
 
 
@@ -276,6 +278,7 @@ def _build_transformer_stage(config: TrainRunConfig, device: torch.device, text_
     objective = TransformerObjective(
         model, tokenizer.quantize, ce_weight=config.objective.ce_weight if config.stage != "diffusion" else 0.0,
         diffusion_weight=config.objective.diffusion_weight, use_diffusion=config.stage in ("diffusion", "joint"),
+        kept_bucket=config.objective.kept_bucket,
     )
     return Stage(config.stage, model, objective, tokenizer=tokenizer, text_encoder=text_encoder)
 

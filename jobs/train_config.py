@@ -95,6 +95,9 @@ class ScalingSection:
 class ObjectiveSection:
     ce_weight: float = 1.0  # ar / joint
     diffusion_weight: float = 1.0  # diffusion / joint
+    # Transformer stages: round the kept last-scale count to {32, multiples of this, all} (same mean;
+    # hart.t2i_objective) so a compiled model sees a few sequence lengths; 0 = HART's exact counts.
+    kept_bucket: int = 0
     tokenizer_mode: str = "hybrid"  # "hybrid": decoder fine-tune (encoder+codebook frozen) | "full": VQVAE
     continuous_prob: float = 0.5  # hybrid: share of steps decoding the continuous latent
     l1_weight: float = 1.0  # tokenizer reconstruction: l1 * |x - x'| + l2 * (x - x')^2
@@ -128,6 +131,8 @@ class ObjectiveSection:
                              f"got {self.l1_weight} and {self.l2_weight}")
         if self.codebook_restart_every < 0 or self.codebook_restart_threshold < 0:
             raise ValueError("objective.codebook_restart_every and codebook_restart_threshold must be >= 0")
+        if self.kept_bucket < 0:
+            raise ValueError(f"objective.kept_bucket must be >= 0, got {self.kept_bucket}")
         if self.vq_warmup_steps < 0:
             raise ValueError(f"objective.vq_warmup_steps must be >= 0, got {self.vq_warmup_steps}")
         if self.vq_warmup_steps and self.tokenizer_mode != "full":

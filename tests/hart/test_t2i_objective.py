@@ -195,3 +195,52 @@ def test_compiled_blocks_follow_a_changing_last_scale_length():
         for g_c, g_e in zip(grads_c, grads_e):
             torch.testing.assert_close(g_c, g_e, rtol=1e-3, atol=1e-5)
     assert len(kept) == 3, kept  # three different sequence lengths were compiled and run
+
+
+def test_kept_buckets_keep_harts_mean_and_few_counts():
+    from hart.t2i_objective import bucketed_kept, kept_ladder, num_kept_last
+
+    assert kept_ladder(4096, 128) == [32, *range(128, 4096, 128), 4096]
+    assert kept_ladder(64, 128) == [32, 64] and kept_ladder(16, 8) == [16]
+    ladder = kept_ladder(4096, 128)
+    g = torch.Generator().manual_seed(0)
+    exact, rounded = [], []
+    for _ in range(4000):
+        k = num_kept_last(4096, sample_mask_rate(g, "cpu"))
+        exact.append(k)
+        rounded.append(bucketed_kept(k, ladder, float(torch.rand((), generator=g))))
+    assert set(rounded) <= set(ladder) and len(set(rounded)) <= 17 < len(set(exact))
+    assert all(max(r for r in ladder if r <= k) <= b <= min(r for r in ladder if r >= k) for k, b in zip(exact, rounded))
+    # stochastic rounding: the mean kept count is HART's (4000 draws: within a few tokens of ~1300)
+    assert abs(sum(rounded) / len(rounded) - sum(exact) / len(exact)) < 8
+    assert bucketed_kept(256, ladder, 0.99) == 256  # a count on a rung stays
+
+
+def test_compiled_blocks_see_one_length_per_bucket():
+    """30 training steps of a compiled block with static shapes: kept_bucket 64 bounds the compiled graphs by
+    the rungs drawn (32, 64, 128 of a 16x16 last scale, where HART keeps 32..128); HART's exact counts would
+    compile a graph per count (~25 in 30 steps)."""
+    from torch._dynamo.utils import counters
+
+    config = replace(TINY, patch_nums=(1, 2, 4, 16), depth=1)
+    torch.manual_seed(0)
+    quantizer = MultiScaleQuantizer(replace(TOKENIZER_PRESETS["tiny"], patch_nums=config.patch_nums)).eval()
+    model = HARTForT2I(config)
+    model.init_weights()
+    tokens, residual = quantizer.latent_to_tokens(torch.randn(2, config.token_dim, 16, 16))
+    context = torch.randn(2, config.context_token, config.context_dim)
+    mask = torch.ones(2, config.context_token, dtype=torch.bool)
+    torch._dynamo.reset()
+    model.blocks[0].compile()
+    graphs, kept = [], set()
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=64):
+        counters.clear()
+        for step in range(30):
+            out = t2i_losses(model.train(), quantizer, context, mask, tokens, residual, kept_bucket=64,
+                             generator=torch.Generator().manual_seed(step))
+            out["loss"].backward()
+            kept.add(int(out["num_kept_last"]))
+            graphs.append(counters["stats"]["unique_graphs"])
+    assert kept <= {32, 64, 128} and len(kept) >= 2, kept
+    per_length = graphs[0]  # the graphs one length needs (forward; the segment attention is a graph break)
+    assert graphs[-1] <= per_length * len(kept), (graphs[-1], per_length, kept)

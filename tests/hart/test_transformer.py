@@ -174,6 +174,27 @@ def test_kv_cache_sampling_matches_full_forward(name):
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=2e-5, rtol=1e-5)
 
 
+def test_static_kv_cache_is_bit_identical_to_concatenation():
+    from hart.attention import KVCache
+
+    model = make_model()
+    ctx, mask, tf = make_batch()
+    runs = {}
+    with torch.no_grad():
+        for static in (False, True):
+            cond, caches, first = model.start_sampling(ctx, mask, static_cache=static)
+            steps = [first]
+            for si, (start, end) in enumerate(scale_bounds(TINY)[1:], start=1):
+                steps.append(model.sampling_step(si, tf[:, start - 1 : end - 1], cond, caches)[0])
+            runs[static] = torch.cat(steps, 1)
+            assert caches[0].length == TINY.seq_len()
+    assert torch.equal(runs[True], runs[False])
+    cache = KVCache(capacity=4)
+    cache.append(torch.zeros(1, 1, 3, 2), torch.zeros(1, 1, 3, 2))
+    with pytest.raises(ValueError, match="overflows"):
+        cache.append(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2))
+
+
 def test_subsampled_forward_matches_full_on_kept_tokens():
     model = make_model()
     ctx, mask, tf = make_batch()
