@@ -7,6 +7,25 @@ The order follows torchtitan: attention kernel choice -> activation checkpointin
 torch.compile (per block) -> data parallel wrapper. DDP is the default (HART-0.7B fits on one GPU); FSDP2
 (`fully_shard` per transformer block, then at the root) is for the large presets.
 
+FSDP2 the torchtitan way: every block is its own `fully_shard` unit (its parameters are all-gathered
+just before its forward and freed after it, so peak memory holds one block's full weights, not the
+model's), and the root comes last so it owns only what no block owns (embeddings, heads, norms).
+`mixed_precision="bf16"` gives every unit `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`,
+torchtitan's default: the sharded parameters (the optimizer's and the EMA's view) stay fp32 master
+weights, the all-gathered copies the forward and backward compute with are bf16 (half the all-gather
+bytes and activation memory), and gradients are reduce-scattered in fp32 so averaging over many ranks
+loses no precision. It is FSDP-only: DDP keeps one full fp32 replica per rank and gets bf16 compute
+from autocast (the run's `precision` setting) instead. Keep `precision: bf16` on beside it for the
+transformer: it casts some activations to fp32 on purpose (norm and head inputs, written for autocast),
+and without autocast the next matmul would meet bf16 weights with fp32 inputs and raise
+(tests/hart/test_fsdp.py trains it both ways against one fp32 process).
+
+Activation checkpointing is selective by block: `activation_checkpointing_every=k` recomputes every
+k-th block in backward (torchtitan's "selective, layer" mode: blocks k-1, 2k-1, ...; k=1 is all of
+them) and keeps the others' activations, trading memory for less recompute. It is applied from the
+outside for every model, the transformer included, by replacing the chosen blocks' `forward` on the
+instance.
+
 Neither activation checkpointing nor compile changes state-dict keys (both patch the
 blocks in place). Compile on CPU needs a C++ compiler (inductor); without one `parallelize`
 raises a ValueError before the first step (tested on CPU with gcc 12, torch 2.13). Blocks are the first `nn.ModuleList` named `blocks` anywhere in the tree
@@ -29,6 +48,7 @@ from torch.utils.checkpoint import checkpoint
 
 STRATEGIES = ("none", "ddp", "fsdp")
 ATTENTION_CHOICES = ("sdpa", "flex", "auto")
+MIXED_PRECISIONS = ("none", "bf16")
 
 
 @dataclass(frozen=True)
@@ -36,7 +56,10 @@ class ParallelConfig:
     """How the model is wrapped on each worker."""
 
     strategy: str = "ddp"  # "none" | "ddp" | "fsdp" (FSDP2 fully_shard); "ddp" falls back to none at world size 1
-    activation_checkpointing: bool = False  # recompute each block in backward
+    activation_checkpointing: bool = False  # recompute blocks in backward (which ones: the next field)
+    # With activation_checkpointing: recompute every k-th block (blocks k-1, 2k-1, ...), keep the
+    # others' activations. 1 = every block; 2 = half of them (about half the recompute, more memory).
+    activation_checkpointing_every: int = 1
     compile: bool = False  # torch.compile each block (and the root when there are no blocks)
     find_unused_parameters: bool = False  # DDP: needed when a stage leaves params out of the loss
     # Conv weights (4-D parameters) in torch.channels_last: the convolutions then run without layout
@@ -48,6 +71,11 @@ class ParallelConfig:
     # "auto" (flex on CUDA, sdpa elsewhere). The default stays "sdpa" until flex's backward and speed
     # have been measured on a GPU.
     attention: str = "sdpa"
+    # FSDP2 mixed precision: "bf16" = MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) on every
+    # fully_shard unit (fp32 master weights stay in the shards; see the module docstring). fsdp only:
+    # DDP gets bf16 compute from the run's `precision` (autocast). Keep precision bf16 with it (the
+    # transformer's fp32 casts need autocast).
+    mixed_precision: str = "none"
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -57,6 +85,15 @@ class ParallelConfig:
         if self.channels_last and self.strategy == "fsdp":
             raise ValueError("parallel.channels_last is not supported with parallel.strategy='fsdp' (untested "
                              "with sharded conv weights); use ddp for the tokenizer")
+        if self.activation_checkpointing_every < 1:
+            raise ValueError(f"parallel.activation_checkpointing_every must be >= 1 (1 = every block), "
+                             f"got {self.activation_checkpointing_every}")
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise ValueError(f"parallel.mixed_precision must be one of {MIXED_PRECISIONS}, got {self.mixed_precision!r}")
+        if self.mixed_precision != "none" and self.strategy != "fsdp":
+            raise ValueError(f"parallel.mixed_precision={self.mixed_precision!r} is FSDP2's MixedPrecisionPolicy and "
+                             f"needs parallel.strategy='fsdp' (got {self.strategy!r}); with ddp or none, set "
+                             f"mixed_precision='none' and use precision: bf16 (autocast) instead")
 
 
 def distributed_ready() -> bool:
@@ -75,28 +112,32 @@ def find_blocks(model: nn.Module, block_attribute_name: str = "blocks") -> nn.Mo
     return None
 
 
-def apply_activation_checkpointing(model: nn.Module) -> int:
-    """Recompute each block in backward; returns the number of blocks (0 when there are none).
+def apply_activation_checkpointing(model: nn.Module, every: int = 1) -> int:
+    """Recompute every `every`-th block in backward; returns the number of checkpointed blocks (0 without blocks).
 
-    A model with its own `gradient_checkpointing` switch gets it turned on; otherwise each
-    block's `forward` is replaced on the instance (not wrapped), so state-dict keys stay the
-    official ones.
+    Blocks `every-1, 2*every-1, ...` are checkpointed (torchtitan's selective-layer rule; `every=1`:
+    all). Each chosen block's `forward` is replaced on the instance (not wrapped in a new module), so
+    state-dict keys stay the official ones, and FSDP2's hooks, which run on the block's `__call__`,
+    stay outside the recomputed region (the parameters are all-gathered before the recompute runs).
+    Only training forwards with grad are checkpointed; generation (no grad, KV caches that a
+    recompute would append to twice) runs the plain forward.
     """
-    for module in model.modules():
-        if hasattr(module, "gradient_checkpointing"):  # the model's own switch (HARTForT2I)
-            module.gradient_checkpointing = True
-            return len(find_blocks(model) or ())
+    if every < 1:
+        raise ValueError(f"parallel.activation_checkpointing_every must be >= 1, got {every}")
     blocks = find_blocks(model)
     if blocks is None:
         return 0
-    for block in blocks:
+    chosen = [block for index, block in enumerate(blocks) if (index + 1) % every == 0]
+    for block in chosen:
         inner = block.forward
 
-        def checkpointed_forward(*args, _inner=inner, **kwargs):
+        def checkpointed_forward(*args, _inner=inner, _block=block, **kwargs):
+            if not (_block.training and torch.is_grad_enabled()):
+                return _inner(*args, **kwargs)
             return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
 
         block.forward = checkpointed_forward
-    return len(blocks)
+    return len(chosen)
 
 
 def resolve_attention(choice: str, device: torch.device) -> str:
@@ -157,7 +198,7 @@ def parallelize(model: nn.Module, config: ParallelConfig, device: torch.device) 
         model.to(memory_format=torch.channels_last)
     apply_attention(model, config.attention, device)
     if config.activation_checkpointing:
-        apply_activation_checkpointing(model)
+        apply_activation_checkpointing(model, config.activation_checkpointing_every)
     if config.compile:
         check_compile_toolchain(device)
         apply_compile(model)
@@ -171,14 +212,30 @@ def parallelize(model: nn.Module, config: ParallelConfig, device: torch.device) 
             model, device_ids=device_ids, broadcast_buffers=False,
             find_unused_parameters=config.find_unused_parameters,
         )
-    from torch.distributed.fsdp import fully_shard
+    apply_fsdp(model, config.mixed_precision)
+    return model
 
+
+def apply_fsdp(model: nn.Module, mixed_precision: str = "none") -> None:
+    """FSDP2 in place: `fully_shard` each block, then the root (which then owns only the rest).
+
+    Blocks first: a `fully_shard` call takes the parameters not already owned by a unit below it,
+    so the root last keeps each block a separate all-gather. Every unit gets the same
+    `MixedPrecisionPolicy`, so all compute sees one parameter dtype.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if mixed_precision not in MIXED_PRECISIONS:
+        raise ValueError(f"parallel.mixed_precision must be one of {MIXED_PRECISIONS}, got {mixed_precision!r}")
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if mixed_precision == "bf16" else MixedPrecisionPolicy())
     blocks = find_blocks(model)
     if blocks is not None:
-        for block in blocks:
-            fully_shard(block)
-    fully_shard(model)
-    return model
+        for index, block in enumerate(blocks):
+            # torchtitan: the last block stays gathered after its forward, since the backward starts
+            # with it and would all-gather it again at once. The root's default is the same.
+            fully_shard(block, mp_policy=policy, reshard_after_forward=index < len(blocks) - 1)
+    fully_shard(model, mp_policy=policy)
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -286,6 +343,6 @@ def broadcast_from_rank0(tensors: list[torch.Tensor]) -> None:
 __all__ = [
     "ParallelConfig", "parallelize", "full_state_dict", "load_full_state_dict", "is_sharded", "full_tensors",
     "shard_like", "full_optimizer_state_dict", "load_full_optimizer_state_dict",
-    "apply_activation_checkpointing", "apply_compile", "match_state_layout", "check_compile_toolchain", "all_reduce_mean", "barrier", "broadcast_from_rank0", "world_size",
+    "apply_activation_checkpointing", "apply_compile", "apply_fsdp", "MIXED_PRECISIONS", "match_state_layout", "check_compile_toolchain", "all_reduce_mean", "barrier", "broadcast_from_rank0", "world_size",
     "distributed_ready",
 ]

@@ -32,7 +32,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from hart.attention import KVCache, block_causal_mask
 from hart.blocks import AdaLNBeforeHead, AdaLNSelfAttnBlock, RMSNorm, TimestepEmbedder, make_norm, pool_condition
@@ -61,7 +60,6 @@ class HARTForT2I(nn.Module):
         C, T = cfg.embed_dim, cfg.context_token
         self.patch_nums = tuple(cfg.patch_nums)
         self.num_scales = len(self.patch_nums)
-        self.gradient_checkpointing = False
         # Training attention kernel, chosen from outside (hart.parallelize): "sdpa" = one SDPA call per
         # segment, "flex" = one FlexAttention call with a cached block mask (hart.attention).
         self.attention_backend = "sdpa"
@@ -201,12 +199,7 @@ class HARTForT2I(nn.Module):
             def attend(attn, x, cache=cache):
                 return attn(x, rope, segment_ends=segment_ends, cache=cache, block_mask=block_mask)
 
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x_BLC = checkpoint(
-                    block, x_BLC, cond.block_cond_BC, attend, num_text, cond.tokens_BTC, cond.mask_BT, use_reentrant=False
-                )
-            else:
-                x_BLC = block(x_BLC, cond.block_cond_BC, attend, num_text, cond.tokens_BTC, cond.mask_BT)
+            x_BLC = block(x_BLC, cond.block_cond_BC, attend, num_text, cond.tokens_BTC, cond.mask_BT)
         return x_BLC
 
     # ------------------------------------------------------------------ training forward

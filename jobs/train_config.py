@@ -187,6 +187,10 @@ class TrainRunConfig:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.parallel.mixed_precision == "bf16" and self.precision != "bf16":
+            # bf16 weights meet the transformer's deliberate fp32 casts (norm and head inputs) only under
+            # autocast: without it the next matmul mixes dtypes and raises (hart/parallelize.py)
+            raise ValueError(f"parallel.mixed_precision=bf16 needs precision: bf16, got {self.precision!r}")
         if self.stage == "tokenizer" and self.objective.vq_warmup_steps >= self.run.max_steps:
             raise ValueError(f"objective.vq_warmup_steps ({self.objective.vq_warmup_steps}) must be below "
                              f"run.max_steps ({self.run.max_steps}): the VQ part would never train")

@@ -94,6 +94,10 @@ def test_bad_config_values_name_the_field():
         load_train_config(None, "tokenizer", ["objective.l1_weight=0"])
     config = load_train_config(None, "tokenizer", ["objective.l1_weight=0", "objective.l2_weight=1"])
     assert (config.objective.l1_weight, config.objective.l2_weight) == (0.0, 1.0)
+    with pytest.raises(ValueError, match="mixed_precision=bf16 needs precision: bf16"):
+        load_train_config(None, "joint", ["parallel.strategy=fsdp", "parallel.mixed_precision=bf16", "precision=fp32"])
+    with pytest.raises(ValueError, match="objective.kept_bucket must be >= 0"):
+        load_train_config(None, "joint", ["objective.kept_bucket=-1"])
 
 
 def test_tokenizer_stage_needs_shards(tmp_path):
