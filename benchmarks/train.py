@@ -283,8 +283,12 @@ MFU_RUNS = (
 
 
 def mfu_run(preset: str, resolution: int, batch_size: int, activation_checkpointing: bool, compile: bool,
-            device: torch.device, steps: int, warmup: int) -> dict[str, float]:
+            device: torch.device, steps: int, warmup: int, attention: str = "sdpa",
+            patch_nums: tuple[int, ...] | None = None) -> dict[str, float]:
     """One `gpu` setting: the worker's step (train_step + EMA) on random tokens, timed; FLOPs counted.
+
+    `attention` is `ParallelConfig.attention` (sdpa | flex | auto); `patch_nums` replaces the released
+    scale list of `resolution` (the CPU smoke run of `benchmarks/gpu.py` passes tiny ones).
 
     Steady state, not start-up: step i draws its random choices (kept last-scale count, CFG dropout,
     diffusion noise) from seed i % warmup, so the timed steps replay the warm-up steps' shapes. The
@@ -306,7 +310,8 @@ def mfu_run(preset: str, resolution: int, batch_size: int, activation_checkpoint
     from hart.transformer import HARTForT2I
     from jobs.stages import TransformerObjective
 
-    patch_nums = {256: PATCH_NUMS_256, 512: PATCH_NUMS_512, 1024: PATCH_NUMS_1024}[resolution]
+    if patch_nums is None:
+        patch_nums = {256: PATCH_NUMS_256, 512: PATCH_NUMS_512, 1024: PATCH_NUMS_1024}[resolution]
     cfg = replace(transformer_config(preset), patch_nums=tuple(patch_nums))
     precision = "bf16" if device.type == "cuda" else "fp32"
     torch.manual_seed(0)
@@ -348,7 +353,7 @@ def mfu_run(preset: str, resolution: int, batch_size: int, activation_checkpoint
         share = counted(quarter, seed, backward=True) / counted(quarter, seed, backward=False)
         flops_by_seed.append(round(counted(batch, seed, backward=False) * share))
     trained = parallelize(objective, ParallelConfig(strategy="none", activation_checkpointing=activation_checkpointing,
-                                                    compile=compile), device)
+                                                    compile=compile, attention=attention), device)
     optimizer = build_optimizer(model, OptimizerConfig(fused=device.type == "cuda"))
     ema = ExponentialMovingAverage(model, 0.9999)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -372,6 +377,7 @@ def mfu_run(preset: str, resolution: int, batch_size: int, activation_checkpoint
         "step_s": statistics.mean(timed), "ema_s": statistics.mean(ema_times[warmup:]),
         "flops": statistics.mean(flops_by_seed[step % warmup] for step in range(warmup, steps + warmup)),
         "tokens": batch_size * cfg.seq_len(), "images": batch_size, "first_s": sum(step_times[:warmup]),
+        "attention": sorted({m.attention_backend for m in model.modules() if hasattr(m, "attention_backend")}),
         "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan"),
     }
 

@@ -185,17 +185,33 @@ class SelfAttention(nn.Module):
         else:
             self.scale = 0.25 / math.sqrt(self.head_dim)
 
-    def project_qkv(self, x_BLC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project_qkv(
+        self, x_BLC: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor, bool] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v (B, H, L, hd): q and k L2-normalised (attn_l2_norm) and rotated (RoPE) as one tensor.
+
+        Normalising and rotating q and k together halves those elementwise calls (each a kernel
+        launch on a GPU, and the same again in backward); per element the arithmetic is the one of
+        separate calls, so fp32 results are bit-identical (k's scale factor is exactly 1). Under bf16
+        autocast, q times its fp32 scale is fp32 (k with it: one tensor), RoPE runs in fp32, and q, k
+        are cast to v's dtype once, here, so the KV cache and every attention kernel get bf16.
+        """
         B, L, C = x_BLC.shape
         weight = getattr(self, self.qkv_name).weight
         bias = torch.cat([self.q_bias, self.zero_k_bias, self.v_bias])
-        qkv = F.linear(x_BLC, weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each B, H, L, hd
+        qkv_3BHLd = F.linear(x_BLC, weight, bias).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qk_2BHLd, v_BHLd = qkv_3BHLd[:2], qkv_3BHLd[2]
         if self.attn_l2_norm:
-            scale_mul = self.scale_mul_1H11.clamp(max=self.max_scale_mul).exp()
-            q = F.normalize(q, dim=-1) * scale_mul
-            k = F.normalize(k, dim=-1)
-        return q, k, v
+            scale_mul_1H11 = self.scale_mul_1H11.clamp(max=self.max_scale_mul).exp()
+            scales_21H11 = torch.stack([scale_mul_1H11, torch.ones_like(scale_mul_1H11)])  # q scaled, k not
+            qk_2BHLd = F.normalize(qk_2BHLd, dim=-1) * scales_21H11
+        if rope is not None:
+            cos_BLd, sin_BLd, interleaved = rope
+            qk_2BHLd = apply_rope(qk_2BHLd, cos_BLd, sin_BLd, interleaved)  # (B, 1, L, d) broadcasts over both
+        if qk_2BHLd.dtype != v_BHLd.dtype:  # bf16 autocast with attn_l2_norm
+            qk_2BHLd = qk_2BHLd.to(v_BHLd.dtype)
+        q_BHLd, k_BHLd = qk_2BHLd.unbind(0)
+        return q_BHLd, k_BHLd, v_BHLd
 
     def forward(
         self,
@@ -214,11 +230,7 @@ class SelfAttention(nn.Module):
         - `attn_mask` (reference/tests only): a dense additive or boolean mask for SDPA.
         """
         B, L, C = x_BLC.shape
-        q, k, v = self.project_qkv(x_BLC)
-        if rope is not None:
-            cos, sin, interleaved = rope
-            q = apply_rope(q, cos, sin, interleaved)
-            k = apply_rope(k, cos, sin, interleaved)
+        q, k, v = self.project_qkv(x_BLC, rope)
         if cache is not None:
             k, v = cache.append(k, v)
             out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)

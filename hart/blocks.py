@@ -27,7 +27,7 @@ from hart.attention import CrossAttention, SelfAttention
 
 
 class RMSNorm(nn.Module):
-    """w * x / sqrt(mean(x^2) + eps), computed in float32 and cast back (LLaMA convention)."""
+    """w * x / sqrt(mean(x^2) + eps), statistics in float32 (LLaMA convention)."""
 
     def __init__(self, dim: int, eps: float = 1e-6, scale: float = 1.0):
         super().__init__()
@@ -35,10 +35,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        # One fused op (statistics in fp32 inside it, also for bf16 input) in x's dtype. In fp32 it is
+        # the reference's arithmetic bit for bit. Under bf16 autocast (bf16 activations, fp32 weight)
+        # the reference normalises in fp32, rounds to bf16 and multiplies by the fp32 weight, so its
+        # output is fp32 and the next linear casts it back; here the output stays bf16 (equal to the
+        # reference's for the blocks' constant unit weight, one bf16 rounding off otherwise).
+        weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
+        return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
 
 
 def make_norm(attn_type: str, dim: int, eps: float, affine: bool) -> nn.Module:

@@ -113,6 +113,9 @@ class GaussianDiffusion:
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
         self.log_betas = np.log(betas)
+        # The tables as float64 tensors, per device, made on first use: gathering from them then costs
+        # one index and one cast, not a table upload per call (a host-to-device copy on a GPU).
+        self._tables_on_device: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     @classmethod
     def cosine(cls, num_steps: int = 1000, respacing: str | None = None) -> "GaussianDiffusion":
@@ -128,9 +131,11 @@ class GaussianDiffusion:
             last = base_alphas_cumprod[i]
         return cls(np.array(new_betas), timestep_map=keep)
 
-    @staticmethod
-    def _gather(table: np.ndarray, t_N: torch.Tensor, ndim: int) -> torch.Tensor:
-        values = torch.from_numpy(table).to(t_N.device)[t_N].float()
+    def _gather(self, table: np.ndarray, t_N: torch.Tensor, ndim: int) -> torch.Tensor:
+        key = (id(table), t_N.device)  # the tables are attributes of self, never replaced: ids are stable
+        if key not in self._tables_on_device:
+            self._tables_on_device[key] = torch.from_numpy(table).to(t_N.device)
+        values = self._tables_on_device[key][t_N].float()
         return values.view(-1, *([1] * (ndim - 1)))
 
     def _model(self, model: ModelFn, x: torch.Tensor, t_N: torch.Tensor) -> torch.Tensor:

@@ -177,6 +177,26 @@ def test_ema_tracks_and_copies():
     assert set(ema.state_dict()) == set(model.state_dict())
 
 
+def test_ema_update_is_one_lerp_per_parameter_bit_for_bit():
+    """The multi-tensor update equals per-entry lerp_/copy_ exactly, over several updates."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    ema = ExponentialMovingAverage(model, decay=0.9)
+    reference = {k: v.clone() for k, v in ema.shadow.items()}
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    for _ in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(model)
+        for name, value in model.state_dict().items():
+            if name in trained:
+                reference[name].lerp_(value.float(), 1.0 - 0.9)
+            else:
+                reference[name].copy_(value)
+    assert all(torch.equal(ema.shadow[k], reference[k]) for k in reference)
+
+
 def test_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
     model = TinyNet()

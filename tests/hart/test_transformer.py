@@ -342,3 +342,48 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         m(ctx, mask, tf).square().mean().backward()
         grads.append(m.blocks[0].attn.proj.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_rms_norm_matches_the_llama_formula_and_keeps_bf16_in_bf16():
+    """RMSNorm is one fused op: in fp32 bit-equal to the reference formula (fp32 statistics, cast back,
+    times the weight); a bf16 input (autocast) stays bf16, equal to the reference rounded to bf16 for the
+    blocks' unit weight."""
+    from hart.blocks import RMSNorm
+
+    def reference(x, weight, eps):
+        x32 = x.float()
+        return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+    g = torch.Generator().manual_seed(0)
+    norm = RMSNorm(64, eps=1e-6)
+    x = torch.randn(3, 17, 64, generator=g) * 4
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(64, generator=g) + 0.5)
+        assert torch.equal(norm(x), reference(x, norm.weight, 1e-6))
+        norm.weight.fill_(1.0)
+        x_bf16 = x.bfloat16()
+        out = norm(x_bf16)
+        assert out.dtype == torch.bfloat16
+        assert torch.equal(out, reference(x_bf16, norm.weight, 1e-6).bfloat16())
+
+
+def test_project_qkv_normalises_rotates_and_casts_q_and_k_once_under_autocast():
+    """q and k leave `project_qkv` in v's dtype (bf16 under autocast), each normalised and rotated as
+    separately, with k at q's precision: the scaled q is fp32, and k rides in the same tensor."""
+    from hart.attention import SelfAttention
+
+    torch.manual_seed(0)
+    attn = SelfAttention(64, 4, attn_l2_norm=True)
+    with torch.no_grad():
+        attn.scale_mul_1H11.uniform_(-1, 1)
+    x = torch.randn(2, 9, 64)
+    cos, sin = torch.randn(2, 9, 16), torch.randn(2, 9, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q, k, v = attn.project_qkv(x, (cos, sin, False))
+        qkv = torch.nn.functional.linear(x, attn.qkv_proj.weight, torch.cat([attn.q_bias, attn.zero_k_bias, attn.v_bias]))
+        q_ref, k_ref, _ = qkv.view(2, 9, 3, 4, 16).permute(2, 0, 3, 1, 4).unbind(0)
+        scale = attn.scale_mul_1H11.clamp(max=attn.max_scale_mul).exp()
+        q_ref = apply_rope(F.normalize(q_ref, dim=-1) * scale, cos, sin, False)
+        k_ref = apply_rope(F.normalize(k_ref, dim=-1).float(), cos, sin, False)
+    assert q.dtype == k.dtype == v.dtype == torch.bfloat16
+    assert torch.equal(q, q_ref.bfloat16()) and torch.equal(k, k_ref.bfloat16())
