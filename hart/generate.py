@@ -170,3 +170,15 @@ def generate(
             images_B3HW = tokenizer.decode_latent(f_hat.float())
         images += to_pil(images_B3HW)
     return images
+
+
+def load_models(llm: str, tokenizer: str, text_encoder: str, ema: bool, device: str | torch.device):
+    """(transformer, tokenizer, text encoder) from an official-layout `llm/` and `tokenizer/` folder and a
+    text encoder name or folder (`hart.text_encoder.build_text_encoder`), in eval mode on `device`."""
+    from hart.text_encoder import build_text_encoder
+    from hart.tokenizer import HybridTokenizer
+
+    model = HARTForT2I.from_pretrained(llm, ema=ema).to(device).eval()
+    tok = HybridTokenizer.from_pretrained(tokenizer).to(device).eval()
+    encoder = build_text_encoder(text_encoder, max_length=model.config.context_token)
+    return model, tok, encoder

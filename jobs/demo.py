@@ -310,6 +310,7 @@ def evaluate(export: Path, config: DemoConfig, out: Path) -> dict:
     from hart.tokenizer import HybridTokenizer
     from hart.transformer import HARTForT2I
     from pipelines import shapes_classifier
+    from pipelines.shapes import label_of
     from pipelines.shapes import prompts as split_prompts
 
     results: dict = {}
@@ -338,7 +339,7 @@ def evaluate(export: Path, config: DemoConfig, out: Path) -> dict:
     model = HARTForT2I.from_pretrained(export / "llm", ema=True).eval()
     encoder = build_text_encoder("minilm", max_length=model.config.context_token)
     prompt_list = split_prompts("heldout")
-    prompt_labels = [_label_of(p) for p in prompt_list]
+    prompt_labels = [label_of(p) for p in prompt_list]
     prompt_list = [p for p in prompt_list for _ in range(config.samples_per_prompt)]
     prompt_labels = [lab for lab in prompt_labels for _ in range(config.samples_per_prompt)]
     samples_dir = out / "samples"
@@ -356,13 +357,6 @@ def evaluate(export: Path, config: DemoConfig, out: Path) -> dict:
             image.save(samples_dir / tag / f"{index:03d}-{prompt.replace(' ', '_')}.png")
     assert sorted(results) == sorted(figure_names(classifier_valid)), sorted(results)
     return results
-
-
-def _label_of(prompt: str) -> tuple[str, str]:
-    from pipelines.shapes import COLOURS, SHAPES
-
-    words = prompt.split()
-    return next(w for w in words if w in COLOURS), next(w for w in words if w in SHAPES)
 
 
 def run(config: DemoConfig, temporary: bool = False) -> dict:

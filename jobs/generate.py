@@ -29,17 +29,6 @@ def slug(text: str, limit: int = 48) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "prompt"
 
 
-def load_models(llm: str, tokenizer: str, text_encoder: str, ema: bool, device: str):
-    from hart.text_encoder import build_text_encoder
-    from hart.tokenizer import HybridTokenizer
-    from hart.transformer import HARTForT2I
-
-    model = HARTForT2I.from_pretrained(llm, ema=ema).to(device).eval()
-    tok = HybridTokenizer.from_pretrained(tokenizer).to(device).eval()
-    encoder = build_text_encoder(text_encoder, max_length=model.config.context_token)
-    return model, tok, encoder
-
-
 def write_images(images, prompts: list[str], output: Path) -> list[Path]:
     output.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -82,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     if not prompts:
         print("hart-generate: give at least one --prompt or a --prompts-file", file=sys.stderr)
         return 2
-    from hart.generate import generate
+    from hart.generate import generate, load_models
 
     try:
         model, tok, encoder = load_models(args.llm, args.tokenizer, args.text_encoder, args.ema, args.device)

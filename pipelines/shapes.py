@@ -105,6 +105,15 @@ def canonical_prompt(colour: str, shape: str, background: str) -> str:
     return TEMPLATES[0].format(colour=colour, shape=shape, background=background)
 
 
+def label_of(prompt: str) -> tuple[str, str]:
+    """(colour, shape) named in a prompt of this corpus."""
+    words = prompt.replace(",", " ").split()
+    try:
+        return next(w for w in words if w in COLOURS), next(w for w in words if w in SHAPES)
+    except StopIteration:
+        raise ValueError(f"not a shapes prompt (no colour and shape word): {prompt!r}") from None
+
+
 def prompts(split: str = "heldout") -> list[str]:
     """Canonical prompts of every (colour, shape, background) of a split, for evaluation."""
     return [canonical_prompt(c, s, b) for c, s, b in _scenes(split)]

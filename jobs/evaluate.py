@@ -1,0 +1,351 @@
+"""hart-evaluate: judge an export (FID, KID, CLIP score, shapes prompt following) on a pinned protocol.
+
+Usage:
+    hart-evaluate run --export runs/demo/export --prompts shapes:heldout --protocol shapes --out runs/eval
+    hart-evaluate run --export /ckpt/hart-0.7b-1024px --text-encoder /ckpt/Qwen2-VL-1.5B-Instruct \
+        --prompts /data/MJHQ-30K/meta_data.json --protocol hart-mjhq-1024 --out s3://bucket/eval/hart-0.7b \
+        --inception /weights/weights-inception-2015-12-05-6726825d.pth --clip /weights/clip-vit-large-patch14 \
+        --reference /data/mjhq-1024.stats.safetensors --actors 8 --gpus-per-actor 1 --run-id <training run>
+    hart-evaluate reference --images /data/MJHQ-30K/images --image-size 1024 \
+        --inception /weights/weights-inception-2015-12-05-6726825d.pth --out /data/mjhq-1024.stats.safetensors
+
+`run` is a Ray Data job: the prompt list (`pipelines.eval_protocol.read_prompts`) becomes fixed
+generation groups, an actor pool of `GenerateImages` (one model per actor: per GPU on a cluster)
+makes and writes the images (`<out>/images/<id>.png`, local or S3), an actor pool of `ScoreImages`
+extracts features and scores, and the driver folds them: FID/KID against the reference statistics
+(torchmetrics), mean CLIP score and shapes accuracy overall and per category. `<out>` then holds
+`protocol.json` (the protocol, the fingerprint, the prompt source and the export) and `metrics.json`
+(figures and per-category table). With a tracking URI the figures go to MLflow: metrics
+(`eval/<name>` at `--step`), the per-category table, a sample grid and the protocol; `--run-id`
+attaches them to an existing run (the training run that produced the checkpoint).
+
+`reference` computes the statistics of real images (a local folder of PNG/JPEG) under the same
+feature pipeline: images are centre-cropped to a square and resized to `--image-size` (PIL bicubic,
+the generated images' size), then go through `ScoreImages`; the file records the fingerprint, and
+`run` refuses a reference made under another.
+
+Weights are never downloaded: the Inception weights file and the CLIP folder are named by the user
+(a missing one is an error naming what to put there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from pipelines.eval_protocol import METRICS, PROTOCOLS
+
+    parser = argparse.ArgumentParser(prog="hart-evaluate", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="generate and score an export's images")
+    run.add_argument("--export", required=True, help="export folder with llm/ (+ ema_model.bin) and tokenizer/")
+    run.add_argument("--text-encoder", default="minilm", help="'minilm' or a local causal-LM folder (HART: Qwen2)")
+    run.add_argument("--prompts", required=True,
+                     help="MJHQ meta_data.json, a .jsonl ({'prompt', 'id'?, 'category'?}), a .txt, or shapes:heldout")
+    run.add_argument("--limit", type=int, help="the first N prompts (by id)")
+    run.add_argument("--per-category", type=int, help="the first N prompts of each category")
+    run.add_argument("--protocol", default="hart-mjhq-1024", choices=sorted(PROTOCOLS))
+    run.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                     help="override a protocol field (e.g. cfg=3.0, images_per_prompt=4, metrics=fid,clip); "
+                          "the override is recorded in protocol.json")
+    run.add_argument("--metrics", help=f"comma-separated subset of {','.join(METRICS)} (default: the protocol's)")
+    run.add_argument("--out", required=True, help="output folder or s3:// URI (images/, protocol.json, metrics.json)")
+    run.add_argument("--inception", help="FID Inception weights file (weights-inception-2015-12-05-6726825d.pth)")
+    run.add_argument("--clip", help="CLIP model folder (Hugging Face CLIPModel + processor)")
+    run.add_argument("--reference", help="reference statistics file (hart-evaluate reference) for FID/KID")
+    run.add_argument("--actors", type=int, default=1, help="generation actors (one model each)")
+    run.add_argument("--score-actors", type=int, default=1, help="scoring actors (feature networks each)")
+    run.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor (0: CPU actors)")
+    run.add_argument("--cpus-per-actor", type=float, default=1.0, help="logical CPUs per actor (Ray scheduling)")
+    run.add_argument("--score-batch", type=int, default=16, help="images per scoring call")
+    run.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default: none, no MLflow logging)")
+    run.add_argument("--experiment", default="hart-eval", help="MLflow experiment of a new run")
+    run.add_argument("--run-id", help="attach the figures to this existing MLflow run")
+    run.add_argument("--name", default="eval", help="metric prefix and artifact folder in MLflow (eval/<name>...)")
+    run.add_argument("--step", type=int, default=0, help="MLflow step of the figures (the checkpoint's step)")
+    run.add_argument("--num-cpus", type=int, help="CPUs of a local Ray instance (default: all)")
+    ref = sub.add_parser("reference", help="reference statistics of real images")
+    ref.add_argument("--images", required=True, help="a local folder of PNG/JPEG images")
+    ref.add_argument("--image-size", type=int, required=True, help="side the images are brought to (the generated size)")
+    ref.add_argument("--inception", required=True, help="FID Inception weights file")
+    ref.add_argument("--out", required=True, help="statistics file (.safetensors)")
+    ref.add_argument("--protocol", default="hart-mjhq-1024", choices=sorted(PROTOCOLS))
+    ref.add_argument("--limit", type=int, help="the first N images (by file name)")
+    ref.add_argument("--score-actors", type=int, default=1)
+    ref.add_argument("--gpus-per-actor", type=float, default=0.0)
+    ref.add_argument("--cpus-per-actor", type=float, default=1.0)
+    ref.add_argument("--score-batch", type=int, default=16)
+    ref.add_argument("--num-cpus", type=int)
+    return parser.parse_args(argv)
+
+
+def protocol_from_args(args):
+    """The named protocol with --set / --metrics overrides applied (ValueError on a bad field or value)."""
+    import dataclasses
+
+    import yaml
+
+    from pipelines.eval_protocol import PROTOCOLS
+
+    protocol = PROTOCOLS[args.protocol]
+    changes = {}
+    fields = {f.name for f in dataclasses.fields(protocol)}
+    for item in getattr(args, "set", []):
+        name, sep, value = item.partition("=")
+        if not sep or name not in fields:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(fields)}")
+        parsed = yaml.safe_load(value)
+        if name in ("top_k", "metrics"):
+            parsed = tuple(parsed) if isinstance(parsed, list) else tuple(str(value).split(","))
+            parsed = tuple(int(v) for v in parsed) if name == "top_k" else parsed
+        changes[name] = parsed
+    if getattr(args, "metrics", None):
+        changes["metrics"] = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    return dataclasses.replace(protocol, **changes)
+
+
+def _init_ray(num_cpus: int | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False)
+
+
+def _actor_options(args, concurrency: int) -> dict:
+    return {"concurrency": concurrency, "num_cpus": args.cpus_per_actor, "num_gpus": args.gpus_per_actor or None}
+
+
+def feature_network_id(inception: str) -> str:
+    from pipelines.inception import WEIGHTS_NAME, file_sha256
+
+    return f"{WEIGHTS_NAME.split('-6726')[0]}:sha256:{file_sha256(inception)}"
+
+
+def _fold(rows: list[dict], order: list[str], protocol) -> dict:
+    """Driver-side aggregation over the image rows, in the fixed image order."""
+    import torch
+
+    from pipelines.feature_statistics import FeatureStatistics
+
+    by_id = {row["id"]: row for row in rows}
+    missing = [i for i in order if i not in by_id]
+    if missing or len(by_id) != len(rows):
+        raise RuntimeError(f"{len(missing)} images missing from the scored rows (e.g. {missing[:3]}), "
+                           f"{len(rows) - len(by_id)} duplicated")
+    ordered = [by_id[i] for i in order]
+    figures: dict = {"images": len(ordered)}
+    per_category: dict[str, dict] = {}
+    for row in ordered:
+        per_category.setdefault(row["category"], {"images": 0})["images"] += 1
+    fake = None
+    if "features" in ordered[0]:
+        fake = FeatureStatistics(len(ordered[0]["features"]), kid_cap=protocol.kid_sample_cap)
+        for start in range(0, len(ordered), 256):
+            fake.update(torch.from_numpy(np.stack([r["features"] for r in ordered[start : start + 256]])))
+    for key, name in (("clip", "clip_score"), ("colour_ok", "colour_accuracy"), ("shape_ok", "shape_accuracy")):
+        if key in ordered[0]:
+            values = np.array([float(r[key]) for r in ordered])
+            figures[name] = float(values.mean())
+            for category in per_category:
+                mask = np.array([r["category"] == category for r in ordered])
+                per_category[category][name] = float(values[mask].mean())
+    if "colour_ok" in ordered[0]:
+        joint = np.array([bool(r["colour_ok"]) and bool(r["shape_ok"]) for r in ordered])
+        figures["joint_accuracy"] = float(joint.mean())
+    return {"figures": figures, "per_category": per_category, "fake": fake}
+
+
+def run_evaluation(args) -> dict:
+    import ray
+
+    from pipelines import storage
+    from pipelines.eval_protocol import groups, read_prompts
+    from pipelines.eval_stages import GenerateImages, ScoreImages
+    from pipelines.feature_statistics import FeatureStatistics, frechet_distance, kernel_distance
+
+    protocol = protocol_from_args(args)
+    export = Path(args.export)
+    if not (export / "llm").is_dir() or not (export / "tokenizer").is_dir():
+        raise ValueError(f"{export} is not an export folder (expected llm/ and tokenizer/ inside)")
+    wants_fid = bool(set(protocol.metrics) & {"fid", "kid"})
+    if wants_fid and not args.reference:
+        raise ValueError("FID/KID need reference statistics (--reference FILE; make them with hart-evaluate reference)")
+    if wants_fid and not args.inception:
+        from pipelines.inception import WEIGHTS_HELP
+
+        raise ValueError(f"FID/KID need {WEIGHTS_HELP} (--inception PATH)")
+    if "clip" in protocol.metrics and not args.clip:
+        from pipelines.clip_score import CLIP_HELP
+
+        raise ValueError(f"the CLIP score needs {CLIP_HELP} (--clip FOLDER)")
+    prompts = read_prompts(args.prompts, args.limit, args.per_category)
+    rows = groups(prompts, protocol)
+    order = [image_id for row in rows for image_id in row["ids"]]
+    print(f"[evaluate] {len(prompts)} prompts, {len(order)} images in {len(rows)} groups; protocol {args.protocol} "
+          f"({', '.join(protocol.metrics)})", flush=True)
+
+    fs, out_dir = storage.resolve(args.out)
+    images_uri = storage.join(args.out, "images")
+    started = time.time()
+    _init_ray(args.num_cpus)
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    ds = ds.map_batches(
+        GenerateImages, batch_size=1,
+        fn_constructor_kwargs=dict(llm=str(export / "llm"), tokenizer=str(export / "tokenizer"),
+                                   text_encoder=args.text_encoder, protocol=protocol.to_dict(), images_uri=images_uri),
+        **_actor_options(args, args.actors))
+    ds = ds.map_batches(ScoreImages, batch_size=args.score_batch,
+                        fn_constructor_kwargs=dict(metrics=list(protocol.metrics), inception=args.inception,
+                                                   clip=args.clip),
+                        **_actor_options(args, args.score_actors))
+    scored = list(ds.iter_rows())
+    elapsed = time.time() - started
+    folded = _fold(scored, order, protocol)
+    figures, per_category = folded["figures"], folded["per_category"]
+    fingerprint = None
+    if wants_fid:
+        side = image_side(fs, storage.join(out_dir, "images", f"{order[0]}.png"))
+        fingerprint = protocol.fingerprint(feature_network_id(args.inception), side)
+        real = FeatureStatistics.load(args.reference, fingerprint)
+        if "fid" in protocol.metrics:
+            figures["fid"] = frechet_distance(real, folded["fake"])
+        if "kid" in protocol.metrics:
+            figures["kid_mean"], figures["kid_std"] = kernel_distance(
+                real, folded["fake"], protocol.kid_subsets, protocol.kid_subset_size, seed=protocol.seed)
+    figures["images_per_s"] = len(order) / elapsed
+    record = {"protocol_name": args.protocol, "protocol": protocol.to_dict(), "fingerprint": fingerprint,
+              "prompts": args.prompts, "limit": args.limit, "per_category": args.per_category,
+              "export": str(export.resolve()), "text_encoder": args.text_encoder}
+    storage.write_bytes_atomic(fs, storage.join(out_dir, "protocol.json"), json.dumps(record, indent=1).encode())
+    result = {"figures": figures, "per_category": per_category}
+    storage.write_bytes_atomic(fs, storage.join(out_dir, "metrics.json"), json.dumps(result, indent=1).encode())
+    if args.tracking_uri or args.run_id:
+        grid = [storage.read_bytes(fs, storage.join(out_dir, "images", f"{i}.png")) for i in order[:16]]
+        log_to_mlflow(args, record, result, grid)
+    return result
+
+
+def image_side(fs, path: str) -> int:
+    from PIL import Image
+
+    from pipelines import storage
+
+    with Image.open(io.BytesIO(storage.read_bytes(fs, path))) as image:
+        return image.size[0]
+
+
+def log_to_mlflow(args, record: dict, result: dict, grid_pngs: list[bytes]) -> None:
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    from jobs.tracking import image_grid, open_run, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    client = MlflowClient(tracking_uri=uri)
+    run_id = args.run_id
+    if run_id is None:
+        run_id, _ = open_run(uri, args.experiment, f"{args.name}-{time.strftime('%Y%m%d-%H%M%S')}", {})
+    else:
+        client.get_run(run_id)  # a clear MlflowException for an unknown id, before anything is logged
+    stamp = int(time.time() * 1000)
+    from mlflow.entities import Metric
+
+    metrics = [Metric(f"{args.name}/{k}", float(v), stamp, args.step) for k, v in result["figures"].items()]
+    for category, values in result["per_category"].items():
+        metrics += [Metric(f"{args.name}/{category}/{k}", float(v), stamp, args.step) for k, v in values.items()
+                    if k != "images"]
+    client.log_batch(run_id, metrics=metrics)
+    client.log_text(run_id, json.dumps(record, indent=1), f"{args.name}/step-{args.step}/protocol.json")
+    table = {"category": list(result["per_category"]),
+             **{k: [v.get(k) for v in result["per_category"].values()]
+                for k in sorted({k for v in result["per_category"].values() for k in v})}}
+    client.log_table(run_id, data=table, artifact_file=f"{args.name}/step-{args.step}/per_category.json")
+    first = [np.asarray(Image.open(io.BytesIO(png)).convert("RGB")) for png in grid_pngs]
+    client.log_image(run_id, image_grid(np.stack(first)), artifact_file=f"{args.name}/step-{args.step}/grid.png")
+    print(f"[evaluate] MLflow run {run_id}: {len(metrics)} metrics at step {args.step}", flush=True)
+
+
+def load_reference_images(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.ndarray]:
+    """Paths -> PNG bytes of the centre square resized to image_size (bicubic); unreadable files fail loudly."""
+    from PIL import Image
+
+    from pipelines.eval_stages import encode_png
+
+    pngs = []
+    for path in batch["path"]:
+        with Image.open(str(path)) as image:
+            image = image.convert("RGB")
+            side = min(image.size)
+            left, top = (image.size[0] - side) // 2, (image.size[1] - side) // 2
+            image = image.crop((left, top, left + side, top + side))
+            if side != image_size:
+                image = image.resize((image_size, image_size), Image.BICUBIC)
+            pngs.append(encode_png(image))
+    return {"id": batch["id"], "png": np.array(pngs, dtype=object)}
+
+
+def run_reference(args) -> dict:
+    import ray
+    import torch
+
+    from pipelines.eval_protocol import PROTOCOLS
+    from pipelines.eval_stages import ScoreImages
+    from pipelines.feature_statistics import FeatureStatistics
+
+    protocol = PROTOCOLS[args.protocol]
+    folder = Path(args.images)
+    if not folder.is_dir():
+        raise ValueError(f"--images: {folder} is not a folder")
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    if args.limit:
+        paths = paths[: args.limit]
+    if len(paths) < 2:
+        raise ValueError(f"{folder}: {len(paths)} images (need at least 2)")
+    fingerprint = protocol.fingerprint(feature_network_id(args.inception), args.image_size)
+    _init_ray(args.num_cpus)
+    items = [{"id": f"{i:08d}", "path": str(p)} for i, p in enumerate(paths)]
+    ds = ray.data.from_items(items).map_batches(load_reference_images, batch_size=args.score_batch,
+                                                fn_kwargs={"image_size": args.image_size})
+    ds = ds.map_batches(ScoreImages, batch_size=args.score_batch,
+                        fn_constructor_kwargs=dict(metrics=["fid"], inception=args.inception),
+                        **_actor_options(args, args.score_actors))
+    by_id = {row["id"]: row["features"] for row in ds.iter_rows()}
+    if len(by_id) != len(items):
+        raise RuntimeError(f"{len(items) - len(by_id)} reference images lost")
+    stats = FeatureStatistics(len(next(iter(by_id.values()))), kid_cap=protocol.kid_sample_cap)
+    ordered = [by_id[item["id"]] for item in items]
+    for start in range(0, len(ordered), 256):
+        stats.update(torch.from_numpy(np.stack(ordered[start : start + 256])))
+    stats.save(args.out, fingerprint, info={"source": str(folder.resolve()), "images": len(items)})
+    return {"images": len(items), "out": args.out, "fingerprint": fingerprint}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        result = run_evaluation(args) if args.command == "run" else run_reference(args)
+    except ValueError as exc:
+        print(f"hart-evaluate: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.get("figures", result), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""What an evaluation measures and how: the sampling settings, the prompt set, the feature pipeline.
+
+A quality figure is only comparable with another made the same way: HART's MJHQ-30K FID moves by
+several points with `more_smooth`, CFG, resolution, resize rule and reference statistics
+(HART_SPEC §9). `EvalProtocol` pins every one of those choices, `PROTOCOLS` names the pinned sets,
+and `fingerprint()` is what reference statistics and result files carry: statistics made under
+another fingerprint are refused.
+
+`hart-mjhq-1024` follows the released sampler's defaults (`sample.py`): CFG 4.5 on the per-scale
+schedule, top-k 600 for scales before the 8th and 300 after, no top-p, EMA weights, and
+`more_smooth=False` (the released default is True, which the authors say is not for FID), one image
+per prompt at the model's resolution (1024 px for hart-0.7b-1024px). Features: the FID Inception
+(`pipelines.inception`) on the generated PNGs as written (RGB, uint8), resized to 299 by
+TensorFlow 1.x's bilinear rule; reference images go through the same path at their stored size.
+The paper does not publish its FID pipeline beyond the prompt set and resolution, so figures under
+this protocol are this project's, reproducible with the named weights files.
+
+Prompt sources (`read_prompts`): an MJHQ-30K `meta_data.json` (`{id: {"category", "prompt"}}`), a
+JSONL file (`{"prompt", "id"?, "category"?}` per line), a text file (one prompt per line), or
+`shapes:heldout` (the demo corpus's held-out prompts). Prompts are ordered by id, so the same source
+gives the same list, and `limit` / `per_category` take a fixed prefix.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pipelines.feature_statistics import KID_SAMPLE_CAP
+
+METRICS = ("fid", "kid", "clip", "shapes")
+
+
+@dataclass(frozen=True)
+class EvalProtocol:
+    cfg: float = 4.5
+    top_k: tuple[int, int] = (600, 300)
+    top_p: float | None = None
+    more_smooth: bool = False
+    ema: bool = True
+    use_diffusion: bool = True
+    head_cfg: float | None = None  # None: the released schedule (the last scale's token guidance)
+    seed: int = 0  # group g of prompts is sampled with seed + g: a rerun gives the same images
+    images_per_prompt: int = 1
+    batch_size: int = 8  # prompts per generation call (a group); fixed, so images do not depend on actors
+    feature_resize: str = "tf1-bilinear-299"
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    kid_sample_cap: int = KID_SAMPLE_CAP
+    metrics: tuple[str, ...] = ("fid", "kid", "clip")
+
+    def __post_init__(self) -> None:
+        unknown = set(self.metrics) - set(METRICS)
+        if unknown:
+            raise ValueError(f"unknown metric(s) {sorted(unknown)}; choose from {METRICS}")
+        if self.images_per_prompt < 1 or self.batch_size < 1:
+            raise ValueError("images_per_prompt and batch_size must be >= 1")
+
+    def sampling(self) -> dict:
+        """The keyword arguments of `hart.generate.generate` this protocol fixes (seed aside)."""
+        return dict(cfg=self.cfg, top_k=tuple(self.top_k), top_p=self.top_p, more_smooth=self.more_smooth,
+                    use_diffusion=self.use_diffusion, head_cfg=self.head_cfg)
+
+    def fingerprint(self, feature_network: str, image_size: int) -> dict:
+        """What reference statistics must share with a run for FID/KID against them to mean anything."""
+        return {"feature_network": feature_network, "image_size": image_size, "feature_resize": self.feature_resize}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PROTOCOLS = {
+    "hart-mjhq-1024": EvalProtocol(),
+    # The demo's held-out shapes prompts: prompt following by the shapes classifier, plus CLIP if given.
+    "shapes": EvalProtocol(metrics=("shapes",)),
+}
+
+
+@dataclass(frozen=True)
+class EvalPrompt:
+    id: str
+    prompt: str
+    category: str = field(default="all")
+
+
+def read_prompts(source: str, limit: int | None = None, per_category: int | None = None) -> list[EvalPrompt]:
+    if source.startswith("shapes:"):
+        from pipelines.shapes import prompts
+
+        split = source.split(":", 1)[1]
+        items = [EvalPrompt(f"{split}-{i:04d}", p, "shapes") for i, p in enumerate(prompts(split))]
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ValueError(f"prompt file not found: {source} (an MJHQ meta_data.json, a .jsonl, a .txt, "
+                             f"or shapes:heldout)")
+        if path.suffix == ".json":
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict) or not all(isinstance(v, dict) and "prompt" in v for v in data.values()):
+                raise ValueError(f"{source}: expected MJHQ's meta_data.json layout {{id: {{'category', 'prompt'}}}}")
+            items = [EvalPrompt(str(k), v["prompt"], v.get("category", "all")) for k, v in data.items()]
+        elif path.suffix == ".jsonl":
+            items = []
+            for n, line in enumerate(path.read_text().splitlines()):
+                if line.strip():
+                    row = json.loads(line)
+                    if "prompt" not in row:
+                        raise ValueError(f"{source} line {n + 1}: no 'prompt' field")
+                    items.append(EvalPrompt(str(row.get("id", f"{n:06d}")), row["prompt"], row.get("category", "all")))
+        else:
+            lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            items = [EvalPrompt(f"{n:06d}", p) for n, p in enumerate(lines)]
+    items.sort(key=lambda item: item.id)
+    if len({item.id for item in items}) != len(items):
+        raise ValueError(f"{source}: prompt ids are not unique")
+    if per_category is not None:
+        seen: dict[str, int] = {}
+        kept = []
+        for item in items:
+            if seen.get(item.category, 0) < per_category:
+                kept.append(item)
+                seen[item.category] = seen.get(item.category, 0) + 1
+        items = kept
+    if limit is not None:
+        items = items[:limit]
+    if not items:
+        raise ValueError(f"{source}: no prompts")
+    return items
+
+
+def groups(prompts: list[EvalPrompt], protocol: EvalProtocol) -> list[dict]:
+    """Generation groups in a fixed order: each row is one `generate` call of up to batch_size images
+    (every prompt repeated images_per_prompt times), seeded with protocol.seed + group index."""
+    images = [(f"{p.id}-{k}" if protocol.images_per_prompt > 1 else p.id, p) for p in prompts
+              for k in range(protocol.images_per_prompt)]
+    rows = []
+    for g, start in enumerate(range(0, len(images), protocol.batch_size)):
+        chunk = images[start : start + protocol.batch_size]
+        rows.append({"group": g, "seed": protocol.seed + g, "ids": [i for i, _ in chunk],
+                     "prompts": [p.prompt for _, p in chunk], "categories": [p.category for _, p in chunk]})
+    return rows

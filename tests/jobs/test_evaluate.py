@@ -1,0 +1,107 @@
+"""hart-evaluate on a local Ray instance: generation and scoring actor pools over the shapes held-out
+prompts with a random tiny export, stand-in feature networks built offline, reference statistics
+reused under their protocol and refused under another, figures in files and in a real MLflow run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from jobs.evaluate import main as evaluate_main
+from pipelines.clip_score import save_tiny_clip
+from pipelines.inception import save_random_inception
+from pipelines.shapes import label_of, render, sample_spec
+from pipelines.shapes import prompts as heldout_prompts
+from pipelines.shapes_classifier import accuracy
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from hart.config import tokenizer_config, transformer_config
+    from hart.tokenizer import HybridTokenizer
+    from hart.transformer import HARTForT2I
+    from jobs.demo import DEMO_TOKENIZER, DEMO_TRANSFORMER
+
+    root = tmp_path_factory.mktemp("evaluate")
+    torch.manual_seed(0)
+    tokenizer = HybridTokenizer(tokenizer_config(DEMO_TOKENIZER))
+    tokenizer.save_pretrained(root / "export" / "tokenizer")
+    model = HARTForT2I(transformer_config(DEMO_TRANSFORMER))
+    model.init_weights()
+    model.save_pretrained(root / "export" / "llm", ema_state=model.state_dict(), tokenizer=tokenizer.config)
+    (root / "real").mkdir()
+    for i in range(24):
+        render(sample_spec(i, split="heldout"), 64).save(root / "real" / f"{i:03d}.png")
+    return {"root": root, "export": root / "export", "inception": save_random_inception(root / "inception.pth"),
+            "clip": save_tiny_clip(root / "clip", seed=2)}
+
+
+def reference(assets, ray_local, size: int, name: str) -> str:
+    out = assets["root"] / name
+    code = evaluate_main(["reference", "--images", str(assets["root"] / "real"), "--image-size", str(size),
+                          "--inception", str(assets["inception"]), "--out", str(out), "--protocol", "shapes"])
+    assert code == 0
+    return str(out)
+
+
+def run(assets, out, *extra: str) -> int:
+    return evaluate_main(["run", "--export", str(assets["export"]), "--prompts", "shapes:heldout", "--protocol", "shapes",
+                          "--metrics", "fid,kid,clip,shapes", "--out", str(out), "--inception", str(assets["inception"]),
+                          "--clip", str(assets["clip"]), "--cpus-per-actor", "0.5", "--score-batch", "8", *extra])
+
+
+def test_two_actors_one_actor_same_images_and_figures_logged_to_mlflow(assets, ray_local, mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    ref = reference(assets, ray_local, 64, "ref-64.safetensors")
+    client = MlflowClient(tracking_uri=mlflow_server)
+    experiment = client.create_experiment("training")
+    run_id = client.create_run(experiment).info.run_id  # stands in for the training run of the checkpoint
+    assert run(assets, tmp_path / "a", "--reference", ref, "--actors", "2", "--tracking-uri", mlflow_server,
+               "--run-id", run_id, "--step", "300") == 0
+    assert run(assets, tmp_path / "b", "--reference", ref, "--actors", "1") == 0
+
+    prompts = heldout_prompts("heldout")
+    names = sorted(p.name for p in (tmp_path / "a" / "images").iterdir())
+    assert names == [f"heldout-{i:04d}.png" for i in range(len(prompts))]
+    for name in names:  # seeded per group: the actor count does not change an image
+        assert (tmp_path / "a" / "images" / name).read_bytes() == (tmp_path / "b" / "images" / name).read_bytes()
+    a = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    for key in ("fid", "kid_mean", "clip_score", "colour_accuracy", "shape_accuracy", "joint_accuracy"):
+        # same images, same figures; a scoring batch pads its prompts to its longest, so CLIP's last digits
+        # depend on which images share a batch
+        assert np.isfinite(a["figures"][key]) and a["figures"][key] == pytest.approx(b["figures"][key], rel=1e-6), key
+    assert a["figures"]["fid"] > 0 and a["figures"]["images"] == len(prompts)
+    # the shapes plugin gives the demo's figures for the same images (pipelines.shapes_classifier.accuracy)
+    images = [Image.open(tmp_path / "a" / "images" / n).convert("RGB") for n in names]
+    direct = accuracy(images, [label_of(p) for p in prompts])
+    for key in ("colour_accuracy", "shape_accuracy", "joint_accuracy"):
+        assert a["figures"][key] == pytest.approx(direct[key])
+    protocol = json.loads((tmp_path / "a" / "protocol.json").read_text())
+    assert protocol["protocol"]["more_smooth"] is False and protocol["fingerprint"]["image_size"] == 64
+
+    logged = client.get_run(run_id).data.metrics
+    assert logged["eval/fid"] == pytest.approx(a["figures"]["fid"])
+    assert logged["eval/shapes/clip_score"] == pytest.approx(a["per_category"]["shapes"]["clip_score"])
+    history = client.get_metric_history(run_id, "eval/clip_score")
+    assert [m.step for m in history] == [300]
+    artifacts = {f.path for f in client.list_artifacts(run_id, "eval/step-300")}
+    assert {"eval/step-300/protocol.json", "eval/step-300/per_category.json", "eval/step-300/grid.png"} <= artifacts
+
+
+def test_reference_of_another_protocol_is_refused_and_missing_files_are_named(assets, ray_local, tmp_path, capsys):
+    other = reference(assets, ray_local, 32, "ref-32.safetensors")  # made at 32 px, the images are 64 px
+    assert run(assets, tmp_path / "c", "--reference", other, "--limit", "2") == 2
+    assert "another protocol (image_size: file 32, this run 64)" in capsys.readouterr().err
+    assert run(assets, tmp_path / "d", "--limit", "2") == 2  # FID without reference statistics
+    assert "need reference statistics" in capsys.readouterr().err
+    code = evaluate_main(["run", "--export", str(assets["export"]), "--prompts", "shapes:heldout", "--protocol",
+                          "shapes", "--metrics", "clip", "--out", str(tmp_path / "e")])
+    assert code == 2 and "needs a CLIP model folder" in capsys.readouterr().err
+    assert evaluate_main(["run", "--export", str(tmp_path), "--prompts", "shapes:heldout", "--out", str(tmp_path)]) == 2
+    assert "not an export folder" in capsys.readouterr().err
