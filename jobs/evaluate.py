@@ -107,6 +107,10 @@ def protocol_from_args(args):
         if not sep or name not in fields:
             raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(fields)}")
         parsed = yaml.safe_load(value)
+        current = getattr(protocol, name)
+        if isinstance(current, (bool, int, float)) and not isinstance(parsed, type(current)) and not (
+                isinstance(current, float) and isinstance(parsed, int) and not isinstance(parsed, bool)):
+            raise ValueError(f"--set {item!r}: {name} takes a {type(current).__name__}")
         if name in ("top_k", "metrics"):
             parsed = tuple(parsed) if isinstance(parsed, list) else tuple(str(value).split(","))
             parsed = tuple(int(v) for v in parsed) if name == "top_k" else parsed
@@ -137,46 +141,12 @@ def feature_network_id(inception: str) -> str:
     return f"{WEIGHTS_NAME.split('-6726')[0]}:sha256:{file_sha256(inception)}"
 
 
-def _fold(rows: list[dict], order: list[str], protocol) -> dict:
-    """Driver-side aggregation over the image rows, in the fixed image order."""
-    import torch
-
-    from pipelines.feature_statistics import FeatureStatistics
-
-    by_id = {row["id"]: row for row in rows}
-    missing = [i for i in order if i not in by_id]
-    if missing or len(by_id) != len(rows):
-        raise RuntimeError(f"{len(missing)} images missing from the scored rows (e.g. {missing[:3]}), "
-                           f"{len(rows) - len(by_id)} duplicated")
-    ordered = [by_id[i] for i in order]
-    figures: dict = {"images": len(ordered)}
-    per_category: dict[str, dict] = {}
-    for row in ordered:
-        per_category.setdefault(row["category"], {"images": 0})["images"] += 1
-    fake = None
-    if "features" in ordered[0]:
-        fake = FeatureStatistics(len(ordered[0]["features"]), kid_cap=protocol.kid_sample_cap)
-        for start in range(0, len(ordered), 256):
-            fake.update(torch.from_numpy(np.stack([r["features"] for r in ordered[start : start + 256]])))
-    for key, name in (("clip", "clip_score"), ("colour_ok", "colour_accuracy"), ("shape_ok", "shape_accuracy")):
-        if key in ordered[0]:
-            values = np.array([float(r[key]) for r in ordered])
-            figures[name] = float(values.mean())
-            for category in per_category:
-                mask = np.array([r["category"] == category for r in ordered])
-                per_category[category][name] = float(values[mask].mean())
-    if "colour_ok" in ordered[0]:
-        joint = np.array([bool(r["colour_ok"]) and bool(r["shape_ok"]) for r in ordered])
-        figures["joint_accuracy"] = float(joint.mean())
-    return {"figures": figures, "per_category": per_category, "fake": fake}
-
-
 def run_evaluation(args) -> dict:
     import ray
 
     from pipelines import storage
     from pipelines.eval_protocol import groups, read_prompts
-    from pipelines.eval_stages import GenerateImages, ScoreImages
+    from pipelines.eval_stages import GenerateImages, ScoreImages, summarize
     from pipelines.feature_statistics import FeatureStatistics, frechet_distance, kernel_distance
 
     protocol = protocol_from_args(args)
@@ -216,7 +186,7 @@ def run_evaluation(args) -> dict:
                         **_actor_options(args, args.score_actors))
     scored = list(ds.iter_rows())
     elapsed = time.time() - started
-    folded = _fold(scored, order, protocol)
+    folded = summarize(scored, order, protocol.kid_sample_cap)
     figures, per_category = folded["figures"], folded["per_category"]
     fingerprint = None
     if wants_fid:

@@ -54,6 +54,7 @@ class Stage:
     discriminator: nn.Module | None = None  # tokenizer stage with GAN
     discriminator_objective: nn.Module | None = None
     frozen: dict[str, Any] = field(default_factory=dict)
+    eval_scorer: Any = None  # the feature networks of eval.every_steps, loaded at the first evaluation
 
 
 # --------------------------------------------------------------------------------------
@@ -378,16 +379,22 @@ def log_samples(config, stage: Stage, ema, sample_batch, logger, step, manifest)
         from hart.generate import generate
         import numpy as np
 
-        encoder = stage.text_encoder
-        if encoder is None:
-            from hart.text_encoder import build_text_encoder
-
-            name = (manifest.get("text") or {}).get("encoder") or config.data.text_encoder
-            encoder = stage.text_encoder = build_text_encoder(name, model.config.context_token)
+        encoder = sampling_text_encoder(config, stage, manifest)
         images = generate(model, stage.tokenizer, encoder, list(config.tracking.sample_prompts),
                           seed=config.tracking.sample_seed, use_diffusion=config.stage != "ar")
         grid = tracking.image_grid(np.stack([np.asarray(im.convert("RGB")) for im in images]))
         logger.log_image(grid, f"{GRID_FOLDER['transformer']}/step_{step:07d}.png")
+
+
+def sampling_text_encoder(config, stage: Stage, manifest):
+    """The text encoder generation uses in a run: the one the cache's features came from (its manifest),
+    else `data.text_encoder`; built once per run."""
+    if stage.text_encoder is None:
+        from hart.text_encoder import build_text_encoder
+
+        name = (manifest.get("text") or {}).get("encoder") or config.data.text_encoder
+        stage.text_encoder = build_text_encoder(name, stage.model.config.context_token)
+    return stage.text_encoder
 
 
 def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
@@ -397,6 +404,7 @@ def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
 __all__ = [
     "Stage", "build_stage", "load_compatible_weights", "read_start_weights", "load_frozen_tokenizer",
     "TransformerObjective", "TokenizerObjective", "DiscriminatorObjective", "trainable_parameters",
-    "optimizer_step", "codebook_upkeep", "throughput", "log_samples", "GRID_FOLDER", "build_perceptual",
+    "optimizer_step", "codebook_upkeep", "throughput", "log_samples", "sampling_text_encoder", "GRID_FOLDER",
+    "build_perceptual",
     "check_perceptual_weights",
 ]

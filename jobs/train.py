@@ -47,7 +47,7 @@ from hart.parallelize import (
 )
 from hart.training import ExponentialMovingAverage, build_optimizer, build_scheduler, restore_scheduler
 from jobs import tracking
-from jobs.stages import Stage, build_stage, log_samples, optimizer_step, throughput
+from jobs.stages import Stage, build_stage, log_samples, optimizer_step, sampling_text_encoder, throughput
 from jobs.train_config import TrainRunConfig, load_train_config
 from jobs.train_data import (
     CacheCollate, ImagesCollate, TextFeatures, cache_dataset, check_cache, check_text_encoder, image_dataset,
@@ -318,6 +318,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 logger.write()
             if config.tracking.sample_every and step % config.tracking.sample_every == 0 or step == config.run.max_steps:
                 log_samples(config, stage, ema, sample_batch, logger, step, manifest)
+            if config.eval.every_steps and (step % config.eval.every_steps == 0 or step == config.run.max_steps) \
+                    and logger.enabled:
+                from jobs.train_eval import evaluate_in_training
+
+                evaluate_in_training(config, stage, ema, logger, step, sampling_text_encoder(config, stage, manifest))
             if step % config.run.checkpoint_every == 0 or step == config.run.max_steps:
                 logger.flush()
                 report_checkpoint(config, stage, optimizer, scheduler, disc_optimizer, ema, metrics, step, data_epoch,

@@ -167,6 +167,37 @@ class TrackingSection:
 
 
 @dataclass(frozen=True)
+class EvalSection:
+    """Evaluation inside training (rank 0, EMA weights): a fixed prompt subset generated and scored
+    every `every_steps` steps and at the end, logged as `<name>/<figure>` metrics at that step and a
+    grid. The same protocol, prompt sources and scorers as `hart-evaluate` (pipelines/eval_*)."""
+
+    every_steps: int = 0  # 0 = off
+    prompts: str = ""  # a prompt source of hart-evaluate: shapes:heldout, a .txt, a .jsonl, meta_data.json
+    limit: int = 16  # the first N prompts (by id): keep it small, the other ranks wait at the next collective
+    protocol: str = "shapes"  # sampling settings (pipelines.eval_protocol.PROTOCOLS)
+    metrics: tuple[str, ...] = ("shapes",)  # "shapes" (shapes prompts) and/or "clip"
+    clip: str = ""  # CLIP model folder for "clip"
+    name: str = "eval"  # metric prefix
+
+    def __post_init__(self) -> None:
+        from pipelines.eval_protocol import PROTOCOLS
+
+        if self.every_steps < 0 or self.limit < 1:
+            raise ValueError(f"eval.every_steps must be >= 0 and eval.limit >= 1, got {self.every_steps}, {self.limit}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"eval.protocol must be one of {sorted(PROTOCOLS)}, got {self.protocol!r}")
+        unknown = set(self.metrics) - {"shapes", "clip"}
+        if unknown:
+            raise ValueError(f"eval.metrics inside training are 'shapes' and 'clip' (FID/KID: hart-evaluate), got "
+                             f"{sorted(unknown)}")
+        if self.every_steps and not self.prompts:
+            raise ValueError("eval.every_steps needs eval.prompts (e.g. shapes:heldout or a prompt file)")
+        if self.every_steps and "clip" in self.metrics and not self.clip:
+            raise ValueError("eval.metrics 'clip' needs eval.clip: a local CLIP model folder")
+
+
+@dataclass(frozen=True)
 class TrainRunConfig:
     stage: str = "joint"
     run: RunSection = field(default_factory=RunSection)
@@ -179,6 +210,7 @@ class TrainRunConfig:
     scaling: ScalingSection = field(default_factory=ScalingSection)
     objective: ObjectiveSection = field(default_factory=ObjectiveSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
+    eval: EvalSection = field(default_factory=EvalSection)
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -194,6 +226,8 @@ class TrainRunConfig:
         if self.stage == "tokenizer" and self.objective.vq_warmup_steps >= self.run.max_steps:
             raise ValueError(f"objective.vq_warmup_steps ({self.objective.vq_warmup_steps}) must be below "
                              f"run.max_steps ({self.run.max_steps}): the VQ part would never train")
+        if self.eval.every_steps and self.stage == "tokenizer":
+            raise ValueError("eval.every_steps evaluates generated images: it needs a transformer stage, not tokenizer")
         model_configs(self)  # resolve presets now: a typo fails at load time
 
     def to_dict(self) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from PIL import Image
 
 from pipelines import storage
 from pipelines.eval_protocol import EvalProtocol
+from pipelines.feature_statistics import KID_SAMPLE_CAP, FeatureStatistics
 
 
 def encode_png(image: Image.Image) -> bytes:
@@ -45,22 +46,28 @@ class GenerateImages:
         self.fs, self.images_dir = storage.resolve(images_uri, endpoint_url)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from hart.generate import generate
-
         out: dict[str, list] = {"id": [], "prompt": [], "category": [], "png": []}
-        autocast = torch.bfloat16 if self.device.type == "cuda" else None
         for ids, prompts, categories, seed in zip(batch["ids"], batch["prompts"], batch["categories"], batch["seed"]):
-            prompts = [str(p) for p in prompts]
-            images = generate(self.model, self.tokenizer, self.encoder, prompts, seed=int(seed),
-                              autocast_dtype=autocast, **self.protocol.sampling())
-            for image_id, prompt, category, image in zip(ids, prompts, categories, images):
-                png = encode_png(image)
-                storage.write_bytes_atomic(self.fs, storage.join(self.images_dir, f"{image_id}.png"), png)
-                out["id"].append(str(image_id))
-                out["prompt"].append(prompt)
-                out["category"].append(str(category))
-                out["png"].append(png)
+            group = {"ids": ids, "prompts": prompts, "categories": categories, "seed": seed}
+            rows = generate_group(self.model, self.tokenizer, self.encoder, group, self.protocol, self.device)
+            for row in rows:
+                storage.write_bytes_atomic(self.fs, storage.join(self.images_dir, f"{row['id']}.png"), row["png"])
+                for key in out:
+                    out[key].append(row[key])
         return {k: np.array(v, dtype=object) for k, v in out.items()}
+
+
+def generate_group(model, tokenizer, encoder, group: dict, protocol: EvalProtocol, device: torch.device) -> list[dict]:
+    """One generation group (`eval_protocol.groups`) -> image rows {id, prompt, category, png}: one
+    `generate` call with the group's seed and the protocol's sampling settings (bf16 on a GPU)."""
+    from hart.generate import generate
+
+    prompts = [str(p) for p in group["prompts"]]
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+    images = generate(model, tokenizer, encoder, prompts, seed=int(group["seed"]), autocast_dtype=autocast,
+                      **protocol.sampling())
+    return [{"id": str(i), "prompt": p, "category": str(c), "png": encode_png(image)}
+            for i, p, c, image in zip(group["ids"], prompts, group["categories"], images)]
 
 
 class ScoreImages:
@@ -102,3 +109,35 @@ class ScoreImages:
             out["colour_ok"] = np.array([r[0] == w[0] for r, w in zip(read, wanted)])
             out["shape_ok"] = np.array([r[1] == w[1] for r, w in zip(read, wanted)])
         return out
+
+
+def summarize(rows: list[dict], order: list[str], kid_cap: int = KID_SAMPLE_CAP) -> dict:
+    """The driver's side: scored image rows -> figures overall and per category, and the generated
+    set's FeatureStatistics ('fake', None without features), folded in the fixed image `order`.
+    A missing or duplicated image is an error, never a smaller denominator."""
+    by_id = {row["id"]: row for row in rows}
+    missing = [i for i in order if i not in by_id]
+    if missing or len(by_id) != len(rows):
+        raise RuntimeError(f"{len(missing)} images missing from the scored rows (e.g. {missing[:3]}), "
+                           f"{len(rows) - len(by_id)} duplicated")
+    ordered = [by_id[i] for i in order]
+    figures: dict = {"images": len(ordered)}
+    per_category: dict[str, dict] = {}
+    for row in ordered:
+        per_category.setdefault(row["category"], {"images": 0})["images"] += 1
+    fake = None
+    if "features" in ordered[0]:
+        fake = FeatureStatistics(len(ordered[0]["features"]), kid_cap=kid_cap)
+        for start in range(0, len(ordered), 256):
+            fake.update(torch.from_numpy(np.stack([r["features"] for r in ordered[start : start + 256]])))
+    for key, name in (("clip", "clip_score"), ("colour_ok", "colour_accuracy"), ("shape_ok", "shape_accuracy")):
+        if key in ordered[0]:
+            values = np.array([float(r[key]) for r in ordered])
+            figures[name] = float(values.mean())
+            for category in per_category:
+                mask = np.array([r["category"] == category for r in ordered])
+                per_category[category][name] = float(values[mask].mean())
+    if "colour_ok" in ordered[0]:
+        joint = np.array([bool(r["colour_ok"]) and bool(r["shape_ok"]) for r in ordered])
+        figures["joint_accuracy"] = float(joint.mean())
+    return {"figures": figures, "per_category": per_category, "fake": fake}

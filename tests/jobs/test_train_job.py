@@ -118,9 +118,22 @@ def test_run_name_without_checkpoint_starts_a_new_mlflow_run(train_assets, tmp_p
     from jobs.train import preflight
 
     # run.seed 4242: no other run of the session logs the same loss, so its progress line is findable
+    # eval.every_steps rides on this run: 4 held-out shapes prompts generated and scored at steps 1 and 2
     config = tiny_config(train_assets, "ar", tmp_path, "run.max_steps=2", "run.checkpoint_every=2", "run.export=false",
-                         "tracking.sample_every=0", "run.seed=4242")
+                         "tracking.sample_every=0", "run.seed=4242", "eval.every_steps=1",
+                         "eval.prompts=shapes:heldout", "eval.limit=4")
     first = run_training(config)
+    client = MlflowClient(tracking_uri=config.tracking.tracking_uri)
+    for figure in ("images", "colour_accuracy", "shape_accuracy", "joint_accuracy"):
+        history = client.get_metric_history(first["run_id"], f"eval/{figure}")
+        assert sorted(m.step for m in history) == [1, 2], figure
+        assert all(0.0 <= m.value <= (4 if figure == "images" else 1.0) for m in history)
+    assert {"eval/step_0000001.png", "eval/step_0000002.png"} <= {
+        f.path for f in client.list_artifacts(first["run_id"], "eval")}
+    from jobs.train_eval import already_logged  # a replayed step (resume) is not evaluated twice
+
+    logger = tracking.RunLogger(config.tracking.tracking_uri, first["run_id"], True)
+    assert already_logged(logger, "eval", 2) and not already_logged(logger, "eval", 3)
     # Train V2's print patch logged every worker `print` through the root logger and teed it to stdout:
     # each `[train] step` line was written twice to the worker's log files (and shown twice).
     loss = MlflowClient(tracking_uri=config.tracking.tracking_uri).get_metric_history(first["run_id"], "loss")

@@ -98,6 +98,14 @@ def test_bad_config_values_name_the_field():
         load_train_config(None, "joint", ["parallel.strategy=fsdp", "parallel.mixed_precision=bf16", "precision=fp32"])
     with pytest.raises(ValueError, match="objective.kept_bucket must be >= 0"):
         load_train_config(None, "joint", ["objective.kept_bucket=-1"])
+    with pytest.raises(ValueError, match="eval.every_steps needs eval.prompts"):
+        load_train_config(None, "joint", ["eval.every_steps=10"])
+    with pytest.raises(ValueError, match="FID/KID: hart-evaluate"):
+        load_train_config(None, "joint", ["eval.every_steps=10", "eval.prompts=shapes:heldout", "eval.metrics=[fid]"])
+    with pytest.raises(ValueError, match="'clip' needs eval.clip"):
+        load_train_config(None, "joint", ["eval.every_steps=10", "eval.prompts=shapes:heldout", "eval.metrics=[clip]"])
+    with pytest.raises(ValueError, match="needs a transformer stage"):
+        load_train_config(None, "tokenizer", ["eval.every_steps=10", "eval.prompts=shapes:heldout"])
 
 
 def test_tokenizer_stage_needs_shards(tmp_path):
