@@ -123,12 +123,17 @@ class DiscriminatorObjective(nn.Module):
 
 
 def read_start_weights(path: str) -> dict[str, torch.Tensor]:
-    """Weights to start from: a training checkpoint dir (its EMA if present), an llm/ or tokenizer/ folder, or a file."""
+    """Weights to start from: a training checkpoint dir (its EMA if present), an llm/ folder (its
+    `ema_model.bin` if present: the weights the released model samples with), a tokenizer/ folder, or a file."""
+    from hart.transformer_checkpoint import EMA_FILE
+
     location = Path(path)
     if (location / "meta.json").is_file():
         read_meta(location)  # validates the format version
         name = "ema.safetensors" if (location / "ema.safetensors").is_file() else "model.safetensors"
         return load_weight_file(location / name)
+    if (location / EMA_FILE).is_file():
+        return load_weight_file(location / EMA_FILE)
     if location.is_dir():
         state = load_weight_folder(location)
         from hart.tokenizer import split_tokenizer_state

@@ -50,6 +50,29 @@ def train_assets(tmp_path_factory, ray_local):
             "cache": str(root / "cache")}
 
 
+def save_tiny_qwen(folder: Path) -> str:
+    """A random 2-layer Qwen2 and a byte-level BPE tokenizer trained on two sentences: no downloads."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(["a red cat on a blue dog", "given a user prompt generate an enhanced prompt"] * 10, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<|endoftext|>", eos_token="<|endoftext|>").save_pretrained(folder)
+    config = Qwen2Config(
+        vocab_size=bpe.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    )
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(folder)
+    return str(folder)
+
+
 def tiny_config(assets: dict, stage: str, tmp_path: Path, *overrides: str) -> TrainRunConfig:
     """Tiny presets, fp32, 1 worker with half a CPU, MLflow in a sqlite file under tmp_path."""
     base = [

@@ -14,27 +14,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @pytest.fixture(scope="module")
 def tiny_qwen_dir(tmp_path_factory):
-    """A random 2-layer Qwen2 and a byte-level BPE tokenizer trained on two sentences: no downloads."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from tests.training_fixtures import save_tiny_qwen
 
-    folder = tmp_path_factory.mktemp("tiny_qwen")
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(["a red cat on a blue dog", "given a user prompt generate an enhanced prompt"] * 10, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<|endoftext|>", eos_token="<|endoftext|>").save_pretrained(folder)
-    config = Qwen2Config(
-        vocab_size=bpe.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-    )
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(config).save_pretrained(folder)
-    return str(folder)
+    return save_tiny_qwen(tmp_path_factory.mktemp("tiny_qwen"))
 
 
 SYSTEM_PROMPT = "Describe the picture in vivid visual detail.\nUser Prompt:\n"
