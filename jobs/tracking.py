@@ -20,6 +20,7 @@ Design:
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -30,6 +31,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import numpy as np
 
 RUN_NAME_TAG = "hart.run_name"
+# The MLflow 3 UI opens an experiment in its GenAI view unless the experiment says it trains models.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
 PREVIOUS_RUNS_TAG = "hart.previous_runs"  # earlier runs of the same name that had no checkpoint left to resume
 DEFAULT_TRACKING_URI = "sqlite:///runs/mlflow.db"
 EXPORT_ARTIFACT_PATH = "model"  # run artifact folder of the exported llm/ + tokenizer/ (and the registry source)
@@ -172,7 +176,9 @@ def open_run(tracking_uri: str, experiment: str, run_name: str, params: Mapping[
     try:
         found = client.get_experiment_by_name(experiment)
         experiment_id = found.experiment_id if found else client.create_experiment(
-            experiment, artifact_location=artifact_location or None)
+            experiment, artifact_location=artifact_location or None, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+        if found and EXPERIMENT_KIND_TAG not in found.tags:  # older experiments: tag them once
+            client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
         previous = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'")
     except Exception as exc:  # noqa: BLE001 - any transport/store error means "unreachable" here
         raise ValueError(f"MLflow tracking at {redact_uri(tracking_uri)} is not usable: {type(exc).__name__}: {exc}") from None
@@ -193,6 +199,20 @@ def open_run(tracking_uri: str, experiment: str, run_name: str, params: Mapping[
     for start in range(0, len(items), 100):  # log_batch limit: 100 params per call
         client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in items[start : start + 100]])
     return run.info.run_id, False
+
+
+def log_dataset_input(tracking_uri: str, run_id: str, name: str, digest: str, source: str, context: str = "training") -> None:
+    """Record what a run read as an MLflow dataset input (the run page's Dataset column): `digest` is
+    the data's own identity (a cache's manifest fingerprint hash), `source` its URI (credentials redacted).
+    Logging the same input again (a resumed run) is a no-op in MLflow."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.tracking import MlflowClient
+
+    source = redact_uri(source)
+    dataset = Dataset(name=name, digest=digest[:36], source_type="s3" if source.startswith("s3://") else "local",
+                      source=json.dumps({"uri": source}))
+    MlflowClient(tracking_uri=tracking_uri).log_inputs(
+        run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])])
 
 
 def finish_run(tracking_uri: str, run_id: str, status: str) -> None:
@@ -324,5 +344,6 @@ def to_uint8_images(images_B3HW) -> np.ndarray:
 
 __all__ = [
     "flatten_params", "redact_uri", "is_secret_key", "open_run", "finish_run", "log_export_and_register",
-    "RunLogger", "image_grid", "to_uint8_images", "resolve_tracking_uri", "RUN_NAME_TAG",
+    "RunLogger", "image_grid", "to_uint8_images", "resolve_tracking_uri", "RUN_NAME_TAG", "log_dataset_input",
+    "EXPERIMENT_KIND_TAG", "MODEL_TRAINING",
 ]

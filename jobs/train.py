@@ -155,7 +155,24 @@ def preflight(config: TrainRunConfig) -> dict[str, Any]:
         resume_run_id=checkpoint_meta.get("mlflow_run_id") if checkpoint_meta else None,
         artifact_location=config.tracking.artifact_location,
     )
+    log_data_input(config, facts)
     return facts
+
+
+def log_data_input(config: TrainRunConfig, facts: dict[str, Any]) -> None:
+    """What the run reads, as its MLflow dataset input: the token cache (digest: its manifest's
+    fingerprint hash) or, for the tokenizer stage, the shard list (digest: a hash of the shard URIs)."""
+    import hashlib
+
+    from pipelines.manifest import fingerprint_hash
+
+    if facts["manifest"] is not None:
+        name, source = Path(config.data.cache.rstrip("/")).name or "cache", config.data.cache
+        digest = fingerprint_hash(facts["manifest"]["fingerprint"])
+    else:
+        name, source = "shards", ",".join(config.data.shards)
+        digest = hashlib.sha256("\n".join(sorted(facts["shards"])).encode()).hexdigest()
+    tracking.log_dataset_input(facts["tracking_uri"], facts["run_id"], name, digest, source)
 
 
 def ingest_options(config: TrainRunConfig):

@@ -130,6 +130,16 @@ def test_run_name_without_checkpoint_starts_a_new_mlflow_run(train_assets, tmp_p
         assert all(0.0 <= m.value <= (4 if figure == "images" else 1.0) for m in history)
     assert {"eval/step_0000001.png", "eval/step_0000002.png"} <= {
         f.path for f in client.list_artifacts(first["run_id"], "eval")}
+    # the UI opens the experiment as model training, and the run names the cache it read as its dataset
+    experiment = client.get_experiment(client.get_run(first["run_id"]).info.experiment_id)
+    assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == tracking.MODEL_TRAINING
+    from pipelines.manifest import fingerprint_hash, read_manifest
+
+    (dataset_input,) = client.get_run(first["run_id"]).inputs.dataset_inputs
+    manifest = read_manifest(config.data.cache)
+    assert dataset_input.dataset.name == "cache" and dataset_input.dataset.source_type == "local"
+    assert dataset_input.dataset.digest == fingerprint_hash(manifest["fingerprint"])[:36]
+    assert json.loads(dataset_input.dataset.source)["uri"] == config.data.cache
     from jobs.train_eval import already_logged  # a replayed step (resume) is not evaluated twice
 
     logger = tracking.RunLogger(config.tracking.tracking_uri, first["run_id"], True)
@@ -142,6 +152,7 @@ def test_run_name_without_checkpoint_starts_a_new_mlflow_run(train_assets, tmp_p
     facts = preflight(config)  # the checkpoint is there: its MLflow run is the one continued
     assert (facts["run_id"], facts["resumed"], facts["resume_step"]) == (first["run_id"], True, 2)
     tracking.finish_run(facts["tracking_uri"], facts["run_id"], "FINISHED")
+    assert len(client.get_run(first["run_id"]).inputs.dataset_inputs) == 1  # the resumed run's input, once
 
     run_dir = tmp_path / "storage" / config.run.name
     shutil.rmtree(run_dir / "checkpoint_step00000002")  # Ray's checkpoint list still names it
