@@ -305,12 +305,9 @@ def figure_names(classifier_valid: bool) -> list[str]:
 
 
 def evaluate(export: Path, config: DemoConfig, out: Path) -> dict:
-    from hart.generate import generate, to_pil
-    from hart.text_encoder import build_text_encoder
+    from hart.generate import to_pil
     from hart.tokenizer import HybridTokenizer
-    from hart.transformer import HARTForT2I
     from pipelines import shapes_classifier
-    from pipelines.shapes import label_of
     from pipelines.shapes import prompts as split_prompts
 
     results: dict = {}
@@ -336,25 +333,26 @@ def evaluate(export: Path, config: DemoConfig, out: Path) -> dict:
         results[f"reconstruction_colour_accuracy_{kind}"] = scores["colour_accuracy"]
         results[f"reconstruction_shape_accuracy_{kind}"] = scores["shape_accuracy"]
 
-    model = HARTForT2I.from_pretrained(export / "llm", ema=True).eval()
-    encoder = build_text_encoder("minilm", max_length=model.config.context_token)
-    prompt_list = split_prompts("heldout")
-    prompt_labels = [label_of(p) for p in prompt_list]
-    prompt_list = [p for p in prompt_list for _ in range(config.samples_per_prompt)]
-    prompt_labels = [lab for lab in prompt_labels for _ in range(config.samples_per_prompt)]
-    samples_dir = out / "samples"
+    # Generation and prompt following through hart-evaluate (the job users run): the held-out prompts,
+    # each `samples_per_prompt` times in one seeded group sampled 32 at a time, as one generator.
+    from jobs.evaluate import parse_args, run_evaluation
+
+    count = len(split_prompts("heldout")) * config.samples_per_prompt
     for tag in SAMPLE_TAGS:
-        use_diffusion = tag == "with_head"
-        generated = generate(model, tok, encoder, prompt_list, cfg=config.cfg, top_k=(config.top_k, config.top_k),
-                             seed=config.seed, use_diffusion=use_diffusion, batch_size=32, head_cfg=config.head_cfg)
+        shutil.rmtree(out / "samples" / tag, ignore_errors=True)  # a rerun from this step leaves no stale images
+        args = parse_args([
+            "run", "--export", str(export), "--prompts", "shapes:heldout", "--protocol", "shapes", "--metrics", "shapes",
+            "--out", str(out / "samples" / tag), "--num-cpus", "2", "--cpus-per-actor", "1",
+            "--set", f"cfg={config.cfg}", "--set", f"top_k=[{config.top_k},{config.top_k}]",
+            "--set", f"head_cfg={'null' if config.head_cfg is None else config.head_cfg}",
+            "--set", f"use_diffusion={'true' if tag == 'with_head' else 'false'}", "--set", f"seed={config.seed}",
+            "--set", f"images_per_prompt={config.samples_per_prompt}", "--set", f"batch_size={count}",
+            "--set", "chunk_size=32",
+        ])
+        figures = run_evaluation(args)["figures"]
         if classifier_valid:
-            scores = shapes_classifier.accuracy(generated, prompt_labels)
-            for key, value in scores.items():
-                results[f"generation_{key}_{tag}"] = value
-        shutil.rmtree(samples_dir / tag, ignore_errors=True)  # a rerun from this step leaves no stale images
-        (samples_dir / tag).mkdir(parents=True)
-        for index, (image, prompt) in enumerate(zip(generated, prompt_list)):
-            image.save(samples_dir / tag / f"{index:03d}-{prompt.replace(' ', '_')}.png")
+            for key in ("colour_accuracy", "shape_accuracy", "joint_accuracy"):
+                results[f"generation_{key}_{tag}"] = figures[key]
     assert sorted(results) == sorted(figure_names(classifier_valid)), sorted(results)
     return results
 
@@ -395,8 +393,7 @@ def run(config: DemoConfig, temporary: bool = False) -> dict:
         from jobs.local_ray import LOCAL_RAY_RUNTIME_ENV
 
         root, endpoint = services.root, services.endpoint
-        if start < STEPS.index("evaluate"):  # generation and evaluation run in this process, without Ray
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True, runtime_env=LOCAL_RAY_RUNTIME_ENV)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True, runtime_env=LOCAL_RAY_RUNTIME_ENV)
         runs = dict(previous)
         export = workdir / "export"
         if start <= 0:
@@ -464,12 +461,12 @@ def run(config: DemoConfig, temporary: bool = False) -> dict:
             timings["joint"] = time.time() - tick
             (workdir / "runs.json").write_text(json.dumps(runs))
             record("joint")
-        ray.shutdown()  # a no-op when Ray was not started
 
         tick = time.time()
-        step("5/6 + 6/6 generate held-out prompts and evaluate")
+        step("5/6 + 6/6 generate held-out prompts and evaluate (hart-evaluate)")
         results = evaluate(export, config, workdir)
         record("evaluate")
+        ray.shutdown()
         # named per invocation, so a rerun of this step cannot pass its check on an earlier run's grid
         grid = f"demo/heldout_with_head-{tag}.png"
         log_figures(services.tracking_uri, runs["joint"], results, workdir / "samples", grid)
@@ -516,7 +513,7 @@ def log_figures(tracking_uri: str, run_id: str, results: dict, samples_dir: Path
     mlflow.set_tracking_uri(tracking_uri)
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics({f"demo/{k}": float(v) for k, v in results.items()})
-    files = sorted((samples_dir / "with_head").glob("*.png"))
+    files = sorted((samples_dir / "with_head" / "images").glob("*.png"))
     if files:  # none: the outputs check reports the missing images and grid
         images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
         tracking.RunLogger(tracking_uri, run_id, enabled=True).log_image(tracking.image_grid(images, columns=8), grid)

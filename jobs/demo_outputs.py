@@ -204,9 +204,9 @@ def check_generate(summary: Summary, endpoint_url: str) -> Problems:
     expected = len(prompts("heldout")) * summary["steps"]["evaluate"]["samples_per_prompt"]
     problems, sizes = [], set()
     for tag in SAMPLE_TAGS:
-        files = sorted((Path(summary["where"]["samples"]) / tag).glob("*.png"))
+        files = sorted((Path(summary["where"]["samples"]) / tag / "images").glob("*.png"))  # hart-evaluate's layout
         if len(files) != expected:
-            problems.append(f"{len(files)} images in samples/{tag}, expected {expected}")
+            problems.append(f"{len(files)} images in samples/{tag}/images, expected {expected}")
         for file in files:
             with Image.open(file) as image:
                 image.load()

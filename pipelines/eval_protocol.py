@@ -44,6 +44,9 @@ class EvalProtocol:
     seed: int = 0  # group g of prompts is sampled with seed + g: a rerun gives the same images
     images_per_prompt: int = 1
     batch_size: int = 8  # prompts per generation call (a group); fixed, so images do not depend on actors
+    # images per forward pass inside a group (None: the whole group at once). The chunks of a group
+    # continue one generator, so the chunk size changes the images: it is part of the protocol.
+    chunk_size: int | None = None
     feature_resize: str = "tf1-bilinear-299"
     kid_subsets: int = 100
     kid_subset_size: int = 1000
@@ -60,7 +63,7 @@ class EvalProtocol:
     def sampling(self) -> dict:
         """The keyword arguments of `hart.generate.generate` this protocol fixes (seed aside)."""
         return dict(cfg=self.cfg, top_k=tuple(self.top_k), top_p=self.top_p, more_smooth=self.more_smooth,
-                    use_diffusion=self.use_diffusion, head_cfg=self.head_cfg)
+                    use_diffusion=self.use_diffusion, head_cfg=self.head_cfg, batch_size=self.chunk_size)
 
     def fingerprint(self, feature_network: str, image_size: int) -> dict:
         """What reference statistics must share with a run for FID/KID against them to mean anything."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -174,8 +173,9 @@ BREAKAGES = {
     "the compatibility note": (
         lambda s: moved_away(s["workdir"] / "export" / "tokenizer" / "REFERENCE_COMPATIBILITY.txt"),
         "joint", "REFERENCE_COMPATIBILITY.txt is missing"),
-    "a generated image": (lambda s: moved_away(sorted((s["workdir"] / "samples" / "with_head").glob("*.png"))[0]),
-                          "generate", "17 images in samples/with_head, expected 18"),
+    "a generated image": (
+        lambda s: moved_away(sorted((s["workdir"] / "samples" / "with_head" / "images").glob("*.png"))[0]),
+        "generate", "17 images in samples/with_head/images, expected 18"),
     "the evaluation's held-out grid": (lambda s: moved_away(mlflow_artifacts(s, "joint") / "demo"),
                                        "evaluate", "has no demo/heldout_with_head-"),
 }
@@ -224,28 +224,27 @@ def test_a_rerun_with_other_settings_checks_earlier_steps_against_theirs(smoke, 
     assert main(["--storage", "local", "--workdir", str(workdir), "--from-step", "evaluate"]) == 0
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["steps"]["data"]["num_train_samples"] == 64 and summary["config"]["num_train_samples"] == 4000
-    assert len(list((workdir / "samples" / "with_head").glob("*.png"))) == 18 * 8
+    assert len(list((workdir / "samples" / "with_head" / "images").glob("*.png"))) == 18 * 8
 
 
 def test_a_broken_step_makes_the_demo_fail(smoke, tmp_path, monkeypatch, capsys):
-    """The generation step rerun, on a copy of the demo, with its image writing broken (saving to a file
-    does nothing): nothing raises inside the demo, and its outputs check fails it."""
-    import PIL.Image
-
+    """The generation step rerun, on a copy of the demo, with hart-evaluate's images sent elsewhere (its
+    --out redirected): nothing raises inside the demo, and its outputs check fails it."""
+    import jobs.evaluate
     from jobs.demo import main
 
     workdir = copy_of(smoke, tmp_path)
-    save = PIL.Image.Image.save
+    parse_args = jobs.evaluate.parse_args
 
-    def save_nothing_to_files(self, fp, *args, **kwargs):
-        if isinstance(fp, (str, os.PathLike)):
-            return None
-        return save(self, fp, *args, **kwargs)  # in-memory encoding (the held-out images) still works
+    def elsewhere(argv):
+        args = parse_args(argv)
+        args.out = str(tmp_path / "elsewhere" / Path(args.out).name)
+        return args
 
-    monkeypatch.setattr(PIL.Image.Image, "save", save_nothing_to_files)
+    monkeypatch.setattr(jobs.evaluate, "parse_args", elsewhere)
     code = main(["--smoke", "--storage", "local", "--workdir", str(workdir), "--from-step", "evaluate"])
     output = capsys.readouterr().out
     assert code == 1, output[-3000:]
-    assert "generate: 0 images in samples/with_head, expected 18" in output
+    assert "generate: 0 images in samples/with_head/images, expected 18" in output
     assert "evaluate: MLflow run" in output and "has no demo/heldout_with_head-" in output  # not the first run's
     assert "[demo] FAILED" in output

@@ -105,3 +105,23 @@ def test_reference_of_another_protocol_is_refused_and_missing_files_are_named(as
     assert code == 2 and "needs a CLIP model folder" in capsys.readouterr().err
     assert evaluate_main(["run", "--export", str(tmp_path), "--prompts", "shapes:heldout", "--out", str(tmp_path)]) == 2
     assert "not an export folder" in capsys.readouterr().err
+
+
+def test_demo_settings_through_the_job_give_the_in_process_sampler_images(assets, ray_local, tmp_path):
+    """`make demo` scores its held-out samples through this job: one seeded group sampled 32 at a time is
+    the single `generate` call the demo made before, image for image (PNG bytes equal)."""
+    from hart.generate import generate, load_models
+    from pipelines.eval_stages import encode_png
+
+    prompts = [p for p in heldout_prompts("heldout") for _ in range(2)]
+    code = evaluate_main(["run", "--export", str(assets["export"]), "--prompts", "shapes:heldout", "--protocol", "shapes",
+                          "--metrics", "shapes", "--out", str(tmp_path / "job"), "--cpus-per-actor", "0.5",
+                          "--set", "cfg=3.0", "--set", "top_k=[16,16]", "--set", "head_cfg=1.0", "--set", "seed=5",
+                          "--set", "images_per_prompt=2", "--set", f"batch_size={len(prompts)}", "--set", "chunk_size=32"])
+    assert code == 0
+    model, tok, encoder = load_models(str(assets["export"] / "llm"), str(assets["export"] / "tokenizer"), "minilm",
+                                      ema=True, device="cpu")
+    images = generate(model, tok, encoder, prompts, cfg=3.0, top_k=(16, 16), seed=5, batch_size=32, head_cfg=1.0)
+    files = sorted((tmp_path / "job" / "images").glob("*.png"))
+    assert len(files) == len(images) == 36
+    assert all(f.read_bytes() == encode_png(image) for f, image in zip(files, images))
