@@ -19,10 +19,12 @@ extracts features and scores, and the driver folds them: FID/KID against the ref
 (`eval/<name>` at `--step`), the per-category table, a sample grid and the protocol; `--run-id`
 attaches them to an existing run (the training run that produced the checkpoint).
 
-`reference` computes the statistics of real images (a local folder of PNG/JPEG) under the same
-feature pipeline: images are centre-cropped to a square and resized to `--image-size` (PIL bicubic,
-the generated images' size), then go through `ScoreImages`; the file records the fingerprint, and
-`run` refuses a reference made under another.
+`reference` computes the statistics of real images (a local folder of PNG/JPEG/WebP, or WebDataset
+shards, local or S3) under the same feature pipeline: each image's shorter side is resized to
+`--image-size` (the generated images' size; bicubic) and the centre square kept, as the precompute
+pipeline crops, then `ScoreImages` extracts features. Shard samples that are unreadable or rejected
+are counted and reported (`left_out`); the file records the fingerprint, and `run` refuses a
+reference made under another.
 
 Weights are never downloaded: the Inception weights file and the CLIP folder are named by the user
 (a missing one is an error naming what to put there).
@@ -77,12 +79,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--step", type=int, default=0, help="MLflow step of the figures (the checkpoint's step)")
     run.add_argument("--num-cpus", type=int, help="CPUs of a local Ray instance (default: all)")
     ref = sub.add_parser("reference", help="reference statistics of real images")
-    ref.add_argument("--images", required=True, help="a local folder of PNG/JPEG images")
+    source = ref.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", help="a local folder of PNG/JPEG/WebP images")
+    source.add_argument("--shards", nargs="+", help="WebDataset shards (img2dataset layout; local or s3://, globs "
+                                                    "and {000..099} braces), e.g. MJHQ-30K packed as tars")
+    ref.add_argument("--endpoint-url", default="", help="S3-compatible endpoint for s3:// shards")
     ref.add_argument("--image-size", type=int, required=True, help="side the images are brought to (the generated size)")
     ref.add_argument("--inception", required=True, help="FID Inception weights file")
     ref.add_argument("--out", required=True, help="statistics file (.safetensors)")
     ref.add_argument("--protocol", default="hart-mjhq-1024", choices=sorted(PROTOCOLS))
-    ref.add_argument("--limit", type=int, help="the first N images (by file name)")
+    ref.add_argument("--limit", type=int, help="the first N images (by file name; --images only)")
     ref.add_argument("--score-actors", type=int, default=1)
     ref.add_argument("--gpus-per-actor", type=float, default=0.0)
     ref.add_argument("--cpus-per-actor", type=float, default=1.0)
@@ -251,27 +257,82 @@ def log_to_mlflow(args, record: dict, result: dict, grid_pngs: list[bytes]) -> N
     print(f"[evaluate] MLflow run {run_id}: {len(metrics)} metrics at step {args.step}", flush=True)
 
 
+# How reference images become the generated size: the precompute pipeline's rule (pipelines.decode:
+# shorter side resized to the size, bicubic, then the centre square), with full JPEG decoding.
+def reference_preprocess():
+    from pipelines.config import PreprocessConfig
+
+    return PreprocessConfig(jpeg_draft=False)
+
+
 def load_reference_images(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.ndarray]:
-    """Paths -> PNG bytes of the centre square resized to image_size (bicubic); unreadable files fail loudly."""
+    """Image files -> PNG bytes at image_size (`reference_preprocess`); a file that does not decode or is
+    rejected (too small, too long) is an error naming it."""
     from PIL import Image
 
+    from pipelines.decode import Rejected, prepare_image
     from pipelines.eval_stages import encode_png
 
     pngs = []
     for path in batch["path"]:
-        with Image.open(str(path)) as image:
-            image = image.convert("RGB")
-            side = min(image.size)
-            left, top = (image.size[0] - side) // 2, (image.size[1] - side) // 2
-            image = image.crop((left, top, left + side, top + side))
-            if side != image_size:
-                image = image.resize((image_size, image_size), Image.BICUBIC)
-            pngs.append(encode_png(image))
+        try:
+            array_RR3, *_ = prepare_image(Path(str(path)).read_bytes(), reference_preprocess(), image_size)
+        except Rejected as rejection:
+            raise ValueError(f"reference image {path} rejected: {rejection.reason}") from None
+        pngs.append(encode_png(Image.fromarray(array_RR3)))
     return {"id": batch["id"], "png": np.array(pngs, dtype=object)}
 
 
-def run_reference(args) -> dict:
+def shard_images(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Decoded shard rows (`pipelines.decode.decode_batch`) -> the usable samples as {id, png}; the id
+    (shard/key) orders them. Rows left out are counted by the caller from the shards' headers."""
+    from PIL import Image
+
+    from pipelines.eval_stages import encode_png
+
+    keep = [i for i in range(len(batch["row_kind"])) if batch["row_kind"][i] == "sample" and batch["status"][i] == "ok"]
+    return {"id": np.array([f"{batch['source_shard'][i]}/{batch['key'][i]}" for i in keep], dtype=object),
+            "png": np.array([encode_png(Image.fromarray(batch["image"][i])) for i in keep], dtype=object)}
+
+
+def reference_rows(args):
+    """(Ray dataset of {id, png}, the number of samples the source holds, a description of the source)."""
     import ray
+
+    if args.images:
+        folder = Path(args.images)
+        if not folder.is_dir():
+            raise ValueError(f"--images: {folder} is not a folder")
+        paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+        paths = paths[: args.limit] if args.limit else paths
+        ds = ray.data.from_items([{"id": f"{i:08d}", "path": str(p)} for i, p in enumerate(paths)])
+        ds = ds.map_batches(load_reference_images, batch_size=args.score_batch, fn_kwargs={"image_size": args.image_size})
+        return ds, {"samples": len(paths)}, str(folder.resolve())
+    from pipelines.config import InputConfig
+    from pipelines.decode import decode_batch
+    from pipelines.shard_source import list_shards, name_shards, read_shards_batch
+
+    config = InputConfig(shards=tuple(args.shards), endpoint_url=args.endpoint_url)
+    names = name_shards(list_shards(config))
+    if not names:
+        raise ValueError(f"--shards {args.shards}: no shards found")
+
+    def raw():
+        items = [{"name": n, "uri": u} for n, u in sorted(names.items())]
+        return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            read_shards_batch, fn_kwargs={"config": config}, batch_format="pyarrow", batch_size=1)
+
+    # First pass, no decoding: what the shards hold (headers). The images are read again below rather
+    # than kept: a reference set's encoded images do not fit the object store.
+    headers = raw().filter(lambda row: row["row_kind"] == "shard").take_all()
+    counts = {"shards": len(headers), "failed_shards": sum(h["status"] == "shard_failed" for h in headers),
+              "samples": sum(int(h["shard_num_samples"]) for h in headers)}
+    ds = raw().map_batches(decode_batch, fn_kwargs={"config": reference_preprocess(), "resolution": args.image_size},
+                           batch_format="numpy", batch_size=args.score_batch)
+    return ds.map_batches(shard_images, batch_format="numpy"), counts, ",".join(args.shards)
+
+
+def run_reference(args) -> dict:
     import torch
 
     from pipelines.eval_protocol import PROTOCOLS
@@ -279,31 +340,25 @@ def run_reference(args) -> dict:
     from pipelines.feature_statistics import FeatureStatistics
 
     protocol = PROTOCOLS[args.protocol]
-    folder = Path(args.images)
-    if not folder.is_dir():
-        raise ValueError(f"--images: {folder} is not a folder")
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
-    if args.limit:
-        paths = paths[: args.limit]
-    if len(paths) < 2:
-        raise ValueError(f"{folder}: {len(paths)} images (need at least 2)")
     fingerprint = protocol.fingerprint(feature_network_id(args.inception), args.image_size)
     _init_ray(args.num_cpus)
-    items = [{"id": f"{i:08d}", "path": str(p)} for i, p in enumerate(paths)]
-    ds = ray.data.from_items(items).map_batches(load_reference_images, batch_size=args.score_batch,
-                                                fn_kwargs={"image_size": args.image_size})
+    ds, counts, source = reference_rows(args)
     ds = ds.map_batches(ScoreImages, batch_size=args.score_batch,
                         fn_constructor_kwargs=dict(metrics=["fid"], inception=args.inception),
                         **_actor_options(args, args.score_actors))
     by_id = {row["id"]: row["features"] for row in ds.iter_rows()}
-    if len(by_id) != len(items):
-        raise RuntimeError(f"{len(items) - len(by_id)} reference images lost")
+    if len(by_id) < 2:
+        raise ValueError(f"{source}: {len(by_id)} usable images (need at least 2)")
+    counts["left_out"] = counts["samples"] - len(by_id)  # bad tar members, undecodable or rejected images
     stats = FeatureStatistics(len(next(iter(by_id.values()))), kid_cap=protocol.kid_sample_cap)
-    ordered = [by_id[item["id"]] for item in items]
+    ordered = [by_id[i] for i in sorted(by_id)]
     for start in range(0, len(ordered), 256):
         stats.update(torch.from_numpy(np.stack(ordered[start : start + 256])))
-    stats.save(args.out, fingerprint, info={"source": str(folder.resolve()), "images": len(items)})
-    return {"images": len(items), "out": args.out, "fingerprint": fingerprint}
+    stats.save(args.out, fingerprint, info={"source": source, "images": len(ordered), **counts})
+    if counts["left_out"]:
+        print(f"[evaluate] reference: {counts['left_out']} of {counts['samples']} samples left out (unreadable or "
+              f"rejected), {counts.get('failed_shards', 0)} shards failed", flush=True)
+    return {"images": len(ordered), **counts, "out": args.out, "fingerprint": fingerprint}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -125,3 +125,28 @@ def test_demo_settings_through_the_job_give_the_in_process_sampler_images(assets
     files = sorted((tmp_path / "job" / "images").glob("*.png"))
     assert len(files) == len(images) == 36
     assert all(f.read_bytes() == encode_png(image) for f, image in zip(files, images))
+
+
+def test_reference_from_shards_counts_what_it_leaves_out(assets, ray_local, tmp_path):
+    """WebDataset shards as the reference source: good samples are scored, a shard of bad images and a
+    garbage shard are counted (left_out, failed_shards), never silently dropped."""
+    from pipelines.feature_statistics import FeatureStatistics
+    from pipelines.hostile_shards import write_hostile_shards
+    from pipelines.shapes import write_shapes_shards
+
+    write_shapes_shards(str(tmp_path / "shards"), num_samples=24, num_shards=2, split="heldout")
+    write_hostile_shards(str(tmp_path / "shards"), ["bad_images", "garbage_shard"])
+    out = tmp_path / "ref-shards.safetensors"
+    code = evaluate_main(["reference", "--shards", f"{tmp_path}/shards/*.tar", "--image-size", "64",
+                          "--inception", str(assets["inception"]), "--out", str(out), "--protocol", "shapes"])
+    assert code == 0
+    from safetensors import safe_open
+
+    with safe_open(str(out), framework="pt") as f:
+        info = json.loads(f.metadata()["info"])
+    assert (info["images"], info["samples"], info["left_out"], info["failed_shards"], info["shards"]) == (25, 32, 7, 1, 4)
+    from jobs.evaluate import feature_network_id
+    from pipelines.eval_protocol import PROTOCOLS
+
+    stats = FeatureStatistics.load(out, PROTOCOLS["shapes"].fingerprint(feature_network_id(str(assets["inception"])), 64))
+    assert stats.count == 25 and torch.isfinite(stats.sum_D).all()
