@@ -64,12 +64,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                           "the override is recorded in protocol.json")
     run.add_argument("--metrics", help=f"comma-separated subset of {','.join(METRICS)} (default: the protocol's)")
     run.add_argument("--out", required=True, help="output folder or s3:// URI (images/, protocol.json, metrics.json)")
+    run.add_argument("--endpoint-url", default="", help="S3-compatible endpoint for an s3:// --out")
     run.add_argument("--inception", help="FID Inception weights file (weights-inception-2015-12-05-6726825d.pth)")
     run.add_argument("--clip", help="CLIP model folder (Hugging Face CLIPModel + processor)")
     run.add_argument("--reference", help="reference statistics file (hart-evaluate reference) for FID/KID")
     run.add_argument("--actors", type=int, default=1, help="generation actors (one model each)")
     run.add_argument("--score-actors", type=int, default=1, help="scoring actors (feature networks each)")
-    run.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor (0: CPU actors)")
+    run.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per generation actor (0: CPU actors)")
+    run.add_argument("--score-gpus-per-actor", type=float, default=0.0,
+                     help="GPUs per scoring actor (e.g. 0.25 to share a GPU with generation; 0: CPU)")
     run.add_argument("--cpus-per-actor", type=float, default=1.0, help="logical CPUs per actor (Ray scheduling)")
     run.add_argument("--score-batch", type=int, default=16, help="images per scoring call")
     run.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default: none, no MLflow logging)")
@@ -98,32 +101,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def protocol_from_args(args):
-    """The named protocol with --set / --metrics overrides applied (ValueError on a bad field or value)."""
-    import dataclasses
-
+    """The named protocol with --set / --metrics overrides applied; values are parsed as YAML and checked
+    against the field types (`hart.config.config_from_dict`): a bad field or value is a ValueError here,
+    not an actor failure later."""
     import yaml
 
-    from pipelines.eval_protocol import PROTOCOLS
+    from hart.config import config_from_dict
+    from pipelines.eval_protocol import PROTOCOLS, EvalProtocol
 
-    protocol = PROTOCOLS[args.protocol]
-    changes = {}
-    fields = {f.name for f in dataclasses.fields(protocol)}
+    data = PROTOCOLS[args.protocol].to_dict()
     for item in getattr(args, "set", []):
         name, sep, value = item.partition("=")
-        if not sep or name not in fields:
-            raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(fields)}")
+        if not sep or name not in data:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(data)}")
         parsed = yaml.safe_load(value)
-        current = getattr(protocol, name)
-        if isinstance(current, (bool, int, float)) and not isinstance(parsed, type(current)) and not (
-                isinstance(current, float) and isinstance(parsed, int) and not isinstance(parsed, bool)):
-            raise ValueError(f"--set {item!r}: {name} takes a {type(current).__name__}")
-        if name in ("top_k", "metrics"):
-            parsed = tuple(parsed) if isinstance(parsed, list) else tuple(str(value).split(","))
-            parsed = tuple(int(v) for v in parsed) if name == "top_k" else parsed
-        changes[name] = parsed
+        data[name] = value.split(",") if name == "metrics" and isinstance(parsed, str) else parsed
     if getattr(args, "metrics", None):
-        changes["metrics"] = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
-    return dataclasses.replace(protocol, **changes)
+        data["metrics"] = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    return config_from_dict(EvalProtocol, data, where="protocol")
 
 
 def _init_ray(num_cpus: int | None) -> None:
@@ -137,12 +132,16 @@ def _init_ray(num_cpus: int | None) -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=False)
 
 
-def _actor_options(args, concurrency: int) -> dict:
-    return {"concurrency": concurrency, "num_cpus": args.cpus_per_actor, "num_gpus": args.gpus_per_actor or None}
+def _actor_options(args, concurrency: int, gpus: float) -> dict:
+    return {"concurrency": concurrency, "num_cpus": args.cpus_per_actor, "num_gpus": gpus or None}
 
 
 def feature_network_id(inception: str) -> str:
-    from pipelines.inception import WEIGHTS_NAME, file_sha256
+    """The feature network as the protocol names it: the weights file's identity (SHA-256)."""
+    from pipelines.inception import WEIGHTS_HELP, WEIGHTS_NAME, file_sha256
+
+    if not Path(inception).is_file():
+        raise ValueError(f"Inception weights not found at {inception}: put {WEIGHTS_HELP} there")
 
     return f"{WEIGHTS_NAME.split('-6726')[0]}:sha256:{file_sha256(inception)}"
 
@@ -170,13 +169,18 @@ def run_evaluation(args) -> dict:
         from pipelines.clip_score import CLIP_HELP
 
         raise ValueError(f"the CLIP score needs {CLIP_HELP} (--clip FOLDER)")
+    network = feature_network_id(args.inception) if wants_fid else None
+    if wants_fid:  # before any image is generated: all of the reference's protocol but the image size
+        saved = FeatureStatistics.read_protocol(args.reference)
+        wanted = protocol.fingerprint(network, saved.get("image_size"))
+        FeatureStatistics.check_protocol(args.reference, saved, wanted)
     prompts = read_prompts(args.prompts, args.limit, args.per_category)
     rows = groups(prompts, protocol)
     order = [image_id for row in rows for image_id in row["ids"]]
     print(f"[evaluate] {len(prompts)} prompts, {len(order)} images in {len(rows)} groups; protocol {args.protocol} "
           f"({', '.join(protocol.metrics)})", flush=True)
 
-    fs, out_dir = storage.resolve(args.out)
+    fs, out_dir = storage.resolve(args.out, args.endpoint_url)
     images_uri = storage.join(args.out, "images")
     started = time.time()
     _init_ray(args.num_cpus)
@@ -184,12 +188,13 @@ def run_evaluation(args) -> dict:
     ds = ds.map_batches(
         GenerateImages, batch_size=1,
         fn_constructor_kwargs=dict(llm=str(export / "llm"), tokenizer=str(export / "tokenizer"),
-                                   text_encoder=args.text_encoder, protocol=protocol.to_dict(), images_uri=images_uri),
-        **_actor_options(args, args.actors))
+                                   text_encoder=args.text_encoder, protocol=protocol.to_dict(), images_uri=images_uri,
+                                   endpoint_url=args.endpoint_url),
+        **_actor_options(args, args.actors, args.gpus_per_actor))
     ds = ds.map_batches(ScoreImages, batch_size=args.score_batch,
                         fn_constructor_kwargs=dict(metrics=list(protocol.metrics), inception=args.inception,
                                                    clip=args.clip),
-                        **_actor_options(args, args.score_actors))
+                        **_actor_options(args, args.score_actors, args.score_gpus_per_actor))
     scored = list(ds.iter_rows())
     elapsed = time.time() - started
     folded = summarize(scored, order, protocol.kid_sample_cap)
@@ -197,12 +202,12 @@ def run_evaluation(args) -> dict:
     fingerprint = None
     if wants_fid:
         side = image_side(fs, storage.join(out_dir, "images", f"{order[0]}.png"))
-        fingerprint = protocol.fingerprint(feature_network_id(args.inception), side)
+        fingerprint = protocol.fingerprint(network, side)
         real = FeatureStatistics.load(args.reference, fingerprint)
         if "fid" in protocol.metrics:
             figures["fid"] = frechet_distance(real, folded["fake"])
         if "kid" in protocol.metrics:
-            figures["kid_mean"], figures["kid_std"] = kernel_distance(
+            figures["kid_mean"], figures["kid_std"], figures["kid_subset_size"] = kernel_distance(
                 real, folded["fake"], protocol.kid_subsets, protocol.kid_subset_size, seed=protocol.seed)
     figures["images_per_s"] = len(order) / elapsed
     record = {"protocol_name": args.protocol, "protocol": protocol.to_dict(), "fingerprint": fingerprint,
@@ -230,12 +235,12 @@ def log_to_mlflow(args, record: dict, result: dict, grid_pngs: list[bytes]) -> N
     from mlflow.tracking import MlflowClient
     from PIL import Image
 
-    from jobs.tracking import image_grid, open_run, resolve_tracking_uri
+    from jobs.tracking import finish_run, image_grid, open_run, resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
     client = MlflowClient(tracking_uri=uri)
-    run_id = args.run_id
-    if run_id is None:
+    run_id, created = args.run_id, args.run_id is None
+    if created:
         run_id, _ = open_run(uri, args.experiment, f"{args.name}-{time.strftime('%Y%m%d-%H%M%S')}", {})
     else:
         client.get_run(run_id)  # a clear MlflowException for an unknown id, before anything is logged
@@ -254,6 +259,8 @@ def log_to_mlflow(args, record: dict, result: dict, grid_pngs: list[bytes]) -> N
     client.log_table(run_id, data=table, artifact_file=f"{args.name}/step-{args.step}/per_category.json")
     first = [np.asarray(Image.open(io.BytesIO(png)).convert("RGB")) for png in grid_pngs]
     client.log_image(run_id, image_grid(np.stack(first)), artifact_file=f"{args.name}/step-{args.step}/grid.png")
+    if created:  # a run this job made is finished by it; an attached run belongs to its owner
+        finish_run(uri, run_id, "FINISHED")
     print(f"[evaluate] MLflow run {run_id}: {len(metrics)} metrics at step {args.step}", flush=True)
 
 
@@ -337,7 +344,7 @@ def run_reference(args) -> dict:
 
     from pipelines.eval_protocol import PROTOCOLS
     from pipelines.eval_stages import ScoreImages
-    from pipelines.feature_statistics import FeatureStatistics
+    from pipelines.feature_statistics import FeatureStatistics, fold_order
 
     protocol = PROTOCOLS[args.protocol]
     fingerprint = protocol.fingerprint(feature_network_id(args.inception), args.image_size)
@@ -345,13 +352,13 @@ def run_reference(args) -> dict:
     ds, counts, source = reference_rows(args)
     ds = ds.map_batches(ScoreImages, batch_size=args.score_batch,
                         fn_constructor_kwargs=dict(metrics=["fid"], inception=args.inception),
-                        **_actor_options(args, args.score_actors))
+                        **_actor_options(args, args.score_actors, args.gpus_per_actor))
     by_id = {row["id"]: row["features"] for row in ds.iter_rows()}
     if len(by_id) < 2:
         raise ValueError(f"{source}: {len(by_id)} usable images (need at least 2)")
     counts["left_out"] = counts["samples"] - len(by_id)  # bad tar members, undecodable or rejected images
     stats = FeatureStatistics(len(next(iter(by_id.values()))), kid_cap=protocol.kid_sample_cap)
-    ordered = [by_id[i] for i in sorted(by_id)]
+    ordered = [by_id[i] for i in fold_order(list(by_id))]
     for start in range(0, len(ordered), 256):
         stats.update(torch.from_numpy(np.stack(ordered[start : start + 256])))
     stats.save(args.out, fingerprint, info={"source": source, "images": len(ordered), **counts})

@@ -145,6 +145,8 @@ def preflight(config: TrainRunConfig) -> dict[str, Any]:
         tokenizer_hash = weights_hash(load_frozen_tokenizer(config))
         facts["manifest"] = check_cache(config, tokenizer_hash)
         check_text_encoder(config, facts["manifest"])
+    if config.eval.every_steps:
+        check_eval_prompts(config)
     uri = tracking.resolve_tracking_uri(config.tracking.tracking_uri)
     params = tracking.flatten_params(config.to_dict())
     facts["tracking_uri"] = uri
@@ -157,6 +159,18 @@ def preflight(config: TrainRunConfig) -> dict[str, Any]:
     )
     log_data_input(config, facts)
     return facts
+
+
+def check_eval_prompts(config: TrainRunConfig) -> None:
+    """eval.prompts readable, and shapes prompts where the shapes metric scores them: at submission,
+    not at the first evaluation step."""
+    from pipelines.eval_protocol import read_prompts
+    from pipelines.shapes import label_of
+
+    prompts = read_prompts(config.eval.prompts, limit=config.eval.limit)
+    if "shapes" in config.eval.metrics:
+        for prompt in prompts:
+            label_of(prompt.prompt)  # ValueError naming a prompt without a colour and shape word
 
 
 def log_data_input(config: TrainRunConfig, facts: dict[str, Any]) -> None:

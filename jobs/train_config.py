@@ -228,6 +228,9 @@ class TrainRunConfig:
                              f"run.max_steps ({self.run.max_steps}): the VQ part would never train")
         if self.eval.every_steps and self.stage == "tokenizer":
             raise ValueError("eval.every_steps evaluates generated images: it needs a transformer stage, not tokenizer")
+        if self.eval.every_steps and self.parallel.strategy == "fsdp":
+            raise ValueError("eval.every_steps runs on rank 0, which cannot generate from FSDP shards: evaluate the "
+                             "exports with hart-evaluate instead (or train with parallel.strategy ddp)")
         model_configs(self)  # resolve presets now: a typo fails at load time
 
     def to_dict(self) -> dict[str, Any]:

@@ -15,6 +15,7 @@ earlier checkpoint) is not evaluated again, so the history keeps one value per s
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 
 import numpy as np
@@ -30,7 +31,8 @@ def already_logged(logger, name: str, step: int) -> bool:
 
 def evaluate_in_training(config, stage, ema, logger, step: int, encoder) -> dict | None:
     """Figures of this step's EMA model on the eval prompts (None where nothing ran: other ranks,
-    logging off, a sharded model, or a step already logged)."""
+    logging off, or a step already logged). FSDP runs are refused at config time (rank 0 alone cannot
+    generate from shards)."""
     from hart.parallelize import is_sharded
     from PIL import Image
 
@@ -38,9 +40,11 @@ def evaluate_in_training(config, stage, ema, logger, step: int, encoder) -> dict
     from pipelines.eval_stages import ScoreImages, generate_group, summarize
 
     section = config.eval
-    if not logger.enabled or is_sharded(stage.model) or already_logged(logger, section.name, step):
+    if not logger.enabled or already_logged(logger, section.name, step):
         return None
-    protocol = PROTOCOLS[section.protocol]
+    assert not is_sharded(stage.model), "eval.every_steps with FSDP is refused by TrainRunConfig"
+    # the ar stage trains no residual head: its samples are the tokens' (as log_samples draws them)
+    protocol = dataclasses.replace(PROTOCOLS[section.protocol], use_diffusion=config.stage != "ar")
     rows = groups(read_prompts(section.prompts, limit=section.limit), protocol)
     model = copy.deepcopy(stage.model)
     ema.copy_to(model)

@@ -57,8 +57,10 @@ class EvalProtocol:
         unknown = set(self.metrics) - set(METRICS)
         if unknown:
             raise ValueError(f"unknown metric(s) {sorted(unknown)}; choose from {METRICS}")
-        if self.images_per_prompt < 1 or self.batch_size < 1:
-            raise ValueError("images_per_prompt and batch_size must be >= 1")
+        if self.images_per_prompt < 1 or self.batch_size < 1 or (self.chunk_size is not None and self.chunk_size < 1):
+            raise ValueError("images_per_prompt, batch_size and chunk_size must be >= 1")
+        if len(self.top_k) != 2:
+            raise ValueError(f"top_k is (early scales, late scales), got {self.top_k}")
 
     def sampling(self) -> dict:
         """The keyword arguments of `hart.generate.generate` this protocol fixes (seed aside)."""

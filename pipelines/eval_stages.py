@@ -23,7 +23,7 @@ from PIL import Image
 
 from pipelines import storage
 from pipelines.eval_protocol import EvalProtocol
-from pipelines.feature_statistics import KID_SAMPLE_CAP, FeatureStatistics
+from pipelines.feature_statistics import KID_SAMPLE_CAP, FeatureStatistics, fold_order
 
 
 def encode_png(image: Image.Image) -> bytes:
@@ -113,14 +113,14 @@ class ScoreImages:
 
 def summarize(rows: list[dict], order: list[str], kid_cap: int = KID_SAMPLE_CAP) -> dict:
     """The driver's side: scored image rows -> figures overall and per category, and the generated
-    set's FeatureStatistics ('fake', None without features), folded in the fixed image `order`.
+    set's FeatureStatistics ('fake', None without features), folded in `fold_order` of the ids.
     A missing or duplicated image is an error, never a smaller denominator."""
     by_id = {row["id"]: row for row in rows}
     missing = [i for i in order if i not in by_id]
     if missing or len(by_id) != len(rows):
         raise RuntimeError(f"{len(missing)} images missing from the scored rows (e.g. {missing[:3]}), "
                            f"{len(rows) - len(by_id)} duplicated")
-    ordered = [by_id[i] for i in order]
+    ordered = [by_id[i] for i in fold_order(order)]
     figures: dict = {"images": len(ordered)}
     per_category: dict[str, dict] = {}
     for row in ordered:

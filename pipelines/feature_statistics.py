@@ -26,6 +26,15 @@ import torch.nn as nn
 KID_SAMPLE_CAP = 10_000  # features kept for KID per set (float32: 80 MB at D = 2048)
 
 
+def fold_order(ids: list[str]) -> list[str]:
+    """The order sets are folded in: by a hash of each id, a fixed pseudo-random order. The FID sums do
+    not depend on it; the KID sample (the first `kid_cap` features) is then a uniform draw, not the
+    first categories of an id- or path-ordered set (MJHQ's folders are per category)."""
+    import hashlib
+
+    return sorted(ids, key=lambda i: (hashlib.sha256(i.encode()).hexdigest(), i))
+
+
 class PassThrough(nn.Module):
     """torchmetrics' FID/KID take a feature module; the features are already extracted."""
 
@@ -58,7 +67,7 @@ class FeatureStatistics:
         self.outer_DD += f64.T @ f64
         self.count += len(features_ND)
         keep = min(len(features_ND), self.kid_cap - self.sampled)
-        if keep > 0:  # the first kid_cap features in arrival order (the job feeds them in a fixed order)
+        if keep > 0:  # the first kid_cap features in arrival order (callers feed them in `fold_order`)
             self.sample.append(features_ND[:keep].float().clone())
             self.sampled += keep
 
@@ -76,22 +85,34 @@ class FeatureStatistics:
         save_file(tensors, str(path), metadata={"protocol": json.dumps(protocol, sort_keys=True),
                                                 "info": json.dumps(info or {}, sort_keys=True)})
 
-    @classmethod
-    def load(cls, path: str | Path, protocol: dict) -> "FeatureStatistics":
-        """Reference statistics made under `protocol`; any other protocol is refused, field by field."""
+    @staticmethod
+    def read_protocol(path: str | Path) -> dict:
+        """The protocol a reference file was made under (its metadata only)."""
         from safetensors import safe_open
 
         if not Path(path).is_file():
             raise ValueError(f"reference statistics not found: {path} (make them with `hart-evaluate reference`)")
         with safe_open(str(path), framework="pt") as f:
-            saved = json.loads((f.metadata() or {}).get("protocol", "{}"))
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            return json.loads((f.metadata() or {}).get("protocol", "{}"))
+
+    @staticmethod
+    def check_protocol(path: str | Path, saved: dict, protocol: dict) -> None:
+        """Refuse, field by field, a reference made under another protocol."""
         differs = {k: (saved.get(k), protocol.get(k)) for k in sorted(set(saved) | set(protocol))
                    if saved.get(k) != protocol.get(k)}
         if differs:
             lines = "; ".join(f"{k}: file {a!r}, this run {b!r}" for k, (a, b) in differs.items())
             raise ValueError(f"{path} was made under another protocol ({lines}): figures against it would not be "
                              f"comparable; make new reference statistics or run with its protocol")
+
+    @classmethod
+    def load(cls, path: str | Path, protocol: dict) -> "FeatureStatistics":
+        """Reference statistics made under `protocol`; any other protocol is refused, field by field."""
+        from safetensors import safe_open
+
+        cls.check_protocol(path, cls.read_protocol(path), protocol)
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
         stats = cls(tensors["sum"].shape[0])
         stats.sum_D, stats.outer_DD, stats.count = tensors["sum"], tensors["outer"], int(tensors["count"])
         stats.sample, stats.sampled = [tensors["kid_sample"]], len(tensors["kid_sample"])
@@ -116,9 +137,10 @@ def frechet_distance(real: FeatureStatistics, fake: FeatureStatistics) -> float:
 
 
 def kernel_distance(real: FeatureStatistics, fake: FeatureStatistics, subsets: int = 100,
-                    subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """KID (mean, std over `subsets` random subsets) by torchmetrics' `KernelInceptionDistance`; the
-    subsets are drawn from a seeded RNG, so a rerun gives the same figure."""
+                    subset_size: int = 1000, seed: int = 0) -> tuple[float, float, int]:
+    """KID (mean, std over `subsets` random subsets, the subset size used: `subset_size` or fewer when a
+    set is smaller) by torchmetrics' `KernelInceptionDistance`; the subsets are drawn from a seeded RNG,
+    so a rerun gives the same figure."""
     from torchmetrics.image.kid import KernelInceptionDistance
 
     real_f, fake_f = real.kid_sample(), fake.kid_sample()
@@ -133,4 +155,4 @@ def kernel_distance(real: FeatureStatistics, fake: FeatureStatistics, subsets: i
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         mean, std = metric.compute()
-    return float(mean), float(std)
+    return float(mean), float(std), size

@@ -150,3 +150,25 @@ def test_reference_from_shards_counts_what_it_leaves_out(assets, ray_local, tmp_
 
     stats = FeatureStatistics.load(out, PROTOCOLS["shapes"].fingerprint(feature_network_id(str(assets["inception"])), 64))
     assert stats.count == 25 and torch.isfinite(stats.sum_D).all()
+
+
+def test_protocol_overrides_are_type_checked_and_a_foreign_reference_is_refused_before_generating(assets, tmp_path, capsys):
+    from jobs.evaluate import parse_args, protocol_from_args
+    from pipelines.feature_statistics import FeatureStatistics
+
+    def protocol(*sets):
+        return protocol_from_args(parse_args(["run", "--export", "x", "--prompts", "y", "--out", "z"]
+                                             + [arg for item in sets for arg in ("--set", item)]))
+
+    assert protocol("cfg=3", "top_k=[10,5]", "metrics=fid,clip", "head_cfg=null").top_k == (10, 5)
+    for bad, words in (("seed=true", "expected an integer"), ("top_k=600", "expected a list"),
+                       ("head_cfg=abc", "matches none of"), ("chunk_size=0", "must be >= 1"), ("colour=red", "FIELD one of")):
+        with pytest.raises(ValueError, match=words):
+            protocol(bad)
+    # a reference of another feature network: refused before Ray starts or any image is generated
+    foreign = tmp_path / "foreign.safetensors"
+    FeatureStatistics(2048).save(foreign, {"feature_network": "another-network", "image_size": 64,
+                                           "feature_resize": "tf1-bilinear-299"})
+    assert run(assets, tmp_path / "f", "--reference", str(foreign), "--limit", "2") == 2
+    assert "feature_network: file 'another-network'" in capsys.readouterr().err
+    assert not (tmp_path / "f" / "images").exists()

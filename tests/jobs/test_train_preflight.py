@@ -106,6 +106,20 @@ def test_bad_config_values_name_the_field():
         load_train_config(None, "joint", ["eval.every_steps=10", "eval.prompts=shapes:heldout", "eval.metrics=[clip]"])
     with pytest.raises(ValueError, match="needs a transformer stage"):
         load_train_config(None, "tokenizer", ["eval.every_steps=10", "eval.prompts=shapes:heldout"])
+    with pytest.raises(ValueError, match="cannot generate from FSDP shards"):
+        load_train_config(None, "joint", ["eval.every_steps=10", "eval.prompts=shapes:heldout", "parallel.strategy=fsdp"])
+
+
+def test_eval_prompts_are_checked_at_submission(tmp_path):
+    from jobs.train import check_eval_prompts
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on a white background\na photo of a cat\n")
+    config = load_train_config(None, "joint", ["eval.every_steps=10", f"eval.prompts={prompts}"])
+    with pytest.raises(ValueError, match="not a shapes prompt.*a photo of a cat"):
+        check_eval_prompts(config)
+    check_eval_prompts(load_train_config(None, "joint", ["eval.every_steps=10", f"eval.prompts={prompts}",
+                                                         "eval.metrics=[clip]", "eval.clip=/clip"]))
 
 
 def test_tokenizer_stage_needs_shards(tmp_path):

@@ -43,7 +43,8 @@ def test_fid_matches_scipy_sqrtm_on_synthetic_features():
 def test_kid_matches_the_unbiased_polynomial_mmd():
     real, fake = features(60, 8, 0.0, 2), features(60, 8, 0.5, 3)
     # one subset holding every sample: the estimate no longer depends on the random draw
-    mean, _ = kernel_distance(folded(real), folded(fake), subsets=1, subset_size=60)
+    mean, _, size = kernel_distance(folded(real), folded(fake), subsets=1, subset_size=60)
+    assert size == 60
 
     def kernel(a, b):
         return (a @ b.T / a.shape[1] + 1) ** 3
@@ -81,3 +82,17 @@ def test_bad_features_are_refused():
     stats.update(torch.zeros(1, 4))
     with pytest.raises(ValueError, match="at least 2 images"):
         frechet_distance(stats, stats)
+
+
+def test_kid_sample_is_drawn_across_an_ordered_set():
+    """Sets arrive grouped (MJHQ's folders are per category); folded in `fold_order`, the capped KID
+    sample covers every group, not the first ones."""
+    from pipelines.feature_statistics import fold_order
+
+    ids = [f"{category}/{i:04d}" for category in ("animals", "art", "food", "people") for i in range(250)]
+    stats = FeatureStatistics(1, kid_cap=100)
+    for i in fold_order(ids):
+        stats.update(torch.tensor([[float(ids.index(i) // 250)]]))  # the feature is the category index
+    counts = torch.bincount(stats.kid_sample()[:, 0].long(), minlength=4)
+    assert stats.count == 1000 and counts.sum() == 100 and (counts >= 10).all(), counts
+    assert fold_order(ids) == fold_order(list(reversed(ids)))  # the order depends on the ids alone
