@@ -81,7 +81,7 @@ TINY_SCALES = {256: (1, 2, 4), 512: (1, 2, 3, 6), 1024: (1, 2, 4, 8)}
 GENERATION_TOKENIZER = {512: "hart-512", 1024: "hart-1024"}
 TRAIN_MODES = ("eager", "compile", "flex+compile")
 # First estimate (s) of a row of each kind on a GPU, before one has run; later rows of the kind use the
-# longest one measured. Rough: the tenth session's H100 log (eager hart-0.7b rows ~20 s with the model
+# longest one measured. Rough: the H100 rows in BENCHMARKS.md (eager hart-0.7b rows ~20 s with the model
 # build and FLOP counting; compile warm-up 32-56 s); generation and flex are guesses.
 FIRST_ROW_ESTIMATE_S = {"train eager": 20.0, "train compile": 60.0, "train flex+compile": 60.0,
                         "generate eager": 10.0, "generate compile": 40.0, "tokenizer": 5.0}

@@ -24,7 +24,7 @@ What it measures (nothing is estimated unless labelled):
      the median over Ray turns of (turn's median window / mean of the bare turns just before and
      after it). Below all cores, the bare loop and the Ray train worker process are pinned to the
      same core(s) (`--no-pin` to not): this VM's two vCPUs differ in speed by 3-6%, measured.
-     Why: the host's speed drifts 10-30% over minutes, and eleven sessions of whole-run
+     Why: the host's speed drifts 10-30% over minutes, and repeated runs of whole-run
      comparisons put this ratio anywhere from 0.88 to 1.41.
    - `--mode rounds`: bare, then `--rounds` times (Ray, bare) as whole runs, each Ray run divided by
      the mean of the bare runs on either side, the median of those ratios the headline; with CPU

@@ -2,7 +2,7 @@
 
 Why: this 2-core VM's speed moves 10-30% over minutes (hypervisor steal, neighbours), more than
 the few percent `benchmarks/train.py` tries to measure (the Ray Train wrapper against a bare step
-loop). Running A, then B, then A cancels only the slow part of that drift: eleven sessions of
+loop). Running A, then B, then A cancels only the slow part of that drift: repeated runs of
 bracketed rounds put the same ratio anywhere between 0.88 and 1.41. Here both sides run during
 the same minutes and take turns: one side runs alone for `block_s` seconds while the other is
 frozen with SIGSTOP (SIGCONT resumes it exactly where it stopped; no Ray timeout is shorter than

@@ -65,8 +65,8 @@ class DemoConfig:
     num_train_samples: int = 4000
     num_shards: int = 8
     num_heldout_images: int = 240
-    # Step counts are set by the 15-minute budget, install included, on this 2-core host. Until the
-    # thirteenth session the tokenizer had 1700 steps and the joint stage 600 (fresh clones: 8 min 39 s
+    # Step counts are set by the 15-minute budget, install included, on this 2-core host. Earlier
+    # the tokenizer had 1700 steps and the joint stage 600 (fresh clones: 8 min 39 s
     # to 13 min 8 s). On the corpus's larger shapes the generator learns shape between 600 and 1200
     # joint steps (held-out shape at chance at 600, 70-76% at 1500-1800; BENCHMARKS.md), so the
     # tokenizer gave up 500 steps (~40 s; its held-out reconstructions keep 96-99% colour and 85-93%
@@ -80,9 +80,9 @@ class DemoConfig:
     # step slower (0.22-0.33 s vs 0.17 s), the OpenMP pair sharing its cores with Ray Data's decode.
     tokenizer_threads: int = 0
     # Joint stage: smaller batches, more steps and a higher peak lr learn the text conditioning faster
-    # at about the same compute (eighth session: 16 x 600 at lr 4e-3 beat 32 x 300 at 2e-3 and matched
+    # at about the same compute (measured: 16 x 600 at lr 4e-3 beat 32 x 300 at 2e-3 and matched
     # 8 x 1200 for less time). Shape needs the steps: held-out shape with the head, one Ray demo per
-    # seed (thirteenth session): 600 steps 37%, 1500 steps 62-70%, 1800 steps 76% / 71%.
+    # seed (measured): 600 steps 37%, 1500 steps 62-70%, 1800 steps 76% / 71%.
     joint_steps: int = 1800
     joint_batch_size: int = 16
     joint_lr: float = 4e-3
@@ -136,7 +136,7 @@ S3_COPY = "s3-copy"  # <workdir>/s3-copy: what the loopback S3 server held, copi
 # The tiny tokenizer narrowed at full resolution (16 channels at 64 px, 32 at 16 px) and made as
 # shallow as the VAR layout allows (no resnet block per encoder level, one per decoder level, no
 # attention): in the time budget a 2-core CPU then sees enough images to learn the palette. Measured
-# (seventh session): colour of held-out hybrid reconstructions 86-100% in three demos, 57-68% before.
+# (measured): colour of held-out hybrid reconstructions 86-100% in three demos, 57-68% before.
 # One norm group: GroupNorm erases the relative amplitude of its groups, and with few channels that is
 # the colour.
 DEMO_TOKENIZER = {"preset": "tiny", "ch": 16, "ch_mult": [1, 1, 2, 2], "norm_groups": 1, "num_res_blocks": 0,

@@ -14,8 +14,8 @@ names, so the same file loads here, strictly:
 - the output is the 2048-d average-pooled feature (`pool_3`), in float32.
 
 Why not torch-fidelity itself: its package imports torchvision at import time (whose PyPI wheels
-are CUDA builds that cannot load against a CPU torch) and it loads weights with
-`torch.load(weights_only=False)`. Here weights go through `hart.weights` (safetensors or
+are CUDA builds that cannot load against a CPU torch) and it unpickles weight files without the
+weights-only guard. Here weights go through `hart.weights` (safetensors or
 `weights_only=True`). `tests/pipelines/test_inception.py` checks that this network and
 torch-fidelity's produce the same features from the same random weights.
 

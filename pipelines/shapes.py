@@ -9,10 +9,10 @@ drawn from `numpy.random.default_rng([seed, i])`, so a corpus is a pure function
 tests and the demo can check generated images against their prompts.
 
 Geometry: the named position and size are jittered per sample (centre +-3% of the side, extent
-x0.9-1.1; ninth session, BENCHMARKS.md), shapes are 45% or 60% of the side (at least 25 px
+x0.9-1.1), shapes are 45% or 60% of the side (at least 25 px
 across) and the four off-centre positions sit 9% of the side from the centre. Without the
 jitter the corpus held only 360 distinct images and the demo's generator memorised them. The
-sizes were 35% / 50% until the thirteenth session: at 45% / 60% a shape covers more latent
+sizes were 35% / 50% before: at 45% / 60% a shape covers more latent
 tokens of the 8x-downsampling tokenizer, and the demo's held-out colour accuracy rose from
 74-81% to 92% (two demo seeds, BENCHMARKS.md); the larger shapes leave less room, so the
 positions moved towards the centre (they were 14% from it). Every shape stays at least 3 px

@@ -1,5 +1,5 @@
 """benchmarks/gpu.py on the CPU: CI has no GPU, so its `--smoke` mode (tiny presets and sizes) is what keeps
-every row's code path running between the sessions that are lent one. The figures are not checked for
+every row's code path running where no GPU is available. The figures are not checked for
 speed, only that each row produced finite, positive ones."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """benchmarks/train.py's `gpu` part, run on the CPU with the tiny preset: CI has no GPU, so this is
-what keeps that code path from rotting between the sessions that are lent one."""
+what keeps that code path from rotting where no GPU is available."""
 
 from __future__ import annotations
 

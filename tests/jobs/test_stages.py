@@ -112,7 +112,7 @@ def test_tokenizer_stage_with_perceptual_term(train_assets, tiny_lpips_weights, 
     assert not any(id(p) in module_params for p in metric.parameters())
     images = np.stack([np.asarray(render(sample_spec(i))) for i in range(4)])
     batch = images_collate({"image": images, "caption": np.array(["x"] * 4, dtype=object)})
-    # 48 steps: on the corpus's larger shapes (thirteenth session) the term oscillates for ~20 steps
+    # 48 steps: on the corpus's larger shapes the term oscillates for ~20 steps
     # (0.27 -> 0.23 at step 24, 0.13 at step 48; the small shapes fell past 0.8x by step 24)
     history = overfit(stage, batch, steps=48)
     assert all(h["perceptual"] > 0 for h in history)
