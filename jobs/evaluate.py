@@ -6,25 +6,33 @@ Usage:
         --prompts /data/MJHQ-30K/meta_data.json --protocol hart-mjhq-1024 --out s3://bucket/eval/hart-0.7b \
         --inception /weights/weights-inception-2015-12-05-6726825d.pth --clip /weights/clip-vit-large-patch14 \
         --reference /data/mjhq-1024.stats.safetensors --actors 8 --gpus-per-actor 1 --run-id <training run>
-    hart-evaluate reference --images /data/MJHQ-30K/images --image-size 1024 \
+    hart-evaluate reference --images /data/MJHQ-30K/mjhq30k_imgs --image-size 1024 \
         --inception /weights/weights-inception-2015-12-05-6726825d.pth --out /data/mjhq-1024.stats.safetensors
 
 `run` is a Ray Data job: the prompt list (`pipelines.eval_protocol.read_prompts`) becomes fixed
 generation groups, an actor pool of `GenerateImages` (one model per actor: per GPU on a cluster)
 makes and writes the images (`<out>/images/<id>.png`, local or S3), an actor pool of `ScoreImages`
 extracts features and scores, and the driver folds them: FID/KID against the reference statistics
-(torchmetrics), mean CLIP score and shapes accuracy overall and per category. `<out>` then holds
-`protocol.json` (the protocol, the fingerprint, the prompt source and the export) and `metrics.json`
-(figures and per-category table). With a tracking URI the figures go to MLflow: metrics
-(`eval/<name>` at `--step`), the per-category table, a sample grid and the protocol; `--run-id`
-attaches them to an existing run (the training run that produced the checkpoint).
+(torchmetrics), mean CLIP score and shapes accuracy, overall and per category. Per-category FID/KID
+compare a generated category with the reference's statistics of the same category name
+(`per_category_distances`); generated categories the reference has no statistics of (all of them
+for a reference without categories) get none, are printed as a warning and listed in
+`no_reference_statistics`. `<out>` then holds `protocol.json` (the protocol, the fingerprint, the
+prompt source and the export) and `metrics.json` (figures, per-category table and, with FID/KID,
+`no_reference_statistics`). With a tracking URI the figures go to MLflow: metrics `<name>/<figure>`
+and `<name>/<category>/<figure>` at `--step` (`--name`, default `eval`: `eval/fid`, `eval/people/fid`),
+the per-category table, a sample grid and the protocol; `--run-id` attaches them to an existing run
+(the training run that produced the checkpoint).
 
 `reference` computes the statistics of real images (a local folder of PNG/JPEG/WebP, or WebDataset
 shards, local or S3) under the same feature pipeline: each image's shorter side is resized to
 `--image-size` (the generated images' size; bicubic) and the centre square kept, as the precompute
 pipeline crops, then `ScoreImages` extracts features. Shard samples that are unreadable or rejected
 are counted and reported (`left_out`); the file records the fingerprint, and `run` refuses a
-reference made under another.
+reference made under another. Images with a category add per-category statistics to the overall
+ones: in a folder, the name of the folder holding the image (MJHQ-30K's `<category>/<id>.jpg`;
+images directly in the folder have none), in shards the string under `category` in a sample's json.
+The file's info lists the images per category (`categories`, `uncategorised`).
 
 Weights are never downloaded: the Inception weights file and the CLIP folder are named by the user
 (a missing one is an error naming what to put there).
@@ -152,7 +160,7 @@ def run_evaluation(args) -> dict:
     from pipelines import storage
     from pipelines.eval_protocol import groups, read_prompts
     from pipelines.eval_stages import GenerateImages, ScoreImages, summarize
-    from pipelines.feature_statistics import FeatureStatistics, frechet_distance, kernel_distance
+    from pipelines.feature_statistics import FeatureStatistics
 
     protocol = protocol_from_args(args)
     export = Path(args.export)
@@ -199,27 +207,67 @@ def run_evaluation(args) -> dict:
     elapsed = time.time() - started
     folded = summarize(scored, order, protocol.kid_sample_cap)
     figures, per_category = folded["figures"], folded["per_category"]
-    fingerprint = None
+    fingerprint, unmatched = None, []
     if wants_fid:
         side = image_side(fs, storage.join(out_dir, "images", f"{order[0]}.png"))
         fingerprint = protocol.fingerprint(network, side)
         real = FeatureStatistics.load(args.reference, fingerprint)
-        if "fid" in protocol.metrics:
-            figures["fid"] = frechet_distance(real, folded["fake"])
-        if "kid" in protocol.metrics:
-            figures["kid_mean"], figures["kid_std"], figures["kid_subset_size"] = kernel_distance(
-                real, folded["fake"], protocol.kid_subsets, protocol.kid_subset_size, seed=protocol.seed)
+        figures.update(distance_figures(real, folded["fake"], protocol, protocol.metrics))
+        unmatched = per_category_distances(real, folded["fake"], per_category, protocol)
+        if unmatched:
+            print(f"[evaluate] warning: no reference statistics for generated categor"
+                  f"{'y' if len(unmatched) == 1 else 'ies'} {', '.join(unmatched)} in {args.reference}"
+                  f"{' (it has no categories)' if not real.by_category else ''}: no FID/KID for "
+                  f"{'it' if len(unmatched) == 1 else 'them'}", file=sys.stderr, flush=True)
     figures["images_per_s"] = len(order) / elapsed
     record = {"protocol_name": args.protocol, "protocol": protocol.to_dict(), "fingerprint": fingerprint,
               "prompts": args.prompts, "limit": args.limit, "per_category": args.per_category,
               "export": str(export.resolve()), "text_encoder": args.text_encoder}
     storage.write_bytes_atomic(fs, storage.join(out_dir, "protocol.json"), json.dumps(record, indent=1).encode())
     result = {"figures": figures, "per_category": per_category}
+    if wants_fid:
+        result["no_reference_statistics"] = unmatched
     storage.write_bytes_atomic(fs, storage.join(out_dir, "metrics.json"), json.dumps(result, indent=1).encode())
     if args.tracking_uri or args.run_id:
         grid = [storage.read_bytes(fs, storage.join(out_dir, "images", f"{i}.png")) for i in order[:16]]
         log_to_mlflow(args, record, result, grid)
     return result
+
+
+def distance_figures(real, fake, protocol, metrics) -> dict:
+    """FID and/or KID (those of `metrics`) of a generated set against a reference set, KID with the
+    protocol's subsets and seed."""
+    from pipelines.feature_statistics import frechet_distance, kernel_distance
+
+    figures = {}
+    if "fid" in metrics:
+        figures["fid"] = frechet_distance(real, fake)
+    if "kid" in metrics:
+        figures["kid_mean"], figures["kid_std"], figures["kid_subset_size"] = kernel_distance(
+            real, fake, protocol.kid_subsets, protocol.kid_subset_size, seed=protocol.seed)
+    return figures
+
+
+def per_category_distances(real, fake, per_category: dict[str, dict], protocol) -> list[str]:
+    """FID/KID of each generated category against the reference's statistics of the same category,
+    added to its row of `per_category`; returns the generated categories the reference has no
+    statistics of (all of them for a reference without categories).
+
+    A category's sets are its images alone (`FeatureStatistics.category`): FID from its sums, KID
+    from its rows of each set's KID sample (about its share of the protocol's `kid_sample_cap`).
+    The KID subset size is `min(kid_subset_size, reference rows, generated rows)` of that category
+    (recorded as its `kid_subset_size`; KID is unbiased, so a smaller subset widens `kid_std`, not
+    the mean). A category with fewer than 2 images (FID) or 2 KID sample rows (KID) on either side
+    gets no such figure."""
+    unmatched = []
+    for category, row in per_category.items():
+        if category not in real.by_category or category not in fake.by_category:
+            unmatched.append(category)
+            continue
+        real_c, fake_c = real.category(category), fake.category(category)
+        enough = {"fid": min(real_c.count, fake_c.count) >= 2, "kid": min(real_c.sampled, fake_c.sampled) >= 2}
+        row.update(distance_figures(real_c, fake_c, protocol, [m for m in protocol.metrics if enough.get(m)]))
+    return sorted(unmatched)
 
 
 def image_side(fs, path: str) -> int:
@@ -287,23 +335,45 @@ def load_reference_images(batch: dict[str, np.ndarray], image_size: int) -> dict
         except Rejected as rejection:
             raise ValueError(f"reference image {path} rejected: {rejection.reason}") from None
         pngs.append(encode_png(Image.fromarray(array_RR3)))
-    return {"id": batch["id"], "png": np.array(pngs, dtype=object)}
+    return {"id": batch["id"], "category": batch["category"], "png": np.array(pngs, dtype=object)}
 
 
 def shard_images(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Decoded shard rows (`pipelines.decode.decode_batch`) -> the usable samples as {id, png}; the id
-    (shard/key) orders them. Rows left out are counted by the caller from the shards' headers."""
+    """Decoded shard rows (`pipelines.decode.decode_batch`) -> the usable samples as {id, category, png};
+    the id (shard/key) orders them, the category is `sample_category`. Rows left out are counted by the
+    caller from the shards' headers."""
     from PIL import Image
 
     from pipelines.eval_stages import encode_png
 
     keep = [i for i in range(len(batch["row_kind"])) if batch["row_kind"][i] == "sample" and batch["status"][i] == "ok"]
     return {"id": np.array([f"{batch['source_shard'][i]}/{batch['key'][i]}" for i in keep], dtype=object),
+            "category": np.array([sample_category(batch["metadata"][i]) for i in keep], dtype=object),
             "png": np.array([encode_png(Image.fromarray(batch["image"][i])) for i in keep], dtype=object)}
 
 
+def sample_category(metadata: str) -> str:
+    """A shard sample's category: the non-empty string under "category" in its json member (MJHQ-30K's
+    meta_data.json field, e.g. img2dataset's --save_additional_columns), else "" (none): no json, json
+    that does not parse or is not an object, or another type."""
+    try:
+        value = json.loads(metadata) if metadata else None
+    except json.JSONDecodeError:
+        return ""
+    category = value.get("category") if isinstance(value, dict) else None
+    return category if isinstance(category, str) else ""
+
+
+def folder_category(path: Path, folder: Path) -> str:
+    """A reference image's category in a folder: the name of the folder holding it, "" for an image
+    directly in `folder`. MJHQ-30K's images (`mjhq30k_imgs/<category>/<id>.jpg`) get their category
+    whether `folder` is `mjhq30k_imgs` or the folder above it."""
+    return path.parent.name if path.parent != folder else ""
+
+
 def reference_rows(args):
-    """(Ray dataset of {id, png}, the number of samples the source holds, a description of the source)."""
+    """(Ray dataset of {id, category, png}, the number of samples the source holds, a description of the
+    source). Categories: `folder_category` for a folder, `sample_category` for shards."""
     import ray
 
     if args.images:
@@ -312,7 +382,8 @@ def reference_rows(args):
             raise ValueError(f"--images: {folder} is not a folder")
         paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
         paths = paths[: args.limit] if args.limit else paths
-        ds = ray.data.from_items([{"id": f"{i:08d}", "path": str(p)} for i, p in enumerate(paths)])
+        ds = ray.data.from_items([{"id": f"{i:08d}", "category": folder_category(p, folder), "path": str(p)}
+                                  for i, p in enumerate(paths)])
         ds = ds.map_batches(load_reference_images, batch_size=args.score_batch, fn_kwargs={"image_size": args.image_size})
         return ds, {"samples": len(paths)}, str(folder.resolve())
     from pipelines.config import InputConfig
@@ -353,14 +424,18 @@ def run_reference(args) -> dict:
     ds = ds.map_batches(ScoreImages, batch_size=args.score_batch,
                         fn_constructor_kwargs=dict(metrics=["fid"], inception=args.inception),
                         **_actor_options(args, args.score_actors, args.gpus_per_actor))
-    by_id = {row["id"]: row["features"] for row in ds.iter_rows()}
+    by_id = {row["id"]: (row["features"], str(row["category"])) for row in ds.iter_rows()}
     if len(by_id) < 2:
         raise ValueError(f"{source}: {len(by_id)} usable images (need at least 2)")
     counts["left_out"] = counts["samples"] - len(by_id)  # bad tar members, undecodable or rejected images
-    stats = FeatureStatistics(len(next(iter(by_id.values()))), kid_cap=protocol.kid_sample_cap)
+    stats = FeatureStatistics(len(next(iter(by_id.values()))[0]), kid_cap=protocol.kid_sample_cap)
     ordered = [by_id[i] for i in fold_order(list(by_id))]
     for start in range(0, len(ordered), 256):
-        stats.update(torch.from_numpy(np.stack(ordered[start : start + 256])))
+        chunk = ordered[start : start + 256]
+        stats.update(torch.from_numpy(np.stack([f for f, _ in chunk])), [c for _, c in chunk])
+    if stats.by_category:  # images per category, and those without one (in the overall statistics only)
+        counts["categories"] = {name: part.count for name, part in sorted(stats.by_category.items())}
+        counts["uncategorised"] = sum(not c for _, c in ordered)
     stats.save(args.out, fingerprint, info={"source": source, "images": len(ordered), **counts})
     if counts["left_out"]:
         print(f"[evaluate] reference: {counts['left_out']} of {counts['samples']} samples left out (unreadable or "

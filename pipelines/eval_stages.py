@@ -115,7 +115,8 @@ class ScoreImages:
 
 def summarize(rows: list[dict], order: list[str], kid_cap: int = KID_SAMPLE_CAP) -> dict:
     """The driver's side: scored image rows -> figures overall and per category, and the generated
-    set's FeatureStatistics ('fake', None without features), folded in `fold_order` of the ids.
+    set's FeatureStatistics ('fake', None without features; with each image's category, so
+    `fake.category(name)` is that category's set), folded in `fold_order` of the ids.
     A missing or duplicated image is an error, never a smaller denominator."""
     by_id = {row["id"]: row for row in rows}
     missing = [i for i in order if i not in by_id]
@@ -131,7 +132,8 @@ def summarize(rows: list[dict], order: list[str], kid_cap: int = KID_SAMPLE_CAP)
     if "features" in ordered[0]:
         fake = FeatureStatistics(len(ordered[0]["features"]), kid_cap=kid_cap)
         for start in range(0, len(ordered), 256):
-            fake.update(torch.from_numpy(np.stack([r["features"] for r in ordered[start : start + 256]])))
+            chunk = ordered[start : start + 256]
+            fake.update(torch.from_numpy(np.stack([r["features"] for r in chunk])), [r["category"] for r in chunk])
     for key, name in (("clip", "clip_score"), ("colour_ok", "colour_accuracy"), ("shape_ok", "shape_accuracy")):
         if key in ordered[0]:
             values = np.array([float(r[key]) for r in ordered])

@@ -1,6 +1,7 @@
 """hart-evaluate on a local Ray instance: generation and scoring actor pools over the shapes held-out
 prompts with a random tiny export, stand-in feature networks built offline, reference statistics
-reused under their protocol and refused under another, figures in files and in a real MLflow run."""
+reused under their protocol and refused under another, figures in files and in a real MLflow run;
+per-category FID/KID against a reference made from a folder of category folders."""
 
 from __future__ import annotations
 
@@ -172,3 +173,101 @@ def test_protocol_overrides_are_type_checked_and_a_foreign_reference_is_refused_
     assert run(assets, tmp_path / "f", "--reference", str(foreign), "--limit", "2") == 2
     assert "feature_network: file 'another-network'" in capsys.readouterr().err
     assert not (tmp_path / "f" / "images").exists()
+
+
+def test_per_category_fid_and_kid_against_a_category_folder_reference(assets, ray_local, tmp_path, capsys):
+    """A reference from MJHQ-30K's folder layout records its categories; a run computes FID/KID per
+    category from that category's features alone on both sides (recomputed here from the files),
+    logs them as `eval/<category>/fid`, and names the generated category the reference lacks."""
+    from mlflow.tracking import MlflowClient
+
+    from jobs.evaluate import feature_network_id, load_reference_images
+    from pipelines.eval_protocol import PROTOCOLS
+    from pipelines.eval_stages import ScoreImages
+    from pipelines.feature_statistics import FeatureStatistics, fold_order, frechet_distance, kernel_distance
+
+    real = sorted((assets["root"] / "real").glob("*.png"))
+    layout = {"shapes": real[:16], "animals": real[16:23]}  # <root>/mjhq30k_imgs/<category>/<id>.png
+    for category, paths in layout.items():
+        (tmp_path / "mjhq" / "mjhq30k_imgs" / category).mkdir(parents=True)
+        for path in paths:
+            (tmp_path / "mjhq" / "mjhq30k_imgs" / category / path.name).write_bytes(path.read_bytes())
+    (tmp_path / "mjhq" / "loose.png").write_bytes(real[23].read_bytes())  # no category: overall only
+    ref = tmp_path / "ref.safetensors"
+    assert evaluate_main(["reference", "--images", str(tmp_path / "mjhq"), "--image-size", "64", "--inception",
+                          str(assets["inception"]), "--out", str(ref), "--protocol", "shapes"]) == 0
+    from safetensors import safe_open
+
+    with safe_open(str(ref), framework="pt") as f:
+        info = json.loads(f.metadata()["info"])
+    assert (info["images"], info["categories"], info["uncategorised"]) == (24, {"animals": 7, "shapes": 16}, 1)
+    network = feature_network_id(str(assets["inception"]))
+    stats = FeatureStatistics.load(ref, PROTOCOLS["shapes"].fingerprint(network, 64))
+    assert stats.count == 24 and {n: p.count for n, p in stats.by_category.items()} == {"animals": 7, "shapes": 16}
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"{i:02d}", "prompt": p, "category": "shapes" if i < 6 else "people"})
+                               + "\n" for i, p in enumerate(heldout_prompts("heldout")[:8])))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = evaluate_main(["run", "--export", str(assets["export"]), "--prompts", str(prompts), "--protocol", "shapes",
+                          "--metrics", "fid,kid", "--out", str(tmp_path / "out"), "--inception", str(assets["inception"]),
+                          "--reference", str(ref), "--cpus-per-actor", "0.5", "--score-batch", "8",
+                          "--tracking-uri", uri, "--experiment", "eval"])
+    assert code == 0
+    assert "no reference statistics for generated category people" in capsys.readouterr().err
+    result = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert result["no_reference_statistics"] == ["people"]
+    assert "fid" not in result["per_category"]["people"] and result["per_category"]["people"]["images"] == 2
+
+    # the same figures from each side's shapes features alone, extracted here from the files and folded
+    # in the job's order (`fold_order` of the ids: a folder's ids number its sorted files)
+    scorer = ScoreImages(["fid"], inception=str(assets["inception"]), device="cpu")
+    files = sorted((tmp_path / "mjhq").rglob("*.png"))
+    real_ids = [i for i in fold_order([f"{n:08d}" for n in range(len(files))]) if files[int(i)].parent.name == "shapes"]
+    real_pngs = load_reference_images({"id": np.array(real_ids), "category": np.array(["shapes"] * 16, dtype=object),
+                                       "path": np.array([str(files[int(i)]) for i in real_ids])}, 64)["png"]
+    fake_ids = [i for i in fold_order([f"{n:02d}" for n in range(8)]) if int(i) < 6]
+    fake_pngs = [(tmp_path / "out" / "images" / f"{i}.png").read_bytes() for i in fake_ids]
+    real_only, fake_only = FeatureStatistics(stats.dim), FeatureStatistics(stats.dim)
+    for side, pngs in ((real_only, list(real_pngs)), (fake_only, fake_pngs)):
+        features_ND = np.array(list(scorer({"png": np.array(pngs, dtype=object)})["features"]), np.float32)
+        side.update(torch.from_numpy(features_ND))
+    shapes, protocol = result["per_category"]["shapes"], PROTOCOLS["shapes"]
+    assert shapes["fid"] == pytest.approx(frechet_distance(real_only, fake_only), rel=1e-5)
+    kid = kernel_distance(real_only, fake_only, protocol.kid_subsets, protocol.kid_subset_size, seed=protocol.seed)
+    assert (shapes["kid_mean"], shapes["kid_std"], shapes["kid_subset_size"]) == pytest.approx(kid, rel=1e-4)
+    assert shapes["kid_subset_size"] == 6 and shapes["fid"] != pytest.approx(result["figures"]["fid"])
+
+    client = MlflowClient(tracking_uri=uri)
+    logged = client.search_runs([client.get_experiment_by_name("eval").experiment_id])[0].data.metrics
+    assert logged["eval/shapes/fid"] == pytest.approx(shapes["fid"])
+    assert logged["eval/shapes/kid_mean"] == pytest.approx(shapes["kid_mean"])
+    assert "eval/people/fid" not in logged and logged["eval/fid"] == pytest.approx(result["figures"]["fid"])
+
+
+def test_per_category_distances_report_categories_the_reference_lacks():
+    """Unit level: a generated category without reference statistics is listed, a category too small
+    for KID gets FID only, and a reference without categories lists every generated category."""
+    from jobs.evaluate import folder_category, per_category_distances, sample_category
+    from pipelines.eval_protocol import EvalProtocol
+    from pipelines.feature_statistics import FeatureStatistics
+
+    g = torch.Generator().manual_seed(0)
+    real, fake = FeatureStatistics(4), FeatureStatistics(4, kid_cap=12)
+    real.update(torch.randn(20, 4, generator=g), ["food"] * 10 + ["art"] * 10)
+    fake.update(torch.randn(14, 4, generator=g), ["food"] * 11 + ["people"] * 2 + ["art"])
+    rows = {"food": {"images": 11}, "people": {"images": 2}, "art": {"images": 1}}
+    protocol = EvalProtocol(metrics=("fid", "kid"), kid_subset_size=5)
+    assert per_category_distances(real, fake, rows, protocol) == ["people"]
+    assert set(rows["food"]) == {"images", "fid", "kid_mean", "kid_std", "kid_subset_size"}
+    assert rows["food"]["kid_subset_size"] == 5 and rows["people"] == {"images": 2} and rows["art"] == {"images": 1}
+    flat = FeatureStatistics(4)
+    flat.update(torch.randn(20, 4, generator=g))
+    assert per_category_distances(flat, fake, {k: {} for k in rows}, protocol) == ["art", "food", "people"]
+
+    from pathlib import Path
+
+    assert folder_category(Path("r/mjhq30k_imgs/people/1.jpg"), Path("r")) == "people"
+    assert folder_category(Path("r/1.jpg"), Path("r")) == ""
+    assert sample_category('{"category": "food", "url": "x"}') == "food"
+    assert [sample_category(m) for m in ("", "not json", "[1]", '{"category": 3}', '{"caption": "a"}')] == [""] * 5

@@ -1,7 +1,10 @@
-"""FID and KID from folded statistics agree with direct computations; the reference file is reused
-under its protocol and refused under another."""
+"""FID and KID from folded statistics agree with direct computations, overall and per category (a
+category's figures are those of its features alone); the reference file is reused under its protocol
+and refused under another, and a file without categories loads as overall statistics."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -17,8 +20,8 @@ def features(n: int, dim: int, shift: float, seed: int) -> torch.Tensor:
     return torch.randn(n, dim, generator=g) @ mix + shift
 
 
-def folded(x: torch.Tensor, batch: int = 37) -> FeatureStatistics:
-    stats = FeatureStatistics(x.shape[1])
+def folded(x: torch.Tensor, batch: int = 37, kid_cap: int = 10_000) -> FeatureStatistics:
+    stats = FeatureStatistics(x.shape[1], kid_cap=kid_cap)
     for start in range(0, len(x), batch):
         stats.update(x[start : start + batch])
     return stats
@@ -96,3 +99,85 @@ def test_kid_sample_is_drawn_across_an_ordered_set():
     counts = torch.bincount(stats.kid_sample()[:, 0].long(), minlength=4)
     assert stats.count == 1000 and counts.sum() == 100 and (counts >= 10).all(), counts
     assert fold_order(ids) == fold_order(list(reversed(ids)))  # the order depends on the ids alone
+
+
+def categorised(parts: dict[str, torch.Tensor], seed: int, kid_cap: int = 10_000, batch: int = 7):
+    """The categories' features folded together in a shuffled order, in batches: (statistics, the
+    arrival order as (category, row) pairs)."""
+    order = [(name, i) for name, x in parts.items() for i in range(len(x))]
+    order = [order[j] for j in torch.randperm(len(order), generator=torch.Generator().manual_seed(seed))]
+    stats = FeatureStatistics(next(iter(parts.values())).shape[1], kid_cap=kid_cap)
+    for start in range(0, len(order), batch):
+        chunk = order[start : start + batch]
+        stats.update(torch.stack([parts[name][i] for name, i in chunk]), [name for name, _ in chunk])
+    return stats, order
+
+
+def test_per_category_figures_are_those_of_the_category_alone_on_both_sides(tmp_path):
+    """A category's FID and KID, reference read back from its file, equal the figures of that category's
+    features folded alone on both sides (and FID equals scipy's on them)."""
+    real = {"animals": features(70, 8, 0.0, 10), "food": features(50, 8, 0.4, 11), "people": features(3, 8, 0.1, 16)}
+    fake = {"animals": features(40, 8, 0.2, 12), "food": features(60, 8, 0.1, 13), "logo": features(30, 8, 0.0, 14)}
+    ref, ref_order = categorised(real, seed=0)
+    path = tmp_path / "ref.safetensors"
+    protocol = {"feature_network": "net", "image_size": 64, "feature_resize": "tf1-bilinear-299"}
+    ref.save(path, protocol)
+    loaded = FeatureStatistics.load(path, protocol)
+    gen, gen_order = categorised(fake, seed=1)
+    assert sorted(loaded.by_category) == ["animals", "food", "people"] and sorted(gen.by_category) == sorted(fake)
+    assert {n: loaded.category(n).count for n in loaded.by_category} == {"animals": 70, "food": 50, "people": 3}
+    for name in ("animals", "food"):
+        real_c, fake_c = loaded.category(name), gen.category(name)
+        # each category's features alone, in the order they arrived in
+        direct_real = folded(torch.stack([real[name][i] for n, i in ref_order if n == name]))
+        direct_fake = folded(torch.stack([fake[name][i] for n, i in gen_order if n == name]))
+        fid = frechet_distance(real_c, fake_c)
+        assert fid == pytest.approx(frechet_distance(direct_real, direct_fake), rel=1e-9)
+        assert fid == pytest.approx(scipy_fid(real[name].double().numpy(), fake[name].double().numpy()), rel=1e-6)
+        assert real_c.count == len(real[name]) and fake_c.count == len(fake[name])
+        assert torch.equal(real_c.kid_sample(), direct_real.kid_sample())
+        assert torch.equal(fake_c.kid_sample(), direct_fake.kid_sample())
+        # the same KID sample rows in the same order as the direct folds: the seeded KID is the same figure
+        assert kernel_distance(real_c, fake_c, subsets=10, subset_size=30) == \
+            kernel_distance(direct_real, direct_fake, subsets=10, subset_size=30)
+    assert frechet_distance(loaded, gen) == frechet_distance(ref, gen)  # the overall figure, read back
+    with pytest.raises(ValueError, match="no statistics of category 'logo'"):
+        loaded.category("logo")
+
+
+def test_categories_leave_the_overall_statistics_as_they_were():
+    parts = {"a": features(30, 6, 0.0, 20), "b": features(25, 6, 1.0, 21)}
+    with_categories, order = categorised(parts, seed=2, kid_cap=20)
+    rows = torch.stack([parts[name][i] for name, i in order])
+    without = folded(rows, batch=7, kid_cap=20)
+    assert torch.equal(with_categories.sum_D, without.sum_D) and torch.equal(with_categories.outer_DD, without.outer_DD)
+    assert torch.equal(with_categories.kid_sample(), without.kid_sample()) and with_categories.count == without.count
+    # a capped KID sample: each category's sample is its rows among the set's first kid_cap
+    sampled = [name for name, _ in order[:20]]
+    assert {n: with_categories.category(n).sampled for n in parts} == {n: sampled.count(n) for n in parts}
+    assert with_categories.category("a").count == 30
+    with pytest.raises(ValueError, match="2 categories for 3 feature rows"):
+        without.update(rows[:3], ["a", "b"])
+
+
+def test_a_reference_file_without_categories_loads_as_overall_only(tmp_path):
+    """A file with the overall tensors and metadata only (the layout of files made from a flat folder or
+    shards without categories) loads, with no per-category statistics."""
+    from safetensors.torch import save_file
+
+    x = features(40, 8, 0.0, 30)
+    stats = folded(x)
+    protocol = {"feature_network": "net", "image_size": 64, "feature_resize": "tf1-bilinear-299"}
+    path = tmp_path / "old.safetensors"
+    save_file({"sum": stats.sum_D, "outer": stats.outer_DD, "count": torch.tensor(stats.count),
+               "kid_sample": stats.kid_sample().contiguous()}, str(path),
+              metadata={"protocol": json.dumps(protocol, sort_keys=True), "info": "{}"})
+    loaded = FeatureStatistics.load(path, protocol)
+    assert loaded.by_category == {} and loaded.count == 40 and torch.equal(loaded.outer_DD, stats.outer_DD)
+    fake = folded(features(30, 8, 0.3, 31))
+    assert frechet_distance(loaded, fake) == frechet_distance(stats, fake)
+    folded(x).save(tmp_path / "flat.safetensors", protocol)  # no categories folded: the same tensors
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "flat.safetensors"), framework="pt") as f:
+        assert sorted(f.keys()) == ["count", "kid_sample", "outer", "sum"] and "categories" not in f.metadata()
