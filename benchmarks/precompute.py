@@ -18,7 +18,8 @@ not the baseline; the same `--batch-size` goes to both. The 1-minute load averag
 to each number because a shared machine makes them noisy, and the pipeline's start-up is split
 into its driver-side phases (`PrecomputeSummary.startup_phases`). It also prints the cache bytes per sample of the released presets at
 256/512/1024px, computed from the cache schema (int16 tokens + fp16 residual), and the measured
-parquet bytes per sample of this run.
+parquet bytes per sample of this run, and the bytes per sample that reached the driver process
+(route counts + commit records) next to the encoded bytes routed between workers.
 """
 
 from __future__ import annotations
@@ -154,6 +155,10 @@ def main() -> None:
         bare_rate = max(bare_first[0] / bare_first[1], bare_second[0] / bare_second[1])
         ratio = pipeline_rate / bare_rate
         print(f"ratio a/b = {ratio:.3f}  (pipeline {pipeline_rate:.1f} img/s / best bare {bare_rate:.1f} img/s)")
+        routed_per_sample = summary.routed_bytes / max(1, summary.samples_in)
+        driver_per_sample = summary.driver_bytes / max(1, summary.samples_in)
+        print(f"bytes per sample through the driver: {driver_per_sample:.1f} ({summary.driver_bytes / max(1, summary.shards_done):.0f} "
+              f"per shard); routed worker -> writer actor (what a driver-side writer would receive): {routed_per_sample:.0f}")
         measured = summary.bytes_written / max(1, summary.samples_written)
         print(f"measured cache bytes/sample this run ({args.preset}, zstd parquet incl. key/caption): {measured:.0f}")
         table = {name: cache_bytes_per_sample(name) for name in ("var-d16-f16", "hart-512", "hart-1024")}
@@ -167,7 +172,8 @@ def main() -> None:
                 json.dump({"pipeline_img_s": pipeline_rate, "bare_img_s": bare_rate, "ratio": ratio,
                            "startup_seconds": summary.startup_seconds, "startup_phases": summary.startup_phases,
                            "bare_runs_img_s": [bare_first[0] / bare_first[1], bare_second[0] / bare_second[1]],
-                           "measured_bytes_per_sample": measured, "released_presets": table, "args": vars(args)}, handle, indent=2)
+                           "measured_bytes_per_sample": measured, "driver_bytes_per_sample": driver_per_sample,
+                           "routed_bytes_per_sample": routed_per_sample, "released_presets": table, "args": vars(args)}, handle, indent=2)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

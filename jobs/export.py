@@ -45,7 +45,9 @@ def export_checkpoint(checkpoint_dir: str | Path, config: TrainRunConfig, out_di
 
     model = HARTForT2I(transformer_cfg)
     model.load_state_dict(state.model, strict=True)
-    tokenizer = HybridTokenizer.from_pretrained(config.model.tokenizer_checkpoint)
+    from pipelines import storage
+
+    tokenizer = HybridTokenizer.from_pretrained(storage.local_copy(config.model.tokenizer_checkpoint, config.run.endpoint_url))
     tokenizer.save_pretrained(out_dir / "tokenizer")
     model.save_pretrained(out_dir / "llm", ema_state=state.ema, tokenizer=tokenizer.config)
     return out_dir

@@ -122,12 +122,14 @@ class DiscriminatorObjective(nn.Module):
 # --------------------------------------------------------------------------------------
 
 
-def read_start_weights(path: str) -> dict[str, torch.Tensor]:
+def read_start_weights(path: str, endpoint_url: str = "") -> dict[str, torch.Tensor]:
     """Weights to start from: a training checkpoint dir (its EMA if present), an llm/ folder (its
-    `ema_model.bin` if present: the weights the released model samples with), a tokenizer/ folder, or a file."""
+    `ema_model.bin` if present: the weights the released model samples with), a tokenizer/ folder, or a
+    file; local, or s3:// (copied to this machine first)."""
     from hart.transformer_checkpoint import EMA_FILE
+    from pipelines import storage
 
-    location = Path(path)
+    location = Path(storage.local_copy(path, endpoint_url))
     if (location / "meta.json").is_file():
         read_meta(location)  # validates the format version
         name = "ema.safetensors" if (location / "ema.safetensors").is_file() else "model.safetensors"
@@ -171,7 +173,9 @@ def load_frozen_tokenizer(config: TrainRunConfig):
     path = config.model.tokenizer_checkpoint
     if not path:
         raise ValueError(f"stage {config.stage!r} needs model.tokenizer_checkpoint (the tokenizer the cache was made with)")
-    tokenizer = HybridTokenizer.from_pretrained(path)
+    from pipelines import storage
+
+    tokenizer = HybridTokenizer.from_pretrained(storage.local_copy(path, config.run.endpoint_url))
     if tuple(tokenizer.config.patch_nums) != tuple(transformer_cfg.patch_nums):
         raise ValueError(
             f"tokenizer {path} has patch_nums {tokenizer.config.patch_nums} but the transformer config has "
@@ -215,7 +219,7 @@ def _build_tokenizer_stage(config: TrainRunConfig, device: torch.device) -> Stag
         discriminator = NLayerDiscriminator(ndf=objective.disc_channels) if objective.gan_weight > 0 else None
     start = config.model.init_from or config.model.tokenizer_checkpoint
     if start:
-        load_compatible_weights(tokenizer, read_start_weights(start), f"tokenizer start weights {start}")
+        load_compatible_weights(tokenizer, read_start_weights(start, config.run.endpoint_url), f"tokenizer start weights {start}")
     elif mode == "decoder_finetune":
         warnings.warn("hybrid decoder fine-tuning from random weights: set model.tokenizer_checkpoint", stacklevel=2)
     set_trainable(tokenizer, mode)
@@ -269,7 +273,8 @@ def _build_transformer_stage(config: TrainRunConfig, device: torch.device, text_
         model = HARTForT2I(transformer_cfg)
         model.init_weights()
     if config.model.init_from:
-        rebuilt = load_compatible_weights(model, read_start_weights(config.model.init_from), f"start weights {config.model.init_from}")
+        rebuilt = load_compatible_weights(model, read_start_weights(config.model.init_from, config.run.endpoint_url),
+                                          f"start weights {config.model.init_from}")
         if rebuilt:
             print(f"[train] progressive start from {config.model.init_from}: rebuilt {rebuilt} for patch_nums {transformer_cfg.patch_nums}")
     elif config.stage == "diffusion":

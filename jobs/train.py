@@ -131,6 +131,7 @@ def latest_checkpoint(fs, storage_path: str, run_name: str) -> tuple[str, dict[s
 
 def preflight(config: TrainRunConfig) -> dict[str, Any]:
     """All driver-side checks, in the order a user would fix them; returns what the run needs."""
+    check_cluster_paths(config)
     fs, path = check_storage(config.run.storage_path, config.run.endpoint_url)
     facts: dict[str, Any] = {"storage_fs": fs, "storage_path": path, "manifest": None}
     if config.stage == "tokenizer":
@@ -159,6 +160,33 @@ def preflight(config: TrainRunConfig) -> dict[str, Any]:
     )
     log_data_input(config, facts)
     return facts
+
+
+def check_cluster_paths(config: TrainRunConfig) -> None:
+    """On a Ray cluster of several nodes, refuse every path a worker on another node would not see
+    (`pipelines.storage.check_reachable`), before anything starts: checkpoints, cache, shards,
+    weights, evaluation files, and an MLflow store that is a local file (sqlite:/// or a folder)."""
+    from pipelines import storage
+    from pipelines.plan import count_alive_nodes
+
+    uri = tracking.resolve_tracking_uri(config.tracking.tracking_uri)
+    if uri.startswith("sqlite:///"):
+        store = uri.removeprefix("sqlite:///")
+    else:  # an http(s) server is reachable from anywhere; a bare path or file:// is a local folder
+        store = uri if "://" not in uri or uri.startswith("file://") else ""
+    paths = {"run.storage_path": config.run.storage_path, "model.tokenizer_checkpoint": config.model.tokenizer_checkpoint,
+             "model.init_from": config.model.init_from, "tracking.tracking_uri": store}
+    if config.stage == "tokenizer":
+        paths.update({f"data.shards[{i}]": shard for i, shard in enumerate(config.data.shards)})
+    else:
+        paths["data.cache"] = config.data.cache
+        if "/" in config.data.text_encoder:  # a model folder, not a built-in name such as "minilm"
+            paths["data.text_encoder"] = config.data.text_encoder
+    if config.eval.every_steps:
+        paths["eval.clip"] = config.eval.clip
+        if not config.eval.prompts.startswith("shapes:"):  # the shapes prompts are built in
+            paths["eval.prompts"] = config.eval.prompts
+    storage.check_reachable(paths, count_alive_nodes(), config.run.shared_filesystem)
 
 
 def check_eval_prompts(config: TrainRunConfig) -> None:
@@ -222,7 +250,8 @@ def run_training(config: TrainRunConfig, export_dir: str | None = None) -> dict[
         train_loop_config={"config": config.to_dict(), "run_id": facts["run_id"], "tracking_uri": facts["tracking_uri"],
                            "manifest": facts["manifest"]},
         scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=resources,
+                                               placement_strategy=scaling.placement_strategy),
         run_config=ray.train.RunConfig(
             name=config.run.name, storage_path=facts["storage_path"],
             storage_filesystem=facts["storage_fs"] if is_s3 else None,

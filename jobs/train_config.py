@@ -40,6 +40,9 @@ class RunSection:
     max_failures: int = 0  # Ray Train worker-group restarts before the run fails
     export: bool = True  # write the official folder layout after the last step
     fail_at_step: int = 0  # testing only: raise in the worker at this step (simulated crash); 0 = off
+    # Local paths (storage, cache, weights, MLflow sqlite/file store) are on a filesystem every node
+    # mounts at the same place. Off: on a cluster of several nodes they are refused; use s3:// / http(s).
+    shared_filesystem: bool = False
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
@@ -85,10 +88,16 @@ class ScalingSection:
     cpus_per_worker: float = 0.5  # fractional on small machines: Ray Data needs CPUs too (RAY_NOTES §3.2)
     gpus_per_worker: float = 1.0  # used when use_gpu
     torch_threads: int = 0  # intra-op threads per worker; 0 = Ray's default (OMP_NUM_THREADS = the worker's whole CPUs, min 1)
+    # Ray's placement of the workers: PACK (fill a node first), SPREAD, STRICT_PACK or STRICT_SPREAD
+    # (one worker per node).
+    placement_strategy: str = "PACK"
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
             raise ValueError(f"scaling.num_workers must be >= 1, got {self.num_workers}")
+        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ValueError(f"scaling.placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, "
+                             f"got {self.placement_strategy!r}")
 
 
 @dataclass(frozen=True)

@@ -87,19 +87,29 @@ class ComputeConfig:
     text_cpus: float = 0.5  # CPUs per text-encoder actor (0 is fine on GPU nodes)
     text_gpus: float = 0.0
     text_batch_size: int = 64
-    writer_threads: int = 2  # driver threads that serialize and upload finished shards
+    writer_actors: int = 1  # shard-writer actors (pipelines.writer_pool); each shard has one owner
+    writer_cpus: float = 0.2  # CPUs reserved per writer actor (parquet encoding + upload)
+    writer_threads: int = 2  # threads per writer actor that serialize and upload finished shards
+    writer_max_pending: int = 4  # shard writes in flight per writer actor before it stops accepting rows
+    # Custom resources every task and actor of the pipeline asks for (e.g. {"worker": 0.001} to
+    # keep work off a head node that has CPUs); {} = none.
+    resources: dict[str, float] = field(default_factory=dict)
     # Refuse to start when the actor pools plus one read and one decode task do not fit the
     # cluster's current CPUs/GPUs (Ray Data would wait forever). Turn off on autoscaling clusters.
     check_resources: bool = True
 
     def __post_init__(self) -> None:
         for name in ("read_tasks", "decode_tasks", "decode_batch_size", "tokenizer_actors",
-                     "tokenizer_batch_size", "text_actors", "text_batch_size", "writer_threads"):
+                     "tokenizer_batch_size", "text_actors", "text_batch_size", "writer_actors", "writer_threads",
+                     "writer_max_pending"):
             if getattr(self, name) < 1:
                 raise ValueError(f"compute.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("read_cpus", "decode_cpus", "tokenizer_cpus", "tokenizer_gpus", "text_cpus", "text_gpus"):
+        for name in ("read_cpus", "decode_cpus", "tokenizer_cpus", "tokenizer_gpus", "text_cpus", "text_gpus", "writer_cpus"):
             if getattr(self, name) < 0:
                 raise ValueError(f"compute.{name} must be >= 0, got {getattr(self, name)}")
+        for name, amount in self.resources.items():
+            if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount <= 0:
+                raise ValueError(f"compute.resources[{name!r}] must be a number > 0, got {amount!r}")
 
 
 @dataclass(frozen=True)
@@ -112,6 +122,9 @@ class PrecomputeConfig:
     text: TextConfig = field(default_factory=TextConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     progress: bool = True  # Ray Data progress bars
+    # Local paths (input, output, tokenizer) are on a filesystem every node mounts at the same
+    # place. Off: on a cluster of several nodes only s3:// paths are accepted.
+    shared_filesystem: bool = False
     # Test hook: after this many shard commits, write the next shard's parquet and then raise
     # before its stats marker, as if the job were killed mid-commit. -1 = off.
     crash_after_commits: int = -1

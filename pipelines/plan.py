@@ -2,14 +2,20 @@
 
 Design: `run_precompute(config)` is the whole job minus cluster setup (Ray must already be
 initialised; only `jobs/` calls `ray.init`). It
-  1. builds the frozen tokenizer once on the driver to hash its weights and read its config,
-  2. writes/validates `manifest.json` (refusing a cache built with other settings),
-  3. lists input shards and skips the ones whose stats marker exists (resume),
+  1. lists the input shards and, on a cluster of several nodes, refuses paths only one machine
+     can see (`storage.check_reachable`),
+  2. builds the frozen tokenizer once on the driver to hash its weights and read its config,
+  3. writes/validates `manifest.json` (refusing a cache built with other settings) and skips the
+     shards whose stats marker exists (resume),
   4. streams the rest through Ray Data:
        from_items(shards) -> read (TaskPool, raw bytes only) -> decode/filter/crop (TaskPool, CPU)
        -> TokenizerStage (ActorPoolStrategy, num_gpus per actor, explicit batch size)
-       -> TextFeatureStage (optional actor pool) -> driver iter_batches -> ShardWriter,
-  5. rewrites the manifest and returns a `PrecomputeSummary`.
+       -> TextFeatureStage (optional actor pool) -> route (TaskPool) -> writer actors,
+     where the writer actors (`pipelines.writer_pool`) assemble and commit whole shards, and the
+     driver iterates only the route stage's per-shard counts and polls the actors for commit
+     records: no cache byte passes through the driver,
+  5. lists the stats markers (the truth, also for commits whose record was lost with a writer),
+     rewrites the manifest and returns a `PrecomputeSummary`.
 Only `compute.*` sizes the stages, so the same config runs on a 2-core laptop (fractional CPUs
 leave headroom for the read tasks and the driver, RAY_NOTES §4) and on a GPU cluster.
 
@@ -34,13 +40,15 @@ from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
 from hart.config import config_to_dict
 from pipelines import manifest as manifest_lib
-from pipelines import shard_source
+from pipelines import shard_source, storage
 from pipelines.config import PrecomputeConfig, preprocess_fingerprint
 from pipelines.decode import decode_batch
 from pipelines.tokenize_stage import TokenizerStage, load_tokenizer, weights_hash
-from pipelines.writer import ShardAssembler, ShardWriter, cache_schema
+from pipelines.writer import cache_schema
+from pipelines.writer_pool import ROUTE_CPUS, RoutedShards, WriterPool, batch_nbytes, route_batch
 
 MANIFEST_REFRESH_SECONDS = 15.0
+POLL_SECONDS = 0.5  # at most this often the driver asks writers with whole shards for commit records
 
 
 @dataclass
@@ -62,11 +70,17 @@ class PrecomputeSummary:
     seconds: float = 0.0
     startup_seconds: float = 0.0  # from the start of the run to the first batch reaching the writer
     startup_samples: int = 0  # sample rows in that first batch (already encoded during start-up)
-    # Driver-side split of the start-up, in order: setup (tokenizer load + weight hash), manifest
-    # (read/check/list committed/write), listing (input shards), planning (resource check + lazy
-    # plan), first_batch (Ray executor and actor start, read/decode/encode of the first block).
+    # Driver-side split of the start-up, in order: listing (input shards, path check), setup
+    # (tokenizer load + weight hash), manifest (read/check/list committed/write), planning
+    # (resource check, writer actors, lazy plan), first_batch (Ray executor and actor start,
+    # read/decode/encode/route of the first block).
     startup_phases: dict[str, float] = field(default_factory=dict)
     ray_stats: str = ""  # Ray Data's per-operator timing report of this run
+    # Bytes of encoded rows the route stage handed to the writer actors (what a driver-side writer
+    # would have received), and bytes the driver actually received (route counts + commit records).
+    routed_bytes: int = 0
+    driver_bytes: int = 0
+    writer_nodes: Counter = field(default_factory=Counter)  # Ray node id -> shards its writers committed
 
     @property
     def images_per_second(self) -> float:
@@ -111,19 +125,21 @@ class PrecomputeSummary:
         self.bytes_written += stats["bytes_written"]
 
 
-def build_dataset(shards: dict[str, str], config: PrecomputeConfig, resolution: int, tokenizer_hash: str) -> ray.data.Dataset:
-    """The lazy Ray Data plan over the pending shards (name -> uri)."""
+def build_dataset(shards: dict[str, str], config: PrecomputeConfig, resolution: int, tokenizer_hash: str,
+                  writers: list) -> ray.data.Dataset:
+    """The lazy Ray Data plan over the pending shards (name -> uri), ending in the route stage."""
     compute = config.compute
+    pinned = {"resources": dict(compute.resources)} if compute.resources else {}
     items = [{"name": name, "uri": uri} for name, uri in shards.items()]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     ds = ds.map_batches(
         shard_source.read_shards_batch, fn_kwargs={"config": config.input}, batch_size=1, batch_format="pyarrow",
-        compute=TaskPoolStrategy(size=compute.read_tasks), num_cpus=compute.read_cpus,
+        compute=TaskPoolStrategy(size=compute.read_tasks), num_cpus=compute.read_cpus, **pinned,
     )
     ds = ds.map_batches(
         decode_batch, fn_kwargs={"config": config.preprocess, "resolution": resolution},
         batch_size=compute.decode_batch_size, batch_format="numpy",
-        compute=TaskPoolStrategy(size=compute.decode_tasks), num_cpus=compute.decode_cpus,
+        compute=TaskPoolStrategy(size=compute.decode_tasks), num_cpus=compute.decode_cpus, **pinned,
     )
     gpu_args = {"num_gpus": compute.tokenizer_gpus} if compute.tokenizer_gpus > 0 else {}
     ds = ds.map_batches(
@@ -133,7 +149,7 @@ def build_dataset(shards: dict[str, str], config: PrecomputeConfig, resolution: 
                                "torch_threads": compute.torch_threads or max(1, int(compute.tokenizer_cpus)),
                                "use_gpu": compute.tokenizer_gpus > 0},
         batch_size=compute.tokenizer_batch_size, batch_format="numpy",
-        compute=ActorPoolStrategy(size=compute.tokenizer_actors), num_cpus=compute.tokenizer_cpus, **gpu_args,
+        compute=ActorPoolStrategy(size=compute.tokenizer_actors), num_cpus=compute.tokenizer_cpus, **gpu_args, **pinned,
     )
     if config.text.encoder:
         from pipelines.text_stage import TextFeatureStage
@@ -142,9 +158,17 @@ def build_dataset(shards: dict[str, str], config: PrecomputeConfig, resolution: 
         ds = ds.map_batches(
             TextFeatureStage, fn_constructor_kwargs={"config": config.text, "use_gpu": compute.text_gpus > 0},
             batch_size=compute.text_batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=compute.text_actors),
-            num_cpus=compute.text_cpus, **text_gpu_args,
+            num_cpus=compute.text_cpus, **text_gpu_args, **pinned,
         )
-    return ds
+    return add_route_stage(ds, writers, compute.resources)
+
+
+def add_route_stage(ds: ray.data.Dataset, writers: list, resources: dict[str, float]) -> ray.data.Dataset:
+    """The plan's last stage: encoded rows -> their shard's writer actor (`writer_pool.route_batch`).
+    batch_size=None routes whole blocks; one task per writer is enough (each waits on its writer)."""
+    pinned = {"resources": dict(resources)} if resources else {}
+    return ds.map_batches(route_batch, fn_kwargs={"writers": writers}, batch_size=None, batch_format="numpy",
+                          compute=TaskPoolStrategy(size=len(writers)), num_cpus=ROUTE_CPUS, **pinned)
 
 
 def check_resources(config: PrecomputeConfig) -> None:
@@ -152,15 +176,22 @@ def check_resources(config: PrecomputeConfig) -> None:
     compute = config.compute
     with_text = bool(config.text.encoder)
     cpus = (compute.tokenizer_actors * compute.tokenizer_cpus + compute.read_cpus + compute.decode_cpus
+            + compute.writer_actors * (compute.writer_cpus + ROUTE_CPUS)
             + (compute.text_actors * compute.text_cpus if with_text else 0.0))
     gpus = compute.tokenizer_actors * compute.tokenizer_gpus + (compute.text_actors * compute.text_gpus if with_text else 0.0)
     available = ray.cluster_resources()
     if cpus > available.get("CPU", 0.0) + 1e-9 or gpus > available.get("GPU", 0.0) + 1e-9:
         raise ValueError(
-            f"the stages need {cpus:g} CPUs and {gpus:g} GPUs at once (actor pools + one read and one decode task) "
+            f"the stages need {cpus:g} CPUs and {gpus:g} GPUs at once (actor pools, writers + one read, one decode "
+            f"and one route task per writer) "
             f"but the cluster has {available.get('CPU', 0):g} CPUs and {available.get('GPU', 0):g} GPUs; lower "
             f"compute.*_actors / *_cpus / *_gpus, or set compute.check_resources=false on an autoscaling cluster"
         )
+
+
+def count_alive_nodes() -> int:
+    """Nodes of the connected Ray cluster that are alive (1 on a local instance)."""
+    return sum(1 for node in ray.nodes() if node["Alive"])
 
 
 def prepare(config: PrecomputeConfig) -> dict[str, Any]:
@@ -198,12 +229,50 @@ def prepare(config: PrecomputeConfig) -> dict[str, Any]:
             "fingerprint": fingerprint, "schema": schema, "header": header}
 
 
-def _log_commits(writer: ShardWriter, shards: list[str], log) -> None:
-    for shard in shards:
-        stats = writer.committed[shard]
+def _log_commits(records: list[dict[str, Any]], num_done: int, log) -> None:
+    for stats in records:
         rejected = sum(stats["rejected"].values())
-        log(f"committed {shard}: {stats['samples_written']}/{stats['samples_in']} written, {rejected} rejected "
-            f"({len(writer.committed)} shards this run)")
+        log(f"committed {stats['shard']}: {stats['samples_written']}/{stats['samples_in']} written, {rejected} rejected "
+            f"({num_done} shards this run)")
+
+
+def drain_to_writers(dataset: ray.data.Dataset, pool: WriterPool, summary: PrecomputeSummary, log=print,
+                     first_batch=lambda batch: None, refresh_manifest=lambda done: None):
+    """The driver's loop over a plan that ends in `route_batch`: count the routed rows, ask the
+    writers owning whole shards for their commit records, refresh the manifest now and then, and
+    finish the pool. Returns (committed stats by shard, failed shards, the pool's final answer)."""
+    done: dict[str, dict[str, Any]] = {}
+    failed: dict[str, str] = {}
+
+    def take(answer: dict[str, Any]) -> None:
+        for stats in answer["committed"]:
+            done[stats["shard"]] = stats
+        summary.writer_nodes.update(answer["writer_node"].values())
+        failed.update(answer["failed"])
+        _log_commits(answer["committed"], len(done), log)
+
+    routed = RoutedShards(len(pool.actors))
+    last_manifest = last_poll = time.perf_counter()
+    try:
+        # prefetch_batches=0: take each block's counts as soon as it exists (see module doc).
+        for batch in dataset.iter_batches(batch_format="numpy", batch_size=None, prefetch_batches=0):
+            if not summary.startup_seconds:
+                first_batch(batch)
+            summary.driver_bytes += batch_nbytes(batch)
+            summary.routed_bytes += int(batch["routed_bytes"].sum())
+            routed.add(batch)
+            if routed.ready and time.perf_counter() - last_poll > POLL_SECONDS:
+                take(pool.poll(routed.take_writers()))
+                last_poll = time.perf_counter()
+            if time.perf_counter() - last_manifest > MANIFEST_REFRESH_SECONDS:
+                refresh_manifest(done)
+                last_manifest = time.perf_counter()
+        final = pool.finish()
+        take(final)
+        summary.ray_stats = dataset.stats()
+    finally:
+        summary.driver_bytes += pool.received_bytes
+    return done, failed, final
 
 
 def run_precompute(config: PrecomputeConfig, log=print) -> PrecomputeSummary:
@@ -217,6 +286,14 @@ def run_precompute(config: PrecomputeConfig, log=print) -> PrecomputeSummary:
         phases[phase] = now - last_mark
         last_mark = now
 
+    num_nodes = count_alive_nodes()
+    storage.check_reachable({"output": config.output, "tokenizer.checkpoint": config.tokenizer.checkpoint},
+                            num_nodes, config.shared_filesystem)
+    uris = shard_source.list_shards(config.input)
+    names = shard_source.name_shards(uris)
+    storage.check_reachable({f"input shard {name}": uri for name, uri in names.items()}, num_nodes,
+                            config.shared_filesystem)
+    mark("listing")
     setup = prepare(config)
     mark("setup")
     output, endpoint = config.output, config.output_endpoint()
@@ -228,9 +305,6 @@ def run_precompute(config: PrecomputeConfig, log=print) -> PrecomputeSummary:
     manifest_lib.write_json(output, manifest_lib.MANIFEST_NAME, manifest_lib.build_manifest(setup["header"], committed), endpoint)
     mark("manifest")
 
-    uris = shard_source.list_shards(config.input)
-    names = shard_source.name_shards(uris)
-    mark("listing")
     summary = PrecomputeSummary(shards_total=len(names))
     pending = {name: uri for name, uri in names.items() if name not in committed}
     summary.shards_skipped = len(names) - len(pending)
@@ -245,37 +319,40 @@ def run_precompute(config: PrecomputeConfig, log=print) -> PrecomputeSummary:
         if config.compute.check_resources:
             check_resources(config)
         DataContext.get_current().enable_progress_bars = config.progress
-        dataset = build_dataset(pending, config, setup["resolution"], setup["tokenizer_hash"])
+        compute = config.compute
+        pool = WriterPool(compute.writer_actors, compute.writer_cpus, compute.resources, output=output,
+                          endpoint_url=endpoint, fingerprint_hash=fingerprint_hex, schema=setup["schema"],
+                          shard_uris=pending, num_threads=compute.writer_threads,
+                          max_pending=compute.writer_max_pending, crash_after_commits=config.crash_after_commits)
+        dataset = build_dataset(pending, config, setup["resolution"], setup["tokenizer_hash"], pool.actors)
         mark("planning")
-        writer = ShardWriter(output, endpoint, fingerprint_hex, setup["schema"], pending,
-                             config.compute.writer_threads, config.crash_after_commits)
-        assembler = ShardAssembler()
-        last_manifest = time.perf_counter()
+        header = setup["header"]
+
+        def first_batch(batch: dict) -> None:
+            mark("first_batch")
+            summary.startup_phases = dict(phases)
+            summary.startup_seconds = time.perf_counter() - started
+            summary.startup_samples = int(batch["rows"].sum())
+
+        def refresh_manifest(done: dict) -> None:
+            manifest_lib.write_json(output, manifest_lib.MANIFEST_NAME,
+                                    manifest_lib.build_manifest(header, {**committed, **done}), endpoint)
+
         try:
-            # prefetch_batches=0: hand each block to the writer as soon as it exists (see module doc).
-            for batch in dataset.iter_batches(batch_format="numpy", batch_size=None, prefetch_batches=0):
-                if not summary.startup_seconds:
-                    mark("first_batch")
-                    summary.startup_phases = dict(phases)
-                    summary.startup_seconds = time.perf_counter() - started
-                    summary.startup_samples = int((batch["row_kind"] == "sample").sum())
-                for shard in assembler.add(batch):
-                    writer.submit(shard, *assembler.take(shard))
-                _log_commits(writer, writer.collect(), log)
-                if time.perf_counter() - last_manifest > MANIFEST_REFRESH_SECONDS:
-                    manifest_lib.write_json(output, manifest_lib.MANIFEST_NAME, manifest_lib.build_manifest(
-                        setup["header"], {**committed, **writer.committed}), endpoint)
-                    last_manifest = time.perf_counter()
-            _log_commits(writer, writer.collect(wait=True), log)
-            summary.ray_stats = dataset.stats()
+            done, failed, final = drain_to_writers(dataset, pool, summary, log, first_batch, refresh_manifest)
         finally:
-            writer.close()
-        for shard in assembler.pending():  # cannot happen unless a stage drops rows: fail loudly
-            writer.failed[shard] = "incomplete: the stream ended before all rows of this shard arrived"
-        for stats in writer.committed.values():
+            pool.close()
+        for shard in final["incomplete"]:  # rows lost with a writer (or a stage that dropped rows): redo on rerun
+            failed[shard] = "incomplete: not all rows of this shard reached its writer"
+        # The stats markers are the truth: a commit whose record died with its writer is still a commit.
+        known = manifest_lib.build_manifest(setup["header"], {**committed, **done})  # only unknown markers are read
+        listed = manifest_lib.list_committed(output, fingerprint_hex, endpoint, known)
+        done.update({shard: listed[shard] for shard in pending if shard in listed and shard not in done})
+        for stats in done.values():
+            failed.pop(stats["shard"], None)
             summary.add_stats(stats)
-        summary.shards_failed = dict(writer.failed)
-        committed.update(writer.committed)
+        summary.shards_failed = failed
+        committed.update(done)
     manifest_lib.write_json(output, manifest_lib.MANIFEST_NAME, manifest_lib.build_manifest(setup["header"], committed), endpoint)
     summary.seconds = time.perf_counter() - started
     return summary

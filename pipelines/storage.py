@@ -19,8 +19,10 @@ no reader ever sees half of a file written through this module.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import posixpath
+import tempfile
 import uuid
 from urllib.parse import urlparse
 
@@ -136,3 +138,53 @@ def list_files(fs: pafs.FileSystem, directory: str) -> list[str]:
         return []
     selector = pafs.FileSelector(directory, recursive=False, allow_not_found=True)
     return sorted(i.path for i in fs.get_file_info(selector) if i.type == pafs.FileType.File)
+
+
+def check_reachable(paths: dict[str, str], num_nodes: int, shared_filesystem: bool) -> None:
+    """ValueError when a cluster of several nodes would be handed a path only one machine sees.
+
+    `paths` maps a setting's name to its value (empty values are skipped; so are names that are
+    not paths, which callers leave out). On one node every path works. On several, `s3://` is
+    always fine; a local or `file://` path is refused unless `shared_filesystem` declares that
+    every node mounts it at the same place (NFS, FSx, a hostPath...), and a relative path is refused
+    even then, since remote workers do not start in the driver's working directory."""
+    if num_nodes <= 1:
+        return
+    for name, uri in paths.items():
+        if not uri or is_s3(uri):
+            continue
+        local = uri.removeprefix("file://")
+        if not os.path.isabs(local):
+            raise ValueError(
+                f"{name}={uri!r} is a relative path, but this Ray cluster has {num_nodes} nodes whose processes "
+                f"do not share the driver's working directory: use s3://... or an absolute path on a filesystem "
+                f"every node mounts")
+        if not shared_filesystem:
+            raise ValueError(
+                f"{name}={uri!r} is a local path, but this Ray cluster has {num_nodes} nodes: a remote process "
+                f"would not find it (or would write to its own disk). Use s3://..., or declare that every node "
+                f"mounts it at the same place with shared_filesystem=true")
+
+
+def local_copy(uri: str, endpoint_url: str = "") -> str:
+    """A local path for a weights file or folder: local paths as given; s3:// ones are copied once
+    per machine to a temp folder named by the URI's hash (a folder's files, not its subfolders).
+    How every process on a cluster reads checkpoints that live only in object storage."""
+    if not is_s3(uri):
+        return uri[len("file://"):] if uri.startswith("file://") else uri
+    fs, path = resolve(uri, endpoint_url)
+    target = os.path.join(tempfile.gettempdir(), "hart-checkpoints", hashlib.sha1(uri.encode()).hexdigest()[:16])
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        local = os.path.join(target, path.rsplit("/", 1)[-1])
+        files = [(path, local)]
+    elif info.type == pafs.FileType.Directory:
+        local = target
+        files = [(p, os.path.join(target, p.rsplit("/", 1)[-1])) for p in list_files(fs, path)]
+    else:
+        raise ValueError(f"checkpoint not found: {uri}")
+    os.makedirs(target, exist_ok=True)
+    for remote, destination in files:
+        if not os.path.exists(destination):
+            write_bytes_atomic(pafs.LocalFileSystem(), destination, read_bytes(fs, remote))
+    return local

@@ -18,11 +18,8 @@ Shape legend: B rows, R image side, L tokens of all scales, z latent channels, h
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 
 import numpy as np
-import pyarrow.fs as pafs
 import torch
 
 from hart.config import replace, tokenizer_config
@@ -31,33 +28,10 @@ from pipelines import storage
 from pipelines.config import TokenizerSource
 
 
-def _local_checkpoint(uri: str, endpoint_url: str) -> str:
-    """A local path for `uri`; s3:// checkpoints (file or folder) are copied to a temp folder first."""
-    if not storage.is_s3(uri):
-        return uri[len("file://"):] if uri.startswith("file://") else uri
-    fs, path = storage.resolve(uri, endpoint_url)
-    target = os.path.join(tempfile.gettempdir(), "hart-checkpoints", hashlib.sha1(uri.encode()).hexdigest()[:16])
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.File:
-        local = os.path.join(target, path.rsplit("/", 1)[-1])
-        files = [(path, local)]
-    elif info.type == pafs.FileType.Directory:
-        local = target
-        files = [(p, os.path.join(target, p.rsplit("/", 1)[-1])) for p in storage.list_files(fs, path)]
-    else:
-        raise ValueError(f"tokenizer checkpoint not found: {uri}")
-    os.makedirs(target, exist_ok=True)
-    for remote, destination in files:
-        if not os.path.exists(destination):
-            data = storage.read_bytes(fs, remote)
-            storage.write_bytes_atomic(pafs.LocalFileSystem(), destination, data)
-    return local
-
-
 def load_tokenizer(source: TokenizerSource, endpoint_url: str = "") -> HybridTokenizer:
     """Frozen tokenizer from a checkpoint, or (tests/demo) random weights of a preset under a seed."""
     if source.checkpoint:
-        model = HybridTokenizer.from_pretrained(_local_checkpoint(source.checkpoint, endpoint_url),
+        model = HybridTokenizer.from_pretrained(storage.local_copy(source.checkpoint, endpoint_url),
                                                 patch_nums=source.patch_nums or None)
     else:
         config = tokenizer_config(source.preset)

@@ -1,7 +1,7 @@
 """Shared test fixtures: one local Ray instance and one S3 server (moto) for the whole session.
 
 Fixtures (reuse them; they are generic):
-- `ray_local`     session scope: `ray.init(num_cpus=2, include_dashboard=False)` once (with
+- `ray_local`     session scope: `ray.init(address="local", num_cpus=2, include_dashboard=False)` once (with
                   RAY_AUTH_MODE=disabled), shut down at the end. Request it in any test that
                   runs Ray Data or Ray Train; starting Ray costs ~8 s, so never start your own.
 - `s3_endpoint`   session scope: moto's `ThreadedMotoServer` on 127.0.0.1 and a free port,
@@ -11,6 +11,13 @@ Fixtures (reuse them; they are generic):
                   `boto3.client("s3", endpoint_url=...)`).
 - `s3_env`        function scope: like `s3_bucket`, and also sets AWS_ENDPOINT_URL for the test
                   (code that only honours the env var), restored afterwards.
+- `ray_cluster`   module scope: a multi-node Ray cluster on this machine (`ray.cluster_utils.Cluster`):
+                  a head with no CPUs (it runs only the driver and Ray's own services) and two worker
+                  nodes "node_a" / "node_b" of 2 CPUs each, each with its own custom resource of that
+                  name (pin a task or actor with `resources={"node_a": 0.01}`) and the shared "worker"
+                  resource. It yields a `MultiNode` (cluster, head, nodes by name, `node_name(id)`).
+                  The session's local instance (`ray_local`) is shut down for the module and started
+                  again afterwards. Only S3 is shared storage between its nodes, by convention.
 
 Fake credentials: at import this file sets AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY to
 "testing", AWS_REGION to us-east-1 and AWS_EC2_METADATA_DISABLED=true, unless already set, so
@@ -44,10 +51,57 @@ def ray_local():
 
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(num_cpus=2, include_dashboard=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False)
     yield ray
     if started_here:
         ray.shutdown()
+
+
+WORKER_NODES = ("node_a", "node_b")
+
+
+class MultiNode:
+    def __init__(self, cluster, head, nodes):
+        self.cluster, self.head, self.nodes = cluster, head, nodes
+
+    def node_name(self, node_id: str) -> str:
+        """'head', 'node_a' ... for a Ray node id (hex)."""
+        for name, node in {"head": self.head, **self.nodes}.items():
+            if node.node_id == node_id:
+                return name
+        raise KeyError(node_id)
+
+    def remove(self, name: str) -> None:
+        self.cluster.remove_node(self.nodes.pop(name), allow_graceful=False)
+
+    def add(self, name: str):
+        self.nodes[name] = self.cluster.add_node(num_cpus=2, resources={name: 1.0, "worker": 1.0},
+                                                 object_store_memory=150 * 1024 * 1024)
+        self.cluster.wait_for_nodes()
+        return self.nodes[name]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    was_local = ray.is_initialized()
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "resources": {"head": 1.0}, "object_store_memory": 150 * 1024 * 1024,
+        "include_dashboard": False})
+    multi = MultiNode(cluster, cluster.head_node, {})
+    try:
+        for name in WORKER_NODES:
+            multi.add(name)
+        ray.init(address=cluster.address)
+        yield multi
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        if was_local:
+            ray.init(address="local", num_cpus=2, include_dashboard=False)
 
 
 @pytest.fixture(scope="session")

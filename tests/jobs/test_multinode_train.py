@@ -1,0 +1,59 @@
+"""The joint stage on a three-node Ray cluster (`ray_cluster`: a CPU-less head running the driver,
+worker nodes node_a and node_b): two DDP workers, one per node (`STRICT_SPREAD`), with the
+checkpoints, the token cache and the tokenizer weights on the loopback S3 server and MLflow behind
+its HTTP server, the only things the nodes share. Paths that only one machine sees are refused
+before anything starts. The node-loss trial is in tests/faults/test_node_loss.py (`make chaos`).
+"""
+
+from __future__ import annotations
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from jobs import tracking
+from jobs.train import run_training
+from pipelines import storage
+from tests.training_fixtures import tiny_config
+
+
+def on_s3(train_assets, bucket: str, endpoint: str) -> dict:
+    """The session's tokenizer folder and token cache, copied to the bucket."""
+    storage.copy_tree(train_assets["tokenizer"], f"{bucket}/tokenizer", endpoint)
+    storage.copy_tree(train_assets["cache"], f"{bucket}/cache", endpoint)
+    return {**train_assets, "tokenizer": f"{bucket}/tokenizer", "cache": f"{bucket}/cache"}
+
+
+def cluster_config(assets, bucket, endpoint, tracking_uri, tmp_path, *overrides):
+    return tiny_config(assets, "joint", tmp_path, f"run.storage_path={bucket}/train", f"run.endpoint_url={endpoint}",
+                       f"tracking.tracking_uri={tracking_uri}", "scaling.num_workers=2", "scaling.cpus_per_worker=1",
+                       "scaling.placement_strategy=STRICT_SPREAD", "run.export=false", "tracking.sample_every=0",
+                       *overrides)
+
+
+def logged_steps(config) -> tuple[int, list[int]]:
+    client = MlflowClient(tracking_uri=config.tracking.tracking_uri)
+    experiment = client.get_experiment_by_name(config.tracking.experiment)
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{tracking.RUN_NAME_TAG}` = '{config.run.name}'")
+    return len(runs), [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")] if runs else []
+
+
+def test_two_workers_on_two_nodes_with_s3_only(train_assets, ray_cluster, s3_bucket, s3_endpoint, mlflow_server, tmp_path):
+    assets = on_s3(train_assets, s3_bucket, s3_endpoint)
+    config = cluster_config(assets, s3_bucket, s3_endpoint, mlflow_server, tmp_path, "run.name=two-nodes")
+    outcome = run_training(config)
+    assert outcome["final_step"] == 4 and outcome["checkpoint_path"].startswith(f"{s3_bucket.removeprefix('s3://')}/train/")
+    num_runs, steps = logged_steps(config)
+    assert num_runs == 1 and sorted(steps) == [1, 2, 3, 4]
+
+
+def test_local_paths_are_refused_on_a_cluster(train_assets, ray_cluster, s3_bucket, s3_endpoint, mlflow_server, tmp_path):
+    assets = {**train_assets, "tokenizer": f"{s3_bucket}/tokenizer", "cache": f"{s3_bucket}/cache"}
+    with pytest.raises(ValueError, match=r"run.storage_path=.* is a local path, but this Ray cluster has 3 nodes"):
+        run_training(cluster_config(assets, s3_bucket, s3_endpoint, mlflow_server, tmp_path,
+                                    f"run.storage_path={tmp_path / 'train'}"))
+    with pytest.raises(ValueError, match=r"tracking.tracking_uri=.* is a local path"):
+        run_training(cluster_config(assets, s3_bucket, s3_endpoint, f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path))
+    with pytest.raises(ValueError, match=r"model.tokenizer_checkpoint=.* is a local path"):
+        run_training(cluster_config(train_assets, s3_bucket, s3_endpoint, mlflow_server, tmp_path,
+                                    f"data.cache={s3_bucket}/cache"))
+    assert not (tmp_path / "train").exists() and not (tmp_path / "mlflow.db").exists()
