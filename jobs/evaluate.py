@@ -16,7 +16,7 @@ extracts features and scores, and the driver folds them: FID/KID against the ref
 (torchmetrics), mean CLIP score and shapes accuracy overall and per category. `<out>` then holds
 `protocol.json` (the protocol, the fingerprint, the prompt source and the export) and `metrics.json`
 (figures and per-category table). With a tracking URI the figures go to MLflow: metrics
-(`eval/<name>` at `--step`), the per-category table, a sample grid and the protocol; `--run-id`
+(`<name>/<figure>` at `--step`, `--name` default `eval`), the per-category table, a sample grid and the protocol; `--run-id`
 attaches them to an existing run (the training run that produced the checkpoint).
 
 `reference` computes the statistics of real images (a local folder of PNG/JPEG/WebP, or WebDataset
@@ -78,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default: none, no MLflow logging)")
     run.add_argument("--experiment", default="hart-eval", help="MLflow experiment of a new run")
     run.add_argument("--run-id", help="attach the figures to this existing MLflow run")
-    run.add_argument("--name", default="eval", help="metric prefix and artifact folder in MLflow (eval/<name>...)")
+    run.add_argument("--name", default="eval", help="metric prefix and artifact folder in MLflow (<name>/<figure>, <name>/step-N/...)")
     run.add_argument("--step", type=int, default=0, help="MLflow step of the figures (the checkpoint's step)")
     run.add_argument("--num-cpus", type=int, help="CPUs of a local Ray instance (default: all)")
     ref = sub.add_parser("reference", help="reference statistics of real images")
