@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test demo demo-smoke chaos bench mlflow-ui clean
+.PHONY: install test demo demo-smoke chaos bench mlflow-ui mlflow-ui-check clean
 
 $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -53,9 +53,17 @@ bench: install
 MLFLOW_STORE ?= runs/mlflow.db
 MLFLOW_ARTIFACTS ?=
 mlflow-ui: install
-	@echo "MLflow UI on http://127.0.0.1:5000 (store: $(MLFLOW_STORE))"
+	@echo "MLflow UI on http://127.0.0.1:5000 (store: $(MLFLOW_STORE)); an experiment's runs in the model-training"
+	@echo "view: http://127.0.0.1:5000/#/experiments/<id>/runs?workflowType=machine_learning (a new browser opens GenAI)"
 	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///$(abspath $(MLFLOW_STORE)) \
 	    $(if $(MLFLOW_ARTIFACTS),--artifacts-destination $(abspath $(MLFLOW_ARTIFACTS)))
+
+# The same store in headless Chromium: model-training view, Dataset column, eval/ metrics, per-category
+# table (jobs/mlflow_ui_check.py). Needs `apt-get install chromium` and `pip install playwright`.
+# OUT: folder of the screenshots (default runs/mlflow-ui-check); EXPERIMENT: default hart-demo.
+mlflow-ui-check: install
+	$(PY) -m jobs.mlflow_ui_check --store $(MLFLOW_STORE) $(if $(MLFLOW_ARTIFACTS),--artifacts $(MLFLOW_ARTIFACTS)) \
+	    $(if $(OUT),--out $(OUT)) $(if $(EXPERIMENT),--experiment $(EXPERIMENT))
 
 clean:
 	rm -rf runs .pytest_cache

@@ -12,9 +12,12 @@ Steps (each is the real job, run in-process on one local Ray instance):
   5. generate    images for the held-out prompts, with and without the residual diffusion head
   6. evaluate    tokenizer PSNR (hybrid vs discrete-only) on held-out images; prompt following
                  (colour / shape accuracy) by `pipelines.shapes_classifier`, which is first
-                 validated on real held-out images (it must score >= 98% there)
+                 validated on real held-out images (it must score >= 98% there); steps 5 and 6
+                 run through hart-evaluate, whose figures, per-category table and grid go to
+                 the joint run as `eval/with_head/...` and `eval/without_head/...`
 Everything is tracked in MLflow (embedded default: sqlite store `runs/mlflow.db`); the summary
-says where caches, checkpoints, samples and runs are. Both training stages keep Ray Data's block
+says where caches, checkpoints, samples and runs are, and prints the link that opens the runs in
+the MLflow UI's model-training view. Both training stages keep Ray Data's block
 order (`data.preserve_order`): with the same seed they train on the same batches, so two demo
 runs differ only by what their settings change.
 
@@ -41,8 +44,6 @@ import json
 import logging
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -130,6 +131,7 @@ CLASSIFIER_MIN_ACCURACY = 0.98  # on real held-out images, before it may score g
 # after a few steps the two are within ~0.1 dB, which is no evidence either way.
 PSNR_MEANINGFUL_DB = 0.5
 S3_BUCKET = "hart-demo"
+MLFLOW_UI = "http://127.0.0.1:5000"  # where `make mlflow-ui` serves the UI
 S3_COPY = "s3-copy"  # <workdir>/s3-copy: what the loopback S3 server held, copied out before it stops
 
 
@@ -144,12 +146,6 @@ DEMO_TOKENIZER = {"preset": "tiny", "ch": 16, "ch_mult": [1, 1, 2, 2], "norm_gro
 # A slightly wider tiny transformer: still CPU-fast, enough capacity for colours x shapes.
 DEMO_TRANSFORMER = {"preset": "tiny", "depth": 4, "embed_dim": 128, "num_heads": 4,
                     "diff_width": 128, "diff_depth": 2, "cond_drop_rate": 0.1}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass(frozen=True)
@@ -185,6 +181,19 @@ def mlflow_ui_command(services: Services) -> str:
     return command
 
 
+def experiment_link(tracking_uri: str, run_id: str) -> str:
+    """The `make mlflow-ui` link to the experiment of `run_id`, in the UI's model-training view (the UI
+    alone when the run cannot be read: the outputs check reports that)."""
+    from mlflow.tracking import MlflowClient
+
+    from jobs.tracking import experiment_ui_url
+
+    try:
+        return experiment_ui_url(MLFLOW_UI, MlflowClient(tracking_uri=tracking_uri).get_run(run_id).info.experiment_id)
+    except Exception:  # noqa: BLE001 - a missing run is the outputs check's finding, not a crash here
+        return MLFLOW_UI
+
+
 @contextlib.contextmanager
 def local_services(config: DemoConfig, workdir: Path):
     """Yields `Services`; for s3 starts moto + an mlflow server on loopback and, before stopping
@@ -198,58 +207,39 @@ def local_services(config: DemoConfig, workdir: Path):
     import boto3
     from moto.server import ThreadedMotoServer
 
+    from jobs.tracking import free_port, local_server
     from pipelines import storage
 
-    s3_port, mlflow_port = _free_port(), _free_port()
+    s3_port = free_port()
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=s3_port)
     moto.start()
-    # The server logs every request (werkzeug, INFO): ~6,800 lines per demo, mostly the tokenizer's
-    # shard reads, which buried the demo's own progress output. Warnings and errors still show.
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    endpoint = f"http://127.0.0.1:{s3_port}"
-    # moto accepts any credentials; these are placeholders for the local fake server only.
-    os.environ.update({"AWS_ACCESS_KEY_ID": "demo", "AWS_SECRET_ACCESS_KEY": "demo",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint})
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=S3_BUCKET)
-    store = workdir / "mlflow-server"
-    store.mkdir(parents=True, exist_ok=True)
-    # --serve-artifacts: runs record `mlflow-artifacts:/` URIs that the server maps onto the bucket's
-    # mlflow/ prefix, so after the demo `mlflow ui --artifacts-destination <copy>/mlflow` serves them.
-    server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
-         "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination", f"s3://{S3_BUCKET}/mlflow",
-         "--serve-artifacts", "--workers", "1"],
-        # one worker and no job executor: a demo needs no more, and each costs seconds of start-up on 2 cores
-        stdout=open(store / "server.log", "w"), stderr=subprocess.STDOUT,
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-    )
-    uri = f"http://127.0.0.1:{mlflow_port}"
-    from jobs.tracking import probe_server
-
-    deadline = time.time() + 90
-    while True:
-        try:
-            probe_server(uri, timeout_s=2)
-            break
-        except ValueError:
-            if time.time() > deadline or server.poll() is not None:
-                server.kill()
-                moto.stop()
-                raise RuntimeError(f"mlflow server did not start; see {store / 'server.log'}")
-            time.sleep(1)
-    copy = workdir / S3_COPY
     try:
-        yield Services(root=f"s3://{S3_BUCKET}/demo", tracking_uri=uri, endpoint=endpoint, artifact_location="",
-                       mlflow_store=store / "mlflow.db", mlflow_artifacts=copy / "mlflow", s3_copy=copy)
+        # The server logs every request (werkzeug, INFO): ~6,800 lines per demo, mostly the tokenizer's
+        # shard reads, which buried the demo's own progress output. Warnings and errors still show.
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
+        endpoint = f"http://127.0.0.1:{s3_port}"
+        # moto accepts any credentials; these are placeholders for the local fake server only.
+        os.environ.update({"AWS_ACCESS_KEY_ID": "demo", "AWS_SECRET_ACCESS_KEY": "demo",
+                           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint})
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=S3_BUCKET)
+        store = workdir / "mlflow-server"
+        store.mkdir(parents=True, exist_ok=True)
+        # --serve-artifacts: runs record `mlflow-artifacts:/` URIs that the server maps onto the bucket's
+        # mlflow/ prefix, so after the demo `mlflow ui --artifacts-destination <copy>/mlflow` serves them.
+        with local_server(f"sqlite:///{store / 'mlflow.db'}", store / "server.log",
+                          ("--artifacts-destination", f"s3://{S3_BUCKET}/mlflow", "--serve-artifacts")) as uri:
+            copy = workdir / S3_COPY
+            try:
+                yield Services(root=f"s3://{S3_BUCKET}/demo", tracking_uri=uri, endpoint=endpoint, artifact_location="",
+                               mlflow_store=store / "mlflow.db", mlflow_artifacts=copy / "mlflow", s3_copy=copy)
+            finally:
+                try:
+                    storage.copy_tree(f"s3://{S3_BUCKET}", str(copy), endpoint)
+                    print(f"[demo] copied the loopback S3 bucket to {shown(copy)} before stopping its server", flush=True)
+                except Exception as exc:  # noqa: BLE001 - stopping the servers matters more than the copy
+                    print(f"[demo] WARNING: could not copy the S3 bucket out ({type(exc).__name__}: {exc}); "
+                          f"its contents are lost with the server", flush=True)
     finally:
-        try:
-            storage.copy_tree(f"s3://{S3_BUCKET}", str(copy), endpoint)
-            print(f"[demo] copied the loopback S3 bucket to {shown(copy)} before stopping its server", flush=True)
-        except Exception as exc:  # noqa: BLE001 - stopping the servers matters more than the copy
-            print(f"[demo] WARNING: could not copy the S3 bucket out ({type(exc).__name__}: {exc}); "
-                  f"its contents are lost with the server", flush=True)
-        server.terminate()
-        server.wait(timeout=30)
         moto.stop()
 
 
@@ -304,11 +294,34 @@ def figure_names(classifier_valid: bool) -> list[str]:
     return names
 
 
-def evaluate(export: Path, config: DemoConfig, out: Path) -> dict:
+def evaluation_argv(export: Path, config: DemoConfig, out: Path, tag: str, tracking_uri: str = "",
+                    run_id: str = "", step: int = 0) -> list[str]:
+    """hart-evaluate's arguments for the held-out prompts, generated with (`with_head`) or without the
+    residual head, each `samples_per_prompt` times in one seeded group sampled 32 at a time, as one
+    generator. With `run_id` its figures, per-category table, grid and protocol go to that MLflow run
+    (the joint run) as `eval/<tag>/...` at `step` (the joint run's last step)."""
+    from pipelines.shapes import prompts as split_prompts
+
+    count = len(split_prompts("heldout")) * config.samples_per_prompt
+    argv = [
+        "run", "--export", str(export), "--prompts", "shapes:heldout", "--protocol", "shapes", "--metrics", "shapes",
+        "--out", str(out / "samples" / tag), "--num-cpus", "2", "--cpus-per-actor", "1",
+        "--set", f"cfg={config.cfg}", "--set", f"top_k=[{config.top_k},{config.top_k}]",
+        "--set", f"head_cfg={'null' if config.head_cfg is None else config.head_cfg}",
+        "--set", f"use_diffusion={'true' if tag == 'with_head' else 'false'}", "--set", f"seed={config.seed}",
+        "--set", f"images_per_prompt={config.samples_per_prompt}", "--set", f"batch_size={count}",
+        "--set", "chunk_size=32",
+    ]
+    if run_id:
+        argv += ["--tracking-uri", tracking_uri, "--run-id", run_id, "--name", f"eval/{tag}", "--step", str(step)]
+    return argv
+
+
+def evaluate(export: Path, config: DemoConfig, out: Path, tracking_uri: str = "", run_id: str = "",
+             step: int = 0) -> dict:
     from hart.generate import to_pil
     from hart.tokenizer import HybridTokenizer
     from pipelines import shapes_classifier
-    from pipelines.shapes import prompts as split_prompts
 
     results: dict = {}
     tok = HybridTokenizer.from_pretrained(export / "tokenizer").eval()
@@ -333,22 +346,12 @@ def evaluate(export: Path, config: DemoConfig, out: Path) -> dict:
         results[f"reconstruction_colour_accuracy_{kind}"] = scores["colour_accuracy"]
         results[f"reconstruction_shape_accuracy_{kind}"] = scores["shape_accuracy"]
 
-    # Generation and prompt following through hart-evaluate (the job users run): the held-out prompts,
-    # each `samples_per_prompt` times in one seeded group sampled 32 at a time, as one generator.
+    # Generation and prompt following through hart-evaluate (the job users run), logged to the joint run.
     from jobs.evaluate import parse_args, run_evaluation
 
-    count = len(split_prompts("heldout")) * config.samples_per_prompt
     for tag in SAMPLE_TAGS:
         shutil.rmtree(out / "samples" / tag, ignore_errors=True)  # a rerun from this step leaves no stale images
-        args = parse_args([
-            "run", "--export", str(export), "--prompts", "shapes:heldout", "--protocol", "shapes", "--metrics", "shapes",
-            "--out", str(out / "samples" / tag), "--num-cpus", "2", "--cpus-per-actor", "1",
-            "--set", f"cfg={config.cfg}", "--set", f"top_k=[{config.top_k},{config.top_k}]",
-            "--set", f"head_cfg={'null' if config.head_cfg is None else config.head_cfg}",
-            "--set", f"use_diffusion={'true' if tag == 'with_head' else 'false'}", "--set", f"seed={config.seed}",
-            "--set", f"images_per_prompt={config.samples_per_prompt}", "--set", f"batch_size={count}",
-            "--set", "chunk_size=32",
-        ])
+        args = parse_args(evaluation_argv(export, config, out, tag, tracking_uri, run_id, step))
         figures = run_evaluation(args)["figures"]
         if classifier_valid:
             for key in ("colour_accuracy", "shape_accuracy", "joint_accuracy"):
@@ -464,7 +467,8 @@ def run(config: DemoConfig, temporary: bool = False) -> dict:
 
         tick = time.time()
         step("5/6 + 6/6 generate held-out prompts and evaluate (hart-evaluate)")
-        results = evaluate(export, config, workdir)
+        results = evaluate(export, config, workdir, services.tracking_uri, runs["joint"],
+                           settings["joint"]["joint_steps"])
         record("evaluate")
         ray.shutdown()
         # named per invocation, so a rerun of this step cannot pass its check on an earlier run's grid
@@ -480,9 +484,10 @@ def run(config: DemoConfig, temporary: bool = False) -> dict:
         step("check: every step's outputs")
         summary["problems"] = check_demo(summary, endpoint)  # while an S3 demo's servers still run
         timings["check"] = time.time() - tick
+        ui_url = experiment_link(services.tracking_uri, runs["joint"])
     results["seconds_total"] = time.time() - started
     summary["after_exit"] = {"mlflow_store": str(services.mlflow_store),
-                             "mlflow_ui": "" if temporary else mlflow_ui_command(services)}
+                             "mlflow_ui": "" if temporary else mlflow_ui_command(services), "mlflow_ui_url": ui_url}
     if services.s3_copy is not None:
         summary["after_exit"]["s3_copy"] = str(services.s3_copy)
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -567,7 +572,7 @@ def print_summary(summary: dict) -> None:
     lines.append(f"outputs     {'every step produced its outputs' if not problems else f'{len(problems)} PROBLEMS:'}")
     lines += [f"  - {problem}" for problem in problems]
     if after["mlflow_ui"]:
-        lines.append(f"MLflow UI:  {after['mlflow_ui']}  (http://127.0.0.1:5000)")
+        lines.append(f"MLflow UI:  {after['mlflow_ui']}, then open {after.get('mlflow_ui_url', MLFLOW_UI)}")
     else:
         lines.append("MLflow:     the store lives in the temporary workdir, removed when every check passes "
                      "(--workdir keeps it)")

@@ -225,7 +225,9 @@ def expected_figures(summary: Summary) -> list[str]:
 
 def check_evaluate(summary: Summary, endpoint_url: str) -> Problems:
     """Every figure is in the summary and finite, the joint run's `demo/<name>` metrics hold these
-    values, and it has this evaluation's grid of held-out samples."""
+    values, and it has this evaluation's grid of held-out samples and hart-evaluate's record of each
+    generation (with and without the head): `eval/<tag>/*` metrics that agree with the summary and the
+    per-category table at the joint run's last step."""
     results, problems = summary["results"], []
     for name in expected_figures(summary):
         value = results.get(name)
@@ -245,6 +247,19 @@ def check_evaluate(summary: Summary, endpoint_url: str) -> Problems:
     grid = summary["where"]["heldout_grid"]
     if not any(a.path == grid for a in client.list_artifacts(run_id, grid.rsplit("/", 1)[0])):
         problems.append(f"MLflow run {run_id} has no {grid} (this evaluation's held-out samples)")
+    from jobs.demo import SAMPLE_TAGS
+
+    for tag in SAMPLE_TAGS:
+        if f"eval/{tag}/images" not in logged:
+            problems.append(f"MLflow run {run_id} has no eval/{tag}/ metrics (hart-evaluate's figures)")
+        figures = {key: results.get(f"generation_{key}_accuracy_{tag}", math.nan) for key in ("colour", "shape", "joint")}
+        stale = [key for key, value in figures.items() if math.isfinite(value) and f"eval/{tag}/images" in logged
+                 and not math.isclose(logged.get(f"eval/{tag}/{key}_accuracy", math.nan), value, rel_tol=1e-6)]
+        if stale:
+            problems.append(f"MLflow run {run_id}'s eval/{tag}/ metrics are not this evaluation's: {stale}")
+        table = f"eval/{tag}/step-{summary['steps']['joint']['joint_steps']}/per_category.json"
+        if not any(a.path == table for a in client.list_artifacts(run_id, table.rsplit("/", 1)[0])):
+            problems.append(f"MLflow run {run_id} has no {table} (hart-evaluate's per-category table)")
     return problems
 
 

@@ -86,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default: none, no MLflow logging)")
     run.add_argument("--experiment", default="hart-eval", help="MLflow experiment of a new run")
     run.add_argument("--run-id", help="attach the figures to this existing MLflow run")
-    run.add_argument("--name", default="eval", help="metric prefix and artifact folder in MLflow (eval/<name>...)")
+    run.add_argument("--name", default="eval", help="metric prefix and artifact folder in MLflow (<name>/<figure>, <name>/step-N/...)")
     run.add_argument("--step", type=int, default=0, help="MLflow step of the figures (the checkpoint's step)")
     run.add_argument("--num-cpus", type=int, help="CPUs of a local Ray instance (default: all)")
     ref = sub.add_parser("reference", help="reference statistics of real images")

@@ -16,24 +16,35 @@ Design:
   redacted: values of keys named like key/secret/token/password/credential, and user:pass
   or credential query parameters inside URIs. Count-like fields such as `context_token`
   (ints) are not secrets and stay.
+- The MLflow UI: experiments carry the model-training kind tag that MLflow's experiment-kind selector
+  writes, but MLflow 3.17's UI does not read it: it opens an experiment in the view of its GenAI / Model
+  training switch, which each browser keeps (GenAI until the user switches), unless the link names the
+  view. Links this project prints name it (`experiment_ui_url`); `python -m jobs.mlflow_ui_check`
+  checks in a real browser what such a link shows.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
 
 RUN_NAME_TAG = "hart.run_name"
-# The MLflow 3 UI opens an experiment in its GenAI view unless the experiment says it trains models.
+# The experiment kind as MLflow's experiment-kind selector records it. MLflow 3.17's UI, which has a
+# GenAI / Model training switch in its place, does not read it (`experiment_ui_url`).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING = "custom_model_development"
+MODEL_TRAINING_VIEW = "machine_learning"  # the UI's `workflowType` of its "Model training" view
 PREVIOUS_RUNS_TAG = "hart.previous_runs"  # earlier runs of the same name that had no checkpoint left to resume
 DEFAULT_TRACKING_URI = "sqlite:///runs/mlflow.db"
 EXPORT_ARTIFACT_PATH = "model"  # run artifact folder of the exported llm/ + tokenizer/ (and the registry source)
@@ -46,6 +57,12 @@ SECRET_QUERY = re.compile(r"(key|secret|token|password|signature|credential|sig)
 
 def resolve_tracking_uri(configured: str) -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI", "") or DEFAULT_TRACKING_URI
+
+
+def experiment_ui_url(ui_url: str, experiment_id: str) -> str:
+    """The link that opens an experiment's runs in the MLflow UI's model-training view in any browser (a
+    bare `#/experiments/<id>` opens in the view the browser last chose, GenAI in a new one)."""
+    return f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType={MODEL_TRAINING_VIEW}"
 
 
 # --------------------------------------------------------------------------------------
@@ -155,6 +172,46 @@ def probe_server(tracking_uri: str, timeout_s: float = 5.0) -> None:
         urllib.request.urlopen(request, timeout=timeout_s).close()
     except (urllib.error.URLError, OSError) as exc:
         raise ValueError(f"MLflow tracking server {redact_uri(tracking_uri)} is unreachable: {exc}") from None
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def local_server(backend_store_uri: str, log_path: str | Path, extra_args: tuple[str, ...] = (),
+                 timeout_s: float = 90.0) -> Iterator[str]:
+    """An `mlflow server` on a free loopback port over `backend_store_uri`, its output in `log_path`;
+    yields its URL once /health answers and stops it on exit. One worker and no job executor: a local
+    server needs no more, and each costs seconds of start-up on 2 cores. RuntimeError naming the log
+    when it does not come up within `timeout_s`."""
+    url = f"http://127.0.0.1:{free_port()}"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1],
+             "--backend-store-uri", backend_store_uri, "--workers", "1", *extra_args],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+        try:
+            deadline = time.time() + timeout_s
+            while True:
+                try:
+                    probe_server(url, timeout_s=2)
+                    break
+                except ValueError:
+                    if time.time() > deadline or server.poll() is not None:
+                        raise RuntimeError(f"mlflow server did not start; see {log_path}") from None
+                    time.sleep(1)
+            yield url
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
 
 
 def open_run(tracking_uri: str, experiment: str, run_name: str, params: Mapping[str, str],
@@ -345,5 +402,5 @@ def to_uint8_images(images_B3HW) -> np.ndarray:
 __all__ = [
     "flatten_params", "redact_uri", "is_secret_key", "open_run", "finish_run", "log_export_and_register",
     "RunLogger", "image_grid", "to_uint8_images", "resolve_tracking_uri", "RUN_NAME_TAG", "log_dataset_input",
-    "EXPERIMENT_KIND_TAG", "MODEL_TRAINING",
+    "EXPERIMENT_KIND_TAG", "MODEL_TRAINING", "MODEL_TRAINING_VIEW", "experiment_ui_url", "free_port", "local_server",
 ]

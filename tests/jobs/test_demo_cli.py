@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.demo import SMOKE, DemoConfig, Services, mlflow_ui_command, parse_args, psnr_verdict
+from jobs.demo import SMOKE, DemoConfig, Services, evaluation_argv, mlflow_ui_command, parse_args, psnr_verdict
 
 
 def test_defaults_are_the_config_defaults(monkeypatch):
@@ -110,3 +110,46 @@ def test_s3_services_leave_a_copy_of_the_bucket_and_a_store_that_serves_it(tmp_p
     assert relative != run.info.artifact_uri
     assert (services.mlflow_artifacts / relative / "samples" / "grid.txt").read_text() == "grid"
     assert "MLFLOW_ARTIFACTS=" in mlflow_ui_command(services)
+
+
+def test_the_evaluation_goes_to_the_joint_run_and_its_check_wants_it_there(tmp_path):
+    """hart-evaluate, as the demo calls it, logs each generation's figures and per-category table to the
+    joint run (`eval/<tag>/...` at the joint run's last step), and the evaluate check reads them back."""
+    import io
+    import math
+
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    from jobs import tracking
+    from jobs.demo import SAMPLE_TAGS, figure_names
+    from jobs.demo_outputs import check_evaluate
+    from jobs.evaluate import log_to_mlflow
+    from jobs.evaluate import parse_args as evaluate_args
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id, _ = tracking.open_run(uri, "hart-demo", "joint", {}, artifact_location=str(tmp_path / "artifacts"))
+    unlogged = evaluate_args(evaluation_argv(tmp_path / "export", DemoConfig(), tmp_path, "with_head"))
+    assert not unlogged.tracking_uri and unlogged.run_id is None
+    results = {name: 0.5 for name in figure_names(True)} | {"classifier_accuracy_on_real": 1.0}
+    tracking.RunLogger(uri, run_id, enabled=True).log_metrics({f"demo/{k}": v for k, v in results.items()}, step=0)
+    tracking.RunLogger(uri, run_id, enabled=True).log_text("grid", "demo/heldout_with_head-t.png")
+    summary = {"results": results, "steps": {"joint": {"joint_steps": 10}},
+               "where": {"mlflow": uri, "mlflow_runs": {"joint": run_id}, "heldout_grid": "demo/heldout_with_head-t.png"}}
+    assert sorted(check_evaluate(summary, "")) == sorted(
+        [f"MLflow run {run_id} has no eval/{tag}/ metrics (hart-evaluate's figures)" for tag in SAMPLE_TAGS]
+        + [f"MLflow run {run_id} has no eval/{tag}/step-10/per_category.json (hart-evaluate's per-category table)"
+           for tag in SAMPLE_TAGS])
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+    for tag in SAMPLE_TAGS:
+        args = evaluate_args(evaluation_argv(tmp_path / "export", DemoConfig(), tmp_path, tag, uri, run_id, 10))
+        assert (args.run_id, args.name, args.step) == (run_id, f"eval/{tag}", 10)
+        figures = {"images": 18.0, "colour_accuracy": 0.5, "shape_accuracy": 0.5, "joint_accuracy": 0.5}
+        log_to_mlflow(args, {}, {"figures": figures, "per_category": {"circle": figures}}, [png.getvalue()])
+    assert check_evaluate(summary, "") == []
+    client = MlflowClient(tracking_uri=uri)
+    assert math.isclose(client.get_run(run_id).data.metrics["eval/with_head/circle/colour_accuracy"], 0.5)
+    client.log_metric(run_id, "eval/without_head/shape_accuracy", 0.25, step=11)  # another evaluation's figure
+    assert check_evaluate(summary, "") == [
+        f"MLflow run {run_id}'s eval/without_head/ metrics are not this evaluation's: ['shape']"]

@@ -82,3 +82,9 @@ def test_a_new_experiment_keeps_its_artifacts_where_it_is_told(tmp_path, monkeyp
     # an existing experiment keeps its root
     again, _ = tracking.open_run(uri, "exp", "run-b", {}, artifact_location=str(tmp_path / "elsewhere"))
     assert MlflowClient(tracking_uri=uri).get_run(again).info.artifact_uri.startswith(str(tmp_path / "artifacts"))
+
+
+def test_the_experiment_link_names_the_model_training_view():
+    # MLflow 3.17's UI opens a bare #/experiments/<id> in the browser's last view (GenAI when new)
+    assert (tracking.experiment_ui_url("http://127.0.0.1:5000/", "7")
+            == "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning")

@@ -130,7 +130,7 @@ def test_run_name_without_checkpoint_starts_a_new_mlflow_run(train_assets, tmp_p
         assert all(0.0 <= m.value <= (4 if figure == "images" else 1.0) for m in history)
     assert {"eval/step_0000001.png", "eval/step_0000002.png"} <= {
         f.path for f in client.list_artifacts(first["run_id"], "eval")}
-    # the UI opens the experiment as model training, and the run names the cache it read as its dataset
+    # the experiment carries the model-training kind tag, and the run names the cache it read as its dataset
     experiment = client.get_experiment(client.get_run(first["run_id"]).info.experiment_id)
     assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == tracking.MODEL_TRAINING
     from pipelines.manifest import fingerprint_hash, read_manifest
