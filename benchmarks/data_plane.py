@@ -29,11 +29,11 @@ time for clean driver figures (the reader runs in the driver process and leaves 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -204,10 +204,33 @@ def read_share(output: str, endpoint: str, args) -> dict:
     return {"batches": batches, "wait_share": waited / wall, "wall_seconds": wall}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+@contextlib.contextmanager
+def loopback_s3(bucket: str):
+    """`moto_server` in its own process on a free loopback port (its memory stays out of the measured
+    driver) with `bucket` created; yields the endpoint URL. Also used by benchmarks/planning.py."""
+    from jobs.tracking import free_port
+
+    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_REGION", "us-east-1")):
+        os.environ.setdefault(name, value)
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1",
+                               "-p", endpoint.rsplit(":", 1)[1]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import boto3
+
+        deadline = time.time() + 30
+        while True:
+            try:
+                boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
+                break
+            except Exception:  # noqa: BLE001 - the server is still starting
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.3)
+        yield endpoint
+    finally:
+        server.terminate()
+        server.wait()
 
 
 def main() -> None:
@@ -227,7 +250,7 @@ def main() -> None:
     import ray
 
     workdir = tempfile.mkdtemp(prefix="bench-data-plane-")
-    moto = None
+    stack = contextlib.ExitStack()
     results: dict = {"args": vars(args), "row_bytes": {"tokens": NUM_TOKENS * 2, "residual": int(np.prod(RESIDUAL_SHAPE)) * 2,
                                                        "text": int(np.prod(TEXT_SHAPE)) * 2 if args.text else 0}}
     try:
@@ -235,23 +258,7 @@ def main() -> None:
         if "local" in args.targets:
             targets["local"] = (f"{workdir}/cache", "")
         if "s3" in args.targets:
-            port = free_port()
-            moto = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1",
-                                     "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            endpoint = f"http://127.0.0.1:{port}"
-            for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_REGION", "us-east-1")):
-                os.environ.setdefault(name, value)
-            import boto3
-
-            deadline = time.time() + 30
-            while True:
-                try:
-                    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
-                    break
-                except Exception:  # noqa: BLE001 - the server is still starting
-                    if time.time() > deadline:
-                        raise
-                    time.sleep(0.3)
+            endpoint = stack.enter_context(loopback_s3("bench"))
             targets["s3"] = ("s3://bench/cache", endpoint)
         ray.init(num_cpus=args.num_cpus, include_dashboard=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
@@ -278,9 +285,7 @@ def main() -> None:
                 json.dump(results, handle, indent=2)
     finally:
         ray.shutdown()
-        if moto is not None:
-            moto.terminate()
-            moto.wait()
+        stack.close()
         shutil.rmtree(workdir, ignore_errors=True)
 
 

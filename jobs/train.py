@@ -162,7 +162,7 @@ def preflight(config: TrainRunConfig) -> dict[str, Any]:
     return facts
 
 
-def check_cluster_paths(config: TrainRunConfig) -> None:
+def check_cluster_paths(config: TrainRunConfig, num_nodes: int | None = None) -> None:
     """On a Ray cluster of several nodes, refuse every path a worker on another node would not see
     (`pipelines.storage.check_reachable`), before anything starts: checkpoints, cache, shards,
     weights, evaluation files, and an MLflow store that is a local file (sqlite:/// or a folder)."""
@@ -186,7 +186,7 @@ def check_cluster_paths(config: TrainRunConfig) -> None:
         paths["eval.clip"] = config.eval.clip
         if not config.eval.prompts.startswith("shapes:"):  # the shapes prompts are built in
             paths["eval.prompts"] = config.eval.prompts
-    storage.check_reachable(paths, count_alive_nodes(), config.run.shared_filesystem)
+    storage.check_reachable(paths, count_alive_nodes() if num_nodes is None else num_nodes, config.run.shared_filesystem)
 
 
 def check_eval_prompts(config: TrainRunConfig) -> None:

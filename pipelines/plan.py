@@ -190,7 +190,10 @@ def check_resources(config: PrecomputeConfig) -> None:
 
 
 def count_alive_nodes() -> int:
-    """Nodes of the connected Ray cluster that are alive (1 on a local instance)."""
+    """Nodes of the connected Ray cluster that are alive (1 on a local instance, or before Ray has
+    started: Ray Data then starts a local one)."""
+    if not ray.is_initialized():
+        return 1
     return sum(1 for node in ray.nodes() if node["Alive"])
 
 

@@ -103,7 +103,11 @@ def _is_shard_file(name: str) -> bool:
 
 
 def list_shards(config: InputConfig) -> list[str]:
-    """All shard URIs named by `config.shards` and `config.list_file`, de-duplicated, in order."""
+    """All shard URIs named by `config.shards` and `config.list_file`, de-duplicated, in order.
+
+    Planning costs no request per shard: names ending in .tar/.tgz/.tar.gz (from brace ranges or a
+    list file) are taken as given, globs cost one listing per pattern, and only other names are
+    looked up (a folder of shards is listed)."""
     patterns = list(config.shards)
     if config.list_file:
         fs, path = storage.resolve(config.list_file, config.endpoint_url)
@@ -121,6 +125,9 @@ def list_shards(config: InputConfig) -> list[str]:
                 if not found:
                     raise ValueError(f"input pattern {expanded!r} matches no .tar shard")
                 uris += found
+                continue
+            if _is_shard_file(expanded):  # no request per shard: a missing file is a failed shard later
+                uris.append(expanded)
                 continue
             fs, path = storage.resolve(expanded, config.endpoint_url)
             if fs.get_file_info(path).type == pafs.FileType.Directory:

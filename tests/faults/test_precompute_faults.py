@@ -180,7 +180,7 @@ def actor_kill_trial(ray, tmp_path, seed: int, num_shards: int, per_shard: int) 
 def test_tokenizer_actor_sigkill_mid_run(ray_local, tmp_path):
     from ray._private import state
 
-    record = actor_kill_trial(ray_local, tmp_path, seed=3, num_shards=10, per_shard=4)
+    record = actor_kill_trial(ray_local, tmp_path, seed=3, num_shards=10, per_shard=12)
     killed = state.actors(record["actor_id"])
     assert killed["NumRestarts"] >= 1 or killed["State"] == "DEAD", killed  # the kill really happened
     print(f"actor SIGKILL: pid {record['pid']} at {record['committed_at_kill']}/10 commits")
@@ -189,5 +189,5 @@ def test_tokenizer_actor_sigkill_mid_run(ray_local, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [11, 12, 13])
 def test_tokenizer_actor_sigkill_more_seeds(ray_local, tmp_path, seed):
-    record = actor_kill_trial(ray_local, tmp_path, seed=seed, num_shards=12, per_shard=5)
+    record = actor_kill_trial(ray_local, tmp_path, seed=seed, num_shards=12, per_shard=12)
     print(f"seed {seed}: actor pid {record['pid']} killed at {record['committed_at_kill']}/12 commits")

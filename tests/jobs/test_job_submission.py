@@ -115,7 +115,9 @@ def test_precompute_job_submitted_through_the_api(token_auth_head, tmp_path):
         runtime_env={"working_dir": str(REPO),
                      "excludes": [".venv/", ".git/", "runs/", "*.tar", "__pycache__/", ".pytest_cache/"],
                      "env_vars": {"HF_HUB_OFFLINE": "1"}},
-        entrypoint_num_cpus=0.5,
+        # Ray's default (0): the pipeline's stages and writer reserve 1.96 of the head's 2 CPUs, and
+        # the driver's own reservation is not part of `compute.check_resources`' sum.
+        entrypoint_num_cpus=0,
     )
     deadline = time.time() + 300
     status = client.get_job_status(job_id)

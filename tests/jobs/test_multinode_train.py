@@ -1,8 +1,9 @@
 """The joint stage on a three-node Ray cluster (`ray_cluster`: a CPU-less head running the driver,
 worker nodes node_a and node_b): two DDP workers, one per node (`STRICT_SPREAD`), with the
 checkpoints, the token cache and the tokenizer weights on the loopback S3 server and MLflow behind
-its HTTP server, the only things the nodes share. Paths that only one machine sees are refused
-before anything starts. The node-loss trial is in tests/faults/test_node_loss.py (`make chaos`).
+its HTTP server, the only things the nodes share (slow: `make chaos`; the refusal of paths only
+one machine sees is tested without a cluster in tests/jobs/test_train_preflight.py). The node-loss
+trial is in tests/faults/test_node_loss.py.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def logged_steps(config) -> tuple[int, list[int]]:
     return len(runs), [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")] if runs else []
 
 
+@pytest.mark.slow
 def test_two_workers_on_two_nodes_with_s3_only(train_assets, ray_cluster, s3_bucket, s3_endpoint, mlflow_server, tmp_path):
     assets = on_s3(train_assets, s3_bucket, s3_endpoint)
     config = cluster_config(assets, s3_bucket, s3_endpoint, mlflow_server, tmp_path, "run.name=two-nodes")
@@ -44,16 +46,3 @@ def test_two_workers_on_two_nodes_with_s3_only(train_assets, ray_cluster, s3_buc
     assert outcome["final_step"] == 4 and outcome["checkpoint_path"].startswith(f"{s3_bucket.removeprefix('s3://')}/train/")
     num_runs, steps = logged_steps(config)
     assert num_runs == 1 and sorted(steps) == [1, 2, 3, 4]
-
-
-def test_local_paths_are_refused_on_a_cluster(train_assets, ray_cluster, s3_bucket, s3_endpoint, mlflow_server, tmp_path):
-    assets = {**train_assets, "tokenizer": f"{s3_bucket}/tokenizer", "cache": f"{s3_bucket}/cache"}
-    with pytest.raises(ValueError, match=r"run.storage_path=.* is a local path, but this Ray cluster has 3 nodes"):
-        run_training(cluster_config(assets, s3_bucket, s3_endpoint, mlflow_server, tmp_path,
-                                    f"run.storage_path={tmp_path / 'train'}"))
-    with pytest.raises(ValueError, match=r"tracking.tracking_uri=.* is a local path"):
-        run_training(cluster_config(assets, s3_bucket, s3_endpoint, f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path))
-    with pytest.raises(ValueError, match=r"model.tokenizer_checkpoint=.* is a local path"):
-        run_training(cluster_config(train_assets, s3_bucket, s3_endpoint, mlflow_server, tmp_path,
-                                    f"data.cache={s3_bucket}/cache"))
-    assert not (tmp_path / "train").exists() and not (tmp_path / "mlflow.db").exists()

@@ -126,3 +126,28 @@ def test_tokenizer_stage_needs_shards(tmp_path):
     config = load_train_config(None, "tokenizer", [f"run.storage_path={tmp_path}", "data.shards=[]"])
     with pytest.raises(ValueError, match="data.shards"):
         preflight(config)
+
+
+def test_paths_one_machine_sees_are_refused_on_a_cluster(train_assets, tmp_path):
+    from jobs.train import check_cluster_paths
+
+    remote = ["run.storage_path=s3://b/train", "data.cache=s3://b/cache", "model.tokenizer_checkpoint=s3://b/tokenizer",
+              "tracking.tracking_uri=http://mlflow:5000"]
+    check_cluster_paths(tiny_config(train_assets, "joint", tmp_path, *remote), num_nodes=3)  # all reachable
+    check_cluster_paths(tiny_config(train_assets, "joint", tmp_path), num_nodes=1)  # one node: anything goes
+    cases = {"run.storage_path": f"run.storage_path={tmp_path / 'train'}", "data.cache": f"data.cache={tmp_path}/cache",
+             "model.tokenizer_checkpoint": f"model.tokenizer_checkpoint={tmp_path}/tok",
+             "model.init_from": f"model.init_from={tmp_path}/llm", "data.text_encoder": f"data.text_encoder={tmp_path}/qwen",
+             "tracking.tracking_uri": f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"}
+    for name, override in cases.items():
+        with pytest.raises(ValueError, match=rf"{name}=.* is a local path, but this Ray cluster has 3 nodes"):
+            check_cluster_paths(tiny_config(train_assets, "joint", tmp_path, *remote, override), num_nodes=3)
+    check_cluster_paths(tiny_config(train_assets, "joint", tmp_path, *remote, f"data.cache={tmp_path}/cache",
+                                    "run.shared_filesystem=true"), num_nodes=3)  # declared shared
+    with pytest.raises(ValueError, match="relative path"):
+        check_cluster_paths(tiny_config(train_assets, "joint", tmp_path, *remote, "run.storage_path=runs/train",
+                                        "run.shared_filesystem=true"), num_nodes=3)
+    # shards matter to the tokenizer stage only; the built-in text encoder name is not a path
+    check_cluster_paths(tiny_config(train_assets, "joint", tmp_path, *remote, "data.text_encoder=minilm"), num_nodes=3)
+    with pytest.raises(ValueError, match=r"data.shards\[0\]="):
+        check_cluster_paths(tiny_config(train_assets, "tokenizer", tmp_path, *remote), num_nodes=3)

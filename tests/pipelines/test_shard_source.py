@@ -45,6 +45,23 @@ def test_list_shards_on_s3_via_env_endpoint(s3_env, s3_endpoint):
     assert list_shards(InputConfig(shards=(f"{s3_env}/raw/shard-{{00000..00001}}.tar",))) == uris
 
 
+def test_planning_makes_no_request_per_shard(s3_bucket, s3_endpoint):
+    from tests.faults.s3_fault_proxy import FaultProxy
+
+    names = [f"{s3_bucket}/raw/shard-{i:06d}.tar" for i in range(20000)]
+    with FaultProxy(s3_endpoint) as proxy:  # rate 0: forwards and counts every request
+        planned = list_shards(InputConfig(shards=(f"{s3_bucket}/raw/shard-{{000000..019999}}.tar",), endpoint_url=proxy.url))
+        assert planned == names and proxy.counts["requests"] == 0
+        requests = []
+        for listed in (names[:10], names):  # the list file's lookups and (ranged) reads only
+            fs, path = storage.resolve(f"{s3_bucket}/list-{len(listed)}.txt", proxy.url)
+            storage.write_bytes_atomic(fs, path, "\n".join(listed).encode())
+            before = proxy.counts["requests"]
+            assert list_shards(InputConfig(list_file=f"{s3_bucket}/list-{len(listed)}.txt", endpoint_url=proxy.url)) == listed
+            requests.append(proxy.counts["requests"] - before)
+        assert requests[0] <= requests[1] <= 10, requests  # 20,000 shards, a ~0.9 MB list: a handful of requests
+
+
 def test_shard_names_are_path_free_and_unique():
     assert shard_name("s3://b/x/shard-00001.tar") == "shard-00001"
     assert shard_name("/a/../../etc/pa ss.tar.gz") == "pa_ss"
