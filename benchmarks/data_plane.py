@@ -8,9 +8,9 @@ last stage, `plan.add_route_stage`), the shard-writer actors, storage, and the d
 (`plan.drain_to_writers`); then the training reader (`cache.read_cache_dataset` ->
 `batch_to_tensors`). What is stood in for is everything before it: a Ray Data task emits rows of
 exactly the size a 1024px HART cache row has (9,451 int16 tokens + a 32x64x64 fp16 residual,
-optionally 300x1536 fp16 text features), cycled from a pool of 64 random rows made once per task
-(fp16 normal noise: about as compressible as a real residual's mantissas, not more), so the CPU
-spent is the data plane's, not an encoder's or a decoder's.
+optionally 300x1536 fp16 text features) of fresh random bits (`random_fp16`: cheap to make, and as
+incompressible as a real residual's mantissas), so the CPU spent is the data plane's, not an
+encoder's or a decoder's.
 
 Reported per storage target (a local folder; S3 through `moto_server` in its own process on
 loopback):
@@ -55,24 +55,23 @@ from pipelines.writer_pool import WriterPool
 NUM_TOKENS = sum(p * p for p in PATCH_NUMS_1024)  # 9,451
 RESIDUAL_SHAPE = (32, PATCH_NUMS_1024[-1], PATCH_NUMS_1024[-1])  # z, h, w of a 1024px row
 TEXT_SHAPE = (300, 1536)  # Qwen2-1.5B features of HART's 300-token prompts
-POOL = 64  # distinct stand-in rows per task
+
+
+def random_fp16(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """fp16 values with random sign and mantissa and an exponent in [-2, 2): fresh bits for every
+    row (zstd finds no repeats to exploit, as in real latents), ~0.3 ms per 1024px residual."""
+    bits = rng.integers(0, 2**16, size=shape, dtype=np.uint16)
+    exponent = ((bits >> 10) & 0x3) + 13  # biased exponents 13..16
+    return ((bits & 0x83FF) | (exponent << 10)).astype(np.uint16).view(np.float16)
 
 
 def standin_rows(batch: dict, rows_per_shard: int, chunk: int, with_text: bool) -> "iter":
     """Ray Data UDF: for each shard name, its rows in chunks (header row first), at 1024px sizes."""
-    # A pool of distinct rows, cycled: equal rows closer than the compressor's window would make the
-    # parquet files unrealistically small (POOL rows of residual are ~18 MB apart).
     rng = np.random.default_rng(int(batch["seed"][0]))
-    tokens = rng.integers(0, 4096, size=(POOL, NUM_TOKENS), dtype=np.int16)
-    residual = rng.standard_normal(size=(POOL, *RESIDUAL_SHAPE)).astype(np.float16)
-    text = rng.standard_normal(size=(POOL, *TEXT_SHAPE)).astype(np.float16) if with_text else None
-    offset = 0
     for name in batch["name"]:
         for start in range(-1, rows_per_shard, chunk):  # -1: the header row leads the first chunk
             indices = np.arange(max(start, 0), min(start + chunk, rows_per_shard))
             n = len(indices) + (start < 0)
-            pool_rows = (offset + np.arange(n)) % POOL
-            offset += n
             kind = np.array((["shard"] if start < 0 else []) + ["sample"] * len(indices), dtype=object)
             info = json.dumps({"error": "", "source_uri": f"standin://{name}", "members_ignored": {}, "unsorted_members": 0,
                                "truncated": "", "bytes_read": 0, "read_seconds": 0.0})
@@ -86,10 +85,11 @@ def standin_rows(batch: dict, rows_per_shard: int, chunk: int, with_text: bool) 
                 "caption": np.array(["a stand-in caption of a few dozen characters"] * n, dtype=object),
                 "metadata": np.array([""] * n, dtype=object), "notes": np.array([""] * n, dtype=object),
                 "width": np.full(n, 1024, np.int32), "height": np.full(n, 1024, np.int32),
-                "tokens": tokens[pool_rows], "residual": residual[pool_rows],
+                "tokens": rng.integers(0, 4096, size=(n, NUM_TOKENS), dtype=np.int16),
+                "residual": random_fp16(rng, (n, *RESIDUAL_SHAPE)),
             }
             if with_text:
-                rows["text_features"] = text[pool_rows]
+                rows["text_features"] = random_fp16(rng, (n, *TEXT_SHAPE))
                 rows["text_mask"] = np.ones((n, TEXT_SHAPE[0]), bool)
             yield rows
 
