@@ -501,8 +501,9 @@ def precompute(precompute_main, root: str, endpoint: str, cache: str, export: Pa
         "--set", f"output={cache}", "--set", f"tokenizer.checkpoint={export / 'tokenizer'}",
         "--set", "text.encoder=minilm", "--set", f"text.max_length={context_token}",
         "--set", "compute.tokenizer_batch_size=128", "--set", "progress=false",
-        # 2 CPUs: read 0.25 + decode 0.5 + tokenizer 0.75 + text 0.5 (the job refuses more)
-        "--set", "compute.tokenizer_cpus=0.75", "--set", "compute.text_cpus=0.5",
+        # 2 CPUs: read 0.25 + decode 0.5 + tokenizer 0.54 + text 0.5 + writer 0.2 + route 0.01 (the job
+        # refuses more); the tokenizer actor runs 1 torch thread either way
+        "--set", "compute.tokenizer_cpus=0.54", "--set", "compute.text_cpus=0.5",
     ])
     if code != 0:
         raise RuntimeError(f"precompute failed with exit code {code}")
