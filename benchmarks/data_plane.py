@@ -48,6 +48,7 @@ import psutil
 from hart.config import PATCH_NUMS_1024
 from pipelines import manifest as manifest_lib
 from pipelines.cache import batch_to_tensors, read_cache_dataset
+from pipelines.config import ComputeConfig
 from pipelines.plan import PrecomputeSummary, add_route_stage, drain_to_writers
 from pipelines.writer import cache_schema
 from pipelines.writer_pool import WriterPool
@@ -151,9 +152,11 @@ def write_cache(output: str, endpoint: str, args) -> dict:
     fp = fingerprint(args.text)
     header = manifest_lib.manifest_header(fp, {"stand_in": True}, TEXT_SHAPE[1] if args.text else 0)
     schema = cache_schema(NUM_TOKENS, RESIDUAL_SHAPE, TEXT_SHAPE if args.text else None)
-    pool = WriterPool(args.writers, 0.2, {}, output=output, endpoint_url=endpoint,
+    sizing = ComputeConfig()  # the shipped writer sizing (CPUs, upload threads, writes in flight)
+    pool = WriterPool(args.writers, sizing.writer_cpus, {}, output=output, endpoint_url=endpoint,
                       fingerprint_hash=manifest_lib.fingerprint_hash(fp), schema=schema,
-                      shard_uris={s: f"standin://{s}" for s in shards}, num_threads=2, max_pending=4)
+                      shard_uris={s: f"standin://{s}" for s in shards}, num_threads=sizing.writer_threads,
+                      max_pending=sizing.writer_max_pending)
     pids = {"driver": os.getpid(), **{f"writer{i}": ray.get(a.__ray_call__.remote(lambda self: os.getpid()))
                                       for i, a in enumerate(pool.actors)}}
     ds = ray.data.from_items([{"name": s, "seed": i} for i, s in enumerate(shards)], override_num_blocks=len(shards))
