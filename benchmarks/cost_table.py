@@ -8,6 +8,9 @@ schema (pipelines/ contract 4) and the released scale lists in `hart.config`:
     text      fp16   x text_tokens x text_dim   + bool mask x text_tokens   (only if stored)
     metadata  key, caption, width, height, source_shard (an assumed average, --metadata-bytes)
 
+The online columns price `online.enabled` training (pipelines/online.py): no cache is stored, and
+the tokenizer (and a text encoder, when its features would have been stored) encode every epoch.
+
 Everything else is arithmetic on throughput and price ASSUMPTIONS passed as flags, because no
 GPU was available when this table was written. The defaults are estimates, derived in
 infra/README.md ("Cost and size"), and must be replaced by `benchmarks/` measurements:
@@ -106,6 +109,11 @@ class CostRow:
     train_gpu_hours: float
     wall_days: float  # precompute + training on `num_gpus` GPUs at perfect scaling
     gpu_usd: float
+    # Online mode (no cache): the tokenizer (and text encoder) run again in every epoch, and only the
+    # raw shards are stored.
+    online_gpu_hours: float = 0.0
+    online_s3_usd_per_month: float = 0.0
+    online_gpu_usd: float = 0.0
 
 
 def cost_row(num_images: int, resolution: int, bytes_per_sample: int, assumptions: CostAssumptions, stores_text: bool = False) -> CostRow:
@@ -124,6 +132,7 @@ def cost_row(num_images: int, resolution: int, bytes_per_sample: int, assumption
     precompute_gpu_hours = precompute_seconds / SECONDS_PER_HOUR
     train_gpu_hours = assumptions.epochs * num_images / assumptions.train_images_per_s[resolution] / SECONDS_PER_HOUR
     total_gpu_hours = precompute_gpu_hours + train_gpu_hours
+    online_gpu_hours = assumptions.epochs * precompute_gpu_hours + train_gpu_hours
     return CostRow(
         num_images=num_images,
         resolution=resolution,
@@ -135,6 +144,9 @@ def cost_row(num_images: int, resolution: int, bytes_per_sample: int, assumption
         train_gpu_hours=train_gpu_hours,
         wall_days=total_gpu_hours / assumptions.num_gpus / 24.0,
         gpu_usd=total_gpu_hours * assumptions.usd_per_gpu_hour,
+        online_gpu_hours=online_gpu_hours,
+        online_s3_usd_per_month=raw_bytes / BYTES_PER_GB * assumptions.usd_per_gb_month,
+        online_gpu_usd=online_gpu_hours * assumptions.usd_per_gpu_hour,
     )
 
 
@@ -155,14 +167,15 @@ def format_count(count: int) -> str:
 def format_table(rows: list[CostRow], num_gpus: int) -> str:
     header = (
         "| images | px | cache B/sample | cache | raw shards | S3 $/month | precompute GPU-h "
-        f"| train GPU-h | days on {num_gpus} GPUs | GPU $ |"
+        f"| train GPU-h | days on {num_gpus} GPUs | GPU $ | online: GPU-h | online: S3 $/month | online: GPU $ |"
     )
-    lines = [header, "|" + "---|" * 10]
+    lines = [header, "|" + "---|" * 13]
     for row in rows:
         lines.append(
             f"| {format_count(row.num_images)} | {row.resolution} | {row.bytes_per_sample:,} | {format_bytes(row.cache_bytes)} "
             f"| {format_bytes(row.raw_bytes)} | {row.s3_usd_per_month:,.0f} | {row.precompute_gpu_hours:,.0f} "
-            f"| {row.train_gpu_hours:,.0f} | {row.wall_days:,.2f} | {row.gpu_usd:,.0f} |"
+            f"| {row.train_gpu_hours:,.0f} | {row.wall_days:,.2f} | {row.gpu_usd:,.0f} "
+            f"| {row.online_gpu_hours:,.0f} | {row.online_s3_usd_per_month:,.0f} | {row.online_gpu_usd:,.0f} |"
         )
     return "\n".join(lines)
 

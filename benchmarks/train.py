@@ -14,7 +14,7 @@ What it measures (nothing is estimated unless labelled):
    workers at niceness +15 by default, so the Ray instance started here gets
    `RAY_worker_niceness=0` (`--ray-worker-niceness 15` measures Ray's default).
    The per-step time is the worker's own `step_seconds` metric: the loop's period, with data wait,
-   EMA and logging included; `data_seconds` / `compute_seconds` / `ema_seconds` split it. The worker
+   EMA and logging included; `data_seconds` / `context_seconds` / `compute_seconds` / `ema_seconds` split it. The worker
    logs means over `run.log_every`-step windows (5 in train_tiny.yaml), so the bare loop's per-step
    periods are averaged over the same windows. The ratio ray/bare is the wrapper's steady-state
    overhead (goal <= 1.10), measured one of two ways:
@@ -237,7 +237,7 @@ class CpuSampler:
         return used
 
 
-BREAKDOWN = ("step_seconds", "data_seconds", "compute_seconds", "ema_seconds")
+BREAKDOWN = ("step_seconds", "data_seconds", "context_seconds", "compute_seconds", "ema_seconds")
 
 
 def ray_job(config, warmup: int) -> tuple[dict[str, list[float]], float, dict[str, float]]:
@@ -474,7 +474,7 @@ def compare(args, cache: str, tokenizer: str, work: Path, threads: int) -> None:
               f"{os.getloadavg()[0]:.1f}{steal_note(steal)}]")
         sums = {name: sum(values) * 1e3 / len(values) for name, values in histories.items()}
         print("ray    means over the timed steps (ms/step): " + ", ".join(f"{name} {value:.1f}" for name, value in sums.items())
-              + f"; rest {sums['step_seconds'] - sums['data_seconds'] - sums['compute_seconds'] - sums['ema_seconds']:.1f}")
+              + f"; rest {sums['step_seconds'] - sum(sums[name] for name in BREAKDOWN[1:]):.1f}")
         worker = cpu["user"] + cpu["system"]
         print(f"ray    CPU per timed step: train worker {worker * 1e3:.0f} ms (user {cpu['user'] * 1e3:.0f}, system "
               f"{cpu['system'] * 1e3:.0f}, {cpu['faults']:.0f} minor faults) + everything else (driver, Ray daemons and "

@@ -14,9 +14,11 @@ count and the MLflow run continue and the final step count is the configured one
 driver reads the same checkpoint first (`resumable_checkpoint`): no checkpoint means a new
 MLflow run, even if an older run of that name exists (its history is never appended to). Steps a
 crashed run made after its last checkpoint are redone from that checkpoint (their metrics
-can then appear twice under the same step number). Mid-epoch data position is not restored
-(Ray 2.60 has no mid-epoch iterator resume): a resumed run starts its current data epoch
-again with a new file order.
+can then appear twice under the same step number). From a cache, the mid-epoch data position is
+not restored (Ray 2.60 has no mid-epoch iterator resume): a resumed run starts its current data
+epoch again with a new file order. Online (`online.enabled`), the checkpoint records the shards
+consumed whole (`progress.json`, summed over the ranks by `sync_ledger`) and the stream skips
+them (pipelines/online.py).
 
 Checkpoints are reported every `run.checkpoint_every` steps (a report is a barrier across
 workers, so none in between). Rank 0 logs metrics to MLflow every `run.log_every` steps and at
@@ -49,9 +51,10 @@ from hart.training import ExponentialMovingAverage, build_optimizer, build_sched
 from jobs import tracking
 from jobs.stages import Stage, build_stage, log_samples, optimizer_step, sampling_text_encoder, throughput
 from jobs.train_config import TrainRunConfig, load_train_config
+from pipelines.online import VisitLedger
 from jobs.train_data import (
     CacheCollate, ImagesCollate, TextFeatures, cache_dataset, check_cache, check_text_encoder, image_dataset,
-    list_image_shards,
+    list_image_shards, online_dataset, online_precompute_config, prepare_online,
 )
 
 
@@ -90,6 +93,9 @@ def check_storage(uri: str, endpoint_url: str):
 # Train V2 keeps its list of reported checkpoints in this file of the run folder and restores the
 # latest one it names (RAY_NOTES §2.2); reading it tells the driver what the workers will resume.
 RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
+# Online mode: the visits (epoch, shard) a checkpoint had consumed whole, beside its meta.json
+# (pipelines/online.py); the online read stage skips them.
+PROGRESS_FILE = "progress.json"
 
 
 def resumable_checkpoint(fs, storage_path: str, run_name: str) -> dict[str, Any] | None:
@@ -139,6 +145,10 @@ def preflight(config: TrainRunConfig) -> dict[str, Any]:
 
         facts["shards"] = list_image_shards(config)
         check_perceptual_weights(config)
+    elif config.online.enabled:
+        facts["shards"] = list_image_shards(config)
+        facts["manifest"], facts["online"] = prepare_online(config)
+        check_text_encoder(config, facts["manifest"])
     else:
         from jobs.stages import load_frozen_tokenizer
         from pipelines.tokenize_stage import weights_hash
@@ -176,12 +186,12 @@ def check_cluster_paths(config: TrainRunConfig, num_nodes: int | None = None) ->
         store = uri if "://" not in uri or uri.startswith("file://") else ""
     paths = {"run.storage_path": config.run.storage_path, "model.tokenizer_checkpoint": config.model.tokenizer_checkpoint,
              "model.init_from": config.model.init_from, "tracking.tracking_uri": store}
-    if config.stage == "tokenizer":
+    if config.stage == "tokenizer" or config.online.enabled:
         paths.update({f"data.shards[{i}]": shard for i, shard in enumerate(config.data.shards)})
     else:
         paths["data.cache"] = config.data.cache
-        if "/" in config.data.text_encoder:  # a model folder, not a built-in name such as "minilm"
-            paths["data.text_encoder"] = config.data.text_encoder
+    if config.stage != "tokenizer" and "/" in config.data.text_encoder:  # a model folder, not a built-in name
+        paths["data.text_encoder"] = config.data.text_encoder
     if config.eval.every_steps:
         paths["eval.clip"] = config.eval.clip
         if not config.eval.prompts.startswith("shapes:"):  # the shapes prompts are built in
@@ -203,12 +213,17 @@ def check_eval_prompts(config: TrainRunConfig) -> None:
 
 def log_data_input(config: TrainRunConfig, facts: dict[str, Any]) -> None:
     """What the run reads, as its MLflow dataset input: the token cache (digest: its manifest's
-    fingerprint hash) or, for the tokenizer stage, the shard list (digest: a hash of the shard URIs)."""
+    fingerprint hash), for the tokenizer stage the shard list (digest: a hash of the shard URIs), in
+    online mode the shards as encoded (digest: a hash of the fingerprint hash and the shard URIs)."""
     import hashlib
 
     from pipelines.manifest import fingerprint_hash
 
-    if facts["manifest"] is not None:
+    if config.online.enabled:
+        name, source = "shards-online", ",".join(config.data.shards)
+        listed = "\n".join([fingerprint_hash(facts["manifest"]["fingerprint"]), *sorted(facts["shards"])])
+        digest = hashlib.sha256(listed.encode()).hexdigest()
+    elif facts["manifest"] is not None:
         name, source = Path(config.data.cache.rstrip("/")).name or "cache", config.data.cache
         digest = fingerprint_hash(facts["manifest"]["fingerprint"])
     else:
@@ -241,8 +256,20 @@ def run_training(config: TrainRunConfig, export_dir: str | None = None) -> dict[
     ray.data.DataContext.get_current().enable_progress_bars = False  # [ray] keeps job logs readable
     print(f"[train] stage={config.stage} run={config.run.name} mlflow run {facts['run_id']} "
           f"({'resumed at step %d' % facts['resume_step'] if facts['resumed'] else 'new'}) -> {config.run.storage_path}")
-    dataset = image_dataset(config, facts["shards"]) if config.stage == "tokenizer" else cache_dataset(config, facts["manifest"])
     scaling = config.scaling
+    if config.stage == "tokenizer":
+        dataset = image_dataset(config, facts["shards"])
+    elif config.online.enabled:
+        if config.online.compute.check_resources:
+            from pipelines.plan import check_resources
+
+            workers = (scaling.num_workers * scaling.cpus_per_worker,
+                       scaling.num_workers * scaling.gpus_per_worker if scaling.use_gpu else 0.0)
+            check_resources(online_precompute_config(config), writers=False, others=workers,
+                            others_name="the Ray Train workers (scaling.*)")
+        dataset = online_dataset(config, facts["shards"], facts["online"])
+    else:
+        dataset = cache_dataset(config, facts["manifest"])
     resources = {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
     is_s3 = config.run.storage_path.startswith("s3://")
     trainer = TorchTrainer(  # [ray]
@@ -328,11 +355,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                            betas=tuple(config.optim.betas))
     ema = ExponentialMovingAverage(stage.model, config.ema_decay)
     step, data_epoch, resumed = 0, 0, False
+    ledger = VisitLedger() if config.online.enabled else None
     checkpoint = ray.train.get_checkpoint()  # [ray]
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:  # [ray]
             step, data_epoch = restore(directory, stage, optimizer, scheduler, disc_optimizer, ema,
                                        loop_config["run_id"], rank)
+            if ledger is not None and os.path.exists(os.path.join(directory, PROGRESS_FILE)):
+                ledger = VisitLedger(json.loads(Path(directory, PROGRESS_FILE).read_text())["done"])
         resumed = True
         print(f"[train] rank {rank}: resumed at step {step}, data epoch {data_epoch}")
     logger = tracking.RunLogger(loop_config["tracking_uri"], loop_config["run_id"], enabled=rank == 0)
@@ -343,12 +373,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     sample_batch = None
     last_step_end = time.perf_counter()
     while step < config.run.max_steps:
-        steps_before, micro_batches, data_seconds = step, [], 0.0
+        steps_before, micro_batches, data_seconds, context_seconds = step, [], 0.0, 0.0
         waiting = time.perf_counter()
         for batch in shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate, drop_last=True,  # [ray]
                                               prefetch_batches=2):
+            preparing = time.perf_counter()
+            data_seconds += preparing - waiting  # blocked on the data iterator
+            if ledger is not None:
+                ledger.stage(batch)
             batch = {**batch, "images": batch["images"].to(device)} if text is None else text.add_context(batch)
-            data_seconds += time.perf_counter() - waiting
+            context_seconds += time.perf_counter() - preparing  # to the device, captions encoded on this worker
             sample_batch = sample_batch if sample_batch is not None else batch
             micro_batches.append(batch)
             if len(micro_batches) < accumulation:
@@ -361,13 +395,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ema_started = time.perf_counter()
             ema.update(stage.model)
             step += 1
+            if ledger is not None:
+                ledger.commit()
             now = time.perf_counter()
             # step_seconds: the loop's period (previous step's end to this one's), so data wait, logging and
-            # everything else the loop does count; data_seconds / compute_seconds split it.
+            # everything else the loop does count; data_seconds (waiting for the iterator), context_seconds
+            # (device copy, caption encoding), compute_seconds and ema_seconds split it.
             metrics.update(throughput(config, micro_batches, now - last_step_end, context.get_world_size()))
-            metrics.update(data_seconds=data_seconds, compute_seconds=ema_started - computing,
-                           ema_seconds=now - ema_started)
-            last_step_end, micro_batches, data_seconds = now, [], 0.0
+            metrics.update(data_seconds=data_seconds, context_seconds=context_seconds, compute_seconds=ema_started - computing,
+                           ema_seconds=now - ema_started, data_wait_share=data_seconds / (now - last_step_end))
+            last_step_end, micro_batches, data_seconds, context_seconds = now, [], 0.0, 0.0
             if config.run.fail_at_step and step == config.run.fail_at_step and not resumed:
                 raise RuntimeError(f"injected failure at step {step} (run.fail_at_step)")
             logger.record(metrics, step)
@@ -384,15 +421,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
                 evaluate_in_training(config, stage, ema, logger, step, sampling_text_encoder(config, stage, manifest))
             if step % config.run.checkpoint_every == 0 or step == config.run.max_steps:
+                if ledger is not None:
+                    logger.record(sync_ledger(ledger), step)
                 logger.flush()
                 report_checkpoint(config, stage, optimizer, scheduler, disc_optimizer, ema, metrics, step, data_epoch,
-                                  loop_config["run_id"], rank)
+                                  loop_config["run_id"], rank, ledger)
             if step >= config.run.max_steps:
                 break
             waiting = time.perf_counter()
         if step == steps_before:
             raise ValueError(f"data epoch {data_epoch} gave no full step: each worker needs at least "
                              f"batch_size * grad_accumulation = {batch_size * accumulation} rows")
+        if ledger is not None and step < config.run.max_steps:
+            # Online mode streams all its epochs once: a second pass would re-encode what it just trained on.
+            raise ValueError(f"the online stream ({config.online.epochs} passes over data.shards) ended at step {step} "
+                             f"of run.max_steps {config.run.max_steps}: raise online.epochs (the run resumes from its "
+                             f"last checkpoint)")
         if step < config.run.max_steps:
             data_epoch += 1
 
@@ -414,8 +458,23 @@ def restore(directory, stage: Stage, optimizer, scheduler, disc_optimizer, ema, 
     return state.step, int(state.meta["data_epoch"])
 
 
+def sync_ledger(ledger: VisitLedger) -> dict[str, float]:
+    """Online mode, at a checkpoint (every rank): sum the ranks' consumed-row counts, so every rank
+    marks the same visits done; returns the run's totals for the metrics."""
+    import torch.distributed as dist
+
+    local = {"counts": ledger.counts(), "rejected": ledger.rejected, "replayed": ledger.replayed}
+    gathered = [local]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, local)
+    ledger.merge([g["counts"] for g in gathered])
+    return {"online_visits_done": float(len(ledger.done)), "online_rejected_samples": float(sum(g["rejected"] for g in gathered)),
+            "online_replayed_rows": float(sum(g["replayed"] for g in gathered))}
+
+
 def report_checkpoint(config, stage: Stage, optimizer, scheduler, disc_optimizer, ema, metrics, step, data_epoch,
-                      run_id, rank) -> None:
+                      run_id, rank, ledger: VisitLedger | None = None) -> None:
     import ray.train  # [ray]
 
     # Gathers are collectives under FSDP2: every rank makes them, rank 0 writes.
@@ -430,6 +489,8 @@ def report_checkpoint(config, stage: Stage, optimizer, scheduler, disc_optimizer
             save_training_state(directory, meta=meta, model=model_state, ema=ema_state,
                                 optimizer=optimizer_state, scheduler=scheduler.state_dict(), extra=extra,
                                 extra_optimizers=extra_optimizers)
+            if ledger is not None:
+                Path(directory, PROGRESS_FILE).write_text(json.dumps(ledger.state()) + "\n")
         save_rng_state(directory, rank)
         ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(directory),  # [ray]
                          checkpoint_dir_name=f"checkpoint_step{step:08d}")

@@ -5,8 +5,10 @@ keys and wrong types raise a `ValueError` naming the field, and `--set a.b=c` go
 `hart.config.apply_overrides`. The sections: `run` (identity, storage, step counts),
 `model` (presets / checkpoints), `data`, `optim` (hart.training.OptimizerConfig),
 `parallel` (hart.parallelize.ParallelConfig), `scaling` (Ray workers), `objective`
-(per-stage loss knobs) and `tracking` (MLflow). Going from 2 CPU workers to N GPUs only
-touches `scaling` (and `precision`/`parallel`); nothing else branches on the hardware.
+(per-stage loss knobs), `tracking` (MLflow), `eval` (evaluation inside training) and
+`online` (stream shards through the tokenizer instead of reading a cache). Going from 2 CPU
+workers to N GPUs only touches `scaling` (and `precision`/`parallel`, and `online.compute`);
+nothing else branches on the hardware.
 
 Model configs stay `TokenizerConfig` / `TransformerConfig`; here they are named by a
 preset or a `{preset: ..., field: value}` mapping and resolved by `model_configs()`.
@@ -22,6 +24,7 @@ from hart.config import (
     tokenizer_config, transformer_config,
 )
 from hart.parallelize import ParallelConfig
+from pipelines.config import ComputeConfig, PreprocessConfig
 from hart.training import PRECISIONS, OptimizerConfig
 
 STAGES = ("tokenizer", "ar", "diffusion", "joint")
@@ -79,6 +82,27 @@ class DataSection:
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.grad_accumulation < 1:
             raise ValueError("data.batch_size and data.grad_accumulation must be >= 1")
+
+
+@dataclass(frozen=True)
+class OnlineSection:
+    """Online mode of the transformer stages (pipelines/online.py): `data.shards` are streamed
+    through the precompute stages (read -> decode -> tokenizer actors) straight into the workers,
+    with no cache (`data.cache` is not read); `model.tokenizer_checkpoint` encodes them. The rows are
+    those a cache built with the same tokenizer and preprocessing holds. Resumes skip the shards the
+    checkpoint consumed whole."""
+
+    enabled: bool = False
+    epochs: int = 1  # passes over data.shards in the stream (each in its own seeded order); the run
+    # fails with a clear error if they end before run.max_steps
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)  # as precompute's `preprocess`
+    # Stage sizes, as precompute's `compute` (the writer_* and text_* fields are unused: no writers, and
+    # the workers encode captions). Ray Train's workers hold scaling.* beside these.
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"online.epochs must be >= 1, got {self.epochs}")
 
 
 @dataclass(frozen=True)
@@ -220,10 +244,14 @@ class TrainRunConfig:
     objective: ObjectiveSection = field(default_factory=ObjectiveSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    online: OnlineSection = field(default_factory=OnlineSection)
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.online.enabled and self.stage == "tokenizer":
+            raise ValueError("online.enabled streams tokens to a transformer stage; the tokenizer stage reads "
+                             "images from data.shards already")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
         if not 0.0 <= self.ema_decay < 1.0:

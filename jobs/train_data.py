@@ -12,12 +12,16 @@ Design:
 - `check_cache` runs on the driver before any worker starts and turns every mismatch
   between the cache manifest and the run (scale list, vocabulary, latent width, tokenizer
   weights hash, text features) into one ValueError that names both sides.
+- Online mode (`online.enabled`) streams `data.shards` through the precompute stages into the
+  workers instead of reading a cache (`online_dataset`, `pipelines.online`): the same rows, the
+  same collate, the same checks against the model (`check_rows_match_model`).
 - Text conditioning comes from the cache (`text_features`) when it has it, else from a
   frozen text encoder built once per worker (`TextFeatures`).
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -46,6 +50,14 @@ def check_cache(config: TrainRunConfig, tokenizer_hash: str | None) -> dict[str,
     manifest = read_manifest(uri, config.run.endpoint_url)
     if not manifest.get("num_rows"):
         raise ValueError(f"token cache {uri} is empty: no committed rows (run jobs.precompute to completion first)")
+    check_rows_match_model(config, manifest, tokenizer_hash, f"token cache {uri}")
+    return manifest
+
+
+def check_rows_match_model(config: TrainRunConfig, manifest: dict[str, Any], tokenizer_hash: str | None,
+                           source: str) -> None:
+    """One ValueError naming every mismatch between the rows' manifest (a cache's, or the one online
+    mode builds) and the run's model: scale list, vocabulary, latent width, tokenizer, text features."""
     _, transformer = model_configs(config)
     problems = []
     if tuple(manifest["patch_nums"]) != tuple(transformer.patch_nums):
@@ -74,8 +86,32 @@ def check_cache(config: TrainRunConfig, tokenizer_hash: str | None) -> dict[str,
         problems.append(f"text features: the cache zeroed its padded text positions (built before pad_features="
                         f"{PAD_FEATURES!r}); rebuild it with jobs.precompute")
     if problems:
-        raise ValueError(f"token cache {uri} does not match the run config: " + "; ".join(problems))
-    return manifest
+        raise ValueError(f"{source} does not match the run config: " + "; ".join(problems))
+
+
+def online_precompute_config(config: TrainRunConfig):
+    """The precompute settings whose read -> decode -> tokenize stages online mode runs."""
+    from pipelines.config import InputConfig, PrecomputeConfig, TokenizerSource
+
+    if not config.model.tokenizer_checkpoint:
+        raise ValueError("online.enabled needs model.tokenizer_checkpoint: the frozen tokenizer that encodes the shards")
+    return PrecomputeConfig(
+        input=InputConfig(shards=tuple(config.data.shards), endpoint_url=config.run.endpoint_url),
+        preprocess=config.online.preprocess, tokenizer=TokenizerSource(checkpoint=config.model.tokenizer_checkpoint),
+        compute=config.online.compute, progress=False, shared_filesystem=config.run.shared_filesystem,
+    )
+
+
+def prepare_online(config: TrainRunConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Driver side of online mode: the manifest header a cache of these shards would carry (checked
+    against the model like a cache's), and what the stream needs (tokenizer hash, row schema, resolution)."""
+    from pipelines.plan import prepare
+
+    setup = prepare(online_precompute_config(config))
+    check_rows_match_model(config, setup["header"], setup["tokenizer_hash"], "online mode (data.shards through "
+                           f"model.tokenizer_checkpoint {config.model.tokenizer_checkpoint})")
+    online = {"tokenizer_hash": setup["tokenizer_hash"], "schema": setup["schema"], "resolution": setup["resolution"]}
+    return setup["header"], online
 
 
 def check_text_encoder(config: TrainRunConfig, manifest: dict[str, Any]) -> None:
@@ -106,7 +142,8 @@ def list_image_shards(config: TrainRunConfig) -> list[str]:
     from pipelines.shard_source import list_shards
 
     if not config.data.shards:
-        raise ValueError("the tokenizer stage needs data.shards (WebDataset tars: paths, globs or s3:// URIs)")
+        needs = "online mode" if config.online.enabled else "the tokenizer stage"
+        raise ValueError(f"{needs} needs data.shards (WebDataset tars: paths, globs or s3:// URIs)")
     return list_shards(InputConfig(shards=tuple(config.data.shards), endpoint_url=config.run.endpoint_url))
 
 
@@ -138,6 +175,59 @@ def cache_dataset(config: TrainRunConfig, manifest: dict[str, Any]):
         )
     finally:
         context.use_datasource_v2 = previous
+
+
+def online_dataset(config: TrainRunConfig, shards: list[str], online: dict[str, Any]):
+    """Online mode: `online.epochs` passes over the shards through read -> decode -> tokenizer actors
+    -> cache rows (`pipelines.online`), skipping visits the run's latest checkpoint consumed whole."""
+    from ray.data import TaskPoolStrategy
+
+    from pipelines import storage
+    from pipelines.online import plan_visits, read_visits_batch, training_rows
+    from pipelines.plan import encoded_rows
+    from pipelines.shard_source import name_shards
+    from pipelines.writer_pool import ROUTE_CPUS
+
+    precompute = online_precompute_config(config)
+    visits = plan_visits(name_shards(shards), config.online.epochs, config.run.seed)
+    storage_uri = config.run.storage_path
+    if not storage.is_s3(storage_uri):
+        storage_uri = storage.resolve(storage_uri)[1]  # absolute: the read tasks run in other folders
+    progress = CheckpointProgress(storage_uri, config.run.name, config.run.endpoint_url)
+    ds = encoded_rows(visits, precompute, online["resolution"], online["tokenizer_hash"], read=read_visits_batch,
+                      read_kwargs={"done_visits": progress})
+    pinned = {"resources": dict(precompute.compute.resources)} if precompute.compute.resources else {}
+    return ds.map_batches(training_rows, fn_kwargs={"schema": online["schema"]}, batch_size=None, batch_format="numpy",
+                          compute=TaskPoolStrategy(size=1), num_cpus=ROUTE_CPUS, **pinned)
+
+
+_PROGRESS_CACHE: dict[tuple[str, str], tuple[str, frozenset[str]]] = {}
+
+
+class CheckpointProgress:
+    """`done_visits` of the online read stage: the visits the run's latest checkpoint consumed whole
+    (its `progress.json`), read where the task runs. One small read of Ray's checkpoint list per call;
+    the progress file itself only when the latest checkpoint changed (cached per process)."""
+
+    def __init__(self, storage_uri: str, run_name: str, endpoint_url: str):
+        self.storage_uri, self.run_name, self.endpoint_url = storage_uri, run_name, endpoint_url
+
+    def __call__(self) -> set[str]:
+        from jobs.train import PROGRESS_FILE, latest_checkpoint  # jobs.train imports this module
+        from pipelines import storage
+
+        fs, path = storage.resolve(self.storage_uri, self.endpoint_url)
+        found = latest_checkpoint(fs, path, self.run_name)
+        if found is None:
+            return set()
+        folder, _ = found
+        key = (self.storage_uri, self.run_name)
+        cached = _PROGRESS_CACHE.get(key)
+        if cached is None or cached[0] != folder:
+            progress_path = f"{folder}/{PROGRESS_FILE}"
+            done = json.loads(storage.read_bytes(fs, progress_path))["done"] if storage.exists(fs, progress_path) else []
+            cached = _PROGRESS_CACHE[key] = (folder, frozenset(done))
+        return set(cached[1])
 
 
 def image_dataset(config: TrainRunConfig, shards: list[str]):
@@ -200,8 +290,13 @@ class CacheCollate(ArrowBatchCollateFn):
 
     def __call__(self, batch: pa.Table) -> dict[str, Any]:
         from pipelines.cache import batch_to_tensors, table_to_numpy
+        from pipelines.online import VISIT_COLUMNS
 
-        return batch_to_tensors(table_to_numpy(batch), self.manifest)
+        columns = table_to_numpy(batch)
+        out = batch_to_tensors(columns, self.manifest)
+        if "visit" in columns:  # online rows: what the worker's VisitLedger counts
+            out.update({name: columns[name].tolist() for name in VISIT_COLUMNS})
+        return out
 
 
 class TextFeatures:
@@ -240,6 +335,7 @@ class TextFeatures:
 
 
 __all__ = [
-    "check_cache", "check_text_encoder", "list_image_shards", "cache_dataset", "image_dataset",
+    "check_cache", "check_rows_match_model", "check_text_encoder", "list_image_shards", "cache_dataset", "image_dataset",
+    "online_dataset", "online_precompute_config", "prepare_online", "CheckpointProgress",
     "images_collate", "ImagesCollate", "CacheCollate", "TextFeatures", "text_length",
 ]

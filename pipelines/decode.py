@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from pipelines.config import PreprocessConfig
+from pipelines.shard_source import RAW_SCHEMA
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
              "bilinear": Image.Resampling.BILINEAR}
@@ -163,4 +164,5 @@ def decode_batch(batch: dict[str, np.ndarray], config: PreprocessConfig, resolut
         "key": batch["key"], "status": np.array(status, dtype=object), "shard_info": batch["shard_info"],
         "caption": np.array(captions, dtype=object), "metadata": np.array(metadata, dtype=object),
         "notes": np.array(notes_column, dtype=object), "width": width, "height": height, "image": image_BRR3,
+        **{name: column for name, column in batch.items() if name not in RAW_SCHEMA.names},  # e.g. online's `visit`
     }

@@ -128,12 +128,21 @@ class PrecomputeSummary:
 def build_dataset(shards: dict[str, str], config: PrecomputeConfig, resolution: int, tokenizer_hash: str,
                   writers: list) -> ray.data.Dataset:
     """The lazy Ray Data plan over the pending shards (name -> uri), ending in the route stage."""
+    items = [{"name": name, "uri": uri} for name, uri in shards.items()]
+    ds = encoded_rows(items, config, resolution, tokenizer_hash)
+    return add_route_stage(ds, writers, config.compute.resources)
+
+
+def encoded_rows(items: list[dict[str, Any]], config: PrecomputeConfig, resolution: int, tokenizer_hash: str,
+                 read=shard_source.read_shards_batch, read_kwargs: dict[str, Any] | None = None) -> ray.data.Dataset:
+    """read -> decode -> tokenize (-> text): one item per shard read (`read`, a `map_batches` UDF over
+    items with `config.input` as `config`), sized by `config.compute`. Precompute routes the result to
+    its writers; online training (`pipelines.online`) hands it to the Ray Train workers."""
     compute = config.compute
     pinned = {"resources": dict(compute.resources)} if compute.resources else {}
-    items = [{"name": name, "uri": uri} for name, uri in shards.items()]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     ds = ds.map_batches(
-        shard_source.read_shards_batch, fn_kwargs={"config": config.input}, batch_size=1, batch_format="pyarrow",
+        read, fn_kwargs={"config": config.input, **(read_kwargs or {})}, batch_size=1, batch_format="pyarrow",
         compute=TaskPoolStrategy(size=compute.read_tasks), num_cpus=compute.read_cpus, **pinned,
     )
     ds = ds.map_batches(
@@ -160,7 +169,7 @@ def build_dataset(shards: dict[str, str], config: PrecomputeConfig, resolution: 
             batch_size=compute.text_batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=compute.text_actors),
             num_cpus=compute.text_cpus, **text_gpu_args, **pinned,
         )
-    return add_route_stage(ds, writers, compute.resources)
+    return ds
 
 
 def add_route_stage(ds: ray.data.Dataset, writers: list, resources: dict[str, float]) -> ray.data.Dataset:
@@ -171,19 +180,24 @@ def add_route_stage(ds: ray.data.Dataset, writers: list, resources: dict[str, fl
                           compute=TaskPoolStrategy(size=len(writers)), num_cpus=ROUTE_CPUS, **pinned)
 
 
-def check_resources(config: PrecomputeConfig) -> None:
-    """ValueError when the fixed actor pools leave no room for the read/decode tasks (a silent hang otherwise)."""
+def check_resources(config: PrecomputeConfig, writers: bool = True, others: tuple[float, float] = (0.0, 0.0),
+                    others_name: str = "") -> None:
+    """ValueError when the fixed actor pools leave no room for the read/decode tasks (a silent hang
+    otherwise). `writers=False` for a plan without writer actors (online training); `others` = (CPUs,
+    GPUs) that other consumers hold at the same time (online: the Ray Train workers)."""
     compute = config.compute
     with_text = bool(config.text.encoder)
     cpus = (compute.tokenizer_actors * compute.tokenizer_cpus + compute.read_cpus + compute.decode_cpus
-            + compute.writer_actors * (compute.writer_cpus + ROUTE_CPUS)
-            + (compute.text_actors * compute.text_cpus if with_text else 0.0))
-    gpus = compute.tokenizer_actors * compute.tokenizer_gpus + (compute.text_actors * compute.text_gpus if with_text else 0.0)
+            + (compute.writer_actors * (compute.writer_cpus + ROUTE_CPUS) if writers else ROUTE_CPUS)
+            + (compute.text_actors * compute.text_cpus if with_text else 0.0) + others[0])
+    gpus = (compute.tokenizer_actors * compute.tokenizer_gpus + (compute.text_actors * compute.text_gpus if with_text else 0.0)
+            + others[1])
     available = ray.cluster_resources()
     if cpus > available.get("CPU", 0.0) + 1e-9 or gpus > available.get("GPU", 0.0) + 1e-9:
+        last = "writers and one route task per writer" if writers else "one row-conversion task"
         raise ValueError(
-            f"the stages need {cpus:g} CPUs and {gpus:g} GPUs at once (actor pools, writers + one read, one decode "
-            f"and one route task per writer) "
+            f"the stages need {cpus:g} CPUs and {gpus:g} GPUs at once (actor pools, one read, one decode task, {last}"
+            f"{', ' + others_name if others_name else ''}) "
             f"but the cluster has {available.get('CPU', 0):g} CPUs and {available.get('GPU', 0):g} GPUs; lower "
             f"compute.*_actors / *_cpus / *_gpus, or set compute.check_resources=false on an autoscaling cluster"
         )

@@ -71,6 +71,11 @@ def test_cost_row_arithmetic():
     total_hours = 1e6 / 400 / 3600 + 2 * 1e6 / 20 / 3600
     assert row.wall_days == pytest.approx(total_hours / 64 / 24)
     assert row.gpu_usd == pytest.approx(total_hours * 3.0)
+    # online: the encoder runs in both epochs, only the raw shards are stored
+    online_hours = 2 * 1e6 / 400 / 3600 + 2 * 1e6 / 20 / 3600
+    assert row.online_gpu_hours == pytest.approx(online_hours)
+    assert row.online_gpu_usd == pytest.approx(online_hours * 3.0)
+    assert row.online_s3_usd_per_month == pytest.approx(100 * 0.023)
 
 
 def test_stored_text_features_add_text_encoder_time():

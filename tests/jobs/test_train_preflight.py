@@ -147,7 +147,11 @@ def test_paths_one_machine_sees_are_refused_on_a_cluster(train_assets, tmp_path)
     with pytest.raises(ValueError, match="relative path"):
         check_cluster_paths(tiny_config(train_assets, "joint", tmp_path, *remote, "run.storage_path=runs/train",
                                         "run.shared_filesystem=true"), num_nodes=3)
-    # shards matter to the tokenizer stage only; the built-in text encoder name is not a path
+    # shards matter to the tokenizer stage and online mode only; the built-in text encoder name is not a path
     check_cluster_paths(tiny_config(train_assets, "joint", tmp_path, *remote, "data.text_encoder=minilm"), num_nodes=3)
     with pytest.raises(ValueError, match=r"data.shards\[0\]="):
         check_cluster_paths(tiny_config(train_assets, "tokenizer", tmp_path, *remote), num_nodes=3)
+    with pytest.raises(ValueError, match=r"data.shards\[0\]="):
+        check_cluster_paths(tiny_config(train_assets, "joint", tmp_path, *remote, "online.enabled=true"), num_nodes=3)
+    check_cluster_paths(tiny_config(train_assets, "joint", tmp_path, *remote, "online.enabled=true", "data.cache=''",
+                                    "data.shards=['s3://b/raw/{0..9}.tar']"), num_nodes=3)
