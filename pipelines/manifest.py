@@ -101,7 +101,7 @@ def read_header(uri: str, endpoint_url: str = "") -> dict[str, Any]:
     if header.get("format") != FORMAT_NAME:
         raise ValueError(f"{storage.join(uri, MANIFEST_NAME)} is not a {FORMAT_NAME} manifest")
     version = header.get("schema_version")
-    if version not in READABLE_VERSIONS:
+    if type(version) is not int or version not in READABLE_VERSIONS:  # JSON `true` would equal 1
         raise ValueError(f"cache {uri} has schema_version {version!r}; this code reads versions "
                          f"{', '.join(map(str, READABLE_VERSIONS))}")
     return header

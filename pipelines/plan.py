@@ -359,13 +359,16 @@ def run_precompute(config: PrecomputeConfig, log=print) -> PrecomputeSummary:
         for shard in final["incomplete"]:  # rows lost with a writer (or a stage that dropped rows): redo on rerun
             failed[shard] = "incomplete: not all rows of this shard reached its writer"
         # The stats markers are the truth: a commit whose record died with its writer is still a commit.
-        listed = manifest_lib.list_committed(output, fingerprint_hex, endpoint, {**committed, **done})  # only unknown markers are read
+        # Markers of records already in hand are not downloaded again.
+        listed = manifest_lib.list_committed(output, fingerprint_hex, endpoint, {**committed, **done})
         done.update({shard: listed[shard] for shard in pending if shard in listed and shard not in done})
         for stats in done.values():
             failed.pop(stats["shard"], None)
             summary.add_stats(stats)
         summary.shards_failed = failed
         committed = listed
+    # The index becomes one segment of exactly the committed shards; a rerun whose index already is
+    # that (nothing pending, nothing found outside it) writes nothing.
     if pending or len(segments) != 1 or indexed.keys() != committed.keys():
         manifest_lib.compact_index(output, fingerprint_hex, committed, endpoint)
     summary.seconds = time.perf_counter() - started

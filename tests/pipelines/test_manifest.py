@@ -116,7 +116,7 @@ def test_unreadable_headers_are_refused(tmp_path):
         read_manifest(str(tmp_path / "nowhere"))
     root = new_cache(str(tmp_path / "cache"))
     header = json.loads((tmp_path / "cache" / "manifest.json").read_text())
-    for version in (3, 0, None, "2"):
+    for version in (3, 0, None, "2", True):
         manifest_lib.write_json(root, manifest_lib.MANIFEST_NAME, {**header, "schema_version": version})
         with pytest.raises(ValueError, match=r"schema_version .*; this code reads versions 1, 2"):
             read_manifest(root)
