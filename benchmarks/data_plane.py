@@ -175,7 +175,8 @@ def write_cache(output: str, endpoint: str, args) -> dict:
     assert not failed and len(done) == len(shards), failed
     for stats in done.values():
         summary.add_stats(stats)
-    manifest_lib.write_json(output, manifest_lib.MANIFEST_NAME, manifest_lib.build_manifest(header, done), endpoint)
+    manifest_lib.write_json(output, manifest_lib.MANIFEST_NAME, header, endpoint)
+    manifest_lib.compact_index(output, manifest_lib.fingerprint_hash(fp), done, endpoint)
     rows = summary.samples_written
     return {"rows": rows, "seconds": seconds, "mb_per_s": summary.bytes_written / seconds / 1e6, "rows_per_s": rows / seconds,
             "bytes_per_row_written": summary.bytes_written / rows, "driver_bytes_per_row": summary.driver_bytes / rows,

@@ -1,7 +1,10 @@
 """Training-side reader of the token cache (contract 4): manifest, Ray dataset, tensors.
 
-Design: readers trust only the manifest's `committed_shards` list (never a directory glob), so a
-shard whose parquet exists but whose commit marker does not is invisible to training. The cache
+Design: readers trust only committed markers (never a glob of data/): `read_manifest` lists the
+committed shards from the index and one listing of the stats markers (`pipelines.manifest`), so a
+shard whose parquet exists but whose commit marker does not is invisible to training, and a shard
+stays visible even when the run that committed it died before indexing it. Version-1 caches are
+read from the shard list their manifest holds. The cache
 files are plain Parquet: `pyarrow.parquet.read_table`, `pandas.read_parquet` and duckdb read them
 without this project (fp16 arrays are stored as little-endian bytes in fixed_size_binary columns,
 which every reader handles; `decode_fp16` turns them back into arrays). `batch_to_tensors` turns

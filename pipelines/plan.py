@@ -5,17 +5,21 @@ initialised; only `jobs/` calls `ray.init`). It
   1. lists the input shards and, on a cluster of several nodes, refuses paths only one machine
      can see (`storage.check_reachable`),
   2. builds the frozen tokenizer once on the driver to hash its weights and read its config,
-  3. writes/validates `manifest.json` (refusing a cache built with other settings) and skips the
-     shards whose stats marker exists (resume),
+  3. writes `manifest.json` once when the cache root is new, or validates it (refusing a cache
+     built with other settings or another format version), and skips the shards whose stats
+     marker exists (resume: `manifest.list_committed` over the index and one listing of stats/),
   4. streams the rest through Ray Data:
        from_items(shards) -> read (TaskPool, raw bytes only) -> decode/filter/crop (TaskPool, CPU)
        -> TokenizerStage (ActorPoolStrategy, num_gpus per actor, explicit batch size)
        -> TextFeatureStage (optional actor pool) -> route (TaskPool) -> writer actors,
      where the writer actors (`pipelines.writer_pool`) assemble and commit whole shards, and the
      driver iterates only the route stage's per-shard counts and polls the actors for commit
-     records: no cache byte passes through the driver,
+     records: no cache byte passes through the driver; every `INDEX_REFRESH_SECONDS` it appends
+     one small index segment with the shards committed since the previous one,
   5. lists the stats markers (the truth, also for commits whose record was lost with a writer),
-     rewrites the manifest and returns a `PrecomputeSummary`.
+     compacts the index into one segment and returns a `PrecomputeSummary`.
+What the driver writes per refresh is O(shards committed since the last one), never the whole
+shard list (`pipelines.manifest` explains the layout and why a crash between writes loses nothing).
 Only `compute.*` sizes the stages, so the same config runs on a 2-core laptop (fractional CPUs
 leave headroom for the read tasks and the driver, RAY_NOTES §4) and on a GPU cluster.
 
@@ -47,7 +51,7 @@ from pipelines.tokenize_stage import TokenizerStage, load_tokenizer, weights_has
 from pipelines.writer import cache_schema
 from pipelines.writer_pool import ROUTE_CPUS, RoutedShards, WriterPool, batch_nbytes, route_batch
 
-MANIFEST_REFRESH_SECONDS = 15.0
+INDEX_REFRESH_SECONDS = 15.0  # at most this often the driver appends an index segment
 POLL_SECONDS = 0.5  # at most this often the driver asks writers with whole shards for commit records
 
 
@@ -71,7 +75,7 @@ class PrecomputeSummary:
     startup_seconds: float = 0.0  # from the start of the run to the first batch reaching the writer
     startup_samples: int = 0  # sample rows in that first batch (already encoded during start-up)
     # Driver-side split of the start-up, in order: listing (input shards, path check), setup
-    # (tokenizer load + weight hash), manifest (read/check/list committed/write), planning
+    # (tokenizer load + weight hash), manifest (header write or check, index read, marker listing), planning
     # (resource check, writer actors, lazy plan), first_batch (Ray executor and actor start,
     # read/decode/encode/route of the first block).
     startup_phases: dict[str, float] = field(default_factory=dict)
@@ -254,9 +258,9 @@ def _log_commits(records: list[dict[str, Any]], num_done: int, log) -> None:
 
 
 def drain_to_writers(dataset: ray.data.Dataset, pool: WriterPool, summary: PrecomputeSummary, log=print,
-                     first_batch=lambda batch: None, refresh_manifest=lambda done: None):
+                     first_batch=lambda batch: None, refresh_index=lambda done: None):
     """The driver's loop over a plan that ends in `route_batch`: count the routed rows, ask the
-    writers owning whole shards for their commit records, refresh the manifest now and then, and
+    writers owning whole shards for their commit records, call `refresh_index(done)` now and then, and
     finish the pool. Returns (committed stats by shard, failed shards, the pool's final answer)."""
     done: dict[str, dict[str, Any]] = {}
     failed: dict[str, str] = {}
@@ -269,7 +273,7 @@ def drain_to_writers(dataset: ray.data.Dataset, pool: WriterPool, summary: Preco
         _log_commits(answer["committed"], len(done), log)
 
     routed = RoutedShards(len(pool.actors))
-    last_manifest = last_poll = time.perf_counter()
+    last_refresh = last_poll = time.perf_counter()
     try:
         # prefetch_batches=0: take each block's counts as soon as it exists (see module doc).
         for batch in dataset.iter_batches(batch_format="numpy", batch_size=None, prefetch_batches=0):
@@ -281,9 +285,9 @@ def drain_to_writers(dataset: ray.data.Dataset, pool: WriterPool, summary: Preco
             if routed.ready and time.perf_counter() - last_poll > POLL_SECONDS:
                 take(pool.poll(routed.take_writers()))
                 last_poll = time.perf_counter()
-            if time.perf_counter() - last_manifest > MANIFEST_REFRESH_SECONDS:
-                refresh_manifest(done)
-                last_manifest = time.perf_counter()
+            if time.perf_counter() - last_refresh > INDEX_REFRESH_SECONDS:
+                refresh_index(done)
+                last_refresh = time.perf_counter()
         final = pool.finish()
         take(final)
         summary.ray_stats = dataset.stats()
@@ -316,10 +320,14 @@ def run_precompute(config: PrecomputeConfig, log=print) -> PrecomputeSummary:
     output, endpoint = config.output, config.output_endpoint()
     fingerprint_hex = manifest_lib.fingerprint_hash(setup["fingerprint"])
     existing = manifest_lib.read_json(output, manifest_lib.MANIFEST_NAME, endpoint)
-    if existing is not None:
+    if existing is None:
+        # Before any shard, and never again: the header is fixed for the cache's life.
+        manifest_lib.write_json(output, manifest_lib.MANIFEST_NAME,
+                                {**setup["header"], "created_at": manifest_lib.now()}, endpoint)
+    else:
         manifest_lib.check_compatible(existing, setup["fingerprint"], output)
-    committed = manifest_lib.list_committed(output, fingerprint_hex, endpoint, existing)
-    manifest_lib.write_json(output, manifest_lib.MANIFEST_NAME, manifest_lib.build_manifest(setup["header"], committed), endpoint)
+    indexed, segments = manifest_lib.read_index(output, fingerprint_hex, endpoint)
+    committed = manifest_lib.list_committed(output, fingerprint_hex, endpoint, indexed)
     mark("manifest")
 
     summary = PrecomputeSummary(shards_total=len(names))
@@ -343,7 +351,7 @@ def run_precompute(config: PrecomputeConfig, log=print) -> PrecomputeSummary:
                           max_pending=compute.writer_max_pending, crash_after_commits=config.crash_after_commits)
         dataset = build_dataset(pending, config, setup["resolution"], setup["tokenizer_hash"], pool.actors)
         mark("planning")
-        header = setup["header"]
+        in_index = set(indexed)
 
         def first_batch(batch: dict) -> None:
             mark("first_batch")
@@ -351,25 +359,31 @@ def run_precompute(config: PrecomputeConfig, log=print) -> PrecomputeSummary:
             summary.startup_seconds = time.perf_counter() - started
             summary.startup_samples = int(batch["rows"].sum())
 
-        def refresh_manifest(done: dict) -> None:
-            manifest_lib.write_json(output, manifest_lib.MANIFEST_NAME,
-                                    manifest_lib.build_manifest(header, {**committed, **done}), endpoint)
+        def refresh_index(done: dict) -> None:
+            # Shards known since the last segment: this run's commits, and at the first call also
+            # markers the start-up listing found outside the index (a previous run killed early).
+            new = {shard: stats for shard, stats in {**committed, **done}.items() if shard not in in_index}
+            manifest_lib.write_index_segment(output, fingerprint_hex, new, endpoint)
+            in_index.update(new)
 
         try:
-            done, failed, final = drain_to_writers(dataset, pool, summary, log, first_batch, refresh_manifest)
+            done, failed, final = drain_to_writers(dataset, pool, summary, log, first_batch, refresh_index)
         finally:
             pool.close()
         for shard in final["incomplete"]:  # rows lost with a writer (or a stage that dropped rows): redo on rerun
             failed[shard] = "incomplete: not all rows of this shard reached its writer"
         # The stats markers are the truth: a commit whose record died with its writer is still a commit.
-        known = manifest_lib.build_manifest(setup["header"], {**committed, **done})  # only unknown markers are read
-        listed = manifest_lib.list_committed(output, fingerprint_hex, endpoint, known)
+        # Markers of records already in hand are not downloaded again.
+        listed = manifest_lib.list_committed(output, fingerprint_hex, endpoint, {**committed, **done})
         done.update({shard: listed[shard] for shard in pending if shard in listed and shard not in done})
         for stats in done.values():
             failed.pop(stats["shard"], None)
             summary.add_stats(stats)
         summary.shards_failed = failed
-        committed.update(done)
-    manifest_lib.write_json(output, manifest_lib.MANIFEST_NAME, manifest_lib.build_manifest(setup["header"], committed), endpoint)
+        committed = listed
+    # The index becomes one segment of exactly the committed shards; a rerun whose index already is
+    # that (nothing pending, nothing found outside it) writes nothing.
+    if pending or len(segments) != 1 or indexed.keys() != committed.keys():
+        manifest_lib.compact_index(output, fingerprint_hex, committed, endpoint)
     summary.seconds = time.perf_counter() - started
     return summary

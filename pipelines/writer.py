@@ -8,7 +8,7 @@ seen, every index 0..N-1 present once) hands it to a small thread pool that
   1. writes `data/part-<shard>.parquet` (temp file + rename locally, one PUT on S3), then
   2. writes `stats/<shard>.stats.json` last: the commit marker.
 A crash before step 2 leaves the shard uncommitted, and the rerun rewrites the same file name,
-so there is never a duplicate or a missing sample, and a reader that trusts the manifest never
+so there is never a duplicate or a missing sample, and a reader that trusts the commit markers never
 sees a partial shard. Pixels never reach the driver (the tokenizer stage drops them), so the
 driver only carries the cache bytes themselves (about 18 KB per 256px sample); at very large
 scale the same assembler can run in several writer actors, routing shards by name.

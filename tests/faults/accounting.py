@@ -63,6 +63,7 @@ def assert_exactly_once(cache: str, uris: list[str], endpoint_url: str = "", inp
         f"lost {len(all_expected - set(keys))}, extra {len(set(keys) - all_expected)}")
     manifest = manifest_lib.read_manifest(cache, endpoint_url)
     assert manifest["num_committed_shards"] == len(expected) and manifest["num_rows"] == len(keys)
+    assert [e["shard"] for e in manifest["committed_shards"]] == sorted(seen["stats"])
     return seen
 
 

@@ -207,6 +207,6 @@ def test_fuzz_corpus_through_the_ray_job_stays_in_its_prefix_and_adds_up(ray_loc
     after = {p for p, _, _ in os.walk(tmp_path)}
     new_dirs = after - before
     assert all(p.startswith(str(cache)) or str(cache).startswith(p) for p in new_dirs), new_dirs
-    assert sorted(os.listdir(work)) == ["out"] and sorted(os.listdir(cache)) == ["data", "manifest.json", "stats"]
+    assert sorted(os.listdir(work)) == ["out"] and sorted(os.listdir(cache)) == ["data", "index", "manifest.json", "stats"]
     print(f"fuzz corpus: {summary.samples_in} in, {summary.samples_written} written, rejected {dict(summary.rejected)}, "
           f"ignored {dict(summary.members_ignored)}, failed {sorted(summary.shards_failed)}")

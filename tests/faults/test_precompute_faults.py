@@ -121,7 +121,7 @@ def test_job_group_sigkill_at_random_points(ray_local, tmp_path, seed):
     env["PYTHONPATH"] = str(ROOT)
     commits, jitter = rng.randint(0, 6), rng.uniform(0.0, 1.0)
     at_kill = kill_driver_after(job_command(items, "--num-cpus", "2"), env, cache, commits, jitter, new_group=True)
-    assert at_kill <= 10  # 10: killed after the last commit, during the final manifest write: still a valid point
+    assert at_kill <= 10  # 10: killed after the last commit, during the final index compaction: still a valid point
     summary = run_precompute(load_precompute_config(None, items), log=lambda *a: None)
     assert summary.shards_skipped == at_kill and not summary.shards_failed
     assert_exactly_once(str(cache), uris)

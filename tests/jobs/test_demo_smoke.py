@@ -129,11 +129,6 @@ def step_back(path: Path) -> None:
     path.write_text(json.dumps({**meta, "step": meta["step"] - 1}))
 
 
-def drop_a_commit(path: Path) -> None:
-    manifest = json.loads(path.read_text())
-    path.write_text(json.dumps({**manifest, "committed_shards": manifest["committed_shards"][1:]}))
-
-
 def cache_file(s) -> Path:
     return sorted((s["workdir"] / "cache/shapes/data").glob("*.parquet"))[0]
 
@@ -153,8 +148,9 @@ BREAKAGES = {
                                                 "tokenizer", "has status FAILED, expected FINISHED"),
     "a cache row": (lambda s: rewritten(cache_file(s), drop_a_row), "precompute", "63 cache rows"),
     "a cache key (duplicated)": (lambda s: rewritten(cache_file(s), duplicate_a_key), "precompute", "1 duplicated keys"),
-    "a shard's commit": (lambda s: rewritten(s["workdir"] / "cache/shapes/manifest.json", drop_a_commit),
-                         "precompute", "1 committed shards in"),
+    "a shard's commit (its stats marker)": (
+        lambda s: moved_away(sorted((s["workdir"] / "cache/shapes/stats").glob("*.stats.json"))[0]),
+        "precompute", "1 committed shards in"),
     "the generator export (export skipped)": (lambda s: moved_away(s["workdir"] / "export" / "llm"),
                                               "joint", "has no llm/ folder"),
     "the exported weights (a stale export)": (

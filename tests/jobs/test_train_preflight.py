@@ -6,6 +6,7 @@ Run: .venv/bin/pytest tests/jobs/test_train_preflight.py -q
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 
 import pytest
@@ -48,11 +49,9 @@ def test_other_tokenizer_weights_are_refused(train_assets, tmp_path):
 def test_missing_and_empty_cache(train_assets, tmp_path):
     with pytest.raises(ValueError, match="not a token cache"):
         preflight(tiny_config(train_assets, "ar", tmp_path, f"data.cache={tmp_path / 'nowhere'}"))
-    empty = tmp_path / "empty"
+    empty = tmp_path / "empty"  # a cache root as a run leaves it before its first commit: the header only
     empty.mkdir()
-    manifest = json.loads((train_assets["root"] / "cache" / "manifest.json").read_text())
-    manifest.update(committed_shards=[], num_committed_shards=0, num_rows=0)
-    (empty / "manifest.json").write_text(json.dumps(manifest))
+    shutil.copy(train_assets["root"] / "cache" / "manifest.json", empty / "manifest.json")
     with pytest.raises(ValueError, match="empty"):
         preflight(tiny_config(train_assets, "ar", tmp_path, f"data.cache={empty}"))
 
@@ -61,8 +60,8 @@ def test_cache_with_zeroed_text_pads_is_refused(train_assets, tmp_path):
     """Caches from before `pad_features` zeroed the padded text positions: training on them would
     teach the model other inputs than generation gives it."""
     old = tmp_path / "old"
-    old.mkdir()
-    manifest = json.loads((train_assets["root"] / "cache" / "manifest.json").read_text())
+    shutil.copytree(train_assets["root"] / "cache", old)
+    manifest = json.loads((old / "manifest.json").read_text())
     manifest.update(text={"encoder": "minilm", "max_length": 16, "dim": 384}, text_features_shape=[16, 384])
     (old / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="zeroed its padded text positions"):

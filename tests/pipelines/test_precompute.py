@@ -65,7 +65,8 @@ def test_summary_manifest_and_files(shapes_cache):
     assert manifest["patch_nums"] == list(tokenizer.config.patch_nums) and manifest["resolution"] == 64
     assert manifest["residual_shape"] == [16, 8, 8] and manifest["num_rows"] == NUM_SAMPLES
     assert [s["shard"] for s in manifest["committed_shards"]] == ["shard-00000", "shard-00001", "shard-00002"]
-    assert sorted(os.listdir(cache)) == ["data", "manifest.json", "stats"]
+    assert sorted(os.listdir(cache)) == ["data", "index", "manifest.json", "stats"]
+    assert len(os.listdir(f"{cache}/index")) == 1  # compacted at the end of the run
     assert sorted(os.listdir(f"{cache}/data")) == [f"part-shard-0000{i}.parquet" for i in range(NUM_SHARDS)]
     stats = json.loads(open(f"{cache}/stats/shard-00001.stats.json").read())
     assert stats["samples_in"] == stats["samples_written"] == NUM_SAMPLES // NUM_SHARDS and stats["rejected"] == {}
@@ -211,7 +212,7 @@ def test_hostile_input_is_counted_and_failed_shards_named(ray_local, tmp_path, c
         assert len(pq.read_table(cache / "data" / f"part-{kind}.parquet")) == expected["samples_written"]
     # `../` and absolute member names wrote nothing anywhere: only the cache layout exists.
     assert sorted(os.listdir(tmp_path / "out")) == ["cache"]
-    assert sorted(os.listdir(cache)) == ["data", "manifest.json", "stats"]
+    assert sorted(os.listdir(cache)) == ["data", "index", "manifest.json", "stats"]
     assert not any("escape" in name or "path" in name for _, _, names in os.walk(tmp_path) for name in names)
     unsorted = read_cache_table(str(cache), shards=["unsorted_members"])
     assert sorted(unsorted.column("key").to_pylist()) == ["a", "b", "c"]
@@ -234,8 +235,10 @@ def test_s3_input_and_output(ray_local, s3_bucket, s3_endpoint):
 
     objects = boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(Bucket=s3_bucket[5:], Prefix="tokens/run/")
     names = sorted(o["Key"].split("tokens/run/", 1)[1] for o in objects["Contents"])
-    assert names == ["data/part-shard-00000.parquet", "data/part-shard-00001.parquet", "manifest.json",
-                     "stats/shard-00000.stats.json", "stats/shard-00001.stats.json"]
+    assert [n for n in names if not n.startswith("index/")] == [
+        "data/part-shard-00000.parquet", "data/part-shard-00001.parquet", "manifest.json",
+        "stats/shard-00000.stats.json", "stats/shard-00001.stats.json"]
+    assert len([n for n in names if n.startswith("index/") and n.endswith(".parquet")]) == 1
 
 
 def expected_keys_s3(uris, endpoint):
