@@ -212,7 +212,7 @@ def read_share(output: str, endpoint: str, args) -> dict:
 def loopback_s3(bucket: str):
     """`moto_server` in its own process on a free loopback port (its memory stays out of the measured
     driver) with `bucket` created; yields the endpoint URL. Also used by benchmarks/planning.py."""
-    from jobs.tracking import free_port
+    from jobs.local_services import free_port
 
     for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_REGION", "us-east-1")):
         os.environ.setdefault(name, value)

@@ -22,6 +22,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from hart.scale_grid import ScaleGrid, validate_patch_nums
+
 T = TypeVar("T")
 
 # Scale lists (patch_nums) of the released models. The 512 list is VAR's and HART's
@@ -29,15 +31,6 @@ T = TypeVar("T")
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
 PATCH_NUMS_1024 = (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64)
-
-
-def validate_patch_nums(patch_nums: tuple[int, ...]) -> None:
-    if len(patch_nums) < 2:
-        raise ValueError(f"patch_nums needs at least 2 scales, got {patch_nums}")
-    if patch_nums[0] != 1:
-        raise ValueError(f"patch_nums must start at 1 (the 1x1 scale), got {patch_nums}")
-    if any(b <= a for a, b in zip(patch_nums, patch_nums[1:])):
-        raise ValueError(f"patch_nums must be strictly increasing, got {patch_nums}")
 
 
 # --------------------------------------------------------------------------------------
@@ -93,8 +86,13 @@ class TokenizerConfig:
         """Image side length whose latent grid equals the last scale."""
         return self.patch_nums[-1] * self.downsample_factor()
 
+    @property
+    def grid(self) -> ScaleGrid:
+        """Token counts, offsets, levels and residual shape of this scale list (the one owner of them)."""
+        return ScaleGrid(self.patch_nums)
+
     def num_tokens(self) -> int:
-        return sum(pn * pn for pn in self.patch_nums)
+        return self.grid.num_tokens
 
 
 TOKENIZER_PRESETS: dict[str, TokenizerConfig] = {
@@ -180,8 +178,12 @@ class TransformerConfig:
     def head_dim(self) -> int:
         return self.embed_dim // self.num_heads
 
+    @property
+    def grid(self) -> ScaleGrid:
+        return ScaleGrid(self.patch_nums)
+
     def num_image_tokens(self) -> int:
-        return sum(pn * pn for pn in self.patch_nums)
+        return self.grid.num_tokens
 
     def seq_len(self) -> int:
         """Text prefix + every scale but the 1x1 one (that one is predicted from the last text position)."""

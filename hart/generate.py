@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import contextlib
 
-import numpy as np
 import torch
 from PIL import Image
 
+from hart.pixels import to_uint8
 from hart.sampling import gumbel_softmax, sample_top_k_top_p
+from hart.scale_grid import check_compatible
 from hart.text_encoder import TextEncoder
 from hart.transformer import HARTForT2I
 
@@ -43,14 +44,8 @@ def _check(model: HARTForT2I, tokenizer, text_encoder: TextEncoder, prompts) -> 
         raise ValueError("prompts must be a non-empty list of strings")
     if not all(isinstance(p, str) for p in prompts):
         raise ValueError("every prompt must be a string")
-    mc, tc = model.config, tokenizer.config
-    if tuple(tc.patch_nums) != tuple(mc.patch_nums):
-        raise ValueError(f"tokenizer patch_nums {tuple(tc.patch_nums)} differ from the transformer's {tuple(mc.patch_nums)}")
-    if tc.z_channels != mc.token_dim or tc.vocab_size != mc.vocab_size:
-        raise ValueError(
-            f"tokenizer (vocab {tc.vocab_size}, z {tc.z_channels}) does not match the transformer "
-            f"(vocab {mc.vocab_size}, token_dim {mc.token_dim})"
-        )
+    mc = model.config
+    check_compatible(mc, tokenizer.config)
     if getattr(text_encoder, "dim", mc.context_dim) != mc.context_dim:
         raise ValueError(f"text encoder dim {text_encoder.dim} != transformer context_dim {mc.context_dim}")
     if getattr(text_encoder, "max_length", mc.context_token) != mc.context_token:
@@ -59,8 +54,7 @@ def _check(model: HARTForT2I, tokenizer, text_encoder: TextEncoder, prompts) -> 
 
 def to_pil(images_B3HW: torch.Tensor) -> list[Image.Image]:
     """[-1, 1] images -> RGB PIL images."""
-    array = ((images_B3HW.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(np.ascontiguousarray(a)) for a in array]
+    return [Image.fromarray(a) for a in to_uint8(images_B3HW)]
 
 
 @torch.no_grad()

@@ -314,20 +314,6 @@ def match_state_layout(optimizer: torch.optim.Optimizer) -> None:
                 param_state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
-def all_reduce_mean(value: float, device: torch.device) -> float:
-    """Mean of a scalar over ranks (for logged metrics); identity without a process group."""
-    if not distributed_ready():
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return float(tensor) / dist.get_world_size()
-
-
-def barrier() -> None:
-    if distributed_ready():
-        dist.barrier()
-
-
 def broadcast_from_rank0(tensors: list[torch.Tensor]) -> None:
     """Overwrite `tensors` on every rank with rank 0's values (in place); no-op without a process group.
 
@@ -343,6 +329,6 @@ def broadcast_from_rank0(tensors: list[torch.Tensor]) -> None:
 __all__ = [
     "ParallelConfig", "parallelize", "full_state_dict", "load_full_state_dict", "is_sharded", "full_tensors",
     "shard_like", "full_optimizer_state_dict", "load_full_optimizer_state_dict",
-    "apply_activation_checkpointing", "apply_compile", "apply_fsdp", "MIXED_PRECISIONS", "match_state_layout", "check_compile_toolchain", "all_reduce_mean", "barrier", "broadcast_from_rank0", "world_size",
+    "apply_activation_checkpointing", "apply_compile", "apply_fsdp", "MIXED_PRECISIONS", "match_state_layout", "check_compile_toolchain", "broadcast_from_rank0", "world_size",
     "distributed_ready",
 ]

@@ -121,10 +121,11 @@ def t2i_losses(
     if kept_bucket < 0:
         raise ValueError(f"kept_bucket must be >= 0, got {kept_bucket}")
     cfg = model.config
-    if tuple(quantizer.patch_nums) != tuple(cfg.patch_nums):
-        raise ValueError(f"quantizer patch_nums {quantizer.patch_nums} differ from the transformer's {cfg.patch_nums}")
-    if len(tokens) != len(cfg.patch_nums):
-        raise ValueError(f"expected {len(cfg.patch_nums)} token scales, got {len(tokens)}")
+    grid = cfg.grid
+    if tuple(quantizer.patch_nums) != grid.patch_nums:
+        raise ValueError(f"quantizer patch_nums {quantizer.patch_nums} differ from the transformer's {grid.patch_nums}")
+    if len(tokens) != grid.num_scales:
+        raise ValueError(f"expected {grid.num_scales} token scales, got {len(tokens)}")
     tokens = [t.long() for t in tokens]
     B, device = context_BTD.shape[0], context_BTD.device
     if any(t.shape[0] != B for t in tokens) or context_mask_BT.shape[0] != B:
@@ -143,7 +144,7 @@ def t2i_losses(
 
     with torch.no_grad():
         tf_input = quantizer.tokens_to_teacher_forcing_input(tokens)
-    last_l = cfg.patch_nums[-1] ** 2
+    last_l = grid.token_counts[-1]
     keep_Bk = None
     k = last_l
     if subsample_last:
@@ -158,7 +159,7 @@ def t2i_losses(
     if use_diffusion:
         codebook_VCv = quantizer.embedding.weight.detach()
         with torch.no_grad():  # f_rest_before_last = residual + E[idx_gt] of the kept last-scale tokens
-            H = cfg.patch_nums[-1]
+            H = grid.side
             residual = residual_BChw.float().reshape(B, cfg.token_dim, H * H).transpose(1, 2)
             reference_BkCv = residual + F.embedding(tokens[-1], codebook_VCv)
             if keep_Bk is not None:
@@ -177,11 +178,9 @@ def t2i_losses(
     with torch.no_grad():
         correct = (logits_BLV.argmax(-1) == targets_BL).float()
         out["acc_mean"] = correct.mean() * 100
-        start = 0
-        for si, pn in enumerate(cfg.patch_nums):
-            n = pn * pn if si < len(cfg.patch_nums) - 1 else k
+        for si, start in enumerate(grid.offsets[:-1]):  # the last scale holds only its k kept tokens
+            n = grid.token_counts[si] if si < grid.num_scales - 1 else k
             out[f"acc_scale_{si}"] = correct[:, start : start + n].mean() * 100
-            start += n
     out["cond_drop_frac"] = drop_B.float().mean()
     out["num_kept_last"] = torch.tensor(float(k))
     loss = ce_weight * ce

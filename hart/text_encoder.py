@@ -20,7 +20,6 @@ Shape legend: B prompts, T = max_length tokens, D feature width, S system-prompt
 from __future__ import annotations
 
 import importlib.util
-import os
 import warnings
 from pathlib import Path
 from typing import Protocol
@@ -62,7 +61,6 @@ def _load_local(name_or_path: str):
     """(tokenizer, model, config) from a local folder or the local HF cache; never downloads."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     looks_like_path = name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1
     if looks_like_path and not Path(name_or_path).expanduser().exists():
         raise ValueError(f"text encoder path not found: {name_or_path}")

@@ -145,17 +145,6 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, config))
 
 
-def load_optimizer_and_scheduler(
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
-    optimizer_state: Mapping[str, Any],
-    scheduler_state: Mapping[str, Any] | None,
-) -> None:
-    """Restore both; the groups' current lr is re-set from the scheduler, whatever the build order."""
-    optimizer.load_state_dict(dict(optimizer_state))
-    restore_scheduler(optimizer, scheduler, scheduler_state)
-
-
 def restore_scheduler(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
@@ -321,5 +310,5 @@ def train_step(
 
 __all__ = [
     "NonFiniteLossError", "OptimizerConfig", "parameter_groups", "build_optimizer", "lr_factor",
-    "build_scheduler", "load_optimizer_and_scheduler", "restore_scheduler", "ExponentialMovingAverage", "train_step", "autocast", "PRECISIONS",
+    "build_scheduler", "restore_scheduler", "ExponentialMovingAverage", "train_step", "autocast", "PRECISIONS",
 ]

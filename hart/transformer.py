@@ -58,8 +58,9 @@ class HARTForT2I(nn.Module):
         self.config = config
         cfg = config
         C, T = cfg.embed_dim, cfg.context_token
-        self.patch_nums = tuple(cfg.patch_nums)
-        self.num_scales = len(self.patch_nums)
+        self.grid = cfg.grid
+        self.patch_nums = self.grid.patch_nums
+        self.num_scales = self.grid.num_scales
         # Training attention kernel, chosen from outside (hart.parallelize): "sdpa" = one SDPA call per
         # segment, "flex" = one FlexAttention call with a cached block mask (hart.attention).
         self.attention_backend = "sdpa"
@@ -95,9 +96,7 @@ class HARTForT2I(nn.Module):
     # ------------------------------------------------------------------ init / io
     def derived_levels(self) -> torch.Tensor:
         """(L,) level of every sequence position: 0 for text, si for scale si >= 1."""
-        levels = [0] * self.config.context_token
-        for si, pn in enumerate(self.patch_nums[1:], start=1):
-            levels += [si] * (pn * pn)
+        levels = [0] * self.config.context_token + self.grid.levels()[1:]  # the 1x1 token is predicted from text
         return torch.tensor(levels, dtype=torch.int64, device="cpu")
 
     @torch.no_grad()
@@ -236,7 +235,7 @@ class HARTForT2I(nn.Module):
             raise ValueError(
                 f"teacher_forcing_input must be (B={B}, {num_img - 1}, {cfg.token_dim}), got {tuple(teacher_forcing_input.shape)}"
             )
-        last_l = self.patch_nums[-1] ** 2
+        last_l = self.grid.token_counts[-1]
         x_img = self.word_embed(teacher_forcing_input.float())
         levels = self.lvl_1L[0]
         positions = None
@@ -262,10 +261,9 @@ class HARTForT2I(nn.Module):
         rope = None
         if positions is not None:
             rope = self._rope([self.rope.text(cond.positions_BT), self.rope.image(positions)])
-        ends = [T]
-        for pn in self.patch_nums[1:-1]:
-            ends.append(ends[-1] + pn * pn)
-        ends.append(ends[-1] + k)
+        # Segment ends in the sequence [text | scale 1 | ... | kept last-scale tokens]; scale si >= 1
+        # starts at T + offsets[si] - 1 (the 1x1 scale has no position of its own).
+        ends = [T + offset - 1 for offset in self.grid.offsets[1:-1]] + [T + self.grid.offsets[-2] - 1 + k]
         block_mask = None
         if self.attention_backend == "flex":  # built once per layout (text, scales, kept count), then cached
             block_mask = block_causal_mask(tuple(ends), str(x.device))
@@ -345,7 +343,7 @@ class HARTForT2I(nn.Module):
             torch.full((1,), si, dtype=torch.long, device=next_input_BlCv.device)
         )
         if self.pos_1LC is not None:
-            start = self.config.context_token + sum(p * p for p in self.patch_nums[1:si])
+            start = self.config.context_token + self.grid.offsets[si] - 1
             x = x + self.pos_1LC[:, start : start + pn * pn]
         rope = None
         if self.config.attn_type == "llama":

@@ -195,7 +195,7 @@ def experiment_link(tracking_uri: str, run_id: str) -> str:
 
 
 @contextlib.contextmanager
-def local_services(config: DemoConfig, workdir: Path):
+def demo_services(config: DemoConfig, workdir: Path):
     """Yields `Services`; for s3 starts moto + an mlflow server on loopback and, before stopping
     them, copies everything the bucket holds to `<workdir>/s3-copy` (the servers keep nothing)."""
     if config.storage == "local":
@@ -205,19 +205,14 @@ def local_services(config: DemoConfig, workdir: Path):
                        mlflow_artifacts=None)
         return
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    from jobs.tracking import free_port, local_server
+    from jobs.local_services import mlflow_server, s3_server
     from pipelines import storage
 
-    s3_port = free_port()
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=s3_port)
-    moto.start()
-    try:
+    with s3_server(verbose=True) as endpoint:
         # The server logs every request (werkzeug, INFO): ~6,800 lines per demo, mostly the tokenizer's
         # shard reads, which buried the demo's own progress output. Warnings and errors still show.
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
-        endpoint = f"http://127.0.0.1:{s3_port}"
         # moto accepts any credentials; these are placeholders for the local fake server only.
         os.environ.update({"AWS_ACCESS_KEY_ID": "demo", "AWS_SECRET_ACCESS_KEY": "demo",
                            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint})
@@ -226,8 +221,8 @@ def local_services(config: DemoConfig, workdir: Path):
         store.mkdir(parents=True, exist_ok=True)
         # --serve-artifacts: runs record `mlflow-artifacts:/` URIs that the server maps onto the bucket's
         # mlflow/ prefix, so after the demo `mlflow ui --artifacts-destination <copy>/mlflow` serves them.
-        with local_server(f"sqlite:///{store / 'mlflow.db'}", store / "server.log",
-                          ("--artifacts-destination", f"s3://{S3_BUCKET}/mlflow", "--serve-artifacts")) as uri:
+        with mlflow_server(f"sqlite:///{store / 'mlflow.db'}", store / "server.log",
+                           ("--artifacts-destination", f"s3://{S3_BUCKET}/mlflow", "--serve-artifacts")) as uri:
             copy = workdir / S3_COPY
             try:
                 yield Services(root=f"s3://{S3_BUCKET}/demo", tracking_uri=uri, endpoint=endpoint, artifact_location="",
@@ -239,8 +234,6 @@ def local_services(config: DemoConfig, workdir: Path):
                 except Exception as exc:  # noqa: BLE001 - stopping the servers matters more than the copy
                     print(f"[demo] WARNING: could not copy the S3 bucket out ({type(exc).__name__}: {exc}); "
                           f"its contents are lost with the server", flush=True)
-    finally:
-        moto.stop()
 
 
 def step(title: str):
@@ -275,8 +268,9 @@ def heldout_images(root: Path, config: DemoConfig):
         pil.append(image)
         labels.append((sample.colour, sample.shape))
         prompts.append(canonical_prompt(sample.colour, sample.shape, sample.background))
-    array = np.stack([np.asarray(im, dtype=np.float32) / 127.5 - 1 for im in pil])
-    return torch.from_numpy(array).permute(0, 3, 1, 2), pil, labels, prompts
+    from hart.pixels import to_model
+
+    return to_model(np.stack([np.asarray(im) for im in pil])), pil, labels, prompts
 
 
 def psnr(a_B3HW: torch.Tensor, b_B3HW: torch.Tensor) -> torch.Tensor:
@@ -392,7 +386,7 @@ def run(config: DemoConfig, temporary: bool = False) -> dict:
     # Each demo starts clean, so its runs get fresh names: reusing a name would resume (append to)
     # the MLflow run of an earlier demo whose checkpoints were just deleted.
     tag = time.strftime("%Y%m%d-%H%M%S")
-    with local_services(config, workdir) as services:
+    with demo_services(config, workdir) as services:
         from jobs.local_ray import LOCAL_RAY_RUNTIME_ENV
 
         root, endpoint = services.root, services.endpoint

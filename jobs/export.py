@@ -40,14 +40,12 @@ def export_checkpoint(checkpoint_dir: str | Path, config: TrainRunConfig, out_di
             discriminator.load_state_dict(state.extra["discriminator"], strict=True)
         tokenizer.save_pretrained(out_dir / "tokenizer", discriminator=discriminator)
         return out_dir
-    from hart.tokenizer import HybridTokenizer
     from hart.transformer import HARTForT2I
+    from jobs.stages import load_frozen_tokenizer
 
     model = HARTForT2I(transformer_cfg)
     model.load_state_dict(state.model, strict=True)
-    from pipelines import storage
-
-    tokenizer = HybridTokenizer.from_pretrained(storage.local_copy(config.model.tokenizer_checkpoint, config.run.endpoint_url))
+    tokenizer = load_frozen_tokenizer(config)  # with the run's scale list, checked against the transformer
     tokenizer.save_pretrained(out_dir / "tokenizer")
     model.save_pretrained(out_dir / "llm", ema_state=state.ema, tokenizer=tokenizer.config)
     return out_dir

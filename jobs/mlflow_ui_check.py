@@ -7,7 +7,7 @@ Usage:
 Design:
 - The store is served as `make mlflow-ui` serves it (`mlflow server` over the sqlite file, with
   `--artifacts-destination` when proxied artifacts moved, e.g. an S3 demo's copy of its bucket), on a
-  free loopback port (`tracking.local_server`).
+  free loopback port (`local_services.mlflow_server`).
 - What the pages must show is read first from that server's REST API: the experiment, its training runs
   (runs with a `stage` param, as hart-train logs its config) and their dataset inputs, the newest run
   with `eval/` metrics, and that run's `per_category.json` tables (hart-evaluate's `log_table`). A store
@@ -43,7 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
-from jobs.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING_VIEW, experiment_ui_url, local_server
+from jobs.local_services import mlflow_server
+from jobs.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING_VIEW, experiment_ui_url
 
 # Headless and quiet on a closed network: without the background-networking flags Chromium keeps
 # opening connections (updates, sync, field trials) that the network refuses.
@@ -291,7 +292,7 @@ def run(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         log = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hart-ui-check-"))) / "server.log"
         try:
-            base = stack.enter_context(local_server(f"sqlite:///{store}", log, extra))
+            base = stack.enter_context(mlflow_server(f"sqlite:///{store}", log, extra))
         except RuntimeError as exc:
             raise SetupProblem(f"{exc}: {log.read_text()[-2000:]}") from None
         expected = read_expected(MlflowClient(tracking_uri=base), args.experiment, args.max_runs)

@@ -36,7 +36,9 @@ from torch import nn
 from hart.checkpoint import read_meta
 from hart.training import train_step
 from jobs import tracking
+from hart.pixels import to_uint8
 from hart.quantizer import MultiScaleQuantizer
+from hart.scale_grid import check_compatible
 from hart.weights import load_weight_file, load_weight_folder, match_state_dict
 from jobs.train_config import TrainRunConfig, model_configs
 
@@ -175,18 +177,11 @@ def load_frozen_tokenizer(config: TrainRunConfig):
         raise ValueError(f"stage {config.stage!r} needs model.tokenizer_checkpoint (the tokenizer the cache was made with)")
     from pipelines import storage
 
-    tokenizer = HybridTokenizer.from_pretrained(storage.local_copy(path, config.run.endpoint_url))
-    if tuple(tokenizer.config.patch_nums) != tuple(transformer_cfg.patch_nums):
-        raise ValueError(
-            f"tokenizer {path} has patch_nums {tokenizer.config.patch_nums} but the transformer config has "
-            f"{transformer_cfg.patch_nums}"
-        )
-    if tokenizer.config.vocab_size != transformer_cfg.vocab_size or tokenizer.config.z_channels != transformer_cfg.token_dim:
-        raise ValueError(
-            f"tokenizer {path} (vocab {tokenizer.config.vocab_size}, z {tokenizer.config.z_channels}) does not match the "
-            f"transformer (vocab_size {transformer_cfg.vocab_size}, token_dim {transformer_cfg.token_dim})"
-        )
-    del tokenizer_cfg
+    # The run's scale list (model.tokenizer's) applies to the checkpoint's weights, as precompute's
+    # tokenizer.patch_nums does: a cache made at another resolution of the same tokenizer trains.
+    tokenizer = HybridTokenizer.from_pretrained(storage.local_copy(path, config.run.endpoint_url),
+                                                patch_nums=tokenizer_cfg.patch_nums)
+    check_compatible(transformer_cfg, tokenizer.config, what=f"tokenizer {path} and the transformer")
     return tokenizer.eval().requires_grad_(False)
 
 
@@ -383,7 +378,7 @@ def log_samples(config, stage: Stage, ema, sample_batch, logger, step, manifest)
             images = sample_batch["images"][:8]
             tokens, residual = model.encode(images)
             rows = torch.cat([images, model.decode(tokens, residual), model.decode(tokens)])
-            grid = tracking.image_grid(tracking.to_uint8_images(rows), columns=len(images))
+            grid = tracking.image_grid(to_uint8(rows), columns=len(images))
             logger.log_image(grid, f"{GRID_FOLDER['tokenizer']}/step_{step:07d}.png")  # rows: input, hybrid, discrete
             return
         from hart.generate import generate
@@ -407,13 +402,9 @@ def sampling_text_encoder(config, stage: Stage, manifest):
     return stage.text_encoder
 
 
-def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
-    return [p for p in module.parameters() if p.requires_grad]
-
-
 __all__ = [
     "Stage", "build_stage", "load_compatible_weights", "read_start_weights", "load_frozen_tokenizer",
-    "TransformerObjective", "TokenizerObjective", "DiscriminatorObjective", "trainable_parameters",
+    "TransformerObjective", "TokenizerObjective", "DiscriminatorObjective",
     "optimizer_step", "codebook_upkeep", "throughput", "log_samples", "sampling_text_encoder", "GRID_FOLDER",
     "build_perceptual",
     "check_perceptual_weights",

@@ -25,16 +25,12 @@ Design:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
@@ -172,46 +168,6 @@ def probe_server(tracking_uri: str, timeout_s: float = 5.0) -> None:
         urllib.request.urlopen(request, timeout=timeout_s).close()
     except (urllib.error.URLError, OSError) as exc:
         raise ValueError(f"MLflow tracking server {redact_uri(tracking_uri)} is unreachable: {exc}") from None
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def local_server(backend_store_uri: str, log_path: str | Path, extra_args: tuple[str, ...] = (),
-                 timeout_s: float = 90.0) -> Iterator[str]:
-    """An `mlflow server` on a free loopback port over `backend_store_uri`, its output in `log_path`;
-    yields its URL once /health answers and stops it on exit. One worker and no job executor: a local
-    server needs no more, and each costs seconds of start-up on 2 cores. RuntimeError naming the log
-    when it does not come up within `timeout_s`."""
-    url = f"http://127.0.0.1:{free_port()}"
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1],
-             "--backend-store-uri", backend_store_uri, "--workers", "1", *extra_args],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-        try:
-            deadline = time.time() + timeout_s
-            while True:
-                try:
-                    probe_server(url, timeout_s=2)
-                    break
-                except ValueError:
-                    if time.time() > deadline or server.poll() is not None:
-                        raise RuntimeError(f"mlflow server did not start; see {log_path}") from None
-                    time.sleep(1)
-            yield url
-        finally:
-            server.terminate()
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
 
 
 def open_run(tracking_uri: str, experiment: str, run_name: str, params: Mapping[str, str],
@@ -393,14 +349,8 @@ def image_grid(images_BHW3: np.ndarray, columns: int = 4) -> np.ndarray:
     return grid
 
 
-def to_uint8_images(images_B3HW) -> np.ndarray:
-    """Torch images in [-1, 1] (B, 3, H, W) -> uint8 numpy (B, H, W, 3)."""
-    array = images_B3HW.detach().float().clamp(-1, 1).add(1).mul(127.5).round().byte().cpu().numpy()
-    return np.ascontiguousarray(array.transpose(0, 2, 3, 1))
-
-
 __all__ = [
     "flatten_params", "redact_uri", "is_secret_key", "open_run", "finish_run", "log_export_and_register",
-    "RunLogger", "image_grid", "to_uint8_images", "resolve_tracking_uri", "RUN_NAME_TAG", "log_dataset_input",
-    "EXPERIMENT_KIND_TAG", "MODEL_TRAINING", "MODEL_TRAINING_VIEW", "experiment_ui_url", "free_port", "local_server",
+    "RunLogger", "image_grid", "resolve_tracking_uri", "RUN_NAME_TAG", "log_dataset_input",
+    "EXPERIMENT_KIND_TAG", "MODEL_TRAINING", "MODEL_TRAINING_VIEW", "experiment_ui_url", "probe_server",
 ]

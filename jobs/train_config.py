@@ -21,7 +21,7 @@ from typing import Any
 
 from hart.config import (
     TokenizerConfig, TransformerConfig, apply_overrides, config_from_dict, config_to_dict, read_config_file,
-    tokenizer_config, transformer_config,
+    replace, tokenizer_config, transformer_config,
 )
 from hart.parallelize import ParallelConfig
 from pipelines.config import ComputeConfig, PreprocessConfig
@@ -275,7 +275,15 @@ class TrainRunConfig:
 
 
 def model_configs(config: TrainRunConfig) -> tuple[TokenizerConfig, TransformerConfig]:
-    return tokenizer_config(config.model.tokenizer), transformer_config(config.model.transformer)
+    """The run's tokenizer and transformer configs. The scale list is the tokenizer's (`model.tokenizer`,
+    e.g. `{preset: hart-1024, patch_nums: [...]}` for a lower-resolution stage of progressive training):
+    the transformer takes it, and one set on `model.transformer` that differs is an error."""
+    tokenizer, transformer = tokenizer_config(config.model.tokenizer), transformer_config(config.model.transformer)
+    own = config.model.transformer.get("patch_nums") if isinstance(config.model.transformer, dict) else None
+    if own is not None and tuple(own) != tokenizer.patch_nums:
+        raise ValueError(f"model.transformer sets patch_nums {tuple(own)} but model.tokenizer's scale list is "
+                         f"{tokenizer.patch_nums}: set the scale list on model.tokenizer (the transformer takes it)")
+    return tokenizer, replace(transformer, patch_nums=tokenizer.patch_nums)
 
 
 def load_train_config(path: str | None, stage: str | None = None, overrides: list[str] = ()) -> TrainRunConfig:

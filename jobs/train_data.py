@@ -58,15 +58,10 @@ def check_rows_match_model(config: TrainRunConfig, manifest: dict[str, Any], tok
                            source: str) -> None:
     """One ValueError naming every mismatch between the rows' manifest (a cache's, or the one online
     mode builds) and the run's model: scale list, vocabulary, latent width, tokenizer, text features."""
+    from hart.scale_grid import compatibility_problems
+
     _, transformer = model_configs(config)
-    problems = []
-    if tuple(manifest["patch_nums"]) != tuple(transformer.patch_nums):
-        problems.append(f"patch_nums: cache {tuple(manifest['patch_nums'])}, model {tuple(transformer.patch_nums)}")
-    cache_tokenizer = manifest.get("tokenizer_config", {})
-    if cache_tokenizer.get("vocab_size") != transformer.vocab_size:
-        problems.append(f"vocabulary: cache {cache_tokenizer.get('vocab_size')}, model vocab_size {transformer.vocab_size}")
-    if cache_tokenizer.get("z_channels") != transformer.token_dim:
-        problems.append(f"latent width: cache z_channels {cache_tokenizer.get('z_channels')}, model token_dim {transformer.token_dim}")
+    problems = compatibility_problems(transformer, cache=manifest)
     if tokenizer_hash is not None and manifest.get("tokenizer_hash") != tokenizer_hash:
         problems.append(
             f"tokenizer hash: cache {str(manifest.get('tokenizer_hash'))[:16]}..., model.tokenizer_checkpoint "
@@ -97,7 +92,8 @@ def online_precompute_config(config: TrainRunConfig):
         raise ValueError("online.enabled needs model.tokenizer_checkpoint: the frozen tokenizer that encodes the shards")
     return PrecomputeConfig(
         input=InputConfig(shards=tuple(config.data.shards), endpoint_url=config.run.endpoint_url),
-        preprocess=config.online.preprocess, tokenizer=TokenizerSource(checkpoint=config.model.tokenizer_checkpoint),
+        preprocess=config.online.preprocess,
+        tokenizer=TokenizerSource(checkpoint=config.model.tokenizer_checkpoint, patch_nums=model_configs(config)[0].patch_nums),
         compute=config.online.compute, progress=False, shared_filesystem=config.run.shared_filesystem,
     )
 
@@ -263,8 +259,9 @@ def _accepted_images(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def images_collate(batch: dict[str, np.ndarray]) -> dict[str, Any]:
     """uint8 (B, R, R, 3) -> float (B, 3, R, R) in [-1, 1]."""
-    images = torch.from_numpy(np.ascontiguousarray(batch["image"])).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-    return {"images": images, "caption": [str(c) for c in batch["caption"]]}
+    from hart.pixels import to_model
+
+    return {"images": to_model(batch["image"]), "caption": [str(c) for c in batch["caption"]]}
 
 
 # `iter_torch_batches(collate_fn=...)` takes these classes: Ray hands a NumpyBatchCollateFn numpy

@@ -25,11 +25,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from hart.scale_grid import ScaleGrid
 from pipelines import storage
 from pipelines.manifest import read_manifest
 
 __all__ = ["read_manifest", "committed_files", "read_cache_dataset", "read_cache_table", "batch_to_tensors",
-           "decode_fp16", "table_to_numpy", "split_scales"]
+           "decode_fp16", "table_to_numpy"]
 
 
 def committed_files(uri: str, manifest: dict[str, Any], shards: list[str] | None = None) -> list[str]:
@@ -109,21 +110,13 @@ def table_to_numpy(table: pa.Table) -> dict[str, np.ndarray]:
     return batch
 
 
-def split_scales(tokens_BL: torch.Tensor, patch_nums: list[int]) -> list[torch.Tensor]:
-    """(B, L) -> [(B, pn*pn) per scale], coarse to fine."""
-    sizes = [pn * pn for pn in patch_nums]
-    if tokens_BL.shape[1] != sum(sizes):
-        raise ValueError(f"tokens have length {tokens_BL.shape[1]}, the manifest's patch_nums need {sum(sizes)}")
-    return list(torch.split(tokens_BL, sizes, dim=1))
-
-
 def batch_to_tensors(batch: dict[str, Any], manifest: dict[str, Any], split: bool = True) -> dict[str, Any]:
     """Numpy batch of cache rows -> tokens (list per scale, or (B, L) with split=False) LongTensor,
     residual (B, z, h, w) float32, caption list[str], key list[str], and text_features (B, T, D)
     float32 + text_mask (B, T) bool when present."""
     tokens_BL = torch.from_numpy(_stack_int(batch["tokens"]).astype(np.int64))
     out: dict[str, Any] = {
-        "tokens": split_scales(tokens_BL, manifest["patch_nums"]) if split else tokens_BL,
+        "tokens": ScaleGrid(tuple(manifest["patch_nums"])).split(tokens_BL) if split else tokens_BL,
         "caption": [str(c) for c in batch["caption"]],
         "key": [str(k) for k in batch["key"]],
     }

@@ -45,6 +45,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from hart.scale_grid import ScaleGrid
 from pipelines import storage
 
 SCHEMA_VERSION = 2
@@ -271,8 +272,7 @@ def compact_index(uri: str, fingerprint_hex: str, committed: dict[str, dict[str,
 def manifest_header(fingerprint: dict[str, Any], tokenizer_source: dict[str, Any], text_dim: int) -> dict[str, Any]:
     """The content of `manifest.json` (written once, when the cache root is created)."""
     config = fingerprint["tokenizer_config"]
-    patch_nums = list(config["patch_nums"])
-    side = patch_nums[-1]
+    grid = ScaleGrid(tuple(config["patch_nums"]))
     header = {
         "format": FORMAT_NAME,
         "schema_version": SCHEMA_VERSION,
@@ -281,10 +281,10 @@ def manifest_header(fingerprint: dict[str, Any], tokenizer_source: dict[str, Any
         "tokenizer_hash": fingerprint["tokenizer_hash"],
         "tokenizer_config": config,
         "tokenizer_source": tokenizer_source,
-        "patch_nums": patch_nums,
-        "num_tokens": sum(p * p for p in patch_nums),
+        "patch_nums": list(grid.patch_nums),
+        "num_tokens": grid.num_tokens,
         "resolution": fingerprint["resolution"],
-        "residual_shape": [config["z_channels"], side, side],
+        "residual_shape": list(grid.residual_shape(config["z_channels"])),
         "preprocess": fingerprint["preprocess"],
         "text": fingerprint["text"],
         "text_features_shape": [fingerprint["text"]["max_length"], text_dim] if fingerprint["text"] else None,

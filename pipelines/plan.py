@@ -242,8 +242,8 @@ def prepare(config: PrecomputeConfig) -> dict[str, Any]:
         "text": {"encoder": config.text.encoder, "max_length": config.text.max_length, "dim": text_dim,
                  "pad_features": PAD_FEATURES} if config.text.encoder else None,
     }
-    side = tokenizer.config.patch_nums[-1]
-    schema = cache_schema(tokenizer.config.num_tokens(), (tokenizer.config.z_channels, side, side),
+    grid = tokenizer.config.grid
+    schema = cache_schema(grid.num_tokens, grid.residual_shape(tokenizer.config.z_channels),
                           (config.text.max_length, text_dim) if config.text.encoder else None)
     header = manifest_lib.manifest_header(fingerprint, config_to_dict(config.tokenizer), text_dim)
     return {"tokenizer": tokenizer, "tokenizer_hash": tokenizer_hash, "resolution": resolution,

@@ -9,7 +9,7 @@ the manifest, so a checkpoint that changes under a running job can never mix two
 cache. Rows that are not accepted samples (rejections, shard headers) pass through with zero
 tokens and never reach the model.
 
-`load_tokenizer`, `weights_hash` and `images_to_tensor` are shared with the driver (manifest) and
+`load_tokenizer` and `weights_hash` are shared with the driver (manifest) and
 the single-process benchmark loop.
 
 Shape legend: B rows, R image side, L tokens of all scales, z latent channels, h/w latent side.
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from hart.config import replace, tokenizer_config
+from hart.pixels import to_model
 from hart.tokenizer import HybridTokenizer
 from pipelines import storage
 from pipelines.config import TokenizerSource
@@ -58,15 +59,9 @@ def weights_hash(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def images_to_tensor(image_BRR3: np.ndarray, device: torch.device) -> torch.Tensor:
-    """uint8 (B, R, R, 3) -> float (B, 3, R, R) in [-1, 1] on `device`."""
-    x = torch.from_numpy(np.ascontiguousarray(image_BRR3)).to(device, non_blocking=True)
-    return x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-
-
 def encode_images(model: HybridTokenizer, image_BRR3: np.ndarray, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     """(B, R, R, 3) uint8 -> (tokens (B, L) int16, residual (B, z, h, w) float16) as numpy."""
-    x_B3RR = images_to_tensor(image_BRR3, device)
+    x_B3RR = to_model(image_BRR3, device)
     with torch.inference_mode(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         tokens, residual_BzHW = model.encode(x_B3RR)
     tokens_BL = torch.cat(tokens, dim=1).to(torch.int16)
@@ -88,10 +83,9 @@ class TokenizerStage:
         if actual != expected_hash:
             raise ValueError(f"tokenizer weights changed during the job: hash {actual[:12]} != manifest {expected_hash[:12]}")
         self.model = model.to(self.device)
-        config = model.config
-        side = config.patch_nums[-1]
-        self.num_tokens = config.num_tokens()
-        self.residual_shape = (config.z_channels, side, side)
+        grid = model.config.grid
+        self.num_tokens = grid.num_tokens
+        self.residual_shape = grid.residual_shape(model.config.z_channels)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         num_rows = len(batch["row_kind"])

@@ -27,7 +27,6 @@ they exist before Ray starts its workers (workers inherit the environment of `ra
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 
 import pytest
@@ -37,12 +36,6 @@ for _name, _value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY"
                       ("AWS_EC2_METADATA_DISABLED", "true"), ("RAY_AUTH_MODE", "disabled"),
                       ("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1")):
     os.environ.setdefault(_name, _value)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -106,15 +99,10 @@ def ray_cluster():
 
 @pytest.fixture(scope="session")
 def s3_endpoint():
-    from moto.server import ThreadedMotoServer
+    from jobs.local_services import s3_server
 
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
+    with s3_server() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture

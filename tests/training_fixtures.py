@@ -81,8 +81,8 @@ def tiny_config(assets: dict, stage: str, tmp_path: Path, *overrides: str) -> Tr
 
 @pytest.fixture
 def mlflow_server(tmp_path):
-    from jobs.tracking import local_server
+    from jobs.local_services import mlflow_server
 
-    with local_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "mlflow-server.log",
+    with mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "mlflow-server.log",
                       ("--default-artifact-root", str(tmp_path / "server-artifacts"))) as uri:
         yield uri

@@ -269,14 +269,18 @@ def rank_rows(setup: Setup, batch: dict, rank: int, rows: str) -> dict:
 
 def train(setup: Setup, model: nn.Module, trained: nn.Module, batches) -> tuple[list[float], list[float]]:
     """STEPS optimizer steps: (losses, pre-clip gradient norms); losses are averaged over ranks."""
-    from hart.parallelize import all_reduce_mean
+    import torch.distributed as dist
 
     optimizer = build_optimizer(model, OptimizerConfig(lr=setup.lr, weight_decay=0.0))
     losses, grad_norms = [], []
     for step, batch in enumerate(batches):
         metrics = train_step(trained, setup.loss, [batch], optimizer, step=step, clip_grad_norm=1.0,
                              precision=setup.precision)
-        losses.append(all_reduce_mean(metrics["loss"], torch.device("cpu")))
+        loss = torch.tensor([metrics["loss"]], dtype=torch.float64)
+        if dist.is_initialized():  # the mean over ranks, as logged; one process: its own loss
+            dist.all_reduce(loss)
+            loss /= dist.get_world_size()
+        losses.append(float(loss))
         grad_norms.append(metrics["grad_norm"])  # of the reduced gradient: the same on every rank
     return losses, grad_norms
 

@@ -20,7 +20,7 @@ from hart.checkpoint import (
 from hart.parallelize import ParallelConfig, apply_activation_checkpointing, full_state_dict, parallelize
 from hart.training import (
     ExponentialMovingAverage, NonFiniteLossError, OptimizerConfig, build_optimizer, build_scheduler,
-    load_optimizer_and_scheduler, lr_factor, parameter_groups, train_step,
+    lr_factor, parameter_groups, restore_scheduler, train_step,
 )
 
 
@@ -219,7 +219,8 @@ def test_checkpoint_round_trip(tmp_path):
     restored.load_state_dict(state.model)
     restored_opt = build_optimizer(restored, config)
     restored_sched = build_scheduler(restored_opt, 10, config)
-    load_optimizer_and_scheduler(restored_opt, restored_sched, state.optimizer, state.scheduler)
+    restored_opt.load_state_dict(state.optimizer)
+    restore_scheduler(restored_opt, restored_sched, state.scheduler)
     for step in range(3, 6):
         a = train_step(model, ce_loss, [make_batch(step)], optimizer, step=step, scheduler=scheduler)
         b = train_step(restored, ce_loss, [make_batch(step)], restored_opt, step=step, scheduler=restored_sched)

@@ -16,7 +16,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from jobs.local_services import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 RAY_BIN = Path(sys.executable).with_name("ray")
@@ -39,12 +40,6 @@ PROBE = (
     "'MLFLOW_TRACKING_URI': os.environ.get('MLFLOW_TRACKING_URI'), 'HF_HUB_OFFLINE': os.environ.get('HF_HUB_OFFLINE'), "
     "'paths': {p: os.path.exists(p) for p in ['.venv', 'runs', '.git', 'jobs', 'infra/ray/runtime_env.yaml']}}))"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -27,17 +27,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from jobs.local_services import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 MLFLOW_BIN = Path(sys.executable).parent / "mlflow"
 STARTUP_TIMEOUT_S = 180
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def request(url: str, user: str | None = None, password: str | None = None, body: dict | None = None) -> int:

@@ -88,14 +88,14 @@ def test_s3_services_leave_a_copy_of_the_bucket_and_a_store_that_serves_it(tmp_p
     from mlflow.tracking import MlflowClient
 
     from jobs import tracking
-    from jobs.demo import local_services
+    from jobs.demo import demo_services
     from jobs.demo_outputs import local_folder
     from pipelines import storage
 
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL"):
         monkeypatch.setenv(name, os.environ.get(name, "unset"))  # restored after the test: the services set them
     workdir = tmp_path / "demo"
-    with local_services(DemoConfig(storage="s3"), workdir) as services:
+    with demo_services(DemoConfig(storage="s3"), workdir) as services:
         assert services.root.startswith("s3://") and services.s3_copy == workdir / "s3-copy"
         fs, path = storage.resolve(f"{services.root}/cache/part.txt", services.endpoint)
         storage.write_bytes_atomic(fs, path, b"rows")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,23 +21,18 @@ from pathlib import Path
 
 import pytest
 
+from jobs.local_services import free_port
 from pipelines.shapes import write_shapes_shards
 
 REPO = Path(__file__).resolve().parents[2]
 RAY_BIN = Path(sys.executable).with_name("ray")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def token_auth_head():
     token = secrets.token_hex(16)
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")
-    dashboard_port = _free_port()
+    dashboard_port = free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen(
@@ -46,8 +40,8 @@ def token_auth_head():
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--num-cpus=2",
          "--include-dashboard=true", f"--temp-dir={temp_dir}", "--disable-usage-stats",
          # every listener on a free port: another Ray instance of the session may hold the defaults
-         f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-         f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"],
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard_port}"

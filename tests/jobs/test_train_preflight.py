@@ -39,6 +39,25 @@ def test_manifest_mismatch(train_assets, tmp_path, override, message):
         preflight(tiny_config(train_assets, "joint", tmp_path, override))
 
 
+def test_a_cache_at_another_scale_list_trains_with_that_list(train_assets, tmp_path):
+    """Precompute's `tokenizer.patch_nums` (same weights, another scale list: progressive training)
+    makes a cache that training takes when `model.tokenizer` names the same list; the transformer
+    follows the tokenizer's list."""
+    from pipelines.config import load_precompute_config
+    from pipelines.plan import run_precompute
+
+    cache = tmp_path / "cache-1248"
+    run_precompute(load_precompute_config(None, [
+        f"input.shards=['{train_assets['shards']}']", f"output={cache}", f"tokenizer.checkpoint={train_assets['tokenizer']}",
+        "tokenizer.patch_nums=[1, 2, 4, 8]", "progress=false", "compute.tokenizer_cpus=0.5"]), log=lambda *a: None)
+    config = tiny_config(train_assets, "joint", tmp_path, f"data.cache={cache}",
+                         "model.tokenizer={preset: tiny, patch_nums: [1, 2, 4, 8]}")
+    facts = preflight(config)
+    assert facts["manifest"]["patch_nums"] == [1, 2, 4, 8] and facts["manifest"]["num_rows"] == 48
+    with pytest.raises(ValueError, match=r"patch_nums: cache \(1, 2, 4, 8\), transformer \(1, 2, 3, 4, 6, 8\)"):
+        preflight(tiny_config(train_assets, "joint", tmp_path, f"data.cache={cache}"))
+
+
 def test_other_tokenizer_weights_are_refused(train_assets, tmp_path):
     torch.manual_seed(1)
     HybridTokenizer(tokenizer_config("tiny")).save_pretrained(tmp_path / "other")

@@ -74,7 +74,6 @@ def test_summary_manifest_and_files(shapes_cache):
     assert "images/s" in summary.table()
     # The start-up is split into its driver-side phases, in order, adding up to the start-up.
     assert list(summary.startup_phases) == ["listing", "setup", "manifest", "planning", "first_batch"]
-    assert all(seconds >= 0 for seconds in summary.startup_phases.values())
     assert abs(sum(summary.startup_phases.values()) - summary.startup_seconds) < 0.05
     assert "first_batch" in summary.table()
 
