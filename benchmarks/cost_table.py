@@ -23,7 +23,7 @@ infra/README.md ("Cost and size"), and must be replaced by `benchmarks/` measure
   params (310M / 732M) and sequence length ((1 + 680) / (300 + L)) for HART-0.7B.
 * $3.00 per A100-hour (1-year reserved p4de, RAY_NOTES 1.6); $0.023 per GB-month (S3 Standard).
 
-Run `python benchmarks/cost_table.py --help` for the flags; the README prints the exact command.
+Run `python -m benchmarks.cost_table --help` for the flags; the README prints the exact command.
 """
 
 from __future__ import annotations
