@@ -132,7 +132,6 @@ def p10(values: list[float]) -> float:
     return statistics.quantiles(values, n=10)[0]
 
 
-
 def pin_train_worker(root: int, cpus: set[int], pinned: dict[int, int], stop: threading.Event) -> None:
     """Pin the Ray train worker process under `root` to `cpus`, all its threads, re-applied every 0.5 s
     until `stop` (a thread started before a pass keeps its old mask otherwise); `pinned` gets
