@@ -42,11 +42,12 @@ chaos: install
 	$(PY) -m pytest -q -m slow tests
 
 bench: install
-	$(PY) benchmarks/tokenizer.py
-	$(PY) benchmarks/transformer.py
-	$(PY) benchmarks/precompute.py
-	$(PY) benchmarks/train.py
-	$(PY) benchmarks/cost_table.py
+	$(PY) -m benchmarks.tokenizer
+	$(PY) -m benchmarks.transformer
+	$(PY) -m benchmarks.precompute
+	$(PY) -m benchmarks.ray_overhead
+	$(PY) -m benchmarks.mfu
+	$(PY) -m benchmarks.cost_table
 
 # MLFLOW_STORE: the sqlite file of the runs; MLFLOW_ARTIFACTS: where proxied (mlflow-artifacts:/)
 # artifacts now live, e.g. an S3 demo's copy of its bucket. The demo's summary prints the line to use.

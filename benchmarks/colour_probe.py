@@ -11,28 +11,24 @@ trained tokenizer folder (e.g. `runs/demo/export/tokenizer`) three questions:
 3. The demo classifier's colour confusion on hybrid reconstructions of `--num-images` training-split
    images (the images the tokenizer was trained on).
 
-Usage: python benchmarks/colour_probe.py TOKENIZER_DIR [--num-images 360] [--seed 0]
+Usage: python -m benchmarks.colour_probe TOKENIZER_DIR [--num-images 360] [--seed 0]
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import sys
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from hart.generate import to_pil  # noqa: E402
-from hart.tokenizer import HybridTokenizer  # noqa: E402
-from jobs.train_data import images_collate  # noqa: E402
-from pipelines import shapes_classifier  # noqa: E402
-from pipelines.shapes import BACKGROUNDS, COLOURS, ShapeSample, encode_image, render, sample_spec  # noqa: E402
+from hart.generate import to_pil
+from hart.tokenizer import HybridTokenizer
+from jobs.train_data import images_collate
+from pipelines import shapes_classifier
+from pipelines.shapes import BACKGROUNDS, COLOURS, ShapeSample, encode_image, render, sample_spec
 
 
 def as_batch(images: list[Image.Image]) -> torch.Tensor:

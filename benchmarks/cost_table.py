@@ -11,8 +11,8 @@ schema (pipelines/ contract 4) and the released scale lists in `hart.config`:
 The online columns price `online.enabled` training (pipelines/online.py): no cache is stored, and
 the tokenizer (and a text encoder, when its features would have been stored) encode every epoch.
 
-Everything else is arithmetic on throughput and price ASSUMPTIONS passed as flags, because no
-GPU was available when this table was written. The defaults are estimates, derived in
+Everything else is arithmetic on throughput and price ASSUMPTIONS passed as flags (GPU throughput:
+not measured). The defaults are estimates, derived in
 infra/README.md ("Cost and size"), and must be replaced by `benchmarks/` measurements:
 
 * precompute images/s per A100 (tokenizer encode): 400 / 100 / 25 at 256 / 512 / 1024 px.
@@ -23,7 +23,7 @@ infra/README.md ("Cost and size"), and must be replaced by `benchmarks/` measure
   params (310M / 732M) and sequence length ((1 + 680) / (300 + L)) for HART-0.7B.
 * $3.00 per A100-hour (1-year reserved p4de, RAY_NOTES 1.6); $0.023 per GB-month (S3 Standard).
 
-Run `python benchmarks/cost_table.py --help` for the flags; the README prints the exact command.
+Run `python -m benchmarks.cost_table --help` for the flags; the README prints the exact command.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Benchmark: the cache's data plane at 1024px row sizes, with a stand-in for the encoder.
 
-    python benchmarks/data_plane.py                        # local disk and loopback S3, 1024px rows
-    python benchmarks/data_plane.py --rows 3000 --text     # + Qwen2-sized text features (300 x 1536 fp16)
+    python -m benchmarks.data_plane                        # local disk and loopback S3, 1024px rows
+    python -m benchmarks.data_plane --rows 3000 --text     # + Qwen2-sized text features (300 x 1536 fp16)
 
 What runs is the precompute plan's tail, the real code: `writer_pool.route_batch` (the plan's
 last stage, `plan.add_route_stage`), the shard-writer actors, storage, and the driver loop
@@ -17,9 +17,9 @@ loopback):
   - MB/s of cache written (parquet bytes / wall time) and rows/s;
   - bytes per row that reached the driver process, next to the bytes per row routed between workers;
   - peak private RSS (RSS less shared pages: the object store's mapped pages are not the process's
-    own) of the driver and of each writer actor (psutil, sampled every 0.2 s; also over time) and the object
-    store's spilled bytes (Ray's memory summary): these must not grow with the row count, since no
-    stage buffers more than a few shards;
+    own) of the driver and of each writer actor (`benchmarks.processes.MemorySampler`, every 0.2 s;
+    also over time) and the object store's spilled bytes (Ray's memory summary): these must not grow
+    with the row count, since no stage buffers more than a few shards;
   - the training reader's data-wait share: the fraction of wall time a simulated training loop
     (`--step-ms` of sleep per batch of `--batch-size` rows) spends waiting for its next batch.
 Run twice with different `--rows` to see whether peak memory stays flat, and one `--targets` at a
@@ -37,14 +37,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import numpy as np
-import psutil
 
+from benchmarks.processes import MemorySampler
 from hart.config import PATCH_NUMS_1024
 from pipelines import manifest as manifest_lib
 from pipelines.cache import batch_to_tensors, read_cache_dataset
@@ -102,40 +101,6 @@ def fingerprint(with_text: bool) -> dict:
             "text": {"encoder": "stand-in", "max_length": TEXT_SHAPE[0], "dim": TEXT_SHAPE[1]} if with_text else None}
 
 
-class MemorySampler:
-    """Peak private RSS of a set of processes, sampled on a thread."""
-
-    def __init__(self, pids: dict[str, int], every_s: float = 0.2):
-        self.processes = {name: psutil.Process(pid) for name, pid in pids.items()}
-        self.peak = {name: 0 for name in pids}
-        self.series: dict[str, list[tuple[float, int]]] = {name: [] for name in pids}  # (seconds, RSS)
-        self.every_s, self.stop_event = every_s, threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-        self.started = time.perf_counter()
-
-    def run(self) -> None:
-        while not self.stop_event.is_set():
-            for name, process in self.processes.items():
-                try:
-                    info = process.memory_info()
-                except psutil.Error:
-                    continue
-                # Private memory: RSS less shared pages, which include the Ray object store's mapped
-                # plasma pages (a process that reads many objects touches more of them; they are not its own).
-                rss = info.rss - info.shared
-                self.peak[name] = max(self.peak[name], rss)
-                self.series[name].append((time.perf_counter() - self.started, rss))
-            self.stop_event.wait(self.every_s)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop_event.set()
-        self.thread.join()
-
-
 def spilled_bytes() -> int:
     """Bytes the object store has spilled to disk so far (Ray's memory summary)."""
     from ray._private.internal_api import memory_summary
@@ -166,7 +131,7 @@ def write_cache(output: str, endpoint: str, args) -> dict:
     summary = PrecomputeSummary(shards_total=len(shards))
     spilled_before = spilled_bytes()
     started = time.perf_counter()
-    with MemorySampler(pids) as memory:
+    with MemorySampler(pids, every_s=0.2, private=True) as memory:
         try:
             done, failed, _ = drain_to_writers(ds, pool, summary, log=lambda *a: None)
         finally:
@@ -181,9 +146,9 @@ def write_cache(output: str, endpoint: str, args) -> dict:
     return {"rows": rows, "seconds": seconds, "mb_per_s": summary.bytes_written / seconds / 1e6, "rows_per_s": rows / seconds,
             "bytes_per_row_written": summary.bytes_written / rows, "driver_bytes_per_row": summary.driver_bytes / rows,
             "routed_bytes_per_row": summary.routed_bytes / rows, "driver_bytes_per_shard": summary.driver_bytes / len(shards),
-            "peak_rss_mb": {k: v / 2**20 for k, v in memory.peak.items()},
+            "peak_rss_mb": {k: v / 2**20 for k, v in memory.peak().items()},
             "rss_mb_series": {name: [(round(t, 1), round(r / 2**20)) for t, r in series[:: max(1, len(series) // 12)]]
-                              for name, series in memory.series.items()},
+                              for name, series in ((name, memory.series(name)) for name in pids)},
             "spilled_mb": (spilled_bytes() - spilled_before) / 2**20}
 
 

@@ -2,14 +2,14 @@
 
 Rows (weights are random everywhere: speed does not depend on their values):
 - `train RES eager | compile | flex+compile` (RES = 256, 512, 1024 px): the worker's training step of
-  `hart-0.7b` as `benchmarks/train.py`'s `gpu` part measures it, by calling its `mfu_run`: `train_step`
+  `hart-0.7b` as `benchmarks/mfu.py` measures it, by calling its `mfu_run`: `train_step`
   (joint objective, bf16 autocast, fused AdamW, clip 2.0) + the EMA update, on random tokens, the
   objective wrapped by `hart.parallelize.parallelize` as on a worker (world size 1). The kernel choice
   is `ParallelConfig(attention="sdpa"|"flex", compile=...)`; compile = `torch.compile` per block.
   Time = mean of `--steps` steps after `--warmup` steps whose random draws they replay (steady state,
   see `mfu_run`). FLOPs are counted by `FlopCounterMode` over a real eager forward + backward (model
   FLOPs: the same count for every kernel choice); MFU = counted FLOPs / step time / the GPU's dense
-  bf16 peak (`benchmarks/train.py`'s and `benchmarks/transformer.py`'s peak tables, or `--peak-tflops`).
+  bf16 peak (`benchmarks.mfu.PEAK_BF16`, or `--peak-tflops`).
 - `generate RES bB eager | compile` (512, 1024 px; batch 1 and 8): wall time of one
   `hart.generate.generate` call (text features -> all scales with KV cache and CFG 4.5 -> 8-step
   residual head -> tokenizer decode -> PIL images) after `--gen-warmup` untimed calls, mean of
@@ -40,8 +40,8 @@ and one timed step per row, one torch thread, torch.compile's `eager` backend) r
 on the CPU in about 30 s on two cores; flex rows print "n/a" there (FlexAttention has no backward on
 the CPU). CPU figures say nothing about a GPU.
 
-Run:  python benchmarks/gpu.py [--budget-s 480] [--only train,generate,tokenizer] [--train-batch 256=32,...]
-      python benchmarks/gpu.py --smoke
+Run:  python -m benchmarks.gpu [--budget-s 480] [--only train,generate,tokenizer] [--train-batch 256=32,...]
+      python -m benchmarks.gpu --smoke
 """
 
 from __future__ import annotations
@@ -54,22 +54,16 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 STARTED = time.monotonic()  # the budget counts imports and CUDA start-up too: the whole call must fit
 
-import torch  # noqa: E402
+import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-# benchmarks/ is not a package; with the repository root on sys.path its files import as a namespace
-# package (benchmarks/train.py itself imports benchmarks.turns that way).
-from benchmarks import tokenizer as tokenizer_bench  # noqa: E402
-from benchmarks import train as train_bench  # noqa: E402
-from benchmarks import transformer as transformer_bench  # noqa: E402
-from hart.config import (  # noqa: E402
+from benchmarks import mfu as mfu_bench
+from benchmarks import tokenizer as tokenizer_bench
+from benchmarks import transformer as transformer_bench
+from hart.config import (
     PATCH_NUMS_256, PATCH_NUMS_512, PATCH_NUMS_1024, TOKENIZER_PRESETS, replace, transformer_config,
 )
 
@@ -175,14 +169,12 @@ def scale_lists(args) -> dict[int, tuple[int, ...]]:
 
 
 def dense_bf16_peak(device: torch.device, override_tflops: float | None) -> float | None:
-    """FLOP/s: `--peak-tflops`, else the first entry of the benchmarks' peak tables named in the GPU's name."""
+    """FLOP/s: `--peak-tflops`, else `benchmarks.mfu`'s peak for the GPU's name."""
     if override_tflops:
         return override_tflops * 1e12
     if device.type != "cuda":
         return None
-    table = {**transformer_bench.PEAK_BF16, **{k: v * 1e12 for k, v in train_bench.PEAK_BF16_TFLOPS.items()}}
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in table.items() if k in name), None)
+    return mfu_bench.peak_bf16(torch.cuda.get_device_name(device))
 
 
 @contextlib.contextmanager
@@ -224,8 +216,8 @@ def train_row(args, resolution: int, batch: int, mode: str, device: torch.device
     attention = "flex" if mode == "flex+compile" else "sdpa"
     compiled = mode != "eager"
     with compile_backend(args.compile_backend):
-        r = train_bench.mfu_run(args.preset, resolution, batch, False, compiled, device, args.steps, args.warmup,
-                                attention=attention, patch_nums=scale_lists(args)[resolution])
+        r = mfu_bench.mfu_run(args.preset, resolution, batch, False, compiled, device, args.steps, args.warmup,
+                              attention=attention, patch_nums=scale_lists(args)[resolution])
     if r["attention"] != [attention]:  # a label must never time another kernel
         raise RuntimeError(f"the step ran with attention {r['attention']}, not {attention}")
     achieved = r["flops"] / r["step_s"]

@@ -2,10 +2,11 @@
 
 What it measures (nothing estimated):
 1. Precompute of `--num-shards` shapes shards (`--per-shard` samples each) through
-   `pipelines.plan.run_precompute` on `ray.init(num_cpus=2)` started here. A sampler thread reads
-   /proc every `--interval` s and sums VmRSS over this driver and every process descended from it
-   (GCS, raylet, Ray Data workers and actors). Reported: peak total RSS, peak driver RSS, peak of
-   the largest single worker, and the peak total in each quarter of the run: memory is bounded
+   `pipelines.plan.run_precompute` on `ray.init(num_cpus=2)` started here. A sampler thread
+   (`benchmarks.processes.MemorySampler`) reads the RSS of this driver and of every process descended
+   from it (GCS, raylet, Ray Data workers and actors) every `--interval` s. Reported: peak total RSS,
+   peak driver RSS, peak of the largest single worker, and the peak total in each quarter of the
+   run: memory is bounded
    when the last quarter's peak is not above the first's by more than a little (no growth with
    shards processed). RSS counts pages of the shared object store in every process that maps
    them, so the total is an upper bound of real use.
@@ -15,7 +16,7 @@ What it measures (nothing estimated):
    batch vs seconds of the step itself, after `--warmup` steps. Goal: wait < 5% of step time.
    (Context features are random tensors of the right shape: the text encoder is not data input.)
 
-Run:  python benchmarks/load.py [--num-shards 200 --per-shard 16 --steps 60]
+Run:  python -m benchmarks.load [--num-shards 200 --per-shard 16 --steps 60]
 """
 
 from __future__ import annotations
@@ -26,72 +27,26 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from benchmarks.processes import MemorySampler, tree_by_pid
 
 
-def rss_kib(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as handle:
-            for line in handle:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def descendants(root: int) -> list[int]:
-    """Every live process whose parent chain reaches `root` (read from /proc/*/stat)."""
-    parents: dict[int, int] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as handle:
-                stat = handle.read()
-            parents[int(name)] = int(stat.rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-    children: dict[int, list[int]] = {}
-    for pid, parent in parents.items():
-        children.setdefault(parent, []).append(pid)
-    found, stack = [], [root]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
-
-
-class MemorySampler(threading.Thread):
-    def __init__(self, interval: float):
-        super().__init__(daemon=True)
-        self.interval, self.samples, self.stop_event = interval, [], threading.Event()
-
-    def run(self) -> None:
-        me = os.getpid()
-        while not self.stop_event.is_set():
-            workers = {pid: rss_kib(pid) for pid in descendants(me)}
-            driver = rss_kib(me)
-            self.samples.append((time.perf_counter(), driver, sum(workers.values()), max(workers.values(), default=0)))
-            self.stop_event.wait(self.interval)
-
-    def report(self) -> dict:
-        start, end = self.samples[0][0], self.samples[-1][0]
-        quarters = [0, 0, 0, 0]
-        for t, driver, workers, _ in self.samples:
-            index = min(3, int(4 * (t - start) / max(end - start, 1e-9)))
-            quarters[index] = max(quarters[index], driver + workers)
-        mib = 1 / 1024
-        return {"memory_samples": len(self.samples), "peak_total_mib": round(max(d + w for _, d, w, _ in self.samples) * mib),
-                "peak_driver_mib": round(max(d for _, d, _, _ in self.samples) * mib),
-                "peak_single_worker_mib": round(max(m for *_, m in self.samples) * mib),
-                "peak_total_by_quarter_mib": [round(q * mib) for q in quarters]}
+def memory_report(sampler: MemorySampler) -> dict:
+    """Peaks of the driver, of the largest single worker and of the total, overall and per quarter of the run."""
+    totals = [(t, sum(values.values())) for t, values in sampler.samples]
+    start, end = totals[0][0], totals[-1][0]
+    quarters = [0, 0, 0, 0]
+    for t, total in totals:
+        index = min(3, int(4 * (t - start) / max(end - start, 1e-9)))
+        quarters[index] = max(quarters[index], total)
+    workers = [rss for _, values in sampler.samples for name, rss in values.items() if name != "driver"]
+    mib = 2**-20
+    return {"memory_samples": len(sampler.samples), "peak_total_mib": round(max(total for _, total in totals) * mib),
+            "peak_driver_mib": round(sampler.peak().get("driver", 0) * mib),
+            "peak_single_worker_mib": round(max(workers, default=0) * mib),
+            "peak_total_by_quarter_mib": [round(q * mib) for q in quarters]}
 
 
 def precompute_load(root: Path, num_shards: int, per_shard: int, interval: float) -> dict:
@@ -103,14 +58,11 @@ def precompute_load(root: Path, num_shards: int, per_shard: int, interval: float
     write_shapes_shards(str(root / "raw"), num_shards * per_shard, num_shards, seed=0)
     print(f"[load] wrote {num_shards} shards x {per_shard} samples in {time.perf_counter() - started:.1f}s", flush=True)
     config = load_precompute_config(None, [f"input.shards=['{root}/raw/*.tar']", f"output={root}/cache", "progress=false"])
-    sampler = MemorySampler(interval)
-    sampler.start()
-    summary = run_precompute(config, log=lambda line: print(f"[load] {line}", flush=True))
-    sampler.stop_event.set()
-    sampler.join()
+    with MemorySampler(tree_by_pid(os.getpid()), every_s=interval) as sampler:
+        summary = run_precompute(config, log=lambda line: print(f"[load] {line}", flush=True))
     assert not summary.shards_failed and summary.samples_written == num_shards * per_shard, summary.table()
     return {"shards": summary.shards_done, "samples": summary.samples_written, "seconds": round(summary.seconds, 1),
-            "images_per_s": round(summary.images_per_second, 1), **sampler.report()}
+            "images_per_s": round(summary.images_per_second, 1), **memory_report(sampler)}
 
 
 def trainer_stall(cache: str, steps: int, warmup: int, batch_size: int) -> dict:
@@ -162,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-shards", type=int, default=200)
     parser.add_argument("--per-shard", type=int, default=16, help="samples per shard (64px shapes)")
-    parser.add_argument("--interval", type=float, default=0.5, help="seconds between /proc memory samples")
+    parser.add_argument("--interval", type=float, default=0.5, help="seconds between memory samples")
     parser.add_argument("--steps", type=int, default=60, help="measured training steps")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=16)

@@ -1,6 +1,6 @@
 """Benchmark: one joint training run from a token cache and the same run online (no cache).
 
-    python benchmarks/online.py [--samples 512 --shards 16 --steps 40 --warmup 5]
+    python -m benchmarks.online [--samples 512 --shards 16 --steps 40 --warmup 5]
 
 Both runs go through `jobs.train.run_training` on a local Ray started here (2 CPUs): tiny presets,
 one worker with 0.5 CPU, batch 8, the same seed, the tiny shapes corpus written here. The cache is
@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 STAGE_SIZES = ["compute.tokenizer_cpus=0.5", "compute.decode_cpus=0.25"]
 

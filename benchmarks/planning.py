@@ -1,7 +1,7 @@
 """Benchmark: planning a precompute run over 100k shards, and the cache layout such a run leaves.
 
-    python benchmarks/planning.py                 # 100,000 shards, S3 through moto_server on loopback
-    python benchmarks/planning.py --shards 1000000
+    python -m benchmarks.planning                 # 100,000 shards, S3 through moto_server on loopback
+    python -m benchmarks.planning --shards 1000000
 
 No data is needed: the shards are names only (planning never opens a shard). Measured, on the driver:
   - `shard_source.list_shards` + `name_shards` + the cluster path check for a brace range of N S3
@@ -21,20 +21,16 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/ (the counting proxy)
-
-from pipelines import manifest as manifest_lib  # noqa: E402
-from pipelines import storage  # noqa: E402
-from pipelines.config import InputConfig  # noqa: E402
-from pipelines.plan import INDEX_REFRESH_SECONDS  # noqa: E402
-from pipelines.shard_source import list_shards, name_shards  # noqa: E402
-from tests.faults.s3_fault_proxy import FaultProxy  # noqa: E402
-
-from data_plane import loopback_s3  # noqa: E402  (benchmarks/ is this script's folder)
+from benchmarks.data_plane import loopback_s3
+from pipelines import manifest as manifest_lib
+from pipelines import storage
+from pipelines.config import InputConfig
+from pipelines.plan import INDEX_REFRESH_SECONDS
+from pipelines.shard_source import list_shards, name_shards
+from tests.faults.s3_fault_proxy import FaultProxy
 
 
 def plan(config: InputConfig) -> tuple[int, float]:

@@ -1,7 +1,7 @@
 """Benchmark: the Ray Data pre-tokenization pipeline vs a bare single-process loop, same shards.
 
-    python benchmarks/precompute.py                      # 2-core CPU, tiny tokenizer, 64px shapes
-    python benchmarks/precompute.py --preset var-d16-f16 --image-size 256 --device cuda --num-samples 4096
+    python -m benchmarks.precompute                      # 2-core CPU, tiny tokenizer, 64px shapes
+    python -m benchmarks.precompute --preset var-d16-f16 --image-size 256 --device cuda --num-samples 4096
 
 Measures in one run, on the same shards and the same tokenizer weights:
   (a) `pipelines.plan.run_precompute` end to end (planning, actor start-up, read, decode, encode,

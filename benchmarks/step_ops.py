@@ -13,7 +13,7 @@ machine as ratios). Settings: eager and `parallel.compile` (per-block torch.comp
 and under bf16 autocast. Counts do not depend on the machine; times do (and bf16 times on a CPU
 without bf16 units mean nothing for a GPU).
 
-Run: python benchmarks/step_ops.py [--model small|demo] [--steps 6] [--batch B] [--threads 1] [--top 12]
+Run: python -m benchmarks.step_ops [--model small|demo] [--steps 6] [--batch B] [--threads 1] [--top 12]
 """
 
 from __future__ import annotations
@@ -21,23 +21,17 @@ from __future__ import annotations
 import argparse
 import collections
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from transformer import SMALL_256, make_inputs  # noqa: E402  (benchmarks/transformer.py)
-
-from hart.config import TokenizerConfig, transformer_config  # noqa: E402
-from hart.parallelize import ParallelConfig, parallelize  # noqa: E402
-from hart.quantizer import MultiScaleQuantizer  # noqa: E402
-from hart.t2i_objective import t2i_losses  # noqa: E402
-from hart.training import ExponentialMovingAverage, OptimizerConfig, build_optimizer  # noqa: E402
-from hart.transformer import HARTForT2I  # noqa: E402
+from benchmarks.transformer import SMALL_256, make_inputs
+from hart.config import TokenizerConfig, transformer_config
+from hart.parallelize import ParallelConfig, parallelize
+from hart.quantizer import MultiScaleQuantizer
+from hart.t2i_objective import t2i_losses
+from hart.training import ExponentialMovingAverage, OptimizerConfig, build_optimizer
+from hart.transformer import HARTForT2I
 
 
 def model_config(name: str):
@@ -55,7 +49,7 @@ def build(config, compiled: bool, batch: int):
     quantizer = MultiScaleQuantizer(TokenizerConfig(ch=32, patch_nums=config.patch_nums,
                                                     vocab_size=config.vocab_size, z_channels=config.token_dim))
     parallelize(model, ParallelConfig(strategy="none", compile=compiled), torch.device("cpu"))
-    # fused AdamW (one op per step) as on a GPU (benchmarks/train.py), not the CPU's per-parameter loop
+    # fused AdamW (one op per step) as on a GPU (benchmarks/mfu.py), not the CPU's per-parameter loop
     optimizer = build_optimizer(model, OptimizerConfig(lr=1e-4, fused=True))
     ema = ExponentialMovingAverage(model, 0.999)
     tokens, residual, context, mask = make_inputs(config, batch, torch.device("cpu"))

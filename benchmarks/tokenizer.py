@@ -9,7 +9,7 @@ Peak memory: CPU = the process's peak resident set size (getrusage ru_maxrss; in
 model and Python), CUDA = torch.cuda.max_memory_allocated per phase.
 Weights are random unless --weights is given: speed does not depend on their values.
 
-Usage: python benchmarks/tokenizer.py [--preset var-d16-f16] [--resolution 256] [--batch-size 4]
+Usage: python -m benchmarks.tokenizer [--preset var-d16-f16] [--resolution 256] [--batch-size 4]
        [--iters 3] [--warmup 1] [--threads N] [--device auto|cpu|cuda] [--weights PATH]
 """
 
@@ -18,16 +18,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import resource
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from hart.config import PATCH_NUMS_256, PATCH_NUMS_512, PATCH_NUMS_1024, TOKENIZER_PRESETS, replace  # noqa: E402
-from hart.tokenizer import HybridTokenizer  # noqa: E402
+from hart.config import PATCH_NUMS_256, PATCH_NUMS_512, PATCH_NUMS_1024, TOKENIZER_PRESETS, replace
+from hart.tokenizer import HybridTokenizer
 
 SCALE_LISTS = {p[-1]: p for p in (PATCH_NUMS_256, PATCH_NUMS_512, PATCH_NUMS_1024)}
 

@@ -14,7 +14,7 @@ no CUDA device is present): `hart-0.7b` at 512px and 1024px in bf16 autocast wit
 memory and MFU (model FLOPs: 6 x matmul params x tokens + block-causal attention, over the
 device's dense bf16 peak). Weights are random: speed does not depend on their values.
 
-Usage: python benchmarks/transformer.py [--skip-cpu] [--skip-gpu] [--steps N] [--threads N]
+Usage: python -m benchmarks.transformer [--skip-cpu] [--skip-gpu] [--steps N] [--threads N]
 """
 
 from __future__ import annotations
@@ -22,27 +22,23 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from hart.attention import segmented_attention  # noqa: E402
-from hart.config import (  # noqa: E402
+from benchmarks.mfu import peak_bf16
+from hart.attention import segmented_attention
+from hart.config import (
     PATCH_NUMS_256, PATCH_NUMS_512, PATCH_NUMS_1024, TRANSFORMER_PRESETS, TokenizerConfig, replace,
 )
-from hart.generate import sample_latent  # noqa: E402
-from hart.quantizer import MultiScaleQuantizer  # noqa: E402
-from hart.t2i_objective import t2i_losses  # noqa: E402
-from hart.tokenizer import HybridTokenizer  # noqa: E402
-from hart.transformer import HARTForT2I  # noqa: E402
+from hart.generate import sample_latent
+from hart.quantizer import MultiScaleQuantizer
+from hart.t2i_objective import t2i_losses
+from hart.tokenizer import HybridTokenizer
+from hart.transformer import HARTForT2I
 
 # Dense bf16 tensor-core peaks (FLOP/s) for MFU.
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
 
 SMALL_256 = replace(
     TRANSFORMER_PRESETS["tiny"], patch_nums=PATCH_NUMS_256, context_token=77, context_dim=384, depth=4,
@@ -219,7 +215,7 @@ def run_gpu(args):
         return
     device = torch.device("cuda")
     name = torch.cuda.get_device_name()
-    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    peak = peak_bf16(name)
     for res, patch_nums, batch in ((512, PATCH_NUMS_512, args.gpu_batch), (1024, PATCH_NUMS_1024, max(1, args.gpu_batch // 4))):
         config = replace(TRANSFORMER_PRESETS["hart-0.7b"], patch_nums=patch_nums)
         train = bench_training(config, batch, device, args.steps, dtype=torch.bfloat16)

@@ -1,23 +1,25 @@
 """Turn-taking between two sets of processes, for paired timing on a host whose speed drifts.
 
-Why: this 2-core VM's speed moves 10-30% over minutes (hypervisor steal, neighbours), more than
-the few percent `benchmarks/train.py` tries to measure (the Ray Train wrapper against a bare step
-loop). Running A, then B, then A cancels only the slow part of that drift: repeated runs of
-bracketed rounds put the same ratio anywhere between 0.88 and 1.41. Here both sides run during
-the same minutes and take turns: one side runs alone for `block_s` seconds while the other is
-frozen with SIGSTOP (SIGCONT resumes it exactly where it stopped; no Ray timeout is shorter than
-the seconds a turn lasts), and the sides swap. Every turn is logged on the wall clock, and a
-measurement window counts only if it lies wholly inside one of its side's turns: no counted
-window holds a frozen spell, a switch, or the other side's work.
+Why: a shared 2-core VM's speed moves 10-30% over minutes (hypervisor steal, neighbours), more than
+the few percent `benchmarks/ray_overhead.py` measures (the Ray Train wrapper against a bare step
+loop). Running A, then B, then A cancels only the slow part of that drift: bracketed whole runs put
+the same ratio anywhere between 0.88 and 1.41. Here both sides run during the same minutes and take
+turns: one side runs alone for `block_s` seconds while the other is frozen with SIGSTOP (SIGCONT
+resumes it exactly where it stopped; no Ray timeout is shorter than the seconds a turn lasts), and
+the sides swap. Every turn is logged on the wall clock, and a measurement window counts only if it
+lies wholly inside one of its side's turns: no counted window holds a frozen spell, a switch, or the
+other side's work.
 
 A side is a function returning its current process ids (re-listed at every switch: Ray starts
-workers as it goes). Freezing re-lists until no new process appears, so a child forked during
-the switch is caught too. `pin_threads` confines a process to chosen cores: this VM's two vCPUs
-differ in speed by 3-7% (two identical loops, each pinned to its own vCPU, measured), so two
-processes compared while the scheduler places them freely carry that difference as if it were theirs. Whatever happens, `resume_all()` (also on context exit) SIGCONTs both
-sides: a benchmark that dies must not leave frozen processes behind.
+workers as it goes; `benchmarks.processes.process_tree` lists a tree). Freezing re-lists until no
+new process appears, so a child forked during the switch is caught too. The two vCPUs of such a VM
+can differ in speed by 3-7% (two identical loops, each pinned to its own vCPU), so two processes
+compared while the scheduler places them freely carry that difference as if it were theirs:
+`benchmarks.processes.pin_threads` confines both to the same core(s). Whatever happens,
+`resume_all()` (also on context exit) SIGCONTs both sides: a benchmark that dies must not leave
+frozen processes behind.
 
-Linux only (signals and /proc).
+Needs POSIX signals (Linux, macOS).
 """
 
 from __future__ import annotations
@@ -31,57 +33,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 
-def process_tree(root: int) -> list[int]:
-    """`root` and all its descendants (Linux /proc)."""
-    children: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-            children.setdefault(parent, []).append(int(name))
-    out, stack = [], [root]
-    while stack:
-        pid = stack.pop()
-        out.append(pid)
-        stack.extend(children.get(pid, []))
-    return out
-
-
-def command_line(pid: int) -> str:
-    """The process's command line, spaces for NULs ("" if it is gone)."""
-    try:
-        with open(f"/proc/{pid}/cmdline") as f:
-            return f.read().replace("\0", " ").strip()
-    except OSError:
-        return ""
-
-
 def _signal(pids, sig: int) -> None:
     for pid in pids:
         try:
             os.kill(pid, sig)
         except ProcessLookupError:  # ended since it was listed
             pass
-
-
-def pin_threads(pid: int, cpus: set[int]) -> int:
-    """Confine every thread of process `pid` to `cpus` (threads it starts later inherit the mask);
-    returns how many threads were pinned (0 if the process is gone)."""
-    pinned = 0
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return 0
-    for tid in tids:
-        try:
-            os.sched_setaffinity(int(tid), cpus)
-            pinned += 1
-        except OSError:  # the thread ended
-            pass
-    return pinned
 
 
 @dataclass(frozen=True)
@@ -199,4 +156,4 @@ def paired_ratios(a_by_turn: dict[int, list[float]], b_by_turn: dict[int, list[f
     return ratios
 
 
-__all__ = ["process_tree", "command_line", "pin_threads", "Turn", "Turns", "windows_in_turns", "paired_ratios"]
+__all__ = ["Turn", "Turns", "windows_in_turns", "paired_ratios"]

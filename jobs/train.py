@@ -4,8 +4,8 @@ Design: the only module that calls `ray.train` (touch points marked `# [ray]`). 
 (`run_training`) checks everything that can be wrong before a worker starts (`preflight`:
 storage, cache manifest vs model, text encoder, MLflow), opens or resumes the MLflow run,
 and hands a plain-dict config to `TorchTrainer`. Each worker (`train_loop_per_worker`)
-builds its stage (`jobs.stages`), restores the latest checkpoint if Ray has one, wraps the
-loss module (`hart.parallelize`) and loops over `hart.training.train_step`.
+builds its stage, wrapped loss module, optimizer and EMA (`setup_worker`, which needs no Ray),
+restores the latest checkpoint if Ray has one and loops over `hart.training.train_step`.
 
 Resume = resubmit the same `run.name` with the same `run.storage_path` (Train V2 restores
 the latest checkpoint of `{storage_path}/{name}`; RAY_NOTES §2.2). The checkpoint holds the
@@ -35,6 +35,7 @@ import socket
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -328,18 +329,31 @@ def export_and_register(config: TrainRunConfig, facts: dict[str, Any], checkpoin
 # ======================================================================================
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    import ray.train  # [ray]
-    import ray.train.torch  # [ray]
+@dataclass
+class WorkerSetup:
+    """What a worker holds before its first step: `setup_worker`'s result."""
 
-    config = config_from_dict(TrainRunConfig, loop_config["config"])
-    context = ray.train.get_context()  # [ray]
-    rank = context.get_world_rank()
-    device = ray.train.torch.get_device()  # [ray]
+    text: TextFeatures | None  # None for the tokenizer stage (it trains on images, not captions)
+    stage: Stage
+    objective: torch.nn.Module  # the stage's loss module as `parallelize` wrapped it
+    disc_objective: torch.nn.Module | None
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    disc_optimizer: torch.optim.Optimizer | None
+    ema: ExponentialMovingAverage
+
+
+def setup_worker(config: TrainRunConfig, manifest: dict[str, Any] | None, device: torch.device,
+                 rank: int = 0) -> WorkerSetup:
+    """Seed, threads, text features, stage, wrapped loss modules, optimizers, scheduler and EMA, built in
+    the order the worker's numerics depend on (the seed first, then every module that draws from it).
+
+    Needs no Ray: `benchmarks/ray_overhead.py`'s bare loop calls it too, so the loop it compares the Ray
+    job with is the worker's own setup, not a copy of it.
+    """
     torch.manual_seed(config.run.seed + rank)
     if config.scaling.torch_threads:
         torch.set_num_threads(config.scaling.torch_threads)
-    manifest = loop_config["manifest"]
     text = TextFeatures(config, manifest, device) if config.stage != "tokenizer" else None
     stage = build_stage(config, device, text.encoder if text else None)
     # Wrap first: FSDP2 swaps parameters for DTensors, and the optimizer/EMA must hold those.
@@ -354,6 +368,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         disc_optimizer = torch.optim.AdamW(stage.discriminator.parameters(), lr=config.objective.disc_lr,
                                            betas=tuple(config.optim.betas))
     ema = ExponentialMovingAverage(stage.model, config.ema_decay)
+    return WorkerSetup(text, stage, objective, disc_objective, optimizer, scheduler, disc_optimizer, ema)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    import ray.train  # [ray]
+    import ray.train.torch  # [ray]
+
+    config = config_from_dict(TrainRunConfig, loop_config["config"])
+    context = ray.train.get_context()  # [ray]
+    rank = context.get_world_rank()
+    device = ray.train.torch.get_device()  # [ray]
+    manifest = loop_config["manifest"]
+    setup = setup_worker(config, manifest, device, rank)
+    text, stage, objective, disc_objective = setup.text, setup.stage, setup.objective, setup.disc_objective
+    optimizer, scheduler, disc_optimizer, ema = setup.optimizer, setup.scheduler, setup.disc_optimizer, setup.ema
     step, data_epoch, resumed = 0, 0, False
     ledger = VisitLedger() if config.online.enabled else None
     checkpoint = ray.train.get_checkpoint()  # [ray]

@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
-from pathlib import Path
 
 import torch
 
+from benchmarks import colour_probe as probe
 from hart.config import tokenizer_config
 from hart.tokenizer import HybridTokenizer
 from pipelines.shapes import BACKGROUNDS, COLOURS
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 def test_colour_probe_reports_every_colour_and_background(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("colour_probe", REPO / "benchmarks" / "colour_probe.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         HybridTokenizer(tokenizer_config("tiny")).save_pretrained(tmp_path / "tokenizer")

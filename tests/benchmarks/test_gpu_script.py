@@ -4,7 +4,6 @@ speed, only that each row produced finite, positive ones."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
 import subprocess
@@ -15,34 +14,27 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks import gpu as gpu_script
+
 REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "benchmarks" / "gpu.py"
 
 TRAIN = [f"train {res}px {mode}" for mode in ("eager", "compile", "flex+compile") for res in (256, 512, 1024)]
 GENERATE = [f"generate {res}px b{batch} {mode}" for mode in ("eager", "compile") for res in (512, 1024) for batch in (1, 2)]
 TOKENIZER = [f"tokenizer {res}px encode" for res in (256, 512, 1024)]
 NUMBER = re.compile(r"[-+]?(?:\d[\d,]*\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
-# Runs the script as `python benchmarks/gpu.py --smoke` would, then says whether Ray or MLflow got imported.
-RUN_AND_CHECK_IMPORTS = f"""
+# Runs the script as `python -m benchmarks.gpu --smoke` would, then says whether Ray or MLflow got imported.
+RUN_AND_CHECK_IMPORTS = """
 import runpy, sys
-sys.argv = [{str(SCRIPT)!r}, "--smoke"]
+sys.argv = ["benchmarks/gpu.py", "--smoke"]
 try:
-    runpy.run_path({str(SCRIPT)!r}, run_name="__main__")
+    runpy.run_module("benchmarks.gpu", run_name="__main__", alter_sys=True)
     code = 0
 except SystemExit as exit:
     code = exit.code
 print("imported:", sorted(m for m in ("ray", "mlflow") if m in sys.modules))
 sys.exit(code)
 """
-
-
-def load_gpu_script():
-    spec = importlib.util.spec_from_file_location("bench_gpu", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass resolves annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 def first_number(cell: str) -> float:
@@ -88,12 +80,7 @@ def test_smoke_run_prints_every_row_with_finite_positive_figures():
     print(f"smoke run: {time.monotonic() - started:.1f} s")
 
 
-@pytest.fixture(scope="module")
-def gpu_script():
-    return load_gpu_script()
-
-
-def test_flex_rows_train_with_flex(gpu_script):
+def test_flex_rows_train_with_flex():
     """The flex rows hand attention="flex" to the worker's `parallelize` (which refuses it on the CPU:
     FlexAttention has no CPU backward), not a silent sdpa under a flex label."""
     args = gpu_script.parse_args(["--smoke"])
@@ -101,7 +88,7 @@ def test_flex_rows_train_with_flex(gpu_script):
         gpu_script.train_row(args, 256, 1, "flex+compile", torch.device("cpu"), None)
 
 
-def test_rows_out_of_memory_failing_or_over_budget_do_not_stop_the_run(gpu_script, capsys):
+def test_rows_out_of_memory_failing_or_over_budget_do_not_stop_the_run(capsys):
     Row = gpu_script.Row
 
     def out_of_memory():

@@ -3,22 +3,15 @@ part (bf16, hart-0.7b), which CI cannot run, so this keeps the shared code from 
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
+from benchmarks import transformer as bench
 from hart.config import transformer_config
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16])
 def test_segment_attention_benchmark_times_both_implementations(autocast_dtype):
-    spec = importlib.util.spec_from_file_location("bench_transformer", REPO / "benchmarks" / "transformer.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     config = transformer_config("tiny")
     result = bench.bench_segment_attention(config, 2, torch.device("cpu"), repeats=3, autocast_dtype=autocast_dtype)
     assert result["segments"] == len(config.patch_nums) + 1  # the text, then one per scale

@@ -3,33 +3,23 @@
 Design: the expected bytes per sample are written out from the cache schema by hand (int16 tokens
 x sum(pn^2) + fp16 residual x 32 x h x w) with the released scale lists typed in literally, so the
 test does not share the script's formulas or `hart.config`'s lists. The README check runs every
-`python benchmarks/cost_table.py ...` command printed in infra/README.md and asserts that its output
+`python -m benchmarks.cost_table ...` command printed in infra/README.md and asserts that its output
 appears verbatim there, so the published table cannot drift from the script.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
 
+from benchmarks import cost_table
+
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "infra" / "README.md"
 
-
-def load_cost_table():
-    spec = importlib.util.spec_from_file_location("cost_table", REPO / "benchmarks" / "cost_table.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["cost_table"] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-cost_table = load_cost_table()
 
 RELEASED_SCALES = {
     256: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
@@ -119,7 +109,7 @@ def test_main_prints_one_row_per_size_and_resolution(capsys):
 
 
 def readme_commands() -> list[str]:
-    return re.findall(r"^python benchmarks/cost_table\.py.*$", README.read_text(), flags=re.MULTILINE)
+    return re.findall(r"^python -m benchmarks\.cost_table.*$", README.read_text(), flags=re.MULTILINE)
 
 
 def test_readme_tables_are_reproduced_by_the_printed_commands():
@@ -127,5 +117,5 @@ def test_readme_tables_are_reproduced_by_the_printed_commands():
     assert commands, "infra/README.md must print the cost_table command"
     readme = README.read_text()
     for command in commands:
-        table = cost_table.main(shlex.split(command)[2:])
+        table = cost_table.main(shlex.split(command)[3:])
         assert table in readme, f"infra/README.md table is stale; rerun: {command}"

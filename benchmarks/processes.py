@@ -1,0 +1,152 @@
+"""Process helpers the benchmarks share: process trees, thread pinning, host steal and a memory sampler.
+
+Everything reads the operating system through `psutil`, so no benchmark parses `/proc` itself.
+One memory sampler serves every benchmark that reports memory: it samples a set of named processes
+on a thread (the set may change between samples, as when Ray starts workers) and keeps every
+sample, so a caller can report the peak of one process, of a sum over processes, or of a part
+of the run.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Callable
+
+import psutil
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and all its live descendants ([] if `root` is gone)."""
+    try:
+        process = psutil.Process(root)
+        return [root] + [child.pid for child in process.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def command_line(pid: int) -> str:
+    """The process's command line joined by spaces ("" if it is gone or unreadable)."""
+    try:
+        return " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
+        return ""
+
+
+def pin_threads(pid: int, cpus: set[int]) -> int:
+    """Confine every thread of process `pid` to `cpus` (threads it starts later inherit the mask of the
+    thread that starts them); returns how many threads were pinned (0 if the process is gone)."""
+    try:
+        threads = psutil.Process(pid).threads()
+    except psutil.Error:
+        return 0
+    pinned = 0
+    for thread in threads:
+        try:  # a thread id is a valid target of sched_setaffinity on Linux; psutil only pins whole processes
+            os.sched_setaffinity(thread.id, cpus)
+            pinned += 1
+        except OSError:  # the thread ended
+            pass
+    return pinned
+
+
+class HostSteal:
+    """Share of the machine's CPU time the hypervisor gave to other guests while the block ran (None
+    where the platform reports no steal time). On a shared VM steal comes in spells that last minutes:
+    a run inside one is slow for reasons that are not the code's, so benchmarks print it."""
+
+    @staticmethod
+    def _read() -> tuple | None:  # psutil's cpu_times namedtuple
+        times = psutil.cpu_times()
+        return times if hasattr(times, "steal") else None
+
+    def __enter__(self) -> "HostSteal":
+        self.start, self.share = self._read(), None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        end = self._read()
+        if self.start is not None and end is not None:
+            # guest time is already counted in user time
+            fields = [f for f in end._fields if f not in ("guest", "guest_nice")]
+            total = sum(getattr(end, f) - getattr(self.start, f) for f in fields)
+            self.share = (end.steal - self.start.steal) / total if total > 0 else 0.0
+
+    def note(self) -> str:
+        """", host steal N%" for a result line, or "" where there is no figure."""
+        return "" if self.share is None else f", host steal {100 * self.share:.0f}%"
+
+
+class MemorySampler:
+    """Resident memory of a set of named processes, sampled every `every_s` on a thread.
+
+    `processes` is {name: pid}, or a function returning it (called at every sample, for sets that
+    change while the run goes on). `private=True` counts RSS less shared pages: the Ray object store's
+    pages are mapped into every process that reads an object, and they are not that process's own.
+    `samples` holds (seconds since start, {name: bytes}) for every sample; a process that has ended
+    is left out of the samples after its end.
+    """
+
+    def __init__(self, processes: dict[str, int] | Callable[[], dict[str, int]], every_s: float = 0.2,
+                 private: bool = False):
+        self.listing = processes if callable(processes) else (lambda: processes)
+        self.every_s, self.private = every_s, private
+        self.samples: list[tuple[float, dict[str, int]]] = []
+        self._handles: dict[int, psutil.Process] = {}  # one handle per pid: psutil caches what it can
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.started = time.perf_counter()
+
+    def _rss(self, pid: int) -> int | None:
+        try:
+            process = self._handles.get(pid) or self._handles.setdefault(pid, psutil.Process(pid))
+            info = process.memory_info()
+        except psutil.Error:
+            self._handles.pop(pid, None)
+            return None
+        return info.rss - info.shared if self.private else info.rss
+
+    def sample(self) -> None:
+        """Take one sample now (the thread calls this every `every_s`)."""
+        values = {name: rss for name, pid in self.listing().items() if (rss := self._rss(pid)) is not None}
+        self.samples.append((time.perf_counter() - self.started, values))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.every_s)
+
+    def __enter__(self) -> "MemorySampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()  # the state at the end counts too
+
+    def peak(self) -> dict[str, int]:
+        """{name: largest sample of that process}."""
+        out: dict[str, int] = {}
+        for _, values in self.samples:
+            for name, rss in values.items():
+                out[name] = max(out.get(name, 0), rss)
+        return out
+
+    def series(self, name: str) -> list[tuple[float, int]]:
+        """(seconds, bytes) of one process over the run."""
+        return [(t, values[name]) for t, values in self.samples if name in values]
+
+
+def tree_by_pid(root: int, root_name: str = "driver") -> Callable[[], dict[str, int]]:
+    """A `MemorySampler` listing: `root` under `root_name`, each live descendant under its pid."""
+
+    def listing() -> dict[str, int]:
+        pids = process_tree(root)
+        return {(root_name if pid == root else str(pid)): pid for pid in pids}
+
+    return listing
+
+
+__all__ = ["process_tree", "command_line", "pin_threads", "HostSteal", "MemorySampler", "tree_by_pid"]

@@ -1,0 +1,111 @@
+"""benchmarks/processes.py on real child processes: trees, pinning and the memory sampler."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from benchmarks.processes import HostSteal, MemorySampler, command_line, pin_threads, process_tree, tree_by_pid
+
+# A parent that starts a child; each holds `MB` megabytes (touched, so resident) and sleeps.
+HOLDER = """
+import subprocess, sys, time
+mb = int(sys.argv[1])
+block = bytearray(mb * 2**20)
+for i in range(0, len(block), 4096):
+    block[i] = 1
+if sys.argv[2] == "parent":
+    child = subprocess.Popen([sys.executable, "-c", sys.argv[3], str(mb), "child", ""])
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.fixture
+def holder():
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, "64", "parent", HOLDER], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    try:
+        deadline = time.time() + 20
+        while len(process_tree(proc.pid)) < 2:  # the child is started before "ready"; wait for it to exist
+            assert time.time() < deadline
+            time.sleep(0.05)
+        yield proc
+    finally:
+        for pid in reversed(process_tree(proc.pid)):
+            try:
+                psutil.Process(pid).kill()
+            except psutil.NoSuchProcess:
+                pass
+        proc.wait()
+
+
+def test_process_tree_lists_root_and_descendants(holder):
+    tree = process_tree(holder.pid)
+    assert tree[0] == holder.pid and len(tree) == 2
+    assert "parent" in command_line(tree[0]) and "child" in command_line(tree[1])
+    assert psutil.Process(tree[1]).ppid() == holder.pid
+
+
+def test_a_process_that_ended_has_no_tree_and_no_command_line():
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    assert process_tree(proc.pid) == [proc.pid] and "time.sleep(60)" in command_line(proc.pid)
+    proc.kill()
+    proc.wait()
+    assert process_tree(proc.pid) == [] and command_line(proc.pid) == ""
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this platform")
+def test_pin_threads_confines_every_thread(holder):
+    cpu = max(os.sched_getaffinity(0))
+    assert pin_threads(holder.pid, {cpu}) == psutil.Process(holder.pid).num_threads()
+    for thread in psutil.Process(holder.pid).threads():
+        assert os.sched_getaffinity(thread.id) == {cpu}
+    assert pin_threads(2**22 + 12345, {cpu}) == 0  # no such process
+
+
+def test_memory_sampler_sees_each_process_of_a_tree(holder):
+    with MemorySampler(tree_by_pid(holder.pid, "parent"), every_s=0.05) as sampler:
+        time.sleep(0.3)
+    peak = sampler.peak()
+    child = process_tree(holder.pid)[1]
+    assert set(peak) == {"parent", str(child)}
+    assert all(value >= 64 * 2**20 for value in peak.values()), peak  # each holds 64 MB, touched
+    assert len(sampler.samples) >= 3
+    series = sampler.series("parent")
+    assert [t for t, _ in series] == sorted(t for t, _ in series) and len(series) == len(sampler.samples)
+
+
+def test_private_memory_leaves_out_shared_pages(holder):
+    with MemorySampler({"parent": holder.pid}, private=True) as private, \
+            MemorySampler({"parent": holder.pid}) as whole:
+        time.sleep(0.1)
+    shared = psutil.Process(holder.pid).memory_info().shared
+    assert shared > 0  # the interpreter's own mapped libraries at least
+    assert 64 * 2**20 <= private.peak()["parent"] <= whole.peak()["parent"] - shared // 2
+
+
+def test_memory_sampler_drops_a_process_that_ended():
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    sampler = MemorySampler({"sleeper": proc.pid})
+    sampler.sample()
+    proc.kill()
+    proc.wait()
+    sampler.sample()
+    assert "sleeper" in sampler.samples[0][1] and sampler.samples[1][1] == {}
+
+
+def test_host_steal_note():
+    steal = HostSteal()
+    steal.share = None
+    assert steal.note() == ""
+    steal.share = 0.47
+    assert steal.note() == ", host steal 47%"
+    with HostSteal() as measured:
+        sum(range(10**6))
+    assert measured.share is None or 0.0 <= measured.share <= 1.0
