@@ -29,10 +29,12 @@ Run `python -m benchmarks.cost_table --help` for the flags; the README prints th
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import dataclass
 
 from hart.config import TOKENIZER_PRESETS
+from hart.scale_grid import ScaleGrid
 
 # Released tokenizer presets per image side; their patch_nums are the released scale lists.
 RESOLUTION_PRESETS = {256: "var-d16-f16", 512: "hart-512", 1024: "hart-1024"}
@@ -51,16 +53,15 @@ def cache_bytes_per_sample(
     metadata_bytes: int = 0,
 ) -> int:
     """Uncompressed bytes of one cache row (before parquet encoding)."""
-    if not patch_nums or any(pn <= 0 for pn in patch_nums):
-        raise ValueError(f"patch_nums must be positive, got {patch_nums}")
+    grid = ScaleGrid(tuple(patch_nums))  # ValueError for a list that is not a scale list
     if z_channels <= 0:
         raise ValueError(f"z_channels must be positive, got {z_channels}")
     if text_tokens < 0 or text_dim < 0 or metadata_bytes < 0:
         raise ValueError("text_tokens, text_dim and metadata_bytes must be >= 0")
     if (text_tokens == 0) != (text_dim == 0):
         raise ValueError(f"text_tokens and text_dim must both be 0 or both > 0, got {text_tokens}, {text_dim}")
-    token_bytes = 2 * sum(pn * pn for pn in patch_nums)  # int16
-    residual_bytes = 2 * z_channels * patch_nums[-1] ** 2  # fp16 (z, h, w)
+    token_bytes = 2 * grid.num_tokens  # int16
+    residual_bytes = 2 * math.prod(grid.residual_shape(z_channels))  # fp16 (z, h, w)
     text_bytes = 2 * text_tokens * text_dim + text_tokens  # fp16 features + bool mask
     return token_bytes + residual_bytes + text_bytes + metadata_bytes
 

@@ -45,6 +45,7 @@ import numpy as np
 
 from benchmarks.processes import MemorySampler
 from hart.config import PATCH_NUMS_1024
+from hart.scale_grid import ScaleGrid
 from pipelines import manifest as manifest_lib
 from pipelines.cache import batch_to_tensors, read_cache_dataset
 from pipelines.config import ComputeConfig
@@ -52,8 +53,8 @@ from pipelines.plan import PrecomputeSummary, add_route_stage, drain_to_writers
 from pipelines.writer import cache_schema
 from pipelines.writer_pool import WriterPool
 
-NUM_TOKENS = sum(p * p for p in PATCH_NUMS_1024)  # 9,451
-RESIDUAL_SHAPE = (32, PATCH_NUMS_1024[-1], PATCH_NUMS_1024[-1])  # z, h, w of a 1024px row
+NUM_TOKENS = ScaleGrid(PATCH_NUMS_1024).num_tokens  # 9,451
+RESIDUAL_SHAPE = ScaleGrid(PATCH_NUMS_1024).residual_shape(32)  # z, h, w of a 1024px row
 TEXT_SHAPE = (300, 1536)  # Qwen2-1.5B features of HART's 300-token prompts
 
 
