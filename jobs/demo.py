@@ -47,7 +47,8 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -58,45 +59,51 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def option(default, help: str, choices: tuple[str, ...] | None = None):
+    """A DemoConfig field and its command-line flag's help (`parse_args` makes one flag per field)."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclass(frozen=True)
 class DemoConfig:
-    workdir: str = "runs/demo"  # "" = a new temporary folder, removed when every output check passes
-    storage: str = "local"  # "local" | "s3"
-    seed: int = 0
-    num_train_samples: int = 4000
-    num_shards: int = 8
-    num_heldout_images: int = 240
-    # Step counts are set by the 15-minute budget, install included, on this 2-core host. Earlier
-    # the tokenizer had 1700 steps and the joint stage 600 (fresh clones: 8 min 39 s
-    # to 13 min 8 s). On the corpus's larger shapes the generator learns shape between 600 and 1200
-    # joint steps (held-out shape at chance at 600, 70-76% at 1500-1800; BENCHMARKS.md), so the
-    # tokenizer gave up 500 steps (~40 s; its held-out reconstructions keep 96-99% colour and 85-93%
-    # shape from tokens alone) and the joint stage got 1200 more (~290 s).
-    tokenizer_full_steps: int = 1200
-    tokenizer_vq_warmup_steps: int = 900  # plain autoencoder first: from scratch the VQ term blurs shapes
-    tokenizer_hybrid_steps: int = 0  # HART's decoder fine-tune after the full run (0 = skip, saves ~1 min)
-    tokenizer_batch_size: int = 8
-    tokenizer_lr: float = 2e-3
-    # torch threads of the tokenizer worker; 0 = its CPUs (1). Measured on 2 cores: 2 threads made the
-    # step slower (0.22-0.33 s vs 0.17 s), the OpenMP pair sharing its cores with Ray Data's decode.
-    tokenizer_threads: int = 0
-    # Joint stage: smaller batches, more steps and a higher peak lr learn the text conditioning faster
-    # at about the same compute (measured: 16 x 600 at lr 4e-3 beat 32 x 300 at 2e-3 and matched
-    # 8 x 1200 for less time). Shape needs the steps: held-out shape with the head, one Ray demo per
-    # seed (measured): 600 steps 37%, 1500 steps 62-70%, 1800 steps 76% / 71%.
-    joint_steps: int = 1800
-    joint_batch_size: int = 16
-    joint_lr: float = 4e-3
-    joint_threads: int = 2  # torch threads of the joint worker (the cache reader is light)
-    transformer: str = "demo"  # a TransformerConfig preset or "demo" (below)
-    samples_per_prompt: int = 8  # 18 held-out prompts: 144 images, so one figure is +-4 points, not +-6
-    cfg: float = 3.0
-    # Guidance of the residual head: 1.0 = unguided. The released schedule (the tokens' guidance, ~2.4
-    # here) made the sampled residual 3-5x larger than the real one (std 0.14-0.17 vs 0.03-0.05) on four
-    # demo models; unguided: 0.07-0.10, and colour +3 to +15 points (BENCHMARKS.md, fifth run).
-    head_cfg: float | None = 1.0
-    top_k: int = 16
-    from_step: str = "data"  # rerun from a later step, reusing the earlier steps' outputs in workdir
+    workdir: str = option("runs/demo", "output folder; '' = a temporary one, removed when every output check passes")
+    storage: str = option("local", "where shards, cache and checkpoints live: a local folder, or a loopback S3 "
+                                   "server with an MLflow server (STORAGE in the environment sets it too)",
+                          choices=("local", "s3"))
+    seed: int = option(0, "seed of the data, the weights and the sampling")
+    num_train_samples: int = option(4000, "training images of the shapes corpus")
+    num_shards: int = option(8, "WebDataset shards they are written to")
+    num_heldout_images: int = option(240, "held-out images for the tokenizer's reconstruction figures")
+    # The step counts fit the whole demo, install included, into 15 minutes on 2 cores. The generator
+    # learns shape between 600 and 1200 joint steps (held-out shape at chance at 600, 70-76% at
+    # 1500-1800; BENCHMARKS.md), and the tokenizer's reconstructions keep 96-99% colour and 85-93%
+    # shape from tokens alone at 1200 steps, so the joint stage gets the larger share.
+    tokenizer_full_steps: int = option(1200, "tokenizer steps trained from scratch (VQVAE)")
+    tokenizer_vq_warmup_steps: int = option(900, "of those, plain autoencoder steps first (from scratch the VQ "
+                                                 "term blurs shapes)")
+    tokenizer_hybrid_steps: int = option(0, "HART's hybrid decoder fine-tune after the full run (0 = skip)")
+    tokenizer_batch_size: int = option(8, "tokenizer batch size")
+    tokenizer_lr: float = option(2e-3, "tokenizer peak learning rate")
+    # 2 threads make the tokenizer step slower on 2 cores (0.22-0.33 s vs 0.17 s): the OpenMP pair
+    # shares its cores with Ray Data's decode tasks.
+    tokenizer_threads: int = option(0, "torch threads of the tokenizer's Ray Train worker (0 = its CPUs)")
+    # Smaller batches, more steps and a higher peak lr learn the text conditioning faster at about the
+    # same compute (16 x 600 at lr 4e-3 beat 32 x 300 at 2e-3 and matched 8 x 1200 for less time).
+    joint_steps: int = option(1800, "joint stage (CE + diffusion) steps")
+    joint_batch_size: int = option(16, "joint stage batch size")
+    joint_lr: float = option(4e-3, "peak learning rate of the joint stage")
+    joint_threads: int = option(2, "torch threads of the joint stage's Ray Train worker (the cache reader is light)")
+    transformer: str = option("demo", "a TransformerConfig preset, or 'demo' (below)")
+    samples_per_prompt: int = option(8, "images per held-out prompt (18 prompts: 144 images, so one figure is "
+                                        "+-4 points)")
+    cfg: float = option(3.0, "classifier-free guidance of the tokens")
+    # The released head schedule (the tokens' guidance, ~2.4 here) made the sampled residual 3-5x larger
+    # than the real one (std 0.14-0.17 vs 0.03-0.05) on four demo models; unguided: 0.07-0.10, and
+    # colour +3 to +15 points (BENCHMARKS.md).
+    head_cfg: float | None = option(1.0, "guidance of the residual diffusion head (1.0 = unguided)")
+    top_k: int = option(16, "top-k of the token sampling")
+    from_step: str = option("data", "rerun from this step, reusing the earlier steps' outputs in --workdir "
+                                    "(local storage)")  # choices: STEPS (below)
 
     def __post_init__(self) -> None:
         if self.storage not in ("local", "s3"):
@@ -575,29 +582,18 @@ def print_summary(summary: dict) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> DemoConfig:
+    """`--smoke` plus one flag per DemoConfig field (`--joint-steps` for joint_steps), typed and
+    documented by the field itself; unset flags keep the base config's values."""
     parser = argparse.ArgumentParser(prog="hart-demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true",
                         help="the whole chain at tiny step counts, in a temporary workdir unless --workdir is given; "
                              "checks that every step produces its outputs, not their quality")
-    parser.add_argument("--storage", choices=("local", "s3"))
-    parser.add_argument("--workdir", help="default runs/demo ('' or --smoke: a temporary folder, removed if all passes)")
-    parser.add_argument("--joint-steps", type=int)
-    parser.add_argument("--joint-batch-size", type=int)
-    parser.add_argument("--joint-lr", type=float, help="peak learning rate of the joint stage")
-    parser.add_argument("--tokenizer-full-steps", type=int)
-    parser.add_argument("--tokenizer-vq-warmup-steps", type=int)
-    parser.add_argument("--tokenizer-hybrid-steps", type=int,
-                        help="HART's hybrid decoder fine-tune after the full run (0 = skip)")
-    parser.add_argument("--num-train-samples", type=int)
-    parser.add_argument("--tokenizer-threads", type=int,
-                        help="torch threads of the tokenizer's Ray Train worker (0 = its CPUs)")
-    parser.add_argument("--joint-threads", type=int, help="torch threads of the joint stage's Ray Train worker")
-    parser.add_argument("--cfg", type=float)
-    parser.add_argument("--head-cfg", type=float,
-                        help="guidance of the residual diffusion head (1.0 = unguided, the demo's default)")
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--from-step", choices=STEPS,
-                        help="rerun from this step, reusing earlier outputs in --workdir (local storage)")
+    hints = typing.get_type_hints(DemoConfig)
+    for spec in dataclasses.fields(DemoConfig):
+        kind = next(t for t in typing.get_args(hints[spec.name]) or (hints[spec.name],) if t is not type(None))
+        choices = STEPS if spec.name == "from_step" else spec.metadata["choices"]
+        parser.add_argument("--" + spec.name.replace("_", "-"), type=kind, choices=choices,
+                            help=f"{spec.metadata['help']} (default {spec.default!r})")
     args = vars(parser.parse_args(argv))
     # Unset flags keep the base config's values: the defaults, or the smoke sizes with --smoke.
     base = dataclasses.replace(DemoConfig(), workdir="", **SMOKE) if args.pop("smoke") else DemoConfig()

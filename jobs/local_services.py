@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -77,4 +78,17 @@ def mlflow_server(backend_store_uri: str, log_path: str | Path, extra_args: tupl
                 server.wait()
 
 
-__all__ = ["free_port", "s3_server", "mlflow_server"]
+def stop_process_group(process: subprocess.Popen, grace_s: float = 30.0) -> None:
+    """SIGTERM to a service started with `start_new_session=True` (its whole process group), SIGKILL
+    after `grace_s`; returns once the leader has exited."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+__all__ = ["free_port", "s3_server", "mlflow_server", "stop_process_group"]

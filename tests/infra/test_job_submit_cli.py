@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs.local_services import free_port
+from jobs.local_services import free_port, stop_process_group
 
 REPO = Path(__file__).resolve().parents[2]
 RAY_BIN = Path(sys.executable).with_name("ray")
@@ -75,12 +75,7 @@ def token_head(tmp_path_factory):
                 pytest.fail("the token-auth Ray head did not come up")
             time.sleep(1.0)
     yield address, token_file
-    os.killpg(head.pid, signal.SIGTERM)
-    try:
-        head.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
-        head.wait()
+    stop_process_group(head, grace_s=60)
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -15,7 +15,6 @@ import base64
 import json
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs.local_services import free_port
+from jobs.local_services import free_port, stop_process_group
 
 REPO = Path(__file__).resolve().parents[2]
 MLFLOW_BIN = Path(sys.executable).parent / "mlflow"
@@ -62,16 +61,6 @@ def wait_healthy(process: subprocess.Popen, base_url: str, log_path: Path) -> No
     raise AssertionError(f"mlflow server not healthy after {STARTUP_TIMEOUT_S}s:\n{log_path.read_text()[-3000:]}")
 
 
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
 def non_loopback_address() -> str | None:
     """An address of this host other than 127.x, to prove the server is not listening there."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
@@ -100,7 +89,7 @@ def test_local_script_serves_only_on_loopback(tmp_path):
             with pytest.raises(OSError):
                 socket.create_connection((other, port), timeout=3).close()
     finally:
-        stop(process)
+        stop_process_group(process)
 
 
 def cluster_server_command(port: int, artifacts: Path) -> list[str]:
@@ -162,4 +151,4 @@ def test_cluster_server_arguments_enforce_basic_auth(tmp_path):
         created = request(base_url + "/api/2.0/mlflow/experiments/create", "hart-ray", job_password, {"name": "hart"})
         assert created == 200, "the job user must be able to create its experiment"
     finally:
-        stop(process)
+        stop_process_group(process)

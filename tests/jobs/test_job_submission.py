@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.local_services import free_port
+from jobs.local_services import free_port, stop_process_group
 from pipelines.shapes import write_shapes_shards
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,12 +64,7 @@ def token_auth_head():
         yield address, token
     # A graceful stop takes this head ~35 s; its processes (GCS, raylet, dashboard, workers) all share
     # its process group and its own temp dir, so after a short grace the group is killed outright.
-    os.killpg(head.pid, signal.SIGTERM)
-    try:
-        head.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
-        head.wait()
+    stop_process_group(head, grace_s=5)
     survivors = [p.name for p in Path("/proc").iterdir() if p.name.isdigit() and temp_dir in _cmdline(p)]
     assert not survivors, f"processes of the test's Ray head outlived it: {survivors}"
 
