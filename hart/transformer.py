@@ -39,6 +39,7 @@ from hart.config import TokenizerConfig, TransformerConfig
 from hart.diffusion_head import DiffLoss
 from hart.rope import RopeBuilder, text_positions
 from hart.sampling import sample_top_k_top_p
+from hart.transformer_checkpoint import load_state_into, read_transformer, save_transformer
 
 
 @dataclass
@@ -138,16 +139,19 @@ class HARTForT2I(nn.Module):
 
     @classmethod
     def from_pretrained(cls, llm_dir: str | Path, ema: bool = False, config: TransformerConfig | None = None) -> "HARTForT2I":
-        from hart.transformer_checkpoint import load_transformer
-
-        return load_transformer(llm_dir, ema=ema, config=config)
+        """An official `llm/` folder (weights, or `ema_model.bin` with `ema=True`); strict (hart.transformer_checkpoint)."""
+        config, state, what = read_transformer(llm_dir, ema=ema, config=config)
+        with torch.device("meta"):
+            model = cls(config)
+        model = model.to_empty(device="cpu")
+        # Non-persistent derived tables (diffusion schedules live in numpy; rope tables are computed) need no fill.
+        load_state_into(model, state, what)
+        return model
 
     def save_pretrained(self, llm_dir: str | Path, ema_state: dict[str, torch.Tensor] | None = None,
                         tokenizer: TokenizerConfig | None = None) -> None:
         """Official `llm/` folder; pass the config of the tokenizer saved beside it (the official
         loader builds it from `../tokenizer`) so the compatibility note covers it too."""
-        from hart.transformer_checkpoint import save_transformer
-
         save_transformer(self, llm_dir, ema_state=ema_state, tokenizer=tokenizer)
 
     # ------------------------------------------------------------------ pieces

@@ -1,4 +1,8 @@
-"""Load and save `HARTForT2I` in the official `llm/` layout (config.json + weights + ema_model.bin).
+"""The official `llm/` layout (config.json + weights + ema_model.bin) of `HARTForT2I`, read and written.
+
+This module imports no model code: `read_transformer` returns (config, state) and
+`HARTForT2I.from_pretrained` builds the model and loads it with `load_state_into`, so the model
+file depends on this adapter and never the other way round.
 
 Design: every weight file goes through `hart.weights` (safetensors or weights_only
 torch.load). The config is rebuilt in two layers: first everything that can be read off
@@ -177,9 +181,10 @@ def export_state(state: dict[str, torch.Tensor], levels_L: torch.Tensor) -> dict
     return out
 
 
-def load_transformer(llm_dir, ema: bool = False, config: TransformerConfig | None = None):
-    from hart.transformer import HARTForT2I
-
+def read_transformer(llm_dir, ema: bool = False,
+                     config: TransformerConfig | None = None) -> tuple[TransformerConfig, dict[str, torch.Tensor], str]:
+    """(config, state dict, a name for error messages) of an official `llm/` folder: what
+    `HARTForT2I.from_pretrained` builds its model from and loads with `load_state_into`."""
     llm_dir = Path(llm_dir)
     if not llm_dir.is_dir():
         raise ValueError(f"transformer folder not found: {llm_dir}")
@@ -190,12 +195,7 @@ def load_transformer(llm_dir, ema: bool = False, config: TransformerConfig | Non
     state = load_weight_file(llm_dir / EMA_FILE) if ema else load_weight_folder(llm_dir)
     if config is None:
         config = config_from_official(config_json, state)
-    with torch.device("meta"):
-        model = HARTForT2I(config)
-    model = model.to_empty(device="cpu")
-    # Non-persistent derived tables (diffusion schedules live in numpy; rope tables are computed) need no fill.
-    load_state_into(model, state, f"{llm_dir / (EMA_FILE if ema else 'weights')}")
-    return model
+    return config, state, f"{llm_dir / (EMA_FILE if ema else 'weights')}"
 
 
 def official_config_json(config: TransformerConfig) -> dict:
