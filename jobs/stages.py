@@ -18,7 +18,7 @@ Stages (HART_SPEC §4):
 - `diffusion`: residual diffusion head only, on a frozen transformer.
 - `joint`: CE + diffusion loss with last-scale subsampling (HART's recipe).
 
-Progressive resolution: `load_compatible_weights` loads a checkpoint made for another scale
+Progressive resolution: `hart.start_weights.load_compatible_weights` loads a checkpoint made for another scale
 list, rebuilding the buffers derived from patch_nums (`lvl_1L`, the attention mask) and
 requiring every parameter to match; with RoPE no parameter depends on the scale list.
 """
@@ -33,17 +33,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from hart.checkpoint import read_meta
-from hart.training import train_step
-from jobs import tracking
+from hart import start_weights
 from hart.pixels import to_uint8
 from hart.quantizer import MultiScaleQuantizer
 from hart.scale_grid import check_compatible
-from hart.weights import load_weight_file, load_weight_folder, match_state_dict
+from hart.training import train_step
+from jobs import tracking
 from jobs.train_config import TrainRunConfig, model_configs
-
-# Buffers whose shape follows the scale list; rebuilt rather than loaded across resolutions.
-SCALE_DERIVED_KEYS = ("lvl_1L", "attn_bias_for_masking", "quantize.ema_vocab_hit_SV")
 
 
 @dataclass
@@ -125,46 +121,10 @@ class DiscriminatorObjective(nn.Module):
 
 
 def read_start_weights(path: str, endpoint_url: str = "") -> dict[str, torch.Tensor]:
-    """Weights to start from: a training checkpoint dir (its EMA if present), an llm/ folder (its
-    `ema_model.bin` if present: the weights the released model samples with), a tokenizer/ folder, or a
-    file; local, or s3:// (copied to this machine first)."""
-    from hart.transformer_checkpoint import EMA_FILE
+    """`hart.start_weights.read_start_weights` of a local path or an s3:// URI (copied to this machine first)."""
     from pipelines import storage
 
-    location = Path(storage.local_copy(path, endpoint_url))
-    if (location / "meta.json").is_file():
-        read_meta(location)  # validates the format version
-        name = "ema.safetensors" if (location / "ema.safetensors").is_file() else "model.safetensors"
-        return load_weight_file(location / name)
-    if (location / EMA_FILE).is_file():
-        return load_weight_file(location / EMA_FILE)
-    if location.is_dir():
-        state = load_weight_folder(location)
-        from hart.tokenizer import split_tokenizer_state
-
-        if any(k.startswith("vae.") for k in state):
-            return split_tokenizer_state(state)[0]
-        return state
-    if location.is_file():
-        return load_weight_file(location)
-    raise ValueError(f"model.init_from not found: {path}")
-
-
-def load_compatible_weights(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> list[str]:
-    """Strict load except the scale-derived buffers, which keep the model's own values.
-
-    Returns the names of the buffers that were rebuilt (different scale list).
-    """
-    own = model.state_dict()
-    state = {k: v for k, v in state.items() if k != "attn_bias_for_masking"}
-    rebuilt = []
-    for key in SCALE_DERIVED_KEYS:
-        if key in state and key in own and state[key].shape != own[key].shape:
-            state[key] = own[key]
-            rebuilt.append(key)
-    match_state_dict(own, state, what)
-    model.load_state_dict(state, strict=True)
-    return rebuilt
+    return start_weights.read_start_weights(Path(storage.local_copy(path, endpoint_url)), path)
 
 
 def load_frozen_tokenizer(config: TrainRunConfig):
@@ -214,7 +174,7 @@ def _build_tokenizer_stage(config: TrainRunConfig, device: torch.device) -> Stag
         discriminator = NLayerDiscriminator(ndf=objective.disc_channels) if objective.gan_weight > 0 else None
     start = config.model.init_from or config.model.tokenizer_checkpoint
     if start:
-        load_compatible_weights(tokenizer, read_start_weights(start, config.run.endpoint_url), f"tokenizer start weights {start}")
+        start_weights.load_compatible_weights(tokenizer, read_start_weights(start, config.run.endpoint_url), f"tokenizer start weights {start}")
     elif mode == "decoder_finetune":
         warnings.warn("hybrid decoder fine-tuning from random weights: set model.tokenizer_checkpoint", stacklevel=2)
     set_trainable(tokenizer, mode)
@@ -268,7 +228,7 @@ def _build_transformer_stage(config: TrainRunConfig, device: torch.device, text_
         model = HARTForT2I(transformer_cfg)
         model.init_weights()
     if config.model.init_from:
-        rebuilt = load_compatible_weights(model, read_start_weights(config.model.init_from, config.run.endpoint_url),
+        rebuilt = start_weights.load_compatible_weights(model, read_start_weights(config.model.init_from, config.run.endpoint_url),
                                           f"start weights {config.model.init_from}")
         if rebuilt:
             print(f"[train] progressive start from {config.model.init_from}: rebuilt {rebuilt} for patch_nums {transformer_cfg.patch_nums}")
@@ -403,7 +363,7 @@ def sampling_text_encoder(config, stage: Stage, manifest):
 
 
 __all__ = [
-    "Stage", "build_stage", "load_compatible_weights", "read_start_weights", "load_frozen_tokenizer",
+    "Stage", "build_stage", "read_start_weights", "load_frozen_tokenizer",
     "TransformerObjective", "TokenizerObjective", "DiscriminatorObjective",
     "optimizer_step", "codebook_upkeep", "throughput", "log_samples", "sampling_text_encoder", "GRID_FOLDER",
     "build_perceptual",

@@ -8,8 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hart.start_weights import load_compatible_weights
 from hart.training import build_optimizer, train_step
-from jobs.stages import build_stage, load_compatible_weights
+from jobs.stages import build_stage
 from jobs.train_data import TextFeatures, images_collate
 from tests.training_fixtures import tiny_config
 
