@@ -198,7 +198,7 @@ def check_generate(summary: Summary, endpoint_url: str) -> Problems:
     """One readable PNG per held-out prompt and sample, with and without the head, all of one size."""
     from PIL import Image
 
-    from jobs.demo import SAMPLE_TAGS
+    from jobs.demo_evaluation import SAMPLE_TAGS
     from pipelines.shapes import prompts
 
     expected = len(prompts("heldout")) * summary["steps"]["evaluate"]["samples_per_prompt"]
@@ -218,7 +218,7 @@ def check_generate(summary: Summary, endpoint_url: str) -> Problems:
 
 def expected_figures(summary: Summary) -> list[str]:
     """The figures the evaluation reports (generation only when the classifier passed on real images)."""
-    from jobs.demo import CLASSIFIER_MIN_ACCURACY, figure_names
+    from jobs.demo_evaluation import CLASSIFIER_MIN_ACCURACY, figure_names
 
     return figure_names(summary["results"].get("classifier_accuracy_on_real", 0.0) >= CLASSIFIER_MIN_ACCURACY)
 
@@ -247,7 +247,7 @@ def check_evaluate(summary: Summary, endpoint_url: str) -> Problems:
     grid = summary["where"]["heldout_grid"]
     if not any(a.path == grid for a in client.list_artifacts(run_id, grid.rsplit("/", 1)[0])):
         problems.append(f"MLflow run {run_id} has no {grid} (this evaluation's held-out samples)")
-    from jobs.demo import SAMPLE_TAGS
+    from jobs.demo_evaluation import SAMPLE_TAGS
 
     for tag in SAMPLE_TAGS:
         if f"eval/{tag}/images" not in logged:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs.demo import SMOKE, DemoConfig, Services, evaluation_argv, mlflow_ui_command, parse_args, psnr_verdict
+from jobs.demo import SMOKE, DemoConfig, Services, mlflow_ui_command, parse_args
+from jobs.demo_evaluation import evaluation_argv, psnr_verdict
 
 
 def test_defaults_are_the_config_defaults(monkeypatch):
@@ -122,7 +123,7 @@ def test_the_evaluation_goes_to_the_joint_run_and_its_check_wants_it_there(tmp_p
     from PIL import Image
 
     from jobs import tracking
-    from jobs.demo import SAMPLE_TAGS, figure_names
+    from jobs.demo_evaluation import SAMPLE_TAGS, figure_names
     from jobs.demo_outputs import check_evaluate
     from jobs.evaluate import log_to_mlflow
     from jobs.evaluate import parse_args as evaluate_args

@@ -41,7 +41,7 @@ def smoke(tmp_path_factory):
 
 
 def test_every_step_produced_its_outputs(smoke):
-    from jobs.demo import psnr_verdict
+    from jobs.demo_evaluation import psnr_verdict
     from jobs.demo_outputs import check_demo, expected_figures
 
     summary = smoke["summary"]
