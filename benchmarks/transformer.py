@@ -64,7 +64,7 @@ def make_inputs(config, B, device, seed=0):
 
 def attention_flops(config, num_kept_last):
     """Forward FLOPs of QK^T and AV per sample under the block-causal mask (all layers)."""
-    segments = [config.context_token] + [pn * pn for pn in config.patch_nums[1:-1]] + [num_kept_last]
+    segments = [config.context_token, *config.grid.token_counts[1:-1], num_kept_last]
     total, seen = 0, 0
     for q in segments:  # each segment attends to every key up to its own end
         seen += q
