@@ -143,13 +143,14 @@ def tokenizer_actors(ray) -> list[dict]:
             if a["State"] == "ALIVE" and a["JobID"] == job_id and "MapWorker" in a["ActorClassName"] and a["Pid"]]
 
 
-def actor_killer(ray, cache: Path, after_commits: int, jitter_s: float, record: dict) -> None:
-    """Wait for the pool to work, then SIGKILL one tokenizer actor's process (found via the state API)."""
+def actor_killer(ray, cache: Path, after_commits: int, jitter_s: float, record: dict, finished: threading.Event) -> None:
+    """Wait for the pool to work, then SIGKILL one tokenizer actor's process (found via the state API);
+    gives up when the run has finished."""
     deadline = time.time() + 180
-    while time.time() < deadline and num_committed(cache) < after_commits:
+    while time.time() < deadline and num_committed(cache) < after_commits and not finished.is_set():
         time.sleep(0.05)
     time.sleep(jitter_s)
-    while time.time() < deadline:
+    while time.time() < deadline and not finished.is_set():
         actors = tokenizer_actors(ray)
         if actors:
             record["committed_at_kill"] = num_committed(cache)
@@ -164,10 +165,15 @@ def actor_kill_trial(ray, tmp_path, seed: int, num_shards: int, per_shard: int) 
     uris = shapes.write_shapes_shards(str(tmp_path / "raw"), num_shards * per_shard, num_shards, seed=seed)
     cache = tmp_path / "cache"
     record: dict = {}
-    killer = threading.Thread(target=actor_killer, args=(ray, cache, rng.randint(1, 3), rng.uniform(0, 0.3), record))
+    finished = threading.Event()
+    killer = threading.Thread(target=actor_killer,
+                              args=(ray, cache, rng.randint(1, 3), rng.uniform(0, 0.3), record, finished))
     killer.start()
-    summary = run_precompute(load_precompute_config(None, overrides(uris, cache)), log=lambda *a: None)
-    killer.join()
+    try:
+        summary = run_precompute(load_precompute_config(None, overrides(uris, cache)), log=lambda *a: None)
+    finally:
+        finished.set()
+        killer.join()
     assert "pid" in record, "no tokenizer actor was found to kill"
     assert record["committed_at_kill"] < num_shards, "the kill landed after the last commit: make the run longer"
     # The same run survived the kill: Ray Data restarted the actor and retried its batches.
@@ -180,7 +186,7 @@ def actor_kill_trial(ray, tmp_path, seed: int, num_shards: int, per_shard: int) 
 def test_tokenizer_actor_sigkill_mid_run(ray_local, tmp_path):
     from ray._private import state
 
-    record = actor_kill_trial(ray_local, tmp_path, seed=3, num_shards=10, per_shard=12)
+    record = actor_kill_trial(ray_local, tmp_path, seed=3, num_shards=10, per_shard=36)
     killed = state.actors(record["actor_id"])
     assert killed["NumRestarts"] >= 1 or killed["State"] == "DEAD", killed  # the kill really happened
     print(f"actor SIGKILL: pid {record['pid']} at {record['committed_at_kill']}/10 commits")
@@ -189,5 +195,5 @@ def test_tokenizer_actor_sigkill_mid_run(ray_local, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [11, 12, 13])
 def test_tokenizer_actor_sigkill_more_seeds(ray_local, tmp_path, seed):
-    record = actor_kill_trial(ray_local, tmp_path, seed=seed, num_shards=12, per_shard=12)
+    record = actor_kill_trial(ray_local, tmp_path, seed=seed, num_shards=12, per_shard=36)
     print(f"seed {seed}: actor pid {record['pid']} killed at {record['committed_at_kill']}/12 commits")

@@ -5,7 +5,7 @@
 - a joint run (2 DDP workers) that dies after a checkpoint is restarted by Ray Train, and its new stream
   skips the visits (epoch, shard) that checkpoint had consumed whole: no row of them is trained on
   again (`online_replayed_rows` stays 0; it counts rows of done visits reaching a worker);
-- a stream too short for run.max_steps, and stages that do not fit beside the workers, fail clearly.
+- stages that do not fit beside the workers, and (slow) a stream too short for run.max_steps, fail clearly.
 """
 
 from __future__ import annotations
@@ -72,14 +72,18 @@ def test_online_joint_run_restarts_without_replaying_consumed_shards(train_asset
     assert all(0.0 <= share <= 1.0 for share in history["data_wait_share"])
 
 
-def test_online_stream_too_short_and_stages_that_do_not_fit(train_assets, tmp_path):
-    short = tiny_config(train_assets, "joint", tmp_path, *ONLINE, "run.max_steps=12", "run.checkpoint_every=12",
-                        "run.name=short")
-    with pytest.raises(RuntimeError, match=r"online stream \(1 passes over data.shards\) ended at step 6"):
-        run_training(short)  # 48 samples, batch 8: 6 steps
+def test_online_stages_that_do_not_fit_and_the_tokenizer_stage_are_refused(train_assets, tmp_path):
     crowded = tiny_config(train_assets, "joint", tmp_path, *ONLINE, "online.compute.tokenizer_cpus=1.5",
                           "run.name=crowded")
     with pytest.raises(ValueError, match="the Ray Train workers"):
         run_training(crowded)
     with pytest.raises(ValueError, match="online.enabled streams tokens to a transformer stage"):
         tiny_config(train_assets, "tokenizer", tmp_path, *ONLINE)
+
+
+@pytest.mark.slow
+def test_online_stream_too_short_fails_clearly(train_assets, tmp_path):
+    short = tiny_config(train_assets, "joint", tmp_path, *ONLINE, "run.max_steps=12", "run.checkpoint_every=12",
+                        "run.name=short")
+    with pytest.raises(RuntimeError, match=r"online stream \(1 passes over data.shards\) ended at step 6"):
+        run_training(short)  # 48 samples, batch 8: 6 steps
