@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from hart.generate import to_pil
-from hart.tokenizer import HybridTokenizer
+from hart.transformer.generate import to_pil
+from hart.tokenizer.model import HybridTokenizer
 from jobs.train_data import images_collate
 from pipelines import shapes_classifier
 from pipelines.shapes import BACKGROUNDS, COLOURS, ShapeSample, encode_image, render, sample_spec

@@ -4,19 +4,19 @@ Rows (weights are random everywhere: speed does not depend on their values):
 - `train RES eager | compile | flex+compile` (RES = 256, 512, 1024 px): the worker's training step of
   `hart-0.7b` as `benchmarks/mfu.py` measures it, by calling its `mfu_run`: `train_step`
   (joint objective, bf16 autocast, fused AdamW, clip 2.0) + the EMA update, on random tokens, the
-  objective wrapped by `hart.parallelize.parallelize` as on a worker (world size 1). The kernel choice
+  objective wrapped by `hart.training.parallelize.parallelize` as on a worker (world size 1). The kernel choice
   is `ParallelConfig(attention="sdpa"|"flex", compile=...)`; compile = `torch.compile` per block.
   Time = mean of `--steps` steps after `--warmup` steps whose random draws they replay (steady state,
   see `mfu_run`). FLOPs are counted by `FlopCounterMode` over a real eager forward + backward (model
   FLOPs: the same count for every kernel choice); MFU = counted FLOPs / step time / the GPU's dense
   bf16 peak (`benchmarks.mfu.PEAK_BF16`, or `--peak-tflops`).
 - `generate RES bB eager | compile` (512, 1024 px; batch 1 and 8): wall time of one
-  `hart.generate.generate` call (text features -> all scales with KV cache and CFG 4.5 -> 8-step
+  `hart.transformer.generate.generate` call (text features -> all scales with KV cache and CFG 4.5 -> 8-step
   residual head -> tokenizer decode -> PIL images) after `--gen-warmup` untimed calls, mean of
   `--gen-repeats`; bf16 autocast. The model is `hart-0.7b` with the `hart-512` / `hart-1024` tokenizer
   preset; a stand-in text encoder returns random (B, 300, 1536) features (no Qwen download: the
   transformer's cost does not depend on the feature values). Compile = `torch.compile` per block, as
-  `parallelize` does (`hart.parallelize.apply_compile`). Each scale's step has its own shapes (query
+  `parallelize` does (`hart.training.parallelize.apply_compile`). Each scale's step has its own shapes (query
   length, cache length), so the blocks compile once per scale in the warm-up: one compiled step per
   scale. Dynamo's recompile limit (8 per code object) would send the later scales of a 14-scale
   (1024px) run back to eager, so these rows raise it to cover every scale.
@@ -254,10 +254,10 @@ def generation_tokenizer_config(args, resolution: int):
 
 
 def generation_row(args, resolution: int, batch: int, compiled: bool, device: torch.device) -> dict[str, str]:
-    from hart.generate import generate
-    from hart.parallelize import apply_compile, check_compile_toolchain
-    from hart.tokenizer import HybridTokenizer
-    from hart.transformer import HARTForT2I
+    from hart.transformer.generate import generate
+    from hart.training.parallelize import apply_compile, check_compile_toolchain
+    from hart.tokenizer.model import HybridTokenizer
+    from hart.transformer.model import HARTForT2I
 
     config = replace(transformer_config(args.preset), patch_nums=scale_lists(args)[resolution])
     torch.manual_seed(0)
@@ -300,7 +300,7 @@ def tokenizer_config(args, resolution: int):
 
 
 def tokenizer_row(args, resolution: int, batch: int, device: torch.device) -> dict[str, str]:
-    from hart.tokenizer import HybridTokenizer
+    from hart.tokenizer.model import HybridTokenizer
 
     config = tokenizer_config(args, resolution)
     side = config.patch_nums[-1] * config.downsample_factor()

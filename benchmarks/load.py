@@ -10,7 +10,7 @@ What it measures (nothing estimated):
    when the last quarter's peak is not above the first's by more than a little (no growth with
    shards processed). RSS counts pages of the shared object store in every process that maps
    them, so the total is an upper bound of real use.
-2. Input stall of the trainer: the tiny AR step (`hart.t2i_objective.t2i_losses` + AdamW on
+2. Input stall of the trainer: the tiny AR step (`hart.transformer.objective.t2i_losses` + AdamW on
    `HARTForT2I(tiny)`) fed by `read_cache_dataset(...).iter_torch_batches(collate_fn=CacheCollate)`,
    the same reader and collate as `jobs.train`. Per step: seconds blocked waiting for the next
    batch vs seconds of the step itself, after `--warmup` steps. Goal: wait < 5% of step time.
@@ -69,9 +69,9 @@ def trainer_stall(cache: str, steps: int, warmup: int, batch_size: int) -> dict:
     import torch
 
     from hart.config import tokenizer_config, transformer_config
-    from hart.t2i_objective import t2i_losses
-    from hart.tokenizer import HybridTokenizer
-    from hart.transformer import HARTForT2I
+    from hart.transformer.objective import t2i_losses
+    from hart.tokenizer.model import HybridTokenizer
+    from hart.transformer.model import HARTForT2I
     from jobs.train_data import CacheCollate
     from pipelines.cache import read_cache_dataset, read_manifest
 

@@ -3,9 +3,9 @@
     python -m benchmarks.mfu [--steps 10] [--warmup 3]
     python -m benchmarks.mfu --preset tiny --device cpu     # the same code on the CPU, as a check
 
-Step = the worker's step: `hart.training.train_step` (joint objective: CE + diffusion loss, last-scale
+Step = the worker's step: `hart.training.step.train_step` (joint objective: CE + diffusion loss, last-scale
 subsampling, bf16 autocast, fused AdamW, clip 2.0) + the EMA update, on random tokens, the objective
-wrapped by `hart.parallelize.parallelize` as on a worker (world size 1). Settings (`MFU_RUNS`): 256
+wrapped by `hart.training.parallelize.parallelize` as on a worker (world size 1). Settings (`MFU_RUNS`): 256
 and 512 px, several batch sizes, activation checkpointing, `parallel.compile`.
 
 MFU = FLOPs counted by `torch.utils.flop_counter.FlopCounterMode` over a real forward + backward /
@@ -64,10 +64,10 @@ def mfu_run(preset: str, resolution: int, batch_size: int, activation_checkpoint
     from torch.utils.flop_counter import FlopCounterMode
 
     from hart.config import PATCH_NUMS_256, PATCH_NUMS_512, PATCH_NUMS_1024, TokenizerConfig, replace, transformer_config
-    from hart.parallelize import ParallelConfig, parallelize
-    from hart.quantizer import MultiScaleQuantizer
-    from hart.training import ExponentialMovingAverage, OptimizerConfig, autocast, build_optimizer, train_step
-    from hart.transformer import HARTForT2I
+    from hart.training.parallelize import ParallelConfig, parallelize
+    from hart.tokenizer.quantizer import MultiScaleQuantizer
+    from hart.training.step import ExponentialMovingAverage, OptimizerConfig, autocast, build_optimizer, train_step
+    from hart.transformer.model import HARTForT2I
     from jobs.stages import TransformerObjective
 
     if patch_nums is None:

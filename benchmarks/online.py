@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from hart.config import tokenizer_config
-    from hart.tokenizer import HybridTokenizer
+    from hart.tokenizer.model import HybridTokenizer
     from jobs.train_config import load_train_config
     from pipelines.config import load_precompute_config
     from pipelines.plan import run_precompute

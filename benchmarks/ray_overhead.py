@@ -60,7 +60,7 @@ BREAKDOWN = ("step_seconds", "data_seconds", "context_seconds", "compute_seconds
 
 def make_assets(root: Path, num_samples: int) -> tuple[str, str]:
     from hart.config import tokenizer_config
-    from hart.tokenizer import HybridTokenizer
+    from hart.tokenizer.model import HybridTokenizer
     from pipelines.config import load_precompute_config
     from pipelines.plan import run_precompute
     from pipelines.shapes import write_shapes_shards

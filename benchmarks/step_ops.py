@@ -27,11 +27,11 @@ import torch
 
 from benchmarks.transformer import SMALL_256, make_inputs
 from hart.config import TokenizerConfig, transformer_config
-from hart.parallelize import ParallelConfig, parallelize
-from hart.quantizer import MultiScaleQuantizer
-from hart.t2i_objective import t2i_losses
-from hart.training import ExponentialMovingAverage, OptimizerConfig, build_optimizer
-from hart.transformer import HARTForT2I
+from hart.training.parallelize import ParallelConfig, parallelize
+from hart.tokenizer.quantizer import MultiScaleQuantizer
+from hart.transformer.objective import t2i_losses
+from hart.training.step import ExponentialMovingAverage, OptimizerConfig, build_optimizer
+from hart.transformer.model import HARTForT2I
 
 
 def model_config(name: str):

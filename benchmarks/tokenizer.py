@@ -23,7 +23,7 @@ import time
 import torch
 
 from hart.config import PATCH_NUMS_256, PATCH_NUMS_512, PATCH_NUMS_1024, TOKENIZER_PRESETS, replace
-from hart.tokenizer import HybridTokenizer
+from hart.tokenizer.model import HybridTokenizer
 
 SCALE_LISTS = {p[-1]: p for p in (PATCH_NUMS_256, PATCH_NUMS_512, PATCH_NUMS_1024)}
 

@@ -6,7 +6,7 @@ What it measures (wall clock, after warm-up steps that are not counted):
   Reported as processed sequence tokens/s (text prefix + kept image tokens) and image tokens/s.
 - generation: `sample_latent` (all scales with KV cache, CFG, 8-step diffusion head) for a
   batch, plus the tokenizer decode, as latency per batch.
-- segment attention: forward + backward of `hart.attention.segmented_attention` against the
+- segment attention: forward + backward of `hart.layers.attention.segmented_attention` against the
   same per-segment SDPA calls over plain slices (whose backward zero-fills a full-size gradient
   per segment), alternated call by call; reported as the median of the paired time ratios.
 CPU part: a small 256px preset (10 scales) in fp32. GPU part (skipped, with a message, when
@@ -28,15 +28,15 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.mfu import peak_bf16
-from hart.attention import segmented_attention
+from hart.layers.attention import segmented_attention
 from hart.config import (
     PATCH_NUMS_256, PATCH_NUMS_512, PATCH_NUMS_1024, TRANSFORMER_PRESETS, TokenizerConfig, replace,
 )
-from hart.generate import sample_latent
-from hart.quantizer import MultiScaleQuantizer
-from hart.t2i_objective import t2i_losses
-from hart.tokenizer import HybridTokenizer
-from hart.transformer import HARTForT2I
+from hart.transformer.generate import sample_latent
+from hart.tokenizer.quantizer import MultiScaleQuantizer
+from hart.transformer.objective import t2i_losses
+from hart.tokenizer.model import HybridTokenizer
+from hart.transformer.model import HARTForT2I
 
 # Dense bf16 tensor-core peaks (FLOP/s) for MFU.
 

@@ -1,6 +1,6 @@
 """HART model library: plain single-device PyTorch, no Ray/MLflow/boto3.
 
 Public entry points live in their modules (import what you need, nothing heavy runs at import):
-`hart.config` (typed configs + presets), `hart.tokenizer.HybridTokenizer`,
-`hart.transformer.HARTForT2I`, `hart.text_encoder.build_text_encoder`, `hart.generate.generate`.
+`hart.config` (typed configs + presets), `hart.tokenizer.model.HybridTokenizer`,
+`hart.transformer.model.HARTForT2I`, `hart.text_encoder.build_text_encoder`, `hart.transformer.generate.generate`.
 """

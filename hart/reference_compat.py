@@ -7,8 +7,8 @@ head). Our configs make those values fields, so a folder we write can hold a net
 would build differently: its `from_pretrained` (Hugging Face) then fails on mismatched shapes, or
 warns about missing or unexpected keys and fills the missing ones with random weights, or quietly
 computes another function (a different GroupNorm group count changes no shape). Each loader module
-owns its table of fixed values (`REFERENCE_FIXED` in `hart.tokenizer` and
-`hart.transformer_checkpoint`); this module compares a config against such a table and tells the
+owns its table of fixed values (`REFERENCE_FIXED` in `hart.tokenizer.model` and
+`hart.transformer.checkpoint`); this module compares a config against such a table and tells the
 truth in two places when they differ:
 
 - a note next to `config.json` (`NOTE_FILE`), naming each field, our value and the reference's;

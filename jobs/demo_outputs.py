@@ -61,7 +61,7 @@ def check_training_run(summary: Summary, key: str, stage: str, steps: int, endpo
     """The MLflow run `key` of `summary` finished with metrics, its grid and its exported model; its
     last checkpoint is at `steps` and loads; its exported folders (next to the checkpoints, and
     `local_export` if given) load and hold that checkpoint's weights (not an earlier run's)."""
-    from hart.checkpoint import load_training_state
+    from hart.training.checkpoint import load_training_state
     from jobs.stages import GRID_FOLDER
     from jobs.tracking import EXPORT_ARTIFACT_PATH, RUN_NAME_TAG
     from jobs.train import latest_checkpoint
@@ -119,8 +119,8 @@ def check_export(folder: Path, with_transformer: bool) -> tuple[Problems, dict]:
     note exactly when its config is one the reference implementation cannot build. Returns the
     problems and the loaded models ("tokenizer", "llm")."""
     from hart.reference_compat import NOTE_FILE
-    from hart.tokenizer import HybridTokenizer, load_discriminator, split_tokenizer_state
-    from hart.tokenizer import reference_differences as tokenizer_differences
+    from hart.tokenizer.model import HybridTokenizer, load_discriminator, split_tokenizer_state
+    from hart.tokenizer.model import reference_differences as tokenizer_differences
     from hart.weights import load_weight_folder
 
     if not (folder / "tokenizer").is_dir():
@@ -130,8 +130,8 @@ def check_export(folder: Path, with_transformer: bool) -> tuple[Problems, dict]:
     discriminator = load_discriminator(folder / "tokenizer") if has_discriminator else None
     expected = {folder / "tokenizer": bool(tokenizer_differences(models["tokenizer"].config, discriminator))}
     if with_transformer:
-        from hart.transformer import HARTForT2I
-        from hart.transformer_checkpoint import reference_differences as transformer_differences
+        from hart.transformer.model import HARTForT2I
+        from hart.transformer.checkpoint import reference_differences as transformer_differences
 
         if not (folder / "llm").is_dir():
             return [f"export {folder} has no llm/ folder"], models

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hart.checkpoint import load_training_state
+from hart.training.checkpoint import load_training_state
 from jobs.train_config import TrainRunConfig, model_configs
 
 
@@ -29,8 +29,8 @@ def export_checkpoint(checkpoint_dir: str | Path, config: TrainRunConfig, out_di
     state = load_training_state(checkpoint_dir)
     tokenizer_cfg, transformer_cfg = model_configs(config)
     if config.stage == "tokenizer":
-        from hart.discriminator import NLayerDiscriminator
-        from hart.tokenizer import HybridTokenizer
+        from hart.tokenizer.discriminator import NLayerDiscriminator
+        from hart.tokenizer.model import HybridTokenizer
 
         tokenizer = HybridTokenizer(tokenizer_cfg)
         tokenizer.load_state_dict(state.model, strict=True)
@@ -40,7 +40,7 @@ def export_checkpoint(checkpoint_dir: str | Path, config: TrainRunConfig, out_di
             discriminator.load_state_dict(state.extra["discriminator"], strict=True)
         tokenizer.save_pretrained(out_dir / "tokenizer", discriminator=discriminator)
         return out_dir
-    from hart.transformer import HARTForT2I
+    from hart.transformer.model import HARTForT2I
     from jobs.stages import load_frozen_tokenizer
 
     model = HARTForT2I(transformer_cfg)

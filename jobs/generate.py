@@ -7,7 +7,7 @@ Usage:
         --text-encoder /ckpt/Qwen2-VL-1.5B-Instruct --prompts-file prompts.txt --output out/
 
 Design: single-process and Ray-free (generation of a batch fits one device); the library
-call is `hart.generate.generate`. The text encoder is `minilm` (the embedded offline
+call is `hart.transformer.generate.generate`. The text encoder is `minilm` (the embedded offline
 default) or a local folder of a causal LM (HART uses Qwen2); nothing is downloaded.
 Files are named `<index>-<slug>.png` so a prompt list maps to files one to one.
 """
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     if not prompts:
         print("hart-generate: give at least one --prompt or a --prompts-file", file=sys.stderr)
         return 2
-    from hart.generate import generate, load_models
+    from hart.transformer.generate import generate, load_models
 
     try:
         model, tok, encoder = load_models(args.llm, args.tokenizer, args.text_encoder, args.ema, args.device)

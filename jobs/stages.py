@@ -18,7 +18,7 @@ Stages (HART_SPEC §4):
 - `diffusion`: residual diffusion head only, on a frozen transformer.
 - `joint`: CE + diffusion loss with last-scale subsampling (HART's recipe).
 
-Progressive resolution: `hart.start_weights.load_compatible_weights` loads a checkpoint made for another scale
+Progressive resolution: `hart.training.start_weights.load_compatible_weights` loads a checkpoint made for another scale
 list, rebuilding the buffers derived from patch_nums (`lvl_1L`, the attention mask) and
 requiring every parameter to match; with RoPE no parameter depends on the scale list.
 """
@@ -33,11 +33,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from hart import start_weights
+from hart.training import start_weights
 from hart.pixels import to_uint8
-from hart.quantizer import MultiScaleQuantizer
+from hart.tokenizer.quantizer import MultiScaleQuantizer
 from hart.scale_grid import check_compatible
-from hart.training import train_step
+from hart.training.step import train_step
 from jobs import tracking
 from jobs.train_config import TrainRunConfig, model_configs
 
@@ -72,7 +72,7 @@ class TransformerObjective(nn.Module):
         self.kept_bucket = kept_bucket
 
     def forward(self, batch: dict[str, Any], step: int = 0, generator: torch.Generator | None = None):
-        from hart.t2i_objective import t2i_losses
+        from hart.transformer.objective import t2i_losses
 
         return t2i_losses(
             self.model, self._frozen["quantizer"], batch["context"], batch["context_mask"], batch["tokens"],
@@ -93,7 +93,7 @@ class TokenizerObjective(nn.Module):
         self._frozen = {"discriminator": discriminator, "perceptual": perceptual}
 
     def forward(self, batch: dict[str, Any], step: int = 0, generator: torch.Generator | None = None):
-        from hart.tokenizer_objective import generator_losses
+        from hart.tokenizer.objective import generator_losses
 
         return generator_losses(
             self.tokenizer, batch["images"], self.objective_config, step=step,
@@ -108,7 +108,7 @@ class DiscriminatorObjective(nn.Module):
         self.objective_config = objective_config
 
     def forward(self, batch: dict[str, Any], step: int = 0, generator: torch.Generator | None = None):
-        from hart.tokenizer_objective import discriminator_losses
+        from hart.tokenizer.objective import discriminator_losses
 
         return discriminator_losses(
             self.discriminator, batch["images"], batch["reconstructions"], self.objective_config, step=step
@@ -121,7 +121,7 @@ class DiscriminatorObjective(nn.Module):
 
 
 def read_start_weights(path: str, endpoint_url: str = "") -> dict[str, torch.Tensor]:
-    """`hart.start_weights.read_start_weights` of a local path or an s3:// URI (copied to this machine first)."""
+    """`hart.training.start_weights.read_start_weights` of a local path or an s3:// URI (copied to this machine first)."""
     from pipelines import storage
 
     return start_weights.read_start_weights(Path(storage.local_copy(path, endpoint_url)), path)
@@ -129,7 +129,7 @@ def read_start_weights(path: str, endpoint_url: str = "") -> dict[str, torch.Ten
 
 def load_frozen_tokenizer(config: TrainRunConfig):
     """The tokenizer the cache was made with (ar/diffusion/joint), frozen, with the run's scale list."""
-    from hart.tokenizer import HybridTokenizer
+    from hart.tokenizer.model import HybridTokenizer
 
     tokenizer_cfg, transformer_cfg = model_configs(config)
     path = config.model.tokenizer_checkpoint
@@ -158,9 +158,9 @@ def build_stage(config: TrainRunConfig, device: torch.device, text_encoder: Any 
 
 
 def _build_tokenizer_stage(config: TrainRunConfig, device: torch.device) -> Stage:
-    from hart.discriminator import NLayerDiscriminator
-    from hart.tokenizer import HybridTokenizer
-    from hart.tokenizer_objective import TokenizerObjectiveConfig, set_trainable
+    from hart.tokenizer.discriminator import NLayerDiscriminator
+    from hart.tokenizer.model import HybridTokenizer
+    from hart.tokenizer.objective import TokenizerObjectiveConfig, set_trainable
 
     tokenizer_cfg, _ = model_configs(config)
     objective = config.objective
@@ -212,14 +212,14 @@ def build_perceptual(config: TrainRunConfig):
     objective = config.objective
     if objective.perceptual_weight <= 0:
         return None
-    from hart.perceptual import PerceptualLoss
+    from hart.tokenizer.perceptual import PerceptualLoss
 
     check_perceptual_weights(config)
     return PerceptualLoss.from_files(list(objective.perceptual_weights)).requires_grad_(False).eval()
 
 
 def _build_transformer_stage(config: TrainRunConfig, device: torch.device, text_encoder: Any) -> Stage:
-    from hart.transformer import HARTForT2I
+    from hart.transformer.model import HARTForT2I
 
     _, transformer_cfg = model_configs(config)
     tokenizer = load_frozen_tokenizer(config).to(device)
@@ -285,7 +285,7 @@ def codebook_upkeep(config: TrainRunConfig, stage: Stage, images_B3HW: torch.Ten
     Rank 0's codebook is then broadcast: DDP synchronises gradients only, and each rank's
     batch (hence its re-seeded codes) differs. Returns {"codes_restarted": n} when it acted.
     """
-    from hart.parallelize import broadcast_from_rank0
+    from hart.training.parallelize import broadcast_from_rank0
 
     objective = config.objective
     every, start = objective.codebook_restart_every, objective.vq_warmup_steps
@@ -324,7 +324,7 @@ def log_samples(config, stage: Stage, ema, sample_batch, logger, step, manifest)
     """Rank 0: reconstructions (tokenizer) or generations from fixed prompts, with the EMA weights."""
     if not logger.enabled or sample_batch is None:
         return
-    from hart.parallelize import is_sharded
+    from hart.training.parallelize import is_sharded
 
     if is_sharded(stage.model):  # rank-0-only generation cannot run on FSDP2 shards; use the exported model
         return
@@ -341,7 +341,7 @@ def log_samples(config, stage: Stage, ema, sample_batch, logger, step, manifest)
             grid = tracking.image_grid(to_uint8(rows), columns=len(images))
             logger.log_image(grid, f"{GRID_FOLDER['tokenizer']}/step_{step:07d}.png")  # rows: input, hybrid, discrete
             return
-        from hart.generate import generate
+        from hart.transformer.generate import generate
         import numpy as np
 
         encoder = sampling_text_encoder(config, stage, manifest)

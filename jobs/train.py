@@ -5,7 +5,7 @@ Design: the only module that calls `ray.train` (touch points marked `# [ray]`). 
 storage, cache manifest vs model, text encoder, MLflow), opens or resumes the MLflow run,
 and hands a plain-dict config to `TorchTrainer`. Each worker (`train_loop_per_worker`)
 builds its stage, wrapped loss module, optimizer and EMA (`setup_worker`, which needs no Ray),
-restores the latest checkpoint if Ray has one and loops over `hart.training.train_step`.
+restores the latest checkpoint if Ray has one and loops over `hart.training.step.train_step`.
 
 Resume = resubmit the same `run.name` with the same `run.storage_path` (Train V2 restores
 the latest checkpoint of `{storage_path}/{name}`; RAY_NOTES §2.2). The checkpoint holds the
@@ -42,13 +42,13 @@ from urllib.parse import urlparse
 
 import torch
 
-from hart.checkpoint import load_rng_state, load_training_state, save_rng_state, save_training_state
+from hart.training.checkpoint import load_rng_state, load_training_state, save_rng_state, save_training_state
 from hart.config import config_from_dict
-from hart.parallelize import (
+from hart.training.parallelize import (
     full_optimizer_state_dict, full_state_dict, full_tensors, load_full_optimizer_state_dict, load_full_state_dict,
     match_state_layout, parallelize, shard_like,
 )
-from hart.training import ExponentialMovingAverage, build_optimizer, build_scheduler, restore_scheduler
+from hart.training.step import ExponentialMovingAverage, build_optimizer, build_scheduler, restore_scheduler
 from jobs import tracking
 from jobs.stages import Stage, build_stage, log_samples, optimizer_step, sampling_text_encoder, throughput
 from jobs.train_config import TrainRunConfig, load_train_config
@@ -113,7 +113,7 @@ def latest_checkpoint(fs, storage_path: str, run_name: str) -> tuple[str, dict[s
     """
     import pyarrow.fs as pafs
 
-    from hart.checkpoint import META_FILE, upgrade_meta
+    from hart.training.checkpoint import META_FILE, upgrade_meta
     from pipelines import storage
 
     run_dir = f"{storage_path.rstrip('/')}/{run_name}"

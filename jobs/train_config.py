@@ -3,8 +3,8 @@
 Design: small frozen dataclasses loaded through `hart.config.config_from_dict`, so unknown
 keys and wrong types raise a `ValueError` naming the field, and `--set a.b=c` goes through
 `hart.config.apply_overrides`. The sections: `run` (identity, storage, step counts),
-`model` (presets / checkpoints), `data`, `optim` (hart.training.OptimizerConfig),
-`parallel` (hart.parallelize.ParallelConfig), `scaling` (Ray workers), `objective`
+`model` (presets / checkpoints), `data`, `optim` (hart.training.step.OptimizerConfig),
+`parallel` (hart.training.parallelize.ParallelConfig), `scaling` (Ray workers), `objective`
 (per-stage loss knobs), `tracking` (MLflow), `eval` (evaluation inside training) and
 `online` (stream shards through the tokenizer instead of reading a cache). Going from 2 CPU
 workers to N GPUs only touches `scaling` (and `precision`/`parallel`, and `online.compute`);
@@ -23,9 +23,9 @@ from hart.config import (
     TokenizerConfig, TransformerConfig, apply_overrides, config_from_dict, config_to_dict, read_config_file,
     replace, tokenizer_config, transformer_config,
 )
-from hart.parallelize import ParallelConfig
+from hart.training.parallelize import ParallelConfig
 from pipelines.config import ComputeConfig, PreprocessConfig
-from hart.training import PRECISIONS, OptimizerConfig
+from hart.training.step import PRECISIONS, OptimizerConfig
 
 STAGES = ("tokenizer", "ar", "diffusion", "joint")
 
@@ -129,7 +129,7 @@ class ObjectiveSection:
     ce_weight: float = 1.0  # ar / joint
     diffusion_weight: float = 1.0  # diffusion / joint
     # Transformer stages: round the kept last-scale count to {32, multiples of this, all} (same mean;
-    # hart.t2i_objective) so a compiled model sees a few sequence lengths; 0 = HART's exact counts.
+    # hart.transformer.objective) so a compiled model sees a few sequence lengths; 0 = HART's exact counts.
     kept_bucket: int = 0
     tokenizer_mode: str = "hybrid"  # "hybrid": decoder fine-tune (encoder+codebook frozen) | "full": VQVAE
     continuous_prob: float = 0.5  # hybrid: share of steps decoding the continuous latent
@@ -140,11 +140,11 @@ class ObjectiveSection:
     disc_lr: float = 1e-4
     disc_channels: int = 64  # PatchGAN base width (HART's released discriminator: 64)
     perceptual_weight: float = 0.0  # LPIPS term (tokenizer stage); > 0 needs perceptual_weights
-    # Local weight files of the LPIPS metric (hart.perceptual): torchvision VGG16 trunk keys
+    # Local weight files of the LPIPS metric (hart.tokenizer.perceptual): torchvision VGG16 trunk keys
     # `features.*` + LPIPS heads `lin{0..4}.model.1.weight`, in one file or two (.safetensors/.pth/.bin).
     # Nothing is downloaded; the trunk widths are read from the heads.
     perceptual_weights: tuple[str, ...] = ()
-    # Codebook upkeep, tokenizer stage in "full" mode (hart.quantizer.restart_codes): a codebook
+    # Codebook upkeep, tokenizer stage in "full" mode (hart.tokenizer.quantizer.restart_codes): a codebook
     # trained from scratch collapses to a few codes without these.
     codebook_init: bool = False  # when the VQ part starts (step vq_warmup_steps): every code re-seeded from that batch's latents
     codebook_restart_every: int = 0  # every N steps: re-seed dead codes; 0 = never
@@ -258,7 +258,7 @@ class TrainRunConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.parallel.mixed_precision == "bf16" and self.precision != "bf16":
             # bf16 weights meet the transformer's deliberate fp32 casts (norm and head inputs) only under
-            # autocast: without it the next matmul mixes dtypes and raises (hart/parallelize.py)
+            # autocast: without it the next matmul mixes dtypes and raises (hart/training/parallelize.py)
             raise ValueError(f"parallel.mixed_precision=bf16 needs precision: bf16, got {self.precision!r}")
         if self.stage == "tokenizer" and self.objective.vq_warmup_steps >= self.run.max_steps:
             raise ValueError(f"objective.vq_warmup_steps ({self.objective.vq_warmup_steps}) must be below "

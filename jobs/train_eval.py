@@ -33,7 +33,7 @@ def evaluate_in_training(config, stage, ema, logger, step: int, encoder) -> dict
     """Figures of this step's EMA model on the eval prompts (None where nothing ran: other ranks,
     logging off, or a step already logged). FSDP runs are refused at config time (rank 0 alone cannot
     generate from shards)."""
-    from hart.parallelize import is_sharded
+    from hart.training.parallelize import is_sharded
     from PIL import Image
 
     from pipelines.eval_protocol import PROTOCOLS, groups, read_prompts

@@ -63,7 +63,7 @@ class EvalProtocol:
             raise ValueError(f"top_k is (early scales, late scales), got {self.top_k}")
 
     def sampling(self) -> dict:
-        """The keyword arguments of `hart.generate.generate` this protocol fixes (seed aside)."""
+        """The keyword arguments of `hart.transformer.generate.generate` this protocol fixes (seed aside)."""
         return dict(cfg=self.cfg, top_k=tuple(self.top_k), top_p=self.top_p, more_smooth=self.more_smooth,
                     use_diffusion=self.use_diffusion, head_cfg=self.head_cfg, batch_size=self.chunk_size)
 

@@ -37,7 +37,7 @@ class GenerateImages:
                  endpoint_url: str = "", device: str | None = None):
         from transformers.utils import logging as transformers_logging
 
-        from hart.generate import load_models
+        from hart.transformer.generate import load_models
 
         transformers_logging.disable_progress_bar()  # one bar per weight load and actor otherwise
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -62,7 +62,7 @@ class GenerateImages:
 def generate_group(model, tokenizer, encoder, group: dict, protocol: EvalProtocol, device: torch.device) -> list[dict]:
     """One generation group (`eval_protocol.groups`) -> image rows {id, prompt, category, png}: one
     `generate` call with the group's seed and the protocol's sampling settings (bf16 on a GPU)."""
-    from hart.generate import generate
+    from hart.transformer.generate import generate
 
     prompts = [str(p) for p in group["prompts"]]
     autocast = torch.bfloat16 if device.type == "cuda" else None

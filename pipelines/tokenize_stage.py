@@ -24,7 +24,7 @@ import torch
 
 from hart.config import replace, tokenizer_config
 from hart.pixels import to_model
-from hart.tokenizer import HybridTokenizer
+from hart.tokenizer.model import HybridTokenizer
 from pipelines import storage
 from pipelines.config import TokenizerSource
 

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def train_assets(tmp_path_factory, ray_local):
-    from hart.tokenizer import HybridTokenizer
+    from hart.tokenizer.model import HybridTokenizer
     from pipelines.config import load_precompute_config
     from pipelines.plan import run_precompute
     from pipelines.shapes import write_shapes_shards

@@ -8,7 +8,7 @@ import torch
 
 from benchmarks import colour_probe as probe
 from hart.config import tokenizer_config
-from hart.tokenizer import HybridTokenizer
+from hart.tokenizer.model import HybridTokenizer
 from pipelines.shapes import BACKGROUNDS, COLOURS
 
 

@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-from hart.checkpoint import load_training_state
+from hart.training.checkpoint import load_training_state
 from jobs.train import run_training
 from pipelines import manifest as manifest_lib
 from pipelines import shapes, storage

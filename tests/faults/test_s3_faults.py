@@ -72,7 +72,7 @@ def upload_tree(local_dir: str, uri: str, endpoint: str) -> None:
 def test_checkpoint_upload_and_download_survive_5_percent_faults(s3_bucket, s3_endpoint, tmp_path):
     import torch
 
-    from hart.checkpoint import load_training_state, save_training_state
+    from hart.training.checkpoint import load_training_state, save_training_state
 
     source = tmp_path / "ckpt"
     model = {f"layer{i}.weight": torch.randn(64, 64) for i in range(6)}

@@ -32,8 +32,8 @@ import pytest
 import torch
 
 from hart.config import tokenizer_config, transformer_config
-from hart.tokenizer import HybridTokenizer
-from hart.transformer import HARTForT2I
+from hart.tokenizer.model import HybridTokenizer
+from hart.transformer.model import HARTForT2I
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from hart.checkpoint import load_training_state
+from hart.training.checkpoint import load_training_state
 from jobs import tracking
 from jobs.train import run_training
 from tests.training_fixtures import REPO, tiny_config

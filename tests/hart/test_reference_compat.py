@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from hart.config import TOKENIZER_PRESETS, TRANSFORMER_PRESETS, replace, tokenizer_config
-from hart.discriminator import NLayerDiscriminator
+from hart.tokenizer.discriminator import NLayerDiscriminator
 from hart.reference_compat import NOTE_FILE, ReferenceCompatibilityWarning
-from hart.tokenizer import HybridTokenizer
-from hart.tokenizer import reference_differences as tokenizer_differences
-from hart.transformer import HARTForT2I
-from hart.transformer_checkpoint import reference_differences as transformer_differences
+from hart.tokenizer.model import HybridTokenizer
+from hart.tokenizer.model import reference_differences as tokenizer_differences
+from hart.transformer.model import HARTForT2I
+from hart.transformer.checkpoint import reference_differences as transformer_differences
 from jobs import demo
 
 # The demo's tokenizer: the shallowest net, one norm group.
@@ -72,7 +72,7 @@ def test_released_preset_folder_has_no_note_and_a_stale_note_is_removed(tmp_path
 
 
 def test_a_discriminator_of_another_size_is_named_and_loads_back(tmp_path):
-    from hart.tokenizer import load_discriminator
+    from hart.tokenizer.model import load_discriminator
 
     released = HybridTokenizer(TOKENIZER_PRESETS["hart-1024"])
     with warnings.catch_warnings():

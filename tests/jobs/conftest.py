@@ -15,7 +15,7 @@ TINY_VGG = (4, 8, 8, 16, 16)
 
 @pytest.fixture
 def tiny_lpips_weights(tmp_path) -> list[str]:
-    from hart.perceptual import PerceptualLoss
+    from hart.tokenizer.perceptual import PerceptualLoss
     from hart.weights import save_weight_file
 
     with torch.random.fork_rng(devices=[]):

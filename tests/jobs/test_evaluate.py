@@ -23,8 +23,8 @@ from pipelines.shapes_classifier import accuracy
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     from hart.config import tokenizer_config, transformer_config
-    from hart.tokenizer import HybridTokenizer
-    from hart.transformer import HARTForT2I
+    from hart.tokenizer.model import HybridTokenizer
+    from hart.transformer.model import HARTForT2I
     from jobs.demo import DEMO_TOKENIZER, DEMO_TRANSFORMER
 
     root = tmp_path_factory.mktemp("evaluate")
@@ -111,7 +111,7 @@ def test_reference_of_another_protocol_is_refused_and_missing_files_are_named(as
 def test_demo_settings_through_the_job_give_the_in_process_sampler_images(assets, ray_local, tmp_path):
     """`make demo` scores its held-out samples through this job: one seeded group sampled 32 at a time is
     the single `generate` call the demo made before, image for image (PNG bytes equal)."""
-    from hart.generate import generate, load_models
+    from hart.transformer.generate import generate, load_models
     from pipelines.eval_stages import encode_png
 
     prompts = [p for p in heldout_prompts("heldout") for _ in range(2)]

@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 
 from hart.config import tokenizer_config, transformer_config
-from hart.generate import generate, load_models
-from hart.tokenizer import HybridTokenizer
-from hart.transformer import HARTForT2I
+from hart.transformer.generate import generate, load_models
+from hart.tokenizer.model import HybridTokenizer
+from hart.transformer.model import HARTForT2I
 from jobs.stages import read_start_weights
 from jobs.train import run_training
 from jobs.train_config import load_train_config

@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 
 from hart.config import tokenizer_config, transformer_config
-from hart.tokenizer import HybridTokenizer
-from hart.transformer import HARTForT2I
+from hart.tokenizer.model import HybridTokenizer
+from hart.transformer.model import HARTForT2I
 from jobs.generate import main, slug
 
 

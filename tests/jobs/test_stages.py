@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hart.start_weights import load_compatible_weights
-from hart.training import build_optimizer, train_step
+from hart.training.start_weights import load_compatible_weights
+from hart.training.step import build_optimizer, train_step
 from jobs.stages import build_stage
 from jobs.train_data import TextFeatures, images_collate
 from tests.training_fixtures import tiny_config
@@ -38,7 +38,7 @@ def overfit(stage, batch, steps, lr=3e-3):
 
 
 def stage_optim(lr):
-    from hart.training import OptimizerConfig
+    from hart.training.step import OptimizerConfig
 
     return OptimizerConfig(lr=lr, weight_decay=0.0, schedule="constant")
 
@@ -84,7 +84,7 @@ def test_tokenizer_stage_with_gan_overfits(train_assets, tmp_path):
 
 def test_progressive_start_rebuilds_scale_buffers(train_assets, tmp_path):
     from hart.config import transformer_config
-    from hart.transformer import HARTForT2I
+    from hart.transformer.model import HARTForT2I
 
     low = HARTForT2I(transformer_config("tiny"))
     high = HARTForT2I(transformer_config({"preset": "tiny", "patch_nums": [1, 2, 3, 4, 6, 8, 10]}))
@@ -143,7 +143,7 @@ def test_perceptual_settings_are_checked(train_assets, tiny_lpips_weights, tmp_p
 def test_compiled_joint_step_matches_eager(train_assets, cache_batch, tmp_path):
     from torch._dynamo.utils import counters
 
-    from hart.parallelize import parallelize
+    from hart.training.parallelize import parallelize
 
     manifest, raw = cache_batch
     losses = {}
@@ -190,7 +190,7 @@ def test_codebook_upkeep_seeds_and_restarts_codes_through_the_step(train_assets,
     from pipelines.shapes import render, sample_spec
     import numpy as np
 
-    from hart.training import build_optimizer
+    from hart.training.step import build_optimizer
     from jobs.stages import codebook_upkeep, optimizer_step
 
     config = tiny_config(train_assets, "tokenizer", tmp_path, "objective.tokenizer_mode=full", "objective.codebook_init=true",

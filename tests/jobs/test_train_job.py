@@ -13,9 +13,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from hart.checkpoint import load_training_state
-from hart.tokenizer import HybridTokenizer
-from hart.transformer import HARTForT2I
+from hart.training.checkpoint import load_training_state
+from hart.tokenizer.model import HybridTokenizer
+from hart.transformer.model import HARTForT2I
 from jobs import tracking
 from jobs.train import run_training
 from pipelines import storage

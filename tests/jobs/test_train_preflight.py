@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from hart.config import tokenizer_config
-from hart.tokenizer import HybridTokenizer
+from hart.tokenizer.model import HybridTokenizer
 from jobs.train import preflight
 from jobs.train_config import load_train_config
 from tests.training_fixtures import tiny_config

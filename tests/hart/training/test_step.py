@@ -1,6 +1,6 @@
-"""Unit tests of hart/training.py, hart/checkpoint.py and hart/parallelize.py (no Ray, no process group).
+"""Unit tests of hart/training/step.py, hart/training/checkpoint.py and hart/training/parallelize.py (no Ray, no process group).
 
-Run: .venv/bin/pytest tests/hart/test_training.py -q
+Run: .venv/bin/pytest tests/hart/training/test_step.py -q
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import pytest
 import torch
 from torch import nn
 
-from hart.checkpoint import (
+from hart.training.checkpoint import (
     load_rng_state, load_training_state, read_meta, save_rng_state, save_training_state, upgrade_meta,
 )
-from hart.parallelize import ParallelConfig, apply_activation_checkpointing, full_state_dict, parallelize
-from hart.training import (
+from hart.training.parallelize import ParallelConfig, apply_activation_checkpointing, full_state_dict, parallelize
+from hart.training.step import (
     ExponentialMovingAverage, NonFiniteLossError, OptimizerConfig, build_optimizer, build_scheduler,
     lr_factor, parameter_groups, restore_scheduler, train_step,
 )
@@ -287,7 +287,7 @@ def mse_loss(model, batch):
 def test_channels_last_trains_like_nchw_and_resumes_in_its_layout(tmp_path):
     """parallel.channels_last: conv weights in channels_last, a step close to NCHW's, and a resumed run
     that continues exactly, with AdamW's moments back in the parameters' layout (checkpoints are contiguous)."""
-    from hart.parallelize import load_full_optimizer_state_dict
+    from hart.training.parallelize import load_full_optimizer_state_dict
 
     torch.manual_seed(0)
     plain = ConvNet()
@@ -340,7 +340,7 @@ def test_fsdp2_single_process_matches_plain_training_and_round_trips(tmp_path):
     """FSDP2 on a 1-process gloo group: same losses as plain training; full state out and back in."""
     import torch.distributed as dist
 
-    from hart.parallelize import (
+    from hart.training.parallelize import (
         full_optimizer_state_dict, full_tensors, is_sharded, load_full_optimizer_state_dict, load_full_state_dict,
         shard_like,
     )

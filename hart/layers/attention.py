@@ -15,7 +15,7 @@ A second training path runs the whole block-causal mask in one FlexAttention cal
 scale list, kept last-scale count) and cached (`block_causal_mask`). It computes the same
 function as the segment path, fused into one kernel on GPU, and its mask is exactly the one
 above: text pads are attended, as in the released model. FlexAttention has no CPU backward
-(torch 2.13), so on CPU it serves forward passes only; `hart.parallelize` picks the path.
+(torch 2.13), so on CPU it serves forward passes only; `hart.training.parallelize` picks the path.
 
 Projection layout matches the checkpoint: `qkv_proj` (llama) / `mat_qkv` (gpt2) without
 bias, learnable `q_bias` and `v_bias`, a persistent all-zero `zero_k_bias` buffer, `proj`
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from hart.rope import apply_rope
+from hart.layers.rope import apply_rope
 
 ATTENTION_BACKENDS = ("sdpa", "flex")
 # One BlockMask per segment layout: with last-scale subsampling the kept count sets the last segment,
@@ -52,7 +52,7 @@ class _Prefixes(torch.autograd.Function):
     quarter of the attention's forward + backward time at 11 segments, measured on CPU). Here the
     prefix gradients are added in place into one buffer of x's dtype, each only over its own
     prefix. They are added last segment first, the order autograd's engine uses for the slices, so
-    the sums are bit-identical to plain slicing (tests/hart/test_transformer.py checks). The cast
+    the sums are bit-identical to plain slicing (tests/hart/transformer/test_model.py checks). The cast
     to `dtype` (the autocast dtype SDPA would cast each prefix to) also happens once, not per segment.
     """
 
@@ -137,7 +137,7 @@ class KVCache:
     first append and filled in place, each call attending to a prefix view of them. No per-scale
     concatenation (which copied the whole cache at every scale and briefly held it twice), and fixed
     addresses and shapes per scale for compiled or graph-captured steps. SDPA reads the views as it
-    read the concatenated tensors: the outputs are bit-identical (tests/hart/test_transformer.py).
+    read the concatenated tensors: the outputs are bit-identical (tests/hart/transformer/test_model.py).
     Without `capacity` segments are concatenated (any length).
     """
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from hart.config import TOKENIZER_PRESETS, TRANSFORMER_PRESETS, replace
-from hart.quantizer import MultiScaleQuantizer
-from hart.t2i_objective import choose_kept_last, drop_text, num_kept_last, sample_mask_rate, t2i_losses
-from hart.transformer import HARTForT2I
+from hart.tokenizer.quantizer import MultiScaleQuantizer
+from hart.transformer.objective import choose_kept_last, drop_text, num_kept_last, sample_mask_rate, t2i_losses
+from hart.transformer.model import HARTForT2I
 
 TINY = TRANSFORMER_PRESETS["tiny"]
 
@@ -167,7 +167,7 @@ def test_compiled_blocks_follow_a_changing_last_scale_length():
     """
     import copy
 
-    from hart.parallelize import ParallelConfig, parallelize
+    from hart.training.parallelize import ParallelConfig, parallelize
 
     config = replace(TINY, patch_nums=(1, 2, 4, 16), depth=1)  # 16x16 last scale: 32..128 tokens kept
     torch.manual_seed(0)
@@ -198,7 +198,7 @@ def test_compiled_blocks_follow_a_changing_last_scale_length():
 
 
 def test_kept_buckets_keep_harts_mean_and_few_counts():
-    from hart.t2i_objective import bucketed_kept, kept_ladder, num_kept_last
+    from hart.transformer.objective import bucketed_kept, kept_ladder, num_kept_last
 
     assert kept_ladder(4096, 128) == [32, *range(128, 4096, 128), 4096]
     assert kept_ladder(64, 128) == [32, 64] and kept_ladder(16, 8) == [16]

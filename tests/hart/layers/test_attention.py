@@ -1,4 +1,4 @@
-"""The FlexAttention training path (hart/attention.py) computes what the per-segment SDPA path computes.
+"""The FlexAttention training path (hart/layers/attention.py) computes what the per-segment SDPA path computes.
 
 FlexAttention runs forward on CPU (torch 2.13) but has no CPU backward, so on CPU the two paths are
 compared in forward, on the tiny preset and a small 256px-scale model, with padded text and a kept
@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hart.attention import block_causal_mask, flex_segmented_attention, segmented_attention
+from hart.layers.attention import block_causal_mask, flex_segmented_attention, segmented_attention
 from hart.config import PATCH_NUMS_256, TRANSFORMER_PRESETS, replace
-from hart.parallelize import ParallelConfig, apply_attention, resolve_attention
-from hart.transformer import HARTForT2I
+from hart.training.parallelize import ParallelConfig, apply_attention, resolve_attention
+from hart.transformer.model import HARTForT2I
 
 TINY = TRANSFORMER_PRESETS["tiny"]
 # The released 256px scale list (10 scales, 680 tokens) at a width a CPU test can afford.
@@ -73,7 +73,7 @@ def test_model_logits_equal_on_both_paths(config, kept):
 
 def test_compiled_blocks_on_the_flex_path_match_in_forward():
     """parallel.compile traces flex inside each block; on CPU its kernel once read strided q/k/v wrongly."""
-    from hart.parallelize import apply_compile
+    from hart.training.parallelize import apply_compile
 
     model, ctx, mask, tf, keep = model_and_batch(TINY)
     with torch.no_grad():

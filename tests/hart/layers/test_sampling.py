@@ -1,4 +1,4 @@
-"""hart/sampling.py: top-k / top-p filtering, seeded draws, Gumbel-softmax (VAR/HART semantics)."""
+"""hart/layers/sampling.py: top-k / top-p filtering, seeded draws, Gumbel-softmax (VAR/HART semantics)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from hart.sampling import filter_top_k_top_p, gumbel_softmax, sample_top_k_top_p
+from hart.layers.sampling import filter_top_k_top_p, gumbel_softmax, sample_top_k_top_p
 
 
 def logits_of(probs: list[float]) -> torch.Tensor:

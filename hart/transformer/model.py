@@ -6,9 +6,9 @@ projected tokens, pooled, drive every block's AdaLN (avg or max per config) and,
 max-pooled, the head's AdaLN. Each token gets the sinusoidal level embedding of its scale
 (text = level 0). The 1x1 first scale has no input token: it is predicted from the last
 text position, so logits start at position T-1 and line up with the image tokens.
-Attention is block-causal over levels (see `hart.attention`; `attention_backend` picks the
-training kernel, set from outside by `hart.parallelize`); positions are RoPE (text
-1-D, image 2-D, `hart.rope`) for `attn_type="llama"`, learned absolute tables for "gpt2".
+Attention is block-causal over levels (see `hart.layers.attention`; `attention_backend` picks the
+training kernel, set from outside by `hart.training.parallelize`); positions are RoPE (text
+1-D, image 2-D, `hart.layers.rope`) for `attn_type="llama"`, learned absolute tables for "gpt2".
 
 The module has three entry points:
 - `forward(...)` (training / teacher forcing): logits of every (kept) image token, and on
@@ -16,7 +16,7 @@ The module has three entry points:
   `keep_last_Bk` drops last-scale tokens from the sequence (HART's token subsampling).
 - `start_sampling` / `sampling_step` (generation with a KV cache): one call per scale.
 - `diffusion_condition(h, idx)` = decoder_norm(h + word_embed(E[idx])) for the head.
-Weights load/save in the official `llm/` layout through `hart.transformer_checkpoint`.
+Weights load/save in the official `llm/` layout through `hart.transformer.checkpoint`.
 The dense (L, L) mask buffer of the released code is not kept in memory (see that module).
 
 Shape legend: B batch, T text tokens, D text feature dim, C width, L sequence, l tokens
@@ -33,13 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hart.attention import KVCache, block_causal_mask
-from hart.blocks import AdaLNBeforeHead, AdaLNSelfAttnBlock, RMSNorm, TimestepEmbedder, make_norm, pool_condition
+from hart.layers.attention import KVCache, block_causal_mask
+from hart.layers.blocks import AdaLNBeforeHead, AdaLNSelfAttnBlock, RMSNorm, TimestepEmbedder, make_norm, pool_condition
 from hart.config import TokenizerConfig, TransformerConfig
-from hart.diffusion_head import DiffLoss
-from hart.rope import RopeBuilder, text_positions
-from hart.sampling import sample_top_k_top_p
-from hart.transformer_checkpoint import load_state_into, read_transformer, save_transformer
+from hart.transformer.diffusion_head import DiffLoss
+from hart.layers.rope import RopeBuilder, text_positions
+from hart.layers.sampling import sample_top_k_top_p
+from hart.transformer.checkpoint import load_state_into, read_transformer, save_transformer
 
 
 @dataclass
@@ -62,8 +62,8 @@ class HARTForT2I(nn.Module):
         self.grid = cfg.grid
         self.patch_nums = self.grid.patch_nums
         self.num_scales = self.grid.num_scales
-        # Training attention kernel, chosen from outside (hart.parallelize): "sdpa" = one SDPA call per
-        # segment, "flex" = one FlexAttention call with a cached block mask (hart.attention).
+        # Training attention kernel, chosen from outside (hart.training.parallelize): "sdpa" = one SDPA call per
+        # segment, "flex" = one FlexAttention call with a cached block mask (hart.layers.attention).
         self.attention_backend = "sdpa"
 
         self.word_embed = nn.Linear(cfg.token_dim, C)
@@ -139,7 +139,7 @@ class HARTForT2I(nn.Module):
 
     @classmethod
     def from_pretrained(cls, llm_dir: str | Path, ema: bool = False, config: TransformerConfig | None = None) -> "HARTForT2I":
-        """An official `llm/` folder (weights, or `ema_model.bin` with `ema=True`); strict (hart.transformer_checkpoint)."""
+        """An official `llm/` folder (weights, or `ema_model.bin` with `ema=True`); strict (hart.transformer.checkpoint)."""
         config, state, what = read_transformer(llm_dir, ema=ema, config=config)
         with torch.device("meta"):
             model = cls(config)
@@ -324,7 +324,7 @@ class HARTForT2I(nn.Module):
     ) -> tuple[TextCondition, list[KVCache], torch.Tensor]:
         """Run the text step. Returns (cond, caches, logits of the 1x1 scale (B, 1, V)).
 
-        `static_cache`: KV caches preallocated for the whole sequence (see `hart.attention.KVCache`).
+        `static_cache`: KV caches preallocated for the whole sequence (see `hart.layers.attention.KVCache`).
         """
         cond = self.encode_context(context, context_mask, context_position_ids)
         caches = [KVCache(self.config.seq_len() if static_cache else None) for _ in self.blocks]

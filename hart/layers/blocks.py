@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hart.attention import CrossAttention, SelfAttention
+from hart.layers.attention import CrossAttention, SelfAttention
 
 
 class RMSNorm(nn.Module):

@@ -40,9 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hart.discriminator import NLayerDiscriminator
-from hart.perceptual import PerceptualLoss
-from hart.tokenizer import HybridTokenizer
+from hart.tokenizer.discriminator import NLayerDiscriminator
+from hart.tokenizer.perceptual import PerceptualLoss
+from hart.tokenizer.model import HybridTokenizer
 
 MODES = ("decoder_finetune", "full")
 

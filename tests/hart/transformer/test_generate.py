@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from hart.config import TOKENIZER_PRESETS, TRANSFORMER_PRESETS, replace
-from hart.generate import generate, sample_latent
-from hart.tokenizer import HybridTokenizer
-from hart.transformer import HARTForT2I
+from hart.transformer.generate import generate, sample_latent
+from hart.tokenizer.model import HybridTokenizer
+from hart.transformer.model import HARTForT2I
 
 TINY = TRANSFORMER_PRESETS["tiny"]
 

@@ -38,8 +38,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from hart.quantizer import MultiScaleQuantizer
-from hart.transformer import HARTForT2I
+from hart.tokenizer.quantizer import MultiScaleQuantizer
+from hart.transformer.model import HARTForT2I
 
 MIN_KEPT_LAST = 32
 MASK_RATE_MIN, MASK_RATE_MEAN, MASK_RATE_STD = 0.5, 1.0, 0.25

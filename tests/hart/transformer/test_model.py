@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from hart.config import TRANSFORMER_PRESETS, replace
-from hart.rope import apply_rope, hart_scale_coords, image_rope, text_positions
-from hart.transformer import HARTForT2I
+from hart.layers.rope import apply_rope, hart_scale_coords, image_rope, text_positions
+from hart.transformer.model import HARTForT2I
 from hart.weights import load_weight_folder, save_weight_file
 
-TSV = str(Path(__file__).resolve().parents[1] / "assets/reference/hart_llm_keys_d16_c1536.tsv")
+TSV = str(Path(__file__).resolve().parents[2] / "assets/reference/hart_llm_keys_d16_c1536.tsv")
 TINY = TRANSFORMER_PRESETS["tiny"]
 VARIANTS = {
     "tiny": TINY,
@@ -125,7 +125,7 @@ def test_segment_attention_equals_dense_mask():
 def test_segment_attention_gradients_equal_plain_slicing(autocast):
     """Gradients are bit-identical to autograd over plain slices (also under bf16 autocast, with q and k
     in fp32 and v in bf16 as attn_l2_norm leaves them), and match the dense mask."""
-    from hart.attention import segmented_attention
+    from hart.layers.attention import segmented_attention
 
     ends = [16, 17, 21, 30, 46, 82, 105]  # text, then scales; the last segment is a subsampled one
     q, k = (torch.randn(3, 4, ends[-1], 8, requires_grad=True) for _ in range(2))
@@ -175,7 +175,7 @@ def test_kv_cache_sampling_matches_full_forward(name):
 
 
 def test_static_kv_cache_is_bit_identical_to_concatenation():
-    from hart.attention import KVCache
+    from hart.layers.attention import KVCache
 
     model = make_model()
     ctx, mask, tf = make_batch()
@@ -308,7 +308,7 @@ def test_load_official_layout_strictly(tmp_path):
 
 
 def test_star_normalized_rope_values():
-    from hart.rope import star_scale_coords
+    from hart.layers.rope import star_scale_coords
 
     coords = star_scale_coords((1, 2, 3), rope_norm=32.0)
     assert coords[0].tolist() == [0, 0]  # the 1x1 scale stays at the origin
@@ -330,7 +330,7 @@ def test_star_normalized_rope_values():
 def test_gradient_checkpointing_gives_the_same_gradients():
     import copy
 
-    from hart.parallelize import apply_activation_checkpointing
+    from hart.training.parallelize import apply_activation_checkpointing
 
     model = make_model()
     model.train()
@@ -348,7 +348,7 @@ def test_rms_norm_matches_the_llama_formula_and_keeps_bf16_in_bf16():
     """RMSNorm is one fused op: in fp32 bit-equal to the reference formula (fp32 statistics, cast back,
     times the weight); a bf16 input (autocast) stays bf16, equal to the reference rounded to bf16 for the
     blocks' unit weight."""
-    from hart.blocks import RMSNorm
+    from hart.layers.blocks import RMSNorm
 
     def reference(x, weight, eps):
         x32 = x.float()
@@ -370,7 +370,7 @@ def test_rms_norm_matches_the_llama_formula_and_keeps_bf16_in_bf16():
 def test_project_qkv_normalises_rotates_and_casts_q_and_k_once_under_autocast():
     """q and k leave `project_qkv` in v's dtype (bf16 under autocast), each normalised and rotated as
     separately, with k at q's precision: the scaled q is fp32, and k rides in the same tensor."""
-    from hart.attention import SelfAttention
+    from hart.layers.attention import SelfAttention
 
     torch.manual_seed(0)
     attn = SelfAttention(64, 4, attn_l2_norm=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hart.checkpoint import read_meta
+from hart.training.checkpoint import read_meta
 from hart.weights import load_weight_file, load_weight_folder, match_state_dict
 
 # Buffers computed from the scale list: a start checkpoint made for another list has other shapes.
@@ -25,8 +25,8 @@ SCALE_DERIVED_KEYS = ("lvl_1L", "attn_bias_for_masking", "quantize.ema_vocab_hit
 
 def read_start_weights(location: Path, name: str = "") -> dict[str, torch.Tensor]:
     """The state dict to start from at a local `location`; `name` (default: the location) in errors."""
-    from hart.tokenizer import split_tokenizer_state
-    from hart.transformer_checkpoint import EMA_FILE
+    from hart.tokenizer.model import split_tokenizer_state
+    from hart.transformer.checkpoint import EMA_FILE
 
     location = Path(location)
     if (location / "meta.json").is_file():

@@ -1,7 +1,7 @@
 """HybridTokenizer: the VAR/HART multi-scale VQ autoencoder with a continuous residual.
 
 Design (HART_SPEC §1): image -> `encoder` -> `quant_conv` -> latent f (B, z, h, w). The
-`quantize` module (hart.quantizer.MultiScaleQuantizer) explains f with one token map per scale
+`quantize` module (hart.tokenizer.quantizer.MultiScaleQuantizer) explains f with one token map per scale
 and leaves a continuous residual, so that `tokens + residual` give back f exactly; the decoder
 is `post_quant_conv` -> `decoder`. Decoding therefore has two modes:
 - hybrid (HART): decode(tokens, residual) decodes f_hat(HART rule, no Phi at the last scale)
@@ -39,10 +39,10 @@ import torch
 from torch import nn
 
 from hart.config import TOKENIZER_PRESETS, TokenizerConfig, config_from_dict, config_to_dict, replace
-from hart.discriminator import NLayerDiscriminator
-from hart.quantizer import MultiScaleQuantizer
+from hart.tokenizer.discriminator import NLayerDiscriminator
+from hart.tokenizer.quantizer import MultiScaleQuantizer
 from hart.reference_compat import Difference, differences, record
-from hart.vae import Decoder, Encoder
+from hart.tokenizer.vae import Decoder, Encoder
 from hart.weights import load_weight_file, load_weight_folder, match_state_dict, save_weight_file
 
 MODEL_TYPE = "hart_autoencoder_with_disc"
@@ -193,7 +193,7 @@ class HybridTokenizer(nn.Module):
         save_weight_file(state, path / "model.safetensors")
         (path / "config.json").write_text(json.dumps(config_to_hart_json(self.config), indent=2) + "\n")
         record(path, "tokenizer", reference_differences(self.config, discriminator),
-               "hart.tokenizer.HybridTokenizer.from_pretrained")
+               "hart.tokenizer.model.HybridTokenizer.from_pretrained")
 
 
 def reference_differences(config: TokenizerConfig, discriminator: NLayerDiscriminator | None = None,

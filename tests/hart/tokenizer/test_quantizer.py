@@ -1,7 +1,7 @@
-"""Tests of hart/quantizer.py: Phi selection, residual identity, teacher forcing, and agreement
+"""Tests of hart/tokenizer/quantizer.py: Phi selection, residual identity, teacher forcing, and agreement
 with an independent, deliberately plain re-derivation of VAR's multi-scale loop (HART_SPEC §1.1).
 
-Run: .venv/bin/pytest tests/hart/test_quantizer.py -q
+Run: .venv/bin/pytest tests/hart/tokenizer/test_quantizer.py -q
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from hart.config import PATCH_NUMS_256, PATCH_NUMS_1024, TOKENIZER_PRESETS, TokenizerConfig, replace
-from hart.quantizer import MultiScaleQuantizer
+from hart.tokenizer.quantizer import MultiScaleQuantizer
 
 TINY = TOKENIZER_PRESETS["tiny"]
 

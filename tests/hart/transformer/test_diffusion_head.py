@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from hart.diffusion import GaussianDiffusion, cosine_betas, space_timesteps
-from hart.diffusion_head import DiffLoss
+from hart.transformer.diffusion import GaussianDiffusion, cosine_betas, space_timesteps
+from hart.transformer.diffusion_head import DiffLoss
 
 
 def make_head(seed=0) -> DiffLoss:

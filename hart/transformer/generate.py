@@ -31,10 +31,10 @@ import torch
 from PIL import Image
 
 from hart.pixels import to_uint8
-from hart.sampling import gumbel_softmax, sample_top_k_top_p
+from hart.layers.sampling import gumbel_softmax, sample_top_k_top_p
 from hart.scale_grid import check_compatible
 from hart.text_encoder import TextEncoder
-from hart.transformer import HARTForT2I
+from hart.transformer.model import HARTForT2I
 
 LATE_SCALE_INDEX = 7  # scales >= this use top_k[1]
 
@@ -170,7 +170,7 @@ def load_models(llm: str, tokenizer: str, text_encoder: str, ema: bool, device: 
     """(transformer, tokenizer, text encoder) from an official-layout `llm/` and `tokenizer/` folder and a
     text encoder name or folder (`hart.text_encoder.build_text_encoder`), in eval mode on `device`."""
     from hart.text_encoder import build_text_encoder
-    from hart.tokenizer import HybridTokenizer
+    from hart.tokenizer.model import HybridTokenizer
 
     model = HARTForT2I.from_pretrained(llm, ema=ema).to(device).eval()
     tok = HybridTokenizer.from_pretrained(tokenizer).to(device).eval()

@@ -18,7 +18,7 @@ loses no precision. It is FSDP-only: DDP keeps one full fp32 replica per rank an
 from autocast (the run's `precision` setting) instead. Keep `precision: bf16` on beside it for the
 transformer: it casts some activations to fp32 on purpose (norm and head inputs, written for autocast),
 and without autocast the next matmul would meet bf16 weights with fp32 inputs and raise
-(tests/hart/test_fsdp.py trains it both ways against one fp32 process).
+(tests/hart/training/test_parallelize.py trains it both ways against one fp32 process).
 
 Activation checkpointing is selective by block: `activation_checkpointing_every=k` recomputes every
 k-th block in backward (torchtitan's "selective, layer" mode: blocks k-1, 2k-1, ...; k=1 is all of

@@ -1,9 +1,9 @@
-"""Tests of hart/tokenizer_objective.py, hart/perceptual.py and the discriminator in training use.
+"""Tests of hart/tokenizer/objective.py, hart/tokenizer/perceptual.py and the discriminator in training use.
 
 A micro tokenizer (the tiny preset narrowed to 2 levels, 16px images) keeps the training tests
 within a few seconds on 2 CPU cores; the code path is the same as for every preset.
 
-Run: .venv/bin/pytest tests/hart/test_tokenizer_objective.py -q
+Run: .venv/bin/pytest tests/hart/tokenizer/test_objective.py -q
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from hart.config import TOKENIZER_PRESETS, replace
-from hart.discriminator import NLayerDiscriminator
-from hart.perceptual import PerceptualLoss
-from hart.tokenizer import HybridTokenizer
-from hart.tokenizer_objective import (
+from hart.tokenizer.discriminator import NLayerDiscriminator
+from hart.tokenizer.perceptual import PerceptualLoss
+from hart.tokenizer.model import HybridTokenizer
+from hart.tokenizer.objective import (
     TokenizerObjectiveConfig, discriminator_losses, generator_losses, set_trainable,
 )
 from hart.weights import save_weight_file

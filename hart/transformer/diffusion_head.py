@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hart.blocks import TimestepEmbedder
-from hart.diffusion import GaussianDiffusion
+from hart.layers.blocks import TimestepEmbedder
+from hart.transformer.diffusion import GaussianDiffusion
 
 
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

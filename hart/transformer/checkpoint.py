@@ -34,10 +34,10 @@ from pathlib import Path
 
 import torch
 
-from hart.blocks import llama_hidden_dim
+from hart.layers.blocks import llama_hidden_dim
 from hart.config import TokenizerConfig, TransformerConfig, config_from_dict, config_to_dict
 from hart.reference_compat import Difference, differences, record
-from hart.tokenizer import reference_differences as tokenizer_differences
+from hart.tokenizer.model import reference_differences as tokenizer_differences
 from hart.weights import load_weight_file, load_weight_folder, match_state_dict, save_weight_file
 
 MODEL_TYPE = "hart_transformer_t2i"
@@ -216,6 +216,6 @@ def save_transformer(model, llm_dir, ema_state: dict[str, torch.Tensor] | None =
         save_weight_file(export_state(ema_state, levels), llm_dir / EMA_FILE)
     (llm_dir / "config.json").write_text(json.dumps(official_config_json(model.config), indent=2) + "\n")
     record(llm_dir, "transformer", reference_differences(model.config, tokenizer),
-           "hart.transformer.HARTForT2I.from_pretrained",
+           "hart.transformer.model.HARTForT2I.from_pretrained",
            "" if tokenizer is None else "The reference builds the transformer together with the tokenizer/ folder beside\n"
            "llm/ and reads vocab_size and token_dim from it; tokenizer.* rows are that folder's fields.")

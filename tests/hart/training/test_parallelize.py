@@ -1,12 +1,12 @@
-"""FSDP2 and selective activation checkpointing (hart/parallelize.py), on CPU.
+"""FSDP2 and selective activation checkpointing (hart/training/parallelize.py), on CPU.
 
 The two-process tests start real gloo ranks: this file run as a script is one rank
-(`python tests/hart/test_fsdp.py RANK INIT_FILE OUT_JSON`). Subprocesses rather than
+(`python tests/hart/training/test_parallelize.py RANK INIT_FILE OUT_JSON`). Subprocesses rather than
 torch.multiprocessing: pytest imports this file with --import-mode=importlib, so a spawned child could
 not unpickle a function defined here. One launch runs every variant (process start-up and the
 process group are the slow part on 2 cores); the reference is one plain process on the whole batch.
 
-Run: .venv/bin/python -m pytest -q tests/hart/test_fsdp.py
+Run: .venv/bin/python -m pytest -q tests/hart/training/test_parallelize.py
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ import pytest
 import torch
 from torch import nn
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 if __name__ == "__main__":  # a rank started by the tests below: make `hart` importable
     sys.path.insert(0, str(REPO))
 
-from hart.parallelize import ParallelConfig, apply_activation_checkpointing, parallelize  # noqa: E402
-from hart.training import OptimizerConfig, build_optimizer, train_step  # noqa: E402
+from hart.training.parallelize import ParallelConfig, apply_activation_checkpointing, parallelize  # noqa: E402
+from hart.training.step import OptimizerConfig, build_optimizer, train_step  # noqa: E402
 
 WORLD_SIZE = 2
 STEPS = 5
@@ -114,7 +114,7 @@ def test_parallelize_applies_checkpointing_every_k_from_the_config():
 
 def test_transformer_is_checkpointed_from_outside_with_the_same_gradients():
     from hart.config import transformer_config
-    from hart.transformer import HARTForT2I
+    from hart.transformer.model import HARTForT2I
 
     cfg = transformer_config("tiny")
     torch.manual_seed(0)
@@ -149,7 +149,7 @@ def test_order_is_checkpointing_compile_blocks_then_root(monkeypatch):
     """AC -> compile per block -> fully_shard per block (bf16 policy) -> fully_shard root, recorded."""
     import torch.distributed.fsdp as fsdp
 
-    import hart.parallelize as par
+    import hart.training.parallelize as par
 
     events = []
     model = new_model()
@@ -210,7 +210,7 @@ class TransformerSetup(Setup):
 
     def __init__(self, precision: str = "fp32"):
         from hart.config import TokenizerConfig, transformer_config
-        from hart.quantizer import MultiScaleQuantizer
+        from hart.tokenizer.quantizer import MultiScaleQuantizer
 
         self.precision = precision
         self.cfg = transformer_config("tiny")
@@ -219,7 +219,7 @@ class TransformerSetup(Setup):
             vocab_size=self.cfg.vocab_size, z_channels=self.cfg.token_dim, patch_nums=tuple(self.cfg.patch_nums)))
 
     def model(self) -> nn.Module:
-        from hart.transformer import HARTForT2I
+        from hart.transformer.model import HARTForT2I
 
         torch.manual_seed(0)
         model = HARTForT2I(self.cfg)
@@ -235,7 +235,7 @@ class TransformerSetup(Setup):
                 "tokens": [torch.randint(0, cfg.vocab_size, (BATCH, pn * pn), generator=g) for pn in cfg.patch_nums]}
 
     def loss(self, model, batch):
-        from hart.t2i_objective import t2i_losses
+        from hart.transformer.objective import t2i_losses
 
         return t2i_losses(model, self.quantizer, batch["context"], batch["mask"], batch["tokens"], None,
                           use_diffusion=False, subsample_last=False, drop_text_condition=False)
@@ -289,7 +289,7 @@ def run_rank(rank: int, init_file: str, out_file: str) -> None:
     """One rank: every variant on a fresh model; rank 0 writes the results."""
     import torch.distributed as dist
 
-    from hart.parallelize import full_state_dict
+    from hart.training.parallelize import full_state_dict
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)

@@ -1,10 +1,10 @@
-"""Tests of hart/tokenizer.py (+ hart/vae.py, hart/discriminator.py): shapes, the hybrid identity,
+"""Tests of hart/tokenizer/model.py (+ hart/tokenizer/vae.py, hart/tokenizer/discriminator.py): shapes, the hybrid identity,
 input validation, parameter counts and checkpoint compatibility with the official key layout.
 
 The official key list (`hart_tokenizer_keys.tsv`, HART's released `tokenizer/` folder) is
 committed under tests/assets/reference/, so the key-set test always runs.
 
-Run: .venv/bin/pytest tests/hart/test_tokenizer.py -q
+Run: .venv/bin/pytest tests/hart/tokenizer/test_model.py -q
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ import pytest
 import torch
 
 from hart.config import TOKENIZER_PRESETS, replace
-from hart.discriminator import NLayerDiscriminator
-from hart.tokenizer import HybridTokenizer, load_discriminator
+from hart.tokenizer.discriminator import NLayerDiscriminator
+from hart.tokenizer.model import HybridTokenizer, load_discriminator
 from hart.weights import save_weight_file
 
 TINY = TOKENIZER_PRESETS["tiny"]
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def reference_tsv() -> Path:

@@ -12,7 +12,7 @@ tokenizer (`disc.*` keys of the released `tokenizer/` folder). It is one `nn.Seq
    11 conv 4x4/1 (8 ndf -> 1, bias)          -> one logit per overlapping patch
 
 The output is a map of logits (B, 1, H', W'), one per receptive-field patch; the hinge losses in
-`hart/tokenizer_objective.py` average over it. Initialisation follows the usual GAN recipe:
+`hart/tokenizer/objective.py` average over it. Initialisation follows the usual GAN recipe:
 conv weights N(0, 0.02), BatchNorm weights N(1, 0.02) and zero bias.
 
 Shape legend: B batch, C channels, H/W spatial size.
