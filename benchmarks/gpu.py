@@ -63,9 +63,8 @@ import torch
 from benchmarks import mfu as mfu_bench
 from benchmarks import tokenizer as tokenizer_bench
 from benchmarks import transformer as transformer_bench
-from hart.config import (
-    PATCH_NUMS_256, PATCH_NUMS_512, PATCH_NUMS_1024, TOKENIZER_PRESETS, replace, transformer_config,
-)
+from configuration.loader import replace
+from hart.config import PATCH_NUMS_256, PATCH_NUMS_512, PATCH_NUMS_1024, TOKENIZER_PRESETS, transformer_config
 
 RESOLUTIONS = (256, 512, 1024)
 GPU_SCALES = {256: PATCH_NUMS_256, 512: PATCH_NUMS_512, 1024: PATCH_NUMS_1024}

@@ -63,7 +63,10 @@ def mfu_run(preset: str, resolution: int, batch_size: int, activation_checkpoint
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    from hart.config import PATCH_NUMS_256, PATCH_NUMS_512, PATCH_NUMS_1024, TokenizerConfig, replace, transformer_config
+    from configuration.loader import replace
+    from hart.config import (
+        PATCH_NUMS_256, PATCH_NUMS_512, PATCH_NUMS_1024, TokenizerConfig, transformer_config,
+    )
     from hart.training.parallelize import ParallelConfig, parallelize
     from hart.tokenizer.quantizer import MultiScaleQuantizer
     from hart.training.step import ExponentialMovingAverage, OptimizerConfig, autocast, build_optimizer, train_step

@@ -22,7 +22,8 @@ import time
 
 import torch
 
-from hart.config import PATCH_NUMS_256, PATCH_NUMS_512, PATCH_NUMS_1024, TOKENIZER_PRESETS, replace
+from configuration.loader import replace
+from hart.config import PATCH_NUMS_256, PATCH_NUMS_512, PATCH_NUMS_1024, TOKENIZER_PRESETS
 from hart.tokenizer.model import HybridTokenizer
 
 SCALE_LISTS = {p[-1]: p for p in (PATCH_NUMS_256, PATCH_NUMS_512, PATCH_NUMS_1024)}

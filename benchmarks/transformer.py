@@ -29,9 +29,8 @@ import torch.nn.functional as F
 
 from benchmarks.mfu import peak_bf16
 from hart.layers.attention import segmented_attention
-from hart.config import (
-    PATCH_NUMS_256, PATCH_NUMS_512, PATCH_NUMS_1024, TRANSFORMER_PRESETS, TokenizerConfig, replace,
-)
+from configuration.loader import replace
+from hart.config import PATCH_NUMS_256, PATCH_NUMS_512, PATCH_NUMS_1024, TRANSFORMER_PRESETS, TokenizerConfig
 from hart.transformer.generate import sample_latent
 from hart.tokenizer.quantizer import MultiScaleQuantizer
 from hart.transformer.objective import t2i_losses

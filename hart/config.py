@@ -2,29 +2,19 @@
 
 Design: every component takes one small frozen dataclass. Presets are plain dicts of
 name -> instance (`TOKENIZER_PRESETS`, `TRANSFORMER_PRESETS`); `tiny` is the CPU test size
-and the other names match released checkpoints. Files (YAML or TOML) and `key=value`
-overrides go through one path, `config_from_dict`, which rejects unknown fields and
-wrong types with a `ValueError` that names the field, so a typo never silently falls
-back to a default. Derived sizes (downsampling factor, token counts) are methods, not
-fields. `jobs/` reuses the same machinery for run configs.
+and the other names match released checkpoints. `tokenizer_config` / `transformer_config`
+resolve a preset name or a `{preset: ..., field: value}` mapping through `configuration.loader`,
+the one loader of the tree, which rejects unknown fields and wrong types with a `ValueError`
+naming the field. Derived sizes (downsampling factor, token counts) are methods, not fields.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import tomllib
-import types
-import typing
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any
 
-import yaml
-
+from configuration.loader import preset_or_dict
 from hart.scale_grid import ScaleGrid, validate_patch_nums
-
-T = TypeVar("T")
 
 # Scale lists (patch_nums) of the released models. The 512 list is VAR's and HART's
 # inferred one (HART_SPEC §1.2); any custom increasing list ending at the latent size works.
@@ -202,151 +192,6 @@ TRANSFORMER_PRESETS: dict[str, TransformerConfig] = {
 }
 
 
-# --------------------------------------------------------------------------------------
-# Loading configs from dicts, files and overrides
-# --------------------------------------------------------------------------------------
-
-
-def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    """Check/convert one value against a (resolved) field annotation."""
-    origin = typing.get_origin(annotation)
-    if annotation is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(value, option, where)
-            except ValueError as exc:
-                errors.append(str(exc))
-        raise ValueError(f"{where}: {value!r} matches none of {annotation}")
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where}: expected a list, got {value!r}")
-        args = typing.get_args(annotation)
-        item_type = args[0] if args else Any
-        return tuple(_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where}: expected a list, got {value!r}")
-        (item_type,) = typing.get_args(annotation) or (Any,)
-        return [_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(annotation):
-        if isinstance(value, annotation):
-            return value
-        if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected a mapping for {annotation.__name__}, got {value!r}")
-        return config_from_dict(annotation, value, where=where)
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise ValueError(f"{where}: expected true/false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ValueError(f"{where}: expected an integer, got {value!r}")
-    if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ValueError(f"{where}: expected a number, got {value!r}")
-    if annotation is str:
-        if isinstance(value, str):
-            return value
-        raise ValueError(f"{where}: expected a string, got {value!r}")
-    return value
-
-
-def config_from_dict(cls: type[T], data: dict[str, Any], where: str | None = None) -> T:
-    """Build dataclass `cls` from a plain dict; unknown keys and wrong types raise ValueError."""
-    where = where or cls.__name__
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown field(s) {unknown}; valid fields: {sorted(known)}")
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:  # e.g. a required field missing
-        raise ValueError(f"{where}: {exc}") from None
-
-
-def config_to_dict(config: Any) -> dict[str, Any]:
-    """Plain JSON-able dict of a (nested) config dataclass; tuples become lists."""
-    return json.loads(json.dumps(dataclasses.asdict(config)))
-
-
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML (.yaml/.yml), TOML (.toml) or JSON (.json) file into a dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"config file not found: {path}")
-    text = path.read_text()
-    try:
-        if path.suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(text) or {}
-        elif path.suffix == ".toml":
-            data = tomllib.loads(text)
-        elif path.suffix == ".json":
-            data = json.loads(text)
-        else:
-            raise ValueError(f"config file {path} must end in .yaml, .yml, .toml or .json")
-    except (yaml.YAMLError, tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cannot parse config file {path}: {exc}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"config file {path} must hold a mapping at the top level")
-    return data
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """Apply `a.b.c=value` overrides to a nested dict; values are parsed as YAML scalars/lists."""
-    data = json.loads(json.dumps(data))  # deep copy
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} must look like key.subkey=value")
-        key, raw = item.split("=", 1)
-        parts = [p for p in key.strip().split(".") if p]
-        if not parts:
-            raise ValueError(f"override {item!r} has an empty key")
-        node = data
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
-    return data
-
-
-def preset_or_dict(cls: type[T], presets: dict[str, T], value: str | dict[str, Any], where: str) -> T:
-    """Resolve `value` as a preset name, or a dict with an optional `preset` key plus field overrides."""
-    if isinstance(value, str):
-        if value not in presets:
-            raise ValueError(f"{where}: unknown preset {value!r}; choose one of {sorted(presets)}")
-        return presets[value]
-    if not isinstance(value, dict):
-        raise ValueError(f"{where}: expected a preset name or a mapping, got {value!r}")
-    value = dict(value)
-    base = {}
-    if "preset" in value:
-        name = value.pop("preset")
-        if name not in presets:
-            raise ValueError(f"{where}.preset: unknown preset {name!r}; choose one of {sorted(presets)}")
-        base = config_to_dict(presets[name])
-    base.update(value)
-    return config_from_dict(cls, base, where=where)
-
-
 def tokenizer_config(value: str | dict[str, Any] = "tiny") -> TokenizerConfig:
     """`tokenizer_config("hart-1024")` or `tokenizer_config({"preset": "tiny", "vocab_size": 64})`."""
     return preset_or_dict(TokenizerConfig, TOKENIZER_PRESETS, value, "tokenizer")
@@ -356,14 +201,8 @@ def transformer_config(value: str | dict[str, Any] = "tiny") -> TransformerConfi
     return preset_or_dict(TransformerConfig, TRANSFORMER_PRESETS, value, "transformer")
 
 
-def replace(config: T, **changes: Any) -> T:
-    """dataclasses.replace that re-runs validation and reports bad fields as ValueError."""
-    return config_from_dict(type(config), {**config_to_dict(config), **changes})
-
-
 __all__ = [
     "PATCH_NUMS_256", "PATCH_NUMS_512", "PATCH_NUMS_1024",
     "TokenizerConfig", "TransformerConfig", "TOKENIZER_PRESETS", "TRANSFORMER_PRESETS",
-    "config_from_dict", "config_to_dict", "read_config_file", "apply_overrides",
-    "tokenizer_config", "transformer_config", "replace", "validate_patch_nums", "field",
+    "tokenizer_config", "transformer_config",
 ]

@@ -135,17 +135,20 @@ MLFLOW_UI = "http://127.0.0.1:5000"  # where `make mlflow-ui` serves the UI
 S3_COPY = "s3-copy"  # <workdir>/s3-copy: what the loopback S3 server held, copied out before it stops
 
 
-# The tiny tokenizer narrowed at full resolution (16 channels at 64 px, 32 at 16 px) and made as
-# shallow as the VAR layout allows (no resnet block per encoder level, one per decoder level, no
-# attention): in the time budget a 2-core CPU then sees enough images to learn the palette. Measured
-# (measured): colour of held-out hybrid reconstructions 86-100% in three demos, 57-68% before.
-# One norm group: GroupNorm erases the relative amplitude of its groups, and with few channels that is
-# the colour.
-DEMO_TOKENIZER = {"preset": "tiny", "ch": 16, "ch_mult": [1, 1, 2, 2], "norm_groups": 1, "num_res_blocks": 0,
-                  "using_sa": False, "using_mid_sa": False}
-# A slightly wider tiny transformer: still CPU-fast, enough capacity for colours x shapes.
-DEMO_TRANSFORMER = {"preset": "tiny", "depth": 4, "embed_dim": 128, "num_heads": 4,
-                    "diff_width": 128, "diff_depth": 2, "cond_drop_rate": 0.1}
+# The demo's recipes: run configs of the training stages and of precompute (jobs/configs/demo/*.yaml),
+# to which `train_stage` / `precompute` add the run-time values (paths, servers, the flags above).
+RECIPES = Path(__file__).resolve().parent / "configs" / "demo"
+
+
+def recipe(name: str) -> dict:
+    """One of the demo's recipes as a plain dict (`tokenizer_full`, `tokenizer_hybrid`, `joint`, `precompute`)."""
+    from configuration.loader import read_config_file
+
+    return read_config_file(RECIPES / f"{name}.yaml")
+
+
+DEMO_TOKENIZER = recipe("tokenizer_full")["model"]["tokenizer"]  # the demo tokenizer's architecture
+DEMO_TRANSFORMER = recipe("joint")["model"]["transformer"]  # `--transformer demo`
 
 
 @dataclass(frozen=True)
@@ -240,19 +243,22 @@ def step(title: str):
     print(f"\n{'=' * 78}\n[demo] {title}\n{'=' * 78}", flush=True)
 
 
-def train_stage(stage: str, name: str, services: Services, export_dir: Path, sets: dict) -> dict:
-    from hart.config import apply_overrides, config_from_dict
-    from jobs.train import run_training
+def stage_config(name: str, run_name: str, services: Services, sets: dict):
+    """The TrainRunConfig of recipe `name` for this demo: the recipe, this demo's storage and MLflow
+    servers, then `sets` (dotted keys: the flags' values and paths)."""
+    from configuration.loader import apply_overrides, config_from_dict
     from jobs.train_config import TrainRunConfig
 
-    data = {"stage": stage, "run": {"name": name, "storage_path": f"{services.root}/train",
-                                    "endpoint_url": services.endpoint, "log_every": 10, "checkpoint_every": 100000},
-            "precision": "fp32", "scaling": {"num_workers": 1, "use_gpu": False, "cpus_per_worker": 1.0},
-            "tracking": {"tracking_uri": services.tracking_uri, "experiment": "hart-demo", "sample_every": 0,
-                         "artifact_location": services.artifact_location}}
-    data = apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in sets.items()])
-    config = config_from_dict(TrainRunConfig, data)
-    return run_training(config, str(export_dir))
+    here = {"run.name": run_name, "run.storage_path": f"{services.root}/train", "run.endpoint_url": services.endpoint,
+            "tracking.tracking_uri": services.tracking_uri, "tracking.artifact_location": services.artifact_location}
+    data = apply_overrides(recipe(name), [f"{k}={json.dumps(v)}" for k, v in {**here, **sets}.items()])
+    return config_from_dict(TrainRunConfig, data)
+
+
+def train_stage(name: str, run_name: str, services: Services, export_dir: Path, sets: dict) -> dict:
+    from jobs.train import run_training
+
+    return run_training(stage_config(name, run_name, services, sets), str(export_dir))
 
 
 def run(config: DemoConfig, temporary: bool = False) -> dict:
@@ -305,30 +311,18 @@ def run(config: DemoConfig, temporary: bool = False) -> dict:
             tick = time.time()
             step(f"2/6 tokenizer: VQVAE {config.tokenizer_full_steps} steps ({config.tokenizer_vq_warmup_steps} "
                  f"autoencoder warm-up), then {config.tokenizer_hybrid_steps} hybrid decoder fine-tune steps")
-            # No clipping, weight decay or warm-up: at this lr the autoencoder learns the palette sooner
-            # without them (hybrid reconstruction colour 0.81 vs 0.67 at 1300 steps, one run each).
-            common = {"model.tokenizer": DEMO_TOKENIZER, "data.shards": [f"{root}/shapes/shard-*.tar"],
-                      "data.batch_size": config.tokenizer_batch_size, "run.seed": config.seed,
-                      "optim.lr": config.tokenizer_lr, "optim.clip_grad_norm": 0.0, "optim.weight_decay": 0.0,
-                      "objective.l1_weight": 0.0, "objective.l2_weight": 1.0,
-                      # conv weights in channels_last: 0.78x the step time on this CPU (BENCHMARKS.md)
-                      "parallel.channels_last": True}
+            common = {"data.shards": [f"{root}/shapes/shard-*.tar"], "data.batch_size": config.tokenizer_batch_size,
+                      "run.seed": config.seed, "scaling.torch_threads": config.tokenizer_threads}
             full_export = workdir / "export-full" if config.tokenizer_hybrid_steps else export
             runs["tokenizer_full"] = train_stage(
-                "tokenizer", f"demo-{tag}-tokenizer-full", services, full_export,
-                {**common, "run.max_steps": config.tokenizer_full_steps, "objective.tokenizer_mode": "full",
-                 "objective.vq_warmup_steps": config.tokenizer_vq_warmup_steps,
-                 # from scratch the codebook collapses to ~1% usage without data-dependent init + restarts
-                 "objective.codebook_init": True, "objective.codebook_restart_every": 10,
-                 "objective.continuous_prob": 0.5, "optim.warmup_steps": 0, "data.preserve_order": True,
-                 "scaling.torch_threads": config.tokenizer_threads})["run_id"]
+                "tokenizer_full", f"demo-{tag}-tokenizer-full", services, full_export,
+                {**common, "run.max_steps": config.tokenizer_full_steps, "optim.lr": config.tokenizer_lr,
+                 "objective.vq_warmup_steps": config.tokenizer_vq_warmup_steps})["run_id"]
             if config.tokenizer_hybrid_steps:
                 runs["tokenizer_hybrid"] = train_stage(
-                    "tokenizer", f"demo-{tag}-tokenizer-hybrid", services, export,
-                    {**common, "run.max_steps": config.tokenizer_hybrid_steps, "objective.tokenizer_mode": "hybrid",
-                     "objective.continuous_prob": 0.5, "model.init_from": str(full_export / "tokenizer"),
-                     "optim.lr": config.tokenizer_lr / 2, "optim.warmup_steps": 10,
-                     "scaling.torch_threads": config.tokenizer_threads})["run_id"]
+                    "tokenizer_hybrid", f"demo-{tag}-tokenizer-hybrid", services, export,
+                    {**common, "run.max_steps": config.tokenizer_hybrid_steps, "model.tokenizer": DEMO_TOKENIZER,
+                     "model.init_from": str(full_export / "tokenizer"), "optim.lr": config.tokenizer_lr / 2})["run_id"]
             timings["tokenizer"] = time.time() - tick
             (workdir / "runs.json").write_text(json.dumps(runs))
             record("tokenizer")
@@ -348,14 +342,10 @@ def run(config: DemoConfig, temporary: bool = False) -> dict:
             step(f"4/6 joint: transformer + residual diffusion head, {config.joint_steps} steps")
             runs["joint"] = train_stage(
                 "joint", f"demo-{tag}-joint", services, export,
-                {"model.tokenizer": "tiny", "model.transformer": transformer,
-                 "model.tokenizer_checkpoint": str(export / "tokenizer"), "data.cache": cache,
-                 "data.batch_size": config.joint_batch_size, "run.max_steps": config.joint_steps,
-                 "run.seed": config.seed, "optim.lr": config.joint_lr, "optim.warmup_steps": 50,
-                 "data.preserve_order": True,
-                 # EMA over the last ~50 steps: at 0.995 (~200 steps) the weights generation uses lag a
-                 # 350-step run (measured: held-out colour 8-19% with the EMA, 22-32% with the raw weights)
-                 "scaling.torch_threads": config.joint_threads, "ema_decay": 0.98})["run_id"]
+                {"model.transformer": transformer, "model.tokenizer_checkpoint": str(export / "tokenizer"),
+                 "data.cache": cache, "data.batch_size": config.joint_batch_size, "run.max_steps": config.joint_steps,
+                 "run.seed": config.seed, "optim.lr": config.joint_lr,
+                 "scaling.torch_threads": config.joint_threads})["run_id"]
             timings["joint"] = time.time() - tick
             (workdir / "runs.json").write_text(json.dumps(runs))
             record("joint")
@@ -392,13 +382,10 @@ def run(config: DemoConfig, temporary: bool = False) -> dict:
 
 def precompute(precompute_main, root: str, endpoint: str, cache: str, export: Path, context_token: int) -> None:
     code = precompute_main([
+        "--config", str(RECIPES / "precompute.yaml"),
         "--set", f"input.shards=[\"{root}/shapes/shard-*.tar\"]", "--set", f"input.endpoint_url='{endpoint}'",
         "--set", f"output={cache}", "--set", f"tokenizer.checkpoint={export / 'tokenizer'}",
-        "--set", "text.encoder=minilm", "--set", f"text.max_length={context_token}",
-        "--set", "compute.tokenizer_batch_size=128", "--set", "progress=false",
-        # 2 CPUs: read 0.25 + decode 0.5 + tokenizer 0.54 + text 0.5 + writer 0.2 + route 0.01 (the job
-        # refuses more); the tokenizer actor runs 1 torch thread either way
-        "--set", "compute.tokenizer_cpus=0.54", "--set", "compute.text_cpus=0.5",
+        "--set", f"text.max_length={context_token}",
     ])
     if code != 0:
         raise RuntimeError(f"precompute failed with exit code {code}")

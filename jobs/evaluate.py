@@ -110,11 +110,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def protocol_from_args(args):
     """The named protocol with --set / --metrics overrides applied; values are parsed as YAML and checked
-    against the field types (`hart.config.config_from_dict`): a bad field or value is a ValueError here,
+    against the field types (`configuration.loader.config_from_dict`): a bad field or value is a ValueError here,
     not an actor failure later."""
     import yaml
 
-    from hart.config import config_from_dict
+    from configuration.loader import config_from_dict
     from pipelines.eval_protocol import PROTOCOLS, EvalProtocol
 
     data = PROTOCOLS[args.protocol].to_dict()

@@ -43,7 +43,7 @@ from urllib.parse import urlparse
 import torch
 
 from hart.training.checkpoint import load_rng_state, load_training_state, save_rng_state, save_training_state
-from hart.config import config_from_dict
+from configuration.loader import config_from_dict
 from hart.training.parallelize import (
     full_optimizer_state_dict, full_state_dict, full_tensors, load_full_optimizer_state_dict, load_full_state_dict,
     match_state_layout, parallelize, shard_like,

@@ -1,8 +1,8 @@
 """Typed run configuration of `jobs/train.py` (`jobs/configs/train_*.yaml`).
 
-Design: small frozen dataclasses loaded through `hart.config.config_from_dict`, so unknown
+Design: small frozen dataclasses loaded through `configuration.loader.config_from_dict`, so unknown
 keys and wrong types raise a `ValueError` naming the field, and `--set a.b=c` goes through
-`hart.config.apply_overrides`. The sections: `run` (identity, storage, step counts),
+`configuration.loader.apply_overrides`. The sections: `run` (identity, storage, step counts),
 `model` (presets / checkpoints), `data`, `optim` (hart.training.step.OptimizerConfig),
 `parallel` (hart.training.parallelize.ParallelConfig), `scaling` (Ray workers), `objective`
 (per-stage loss knobs), `tracking` (MLflow), `eval` (evaluation inside training) and
@@ -19,10 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from hart.config import (
-    TokenizerConfig, TransformerConfig, apply_overrides, config_from_dict, config_to_dict, read_config_file,
-    replace, tokenizer_config, transformer_config,
-)
+from configuration.loader import apply_overrides, config_from_dict, config_to_dict, read_config_file, replace
+from hart.config import TokenizerConfig, TransformerConfig, tokenizer_config, transformer_config
 from hart.training.parallelize import ParallelConfig
 from pipelines.config import ComputeConfig, PreprocessConfig
 from hart.training.step import PRECISIONS, OptimizerConfig

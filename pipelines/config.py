@@ -1,8 +1,8 @@
 """Typed configuration of the pre-tokenization job (`jobs/configs/precompute.yaml`).
 
-Design: small frozen dataclasses loaded through `hart.config.config_from_dict`, so unknown keys
+Design: small frozen dataclasses loaded through `configuration.loader.config_from_dict`, so unknown keys
 and wrong types fail with a `ValueError` naming the field, and `--set a.b=c` overrides go through
-`hart.config.apply_overrides`. The sections follow the pipeline: `input` (which shards),
+`configuration.loader.apply_overrides`. The sections follow the pipeline: `input` (which shards),
 `preprocess` (decode/filter/crop rules: they change the cache content, so they are part of the
 manifest fingerprint), `tokenizer` and `text` (the frozen models; also fingerprinted), `compute`
 (how much of the cluster each stage uses: changing it never changes the output, so a 2-core
@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from hart.config import apply_overrides, config_from_dict, config_to_dict, read_config_file
+from configuration.loader import apply_overrides, config_from_dict, config_to_dict, read_config_file
 
 # Image extensions read from shards (img2dataset writes jpg by default; png/webp with options).
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")

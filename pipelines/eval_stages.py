@@ -41,7 +41,7 @@ class GenerateImages:
 
         transformers_logging.disable_progress_bar()  # one bar per weight load and actor otherwise
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        from hart.config import config_from_dict
+        from configuration.loader import config_from_dict
 
         self.protocol = config_from_dict(EvalProtocol, protocol)  # the driver's protocol, as a plain dict
         self.model, self.tokenizer, self.encoder = load_models(llm, tokenizer, text_encoder, self.protocol.ema, self.device)

@@ -42,7 +42,7 @@ from typing import Any
 import ray
 from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
-from hart.config import config_to_dict
+from configuration.loader import config_to_dict
 from pipelines import manifest as manifest_lib
 from pipelines import shard_source, storage
 from pipelines.config import PrecomputeConfig, preprocess_fingerprint

@@ -22,7 +22,8 @@ import hashlib
 import numpy as np
 import torch
 
-from hart.config import replace, tokenizer_config
+from configuration.loader import replace
+from hart.config import tokenizer_config
 from hart.pixels import to_model
 from hart.tokenizer.model import HybridTokenizer
 from pipelines import storage

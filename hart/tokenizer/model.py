@@ -38,7 +38,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from hart.config import TOKENIZER_PRESETS, TokenizerConfig, config_from_dict, config_to_dict, replace
+from configuration.loader import config_from_dict, config_to_dict, replace
+from hart.config import TOKENIZER_PRESETS, TokenizerConfig
 from hart.tokenizer.discriminator import NLayerDiscriminator
 from hart.tokenizer.quantizer import MultiScaleQuantizer
 from hart.reference_compat import Difference, differences, record

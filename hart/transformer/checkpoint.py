@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 
 from hart.layers.blocks import llama_hidden_dim
-from hart.config import TokenizerConfig, TransformerConfig, config_from_dict, config_to_dict
+from configuration.loader import config_from_dict, config_to_dict
+from hart.config import TokenizerConfig, TransformerConfig
 from hart.reference_compat import Difference, differences, record
 from hart.tokenizer.model import reference_differences as tokenizer_differences
 from hart.weights import load_weight_file, load_weight_folder, match_state_dict, save_weight_file

@@ -77,7 +77,7 @@ def sample_latent(
     `head_cfg`: guidance of the residual diffusion head. None = the released behaviour (the last
     scale's token guidance, unguided when that is 1); a number = that scale (1.0 = unguided).
     """
-    B, device = context_BTD.shape[0], context_BTD.device
+    B = context_BTD.shape[0]
     S = len(model.patch_nums)
     null_mask = torch.zeros_like(mask_BT, dtype=torch.bool)
     null_mask[:, 0] = True

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from benchmarks import mfu
-from hart.config import PATCH_NUMS_256, replace, transformer_config
+from configuration.loader import replace
+from hart.config import PATCH_NUMS_256, transformer_config
 
 
 def test_mfu_run_counts_flops_and_activation_checkpointing_estimate_agrees():

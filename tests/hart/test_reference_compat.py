@@ -13,7 +13,8 @@ import warnings
 import pytest
 import torch
 
-from hart.config import TOKENIZER_PRESETS, TRANSFORMER_PRESETS, replace, tokenizer_config
+from configuration.loader import replace
+from hart.config import TOKENIZER_PRESETS, TRANSFORMER_PRESETS, tokenizer_config
 from hart.tokenizer.discriminator import NLayerDiscriminator
 from hart.reference_compat import NOTE_FILE, ReferenceCompatibilityWarning
 from hart.tokenizer.model import HybridTokenizer

@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hart.config import PATCH_NUMS_1024, PATCH_NUMS_256, replace, tokenizer_config, transformer_config
+from configuration.loader import replace
+from hart.config import PATCH_NUMS_1024, PATCH_NUMS_256, tokenizer_config, transformer_config
 from hart.scale_grid import ScaleGrid, check_compatible, compatibility_problems
 
 

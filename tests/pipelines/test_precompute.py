@@ -6,7 +6,6 @@ refusal tests make their own small outputs. Shards are tiny (a few samples) to k
 
 import json
 import os
-from collections import Counter
 
 import duckdb
 import numpy as np
@@ -16,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from hart.config import config_to_dict
+from configuration.loader import config_to_dict
 from jobs.precompute import main as precompute_main
 from pipelines import shapes
 from pipelines.cache import batch_to_tensors, read_cache_dataset, read_cache_table, read_manifest, table_to_numpy

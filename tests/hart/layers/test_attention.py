@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from hart.layers.attention import block_causal_mask, flex_segmented_attention, segmented_attention
-from hart.config import PATCH_NUMS_256, TRANSFORMER_PRESETS, replace
+from configuration.loader import replace
+from hart.config import PATCH_NUMS_256, TRANSFORMER_PRESETS
 from hart.training.parallelize import ParallelConfig, apply_attention, resolve_attention
 from hart.transformer.model import HARTForT2I
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hart.config import TOKENIZER_PRESETS, replace
+from configuration.loader import replace
+from hart.config import TOKENIZER_PRESETS
 from hart.tokenizer.discriminator import NLayerDiscriminator
 from hart.tokenizer.model import HybridTokenizer, load_discriminator
 from hart.weights import save_weight_file

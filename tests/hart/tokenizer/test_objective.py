@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hart.config import TOKENIZER_PRESETS, replace
+from configuration.loader import replace
+from hart.config import TOKENIZER_PRESETS
 from hart.tokenizer.discriminator import NLayerDiscriminator
 from hart.tokenizer.perceptual import PerceptualLoss
 from hart.tokenizer.model import HybridTokenizer

@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hart.config import PATCH_NUMS_256, PATCH_NUMS_1024, TOKENIZER_PRESETS, TokenizerConfig, replace
+from configuration.loader import replace
+from hart.config import PATCH_NUMS_256, PATCH_NUMS_1024, TOKENIZER_PRESETS, TokenizerConfig
 from hart.tokenizer.quantizer import MultiScaleQuantizer
 
 TINY = TOKENIZER_PRESETS["tiny"]

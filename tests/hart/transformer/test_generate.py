@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from hart.config import TOKENIZER_PRESETS, TRANSFORMER_PRESETS, replace
+from configuration.loader import replace
+from hart.config import TOKENIZER_PRESETS, TRANSFORMER_PRESETS
 from hart.transformer.generate import generate, sample_latent
 from hart.tokenizer.model import HybridTokenizer
 from hart.transformer.model import HARTForT2I

@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hart.config import TRANSFORMER_PRESETS, replace
+from configuration.loader import replace
+from hart.config import TRANSFORMER_PRESETS
 from hart.layers.rope import apply_rope, hart_scale_coords, image_rope, text_positions
 from hart.transformer.model import HARTForT2I
 from hart.weights import load_weight_folder, save_weight_file

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from hart.config import TOKENIZER_PRESETS, TRANSFORMER_PRESETS, replace
+from configuration.loader import replace
+from hart.config import TOKENIZER_PRESETS, TRANSFORMER_PRESETS
 from hart.tokenizer.quantizer import MultiScaleQuantizer
 from hart.transformer.objective import choose_kept_last, drop_text, num_kept_last, sample_mask_rate, t2i_losses
 from hart.transformer.model import HARTForT2I
