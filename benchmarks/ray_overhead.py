@@ -4,7 +4,7 @@
 
 Both sides run the joint stage, tiny preset, CPU, batch 16, from the same token cache:
 - `bare`: the worker's setup (`jobs.train.setup_worker`: stage, wrapped loss module, optimizer,
-  scheduler, EMA) and step (`jobs.stages.optimizer_step` + the EMA update) in a plain Python loop over
+  scheduler, EMA) and step (`jobs.worker_step.optimizer_step` + the EMA update) in a plain Python loop over
   batches already in memory. No Ray, no data stream, no logging.
 - `ray`: the same config through `jobs.train.run_training` (TorchTrainer, 1 worker, Ray Data ingest,
   MLflow logging to a sqlite file every `run.log_every` steps as in `jobs/configs/train_tiny.yaml`, a
@@ -98,7 +98,7 @@ def bare_loop(config, cache: str, steps: int, on_step=None) -> None:
     Setup and step are the worker's own (`jobs.train.setup_worker`, `optimizer_step` + the EMA update,
     each step's generator seeded as the worker seeds it); only the data source differs.
     """
-    from jobs.stages import optimizer_step
+    from jobs.worker_step import optimizer_step
     from jobs.train import setup_worker
     from pipelines.cache import batch_to_tensors, read_cache_table, read_manifest, table_to_numpy
 

@@ -62,9 +62,9 @@ def check_training_run(summary: Summary, key: str, stage: str, steps: int, endpo
     last checkpoint is at `steps` and loads; its exported folders (next to the checkpoints, and
     `local_export` if given) load and hold that checkpoint's weights (not an earlier run's)."""
     from hart.training.checkpoint import load_training_state
-    from jobs.stages import GRID_FOLDER
+    from jobs.sample_grids import GRID_FOLDER
     from jobs.tracking import EXPORT_ARTIFACT_PATH, RUN_NAME_TAG
-    from jobs.train import latest_checkpoint
+    from jobs.resume import latest_checkpoint
 
     run_id = summary["where"]["mlflow_runs"].get(key)
     if not run_id:

@@ -1,13 +1,10 @@
-"""Per-stage model building and losses for `jobs/train.py` (no Ray here: unit-testable).
+"""Building the training stages for `jobs/train.py` (no Ray here: unit-testable).
 
 Design: every stage produces a `Stage`: the module whose weights are trained, EMA'd,
 checkpointed and exported (`model`: the tokenizer or the transformer), a *loss module*
-(`objective`: an nn.Module whose forward(batch) returns the loss dict of the hart
-objective), and the frozen helpers. The loss module is what DDP/FSDP wraps: all gradient
-traffic then goes through the wrapper's forward, which plain attribute calls such as
-`model.diffloss(...)` would bypass. Frozen helpers (quantizer, text encoder, the LPIPS
-metric, and the discriminator inside the generator's loss module) are held outside the module tree
-(`_frozen` dicts), so the data-parallel wrapper never waits for gradients they do not get.
+(`objective`, from `jobs.objectives`: what DDP/FSDP wraps), and the frozen helpers (the
+tokenizer of the transformer stages, the text encoder, the discriminator, the LPIPS metric).
+What the worker does with a stage each step is in `jobs.worker_step` and `jobs.sample_grids`.
 
 Stages (HART_SPEC §4):
 - `tokenizer`: hybrid decoder fine-tuning (encoder + codebook frozen, alternating
@@ -33,12 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from hart.training import start_weights
-from hart.pixels import to_uint8
-from hart.tokenizer.quantizer import MultiScaleQuantizer
 from hart.scale_grid import check_compatible
-from hart.training.step import train_step
-from jobs import tracking
+from hart.training import start_weights
+from jobs.objectives import DiscriminatorObjective, TokenizerObjective, TransformerObjective
 from jobs.train_config import TrainRunConfig, model_configs
 
 
@@ -53,66 +47,6 @@ class Stage:
     discriminator_objective: nn.Module | None = None
     frozen: dict[str, Any] = field(default_factory=dict)
     eval_scorer: Any = None  # the feature networks of eval.every_steps, loaded at the first evaluation
-
-
-# --------------------------------------------------------------------------------------
-# Loss modules
-# --------------------------------------------------------------------------------------
-
-
-class TransformerObjective(nn.Module):
-    """t2i_losses around the transformer; the quantizer is frozen and kept out of the tree."""
-
-    def __init__(self, model: nn.Module, quantizer: MultiScaleQuantizer, ce_weight: float, diffusion_weight: float,
-                 use_diffusion: bool, kept_bucket: int = 0):
-        super().__init__()
-        self.model = model
-        self._frozen = {"quantizer": quantizer}
-        self.ce_weight, self.diffusion_weight, self.use_diffusion = ce_weight, diffusion_weight, use_diffusion
-        self.kept_bucket = kept_bucket
-
-    def forward(self, batch: dict[str, Any], step: int = 0, generator: torch.Generator | None = None):
-        from hart.transformer.objective import t2i_losses
-
-        return t2i_losses(
-            self.model, self._frozen["quantizer"], batch["context"], batch["context_mask"], batch["tokens"],
-            batch["residual"] if self.use_diffusion else None, ce_weight=self.ce_weight,
-            diffusion_weight=self.diffusion_weight, use_diffusion=self.use_diffusion, generator=generator,
-            kept_bucket=self.kept_bucket,
-        )
-
-
-class TokenizerObjective(nn.Module):
-    """generator_losses around the tokenizer; the discriminator (a critic here) and the LPIPS metric are frozen."""
-
-    def __init__(self, tokenizer: nn.Module, objective_config, discriminator: nn.Module | None,
-                 perceptual: nn.Module | None = None):
-        super().__init__()
-        self.tokenizer = tokenizer
-        self.objective_config = objective_config
-        self._frozen = {"discriminator": discriminator, "perceptual": perceptual}
-
-    def forward(self, batch: dict[str, Any], step: int = 0, generator: torch.Generator | None = None):
-        from hart.tokenizer.objective import generator_losses
-
-        return generator_losses(
-            self.tokenizer, batch["images"], self.objective_config, step=step,
-            discriminator=self._frozen["discriminator"], perceptual=self._frozen["perceptual"], generator=generator,
-        )
-
-
-class DiscriminatorObjective(nn.Module):
-    def __init__(self, discriminator: nn.Module, objective_config):
-        super().__init__()
-        self.discriminator = discriminator
-        self.objective_config = objective_config
-
-    def forward(self, batch: dict[str, Any], step: int = 0, generator: torch.Generator | None = None):
-        from hart.tokenizer.objective import discriminator_losses
-
-        return discriminator_losses(
-            self.discriminator, batch["images"], batch["reconstructions"], self.objective_config, step=step
-        )
 
 
 # --------------------------------------------------------------------------------------
@@ -247,125 +181,3 @@ def _build_transformer_stage(config: TrainRunConfig, device: torch.device, text_
         kept_bucket=config.objective.kept_bucket,
     )
     return Stage(config.stage, model, objective, tokenizer=tokenizer, text_encoder=text_encoder)
-
-
-# --------------------------------------------------------------------------------------
-# One step, throughput and sample grids (called by the worker loop in jobs/train.py)
-# --------------------------------------------------------------------------------------
-
-
-def optimizer_step(config, stage: Stage, objective, disc_objective, optimizer, scheduler, disc_optimizer,
-                   micro_batches, step, generator) -> dict[str, float]:
-    device_type = next(stage.model.parameters()).device.type
-    captured: list[dict] = []
-
-    def loss_fn(module, batch):
-        out = module(batch, step=step, generator=generator)
-        captured.append(out)
-        return {k: v for k, v in out.items() if k != "reconstructions"}
-
-    upkeep = codebook_upkeep(config, stage, micro_batches[0]["images"], step) if config.stage == "tokenizer" else {}
-    metrics = train_step(objective, loss_fn, micro_batches, optimizer, step=step, scheduler=scheduler,
-                         clip_grad_norm=config.optim.clip_grad_norm, precision=config.precision,
-                         device_type=device_type, parameters=[p for p in stage.model.parameters() if p.requires_grad])
-    if disc_objective is not None:  # PatchGAN side, on the reconstructions just made
-        disc_batches = [{"images": b["images"], "reconstructions": out["reconstructions"]}
-                        for b, out in zip(micro_batches, captured)]
-        disc = train_step(disc_objective, lambda m, b: m(b, step=step), disc_batches, disc_optimizer, step=step,
-                          clip_grad_norm=config.optim.clip_grad_norm, precision=config.precision, device_type=device_type)
-        metrics.update({f"disc_{k}": v for k, v in disc.items() if k != "lr"})
-    return {**metrics, **upkeep}
-
-
-def codebook_upkeep(config: TrainRunConfig, stage: Stage, images_B3HW: torch.Tensor, step: int) -> dict[str, float]:
-    """Tokenizer "full" mode: re-seed the codebook from this batch's latents when the VQ part
-    starts (`objective.codebook_init`: step 0, or the end of `vq_warmup_steps`) and its dead
-    codes every `codebook_restart_every` steps after that.
-
-    Rank 0's codebook is then broadcast: DDP synchronises gradients only, and each rank's
-    batch (hence its re-seeded codes) differs. Returns {"codes_restarted": n} when it acted.
-    """
-    from hart.training.parallelize import broadcast_from_rank0
-
-    objective = config.objective
-    every, start = objective.codebook_restart_every, objective.vq_warmup_steps
-    if step == start and objective.codebook_init:
-        threshold = None
-    elif (every and step > start and (step - start) % every == 0
-          and step < objective.codebook_restart_until * config.run.max_steps):
-        threshold = objective.codebook_restart_threshold
-    else:
-        return {}
-    quantizer = stage.model.quantize
-    with torch.no_grad():
-        latent = stage.model.encode_latent(images_B3HW)
-    # A CPU generator of its own (restart_codes draws on the CPU), seeded by run seed and step:
-    # reruns and resumes re-seed the same codes.
-    draws = torch.Generator().manual_seed(config.run.seed * 1_000_003 + step)
-    restarted = quantizer.restart_codes(latent, threshold, generator=draws)
-    broadcast_from_rank0([quantizer.embedding.weight, quantizer.ema_vocab_hit_SV])
-    return {"codes_restarted": float(restarted)}
-
-
-def throughput(config: TrainRunConfig, micro_batches, seconds: float, world_size: int) -> dict[str, float]:
-    """Images and tokens per second of the whole job (this rank's rate times the world size: no extra collective)."""
-    tokenizer_cfg, transformer_cfg = model_configs(config)
-    images = sum(len(b["caption"]) for b in micro_batches) * world_size
-    tokens_per_image = tokenizer_cfg.num_tokens() if config.stage == "tokenizer" else transformer_cfg.num_image_tokens()
-    return {"images_per_s": images / seconds, "tokens_per_s": images * tokens_per_image / seconds, "step_seconds": seconds}
-
-
-# MLflow artifact folder of the grids `log_samples` writes: tokenizer reconstructions (rows: input,
-# hybrid, discrete) and transformer samples of `tracking.sample_prompts`.
-GRID_FOLDER = {"tokenizer": "reconstructions", "transformer": "samples"}
-
-
-def log_samples(config, stage: Stage, ema, sample_batch, logger, step, manifest) -> None:
-    """Rank 0: reconstructions (tokenizer) or generations from fixed prompts, with the EMA weights."""
-    if not logger.enabled or sample_batch is None:
-        return
-    from hart.training.parallelize import is_sharded
-
-    if is_sharded(stage.model):  # rank-0-only generation cannot run on FSDP2 shards; use the exported model
-        return
-    import copy
-
-    model = copy.deepcopy(stage.model)
-    ema.copy_to(model)
-    model.eval()
-    with torch.no_grad():
-        if config.stage == "tokenizer":
-            images = sample_batch["images"][:8]
-            tokens, residual = model.encode(images)
-            rows = torch.cat([images, model.decode(tokens, residual), model.decode(tokens)])
-            grid = tracking.image_grid(to_uint8(rows), columns=len(images))
-            logger.log_image(grid, f"{GRID_FOLDER['tokenizer']}/step_{step:07d}.png")  # rows: input, hybrid, discrete
-            return
-        from hart.transformer.generate import generate
-        import numpy as np
-
-        encoder = sampling_text_encoder(config, stage, manifest)
-        images = generate(model, stage.tokenizer, encoder, list(config.tracking.sample_prompts),
-                          seed=config.tracking.sample_seed, use_diffusion=config.stage != "ar")
-        grid = tracking.image_grid(np.stack([np.asarray(im.convert("RGB")) for im in images]))
-        logger.log_image(grid, f"{GRID_FOLDER['transformer']}/step_{step:07d}.png")
-
-
-def sampling_text_encoder(config, stage: Stage, manifest):
-    """The text encoder generation uses in a run: the one the cache's features came from (its manifest),
-    else `data.text_encoder`; built once per run."""
-    if stage.text_encoder is None:
-        from hart.text_encoder import build_text_encoder
-
-        name = (manifest.get("text") or {}).get("encoder") or config.data.text_encoder
-        stage.text_encoder = build_text_encoder(name, stage.model.config.context_token)
-    return stage.text_encoder
-
-
-__all__ = [
-    "Stage", "build_stage", "read_start_weights", "load_frozen_tokenizer",
-    "TransformerObjective", "TokenizerObjective", "DiscriminatorObjective",
-    "optimizer_step", "codebook_upkeep", "throughput", "log_samples", "sampling_text_encoder", "GRID_FOLDER",
-    "build_perceptual",
-    "check_perceptual_weights",
-]

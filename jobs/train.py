@@ -11,7 +11,7 @@ Resume = resubmit the same `run.name` with the same `run.storage_path` (Train V2
 the latest checkpoint of `{storage_path}/{name}`; RAY_NOTES §2.2). The checkpoint holds the
 step, data epoch, optimizer/scheduler/EMA/RNG state and the MLflow run id, so the step
 count and the MLflow run continue and the final step count is the configured one. The
-driver reads the same checkpoint first (`resumable_checkpoint`): no checkpoint means a new
+driver reads the same checkpoint first (`jobs.resume.resumable_checkpoint`): no checkpoint means a new
 MLflow run, even if an older run of that name exists (its history is never appended to). Steps a
 crashed run made after its last checkpoint are redone from that checkpoint (their metrics
 can then appear twice under the same step number). From a cache, the mid-epoch data position is
@@ -50,7 +50,10 @@ from hart.training.parallelize import (
 )
 from hart.training.step import ExponentialMovingAverage, build_optimizer, build_scheduler, restore_scheduler
 from jobs import tracking
-from jobs.stages import Stage, build_stage, log_samples, optimizer_step, sampling_text_encoder, throughput
+from jobs.resume import PROGRESS_FILE, resumable_checkpoint
+from jobs.sample_grids import log_samples, sampling_text_encoder
+from jobs.stages import Stage, build_stage
+from jobs.worker_step import optimizer_step, throughput
 from jobs.train_config import TrainRunConfig, load_train_config
 from pipelines.online import VisitLedger
 from jobs.train_data import (
@@ -89,51 +92,6 @@ def check_storage(uri: str, endpoint_url: str):
     if not storage.is_s3(uri):
         os.makedirs(path, exist_ok=True)
     return fs, path
-
-
-# Train V2 keeps its list of reported checkpoints in this file of the run folder and restores the
-# latest one it names (RAY_NOTES §2.2); reading it tells the driver what the workers will resume.
-RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
-# Online mode: the visits (epoch, shard) a checkpoint had consumed whole, beside its meta.json
-# (pipelines/online.py); the online read stage skips them.
-PROGRESS_FILE = "progress.json"
-
-
-def resumable_checkpoint(fs, storage_path: str, run_name: str) -> dict[str, Any] | None:
-    """meta.json of the checkpoint Ray Train will restore for `run_name`, or None when it starts fresh."""
-    found = latest_checkpoint(fs, storage_path, run_name)
-    return found[1] if found else None
-
-
-def latest_checkpoint(fs, storage_path: str, run_name: str) -> tuple[str, dict[str, Any]] | None:
-    """(folder path in `fs`, meta.json) of the checkpoint Ray Train would restore for `run_name`, or None.
-
-    ValueError when Ray's snapshot names a checkpoint folder that is gone (a partial delete): Ray
-    would hand the workers a checkpoint it cannot read.
-    """
-    import pyarrow.fs as pafs
-
-    from hart.training.checkpoint import META_FILE, upgrade_meta
-    from pipelines import storage
-
-    run_dir = f"{storage_path.rstrip('/')}/{run_name}"
-    snapshot_path = f"{run_dir}/{RAY_CHECKPOINT_SNAPSHOT}"
-    if fs.get_file_info(snapshot_path).type == pafs.FileType.NotFound:
-        return None
-    try:
-        latest = json.loads(storage.read_bytes(fs, snapshot_path)).get("latest_checkpoint_result")
-        name = latest["checkpoint_dir_name"] if latest else None
-    except (ValueError, TypeError, KeyError) as exc:
-        raise ValueError(f"cannot read Ray Train's checkpoint list {snapshot_path}: {exc}") from None
-    if name is None:
-        return None
-    meta_path = f"{run_dir}/{name}/{META_FILE}"
-    if not storage.exists(fs, meta_path):
-        raise ValueError(
-            f"run {run_name!r}: Ray Train's checkpoint list {snapshot_path} names {name}, but {meta_path} is missing; "
-            f"restore that checkpoint, or delete {run_dir} to start the run over"
-        )
-    return f"{run_dir}/{name}", upgrade_meta(json.loads(storage.read_bytes(fs, meta_path)))
 
 
 def preflight(config: TrainRunConfig) -> dict[str, Any]:

@@ -209,7 +209,7 @@ class CheckpointProgress:
         self.storage_uri, self.run_name, self.endpoint_url = storage_uri, run_name, endpoint_url
 
     def __call__(self) -> set[str]:
-        from jobs.train import PROGRESS_FILE, latest_checkpoint  # jobs.train imports this module
+        from jobs.resume import PROGRESS_FILE, latest_checkpoint
         from pipelines import storage
 
         fs, path = storage.resolve(self.storage_uri, self.endpoint_url)

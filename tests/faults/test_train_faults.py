@@ -127,7 +127,7 @@ def test_job_sigkill_then_resubmit_resumes(train_assets, tmp_path):
     try:
         deadline = time.time() + 400
         # kill once Ray has registered the first checkpoint: before that, a resubmission has nothing to
-        # resume and rightly starts over in a new MLflow run (jobs.train.resumable_checkpoint)
+        # resume and rightly starts over in a new MLflow run (jobs.resume.resumable_checkpoint)
         while (time.time() < deadline and process.poll() is None
                and not registered(storage, "job-kill", "checkpoint_step00000002")):
             time.sleep(0.2)

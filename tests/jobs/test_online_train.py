@@ -17,7 +17,8 @@ import pytest
 import ray
 from mlflow.tracking import MlflowClient
 
-from jobs.train import PROGRESS_FILE, run_training
+from jobs.resume import PROGRESS_FILE
+from jobs.train import run_training
 from jobs.train_data import CacheCollate, list_image_shards, online_dataset, prepare_online
 from pipelines.cache import read_cache_table, read_manifest
 from pipelines.manifest import fingerprint_hash
