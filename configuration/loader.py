@@ -31,6 +31,7 @@ _STRICT = pydantic.ConfigDict(extra="forbid", strict=True)
 
 @functools.cache
 def _adapter(cls: type) -> pydantic.TypeAdapter:
+    """pydantic's validator of dataclass `cls`, with `cls` and the dataclasses in its fields made strict."""
     hints = typing.get_type_hints(cls)
     if "__pydantic_config__" not in cls.__dict__:
         cls.__pydantic_config__ = _STRICT
