@@ -48,13 +48,19 @@ def read_start_weights(location: Path, name: str = "") -> dict[str, torch.Tensor
 def load_compatible_weights(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> list[str]:
     """Strict load except the scale-derived buffers, which keep the model's own values.
 
-    Returns the names of the buffers that were rebuilt (different scale list).
+    Returns the names of the buffers that were rebuilt (different scale list). `lvl_1L` is the
+    scale list itself (each position's level), so it is rebuilt whenever its values differ, even at an
+    equal token count ((1,2,3,4,6,8) and (1,2,5,6,8) both have 130); the quantizer's per-scale usage
+    counts are training state and are kept unless the number of scales differs.
     """
     own = model.state_dict()
     state = {k: v for k, v in state.items() if k != "attn_bias_for_masking"}
     rebuilt = []
     for key in SCALE_DERIVED_KEYS:
-        if key in state and key in own and state[key].shape != own[key].shape:
+        if key not in state or key not in own:
+            continue
+        differs = state[key].shape != own[key].shape or (key == "lvl_1L" and not torch.equal(state[key], own[key]))
+        if differs:
             state[key] = own[key]
             rebuilt.append(key)
     match_state_dict(own, state, what)
