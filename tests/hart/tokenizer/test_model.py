@@ -1,5 +1,6 @@
-"""Tests of hart/tokenizer/model.py (+ hart/tokenizer/vae.py, hart/tokenizer/discriminator.py): shapes, the hybrid identity,
-input validation, parameter counts and checkpoint compatibility with the official key layout.
+"""Tests of hart/tokenizer/model.py: shapes, the hybrid identity, input validation, parameter counts and
+checkpoint compatibility with the official key layout (the conv nets alone: test_vae.py; the PatchGAN
+alone: test_discriminator.py).
 
 The official key list (`hart_tokenizer_keys.tsv`, HART's released `tokenizer/` folder) is
 committed under tests/assets/reference/, so the key-set test always runs.

@@ -1,4 +1,5 @@
-"""FSDP2 and selective activation checkpointing (hart/training/parallelize.py), on CPU.
+"""hart/training/parallelize.py on CPU: FSDP2, selective activation checkpointing, channels_last, the compile
+error without a compiler, and the plain path without a process group.
 
 The two-process tests start real gloo ranks: this file run as a script is one rank
 (`python tests/hart/training/test_parallelize.py RANK INIT_FILE OUT_JSON`). Subprocesses rather than
@@ -26,8 +27,11 @@ REPO = Path(__file__).resolve().parents[3]
 if __name__ == "__main__":  # a rank started by the tests below: make `hart` importable
     sys.path.insert(0, str(REPO))
 
-from hart.training.parallelize import ParallelConfig, apply_activation_checkpointing, parallelize  # noqa: E402
-from hart.training.step import OptimizerConfig, build_optimizer, train_step  # noqa: E402
+from hart.training.checkpoint import load_training_state, save_training_state  # noqa: E402
+from hart.training.parallelize import (  # noqa: E402
+    ParallelConfig, apply_activation_checkpointing, full_state_dict, parallelize,
+)
+from hart.training.step import ExponentialMovingAverage, OptimizerConfig, build_optimizer, train_step  # noqa: E402
 
 WORLD_SIZE = 2
 STEPS = 5
@@ -385,6 +389,141 @@ def test_the_comparison_catches_wrong_data_on_one_rank(two_ranks):
     losses, _, _ = reference("blocknet")
     doubled = torch.tensor(two_ranks["doubled"]["losses"])
     assert not torch.allclose(doubled, torch.tensor(losses), rtol=5e-3, atol=0)
+
+
+# ------------------------------------------------------------------ single process: wrappers, channels_last, compile, FSDP2
+
+
+def test_activation_checkpointing_keeps_keys_and_gradients(tiny_task):
+    torch.manual_seed(0)
+    model = tiny_task.Net()
+    wrapped = copy.deepcopy(model)
+    assert apply_activation_checkpointing(wrapped) == 2
+    assert list(wrapped.state_dict()) == list(model.state_dict())
+    batch = tiny_task.batch()
+    tiny_task.loss(model, batch)["loss"].backward()
+    tiny_task.loss(wrapped, batch)["loss"].backward()
+    for p_a, p_b in zip(model.parameters(), wrapped.parameters()):
+        torch.testing.assert_close(p_a.grad, p_b.grad)
+
+
+def test_parallelize_without_process_group_is_plain(tiny_task):
+    model = tiny_task.Net()
+    trained = parallelize(model, ParallelConfig(strategy="ddp"), torch.device("cpu"))
+    assert trained is model
+    assert set(full_state_dict(model)) == set(model.state_dict())
+    with pytest.raises(ValueError, match="strategy"):
+        ParallelConfig(strategy="tp")
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv_in = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv_out = nn.Conv2d(8, 3, 3, padding=1)
+
+    def forward(self, x_B3HW):
+        return self.conv_out(torch.nn.functional.silu(self.conv_in(x_B3HW)))
+
+
+def mse_loss(model, batch):
+    loss = nn.functional.mse_loss(model(batch["x"]), batch["x"])
+    return {"loss": loss}
+
+
+def test_channels_last_trains_like_nchw_and_resumes_in_its_layout(tmp_path):
+    """parallel.channels_last: conv weights in channels_last, a step close to NCHW's, and a resumed run
+    that continues exactly, with AdamW's moments back in the parameters' layout (checkpoints are contiguous)."""
+    from hart.training.parallelize import load_full_optimizer_state_dict
+
+    torch.manual_seed(0)
+    plain = ConvNet()
+    fast = copy.deepcopy(plain)
+    parallelize(fast, ParallelConfig(strategy="none", channels_last=True), torch.device("cpu"))
+    assert fast.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not fast.conv_in.weight.is_contiguous()
+    config = OptimizerConfig(lr=1e-2, warmup_steps=0)
+    batches = [{"x": torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(i))} for i in range(6)]
+    runs = {}
+    for name, model in (("plain", plain), ("fast", fast)):
+        optimizer = build_optimizer(model, config)
+        runs[name] = (optimizer, [train_step(model, mse_loss, [b], optimizer, step=i)["loss"] for i, b in enumerate(batches[:3])])
+    torch.testing.assert_close(runs["fast"][1], runs["plain"][1], rtol=1e-5, atol=1e-6)
+
+    optimizer = runs["fast"][0]
+    save_training_state(tmp_path / "ckpt", meta={"step": 3, "data_epoch": 0}, model=full_state_dict(fast),
+                        ema=None, optimizer=optimizer.state_dict(), scheduler={}, extra={}, extra_optimizers={})
+    state = load_training_state(tmp_path / "ckpt")
+    restored = ConvNet()
+    parallelize(restored, ParallelConfig(strategy="none", channels_last=True), torch.device("cpu"))
+    restored.load_state_dict(state.model)
+    restored_optimizer = build_optimizer(restored, config)
+    load_full_optimizer_state_dict(restored, restored_optimizer, state.optimizer)
+    moments = restored_optimizer.state[restored.conv_in.weight]["exp_avg"]
+    assert moments.stride() == restored.conv_in.weight.stride()
+    for i, b in enumerate(batches[3:], start=3):
+        a = train_step(fast, mse_loss, [b], optimizer, step=i)["loss"]
+        c = train_step(restored, mse_loss, [b], restored_optimizer, step=i)["loss"]
+        assert a == c
+    with pytest.raises(ValueError, match="channels_last"):
+        ParallelConfig(strategy="fsdp", channels_last=True)
+
+
+def test_compile_on_cpu_without_a_compiler_is_a_clear_error(tiny_task):
+    import torch._inductor.config as inductor_config
+    from torch._inductor.cpp_builder import cpp_compiler_search
+
+    cpp_compiler_search.cache_clear()
+    # inductor's own patch(): monkeypatch's undo left `cpp.cxx` deleted, breaking every later CPU compile
+    try:
+        with inductor_config.patch({"cpp.cxx": ("no-such-c++-compiler",)}):
+            with pytest.raises(ValueError, match="parallel.compile on CPU needs a C\\+\\+ compiler"):
+                parallelize(tiny_task.Net(), ParallelConfig(compile=True), torch.device("cpu"))
+    finally:
+        cpp_compiler_search.cache_clear()
+
+
+def test_fsdp2_single_process_matches_plain_training_and_round_trips(tmp_path, tiny_task):
+    """FSDP2 on a 1-process gloo group: same losses as plain training; full state out and back in."""
+    import torch.distributed as dist
+
+    from hart.training.parallelize import (
+        full_optimizer_state_dict, full_tensors, is_sharded, load_full_optimizer_state_dict, load_full_state_dict,
+        shard_like,
+    )
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        sharded, plain = tiny_task.Net(), tiny_task.Net()
+        plain.load_state_dict(sharded.state_dict())
+        wrapped = parallelize(sharded, ParallelConfig(strategy="fsdp"), torch.device("cpu"))
+        assert is_sharded(sharded)
+        config = OptimizerConfig(lr=1e-2, weight_decay=0.0)
+        opt_s, opt_p = build_optimizer(sharded, config), build_optimizer(plain, config)
+        ema = ExponentialMovingAverage(sharded, 0.5)
+        for step in range(3):
+            a = train_step(wrapped, tiny_task.loss, [tiny_task.batch(step)], opt_s, step=step, clip_grad_norm=1.0)
+            b = train_step(plain, tiny_task.loss, [tiny_task.batch(step)], opt_p, step=step, clip_grad_norm=1.0)
+            ema.update(sharded)
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        model_state, ema_state = full_state_dict(sharded), full_tensors(ema.state_dict())
+        optimizer_state = full_optimizer_state_dict(sharded, opt_s)
+        torch.testing.assert_close(model_state["head.weight"], plain.head.weight.detach())
+        # a fresh sharded copy restored from the full state continues identically
+        restored = tiny_task.Net()
+        restored_wrapped = parallelize(restored, ParallelConfig(strategy="fsdp"), torch.device("cpu"))
+        restored_opt = build_optimizer(restored, config)
+        restored_ema = ExponentialMovingAverage(restored, 0.5)
+        load_full_state_dict(restored, model_state)
+        load_full_optimizer_state_dict(restored, restored_opt, optimizer_state)
+        restored_ema.load_state_dict(shard_like(ema_state, restored_ema.shadow))
+        a = train_step(wrapped, tiny_task.loss, [tiny_task.batch(9)], opt_s, step=3)
+        b = train_step(restored_wrapped, tiny_task.loss, [tiny_task.batch(9)], restored_opt, step=3)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+        torch.testing.assert_close(full_tensors(restored_ema.state_dict())["head.weight"], ema_state["head.weight"])
+    finally:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
