@@ -93,6 +93,25 @@ def test_transformer_start_from_another_scale_list(tmp_path, make_transformer):
         load_compatible_weights(make_transformer(LONGER), missing, "incomplete")
 
 
+def test_a_scale_list_with_the_same_token_count_keeps_its_own_levels(tmp_path, make_transformer):
+    """(1,2,3,4,6,8) and (1,2,5,6,8) both have 130 tokens: equal shapes, other levels. The started
+    model keeps its own levels, so it saves and reloads consistently."""
+    start = read_start_weights(_saved(make_transformer(), tmp_path / "llm"))
+    other = make_transformer(replace(TINY, patch_nums=(1, 2, 5, 6, 8)), seed=1)
+    own_levels = other.lvl_1L.clone()
+    assert own_levels.shape == start["lvl_1L"].shape and not torch.equal(own_levels, start["lvl_1L"])
+    assert load_compatible_weights(other, start, "same length, other scales") == ["lvl_1L"]
+    assert torch.equal(other.lvl_1L, own_levels)
+    other.save_pretrained(tmp_path / "other")
+    reloaded = type(other).from_pretrained(tmp_path / "other")
+    assert reloaded.config.patch_nums == (1, 2, 5, 6, 8) and torch.equal(reloaded.lvl_1L, own_levels)
+
+
+def _saved(model, folder):
+    model.save_pretrained(folder)
+    return folder
+
+
 def test_tokenizer_start_rebuilds_the_usage_statistic():
     torch.manual_seed(0)
     source = HybridTokenizer(TOKENIZER_PRESETS["tiny"])
