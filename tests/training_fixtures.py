@@ -7,6 +7,9 @@
 - `mlflow_server`: a real `mlflow server` process on 127.0.0.1 (sqlite backend), started for
   the test and stopped after it.
 - `tiny_config(...)`: a TrainRunConfig for the tiny presets on those assets.
+- `write_tiny_cache(...)`: a token cache of a 2-scale grid (5 tokens, residual (2, 2, 2)) written by
+  the cache's own header and shard writers, without Ray or a tokenizer, in well under a second;
+  returns the rows it committed, for readers' tests to compare against.
 """
 
 from __future__ import annotations
@@ -77,6 +80,59 @@ def tiny_config(assets: dict, stage: str, tmp_path: Path, *overrides: str) -> Tr
         f"run.name=test-{stage}", "tracking.sample_prompts=['a red circle', 'a blue square']",
     ]
     return load_train_config(str(REPO / "jobs/configs/train_tiny.yaml"), stage, base + list(overrides))
+
+
+TINY_CACHE_PATCH_NUMS = (1, 2)  # 5 tokens; residual (z, 2, 2)
+TINY_CACHE_Z = 2
+
+
+def write_tiny_cache(root: str, rows_per_shard: dict[str, int], text_shape: tuple[int, int] | None = None,
+                     keys: dict[str, list[str]] | None = None, seed: int = 0) -> dict[str, dict]:
+    """A token cache under `root` with the given shards and row counts (keys `<shard>-<i>` unless
+    `keys` names them), committed by `pipelines.writer.ShardWriter` after `manifest.json`. Returns, per
+    shard, the committed columns (tokens (N, 5) int16, residual (N, 2, 2, 2) float16, key, caption,
+    and text_features / text_mask with `text_shape`)."""
+    import numpy as np
+
+    from pipelines import manifest as manifest_lib
+    from pipelines.text_stage import PAD_FEATURES
+    from pipelines.writer import ShardWriter, cache_schema
+
+    text = ({"encoder": "minilm", "max_length": text_shape[0], "dim": text_shape[1], "pad_features": PAD_FEATURES}
+            if text_shape else None)
+    fingerprint = {"schema_version": manifest_lib.SCHEMA_VERSION, "tokenizer_hash": "0" * 64,
+                   "tokenizer_config": {"patch_nums": list(TINY_CACHE_PATCH_NUMS), "z_channels": TINY_CACHE_Z,
+                                        "vocab_size": 64},
+                   "resolution": 32, "preprocess": {}, "text": text}
+    header = manifest_lib.manifest_header(fingerprint, {}, text_shape[1] if text_shape else 0)
+    manifest_lib.write_json(root, manifest_lib.MANIFEST_NAME, header)
+    residual_shape = (TINY_CACHE_Z, 2, 2)
+    writer = ShardWriter(root, "", header["fingerprint_hash"], cache_schema(5, residual_shape, text_shape),
+                         {shard: f"/raw/{shard}.tar" for shard in rows_per_shard})
+    rng = np.random.default_rng(seed)
+    written = {}
+    for number, (shard, n) in enumerate(rows_per_shard.items()):
+        columns = {
+            "row_kind": np.array(["sample"] * n, dtype=object), "source_shard": np.array([shard] * n, dtype=object),
+            "sample_index": np.arange(n, dtype=np.int64), "status": np.array(["ok"] * n, dtype=object),
+            "notes": np.array([""] * n, dtype=object),
+            "key": np.array((keys or {}).get(shard) or [f"{shard}-{i}" for i in range(n)], dtype=object),
+            "caption": np.array([f"caption {shard} {i}" for i in range(n)], dtype=object),
+            "metadata": np.array([""] * n, dtype=object),
+            "width": np.full(n, 32, np.int32), "height": np.full(n, 32, np.int32),
+            "tokens": (np.arange(5, dtype=np.int16)[None] + 5 * np.arange(n, dtype=np.int16)[:, None] + 20 * number) % 64,
+            "residual": rng.standard_normal((n, *residual_shape)).astype(np.float16),
+        }
+        if text_shape:
+            columns["text_features"] = rng.standard_normal((n, *text_shape)).astype(np.float16)
+            columns["text_mask"] = np.arange(text_shape[0])[None] < rng.integers(1, text_shape[0] + 1, (n, 1))
+        info = {"error": "", "truncated": "", "num_samples": n, "source_uri": f"/raw/{shard}.tar"}
+        writer.submit(shard, info, columns, 0.0)
+        written[shard] = columns
+    committed = writer.collect(wait=True)
+    writer.close()
+    assert sorted(committed) == sorted(rows_per_shard), writer.failed
+    return written
 
 
 @pytest.fixture

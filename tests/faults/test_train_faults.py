@@ -1,6 +1,6 @@
 """Training under faults: SIGKILL a Ray Train worker mid-run, and SIGKILL the whole job then resubmit.
 
-The training engineer's tests (tests/jobs/test_train_job.py) cover the `run.fail_at_step` hook (an
+The training engineer's tests (tests/jobs/test_train.py) cover the `run.fail_at_step` hook (an
 exception in the worker, then a manual resubmit). Here the faults are real kills:
 
 - worker kill (fast): `run_training` with `run.max_failures=1` runs in this process; a thread waits

@@ -18,7 +18,7 @@ import torch
 from configuration.loader import config_to_dict
 from jobs.precompute import main as precompute_main
 from pipelines import shapes
-from pipelines.cache import batch_to_tensors, read_cache_dataset, read_cache_table, read_manifest, table_to_numpy
+from pipelines.cache import batch_to_tensors, read_cache_table, read_manifest, table_to_numpy
 from pipelines.config import InputConfig, PreprocessConfig, PrecomputeConfig, TokenizerSource, load_precompute_config
 from pipelines.decode import prepare_image
 from pipelines.hostile_shards import write_hostile_shards
@@ -77,21 +77,6 @@ def test_summary_manifest_and_files(shapes_cache):
     assert "first_batch" in summary.table()
 
 
-def test_weights_hash_is_the_byte_copy_digest():
-    """`weights_hash` feeds zero-copy views; the digest must equal the documented per-tensor
-    formula over copied bytes, so manifests written before that change stay compatible."""
-    import hashlib
-
-    model = load_tokenizer(TokenizerSource())
-    for dtype in (torch.float32, torch.bfloat16):
-        model = model.to(dtype)
-        digest = hashlib.sha256()
-        for name, tensor in sorted(model.state_dict().items()):
-            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-            digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        assert weights_hash(model) == digest.hexdigest()
-
-
 def test_plain_pyarrow_pandas_duckdb_read_the_cache(shapes_cache):
     cache = shapes_cache["cache"]
     path = f"{cache}/data/part-shard-00000.parquet"
@@ -129,17 +114,6 @@ def test_cache_round_trip_equals_direct_encode(shapes_cache):
         f_cache = tokenizer.tokens_to_latent(batch["tokens"], batch["residual"])
         assert torch.allclose(f_cache, f_direct, atol=2e-3 * f_direct.abs().max().item())
         assert torch.allclose(tokenizer.decode(batch["tokens"], batch["residual"]), tokenizer.decode_latent(f_direct), atol=2e-2)
-
-
-def test_ray_dataset_reader(shapes_cache):
-    cache = shapes_cache["cache"]
-    manifest = read_manifest(cache)
-    dataset = read_cache_dataset(cache, columns=["key", "caption", "tokens", "residual"], shuffle_seed=0)
-    batches = list(dataset.iter_batches(batch_format="numpy", batch_size=10))
-    tensors = [batch_to_tensors(b, manifest, split=False) for b in batches]
-    assert sum(t["tokens"].shape[0] for t in tensors) == NUM_SAMPLES
-    assert tensors[0]["tokens"].dtype == torch.int64 and tensors[0]["residual"].shape[1:] == (16, 8, 8)
-    assert len({k for t in tensors for k in t["key"]}) == NUM_SAMPLES
 
 
 def test_rerun_skips_and_other_settings_are_refused(shapes_cache):

@@ -1,5 +1,6 @@
-"""`python -m jobs.demo` flags map onto DemoConfig, and the summary says what it found (no pipeline run
-here: tests/jobs/test_demo_smoke.py runs the chain, `make demo-smoke`)."""
+"""jobs/demo.py: `python -m jobs.demo` flags map onto DemoConfig, its values are checked, the summary says
+what it found, and the storage services leave what outlives them (no pipeline run here:
+tests/jobs/test_demo_smoke.py runs the chain, `make demo-smoke`)."""
 
 import os
 from pathlib import Path
@@ -7,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from jobs.demo import SMOKE, DemoConfig, Services, mlflow_ui_command, parse_args
-from jobs.demo_evaluation import evaluation_argv, psnr_verdict
 
 
 def test_defaults_are_the_config_defaults(monkeypatch):
@@ -34,6 +34,38 @@ def test_flags_set_their_fields():
     assert (config.head_cfg, config.joint_batch_size, config.joint_lr) == (2.5, 8, 0.001)
 
 
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--from-step", "train"], "invalid choice: 'train'"),
+    (["--storage", "gcs"], "invalid choice: 'gcs'"),
+    (["--joint-steps", "many"], "invalid int value: 'many'"),
+])
+def test_bad_flags_are_refused_by_the_parser(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(flags)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"storage": "gcs"}, "storage must be 'local' or 's3'"),
+    ({"from_step": "train"}, "from_step must be one of"),
+    ({"num_heldout_images": 1}, "num_heldout_images must be >= 2"),
+    ({"num_train_samples": 3, "num_shards": 4}, "num_train_samples >= num_shards"),
+    ({"samples_per_prompt": 0}, "samples_per_prompt and num_shards must be >= 1"),
+])
+def test_config_values_are_checked(values, message):
+    with pytest.raises(ValueError, match=message):
+        DemoConfig(**values)
+    assert DemoConfig(num_train_samples=4, num_shards=4, num_heldout_images=2).num_shards == 4  # the limits themselves pass
+
+
+def test_from_step_without_a_workdir_is_refused_before_anything_runs(monkeypatch):
+    from jobs.demo import main
+
+    monkeypatch.delenv("STORAGE", raising=False)
+    with pytest.raises(SystemExit, match="--from-step needs the --workdir of an earlier demo"):
+        main(["--smoke", "--from-step", "joint"])
+
+
 def test_summary_reports_generation_only_with_a_valid_classifier(capsys):
     from jobs.demo import print_summary
 
@@ -58,18 +90,6 @@ def test_summary_reports_generation_only_with_a_valid_classifier(capsys):
     print_summary(summary)
     out = capsys.readouterr().out
     assert "1 PROBLEMS:" in out and "  - joint: export runs/x has no llm/ folder" in out
-
-
-@pytest.mark.parametrize(("hybrid", "discrete", "se", "verdict"), [
-    (24.87, 23.22, 0.10, "hybrid higher, as HART claims"),
-    (10.86, 10.78, 0.01, "no meaningful difference"),  # significant, but far below 0.5 dB
-    (25.00, 24.00, 0.60, "no meaningful difference"),  # 1 dB, but within the 95% interval
-    (23.00, 24.00, 0.10, "hybrid LOWER"),
-])
-def test_psnr_verdict_needs_a_large_and_clear_gain(hybrid, discrete, se, verdict):
-    text = psnr_verdict({"tokenizer_psnr_hybrid": hybrid, "tokenizer_psnr_discrete": discrete,
-                         "tokenizer_psnr_gain_se": se})
-    assert text.startswith(verdict), text
 
 
 def test_mlflow_ui_line_names_the_store_and_the_artifacts_that_outlive_the_demo(tmp_path, monkeypatch):
@@ -111,46 +131,3 @@ def test_s3_services_leave_a_copy_of_the_bucket_and_a_store_that_serves_it(tmp_p
     assert relative != run.info.artifact_uri
     assert (services.mlflow_artifacts / relative / "samples" / "grid.txt").read_text() == "grid"
     assert "MLFLOW_ARTIFACTS=" in mlflow_ui_command(services)
-
-
-def test_the_evaluation_goes_to_the_joint_run_and_its_check_wants_it_there(tmp_path):
-    """hart-evaluate, as the demo calls it, logs each generation's figures and per-category table to the
-    joint run (`eval/<tag>/...` at the joint run's last step), and the evaluate check reads them back."""
-    import io
-    import math
-
-    from mlflow.tracking import MlflowClient
-    from PIL import Image
-
-    from jobs import tracking
-    from jobs.demo_evaluation import SAMPLE_TAGS, figure_names
-    from jobs.demo_outputs import check_evaluate
-    from jobs.evaluate import log_to_mlflow
-    from jobs.evaluate import parse_args as evaluate_args
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run_id, _ = tracking.open_run(uri, "hart-demo", "joint", {}, artifact_location=str(tmp_path / "artifacts"))
-    unlogged = evaluate_args(evaluation_argv(tmp_path / "export", DemoConfig(), tmp_path, "with_head"))
-    assert not unlogged.tracking_uri and unlogged.run_id is None
-    results = {name: 0.5 for name in figure_names(True)} | {"classifier_accuracy_on_real": 1.0}
-    tracking.RunLogger(uri, run_id, enabled=True).log_metrics({f"demo/{k}": v for k, v in results.items()}, step=0)
-    tracking.RunLogger(uri, run_id, enabled=True).log_text("grid", "demo/heldout_with_head-t.png")
-    summary = {"results": results, "steps": {"joint": {"joint_steps": 10}},
-               "where": {"mlflow": uri, "mlflow_runs": {"joint": run_id}, "heldout_grid": "demo/heldout_with_head-t.png"}}
-    assert sorted(check_evaluate(summary, "")) == sorted(
-        [f"MLflow run {run_id} has no eval/{tag}/ metrics (hart-evaluate's figures)" for tag in SAMPLE_TAGS]
-        + [f"MLflow run {run_id} has no eval/{tag}/step-10/per_category.json (hart-evaluate's per-category table)"
-           for tag in SAMPLE_TAGS])
-    png = io.BytesIO()
-    Image.new("RGB", (8, 8)).save(png, format="PNG")
-    for tag in SAMPLE_TAGS:
-        args = evaluate_args(evaluation_argv(tmp_path / "export", DemoConfig(), tmp_path, tag, uri, run_id, 10))
-        assert (args.run_id, args.name, args.step) == (run_id, f"eval/{tag}", 10)
-        figures = {"images": 18.0, "colour_accuracy": 0.5, "shape_accuracy": 0.5, "joint_accuracy": 0.5}
-        log_to_mlflow(args, {}, {"figures": figures, "per_category": {"circle": figures}}, [png.getvalue()])
-    assert check_evaluate(summary, "") == []
-    client = MlflowClient(tracking_uri=uri)
-    assert math.isclose(client.get_run(run_id).data.metrics["eval/with_head/circle/colour_accuracy"], 0.5)
-    client.log_metric(run_id, "eval/without_head/shape_accuracy", 0.25, step=11)  # another evaluation's figure
-    assert check_evaluate(summary, "") == [
-        f"MLflow run {run_id}'s eval/without_head/ metrics are not this evaluation's: ['shape']"]

@@ -1,6 +1,6 @@
 """The Ray Train job end to end on a local Ray (2 CPUs): S3 checkpoints on moto, MLflow stores, resume, export.
 
-Run: .venv/bin/pytest tests/jobs/test_train_job.py -q
+Run: .venv/bin/pytest tests/jobs/test_train.py -q
 """
 
 from __future__ import annotations
