@@ -216,6 +216,9 @@ def main() -> None:
     parser.add_argument("--num-cpus", type=int, default=2)
     parser.add_argument("--json", default="", help="also write the results to this JSON file")
     args = parser.parse_args()
+    wanted = [t for t in args.targets.split(",") if t]
+    if not wanted or set(wanted) - {"local", "s3"}:
+        parser.error(f"--targets: expected a comma list of local, s3; got {args.targets!r}")
 
     import ray
 
@@ -225,9 +228,9 @@ def main() -> None:
                                                        "text": int(np.prod(TEXT_SHAPE)) * 2 if args.text else 0}}
     try:
         targets = {}
-        if "local" in args.targets:
+        if "local" in wanted:
             targets["local"] = (f"{workdir}/cache", "")
-        if "s3" in args.targets:
+        if "s3" in wanted:
             endpoint = stack.enter_context(loopback_s3("bench"))
             targets["s3"] = ("s3://bench/cache", endpoint)
         ray.init(num_cpus=args.num_cpus, include_dashboard=False)

@@ -103,6 +103,10 @@ def main() -> None:
     parser.add_argument("--settings", default="eager-fp32,eager-bf16,compiled-fp32,compiled-bf16",
                         help="comma-separated subset of eager|compiled - fp32|bf16")
     args = parser.parse_args()
+    settings = args.settings.split(",")
+    unknown = sorted(set(settings) - {f"{m}-{p}" for m in ("eager", "compiled") for p in ("fp32", "bf16")})
+    if unknown:
+        parser.error(f"--settings: unknown {unknown}; each is eager|compiled - fp32|bf16")
     torch.set_num_threads(args.threads)
     config = model_config(args.model)
     args.batch = args.batch or {"small": 4, "demo": 16}[args.model]
@@ -110,7 +114,7 @@ def main() -> None:
           f"batch {args.batch}, "
           f"{args.threads} thread(s), torch {torch.__version__}")
     rows = []
-    for setting in args.settings.split(","):
+    for setting in settings:
         mode, precision = setting.split("-")
         result = measure(config, mode == "compiled", precision == "bf16", args)
         rows.append((setting, result))

@@ -93,11 +93,14 @@ def _stack_int(values: Any) -> np.ndarray:
 
 def table_to_numpy(table: pa.Table) -> dict[str, np.ndarray]:
     """A pyarrow table of cache rows -> the numpy batch layout `batch_to_tensors` reads. Fixed-size
-    binary columns become read-only 'S<width>' arrays over Arrow's buffer, fixed-size lists (B, width)
-    arrays (both without copying, bools aside); strings become object arrays."""
+    binary columns become 'S<width>' arrays over Arrow's buffer, fixed-size lists (B, width)
+    arrays (both without copying when the column is one chunk, as a reader's batch is; several chunks
+    are combined into one copy first); strings become object arrays."""
     batch: dict[str, np.ndarray] = {}
     for name in table.column_names:
-        column = table.column(name).combine_chunks()
+        chunked = table.column(name)
+        # combine_chunks copies even a single chunk
+        column = chunked.chunk(0) if chunked.num_chunks == 1 else chunked.combine_chunks()
         if pa.types.is_fixed_size_list(column.type):
             width = column.type.list_size
             batch[name] = column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), width)

@@ -101,7 +101,7 @@ def test_loopback_s3_serves_the_bucket_and_stops(monkeypatch):
         requests.get(endpoint, timeout=5)
 
 
-@pytest.mark.parametrize("flags", [["--rows", "many"], ["--no-such-flag"]])
+@pytest.mark.parametrize("flags", [["--rows", "many"], ["--no-such-flag"], ["--targets", "S3"], ["--targets", ""]])
 def test_bad_command_lines_are_refused_before_any_work(monkeypatch, flags):
     monkeypatch.setattr(sys, "argv", ["data_plane", *flags])
     with pytest.raises(SystemExit) as exit_info:

@@ -5,6 +5,9 @@ seconds per step on a CPU, so the command-line run at size is left to the benchm
 from __future__ import annotations
 
 import argparse
+import sys
+
+import pytest
 
 import torch
 
@@ -70,3 +73,11 @@ def test_more_blocks_and_autocast_dispatch_more_operators():
     bf16 = bench.measure(ONE_BLOCK, compiled=False, autocast=True, args=args(top=1000))
     casts = lambda result: dict(result["top"]).get("aten::to", 0)  # noqa: E731
     assert casts(bf16) > casts(base)  # the autocast flag reaches the step: its casts are counted
+
+
+@pytest.mark.parametrize("settings", ["eager-fp16", "compiled", "eager-fp32,fast-bf16"])
+def test_unknown_settings_are_a_usage_error(monkeypatch, settings):
+    monkeypatch.setattr(sys, "argv", ["step_ops", "--settings", settings])
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main()
+    assert exit_info.value.code == 2
