@@ -31,13 +31,7 @@ def load_weight_file(path: str | Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"weight file not found: {path}")
     if path.suffix == ".safetensors":
         return _load_safetensors(str(path), device="cpu")
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ValueError(
-            f"refusing to load {path}: it is not a plain tensor state dict "
-            f"(torch.load(weights_only=True) rejected it: {str(exc).splitlines()[0]})"
-        ) from None
+    state = load_torch_checkpoint(path)
     if not isinstance(state, Mapping):
         raise ValueError(f"{path} does not hold a state dict (got {type(state).__name__})")
     # Training checkpoints sometimes nest the weights (VAR: {"trainer": {...}}; others: {"model": ...}).
@@ -48,6 +42,33 @@ def load_weight_file(path: str | Path) -> dict[str, torch.Tensor]:
     if bad:
         raise ValueError(f"{path}: entries that are not tensors: {bad[:10]}")
     return dict(state)
+
+
+def load_torch_checkpoint(path: str | Path) -> object:
+    """The object of a pickled torch file, through `torch.load(weights_only=True)` on CPU.
+
+    For layouts that nest weights among other plain data (STAR's trainer dict: configs, optimizer
+    state); `load_weight_file` is the flat-state-dict reader built on it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"weight file not found: {path}")
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(
+            f"refusing to load {path}: it is not a plain tensor state dict "
+            f"(torch.load(weights_only=True) rejected it: {str(exc).splitlines()[0]})"
+        ) from None
+
+
+def save_torch_checkpoint(obj: object, path: str | Path) -> None:
+    """torch.save of plain data (nested dicts of tensors, numbers, strings), written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, str(tmp))
+    tmp.replace(path)
 
 
 def load_weight_folder(folder: str | Path) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Self-attention (block-causal over scales, KV cache) and STAR-style cross-attention.
+"""Self-attention (block-causal over scales, KV cache) and the two cross-attentions (HART option, STAR).
 
 Design: HART's mask is block-causal with sorted levels: text is level 0, scale k is level
 k, and a query attends to every key whose level is <= its own. Because levels only grow
@@ -267,10 +267,65 @@ class CrossAttention(nn.Module):
         T = text_BTC.shape[1]
         q = self.q_linear(x_BNC).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
         k, v = self.kv_linear(text_BTC).view(B, T, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        keep = None
-        if mask_BT is not None:
-            keep = mask_BT.bool().clone()
-            keep[:, 0] |= ~keep.any(dim=1)  # a fully padded row still needs one key
-            keep = keep[:, None, None, :]
+        keep = text_key_mask(mask_BT) if mask_BT is not None else None
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+def text_key_mask(mask_BT: torch.Tensor) -> torch.Tensor:
+    """(B, 1, 1, T) boolean SDPA mask that hides padded text keys.
+
+    A fully padded row keeps its first key: with every key hidden the softmax has no support and
+    returns NaN (STAR's additive -inf mask would; CLIP's BOS/EOS never leave a row empty there).
+    """
+    keep_BT = mask_BT.bool().clone()
+    keep_BT[:, 0] |= ~keep_BT.any(dim=1)
+    return keep_BT[:, None, None, :]
+
+
+class TextCrossAttention(nn.Module):
+    """STAR's cross-attention: image tokens (queries) attend to the raw text-encoder features.
+
+    Differs from `CrossAttention` (HART's option) in where keys and values come from and how the
+    logits are scaled (HART_SPEC §7; STAR-T2I `models/basic_var.py`):
+    - keys/values are the text features (B, T, D) themselves through `mat_kv` (D -> 2C, no bias) plus
+      the [zero_k_bias, v_bias] bias, not C-dim projected prefix tokens; the query is `mat_q` (C -> C,
+      no bias) plus `q_bias`. The caller passes the query input (STAR: a non-affine LayerNorm of x).
+    - with `attn_l2_norm` q and k are L2-normalised per head, q is multiplied by
+      exp(min(scale_mul_1H11, log 100)) (init log 4) and the softmax scale is 1; without it the scale
+      is 0.25 / sqrt(hd), VAR's. No RoPE: text has no 2-D position.
+    Parameter names are STAR's checkpoint keys. Every row sees only its own text (pads masked).
+    """
+
+    def __init__(self, embed_dim: int, text_dim: int, num_heads: int, attn_l2_norm: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        self.mat_q = nn.Linear(embed_dim, embed_dim, bias=False)
+        self.mat_kv = nn.Linear(text_dim, 2 * embed_dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(embed_dim))
+        self.v_bias = nn.Parameter(torch.zeros(embed_dim))
+        self.register_buffer("zero_k_bias", torch.zeros(embed_dim))
+        self.proj = nn.Linear(embed_dim, embed_dim)
+        self.attn_l2_norm = attn_l2_norm
+        if attn_l2_norm:
+            self.scale = 1.0
+            self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), 4.0).log())
+            self.max_scale_mul = math.log(100.0)
+        else:
+            self.scale = 0.25 / math.sqrt(self.head_dim)
+
+    def forward(self, x_BLC: torch.Tensor, text_BTD: torch.Tensor, keep_B11T: torch.Tensor | None) -> torch.Tensor:
+        """`keep_B11T` from `text_key_mask` (built once per batch, shared by all blocks)."""
+        B, L, C = x_BLC.shape
+        T = text_BTD.shape[1]
+        q_BHLd = F.linear(x_BLC, self.mat_q.weight, self.q_bias).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
+        kv_bias = torch.cat([self.zero_k_bias, self.v_bias])
+        kv = F.linear(text_BTD.to(x_BLC.dtype), self.mat_kv.weight, kv_bias).view(B, T, 2, self.num_heads, self.head_dim)
+        k_BHTd, v_BHTd = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        if self.attn_l2_norm:
+            q_BHLd = F.normalize(q_BHLd, dim=-1) * self.scale_mul_1H11.clamp(max=self.max_scale_mul).exp()
+            k_BHTd = F.normalize(k_BHTd, dim=-1)
+            q_BHLd, k_BHTd = q_BHLd.to(v_BHTd.dtype), k_BHTd.to(v_BHTd.dtype)
+        out = F.scaled_dot_product_attention(q_BHLd, k_BHTd, v_BHTd, attn_mask=keep_B11T, scale=self.scale)
+        return self.proj(out.transpose(1, 2).reshape(B, L, C))

@@ -83,6 +83,14 @@ class GeluMLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: zero a residual branch for a random subset of rows, rescale the rest by 1/(1-p)."""
+    if p == 0.0 or not training:
+        return x
+    keep_B1 = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1.0 - p)
+    return x * keep_B1 / (1.0 - p)
+
+
 class TimestepEmbedder(nn.Module):
     """Sinusoid [cos, sin] of a (possibly fractional) step -> Linear -> SiLU -> Linear.
 

@@ -1,0 +1,260 @@
+"""STAR text-to-image transformer (`STARForT2I`), checkpoint-compatible with the released STAR-T2I models.
+
+Design (HART_SPEC §7; STAR-T2I `models/var_drop.py`, `models/basic_var.py`). Where HART puts the
+text into the sequence, STAR keeps it out:
+- The sequence is the image scales only, `[start | scale 2 | ... | scale S]`, L = sum pn^2. The
+  start token is `encoder_proj(pooled text) + pos_start`; every token then gets `lvl_embed` of its
+  scale (level 0 for the start token). There is no absolute position table: self-attention
+  rotates q and k with STAR's normalized 2-D RoPE (each scale's grid spans [0, rope_norm]^2,
+  x frequencies then y, interleaved pairs; `hart.layers.rope`).
+- Blocks are GPT-2 style, pre-LN with non-affine LayerNorms and no AdaLN (STAR's `shared_aln` is
+  off in every release): self-attention, block-causal over scales -> cross-attention whose query
+  is the LayerNorm of x and whose keys/values are the raw text features (`TextCrossAttention`) ->
+  GELU-tanh FFN. Stochastic depth applies to the self-attention and FFN branches only, as released.
+- Head: a non-affine LayerNorm (`logit_norm`) and `head_logits`, in float32.
+- `class_emb` (num_classes + 1 rows) is VAR's class embedding. STAR never reads it; it exists so
+  the released checkpoints load strictly.
+The released block adds batch row 0's cross-attention output to every row; `cross_attn_batch0_quirk`
+reproduces that, per-row cross-attention is the default (see `hart.star.config`).
+
+Entry points:
+- `forward(text_BTD, text_mask_BT, pooled_BD, teacher_forced_input_BLC)`: training logits of every
+  token. With `null_condition` (the text encoder's output for the empty prompt) a training-mode
+  forward replaces each row's text by it with probability `cond_drop_rate` (CFG dropout;
+  `drop_condition`). STAR's own data loader does this on the prompt instead (it swaps captions
+  longer than 20 characters for ""), which a caller can keep doing by passing no null condition.
+- `start_sampling` / `sampling_step`: the same function one scale at a time with a KV cache.
+Differences from the reference: RoPE is applied after the q/k L2 norm (`hart.layers.attention`),
+which is the same function (the rotation keeps norms and commutes with the per-head scale);
+a text row that is entirely padding keeps its first key instead of producing NaN.
+
+Shape legend: B batch, T text tokens, D text feature width, C width, L tokens of all scales,
+l tokens of one scale, V vocabulary, Cv token width (tokenizer code width), H heads, hd head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hart.layers.attention import KVCache, SelfAttention, TextCrossAttention, text_key_mask
+from hart.layers.blocks import GeluMLP, drop_path
+from hart.layers.rope import image_rope, star_scale_coords
+from hart.star.config import StarConfig
+
+
+@dataclass(frozen=True)
+class TextFeatures:
+    """One batch from the text encoder: token features, their padding mask and the pooled (EOS) feature."""
+
+    tokens_BTD: torch.Tensor
+    mask_BT: torch.Tensor
+    pooled_BD: torch.Tensor
+
+
+def drop_condition(
+    text: TextFeatures, null: TextFeatures, p: float, generator: torch.Generator | None = None
+) -> tuple[TextFeatures, torch.Tensor]:
+    """Replace each row's text with the null condition (batch 1, broadcast) with probability p.
+
+    Returns the new batch and the (B,) boolean of dropped rows. Tokens, mask and pooled feature are
+    swapped together: STAR's null condition is a real encoding of "" (BOS, EOS, pads), not zeros.
+    """
+    B, device = text.tokens_BTD.shape[0], text.tokens_BTD.device
+    drop_B = torch.rand(B, generator=generator, device=device) < p
+
+    def pick(value, null_value):
+        shape = (B,) + (1,) * (value.ndim - 1)
+        return torch.where(drop_B.view(shape), null_value.to(value.dtype).expand_as(value), value)
+
+    return TextFeatures(
+        pick(text.tokens_BTD, null.tokens_BTD), pick(text.mask_BT, null.mask_BT), pick(text.pooled_BD, null.pooled_BD)
+    ), drop_B
+
+
+@dataclass
+class SamplingState:
+    """What `sampling_step` needs between scales: the text, its key mask and one KV cache per block."""
+
+    text_BTD: torch.Tensor
+    keep_B11T: torch.Tensor
+    caches: list[KVCache]
+
+
+class StarBlock(nn.Module):
+    """Self-attention -> cross-attention to the text -> FFN, each pre-LN (non-affine) and residual."""
+
+    def __init__(self, config: StarConfig, drop_path_rate: float):
+        super().__init__()
+        C = config.embed_dim
+        self.attn = SelfAttention(C, config.num_heads, config.attn_l2_norm, qkv_name="mat_qkv")
+        self.cross_attn = TextCrossAttention(C, config.text_dim, config.num_heads, config.attn_l2_norm)
+        self.ffn = GeluMLP(C, config.ffn_hidden())
+        # One parameter-free norm serves all three branches, as in the reference.
+        self.ln_wo_grad = nn.LayerNorm(C, eps=config.norm_eps, elementwise_affine=False)
+        self.drop_path_rate = drop_path_rate
+        self.batch0_quirk = config.cross_attn_batch0_quirk
+
+    def forward(
+        self,
+        x_BLC: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor, bool],
+        text_BTD: torch.Tensor,
+        keep_B11T: torch.Tensor,
+        segment_ends: list[int] | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        attended = self.attn(self.ln_wo_grad(x_BLC), rope, segment_ends=segment_ends, cache=cache)
+        x_BLC = x_BLC + drop_path(attended, self.drop_path_rate, self.training)
+        cross_BLC = self.cross_attn(self.ln_wo_grad(x_BLC), text_BTD, keep_B11T)
+        if self.batch0_quirk:  # the released `cross_attn(...)[0] + x`: row 0's output broadcast to all rows
+            cross_BLC = cross_BLC[:1].expand_as(cross_BLC)
+        x_BLC = x_BLC + cross_BLC
+        return x_BLC + drop_path(self.ffn(self.ln_wo_grad(x_BLC)), self.drop_path_rate, self.training)
+
+
+class STARForT2I(nn.Module):
+    def __init__(self, config: StarConfig):
+        super().__init__()
+        self.config = cfg = config
+        C = cfg.embed_dim
+        self.grid = cfg.grid
+        self.patch_nums = self.grid.patch_nums
+
+        self.word_embed = nn.Linear(cfg.token_dim, C)
+        self.class_emb = nn.Embedding(cfg.num_classes + 1, C)
+        self.pos_start = nn.Parameter(torch.zeros(1, 1, C))
+        self.lvl_embed = nn.Embedding(self.grid.num_scales, C)
+        self.encoder_proj = nn.Linear(cfg.text_dim, C)
+        # Stochastic depth ramps linearly from 0 at the first block to drop_path_rate at the last.
+        rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        self.blocks = nn.ModuleList(StarBlock(cfg, rate) for rate in rates)
+        self.logit_norm = nn.LayerNorm(C, eps=cfg.norm_eps, elementwise_affine=False) if cfg.logit_norm else nn.Identity()
+        self.head_logits = nn.Linear(C, cfg.vocab_size)
+
+        # Derived tables, not in the checkpoint (the reference keeps them as plain attributes).
+        for name, value in self.derived_tables().items():
+            self.register_buffer(name, value, persistent=False)
+        self.init_weights()
+
+    def derived_tables(self) -> dict[str, torch.Tensor]:
+        """Scale level of every token and the RoPE (cos, sin) tables, all computed from the config.
+
+        A model built on the meta device (`hart.star.checkpoint.load_star`) refills them from here.
+        """
+        cfg = self.config
+        coords_L2 = star_scale_coords(self.patch_nums, cfg.rope_norm, device="cpu")
+        cos_1Ld, sin_1Ld = image_rope(coords_L2.unsqueeze(0), cfg.head_dim(), cfg.rope_theta, interleaved=True)
+        levels_L = torch.tensor(self.grid.levels(), dtype=torch.long, device="cpu")
+        return {"levels_L": levels_L, "rope_cos_1Ld": cos_1Ld, "rope_sin_1Ld": sin_1Ld}
+
+    @torch.no_grad()
+    def init_weights(self, init_head: float = 0.02) -> None:
+        """STAR's initialisation (its `init_weights` as `build_vae_var` calls it, automatic std).
+
+        Linear and embedding weights ~ truncated normal with std sqrt(1 / 3C), biases zero; the
+        head's weight scaled by `init_head`; each block's self-attention output projection and FFN
+        output divided by sqrt(2 * depth) (GPT-2's residual scaling). q/v biases stay zero and the
+        per-head attention scale starts at log 4, as constructed.
+        """
+        std = math.sqrt(1 / (3 * self.config.embed_dim))
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.trunc_normal_(module.weight, std=std)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+        nn.init.trunc_normal_(self.pos_start, std=std)
+        self.head_logits.weight.mul_(init_head)
+        for block in self.blocks:
+            block.attn.proj.weight.div_(math.sqrt(2 * self.config.depth))
+            block.ffn.fc2.weight.div_(math.sqrt(2 * self.config.depth))
+
+    # ------------------------------------------------------------------ pieces
+    def start_token(self, pooled_BD: torch.Tensor) -> torch.Tensor:
+        """(B, 1, C): the 1x1 scale's input, from the pooled text feature, before its level embedding."""
+        return self.encoder_proj(pooled_BD.float()).unsqueeze(1) + self.pos_start
+
+    def rope(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        return self.rope_cos_1Ld[:, start:end], self.rope_sin_1Ld[:, start:end], True
+
+    def logits(self, h_BLC: torch.Tensor) -> torch.Tensor:
+        return self.head_logits(self.logit_norm(h_BLC.float())).float()
+
+    def _check_text(self, text_BTD, text_mask_BT, pooled_BD) -> None:
+        cfg = self.config
+        B = text_BTD.shape[0]
+        if text_BTD.ndim != 3 or text_BTD.shape[2] != cfg.text_dim:
+            raise ValueError(f"text features must be (B, T, {cfg.text_dim}), got {tuple(text_BTD.shape)}")
+        if text_mask_BT.shape != text_BTD.shape[:2]:
+            raise ValueError(f"text mask must be {tuple(text_BTD.shape[:2])}, got {tuple(text_mask_BT.shape)}")
+        if pooled_BD.shape != (B, cfg.text_dim):
+            raise ValueError(f"pooled text feature must be ({B}, {cfg.text_dim}), got {tuple(pooled_BD.shape)}")
+
+    # ------------------------------------------------------------------ training forward
+    def forward(
+        self,
+        text_BTD: torch.Tensor,
+        text_mask_BT: torch.Tensor,
+        pooled_BD: torch.Tensor,
+        teacher_forced_input_BLC: torch.Tensor,
+        *,
+        null_condition: TextFeatures | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, L, V) of every token, coarse to fine (position 0: the 1x1 scale).
+
+        `teacher_forced_input_BLC` is the quantizer's (B, L - 1, Cv): the upsampled code maps of
+        scales 2..S (`MultiScaleQuantizer.tokens_to_teacher_forcing_input`). `null_condition`
+        (batch 1) enables CFG dropout in training mode (`drop_condition`, rate `cond_drop_rate`).
+        """
+        cfg = self.config
+        self._check_text(text_BTD, text_mask_BT, pooled_BD)
+        B, L = text_BTD.shape[0], cfg.num_tokens()
+        if teacher_forced_input_BLC.shape != (B, L - 1, cfg.token_dim):
+            raise ValueError(f"teacher-forced input must be ({B}, {L - 1}, {cfg.token_dim}), "
+                             f"got {tuple(teacher_forced_input_BLC.shape)}")
+        if null_condition is not None and self.training and cfg.cond_drop_rate > 0:
+            text, _ = drop_condition(TextFeatures(text_BTD, text_mask_BT, pooled_BD), null_condition,
+                                     cfg.cond_drop_rate, generator)
+            text_BTD, text_mask_BT, pooled_BD = text.tokens_BTD, text.mask_BT, text.pooled_BD
+        x_BLC = torch.cat([self.start_token(pooled_BD), self.word_embed(teacher_forced_input_BLC.float())], dim=1)
+        x_BLC = x_BLC + self.lvl_embed(self.levels_L).unsqueeze(0)
+        keep_B11T = text_key_mask(text_mask_BT)
+        segment_ends = list(self.grid.offsets[1:])  # scale si's queries see keys of scales 0..si
+        for block in self.blocks:
+            x_BLC = block(x_BLC, self.rope(0, L), text_BTD, keep_B11T, segment_ends=segment_ends)
+        return self.logits(x_BLC)
+
+    # ------------------------------------------------------------------ sampling with a KV cache
+    def start_sampling(
+        self, text_BTD: torch.Tensor, text_mask_BT: torch.Tensor, pooled_BD: torch.Tensor, static_cache: bool = True
+    ) -> tuple[SamplingState, torch.Tensor]:
+        """Run the 1x1 scale. Returns the state for `sampling_step` and its logits (B, 1, V).
+
+        For CFG the caller stacks the conditional and the null rows into one batch, as the
+        reference sampler does (the batch0 quirk then acts on that stacked batch, as released).
+        """
+        self._check_text(text_BTD, text_mask_BT, pooled_BD)
+        capacity = self.config.num_tokens() if static_cache else None
+        state = SamplingState(text_BTD, text_key_mask(text_mask_BT), [KVCache(capacity) for _ in self.blocks])
+        x_B1C = self.start_token(pooled_BD) + self.lvl_embed.weight[0]
+        return state, self._run_cached(x_B1C, 0, state)
+
+    def sampling_step(self, si: int, next_input_BlCv: torch.Tensor, state: SamplingState) -> torch.Tensor:
+        """Scale si >= 1 from its input (B, pn^2, Cv) (the upsampled running code map) -> logits (B, pn^2, V)."""
+        if not 1 <= si < self.grid.num_scales:
+            raise ValueError(f"sampling_step takes scales 1..{self.grid.num_scales - 1}, got {si}")
+        x_BlC = self.word_embed(next_input_BlCv.float()) + self.lvl_embed.weight[si]
+        return self._run_cached(x_BlC, si, state)
+
+    def _run_cached(self, x_BlC: torch.Tensor, si: int, state: SamplingState) -> torch.Tensor:
+        rope = self.rope(self.grid.offsets[si], self.grid.offsets[si + 1])
+        for block, cache in zip(self.blocks, state.caches):
+            x_BlC = block(x_BlC, rope, state.text_BTD, state.keep_B11T, cache=cache)
+        return self.logits(x_BlC)
+
+
+__all__ = ["STARForT2I", "StarBlock", "TextFeatures", "SamplingState", "drop_condition"]
