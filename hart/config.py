@@ -128,10 +128,19 @@ class TransformerConfig:
     disable_aln: bool = False
     use_timestep_embed: bool = True  # level embedding by sinusoidal timestep embedder
     sep_aln_pooling_mode: str = "max"  # block AdaLN condition pooling: "max" | "avg"
-    use_cross_attn: bool = False  # STAR-style cross-attention text conditioning
-    rope_theta: float = 10000.0
-    rope_mode: str = "hart"  # "hart" (released 2-D RoPE) | "star" (normalized RoPE, HART_SPEC §7)
-    rope_norm: float = 32.0  # STAR normalized RoPE span, used when rope_mode == "star"
+    # Cross-attention after STAR: each block also attends to the C-dim text prefix tokens (raw x as
+    # query, SDPA's default scale). It is not STAR's cross-attention, whose query is a non-affine
+    # LayerNorm of x, whose keys/values are the raw text-encoder features through their own
+    # projection, and which L2-normalises q and k with a learned per-head scale: that one is
+    # `hart.star` (`TextCrossAttention`). This option keeps HART's prefix and AdaLN as well.
+    use_cross_attn: bool = False
+    rope_theta: float = 10000.0  # STAR's released configs use 10000 too (their code default is 100)
+    # "hart": the released HART 2-D RoPE. "star": STAR-style normalized RoPE (HART_SPEC §7): every
+    # scale's grid spans [0, rope_norm]^2, so positions are comparable across scales; the formula
+    # equals STAR's, but here it rotates HART's image tokens after a text prefix in HART's pair
+    # layout. Both need attn_type "llama" (the "gpt2" blocks use absolute position tables).
+    rope_mode: str = "hart"
+    rope_norm: float = 64.0  # span of the "star" mode: STAR's released configs (their code default is 32)
     use_context_norm: bool = False
     context_norm_scale: float = 1.0
     vocab_size: int = 4096  # codebook size of the tokenizer
@@ -164,6 +173,11 @@ class TransformerConfig:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if not 0.0 <= self.cond_drop_rate <= 1.0:
             raise ValueError(f"cond_drop_rate must be in [0, 1], got {self.cond_drop_rate}")
+        if self.rope_mode == "star" and self.attn_type != "llama":
+            raise ValueError('rope_mode "star" needs attn_type "llama": the "gpt2" blocks use absolute position '
+                             "tables and apply no RoPE, so the option would do nothing")
+        if self.rope_norm <= 0 or self.rope_theta <= 0:
+            raise ValueError(f"rope_norm and rope_theta must be > 0, got {self.rope_norm}, {self.rope_theta}")
 
     def head_dim(self) -> int:
         return self.embed_dim // self.num_heads

@@ -74,3 +74,13 @@ def test_overrides_and_replace():
     with pytest.raises(ValueError):
         replace(config, z_channels="eight")
     assert config_from_dict(TokenizerConfig, config_to_dict(config)) == config
+
+
+def test_star_style_options_default_to_stars_released_constants_and_refuse_a_silent_combination():
+    config = TransformerConfig(rope_mode="star")
+    assert (config.rope_theta, config.rope_norm) == (10000.0, 64.0)  # STAR-T2I's released configs
+    with pytest.raises(ValueError, match='rope_mode "star" needs attn_type "llama"'):
+        TransformerConfig(rope_mode="star", attn_type="gpt2")
+    with pytest.raises(ValueError, match="rope_norm and rope_theta must be > 0"):
+        TransformerConfig(rope_mode="star", rope_norm=0.0)
+    assert TransformerConfig(attn_type="gpt2").rope_mode == "hart"  # the default stays buildable
