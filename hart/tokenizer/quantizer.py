@@ -166,18 +166,22 @@ class MultiScaleQuantizer(nn.Module):
         return torch.cat(inputs, dim=1)
 
     def next_autoregressive_input(
-        self, si: int, f_hat_BChw: torch.Tensor | None, h_BChw: torch.Tensor
+        self, si: int, f_hat_BChw: torch.Tensor | None, h_BChw: torch.Tensor, phi_last: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sampling step: add scale si's code map h (B, C, pn, pn) to f_hat (HART rule).
+        """Sampling step: add scale si's code map h (B, C, pn, pn) to f_hat.
 
-        Returns (new f_hat, input for scale si+1 as (B, C, pn_next, pn_next)); at the last
-        scale the second item is f_hat itself.
+        HART rule by default (no Phi at the last scale, where HART's residual follows);
+        `phi_last=True` is the VAR rule, for discrete-only samplers (VAR, STAR) whose f_hat is
+        decoded as is. Returns (new f_hat, input for scale si+1 as (B, C, pn_next, pn_next));
+        at the last scale the second item is f_hat itself.
         """
         H = self.patch_nums[-1]
         last = self.num_scales - 1
         if si < last:
             h = h_BChw if h_BChw.shape[-1] == H else F.interpolate(h_BChw, size=(H, H), mode="bicubic")
             h = self.quant_resi(h, si, self.num_scales)
+        elif phi_last:
+            h = self.quant_resi(h_BChw, si, self.num_scales)
         else:
             h = h_BChw
         f_hat = h if f_hat_BChw is None else f_hat_BChw + h

@@ -83,3 +83,111 @@ def test_embedded_minilm_offline():
     again, _ = encoder(["a photo of a cat", "dog"])
     assert torch.equal(features, again)
     assert not torch.allclose(features[0, 1], features[1, 1])
+
+
+# --------------------------------------------------------------------------------------
+# STAR's CLIP text encoder, on a tiny random CLIPTextModel in the SD-2.1 pipeline layout
+# --------------------------------------------------------------------------------------
+
+CLIP_LENGTH, CLIP_DIM = 16, 32
+
+
+def save_tiny_sd_clip(folder):
+    """`text_encoder/` + `tokenizer/` as in an SD-2.1 pipeline folder: a byte-level CLIP BPE whose
+    vocabulary is the 256 byte symbols (with and without the end-of-word suffix) and no merges,
+    so every character is one token; "!" pads, as in SD-2.1; EOS has the largest id."""
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
+    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], pad_token="!", model_max_length=CLIP_LENGTH)
+    tokenizer.save_pretrained(folder / "tokenizer")
+    config = CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=CLIP_DIM, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=CLIP_LENGTH, projection_dim=CLIP_DIM,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    CLIPTextModel(config).save_pretrained(folder / "text_encoder")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_sd_dir(tmp_path_factory):
+    return save_tiny_sd_clip(tmp_path_factory.mktemp("tiny_sd21"))
+
+
+def test_clip_features_shapes_mask_and_pooled_eos(tiny_sd_dir):
+    from hart.star.model import TextFeatures
+    from hart.text_encoder import CLIPTextEncoder, build_clip_text_encoder
+
+    encoder = build_clip_text_encoder(tiny_sd_dir)
+    assert isinstance(encoder, CLIPTextEncoder) and encoder.dim == CLIP_DIM and encoder.max_length == CLIP_LENGTH
+    assert not encoder.model.training and not any(p.requires_grad for p in encoder.model.parameters())
+    prompts = ["a cat", "a red dog!"]  # "!" is also the pad token: the mask must not come from the ids
+    features = encoder(prompts)
+    assert isinstance(features, TextFeatures)
+    assert features.tokens_BTD.shape == (2, CLIP_LENGTH, CLIP_DIM) and features.tokens_BTD.dtype == torch.float32
+    assert features.pooled_BD.shape == (2, CLIP_DIM) and features.mask_BT.dtype == torch.bool
+    # one token per character (no merges, spaces split words) plus BOS and EOS, right-padded
+    counts = [len(p.replace(" ", "")) + 2 for p in prompts]
+    assert features.mask_BT.sum(1).tolist() == counts
+    for row, n in enumerate(counts):
+        assert features.mask_BT[row, :n].all() and not features.mask_BT[row, n:].any()
+    ids, _ = encoder.tokenize(prompts)
+    eos = encoder.tokenizer.eos_token_id
+    for row, n in enumerate(counts):
+        assert ids[row, 0] == encoder.tokenizer.bos_token_id and ids[row, n - 1] == eos
+        # CLIP's pooled feature is the final hidden state at the EOS position
+        torch.testing.assert_close(features.pooled_BD[row], features.tokens_BTD[row, n - 1], rtol=0, atol=0)
+    again = encoder(prompts)
+    assert torch.equal(again.tokens_BTD, features.tokens_BTD) and torch.equal(again.pooled_BD, features.pooled_BD)
+    # the release feeds the mask to the text model too; by causality it only changes the pad positions
+    with torch.no_grad():
+        unmasked = encoder.model(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(unmasked[features.mask_BT], features.tokens_BTD[features.mask_BT])
+
+
+def test_clip_null_condition_is_bos_eos_only(tiny_sd_dir):
+    from hart.text_encoder import build_clip_text_encoder
+
+    encoder = build_clip_text_encoder(tiny_sd_dir)
+    null = encoder.null_features()
+    assert null.tokens_BTD.shape == (1, CLIP_LENGTH, CLIP_DIM)
+    assert null.mask_BT[0].tolist() == [True, True] + [False] * (CLIP_LENGTH - 2)
+    ids, _ = encoder.tokenize([""])
+    assert ids[0, :2].tolist() == [encoder.tokenizer.bos_token_id, encoder.tokenizer.eos_token_id]
+    assert (ids[0, 2:] == encoder.tokenizer.pad_token_id).all()
+    torch.testing.assert_close(null.pooled_BD[0], null.tokens_BTD[0, 1], rtol=0, atol=0)
+    # encoded alone or next to a prompt, "" gives the same features (rows never interact)
+    batched = encoder(["a cat", ""])
+    torch.testing.assert_close(batched.tokens_BTD[1:], null.tokens_BTD)
+
+
+def test_clip_plain_folder_truncation_and_errors(tiny_sd_dir, tmp_path):
+    import shutil
+
+    from hart.text_encoder import build_clip_text_encoder
+
+    plain = tmp_path / "clip"
+    shutil.copytree(tiny_sd_dir / "text_encoder", plain)
+    for item in (tiny_sd_dir / "tokenizer").iterdir():
+        shutil.copy(item, plain / item.name)
+    encoder, pipeline = build_clip_text_encoder(plain), build_clip_text_encoder(str(tiny_sd_dir))
+    torch.testing.assert_close(encoder(["a cat"]).tokens_BTD, pipeline(["a cat"]).tokens_BTD, rtol=0, atol=0)
+    with pytest.warns(UserWarning, match="truncated"):
+        features = encoder(["a" * 40])
+    assert features.mask_BT.all()
+    with pytest.raises(ValueError, match="not found"):
+        build_clip_text_encoder(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no CLIP text model"):
+        build_clip_text_encoder(tmp_path / "empty")
+    for name in ("tokenizer.json", "vocab.json"):
+        (plain / name).unlink(missing_ok=True)
+    with pytest.raises(ValueError, match="no CLIP tokenizer"):
+        build_clip_text_encoder(plain)
+    with pytest.raises(ValueError, match="non-empty"):
+        encoder([])
