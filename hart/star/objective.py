@@ -1,0 +1,68 @@
+"""Training objective of the STAR transformer: next-scale cross-entropy with CFG dropout.
+
+STAR's trainer (STAR-T2I `trainer.py`) teacher-forces all scales at once and takes a
+cross-entropy over every token, uniformly weighted (1/L per token, then the batch mean: the
+token mean), with optional label smoothing (0 in every released config). The inputs are VAR's:
+the quantizer's upsampled code maps of scales 1..S-1 (`tokens_to_teacher_forcing_input`; the Phi
+rule at the last scale does not matter here, the last scale is never an input). CFG dropout
+replaces a row's text, mask and pooled feature with the null condition (the text encoder's
+encoding of "") inside the model's forward (`STARForT2I`, `drop_condition`). STAR's token
+dropping at 1024px (`drop_scale_length`) is not part of this objective.
+
+Everything random draws from `generator`, so a step is reproducible. Returned metrics are
+detached except "loss"; accuracies are in percent.
+
+Shape legend: B batch, T text tokens, D text width, L tokens of all scales, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from hart.star.model import STARForT2I, TextFeatures
+from hart.tokenizer.quantizer import MultiScaleQuantizer
+
+
+def star_losses(
+    model: STARForT2I,
+    quantizer: MultiScaleQuantizer,
+    text: TextFeatures,
+    tokens: list[torch.Tensor],
+    *,
+    null_condition: TextFeatures | None = None,
+    generator: torch.Generator | None = None,
+    label_smoothing: float = 0.0,
+) -> dict[str, torch.Tensor]:
+    """Loss and metrics of one batch. `null_condition` (batch 1) enables CFG dropout in training
+    mode at the model's `cond_drop_rate`; without it every row keeps its text."""
+    grid = model.config.grid
+    if tuple(quantizer.patch_nums) != grid.patch_nums:
+        raise ValueError(f"quantizer patch_nums {tuple(quantizer.patch_nums)} differ from the model's {grid.patch_nums}")
+    if len(tokens) != grid.num_scales:
+        raise ValueError(f"expected {grid.num_scales} token scales, got {len(tokens)}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    tokens = [t.long() for t in tokens]
+    B = text.tokens_BTD.shape[0]
+    if any(t.shape[0] != B for t in tokens):
+        raise ValueError(f"batch sizes differ: text {B}, tokens {[t.shape[0] for t in tokens]}")
+
+    with torch.no_grad():
+        tf_input_BLC = quantizer.tokens_to_teacher_forcing_input(tokens)
+    logits_BLV = model(text.tokens_BTD, text.mask_BT, text.pooled_BD, tf_input_BLC,
+                       null_condition=null_condition, generator=generator)
+    targets_BL = torch.cat(tokens, dim=1)
+    ce = F.cross_entropy(logits_BLV.flatten(0, 1).float(), targets_BL.flatten(), label_smoothing=label_smoothing)
+
+    out: dict[str, torch.Tensor] = {"loss": ce, "ce": ce.detach()}
+    with torch.no_grad():
+        correct_BL = (logits_BLV.argmax(-1) == targets_BL).float()
+        out["acc_mean"] = correct_BL.mean() * 100
+        out["acc_tail"] = correct_BL[:, grid.offsets[-2]:].mean() * 100  # the last scale, as STAR logs it
+        for si, (start, n) in enumerate(zip(grid.offsets, grid.token_counts)):
+            out[f"acc_scale_{si}"] = correct_BL[:, start : start + n].mean() * 100
+    return out
+
+
+__all__ = ["star_losses"]
