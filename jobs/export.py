@@ -3,7 +3,8 @@
 Design: runs on the driver after `TorchTrainer.fit()`, from the last checkpoint only (so it
 works the same for a finished run and for a re-export of an old one):
 
-    <out>/llm/config.json, model.safetensors, ema_model.bin   (transformer stages)
+    <out>/llm/config.json, model.safetensors, ema_model.bin   (transformer stages, family hart)
+    <out>/star/model.pth, ema_model.pth                       (ar stage, family star: STAR's trainer dict)
     <out>/tokenizer/config.json, model.safetensors            (every stage)
 
 The transformer's `llm/` folder comes from `HARTForT2I.save_pretrained` (official keys,
@@ -43,11 +44,30 @@ def export_checkpoint(checkpoint_dir: str | Path, config: TrainRunConfig, out_di
     from hart.transformer.model import HARTForT2I
     from jobs.stages import load_frozen_tokenizer
 
+    if config.model.family == "star":
+        return _export_star(state, transformer_cfg, config, out_dir)
     model = HARTForT2I(transformer_cfg)
     model.load_state_dict(state.model, strict=True)
     tokenizer = load_frozen_tokenizer(config)  # with the run's scale list, checked against the transformer
     tokenizer.save_pretrained(out_dir / "tokenizer")
     model.save_pretrained(out_dir / "llm", ema_state=state.ema, tokenizer=tokenizer.config)
+    return out_dir
+
+
+def _export_star(state, star_cfg, config: TrainRunConfig, out_dir: Path) -> Path:
+    """STAR's layout: the raw and the EMA weights each as a trainer-dict `.pth` (`hart.star.checkpoint`),
+    beside the frozen tokenizer's folder."""
+    from hart.star.checkpoint import save_star
+    from hart.star.model import STARForT2I
+    from jobs.stages import load_frozen_tokenizer
+
+    model = STARForT2I(star_cfg)
+    load_frozen_tokenizer(config).save_pretrained(out_dir / "tokenizer")
+    for name, weights in (("model.pth", state.model), ("ema_model.pth", state.ema)):
+        if weights is None:
+            continue
+        model.load_state_dict(weights, strict=True)
+        save_star(model, out_dir / "star" / name, iteration=int(state.meta.get("step", 0)))
     return out_dir
 
 

@@ -70,3 +70,23 @@ class DiscriminatorObjective(nn.Module):
         return discriminator_losses(
             self.discriminator, batch["images"], batch["reconstructions"], self.objective_config, step=step
         )
+
+
+class StarObjective(nn.Module):
+    """star_losses around a STAR transformer; the quantizer and the null condition are frozen and kept
+    out of the tree. The pooled text vector comes from the batch's features (`pooled_at_eos`)."""
+
+    def __init__(self, model: nn.Module, quantizer: MultiScaleQuantizer, null_condition):
+        super().__init__()
+        self.model = model
+        self._frozen = {"quantizer": quantizer, "null": null_condition}
+
+    def forward(self, batch: dict[str, Any], step: int = 0, generator: torch.Generator | None = None):
+        from hart.star.model import TextFeatures, pooled_at_eos
+        from hart.star.objective import star_losses
+
+        context, mask = batch["context"], batch["context_mask"]
+        text = TextFeatures(context, mask, pooled_at_eos(context, mask))
+        return star_losses(self.model, self._frozen["quantizer"], text, batch["tokens"],
+                           null_condition=self._frozen["null"], generator=generator)
+

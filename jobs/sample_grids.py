@@ -37,14 +37,35 @@ def log_samples(config, stage: Stage, ema, sample_batch, logger, step, manifest)
             grid = tracking.image_grid(to_uint8(rows), columns=len(images))
             logger.log_image(grid, f"{GRID_FOLDER['tokenizer']}/step_{step:07d}.png")  # rows: input, hybrid, discrete
             return
-        from hart.transformer.generate import generate
         import numpy as np
 
         encoder = sampling_text_encoder(config, stage, manifest)
+        if config.model.family == "star":
+            grid = tracking.image_grid(_star_samples(config, stage, model, encoder))
+            logger.log_image(grid, f"{GRID_FOLDER['transformer']}/step_{step:07d}.png")
+            return
+        from hart.transformer.generate import generate
+
         images = generate(model, stage.tokenizer, encoder, list(config.tracking.sample_prompts),
                           seed=config.tracking.sample_seed, use_diffusion=config.stage != "ar")
         grid = tracking.image_grid(np.stack([np.asarray(im.convert("RGB")) for im in images]))
         logger.log_image(grid, f"{GRID_FOLDER['transformer']}/step_{step:07d}.png")
+
+
+def _star_samples(config, stage: Stage, model, encoder):
+    """STAR's sampler on the sample prompts: uint8 images (B, H, W, 3)."""
+    from hart.star.generate import generate
+    from hart.star.model import TextFeatures, pooled_at_eos
+
+    device = next(model.parameters()).device
+
+    def features(prompts: list[str]) -> TextFeatures:
+        tokens_BTD, mask_BT = encoder(prompts)
+        tokens_BTD, mask_BT = tokens_BTD.float().to(device), mask_BT.to(device)
+        return TextFeatures(tokens_BTD, mask_BT, pooled_at_eos(tokens_BTD, mask_BT))
+
+    return generate(model, stage.tokenizer, features(list(config.tracking.sample_prompts)), features([""]),
+                    seed=config.tracking.sample_seed)
 
 
 def sampling_text_encoder(config, stage: Stage, manifest):

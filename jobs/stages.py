@@ -84,10 +84,14 @@ def load_frozen_tokenizer(config: TrainRunConfig):
 # --------------------------------------------------------------------------------------
 
 
-def build_stage(config: TrainRunConfig, device: torch.device, text_encoder: Any = None) -> Stage:
-    """Fresh weights (seeded identically on every rank) or `model.init_from`; objectives ready."""
+def build_stage(config: TrainRunConfig, device: torch.device, text_encoder: Any = None,
+                manifest: dict[str, Any] | None = None) -> Stage:
+    """Fresh weights (seeded identically on every rank) or `model.init_from`; objectives ready.
+    `manifest`: the cache's, whose text encoder a STAR stage encodes its null condition with."""
     if config.stage == "tokenizer":
         return _build_tokenizer_stage(config, device)
+    if config.model.family == "star":
+        return _build_star_stage(config, device, text_encoder, manifest or {})
     return _build_transformer_stage(config, device, text_encoder)
 
 
@@ -181,3 +185,41 @@ def _build_transformer_stage(config: TrainRunConfig, device: torch.device, text_
         kept_bucket=config.objective.kept_bucket,
     )
     return Stage(config.stage, model, objective, tokenizer=tokenizer, text_encoder=text_encoder)
+
+
+def _build_star_stage(config: TrainRunConfig, device: torch.device, text_encoder: Any, manifest: dict[str, Any]) -> Stage:
+    """STAR's ar stage: STARForT2I from fresh weights or `model.init_from` (a STAR .pth or a training
+    checkpoint), trained by `StarObjective`. Its CFG null condition is the encoding of "" by the
+    encoder that made the cache's text features (else `data.text_encoder`), computed once here."""
+    from hart.star.model import STARForT2I, TextFeatures, pooled_at_eos
+    from hart.text_encoder import build_text_encoder
+    from jobs.objectives import StarObjective
+
+    _, star_cfg = model_configs(config)
+    tokenizer = load_frozen_tokenizer(config).to(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.model.init_seed)
+        model = STARForT2I(star_cfg)
+    start = config.model.init_from
+    if start:
+        if start.endswith(".pth"):  # STAR's released layout (a trainer dict)
+            from hart.star.checkpoint import read_star_checkpoint
+            from pipelines import storage
+
+            state, _ = read_star_checkpoint(storage.local_copy(start, config.run.endpoint_url))
+        else:
+            state = read_start_weights(start, config.run.endpoint_url)
+        start_weights.load_compatible_weights(model, state, f"start weights {start}")
+    model.to(device)
+    if text_encoder is None:
+        name = (manifest.get("text") or {}).get("encoder") or config.data.text_encoder
+        text_encoder = build_text_encoder(name, star_cfg.context_token)
+        if hasattr(text_encoder, "to"):
+            text_encoder.to(device)
+    with torch.no_grad():
+        features, mask = text_encoder([""])
+        features, mask = features.float().to(device), mask.to(device)
+    null = TextFeatures(features, mask, pooled_at_eos(features, mask))
+    objective = StarObjective(model, tokenizer.quantize, null)
+    return Stage(config.stage, model, objective, tokenizer=tokenizer, text_encoder=text_encoder)
+

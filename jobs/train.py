@@ -313,7 +313,7 @@ def setup_worker(config: TrainRunConfig, manifest: dict[str, Any] | None, device
     if config.scaling.torch_threads:
         torch.set_num_threads(config.scaling.torch_threads)
     text = TextFeatures(config, manifest, device) if config.stage != "tokenizer" else None
-    stage = build_stage(config, device, text.encoder if text else None)
+    stage = build_stage(config, device, text.encoder if text else None, manifest)
     # Wrap first: FSDP2 swaps parameters for DTensors, and the optimizer/EMA must hold those.
     objective = parallelize(stage.objective, config.parallel, device)
     disc_objective = None

@@ -21,11 +21,13 @@ from typing import Any
 
 from configuration.loader import apply_overrides, config_from_dict, config_to_dict, read_config_file, replace
 from hart.config import TokenizerConfig, TransformerConfig, tokenizer_config, transformer_config
+from hart.star.config import StarConfig, star_config
 from hart.training.parallelize import ParallelConfig
 from pipelines.config import ComputeConfig, PreprocessConfig
 from hart.training.step import PRECISIONS, OptimizerConfig
 
 STAGES = ("tokenizer", "ar", "diffusion", "joint")
+FAMILIES = ("hart", "star")  # the transformer of the transformer stages: HARTForT2I or STARForT2I
 
 
 @dataclass(frozen=True)
@@ -55,12 +57,17 @@ class RunSection:
 
 @dataclass(frozen=True)
 class ModelSection:
+    family: str = "hart"  # "hart" (HARTForT2I) or "star" (STARForT2I: the ar stage, STAR's objective)
     tokenizer: Any = "tiny"  # TokenizerConfig preset name or {preset: ..., field: value}
-    transformer: Any = "tiny"  # TransformerConfig preset name or mapping
+    transformer: Any = "tiny"  # TransformerConfig (family hart) or StarConfig (family star) preset name or mapping
     tokenizer_checkpoint: str = ""  # HART tokenizer/ folder or VAR .pth; required by ar/diffusion/joint
     init_from: str = ""  # start weights: a training checkpoint dir or an llm/ (tokenizer/) folder;
     # a lower-resolution one is fine (progressive training: buffers that depend on the scale list are rebuilt)
     init_seed: int = 0  # seed of fresh weights (identical on every rank)
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"model.family must be one of {FAMILIES}, got {self.family!r}")
 
 
 @dataclass(frozen=True)
@@ -266,17 +273,26 @@ class TrainRunConfig:
         if self.eval.every_steps and self.parallel.strategy == "fsdp":
             raise ValueError("eval.every_steps runs on rank 0, which cannot generate from FSDP shards: evaluate the "
                              "exports with hart-evaluate instead (or train with parallel.strategy ddp)")
+        if self.model.family == "star":
+            if self.stage != "ar":
+                raise ValueError(f"model.family star trains with the ar stage (STAR has no residual head), got "
+                                 f"stage {self.stage!r}")
+            if self.eval.every_steps or self.online.enabled:
+                raise ValueError("model.family star: eval.every_steps and online.enabled are not built for STAR yet "
+                                 "(train from a cache; evaluate the export)")
         model_configs(self)  # resolve presets now: a typo fails at load time
 
     def to_dict(self) -> dict[str, Any]:
         return config_to_dict(self)
 
 
-def model_configs(config: TrainRunConfig) -> tuple[TokenizerConfig, TransformerConfig]:
-    """The run's tokenizer and transformer configs. The scale list is the tokenizer's (`model.tokenizer`,
-    e.g. `{preset: hart-1024, patch_nums: [...]}` for a lower-resolution stage of progressive training):
-    the transformer takes it, and one set on `model.transformer` that differs is an error."""
-    tokenizer, transformer = tokenizer_config(config.model.tokenizer), transformer_config(config.model.transformer)
+def model_configs(config: TrainRunConfig) -> tuple[TokenizerConfig, TransformerConfig | StarConfig]:
+    """The run's tokenizer and transformer configs (a `StarConfig` for `model.family` star). The scale
+    list is the tokenizer's (`model.tokenizer`, e.g. `{preset: hart-1024, patch_nums: [...]}` for a
+    lower-resolution stage of progressive training): the transformer takes it, and one set on
+    `model.transformer` that differs is an error."""
+    resolve = star_config if config.model.family == "star" else transformer_config
+    tokenizer, transformer = tokenizer_config(config.model.tokenizer), resolve(config.model.transformer)
     own = config.model.transformer.get("patch_nums") if isinstance(config.model.transformer, dict) else None
     if own is not None and tuple(own) != tokenizer.patch_nums:
         raise ValueError(f"model.transformer sets patch_nums {tuple(own)} but model.tokenizer's scale list is "
@@ -293,4 +309,4 @@ def load_train_config(path: str | None, stage: str | None = None, overrides: lis
     return config_from_dict(TrainRunConfig, data)
 
 
-__all__ = ["TrainRunConfig", "STAGES", "load_train_config", "model_configs"]
+__all__ = ["TrainRunConfig", "STAGES", "FAMILIES", "load_train_config", "model_configs"]

@@ -72,5 +72,5 @@ def throughput(config: TrainRunConfig, micro_batches, seconds: float, world_size
     """Images and tokens per second of the whole job (this rank's rate times the world size: no extra collective)."""
     tokenizer_cfg, transformer_cfg = model_configs(config)
     images = sum(len(b["caption"]) for b in micro_batches) * world_size
-    tokens_per_image = tokenizer_cfg.num_tokens() if config.stage == "tokenizer" else transformer_cfg.num_image_tokens()
+    tokens_per_image = tokenizer_cfg.num_tokens() if config.stage == "tokenizer" else transformer_cfg.grid.num_tokens
     return {"images_per_s": images / seconds, "tokens_per_s": images * tokens_per_image / seconds, "step_seconds": seconds}

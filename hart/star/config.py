@@ -35,6 +35,7 @@ class StarConfig:
     norm_eps: float = 1e-6
     attn_l2_norm: bool = True  # L2-normalised q, k with a learned per-head scale (on in every release)
     text_dim: int = 1024  # width of the text features used as cross-attention keys/values (`in_dim_cross`)
+    context_token: int = 77  # text tokens per prompt (CLIP pads to 77); training checks cached features against it
     patch_nums: tuple[int, ...] = PATCH_NUMS_256
     rope_theta: float = 10000.0  # the reference code's default is 100; every released config says 10000
     rope_norm: float = 64.0  # every scale's positions span [0, rope_norm] (code default 32, releases 64)
@@ -52,7 +53,7 @@ class StarConfig:
 
     def __post_init__(self) -> None:
         validate_patch_nums(self.patch_nums)
-        for name in ("depth", "embed_dim", "num_heads", "text_dim", "token_dim"):
+        for name in ("depth", "embed_dim", "num_heads", "text_dim", "token_dim", "context_token"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.embed_dim % self.num_heads:
@@ -74,6 +75,11 @@ class StarConfig:
 
     def head_dim(self) -> int:
         return self.embed_dim // self.num_heads
+
+    @property
+    def context_dim(self) -> int:
+        """`text_dim` under the name the pipeline's text-feature checks read (HART's field name)."""
+        return self.text_dim
 
     def ffn_hidden(self) -> int:
         return round(self.embed_dim * self.mlp_ratio)

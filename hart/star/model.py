@@ -55,6 +55,14 @@ class TextFeatures:
     pooled_BD: torch.Tensor
 
 
+def pooled_at_eos(tokens_BTD: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
+    """(B, D) feature at each row's last unmasked position. CLIP's pooled output is its final hidden
+    state at the end-of-text token, which is the last position its attention mask keeps, so features
+    cached without the pooled vector (a token cache's text column) give it back exactly."""
+    last_B = mask_BT.long().sum(dim=1).clamp(min=1) - 1
+    return tokens_BTD[torch.arange(tokens_BTD.shape[0], device=tokens_BTD.device), last_B]
+
+
 def drop_condition(
     text: TextFeatures, null: TextFeatures, p: float, generator: torch.Generator | None = None
 ) -> tuple[TextFeatures, torch.Tensor]:

@@ -142,6 +142,9 @@ def test_clip_features_shapes_mask_and_pooled_eos(tiny_sd_dir):
         assert ids[row, 0] == encoder.tokenizer.bos_token_id and ids[row, n - 1] == eos
         # CLIP's pooled feature is the final hidden state at the EOS position
         torch.testing.assert_close(features.pooled_BD[row], features.tokens_BTD[row, n - 1], rtol=0, atol=0)
+    from hart.star.model import pooled_at_eos  # what training rebuilds from cached features and mask
+
+    assert torch.equal(pooled_at_eos(features.tokens_BTD, features.mask_BT), features.pooled_BD)
     again = encoder(prompts)
     assert torch.equal(again.tokens_BTD, features.tokens_BTD) and torch.equal(again.pooled_BD, features.pooled_BD)
     # the release feeds the mask to the text model too; by causality it only changes the pad positions

@@ -116,3 +116,21 @@ def test_the_workers_dict_round_trip_keeps_the_config():
                                ["online.enabled=true", "eval.every_steps=5", "eval.prompts=shapes:heldout",
                                 "model.tokenizer={preset: tiny, patch_nums: [1, 2, 4, 8]}"])
     assert config_from_dict(TrainRunConfig, config.to_dict()) == config
+
+
+def test_model_family_star_resolves_a_star_config_and_refuses_what_star_does_not_have():
+    from hart.star.config import StarConfig
+
+    config = load_train_config(None, "ar", ["model.family=star", "model.transformer={preset: tiny, vocab_size: 256}"])
+    _, star = model_configs(config)
+    assert isinstance(star, StarConfig) and star.patch_nums == model_configs(config)[0].patch_nums
+    assert star.vocab_size == 256 and star.context_dim == star.text_dim
+    with pytest.raises(ValueError, match="model.family must be one of"):
+        load_train_config(None, "ar", ["model.family=var"])
+    for stage in ("joint", "diffusion"):
+        with pytest.raises(ValueError, match="model.family star trains with the ar stage"):
+            load_train_config(None, stage, ["model.family=star"])
+    with pytest.raises(ValueError, match="not built for STAR yet"):
+        load_train_config(None, "ar", ["model.family=star", "online.enabled=true", "data.shards=['x.tar']"])
+    with pytest.raises(ValueError, match="star.depht: unknown field"):
+        load_train_config(None, "ar", ["model.family=star", "model.transformer={preset: tiny, depht: 3}"])

@@ -197,3 +197,14 @@ def test_wrong_input_shapes_are_refused():
         model(text[..., 1:], mask, pooled, tf)
     with pytest.raises(ValueError, match="sampling_step takes scales"):
         model.sampling_step(0, tf[:, :1], None)
+
+
+def test_pooled_at_eos_is_the_last_kept_position():
+    """CLIP's pooled output is the final hidden state at the end-of-text token, the last position its
+    mask keeps: cached features without the pooled vector give it back."""
+    from hart.star.model import pooled_at_eos
+
+    tokens_BTD = torch.arange(2 * 5 * 3, dtype=torch.float32).view(2, 5, 3)
+    mask_BT = torch.tensor([[True, True, True, False, False], [True, True, True, True, True]])
+    pooled_BD = pooled_at_eos(tokens_BTD, mask_BT)
+    assert torch.equal(pooled_BD, torch.stack([tokens_BTD[0, 2], tokens_BTD[1, 4]]))
