@@ -5,10 +5,14 @@ Usage:
         --prompt "a red circle on a white background" --output runs/samples [--ema] [--cfg 4.5]
     hart-generate --llm /ckpt/hart-0.7b-1024px/llm --tokenizer /ckpt/hart-0.7b-1024px/tokenizer \
         --text-encoder /ckpt/Qwen2-VL-1.5B-Instruct --prompts-file prompts.txt --output out/
+    hart-generate --star runs/export/star/ema_model.pth --tokenizer runs/export/tokenizer \
+        --text-encoder /ckpt/stable-diffusion-2-1 --prompt "a cat" --output out/     # STAR
 
 Design: single-process and Ray-free (generation of a batch fits one device); the library
-call is `hart.transformer.generate.generate`. The text encoder is `minilm` (the embedded offline
-default) or a local folder of a causal LM (HART uses Qwen2); nothing is downloaded.
+call is `hart.transformer.generate.generate`, or `hart.star.generate.generate` for a STAR `.pth`
+(`--star`: one top-k for every scale, the first `--top-k` value, and top-p 0.8 unless given, as
+STAR's `sample.py`). The text encoder is `minilm` (the embedded offline default), a local folder of a
+causal LM (HART uses Qwen2), or for STAR an SD-2.1 folder (its CLIP text model); nothing is downloaded.
 Files are named `<index>-<slug>.png` so a prompt list maps to files one to one.
 """
 
@@ -41,9 +45,12 @@ def write_images(images, prompts: list[str], output: Path) -> list[Path]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="hart-generate", description="generate images with a HART checkpoint")
-    parser.add_argument("--llm", required=True, help="transformer folder (official llm/ layout)")
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--llm", help="HART transformer folder (official llm/ layout)")
+    model.add_argument("--star", help="STAR transformer: a .pth in STAR's released layout (trainer dict or state dict)")
     parser.add_argument("--tokenizer", required=True, help="tokenizer folder (official tokenizer/ layout) or VAR .pth")
-    parser.add_argument("--text-encoder", default="minilm", help="'minilm' or a local causal-LM folder (e.g. Qwen2)")
+    parser.add_argument("--text-encoder", default="minilm",
+                        help="'minilm', a local causal-LM folder (HART: Qwen2), or an SD-2.1 / CLIP folder (STAR)")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     parser.add_argument("--prompts-file", help="a text file with one prompt per line")
     parser.add_argument("--output", required=True, help="folder for the PNG files")
@@ -74,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     from hart.transformer.generate import generate, load_models
 
     try:
+        if args.star:
+            images = star_images(args, prompts)
+            return _written(images, prompts, args.output)
         model, tok, encoder = load_models(args.llm, args.tokenizer, args.text_encoder, args.ema, args.device)
         autocast = torch.bfloat16 if args.device.startswith("cuda") else None
         images = generate(model, tok, encoder, prompts, cfg=args.cfg, top_k=tuple(args.top_k), top_p=args.top_p,
@@ -82,9 +92,47 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"hart-generate: {exc}", file=sys.stderr)
         return 2
-    paths = write_images(images, prompts, Path(args.output))
-    print(f"wrote {len(paths)} images to {args.output}")
+    return _written(images, prompts, args.output)
+
+
+def _written(images, prompts: list[str], output: str) -> int:
+    paths = write_images(images, prompts, Path(output))
+    print(f"wrote {len(paths)} images to {output}")
     return 0
+
+
+def star_images(args: argparse.Namespace, prompts: list[str]) -> list:
+    """STAR's sampler over the prompts in batches of `--batch-size` (seed + batch index per batch)."""
+    from PIL import Image
+
+    from hart.star.checkpoint import load_star
+    from hart.star.generate import generate
+    from hart.star.model import TextFeatures, pooled_at_eos
+    from hart.text_encoder import build_clip_text_encoder, build_text_encoder
+    from hart.tokenizer.model import HybridTokenizer
+
+    device = torch.device(args.device)
+    model = load_star(args.star).to(device).eval()
+    tokenizer = HybridTokenizer.from_pretrained(args.tokenizer).to(device).eval()
+    if args.text_encoder == "minilm":  # (features, mask) encoders: the pooled vector is the last kept position's
+        encoder = build_text_encoder(args.text_encoder, model.config.context_token).to(device)
+
+        def features(batch: list[str]) -> TextFeatures:
+            tokens_BTD, mask_BT = encoder(batch)
+            return TextFeatures(tokens_BTD, mask_BT, pooled_at_eos(tokens_BTD, mask_BT))
+    else:
+        features = build_clip_text_encoder(args.text_encoder).to(device)
+    autocast = torch.float16 if device.type == "cuda" else None  # STAR's sample.py runs fp16
+    top_p = 0.8 if args.top_p is None else args.top_p
+    with torch.no_grad():
+        null = features([""])
+        images = []
+        for index in range(0, len(prompts), args.batch_size):
+            batch = prompts[index : index + args.batch_size]
+            images += list(generate(model, tokenizer, features(batch), null, cfg=args.cfg, top_k=args.top_k[0],
+                                    top_p=top_p, seed=args.seed + index // args.batch_size,
+                                    more_smooth=args.more_smooth, autocast_dtype=autocast))
+    return [Image.fromarray(image) for image in images]
 
 
 if __name__ == "__main__":

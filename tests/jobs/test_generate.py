@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from PIL import Image
 
@@ -39,3 +40,29 @@ def test_bad_input_is_a_clear_exit_code(tmp_path, capsys):
                  str(tmp_path / "o"), "--device", "cpu"]) == 2
     assert "hart-generate:" in capsys.readouterr().err
     assert slug("  Über CAFÉ: 2 cats?!") == "ber-caf-2-cats" and slug("!!!") == "prompt"
+
+
+def test_a_star_checkpoint_generates_named_pngs(tmp_path, capsys):
+    """--star: a STAR .pth in the released layout + the tokenizer folder + MiniLM features -> PNGs, seeded."""
+    from configuration.loader import replace
+    from hart.star.checkpoint import save_star
+    from hart.star.config import STAR_PRESETS
+    from hart.star.model import STARForT2I
+
+    torch.manual_seed(0)
+    tokenizer_cfg = tokenizer_config("tiny")
+    HybridTokenizer(tokenizer_cfg).save_pretrained(tmp_path / "tokenizer")
+    star = STARForT2I(replace(STAR_PRESETS["tiny"], patch_nums=tokenizer_cfg.patch_nums, vocab_size=tokenizer_cfg.vocab_size,
+                              token_dim=tokenizer_cfg.z_channels, text_dim=384, context_token=16))
+    save_star(star, tmp_path / "star.pth")
+    args = ["--star", str(tmp_path / "star.pth"), "--tokenizer", str(tmp_path / "tokenizer"), "--prompt", "a red circle",
+            "--prompt", "a blue square", "--prompt", "a green star", "--batch-size", "2", "--seed", "4", "--device", "cpu"]
+    assert main([*args, "--output", str(tmp_path / "a")]) == 0 and main([*args, "--output", str(tmp_path / "b")]) == 0
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == ["0000-a-red-circle.png", "0001-a-blue-square.png", "0002-a-green-star.png"]
+    for name in names:
+        image = Image.open(tmp_path / "a" / name)
+        assert image.size == (64, 64) and image.tobytes() == Image.open(tmp_path / "b" / name).tobytes()
+    with pytest.raises(SystemExit) as exit_info:  # one transformer: --llm or --star
+        main(["--star", "x.pth", "--llm", "y", "--tokenizer", "t", "--prompt", "p", "--output", "o"])
+    assert exit_info.value.code == 2 and "not allowed with" in capsys.readouterr().err
