@@ -38,7 +38,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from hart.star.model import TextFeatures
+from hart.star.model import TextFeatures, pooled_at_eos
 
 # HART's "prompt enhancer" system prompt is model input: the released transformer was trained on
 # features computed with it prepended. We do not ship that text (it belongs to mit-han-lab/hart,
@@ -266,3 +266,26 @@ def build_text_encoder(name_or_path: str, max_length: int = 300, system_prompt: 
             f"system prompt; put it in {prompt_file} or pass system_prompt=", stacklevel=2,
         )
     return CausalLMTextEncoder(tokenizer, model, max_length, system_prompt)
+
+
+class PooledTextEncoder(nn.Module):
+    """STAR's conditioning from an encoder that gives (features, mask), e.g. the embedded MiniLM:
+    the pooled vector is the feature at the last kept position (`pooled_at_eos`), CLIP's rule."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]) -> TextFeatures:
+        tokens_BTD, mask_BT = self.encoder(list(prompts))
+        return TextFeatures(tokens_BTD.float(), mask_BT, pooled_at_eos(tokens_BTD.float(), mask_BT))
+
+
+def build_star_text_encoder(name_or_path: str, max_length: int = 77) -> nn.Module:
+    """prompts -> `TextFeatures` for STAR: "minilm" through `PooledTextEncoder` (tests, the tiny
+    recipes), any other name a local SD-2.1 / CLIP folder (`build_clip_text_encoder`), as released."""
+    if name_or_path == "minilm":
+        return PooledTextEncoder(build_text_encoder(name_or_path, max_length))
+    return build_clip_text_encoder(name_or_path)
+

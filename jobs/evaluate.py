@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="generate and score an export's images")
-    run.add_argument("--export", required=True, help="export folder with llm/ (+ ema_model.bin) and tokenizer/")
+    run.add_argument("--export", required=True, help="export folder with tokenizer/ and llm/ (+ ema_model.bin), or STAR's star/ (hart-train model.family star)")
     run.add_argument("--text-encoder", default="minilm", help="'minilm' or a local causal-LM folder (HART: Qwen2)")
     run.add_argument("--prompts", required=True,
                      help="MJHQ meta_data.json, a .jsonl ({'prompt', 'id'?, 'category'?}), a .txt, or shapes:heldout")
@@ -154,6 +154,17 @@ def feature_network_id(inception: str) -> str:
     return f"{WEIGHTS_NAME.split('-6726')[0]}:sha256:{file_sha256(inception)}"
 
 
+def export_models(export: Path, ema: bool) -> dict[str, str]:
+    """The model files of an export folder: tokenizer/ plus HART's llm/ or STAR's star/*.pth
+    (ema_model.pth with `ema`, the protocol's default, else model.pth)."""
+    star = export / "star" / ("ema_model.pth" if ema else "model.pth")
+    if (export / "tokenizer").is_dir() and star.is_file():
+        return {"llm": "", "star": str(star), "tokenizer": str(export / "tokenizer")}
+    if not (export / "llm").is_dir() or not (export / "tokenizer").is_dir():
+        raise ValueError(f"{export} is not an export folder (expected tokenizer/ and llm/, or star/{star.name}, inside)")
+    return {"llm": str(export / "llm"), "tokenizer": str(export / "tokenizer")}
+
+
 def run_evaluation(args) -> dict:
     import ray
 
@@ -163,9 +174,7 @@ def run_evaluation(args) -> dict:
     from pipelines.feature_statistics import FeatureStatistics
 
     protocol = protocol_from_args(args)
-    export = Path(args.export)
-    if not (export / "llm").is_dir() or not (export / "tokenizer").is_dir():
-        raise ValueError(f"{export} is not an export folder (expected llm/ and tokenizer/ inside)")
+    models = export_models(Path(args.export), protocol.ema)
     wants_fid = bool(set(protocol.metrics) & {"fid", "kid"})
     if wants_fid and not args.reference:
         raise ValueError("FID/KID need reference statistics (--reference FILE; make them with hart-evaluate reference)")
@@ -195,8 +204,7 @@ def run_evaluation(args) -> dict:
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
     ds = ds.map_batches(
         GenerateImages, batch_size=1,
-        fn_constructor_kwargs=dict(llm=str(export / "llm"), tokenizer=str(export / "tokenizer"),
-                                   text_encoder=args.text_encoder, protocol=protocol.to_dict(), images_uri=images_uri,
+        fn_constructor_kwargs=dict(**models, text_encoder=args.text_encoder, protocol=protocol.to_dict(), images_uri=images_uri,
                                    endpoint_url=args.endpoint_url),
         **_actor_options(args, args.actors, args.gpus_per_actor))
     ds = ds.map_batches(ScoreImages, batch_size=args.score_batch,
@@ -222,7 +230,7 @@ def run_evaluation(args) -> dict:
     figures["images_per_s"] = len(order) / elapsed
     record = {"protocol_name": args.protocol, "protocol": protocol.to_dict(), "fingerprint": fingerprint,
               "prompts": args.prompts, "limit": args.limit, "per_category": args.per_category,
-              "export": str(export.resolve()), "text_encoder": args.text_encoder}
+              "export": str(Path(args.export).resolve()), "text_encoder": args.text_encoder}
     storage.write_bytes_atomic(fs, storage.join(out_dir, "protocol.json"), json.dumps(record, indent=1).encode())
     result = {"figures": figures, "per_category": per_category}
     if wants_fid:

@@ -107,21 +107,13 @@ def star_images(args: argparse.Namespace, prompts: list[str]) -> list:
 
     from hart.star.checkpoint import load_star
     from hart.star.generate import generate
-    from hart.star.model import TextFeatures, pooled_at_eos
-    from hart.text_encoder import build_clip_text_encoder, build_text_encoder
+    from hart.text_encoder import build_star_text_encoder
     from hart.tokenizer.model import HybridTokenizer
 
     device = torch.device(args.device)
     model = load_star(args.star).to(device).eval()
     tokenizer = HybridTokenizer.from_pretrained(args.tokenizer).to(device).eval()
-    if args.text_encoder == "minilm":  # (features, mask) encoders: the pooled vector is the last kept position's
-        encoder = build_text_encoder(args.text_encoder, model.config.context_token).to(device)
-
-        def features(batch: list[str]) -> TextFeatures:
-            tokens_BTD, mask_BT = encoder(batch)
-            return TextFeatures(tokens_BTD, mask_BT, pooled_at_eos(tokens_BTD, mask_BT))
-    else:
-        features = build_clip_text_encoder(args.text_encoder).to(device)
+    features = build_star_text_encoder(args.text_encoder, model.config.context_token).to(device)
     autocast = torch.float16 if device.type == "cuda" else None  # STAR's sample.py runs fp16
     top_p = 0.8 if args.top_p is None else args.top_p
     with torch.no_grad():

@@ -55,17 +55,12 @@ def log_samples(config, stage: Stage, ema, sample_batch, logger, step, manifest)
 def _star_samples(config, stage: Stage, model, encoder):
     """STAR's sampler on the sample prompts: uint8 images (B, H, W, 3)."""
     from hart.star.generate import generate
-    from hart.star.model import TextFeatures, pooled_at_eos
+    from hart.text_encoder import PooledTextEncoder
 
     device = next(model.parameters()).device
-
-    def features(prompts: list[str]) -> TextFeatures:
-        tokens_BTD, mask_BT = encoder(prompts)
-        tokens_BTD, mask_BT = tokens_BTD.float().to(device), mask_BT.to(device)
-        return TextFeatures(tokens_BTD, mask_BT, pooled_at_eos(tokens_BTD, mask_BT))
-
-    return generate(model, stage.tokenizer, features(list(config.tracking.sample_prompts)), features([""]),
-                    seed=config.tracking.sample_seed)
+    features = PooledTextEncoder(encoder)
+    prompts, null = features(list(config.tracking.sample_prompts)).to(device), features([""]).to(device)
+    return generate(model, stage.tokenizer, prompts, null, seed=config.tracking.sample_seed)
 
 
 def sampling_text_encoder(config, stage: Stage, manifest):

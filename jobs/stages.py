@@ -191,8 +191,8 @@ def _build_star_stage(config: TrainRunConfig, device: torch.device, text_encoder
     """STAR's ar stage: STARForT2I from fresh weights or `model.init_from` (a STAR .pth or a training
     checkpoint), trained by `StarObjective`. Its CFG null condition is the encoding of "" by the
     encoder that made the cache's text features (else `data.text_encoder`), computed once here."""
-    from hart.star.model import STARForT2I, TextFeatures, pooled_at_eos
-    from hart.text_encoder import build_text_encoder
+    from hart.star.model import STARForT2I
+    from hart.text_encoder import PooledTextEncoder, build_text_encoder
     from jobs.objectives import StarObjective
 
     _, star_cfg = model_configs(config)
@@ -216,10 +216,7 @@ def _build_star_stage(config: TrainRunConfig, device: torch.device, text_encoder
         text_encoder = build_text_encoder(name, star_cfg.context_token)
         if hasattr(text_encoder, "to"):
             text_encoder.to(device)
-    with torch.no_grad():
-        features, mask = text_encoder([""])
-        features, mask = features.float().to(device), mask.to(device)
-    null = TextFeatures(features, mask, pooled_at_eos(features, mask))
+    null = PooledTextEncoder(text_encoder)([""]).to(device)
     objective = StarObjective(model, tokenizer.quantize, null)
     return Stage(config.stage, model, objective, tokenizer=tokenizer, text_encoder=text_encoder)
 

@@ -67,6 +67,13 @@ class EvalProtocol:
         return dict(cfg=self.cfg, top_k=tuple(self.top_k), top_p=self.top_p, more_smooth=self.more_smooth,
                     use_diffusion=self.use_diffusion, head_cfg=self.head_cfg, batch_size=self.chunk_size)
 
+    def star_sampling(self) -> dict:
+        """The keyword arguments of `hart.star.generate.generate` (seed aside): STAR samples every scale
+        with one top-k (the early-scales value) and, unset, STAR's top-p 0.8. The residual-head
+        settings (use_diffusion, head_cfg) do not apply to STAR; chunk_size is refused by the caller."""
+        return dict(cfg=self.cfg, top_k=int(self.top_k[0]), top_p=0.8 if self.top_p is None else self.top_p,
+                    more_smooth=self.more_smooth)
+
     def fingerprint(self, feature_network: str, image_size: int) -> dict:
         """What reference statistics must share with a run for FID/KID against them to mean anything."""
         return {"feature_network": feature_network, "image_size": image_size, "feature_resize": self.feature_resize}

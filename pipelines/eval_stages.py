@@ -33,18 +33,33 @@ def encode_png(image: Image.Image) -> bytes:
 
 
 class GenerateImages:
-    def __init__(self, llm: str, tokenizer: str, text_encoder: str, protocol: dict, images_uri: str,
-                 endpoint_url: str = "", device: str | None = None):
-        from transformers.utils import logging as transformers_logging
+    """`llm`: a HART `llm/` folder; or `star`: a STAR `.pth` (then `llm` is unused), with STAR's text
+    conditioning (`build_star_text_encoder`) and sampler (`EvalProtocol.star_sampling`)."""
 
-        from hart.transformer.generate import load_models
+    def __init__(self, llm: str, tokenizer: str, text_encoder: str, protocol: dict, images_uri: str,
+                 endpoint_url: str = "", device: str | None = None, star: str = ""):
+        from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()  # one bar per weight load and actor otherwise
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         from configuration.loader import config_from_dict
 
         self.protocol = config_from_dict(EvalProtocol, protocol)  # the driver's protocol, as a plain dict
-        self.model, self.tokenizer, self.encoder = load_models(llm, tokenizer, text_encoder, self.protocol.ema, self.device)
+        if star:
+            from hart.star.checkpoint import load_star
+            from hart.text_encoder import build_star_text_encoder
+            from hart.tokenizer.model import HybridTokenizer
+
+            if self.protocol.chunk_size is not None:
+                raise ValueError("chunk_size is not supported for STAR: a group is one generate call")
+            self.model = load_star(star).to(self.device).eval()
+            self.tokenizer = HybridTokenizer.from_pretrained(tokenizer).to(self.device).eval()
+            self.encoder = build_star_text_encoder(text_encoder, self.model.config.context_token).to(self.device)
+        else:
+            from hart.transformer.generate import load_models
+
+            self.model, self.tokenizer, self.encoder = load_models(llm, tokenizer, text_encoder, self.protocol.ema,
+                                                                   self.device)
         self.fs, self.images_dir = storage.resolve(images_uri, endpoint_url)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -62,12 +77,23 @@ class GenerateImages:
 def generate_group(model, tokenizer, encoder, group: dict, protocol: EvalProtocol, device: torch.device) -> list[dict]:
     """One generation group (`eval_protocol.groups`) -> image rows {id, prompt, category, png}: one
     `generate` call with the group's seed and the protocol's sampling settings (bf16 on a GPU)."""
-    from hart.transformer.generate import generate
+    from hart.star.model import STARForT2I
 
     prompts = [str(p) for p in group["prompts"]]
-    autocast = torch.bfloat16 if device.type == "cuda" else None
-    images = generate(model, tokenizer, encoder, prompts, seed=int(group["seed"]), autocast_dtype=autocast,
-                      **protocol.sampling())
+    if isinstance(model, STARForT2I):
+        from hart.star.generate import generate as star_generate
+
+        with torch.no_grad():
+            text, null = encoder(prompts).to(device), encoder([""]).to(device)
+        autocast = torch.float16 if device.type == "cuda" else None  # STAR's sample.py
+        images = [Image.fromarray(image) for image in star_generate(
+            model, tokenizer, text, null, seed=int(group["seed"]), autocast_dtype=autocast, **protocol.star_sampling())]
+    else:
+        from hart.transformer.generate import generate
+
+        autocast = torch.bfloat16 if device.type == "cuda" else None
+        images = generate(model, tokenizer, encoder, prompts, seed=int(group["seed"]), autocast_dtype=autocast,
+                          **protocol.sampling())
     return [{"id": str(i), "prompt": p, "category": str(c), "png": encode_png(image)}
             for i, p, c, image in zip(group["ids"], prompts, group["categories"], images)]
 

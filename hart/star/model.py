@@ -54,6 +54,9 @@ class TextFeatures:
     mask_BT: torch.Tensor
     pooled_BD: torch.Tensor
 
+    def to(self, device: torch.device | str) -> TextFeatures:
+        return TextFeatures(self.tokens_BTD.to(device), self.mask_BT.to(device), self.pooled_BD.to(device))
+
 
 def pooled_at_eos(tokens_BTD: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
     """(B, D) feature at each row's last unmasked position. CLIP's pooled output is its final hidden

@@ -271,3 +271,17 @@ def test_per_category_distances_report_categories_the_reference_lacks():
     assert folder_category(Path("r/1.jpg"), Path("r")) == ""
     assert sample_category('{"category": "food", "url": "x"}') == "food"
     assert [sample_category(m) for m in ("", "not json", "[1]", '{"category": 3}', '{"caption": "a"}')] == [""] * 5
+
+
+def test_export_models_finds_hart_or_star_in_an_export(tmp_path):
+    from jobs.evaluate import export_models
+
+    (tmp_path / "tokenizer").mkdir()
+    with pytest.raises(ValueError, match="expected tokenizer/ and llm/, or star/ema_model.pth"):
+        export_models(tmp_path, ema=True)
+    (tmp_path / "llm").mkdir()
+    assert export_models(tmp_path, ema=True) == {"llm": str(tmp_path / "llm"), "tokenizer": str(tmp_path / "tokenizer")}
+    (tmp_path / "star").mkdir()
+    (tmp_path / "star" / "model.pth").write_bytes(b"")
+    assert export_models(tmp_path, ema=False)["star"] == str(tmp_path / "star" / "model.pth")
+    assert "star" not in export_models(tmp_path, ema=True)  # no ema_model.pth: the HART folder it also holds

@@ -54,3 +54,11 @@ def test_groups_are_fixed_by_the_protocol():
     assert PROTOCOLS["hart-mjhq-1024"].more_smooth is False and PROTOCOLS["hart-mjhq-1024"].top_k == (600, 300)
     with pytest.raises(ValueError, match="unknown metric"):
         EvalProtocol(metrics=("fid", "is"))
+
+
+def test_star_sampling_uses_one_top_k_and_stars_top_p():
+    from pipelines.eval_protocol import EvalProtocol
+
+    assert EvalProtocol(cfg=3.0, top_k=(16, 8)).star_sampling() == {"cfg": 3.0, "top_k": 16, "top_p": 0.8,
+                                                                   "more_smooth": False}
+    assert EvalProtocol(top_p=0.5, more_smooth=True).star_sampling()["top_p"] == 0.5

@@ -139,3 +139,35 @@ def test_summarize_refuses_missing_and_duplicated_images():
         summarize(rows, [r["id"] for r in rows] + ["img-9"])
     with pytest.raises(RuntimeError, match="1 duplicated"):
         summarize(rows + [dict(rows[0])], [r["id"] for r in rows])
+
+
+def test_a_star_export_generates_through_the_same_actor(tmp_path):
+    """GenerateImages with `star=`: STAR's .pth, its conditioning from MiniLM features and its sampler;
+    images depend on the group only. chunk_size, which STAR's sampler has no use for, is refused."""
+    from configuration.loader import replace
+    from hart.config import tokenizer_config
+    from hart.star.checkpoint import save_star
+    from hart.star.config import STAR_PRESETS
+    from hart.star.model import STARForT2I
+    from hart.tokenizer.model import HybridTokenizer
+
+    tok = tokenizer_config("tiny")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        HybridTokenizer(tok).save_pretrained(tmp_path / "export" / "tokenizer")
+        star = STARForT2I(replace(STAR_PRESETS["tiny"], patch_nums=tok.patch_nums, vocab_size=tok.vocab_size,
+                                  token_dim=tok.z_channels, text_dim=384, context_token=16))
+    save_star(star, tmp_path / "export" / "star" / "ema_model.pth")
+    protocol = PROTOCOLS["shapes"].to_dict()
+
+    def stage(folder):
+        return GenerateImages("", str(tmp_path / "export" / "tokenizer"), "minilm", protocol, str(tmp_path / folder),
+                              device="cpu", star=str(tmp_path / "export" / "star" / "ema_model.pth"))
+
+    group = (["0", "1"], ["a red circle", "a blue square"], ["circle", "square"], 5)
+    first, again = stage("a")(groups_batch(group)), stage("b")(groups_batch(group))
+    assert list(first["id"]) == ["0", "1"] and list(first["png"]) == list(again["png"])
+    assert all(Image.open(io.BytesIO(png)).size == (64, 64) for png in first["png"])
+    with pytest.raises(ValueError, match="chunk_size is not supported for STAR"):
+        GenerateImages("", str(tmp_path / "export" / "tokenizer"), "minilm", {**protocol, "chunk_size": 1},
+                       str(tmp_path / "c"), device="cpu", star=str(tmp_path / "export" / "star" / "ema_model.pth"))
