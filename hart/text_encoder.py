@@ -21,6 +21,10 @@ two implementations, one factory `build_text_encoder(name_or_path, max_length)`:
   which a prompt can contain. The null condition of CFG is the encoding of "" (BOS, EOS, pads),
   `null_features()`. Unlike the release, which tokenizes a batch together, each prompt is
   tokenized on its own; with padding to a fixed length the ids are the same.
+  `build_text_encoder` on such a folder gives its features and mask as a plain `TextEncoder`
+  (`CLIPFeaturesEncoder`: what a token cache stores), and `PooledTextEncoder` turns any plain
+  encoder back into `TextFeatures` with the pooled vector at the last kept position (CLIP's EOS);
+  `build_star_text_encoder` picks between the two for STAR.
 Nothing is ever downloaded: models load with `local_files_only=True`; a path or name that is
 not available locally is a ValueError. Prompts longer than `max_length` tokens are
 truncated with a warning.
@@ -254,6 +258,8 @@ def build_text_encoder(name_or_path: str, max_length: int = 300, system_prompt: 
     if name_or_path == "minilm":
         tokenizer, model, _ = _load_local(str(minilm_path()))
         return EncoderTextEncoder(tokenizer, model, max_length)
+    if _is_clip_folder(name_or_path):
+        return CLIPFeaturesEncoder(build_clip_text_encoder(name_or_path), max_length)
     tokenizer, model, config = _load_local(name_or_path)
     if config.model_type in ENCODER_MODEL_TYPES:
         return EncoderTextEncoder(tokenizer, model, max_length)
@@ -266,6 +272,37 @@ def build_text_encoder(name_or_path: str, max_length: int = 300, system_prompt: 
             f"system prompt; put it in {prompt_file} or pass system_prompt=", stacklevel=2,
         )
     return CausalLMTextEncoder(tokenizer, model, max_length, system_prompt)
+
+
+def _is_clip_folder(name_or_path: str) -> bool:
+    """An SD pipeline folder (`text_encoder/`) or a folder holding a CLIP text model's config."""
+    folder = Path(name_or_path).expanduser()
+    if (folder / CLIP_MODEL_SUBFOLDER / "config.json").is_file():
+        return True
+    config = folder / "config.json"
+    if not config.is_file():
+        return False
+    import json
+
+    return json.loads(config.read_text()).get("model_type") in ("clip_text_model", "clip")
+
+
+class CLIPFeaturesEncoder(nn.Module):
+    """A CLIP text model as a (features, mask) `TextEncoder`, for the callers that store or read
+    those two (precompute's text column, the trainer's feature checks): exactly `CLIPTextEncoder`'s
+    features and mask; STAR rebuilds the pooled vector from them (`pooled_at_eos`)."""
+
+    def __init__(self, clip: CLIPTextEncoder, max_length: int):
+        super().__init__()
+        if max_length != clip.max_length:
+            raise ValueError(f"a CLIP text encoder pads to {clip.max_length} tokens; max_length is {max_length}")
+        self.clip = clip
+        self.dim, self.max_length = clip.dim, clip.max_length
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.clip(list(prompts))
+        return features.tokens_BTD, features.mask_BT
 
 
 class PooledTextEncoder(nn.Module):

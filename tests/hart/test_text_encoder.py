@@ -194,3 +194,20 @@ def test_clip_plain_folder_truncation_and_errors(tiny_sd_dir, tmp_path):
         build_clip_text_encoder(plain)
     with pytest.raises(ValueError, match="non-empty"):
         encoder([])
+
+
+def test_a_clip_folder_is_also_a_features_and_mask_encoder(tiny_sd_dir):
+    """build_text_encoder on an SD/CLIP folder: CLIP's own features and mask (what precompute stores
+    for STAR; the pooled vector comes back from them), and the CLIP length is required."""
+    from hart.star.model import pooled_at_eos
+    from hart.text_encoder import build_clip_text_encoder, build_star_text_encoder, build_text_encoder
+
+    encoder = build_text_encoder(str(tiny_sd_dir), CLIP_LENGTH)
+    assert (encoder.dim, encoder.max_length) == (CLIP_DIM, CLIP_LENGTH)
+    features_BTD, mask_BT = encoder(["a cat", "a red dog"])
+    clip = build_clip_text_encoder(tiny_sd_dir)(["a cat", "a red dog"])
+    assert torch.equal(features_BTD, clip.tokens_BTD) and torch.equal(mask_BT, clip.mask_BT)
+    assert torch.equal(pooled_at_eos(features_BTD, mask_BT), clip.pooled_BD)
+    assert torch.equal(build_star_text_encoder(str(tiny_sd_dir))(["a cat"]).pooled_BD, clip.pooled_BD[:1])
+    with pytest.raises(ValueError, match=f"pads to {CLIP_LENGTH} tokens; max_length is 300"):
+        build_text_encoder(str(tiny_sd_dir), 300)
