@@ -7,6 +7,7 @@ Run: .venv/bin/pytest tests/jobs/test_objectives.py -q
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from jobs.objectives import DiscriminatorObjective, TokenizerObjective, TransformerObjective
@@ -53,3 +54,53 @@ def test_tokenizer_objectives_keep_generator_and_critic_apart(train_assets, tmp_
     assert out["reconstructions"].shape == batch["images"].shape and torch.isfinite(out["loss"])
     critic = stage.discriminator_objective({"images": batch["images"], "reconstructions": out["reconstructions"]})
     assert torch.isfinite(critic["loss"])
+
+
+def test_star_objective_trains_the_same_under_fsdp2(tmp_path):
+    """The STAR loss module wrapped by parallelize (FSDP2 per block, 1-process gloo group) gives the
+    losses of the plain module, step for step: the ar stage's sharded path for STAR."""
+    import torch.distributed as dist
+
+    from configuration.loader import replace
+    from hart.config import tokenizer_config
+    from hart.star.config import STAR_PRESETS
+    from hart.star.model import STARForT2I, TextFeatures
+    from hart.tokenizer.model import HybridTokenizer
+    from hart.training.parallelize import ParallelConfig, is_sharded, parallelize
+    from hart.training.step import OptimizerConfig, build_optimizer, train_step
+    from jobs.objectives import StarObjective
+
+    tok = tokenizer_config("tiny")
+    torch.manual_seed(0)
+    quantizer = HybridTokenizer(tok).eval().quantize
+    config = replace(STAR_PRESETS["tiny"], patch_nums=tok.patch_nums, vocab_size=tok.vocab_size, token_dim=tok.z_channels,
+                     text_dim=8, cond_drop_rate=0.5)
+    g = torch.Generator().manual_seed(1)
+    mask = torch.ones(4, 3, dtype=torch.bool)
+    batch = {"context": torch.randn(4, 3, 8, generator=g), "context_mask": mask,
+             "tokens": [torch.randint(0, tok.vocab_size, (4, pn * pn), generator=g) for pn in tok.patch_nums]}
+    null = TextFeatures(torch.randn(1, 3, 8, generator=g), torch.ones(1, 3, dtype=torch.bool), torch.randn(1, 8, generator=g))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(2)
+        sharded_model, plain_model = STARForT2I(config), STARForT2I(config)
+        plain_model.load_state_dict(sharded_model.state_dict())
+        sharded, plain = StarObjective(sharded_model, quantizer, null), StarObjective(plain_model, quantizer, null)
+        wrapped = parallelize(sharded, ParallelConfig(strategy="fsdp"), torch.device("cpu"))
+        assert is_sharded(sharded_model)
+        optim = OptimizerConfig(lr=3e-3, weight_decay=0.0)
+        opt_s, opt_p = build_optimizer(sharded_model, optim), build_optimizer(plain_model, optim)
+        losses = []
+        for step in range(3):
+            def loss(module, b, step=step):  # the same CFG-dropout draws on both sides
+                return module(b, step=step, generator=torch.Generator().manual_seed(step))
+
+            a = train_step(wrapped, loss, [batch], opt_s, step=step, clip_grad_norm=1.0,
+                           parameters=list(sharded_model.parameters()))
+            b = train_step(plain, loss, [batch], opt_p, step=step, clip_grad_norm=1.0,
+                           parameters=list(plain_model.parameters()))
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+            losses.append(a["loss"])
+        assert len(set(losses)) == 3  # the steps moved the weights (same batch each step)
+    finally:
+        dist.destroy_process_group()
