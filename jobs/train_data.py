@@ -67,6 +67,9 @@ def check_rows_match_model(config: TrainRunConfig, manifest: dict[str, Any], tok
             f"tokenizer hash: cache {str(manifest.get('tokenizer_hash'))[:16]}..., model.tokenizer_checkpoint "
             f"{config.model.tokenizer_checkpoint} has {tokenizer_hash[:16]}..."
         )
+    if config.stage in ("diffusion", "joint") and not manifest.get("residual_shape", True):
+        problems.append(f"residual: the {config.stage} stage trains on the continuous residual, and these rows "
+                        f"have none (precompute tokenizer.residual false); use the ar stage or a cache with it")
     text_shape = manifest.get("text_features_shape")
     if text_shape and tuple(text_shape) != (transformer.context_token, transformer.context_dim):
         problems.append(
@@ -161,7 +164,8 @@ def cache_dataset(config: TrainRunConfig, manifest: dict[str, Any]):
 
     from pipelines.cache import read_cache_dataset
 
-    columns = CACHE_COLUMNS + (TEXT_COLUMNS if manifest.get("text_features_shape") else [])
+    columns = [c for c in CACHE_COLUMNS if c != "residual" or manifest.get("residual_shape")]
+    columns += TEXT_COLUMNS if manifest.get("text_features_shape") else []
     context = ray.data.DataContext.get_current()  # [ray] read_parquet picks the datasource at call time
     previous, context.use_datasource_v2 = context.use_datasource_v2, False
     try:
@@ -320,9 +324,10 @@ class TextFeatures:
         """Move a collated cache batch to the device and add `context` / `context_mask`."""
         out = {
             "tokens": [t.to(self.device, non_blocking=True) for t in batch["tokens"]],
-            "residual": batch["residual"].to(self.device, non_blocking=True),
             "caption": batch["caption"],
         }
+        if "residual" in batch:  # absent in token-only caches (the ar stage does not read it)
+            out["residual"] = batch["residual"].to(self.device, non_blocking=True)
         if "text_features" in batch:
             out["context"] = batch["text_features"].to(self.device)
             out["context_mask"] = batch["text_mask"].to(self.device)

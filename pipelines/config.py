@@ -63,6 +63,9 @@ class TokenizerSource:
     preset: str = "tiny"  # used when checkpoint is empty: random weights from this preset ...
     seed: int = 0  # ... initialised under torch.manual_seed(seed) (tests and demo only)
     patch_nums: tuple[int, ...] = ()  # optional scale-list override (same weights, other resolution)
+    # Store HART's continuous residual column. False for token-only models (VAR, STAR): a cache
+    # without it trains the ar stage (HART or STAR), not the diffusion or joint stages.
+    residual: bool = True
 
 
 @dataclass(frozen=True)

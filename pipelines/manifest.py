@@ -284,7 +284,8 @@ def manifest_header(fingerprint: dict[str, Any], tokenizer_source: dict[str, Any
         "patch_nums": list(grid.patch_nums),
         "num_tokens": grid.num_tokens,
         "resolution": fingerprint["resolution"],
-        "residual_shape": list(grid.residual_shape(config["z_channels"])),
+        # None: the cache stores no residual column (precompute tokenizer.residual false)
+        "residual_shape": None if fingerprint.get("residual") is False else list(grid.residual_shape(config["z_channels"])),
         "preprocess": fingerprint["preprocess"],
         "text": fingerprint["text"],
         "text_features_shape": [fingerprint["text"]["max_length"], text_dim] if fingerprint["text"] else None,
@@ -292,7 +293,7 @@ def manifest_header(fingerprint: dict[str, Any], tokenizer_source: dict[str, Any
             "key": "string: sample key inside its source shard",
             "caption": "string: UTF-8 caption (truncated to preprocess.max_caption_chars)",
             "tokens": "fixed_size_list<int16>[num_tokens]: token ids of all scales concatenated, coarse to fine (patch_nums)",
-            "residual": "fixed_size_binary[z*h*w*2]: little-endian float16 bytes of the continuous residual, C order (z, h, w) = residual_shape",
+            "residual": "fixed_size_binary[z*h*w*2]: little-endian float16 bytes of the continuous residual, C order (z, h, w) = residual_shape (absent when residual_shape is null)",
             "width": "int32: original image width", "height": "int32: original image height",
             "source_shard": "string: input shard name", "sample_index": "int64: sample order inside the shard",
             "metadata": "string: the sample's .json member as text, '' if none",

@@ -242,8 +242,11 @@ def prepare(config: PrecomputeConfig) -> dict[str, Any]:
         "text": {"encoder": config.text.encoder, "max_length": config.text.max_length, "dim": text_dim,
                  "pad_features": PAD_FEATURES} if config.text.encoder else None,
     }
+    if not config.tokenizer.residual:  # only then: the fingerprints of caches with a residual stay as they were
+        fingerprint["residual"] = False
     grid = tokenizer.config.grid
-    schema = cache_schema(grid.num_tokens, grid.residual_shape(tokenizer.config.z_channels),
+    schema = cache_schema(grid.num_tokens,
+                          grid.residual_shape(tokenizer.config.z_channels) if config.tokenizer.residual else None,
                           (config.text.max_length, text_dim) if config.text.encoder else None)
     header = manifest_lib.manifest_header(fingerprint, config_to_dict(config.tokenizer), text_dim)
     return {"tokenizer": tokenizer, "tokenizer_hash": tokenizer_hash, "resolution": resolution,

@@ -87,6 +87,7 @@ class TokenizerStage:
         grid = model.config.grid
         self.num_tokens = grid.num_tokens
         self.residual_shape = grid.residual_shape(model.config.z_channels)
+        self.store_residual = source.residual
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         num_rows = len(batch["row_kind"])
@@ -97,5 +98,6 @@ class TokenizerStage:
             tokens_BL[accepted], residual_BzHW[accepted] = encode_images(self.model, batch["image"][accepted], self.device)
         out = {name: column for name, column in batch.items() if name != "image"}  # drop pixels early
         out["tokens"] = tokens_BL
-        out["residual"] = residual_BzHW
+        if self.store_residual:  # token-only caches (tokenizer.residual false) never carry it downstream
+            out["residual"] = residual_BzHW
         return out

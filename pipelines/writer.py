@@ -92,12 +92,16 @@ class ShardAssembler:
         return sorted(self.buffers)
 
 
-def cache_schema(num_tokens: int, residual_shape: tuple[int, ...], text_shape: tuple[int, int] | None) -> pa.Schema:
-    """Physical Arrow/Parquet types of the cache (readable by pyarrow, pandas and duckdb)."""
+def cache_schema(num_tokens: int, residual_shape: tuple[int, ...] | None, text_shape: tuple[int, int] | None) -> pa.Schema:
+    """Physical Arrow/Parquet types of the cache (readable by pyarrow, pandas and duckdb); no residual
+    column when `residual_shape` is None (token-only caches)."""
     fields = [
         ("key", pa.string()), ("caption", pa.string()),
         ("tokens", pa.list_(pa.int16(), num_tokens)),
-        ("residual", pa.binary(int(np.prod(residual_shape)) * 2)),
+    ]
+    if residual_shape is not None:
+        fields.append(("residual", pa.binary(int(np.prod(residual_shape)) * 2)))
+    fields += [
         ("width", pa.int32()), ("height", pa.int32()),
         ("source_shard", pa.string()), ("sample_index", pa.int64()), ("metadata", pa.string()),
     ]
@@ -110,26 +114,27 @@ def cache_schema(num_tokens: int, residual_shape: tuple[int, ...], text_shape: t
 def rows_to_table(columns: dict[str, np.ndarray], accepted: np.ndarray, schema: pa.Schema) -> pa.Table:
     """Accepted rows -> the cache's Arrow table (physical types documented in the manifest)."""
     tokens_BL = np.ascontiguousarray(columns["tokens"][accepted], dtype=np.int16)
-    residual = np.ascontiguousarray(columns["residual"][accepted], dtype="<f2")
     num_rows, num_tokens = tokens_BL.shape
     arrays = {
         "key": pa.array(columns["key"][accepted].tolist(), pa.string()),
         "caption": pa.array(columns["caption"][accepted].tolist(), pa.string()),
         "tokens": pa.FixedSizeListArray.from_arrays(pa.array(tokens_BL.reshape(-1), pa.int16()), num_tokens),
-        "residual": _fixed_binary(residual, int(np.prod(residual.shape[1:])) * 2),
         "width": pa.array(columns["width"][accepted], pa.int32()),
         "height": pa.array(columns["height"][accepted], pa.int32()),
         "source_shard": pa.array(columns["source_shard"][accepted].tolist(), pa.string()),
         "sample_index": pa.array(columns["sample_index"][accepted], pa.int64()),
         "metadata": pa.array(columns["metadata"][accepted].tolist(), pa.string()),
     }
+    if "residual" in schema.names:
+        residual = np.ascontiguousarray(columns["residual"][accepted], dtype="<f2")
+        arrays["residual"] = _fixed_binary(residual, int(np.prod(residual.shape[1:])) * 2)
     if "text_features" in schema.names:
         features = np.ascontiguousarray(columns["text_features"][accepted], dtype="<f2")
         mask_BT = np.ascontiguousarray(columns["text_mask"][accepted], dtype=bool)
         arrays["text_features"] = _fixed_binary(features, int(np.prod(features.shape[1:])) * 2)
         arrays["text_mask"] = pa.FixedSizeListArray.from_arrays(pa.array(mask_BT.reshape(-1), pa.bool_()), mask_BT.shape[1])
     assert all(len(a) == num_rows for a in arrays.values())
-    table = pa.table(arrays)
+    table = pa.table({name: arrays[name] for name in schema.names})  # the schema's column order
     assert table.schema.equals(schema), f"cache rows do not match the cache schema:\n{table.schema}\nvs\n{schema}"
     return table
 

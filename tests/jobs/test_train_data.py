@@ -161,3 +161,14 @@ def test_cache_dataset_streams_every_row_in_a_new_file_order_each_epoch(train_as
     epochs = [[row["key"] for row in dataset.iter_rows()] for _ in range(4)]
     assert all(sorted(keys) == sorted(epochs[0]) and len(keys) == 48 for keys in epochs)
     assert len({tuple(keys) for keys in epochs}) > 1  # file order reshuffled per execution (2 shard files)
+
+
+def test_a_token_only_cache_trains_the_ar_stage_only():
+    manifest = {**tiny_manifest(), "residual_shape": None}  # precompute tokenizer.residual false
+    check_rows_match_model(load_train_config(None, "ar", []), manifest, None, "cache c")
+    check_rows_match_model(load_train_config(None, "ar", ["model.family=star",
+                                                          "model.transformer={preset: tiny, vocab_size: 256, token_dim: 16}"]),
+                           manifest, None, "cache c")
+    for stage in ("joint", "diffusion"):
+        with pytest.raises(ValueError, match=f"residual: the {stage} stage trains on the continuous residual"):
+            check_rows_match_model(load_train_config(None, stage, []), manifest, None, "cache c")

@@ -242,3 +242,25 @@ def test_text_feature_stage_stores_fp16_features(ray_local, tmp_path):
     assert torch.allclose(batch["text_features"], features.half().float(), atol=1e-3, rtol=1e-3)  # fp16 storage
     assert batch["text_features"][~mask].abs().amax() > 0.1
     assert duckdb.sql(f"select octet_length(text_features) from '{cache}/data/*.parquet' limit 1").fetchall() == [(12 * 384 * 2,)]
+
+
+def test_a_token_only_cache_stores_no_residual(ray_local, tmp_path):
+    """tokenizer.residual false (VAR, STAR): the same tokens, no residual column, a manifest that says
+    so and a fingerprint of its own; a cache with the residual keeps its old fingerprint (no new key)."""
+    uris = shapes.write_shapes_shards(str(tmp_path / "raw"), 6, 1, seed=4)
+    full, tokens_only = str(tmp_path / "full"), str(tmp_path / "tokens")
+    run_precompute(make_config(uris, full))
+    summary = run_precompute(make_config(uris, tokens_only, **{"tokenizer.residual": False}))
+    assert summary.samples_written == 6
+    manifest, reference = read_manifest(tokens_only), read_manifest(full)
+    assert manifest["residual_shape"] is None and reference["residual_shape"] == [16, 8, 8]
+    assert manifest["fingerprint"]["residual"] is False and "residual" not in reference["fingerprint"]
+    assert manifest["fingerprint_hash"] != reference["fingerprint_hash"]
+    table, full_table = read_cache_table(tokens_only), read_cache_table(full)
+    assert "residual" not in table.column_names and "residual" in full_table.column_names
+    order = np.argsort(table.column("key").to_pylist())
+    assert np.array_equal(np.stack(table.column("tokens").to_numpy(zero_copy_only=False))[order],
+                          np.stack(full_table.column("tokens").to_numpy(zero_copy_only=False))[
+                              np.argsort(full_table.column("key").to_pylist())])
+    batch = batch_to_tensors(table_to_numpy(table), manifest)
+    assert "residual" not in batch and len(batch["tokens"]) == len(manifest["patch_nums"])
