@@ -285,3 +285,27 @@ def test_export_models_finds_hart_or_star_in_an_export(tmp_path):
     (tmp_path / "star" / "model.pth").write_bytes(b"")
     assert export_models(tmp_path, ema=False)["star"] == str(tmp_path / "star" / "model.pth")
     assert "star" not in export_models(tmp_path, ema=True)  # no ema_model.pth: the HART folder it also holds
+
+
+def test_a_star_export_is_evaluated_by_the_same_job(ray_local, tmp_path):
+    """hart-evaluate on an export of hart-train model.family star (star/ema_model.pth + tokenizer/):
+    STAR's sampler makes the images, the shapes classifier scores them, the figures are written."""
+    from configuration.loader import replace
+    from hart.config import tokenizer_config
+    from hart.star.checkpoint import save_star
+    from hart.star.config import STAR_PRESETS
+    from hart.star.model import STARForT2I
+    from hart.tokenizer.model import HybridTokenizer
+
+    tok = tokenizer_config("tiny")
+    torch.manual_seed(0)
+    HybridTokenizer(tok).save_pretrained(tmp_path / "export" / "tokenizer")
+    star = STARForT2I(replace(STAR_PRESETS["tiny"], patch_nums=tok.patch_nums, vocab_size=tok.vocab_size,
+                              token_dim=tok.z_channels, text_dim=384, context_token=16))
+    save_star(star, tmp_path / "export" / "star" / "ema_model.pth")
+    code = evaluate_main(["run", "--export", str(tmp_path / "export"), "--prompts", "shapes:heldout", "--protocol", "shapes",
+                          "--metrics", "shapes", "--limit", "4", "--out", str(tmp_path / "job"), "--cpus-per-actor", "0.5"])
+    assert code == 0
+    assert len(list((tmp_path / "job" / "images").glob("*.png"))) == 4
+    figures = json.loads((tmp_path / "job" / "metrics.json").read_text())["figures"]
+    assert figures["images"] == 4 and {"colour_accuracy", "shape_accuracy", "joint_accuracy"} <= set(figures)
