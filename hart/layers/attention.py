@@ -166,6 +166,25 @@ class KVCache:
         return self.k_BHLd[:, :, :end], self.v_BHLd[:, :, :end]
 
 
+def add_bias_projection_and_scale(module: nn.Module, embed_dim: int, num_heads: int, attn_l2_norm: bool) -> None:
+    """VAR's attention parts after the input projections, shared by the self- and the text
+    cross-attention (same names, so both load the released keys): q and v biases (k has none; a zero
+    buffer keeps its checkpoint key), the output projection, and the logit scale: L2-normalised q, k
+    with a learned per-head multiplier (init 4, at most 100) and softmax scale 1, else 0.25/sqrt(hd).
+    Called right after the input projections, so random initialisation draws in the same order."""
+    module.q_bias = nn.Parameter(torch.zeros(embed_dim))
+    module.v_bias = nn.Parameter(torch.zeros(embed_dim))
+    module.register_buffer("zero_k_bias", torch.zeros(embed_dim))
+    module.proj = nn.Linear(embed_dim, embed_dim)
+    module.attn_l2_norm = attn_l2_norm
+    if attn_l2_norm:
+        module.scale = 1.0
+        module.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), 4.0).log())
+        module.max_scale_mul = math.log(100.0)
+    else:
+        module.scale = 0.25 / math.sqrt(embed_dim // num_heads)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, embed_dim: int, num_heads: int, attn_l2_norm: bool, qkv_name: str = "qkv_proj"):
         super().__init__()
@@ -173,17 +192,7 @@ class SelfAttention(nn.Module):
         self.head_dim = embed_dim // num_heads
         self.qkv_name = qkv_name
         setattr(self, qkv_name, nn.Linear(embed_dim, 3 * embed_dim, bias=False))
-        self.q_bias = nn.Parameter(torch.zeros(embed_dim))
-        self.v_bias = nn.Parameter(torch.zeros(embed_dim))
-        self.register_buffer("zero_k_bias", torch.zeros(embed_dim))
-        self.proj = nn.Linear(embed_dim, embed_dim)
-        self.attn_l2_norm = attn_l2_norm
-        if attn_l2_norm:
-            self.scale = 1.0
-            self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), 4.0).log())
-            self.max_scale_mul = math.log(100.0)
-        else:
-            self.scale = 0.25 / math.sqrt(self.head_dim)
+        add_bias_projection_and_scale(self, embed_dim, num_heads, attn_l2_norm)
 
     def project_qkv(
         self, x_BLC: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor, bool] | None = None
@@ -303,17 +312,7 @@ class TextCrossAttention(nn.Module):
         self.head_dim = embed_dim // num_heads
         self.mat_q = nn.Linear(embed_dim, embed_dim, bias=False)
         self.mat_kv = nn.Linear(text_dim, 2 * embed_dim, bias=False)
-        self.q_bias = nn.Parameter(torch.zeros(embed_dim))
-        self.v_bias = nn.Parameter(torch.zeros(embed_dim))
-        self.register_buffer("zero_k_bias", torch.zeros(embed_dim))
-        self.proj = nn.Linear(embed_dim, embed_dim)
-        self.attn_l2_norm = attn_l2_norm
-        if attn_l2_norm:
-            self.scale = 1.0
-            self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), 4.0).log())
-            self.max_scale_mul = math.log(100.0)
-        else:
-            self.scale = 0.25 / math.sqrt(self.head_dim)
+        add_bias_projection_and_scale(self, embed_dim, num_heads, attn_l2_norm)
 
     def forward(self, x_BLC: torch.Tensor, text_BTD: torch.Tensor, keep_B11T: torch.Tensor | None) -> torch.Tensor:
         """`keep_B11T` from `text_key_mask` (built once per batch, shared by all blocks)."""
