@@ -29,19 +29,31 @@ T = TypeVar("T")
 _STRICT = pydantic.ConfigDict(extra="forbid", strict=True)
 
 
+def _dataclasses_in(annotation: Any) -> list[type]:
+    """The dataclasses an annotation names, through Optional / Union / tuple / list arguments."""
+    found, stack = [], [annotation]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, type) and dataclasses.is_dataclass(item):
+            found.append(item)
+        stack.extend(typing.get_args(item))
+    return found
+
+
+def _make_strict(cls: type) -> None:
+    """Give `cls` and every dataclass in its fields pydantic's strict settings (once per class)."""
+    if "__pydantic_config__" in cls.__dict__:
+        return
+    cls.__pydantic_config__ = _STRICT
+    for annotation in typing.get_type_hints(cls).values():
+        for inner in _dataclasses_in(annotation):
+            _make_strict(inner)
+
+
 @functools.cache
 def _adapter(cls: type) -> pydantic.TypeAdapter:
     """pydantic's validator of dataclass `cls`, with `cls` and the dataclasses in its fields made strict."""
-    hints = typing.get_type_hints(cls)
-    if "__pydantic_config__" not in cls.__dict__:
-        cls.__pydantic_config__ = _STRICT
-    for f in dataclasses.fields(cls):
-        stack = [hints[f.name]]
-        while stack:
-            item = stack.pop()
-            if isinstance(item, type) and dataclasses.is_dataclass(item):
-                _adapter(item)
-            stack.extend(typing.get_args(item))
+    _make_strict(cls)
     return pydantic.TypeAdapter(cls)
 
 
@@ -84,13 +96,8 @@ def _field_names(cls: type, loc: tuple) -> list[str]:
     for part in loc:
         if isinstance(part, str) and dataclasses.is_dataclass(node):
             node = typing.get_type_hints(node)[part]
-        stack, node = [node], None
-        while stack:  # the dataclass inside an Optional/Union/tuple annotation
-            item = stack.pop()
-            if isinstance(item, type) and dataclasses.is_dataclass(item):
-                node = item
-                break
-            stack.extend(typing.get_args(item))
+        inner = _dataclasses_in(node)
+        node = inner[0] if inner else None
     return sorted(f.name for f in dataclasses.fields(node) if f.init) if node else []
 
 
