@@ -19,6 +19,8 @@ import torch
 from safetensors.torch import load_file as _load_safetensors
 from safetensors.torch import save_file as _save_safetensors
 
+# Where VAR-style trainer checkpoints (VAR's, STAR's released .pth) keep the model: ckpt["trainer"][TRAINER_MODEL_KEY].
+TRAINER_MODEL_KEY = "var_wo_ddp"
 # File names the HF `save_pretrained` layout uses, in the order we look for them.
 WEIGHT_FILE_NAMES = ("model.safetensors", "pytorch_model.bin")
 SHARD_INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -34,7 +36,10 @@ def load_weight_file(path: str | Path) -> dict[str, torch.Tensor]:
     state = load_torch_checkpoint(path)
     if not isinstance(state, Mapping):
         raise ValueError(f"{path} does not hold a state dict (got {type(state).__name__})")
-    # Training checkpoints sometimes nest the weights (VAR: {"trainer": {...}}; others: {"model": ...}).
+    # Training checkpoints sometimes nest the weights (VAR, STAR: {"trainer": {"var_wo_ddp": ...}}; others: {"model": ...}).
+    trainer = state.get("trainer")
+    if isinstance(trainer, Mapping) and isinstance(trainer.get(TRAINER_MODEL_KEY), Mapping):
+        state = trainer[TRAINER_MODEL_KEY]
     for key in ("state_dict", "model"):
         if key in state and isinstance(state[key], Mapping) and not isinstance(state[key], torch.Tensor):
             state = state[key]

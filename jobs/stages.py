@@ -200,16 +200,10 @@ def _build_star_stage(config: TrainRunConfig, device: torch.device, text_encoder
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.model.init_seed)
         model = STARForT2I(star_cfg)
-    start = config.model.init_from
+    start = config.model.init_from  # a training checkpoint, or STAR's released .pth (a trainer dict)
     if start:
-        if start.endswith(".pth"):  # STAR's released layout (a trainer dict)
-            from hart.star.checkpoint import read_star_checkpoint
-            from pipelines import storage
-
-            state, _ = read_star_checkpoint(storage.local_copy(start, config.run.endpoint_url))
-        else:
-            state = read_start_weights(start, config.run.endpoint_url)
-        start_weights.load_compatible_weights(model, state, f"start weights {start}")
+        start_weights.load_compatible_weights(model, read_start_weights(start, config.run.endpoint_url),
+                                              f"start weights {start}")
     model.to(device)
     if text_encoder is None:
         name = (manifest.get("text") or {}).get("encoder") or config.data.text_encoder

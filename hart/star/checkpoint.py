@@ -29,9 +29,8 @@ import torch
 
 from hart.star.config import STAR_PRESETS, StarConfig
 from hart.star.model import STARForT2I
+from hart.weights import TRAINER_MODEL_KEY as MODEL_KEY
 from hart.weights import load_torch_checkpoint, match_state_dict, save_torch_checkpoint
-
-MODEL_KEY = "var_wo_ddp"
 # STAR's tokenizer (VAR's VQVAE) downsamples 16x: the trainer records each scale's pixel size.
 PATCH_SIZE = 16
 

@@ -51,6 +51,10 @@ def test_nested_and_non_tensor_entries(tmp_path):
     state = sample_state()
     torch.save({"model": state}, tmp_path / "nested.pth")
     assert set(load_weight_file(tmp_path / "nested.pth")) == set(state)
+    # VAR's and STAR's trainer layout: the model under trainer.var_wo_ddp, beside plain data
+    torch.save({"epoch": 3, "iter": 7, "trainer": {"config": {"patch_nums": (1, 2)}, "var_wo_ddp": state}},
+               tmp_path / "trainer.pth")
+    assert all(torch.equal(v, state[k]) for k, v in load_weight_file(tmp_path / "trainer.pth").items())
     torch.save({"weight": torch.zeros(1), "note": "text"}, tmp_path / "mixed.pth")
     with pytest.raises(ValueError, match="not tensors.*note"):
         load_weight_file(tmp_path / "mixed.pth")

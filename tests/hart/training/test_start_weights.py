@@ -123,3 +123,17 @@ def test_tokenizer_start_rebuilds_the_usage_statistic():
     wider = HybridTokenizer(replace(TOKENIZER_PRESETS["tiny"], z_channels=8))
     with pytest.raises(ValueError, match="wrong shapes"):
         load_compatible_weights(wider, source.state_dict(), "tokenizer start")
+
+
+def test_a_star_release_file_is_a_start(tmp_path):
+    """STAR's released .pth (a trainer dict) is read like any weight file, so model.init_from takes it."""
+    from hart.star.checkpoint import save_star
+    from hart.star.config import STAR_PRESETS
+    from hart.star.model import STARForT2I
+
+    torch.manual_seed(0)
+    saved = STARForT2I(STAR_PRESETS["tiny"])
+    save_star(saved, tmp_path / "star.pth")
+    fresh = STARForT2I(STAR_PRESETS["tiny"])
+    assert load_compatible_weights(fresh, read_start_weights(tmp_path / "star.pth"), "star release") == []
+    assert same_state(fresh.state_dict(), saved.state_dict())
