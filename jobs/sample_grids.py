@@ -57,10 +57,9 @@ def _star_samples(config, stage: Stage, model, encoder):
     from hart.star.generate import generate
     from hart.text_encoder import PooledTextEncoder
 
-    device = next(model.parameters()).device
-    features = PooledTextEncoder(encoder)
-    prompts, null = features(list(config.tracking.sample_prompts)).to(device), features([""]).to(device)
-    return generate(model, stage.tokenizer, prompts, null, seed=config.tracking.sample_seed)
+    features = PooledTextEncoder(encoder)  # generate moves the features to the model's device
+    return generate(model, stage.tokenizer, features(list(config.tracking.sample_prompts)), features([""]),
+                    seed=config.tracking.sample_seed)
 
 
 def sampling_text_encoder(config, stage: Stage, manifest):

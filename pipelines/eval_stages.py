@@ -83,8 +83,8 @@ def generate_group(model, tokenizer, encoder, group: dict, protocol: EvalProtoco
     if isinstance(model, STARForT2I):
         from hart.star.generate import generate as star_generate
 
-        with torch.no_grad():
-            text, null = encoder(prompts).to(device), encoder([""]).to(device)
+        with torch.no_grad():  # generate moves the features to the model's device
+            text, null = encoder(prompts), encoder([""])
         autocast = torch.float16 if device.type == "cuda" else None  # STAR's sample.py
         images = [Image.fromarray(image) for image in star_generate(
             model, tokenizer, text, null, seed=int(group["seed"]), autocast_dtype=autocast, **protocol.star_sampling())]

@@ -158,8 +158,7 @@ def generate(
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(int(seed))
     model.eval()
-    text, null = (TextFeatures(*(x.to(device) for x in (f.tokens_BTD, f.mask_BT, f.pooled_BD)))
-                  for f in (text_features, null_features))
+    text, null = text_features.to(device), null_features.to(device)
     autocast = (
         torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     )
