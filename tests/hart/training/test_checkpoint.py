@@ -23,16 +23,24 @@ from hart.training.step import (
 )
 
 
-def test_checkpoint_round_trip(tmp_path, tiny_task):
+CONFIG = OptimizerConfig(lr=1e-2, warmup_steps=2)
+
+
+def trained(tiny_task, steps: int):
+    """The tiny network after `steps` seeded steps: (model, AdamW, its warm-up schedule, EMA)."""
     torch.manual_seed(0)
     model = tiny_task.Net()
-    config = OptimizerConfig(lr=1e-2, warmup_steps=2)
-    optimizer = build_optimizer(model, config)
-    scheduler = build_scheduler(optimizer, 10, config)
+    optimizer = build_optimizer(model, CONFIG)
+    scheduler = build_scheduler(optimizer, 10, CONFIG)
     ema = ExponentialMovingAverage(model, 0.9)
-    for step in range(3):
+    for step in range(steps):
         train_step(model, tiny_task.loss, [tiny_task.batch(step)], optimizer, step=step, scheduler=scheduler)
         ema.update(model)
+    return model, optimizer, scheduler, ema
+
+
+def test_checkpoint_round_trip(tmp_path, tiny_task):
+    model, optimizer, scheduler, ema = trained(tiny_task, steps=3)
     save_training_state(
         tmp_path / "ckpt", meta={"step": 3, "data_epoch": 1, "mlflow_run_id": "abc"}, model=model.state_dict(),
         ema=ema.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
@@ -43,8 +51,8 @@ def test_checkpoint_round_trip(tmp_path, tiny_task):
     # continue both the original and a restored copy: identical trajectories
     restored = tiny_task.Net()
     restored.load_state_dict(state.model)
-    restored_opt = build_optimizer(restored, config)
-    restored_sched = build_scheduler(restored_opt, 10, config)
+    restored_opt = build_optimizer(restored, CONFIG)
+    restored_sched = build_scheduler(restored_opt, 10, CONFIG)
     restored_opt.load_state_dict(state.optimizer)
     restore_scheduler(restored_opt, restored_sched, state.scheduler)
     for step in range(3, 6):
@@ -76,15 +84,7 @@ def test_meta_versions(tmp_path):
 def test_every_tensor_and_structure_comes_back_bit_exact(tmp_path, tiny_task):
     """Weights, EMA, AdamW moments and step counters, param groups and scheduler state are read back
     exactly as written; each part has its own file and meta.json carries the format version."""
-    torch.manual_seed(0)
-    model = tiny_task.Net()
-    config = OptimizerConfig(lr=1e-2, warmup_steps=2)
-    optimizer = build_optimizer(model, config)
-    scheduler = build_scheduler(optimizer, 10, config)
-    ema = ExponentialMovingAverage(model, 0.9)
-    for step in range(2):
-        train_step(model, tiny_task.loss, [tiny_task.batch(step)], optimizer, step=step, scheduler=scheduler)
-        ema.update(model)
+    model, optimizer, scheduler, ema = trained(tiny_task, steps=2)
     written = optimizer.state_dict()
     save_training_state(tmp_path, meta={"step": 2, "stage": "joint"}, model=model.state_dict(), ema=ema.state_dict(),
                         optimizer=written, scheduler=scheduler.state_dict())
