@@ -99,11 +99,11 @@ def save_weight_file(state: Mapping[str, torch.Tensor], path: str | Path) -> Non
     path.parent.mkdir(parents=True, exist_ok=True)
     # safetensors refuses shared storage; clone so tied/viewed tensors are written independently.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    if path.suffix != ".safetensors":
+        save_torch_checkpoint(tensors, path)
+        return
     tmp = path.with_name(path.name + ".tmp")
-    if path.suffix == ".safetensors":
-        _save_safetensors(tensors, str(tmp), metadata={"format": "pt"})
-    else:
-        torch.save(tensors, str(tmp))
+    _save_safetensors(tensors, str(tmp), metadata={"format": "pt"})
     tmp.replace(path)  # atomic: a reader never sees a half-written file
 
 
