@@ -63,11 +63,9 @@ def _star_samples(config, stage: Stage, model, encoder):
 
 
 def sampling_text_encoder(config, stage: Stage, manifest):
-    """The text encoder generation uses in a run: the one the cache's features came from (its manifest),
-    else `data.text_encoder`; built once per run."""
+    """The text encoder generation uses in a run (`run_text_encoder`), built once per run."""
     if stage.text_encoder is None:
-        from hart.text_encoder import build_text_encoder
+        from jobs.train_data import run_text_encoder
 
-        name = (manifest.get("text") or {}).get("encoder") or config.data.text_encoder
-        stage.text_encoder = build_text_encoder(name, stage.model.config.context_token)
+        stage.text_encoder = run_text_encoder(config, manifest)
     return stage.text_encoder

@@ -192,7 +192,7 @@ def _build_star_stage(config: TrainRunConfig, device: torch.device, text_encoder
     checkpoint), trained by `StarObjective`. Its CFG null condition is the encoding of "" by the
     encoder that made the cache's text features (else `data.text_encoder`), computed once here."""
     from hart.star.model import STARForT2I
-    from hart.text_encoder import PooledTextEncoder, build_text_encoder
+    from hart.text_encoder import PooledTextEncoder
     from jobs.objectives import StarObjective
 
     _, star_cfg = model_configs(config)
@@ -206,8 +206,9 @@ def _build_star_stage(config: TrainRunConfig, device: torch.device, text_encoder
                                               f"start weights {start}")
     model.to(device)
     if text_encoder is None:
-        name = (manifest.get("text") or {}).get("encoder") or config.data.text_encoder
-        text_encoder = build_text_encoder(name, star_cfg.context_token)
+        from jobs.train_data import run_text_encoder
+
+        text_encoder = run_text_encoder(config, manifest)
         if hasattr(text_encoder, "to"):
             text_encoder.to(device)
     null = PooledTextEncoder(text_encoder)([""]).to(device)

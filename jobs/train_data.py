@@ -136,6 +136,15 @@ def text_length(config: TrainRunConfig) -> int:
     return length
 
 
+def run_text_encoder(config: TrainRunConfig, manifest: dict[str, Any] | None):
+    """The text encoder of a run's prompts: the one the cache's features came from (its manifest),
+    else `data.text_encoder`, at the transformer's text length (generation, STAR's null condition)."""
+    from hart.text_encoder import build_text_encoder
+
+    name = ((manifest or {}).get("text") or {}).get("encoder") or config.data.text_encoder
+    return build_text_encoder(name, model_configs(config)[1].context_token)
+
+
 def list_image_shards(config: TrainRunConfig) -> list[str]:
     from pipelines.config import InputConfig
     from pipelines.shard_source import list_shards
@@ -339,5 +348,5 @@ class TextFeatures:
 __all__ = [
     "check_cache", "check_rows_match_model", "check_text_encoder", "list_image_shards", "cache_dataset", "image_dataset",
     "online_dataset", "online_precompute_config", "prepare_online", "CheckpointProgress",
-    "images_collate", "ImagesCollate", "CacheCollate", "TextFeatures", "text_length",
+    "images_collate", "ImagesCollate", "CacheCollate", "TextFeatures", "text_length", "run_text_encoder",
 ]
