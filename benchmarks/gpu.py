@@ -33,7 +33,10 @@ first guess per kind), else it prints "skipped (budget)". A row that runs out of
 "OOM" and the next row runs. Rows run cheapest-and-most-needed first (tokenizer, eager training,
 compiled training, flex training, generation) and are printed in a fixed order.
 
-Needs no Ray, no MLflow, no network: torch, numpy, Pillow, safetensors and PyYAML (what `hart/` imports).
+Needs no Ray, no MLflow, no network: torch, numpy, Pillow, safetensors and PyYAML, what a stock CUDA
+PyTorch image holds (the test runs `--smoke` with only these importable). pydantic, the config-file
+validator, is not among them: this script and the benchmarks it calls change presets with
+`dataclasses.replace` (the configs' own value checks run) instead of `configuration.loader.replace`.
 
 `--smoke` (= `--device cpu --preset tiny` with tiny sizes, batch 2 (generation 1 and 2), one warm-up
 and one timed step per row, one torch thread, torch.compile's `eager` backend) runs every row's code
@@ -53,7 +56,7 @@ import platform
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 STARTED = time.monotonic()  # the budget counts imports and CUDA start-up too: the whole call must fit
@@ -63,7 +66,6 @@ import torch
 from benchmarks import mfu as mfu_bench
 from benchmarks import tokenizer as tokenizer_bench
 from benchmarks import transformer as transformer_bench
-from configuration.loader import replace
 from hart.config import PATCH_NUMS_256, PATCH_NUMS_512, PATCH_NUMS_1024, TOKENIZER_PRESETS, transformer_config
 
 RESOLUTIONS = (256, 512, 1024)

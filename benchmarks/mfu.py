@@ -61,9 +61,10 @@ def mfu_run(preset: str, resolution: int, batch_size: int, activation_checkpoint
     settings count the forward at full size and take the backward's share from a quarter batch).
     Tokens are text + image tokens per sample before last-scale subsampling.
     """
+    from dataclasses import replace
+
     from torch.utils.flop_counter import FlopCounterMode
 
-    from configuration.loader import replace
     from hart.config import (
         PATCH_NUMS_256, PATCH_NUMS_512, PATCH_NUMS_1024, TokenizerConfig, transformer_config,
     )

@@ -19,10 +19,10 @@ import argparse
 import contextlib
 import resource
 import time
+from dataclasses import replace
 
 import torch
 
-from configuration.loader import replace
 from hart.config import PATCH_NUMS_256, PATCH_NUMS_512, PATCH_NUMS_1024, TOKENIZER_PRESETS
 from hart.tokenizer.model import HybridTokenizer
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import replace
 import statistics
 import time
 
@@ -29,7 +30,6 @@ import torch.nn.functional as F
 
 from benchmarks.mfu import peak_bf16
 from hart.layers.attention import segmented_attention
-from configuration.loader import replace
 from hart.config import PATCH_NUMS_256, PATCH_NUMS_512, PATCH_NUMS_1024, TRANSFORMER_PRESETS, TokenizerConfig
 from hart.transformer.generate import sample_latent
 from hart.tokenizer.quantizer import MultiScaleQuantizer

@@ -19,14 +19,13 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-import pydantic
 import yaml
 
 T = TypeVar("T")
 
 # Applied to every config dataclass the loader meets (stdlib dataclasses carry pydantic's settings in
 # this attribute): unknown keys are errors, and JSON-strict types (see the module docstring).
-_STRICT = pydantic.ConfigDict(extra="forbid", strict=True)
+_STRICT = {"extra": "forbid", "strict": True}
 
 
 def _dataclasses_in(annotation: Any) -> list[type]:
@@ -51,10 +50,18 @@ def _make_strict(cls: type) -> None:
 
 
 @functools.cache
-def _adapter(cls: type) -> pydantic.TypeAdapter:
+def _adapter(cls: type) -> Any:
     """pydantic's validator of dataclass `cls`, with `cls` and the dataclasses in its fields made strict."""
     _make_strict(cls)
-    return pydantic.TypeAdapter(cls)
+    return _pydantic().TypeAdapter(cls)
+
+
+def _pydantic() -> Any:
+    """pydantic, imported on first validation: the model library imports this module for its presets, and
+    code that only reads presets (the GPU benchmark on a stock PyTorch image) must not need pydantic."""
+    import pydantic
+
+    return pydantic
 
 
 def _jsonable(value: Any) -> Any:
@@ -74,7 +81,7 @@ def config_from_dict(cls: type[T], data: dict[str, Any], where: str | None = Non
         raise ValueError(f"{where}: {exc}") from None
     try:
         return _adapter(cls).validate_json(text)
-    except pydantic.ValidationError as exc:
+    except _pydantic().ValidationError as exc:
         raise ValueError("; ".join(_describe(error, cls, where) for error in exc.errors())) from None
 
 
