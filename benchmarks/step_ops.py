@@ -42,13 +42,14 @@ def model_config(name: str):
     return transformer_config(DEMO_TRANSFORMER)
 
 
-def build(config, compiled: bool, batch: int):
+def build(config, parallel: ParallelConfig, batch: int):
+    """The seeded model (parallelized on the CPU by `parallel`), its quantizer, fused AdamW, EMA and inputs."""
     torch.manual_seed(0)
     model = HARTForT2I(config)
     model.init_weights()
     quantizer = MultiScaleQuantizer(TokenizerConfig(ch=32, patch_nums=config.patch_nums,
                                                     vocab_size=config.vocab_size, z_channels=config.token_dim))
-    parallelize(model, ParallelConfig(strategy="none", compile=compiled), torch.device("cpu"))
+    parallelize(model, parallel, torch.device("cpu"))
     # fused AdamW (one op per step) as on a GPU (benchmarks/mfu.py), not the CPU's per-parameter loop
     optimizer = build_optimizer(model, OptimizerConfig(lr=1e-4, fused=True))
     ema = ExponentialMovingAverage(model, 0.999)
@@ -56,11 +57,16 @@ def build(config, compiled: bool, batch: int):
     return model, quantizer, optimizer, ema, (tokens, residual, context, mask)
 
 
-def one_step(model, quantizer, optimizer, ema, inputs, step: int, autocast: bool) -> None:
+def losses(model, quantizer, inputs, step: int, autocast: bool) -> dict[str, torch.Tensor]:
+    """The step's forward: `t2i_losses` in training mode, seeded by `step` (the kept count, noise)."""
     tokens, residual, context, mask = inputs
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        out = t2i_losses(model.train(), quantizer, context, mask, tokens, residual,
-                         generator=torch.Generator().manual_seed(step))
+        return t2i_losses(model.train(), quantizer, context, mask, tokens, residual,
+                          generator=torch.Generator().manual_seed(step))
+
+
+def one_step(model, quantizer, optimizer, ema, inputs, step: int, autocast: bool) -> None:
+    out = losses(model, quantizer, inputs, step, autocast)
     optimizer.zero_grad(set_to_none=True)
     out["loss"].backward()
     optimizer.step()
@@ -68,7 +74,8 @@ def one_step(model, quantizer, optimizer, ema, inputs, step: int, autocast: bool
 
 
 def measure(config, compiled: bool, autocast: bool, args) -> dict:
-    model, quantizer, optimizer, ema, inputs = build(config, compiled, args.batch)
+    model, quantizer, optimizer, ema, inputs = build(config, ParallelConfig(strategy="none", compile=compiled),
+                                                     args.batch)
     for step in range(2):  # warm-up (compiles)
         one_step(model, quantizer, optimizer, ema, inputs, step, autocast)
     # Same seed for the profiled step in every setting: the kept last-scale count (hence shapes) is equal.

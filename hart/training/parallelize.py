@@ -24,7 +24,13 @@ Activation checkpointing is selective by block: `activation_checkpointing_every=
 k-th block in backward (torchtitan's "selective, layer" mode: blocks k-1, 2k-1, ...; k=1 is all of
 them) and keeps the others' activations, trading memory for less recompute. It is applied from the
 outside for every model, the transformer included, by replacing the chosen blocks' `forward` on the
-instance.
+instance. `activation_checkpointing_policy` says what a chosen block recomputes: "block" recomputes
+all of it (least memory); "op" (torchtitan's "selective, op" mode) keeps the outputs of its matmuls
+and attention kernels (`SAVED_OPS`) and recomputes only the cheap ops between them (norms, AdaLN
+modulation, activations, RoPE, casts), so the backward repeats none of the forward's FLOPs, for
+roughly the memory of the matmul outputs. Where the elementwise work dominates a block's activation
+memory (fp32 norm and modulation intermediates under autocast), that is most of the saving at none
+of the matmul recompute.
 
 Neither activation checkpointing nor compile changes state-dict keys (both patch the
 blocks in place). Compile on CPU needs a C++ compiler (inductor); without one `parallelize`
@@ -39,14 +45,16 @@ by N GPUs under FSDP2 can be read by 1 CPU process and exported to the official 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 STRATEGIES = ("none", "ddp", "fsdp")
+CHECKPOINTING_POLICIES = ("block", "op")
 ATTENTION_CHOICES = ("sdpa", "flex", "auto")
 MIXED_PRECISIONS = ("none", "bf16")
 
@@ -60,6 +68,9 @@ class ParallelConfig:
     # With activation_checkpointing: recompute every k-th block (blocks k-1, 2k-1, ...), keep the
     # others' activations. 1 = every block; 2 = half of them (about half the recompute, more memory).
     activation_checkpointing_every: int = 1
+    # What a checkpointed block recomputes: "block" = everything; "op" = only the ops between its
+    # matmuls and attention kernels, whose outputs are kept (module docstring).
+    activation_checkpointing_policy: str = "block"
     compile: bool = False  # torch.compile each block (and the root when there are no blocks)
     find_unused_parameters: bool = False  # DDP: needed when a stage leaves params out of the loss
     # Conv weights (4-D parameters) in torch.channels_last: the convolutions then run without layout
@@ -88,6 +99,9 @@ class ParallelConfig:
         if self.activation_checkpointing_every < 1:
             raise ValueError(f"parallel.activation_checkpointing_every must be >= 1 (1 = every block), "
                              f"got {self.activation_checkpointing_every}")
+        if self.activation_checkpointing_policy not in CHECKPOINTING_POLICIES:
+            raise ValueError(f"parallel.activation_checkpointing_policy must be one of {CHECKPOINTING_POLICIES}, "
+                             f"got {self.activation_checkpointing_policy!r}")
         if self.mixed_precision not in MIXED_PRECISIONS:
             raise ValueError(f"parallel.mixed_precision must be one of {MIXED_PRECISIONS}, got {self.mixed_precision!r}")
         if self.mixed_precision != "none" and self.strategy != "fsdp":
@@ -112,21 +126,51 @@ def find_blocks(model: nn.Module, block_attribute_name: str = "blocks") -> nn.Mo
     return None
 
 
-def apply_activation_checkpointing(model: nn.Module, every: int = 1) -> int:
+def _saved_ops() -> frozenset:
+    """The ops whose outputs the "op" policy keeps: matmuls and every fused attention kernel (the ones
+    this torch build has: the CPU flash kernel, the CUDA flash / memory-efficient / cuDNN ones, and
+    FlexAttention's higher-order op)."""
+    aten = torch.ops.aten
+    names = ("mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
+             "_scaled_dot_product_cudnn_attention")
+    ops = {getattr(aten, name) for name in names if hasattr(aten, name)}
+    if hasattr(torch.ops.higher_order, "flex_attention"):
+        ops.add(torch.ops.higher_order.flex_attention)
+    return frozenset(ops)
+
+
+SAVED_OPS = _saved_ops()
+
+
+def _keep_matmuls(ctx, func, *args, **kwargs) -> CheckpointPolicy:
+    """Selective checkpointing policy: keep SAVED_OPS' outputs, recompute everything else."""
+    packet = getattr(func, "overloadpacket", func)  # aten.mm.default -> aten.mm; a higher-order op is itself
+    return CheckpointPolicy.MUST_SAVE if packet in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def apply_activation_checkpointing(model: nn.Module, every: int = 1, policy: str = "block") -> int:
     """Recompute every `every`-th block in backward; returns the number of checkpointed blocks (0 without blocks).
 
     Blocks `every-1, 2*every-1, ...` are checkpointed (torchtitan's selective-layer rule; `every=1`:
-    all). Each chosen block's `forward` is replaced on the instance (not wrapped in a new module), so
-    state-dict keys stay the official ones, and FSDP2's hooks, which run on the block's `__call__`,
-    stay outside the recomputed region (the parameters are all-gathered before the recompute runs).
-    Only training forwards with grad are checkpointed; generation (no grad, KV caches that a
-    recompute would append to twice) runs the plain forward.
+    all). `policy` "block" recomputes the whole block, "op" only what lies between its matmuls and
+    attention kernels (module docstring). Each chosen block's `forward` is replaced on the instance
+    (not wrapped in a new module), so state-dict keys stay the official ones, and FSDP2's hooks, which
+    run on the block's `__call__`, stay outside the recomputed region (the parameters are all-gathered
+    before the recompute runs). Only training forwards with grad are checkpointed; generation (no
+    grad, KV caches that a recompute would append to twice) runs the plain forward.
     """
     if every < 1:
         raise ValueError(f"parallel.activation_checkpointing_every must be >= 1, got {every}")
+    if policy not in CHECKPOINTING_POLICIES:
+        raise ValueError(f"parallel.activation_checkpointing_policy must be one of {CHECKPOINTING_POLICIES}, "
+                         f"got {policy!r}")
     blocks = find_blocks(model)
     if blocks is None:
         return 0
+    # A fresh pair of selective-checkpoint contexts per checkpointed call (they hold that call's saved outputs).
+    options = {"context_fn": functools.partial(create_selective_checkpoint_contexts, _keep_matmuls)} \
+        if policy == "op" else {}
     chosen = [block for index, block in enumerate(blocks) if (index + 1) % every == 0]
     for block in chosen:
         inner = block.forward
@@ -134,7 +178,7 @@ def apply_activation_checkpointing(model: nn.Module, every: int = 1) -> int:
         def checkpointed_forward(*args, _inner=inner, _block=block, **kwargs):
             if not (_block.training and torch.is_grad_enabled()):
                 return _inner(*args, **kwargs)
-            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+            return checkpoint(_inner, *args, use_reentrant=False, **options, **kwargs)
 
         block.forward = checkpointed_forward
     return len(chosen)
@@ -198,7 +242,8 @@ def parallelize(model: nn.Module, config: ParallelConfig, device: torch.device) 
         model.to(memory_format=torch.channels_last)
     apply_attention(model, config.attention, device)
     if config.activation_checkpointing:
-        apply_activation_checkpointing(model, config.activation_checkpointing_every)
+        apply_activation_checkpointing(model, config.activation_checkpointing_every,
+                                       config.activation_checkpointing_policy)
     if config.compile:
         check_compile_toolchain(device)
         apply_compile(model)
@@ -329,6 +374,6 @@ def broadcast_from_rank0(tensors: list[torch.Tensor]) -> None:
 __all__ = [
     "ParallelConfig", "parallelize", "full_state_dict", "load_full_state_dict", "is_sharded", "full_tensors",
     "shard_like", "full_optimizer_state_dict", "load_full_optimizer_state_dict",
-    "apply_activation_checkpointing", "apply_compile", "apply_fsdp", "MIXED_PRECISIONS", "match_state_layout", "check_compile_toolchain", "broadcast_from_rank0", "world_size",
+    "apply_activation_checkpointing", "CHECKPOINTING_POLICIES", "SAVED_OPS", "apply_compile", "apply_fsdp", "MIXED_PRECISIONS", "match_state_layout", "check_compile_toolchain", "broadcast_from_rank0", "world_size",
     "distributed_ready",
 ]

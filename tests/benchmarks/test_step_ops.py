@@ -15,6 +15,7 @@ from benchmarks import step_ops as bench
 from benchmarks.transformer import SMALL_256
 from configuration.loader import replace
 from hart.config import TOKENIZER_PRESETS, transformer_config
+from hart.training.parallelize import ParallelConfig
 
 ONE_BLOCK = replace(transformer_config("tiny"), depth=1)
 
@@ -32,7 +33,7 @@ def test_model_choices():
 
 
 def test_build_matches_the_config_and_batch():
-    model, quantizer, optimizer, ema, (tokens, residual, context, mask) = bench.build(ONE_BLOCK, compiled=False, batch=3)
+    model, quantizer, optimizer, ema, (tokens, residual, context, mask) = bench.build(ONE_BLOCK, ParallelConfig(strategy="none"), batch=3)
     assert len(model.blocks) == 1
     assert quantizer.vocab_size == ONE_BLOCK.vocab_size and tuple(quantizer.patch_nums) == ONE_BLOCK.patch_nums
     assert [t.shape for t in tokens] == [(3, p * p) for p in ONE_BLOCK.patch_nums]
@@ -43,7 +44,7 @@ def test_build_matches_the_config_and_batch():
 
 
 def test_one_step_trains_the_model_and_moves_the_ema():
-    model, quantizer, optimizer, ema, inputs = bench.build(ONE_BLOCK, compiled=False, batch=2)
+    model, quantizer, optimizer, ema, inputs = bench.build(ONE_BLOCK, ParallelConfig(strategy="none"), batch=2)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     shadow_before = {k: v.clone() for k, v in ema.shadow.items()}
     bench.one_step(model, quantizer, optimizer, ema, inputs, step=0, autocast=False)

@@ -1,4 +1,4 @@
-"""hart/training/parallelize.py on CPU: FSDP2, selective activation checkpointing, channels_last, the compile
+"""hart/training/parallelize.py on CPU: FSDP2, selective activation checkpointing (per block and per op), channels_last, the compile
 error without a compiler, and the plain path without a process group.
 
 The two-process tests start real gloo ranks: this file run as a script is one rank
@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = Path(__file__).resolve().parents[3]
 if __name__ == "__main__":  # a rank started by the tests below: make `hart` importable
@@ -29,7 +30,7 @@ if __name__ == "__main__":  # a rank started by the tests below: make `hart` imp
 
 from hart.training.checkpoint import load_training_state, save_training_state  # noqa: E402
 from hart.training.parallelize import (  # noqa: E402
-    ParallelConfig, apply_activation_checkpointing, full_state_dict, parallelize,
+    SAVED_OPS, ParallelConfig, apply_activation_checkpointing, full_state_dict, parallelize,
 )
 from hart.training.step import ExponentialMovingAverage, OptimizerConfig, build_optimizer, train_step  # noqa: E402
 
@@ -139,7 +140,67 @@ def test_transformer_is_checkpointed_from_outside_with_the_same_gradients():
             torch.testing.assert_close(p_b.grad, p_a.grad, msg=name)
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the matmul and fused-attention calls (parallelize.SAVED_OPS) that run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.saved_kind = 0
+        self.counting = True
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.saved_kind += self.counting and func.overloadpacket in SAVED_OPS
+        return func(*args, **(kwargs or {}))
+
+
+def test_op_policy_recomputes_no_matmul_or_attention_and_keeps_the_gradients():
+    """policy "op": the backward runs exactly the matmuls and attention kernels of an uncheckpointed
+    backward (their forward outputs were kept); policy "block" runs each block's forward ones again."""
+    from hart.config import transformer_config
+    from hart.transformer.model import HARTForT2I
+
+    cfg = transformer_config("tiny")
+    torch.manual_seed(0)
+    model = HARTForT2I(cfg)
+    model.init_weights()
+    model.train()
+    g = torch.Generator().manual_seed(1)
+    inputs = (torch.randn(2, cfg.context_token, cfg.context_dim, generator=g),
+              torch.ones(2, cfg.context_token, dtype=torch.bool),
+              torch.randn(2, cfg.num_image_tokens() - 1, cfg.token_dim, generator=g))
+    backward_ops, grads = {}, {}
+    for policy in ("none", "block", "op"):
+        trained = copy.deepcopy(model)
+        if policy != "none":
+            parallelize(trained, ParallelConfig(strategy="none", activation_checkpointing=True,
+                                                activation_checkpointing_policy=policy), torch.device("cpu"))
+        loss = trained(*inputs).square().mean()
+        with OpCounter() as counter:
+            loss.backward()
+        backward_ops[policy] = counter.saved_kind
+        grads[policy] = [p.grad for p in trained.parameters()]
+    in_blocks = OpCounter()  # the matmuls and attention calls of the blocks' forwards alone
+    in_blocks.counting = False
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda *_: setattr(in_blocks, "counting", True))
+        block.register_forward_hook(lambda *_: setattr(in_blocks, "counting", False))
+    with in_blocks, torch.no_grad():
+        model(*inputs)
+    assert in_blocks.saved_kind > 0
+    assert backward_ops["op"] == backward_ops["none"]
+    assert backward_ops["block"] == backward_ops["none"] + in_blocks.saved_kind  # the blocks' forwards again
+    for policy in ("block", "op"):  # fp32 on CPU: recomputed elementwise ops give the same bits
+        for (name, _), a, b in zip(model.named_parameters(), grads["none"], grads[policy]):
+            assert (a is None) == (b is None), name
+            if a is not None:
+                torch.testing.assert_close(b, a, rtol=0, atol=0, msg=f"{policy}: {name}")
+
+
 def test_config_validation():
+    with pytest.raises(ValueError, match="activation_checkpointing_policy must be one of"):
+        ParallelConfig(activation_checkpointing_policy="layer")
+    with pytest.raises(ValueError, match="activation_checkpointing_policy must be one of"):
+        apply_activation_checkpointing(new_model(), 1, "all")
     with pytest.raises(ValueError, match="parallel.mixed_precision must be one of"):
         ParallelConfig(strategy="fsdp", mixed_precision="fp16")
     with pytest.raises(ValueError, match="needs parallel.strategy='fsdp'.*precision: bf16"):
