@@ -24,6 +24,14 @@ Rows (weights are random everywhere: speed does not depend on their values):
   the HART tokenizer net (`hart-1024` preset with RES's scale list), bf16 autocast, images/s over
   `--tok-iters` batches after one untimed batch (`benchmarks/tokenizer.py`'s `timed`): the ceiling of
   the pre-tokenization (precompute) pipeline per GPU.
+Checks, run first and printed above the table (seconds; a failed check makes the exit status 1):
+- `flex = sdpa gradients, fp32 | bf16 autocast`: the parameter gradients of one forward + backward of
+  a small transformer at the released 256px scale list (padded text, a kept last-scale subset) with
+  FlexAttention equal those of the SDPA path, elementwise within 1e-4 (fp32) or 3e-2 (bf16), the
+  tolerance of the CPU forward test. CUDA only: FlexAttention has no CPU backward.
+- `op checkpointing = none, gradients`: with `activation_checkpointing_policy="op"` (kept matmul and
+  attention outputs; flex on CUDA, sdpa on the CPU) the gradients equal those without checkpointing,
+  within 1e-5 in fp32: the saved-op policy recognises this device's attention kernel.
 Peak GiB = `torch.cuda.max_memory_allocated` over the row's timed part. `warm-up s` = the untimed
 steps/calls (compile happens there); `row s` = the whole row (build, FLOP counting, warm-up, timing).
 
@@ -322,6 +330,83 @@ def tokenizer_row(args, resolution: int, batch: int, device: torch.device) -> di
             "FLOP/step (counted)": "-", "MFU": "-", "peak GiB": peak_gib(device), "warm-up s": f"{warm:.1f}"}
 
 
+# The checks' model: the released 256px scale list at a width every device affords.
+CHECK_MODEL = {"patch_nums": PATCH_NUMS_256, "context_token": 32, "depth": 2, "embed_dim": 64, "num_heads": 4}
+
+
+def check_gradients(device: torch.device, attention: str, precision: str = "fp32",
+                    checkpointing: str | None = None) -> dict[str, torch.Tensor]:
+    """Parameter gradients of one seeded forward + backward of the checks' transformer (CHECK_MODEL) with
+    the `attention` kernel, under bf16 autocast or not, checkpointed by `checkpointing` policy or not;
+    three rows: full text, and two right-padded ones; a random half of the last scale kept per row."""
+    from hart.training.parallelize import ParallelConfig, parallelize
+    from hart.transformer.model import HARTForT2I
+
+    config = replace(transformer_config("tiny"), **CHECK_MODEL)
+    torch.manual_seed(0)
+    model = HARTForT2I(config)
+    model.init_weights()
+    with torch.no_grad():  # non-trivial AdaLN gammas so attention reaches the logits
+        for block in model.blocks:
+            block.ada_lin[-1].bias.normal_(0, 0.3)
+    g = torch.Generator().manual_seed(1)
+    rows = 3
+    context = torch.randn(rows, config.context_token, config.context_dim, generator=g)
+    mask = torch.ones(rows, config.context_token, dtype=torch.bool)
+    mask[1, 5:] = False
+    mask[2, 9:] = False
+    inputs = torch.randn(rows, config.num_image_tokens() - 1, config.token_dim, generator=g)
+    last = config.patch_nums[-1] ** 2
+    keep = torch.stack([torch.randperm(last, generator=g)[: last // 2].sort().values for _ in range(rows)])
+    parallelize(model, ParallelConfig(strategy="none", attention=attention, activation_checkpointing=bool(checkpointing),
+                                      activation_checkpointing_policy=checkpointing or "block"), device)
+    model.train()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        logits = model(context.to(device), mask.to(device), inputs.to(device), keep_last_Bk=keep.to(device))
+    logits.float().square().mean().backward()
+    return {name: p.grad.detach().float().cpu() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def gradients_match(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], tolerance: float) -> tuple[bool, str]:
+    """Whether every gradient agrees elementwise within `tolerance` (absolute and relative), and a summary."""
+    if actual.keys() != expected.keys():
+        return False, f"different parameters with gradients: {sorted(actual.keys() ^ expected.keys())}"
+    worst, worst_name, passed = 0.0, "", True
+    for name, want in expected.items():
+        difference = (actual[name] - want).abs()
+        passed &= bool((difference <= tolerance + tolerance * want.abs()).all())
+        if difference.max().item() >= worst:
+            worst, worst_name = difference.max().item(), name
+    return passed, f"max abs difference {worst:.2e} ({worst_name}), tolerance {tolerance:g}"
+
+
+def run_checks(device: torch.device) -> list[tuple[str, bool | None, str]]:
+    """(check, passed, summary) for each check of the module docstring; passed is None where it does not
+    apply, and a check that raises fails with the error as its summary (the others still run)."""
+    flex_runs = device.type == "cuda"
+    attention = "flex" if flex_runs else "sdpa"
+    checks = {
+        f"flex = sdpa gradients, {precision}{' autocast' if precision == 'bf16' else ''}":
+            (lambda precision=precision, tolerance=tolerance: gradients_match(
+                check_gradients(device, "flex", precision), check_gradients(device, "sdpa", precision), tolerance))
+            if flex_runs else None
+        for precision, tolerance in (("fp32", 1e-4), ("bf16", 3e-2))
+    }
+    checks[f"op checkpointing = none, gradients ({attention}, fp32)"] = lambda: gradients_match(
+        check_gradients(device, attention, checkpointing="op"), check_gradients(device, attention), 1e-5)
+    results = []
+    for name, check in checks.items():
+        if check is None:
+            results.append((name, None, f"n/a ({device.type.upper()}: flex has no backward)"))
+            continue
+        try:
+            results.append((name, *check()))
+        except Exception as exc:  # noqa: BLE001 - a broken check must not cost the other checks or the rows
+            traceback.print_exc()
+            results.append((name, False, f"error ({type(exc).__name__}: {exc})"))
+    return results
+
+
 def plan(args, device: torch.device, peak: float | None) -> list[Row]:
     """Every row, in the order they run (the table prints them by group)."""
     rows: list[Row] = []
@@ -419,8 +504,8 @@ def describe(device: torch.device, peak: float | None, args) -> str:
             f"{f'{peak / 1e12:.0f} TFLOP/s' if peak else 'unknown (MFU n/a; pass --peak-tflops)'}; preset {args.preset}")
 
 
-def main(argv: list[str] | None = None, started: float | None = None) -> list[Row]:
-    """Run the rows of `argv`'s settings and print the table; returns the rows. The budget counts from
+def main(argv: list[str] | None = None, started: float | None = None) -> tuple[list[Row], list[tuple]]:
+    """Run the checks and the rows of `argv`'s settings and print the tables; returns the rows and the checks. The budget counts from
     `started` (time.monotonic(); default: now; the command line passes the process's start)."""
     started = time.monotonic() if started is None else started
     args = parse_args(argv)
@@ -434,14 +519,22 @@ def main(argv: list[str] | None = None, started: float | None = None) -> list[Ro
     print(f"budget {args.budget_s:.0f} s; training: {args.warmup} warm-up + {args.steps} timed steps per row; generation: "
           f"{args.gen_warmup} warm-up + {args.gen_repeats} timed calls; tokenizer: 1 warm-up + {args.tok_iters} timed "
           f"batches; compile backend {args.compile_backend}", flush=True)
+    checks = run_checks(device)
+    for name, passed, summary in checks:
+        print(f"check {name}: {'pass' if passed else 'n/a' if passed is None else 'FAIL'}: {summary}", flush=True)
     rows = plan(args, device, peak)
     # Without a GPU nothing is worth skipping ahead of time: the smoke rows take seconds.
     run_rows(rows, args.budget_s, started, device, FIRST_ROW_ESTIMATE_S if device.type == "cuda" else {})
     print(f"\n{describe(device, peak, args)}; total {time.monotonic() - started:.0f} s\n", flush=True)
     print(table(rows), flush=True)
-    return rows
+    print("\n| check | result | detail |\n|---|---|---|")
+    for name, passed, summary in checks:
+        print(f"| {name} | {'pass' if passed else 'n/a' if passed is None else 'FAIL'} | {summary} |", flush=True)
+    return rows, checks
 
 
 if __name__ == "__main__":
-    finished = main(started=STARTED)
-    sys.exit(1 if any(row.status and row.status.startswith("error") for row in finished) else 0)
+    finished, checked = main(started=STARTED)
+    failed = any(row.status and row.status.startswith("error") for row in finished) or \
+        any(passed is False for _, passed, _ in checked)
+    sys.exit(1 if failed else 0)

@@ -97,7 +97,24 @@ def test_smoke_run_on_a_stock_image_prints_every_row_with_finite_positive_figure
             flops = first_number(row["FLOP/step (counted)"])
             assert math.isfinite(flops) and flops > 0, row
             assert row["MFU"].startswith("n/a"), row  # no bf16 peak for a CPU
+    checks = out[out.index("| check | result | detail |"):].splitlines()[2:]
+    assert [line.split("|")[1:3] for line in checks] == [
+        [" flex = sdpa gradients, fp32 ", " n/a "], [" flex = sdpa gradients, bf16 autocast ", " n/a "],
+        [" op checkpointing = none, gradients (sdpa, fp32) ", " pass "]]
     print(f"smoke run: {time.monotonic() - started:.1f} s")
+
+
+def test_gradient_check_passes_equal_gradients_and_fails_a_difference():
+    cpu = torch.device("cpu")
+    plain = gpu_script.check_gradients(cpu, "sdpa")
+    passed, summary = gpu_script.gradients_match(gpu_script.check_gradients(cpu, "sdpa", checkpointing="op"), plain, 1e-5)
+    assert passed, summary
+    name = next(iter(plain))
+    off = {**plain, name: plain[name] + 1e-3 * (1 + plain[name].abs())}  # just outside 1e-4 abs + 1e-4 rel
+    passed, summary = gpu_script.gradients_match(off, plain, 1e-4)
+    assert not passed and name in summary
+    passed, summary = gpu_script.gradients_match({k: v for k, v in plain.items() if k != name}, plain, 1.0)
+    assert not passed and name in summary
 
 
 def test_flex_rows_train_with_flex():
@@ -135,4 +152,15 @@ def test_rows_out_of_memory_failing_or_over_budget_do_not_stop_the_run(capsys):
     late = [Row("train", "late", "s", "a", fine)]
     gpu_script.run_rows(late, 10.0, time.monotonic() - 11.0, torch.device("cpu"), {})
     assert late[0].status == "skipped (budget)"
+    capsys.readouterr()
+
+
+def test_a_check_that_raises_fails_without_stopping_the_others(monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated")
+
+    monkeypatch.setattr(gpu_script, "check_gradients", broken)
+    results = gpu_script.run_checks(torch.device("cpu"))
+    assert [passed for _, passed, _ in results] == [None, None, False]
+    assert results[-1][2] == "error (RuntimeError: simulated)"
     capsys.readouterr()
