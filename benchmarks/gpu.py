@@ -15,11 +15,10 @@ Rows (weights are random everywhere: speed does not depend on their values):
   residual head -> tokenizer decode -> PIL images) after `--gen-warmup` untimed calls, mean of
   `--gen-repeats`; bf16 autocast. The model is `hart-0.7b` with the `hart-512` / `hart-1024` tokenizer
   preset; a stand-in text encoder returns random (B, 300, 1536) features (no Qwen download: the
-  transformer's cost does not depend on the feature values). Compile = `torch.compile` per block, as
-  `parallelize` does (`hart.training.parallelize.apply_compile`). Each scale's step has its own shapes (query
-  length, cache length), so the blocks compile once per scale in the warm-up: one compiled step per
-  scale. Dynamo's recompile limit (8 per code object) would send the later scales of a 14-scale
-  (1024px) run back to eager, so these rows raise it to cover every scale.
+  transformer's cost does not depend on the feature values). Compile = `torch.compile` per block with
+  the recompile limit raised to cover every scale (`hart.training.parallelize.compile_for_generation`,
+  what `hart-generate --compile` does): the blocks compile once per scale in the warm-up, one compiled
+  step per scale.
 - `tokenizer RES encode`: `HybridTokenizer.encode` (encoder + multi-scale quantization + residual) of
   the HART tokenizer net (`hart-1024` preset with RES's scale list), bf16 autocast, images/s over
   `--tok-iters` batches after one untimed batch (`benchmarks/tokenizer.py`'s `timed`): the ceiling of
@@ -264,7 +263,7 @@ def generation_tokenizer_config(args, resolution: int):
 
 def generation_row(args, resolution: int, batch: int, compiled: bool, device: torch.device) -> dict[str, str]:
     from hart.transformer.generate import generate
-    from hart.training.parallelize import apply_compile, check_compile_toolchain
+    from hart.training.parallelize import compile_for_generation
     from hart.tokenizer.model import HybridTokenizer
     from hart.transformer.model import HARTForT2I
 
@@ -276,10 +275,9 @@ def generation_row(args, resolution: int, batch: int, compiled: bool, device: to
         tokenizer = HybridTokenizer(generation_tokenizer_config(args, resolution)).to(device)
     model.eval()
     tokenizer.eval()
-    if compiled:
-        check_compile_toolchain(device)
+    if compiled:  # one compiled step per scale (the recompile limit raised to cover them)
         with compile_backend(args.compile_backend):
-            apply_compile(model)
+            compile_for_generation(model, len(config.patch_nums), device)
     encoder = RandomTextFeatures(config.context_dim, config.context_token)
     prompts = [f"prompt {i}" for i in range(batch)]
     dtype = torch.bfloat16 if device.type == "cuda" else None  # CPU: fp32, as the other benchmarks' CPU paths
@@ -292,11 +290,9 @@ def generation_row(args, resolution: int, batch: int, compiled: bool, device: to
         assert len(images) == batch
         return time.perf_counter() - started
 
-    # One graph per scale and CFG batch, plus slack for the first call's guards.
-    with torch._dynamo.config.patch(recompile_limit=max(8, 2 * len(config.patch_nums) + 4)):
-        warm = sum(call(seed) for seed in range(args.gen_warmup))
-        reset_peak(device)
-        times = [call(args.gen_warmup + i) for i in range(args.gen_repeats)]
+    warm = sum(call(seed) for seed in range(args.gen_warmup))
+    reset_peak(device)
+    times = [call(args.gen_warmup + i) for i in range(args.gen_repeats)]
     latency = sum(times) / len(times)
     return {"time": f"{latency:.3f} s/call", "throughput": f"{batch / latency:.2f} img/s", "FLOP/step (counted)": "-",
             "MFU": "-", "peak GiB": peak_gib(device), "warm-up s": f"{warm:.1f}"}

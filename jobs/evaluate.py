@@ -82,6 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--score-gpus-per-actor", type=float, default=0.0,
                      help="GPUs per scoring actor (e.g. 0.25 to share a GPU with generation; 0: CPU)")
     run.add_argument("--cpus-per-actor", type=float, default=1.0, help="logical CPUs per actor (Ray scheduling)")
+    run.add_argument("--compile", action="store_true",
+                     help="torch.compile each generation actor's transformer blocks (one compiled step per scale, "
+                          "built on the actor's first group: pays off over many groups)")
     run.add_argument("--score-batch", type=int, default=16, help="images per scoring call")
     run.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default: none, no MLflow logging)")
     run.add_argument("--experiment", default="hart-eval", help="MLflow experiment of a new run")
@@ -205,7 +208,7 @@ def run_evaluation(args) -> dict:
     ds = ds.map_batches(
         GenerateImages, batch_size=1,
         fn_constructor_kwargs=dict(**models, text_encoder=args.text_encoder, protocol=protocol.to_dict(), images_uri=images_uri,
-                                   endpoint_url=args.endpoint_url),
+                                   endpoint_url=args.endpoint_url, compile=args.compile),
         **_actor_options(args, args.actors, args.gpus_per_actor))
     ds = ds.map_batches(ScoreImages, batch_size=args.score_batch,
                         fn_constructor_kwargs=dict(metrics=list(protocol.metrics), inception=args.inception,

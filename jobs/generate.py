@@ -67,6 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "scale's token guidance; 1.0 = unguided)")
     parser.add_argument("--more-smooth", action="store_true", help="Gumbel-softmax smoothing (not for FID)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile each transformer block: one compiled step per scale, built during the first "
+                             "batch (pays off over many batches; on the CPU it needs a C++ compiler)")
     return parser.parse_args(argv)
 
 
@@ -78,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     if not prompts:
         print("hart-generate: give at least one --prompt or a --prompts-file", file=sys.stderr)
         return 2
+    from hart.training.parallelize import compile_for_generation
     from hart.transformer.generate import generate, load_models
 
     try:
@@ -85,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
             images = star_images(args, prompts)
             return _written(images, prompts, args.output)
         model, tok, encoder = load_models(args.llm, args.tokenizer, args.text_encoder, args.ema, args.device)
+        if args.compile:
+            compile_for_generation(model, len(model.config.patch_nums), torch.device(args.device))
         autocast = torch.bfloat16 if args.device.startswith("cuda") else None
         images = generate(model, tok, encoder, prompts, cfg=args.cfg, top_k=tuple(args.top_k), top_p=args.top_p,
                           more_smooth=args.more_smooth, seed=args.seed, use_diffusion=not args.no_diffusion,
@@ -106,12 +112,15 @@ def star_images(args: argparse.Namespace, prompts: list[str]) -> list:
     from PIL import Image
 
     from hart.star.checkpoint import load_star
+    from hart.training.parallelize import compile_for_generation
     from hart.star.generate import generate
     from hart.text_encoder import build_star_text_encoder
     from hart.tokenizer.model import HybridTokenizer
 
     device = torch.device(args.device)
     model = load_star(args.star).to(device).eval()
+    if args.compile:
+        compile_for_generation(model, len(model.config.patch_nums), device)
     tokenizer = HybridTokenizer.from_pretrained(args.tokenizer).to(device).eval()
     features = build_star_text_encoder(args.text_encoder, model.config.context_token).to(device)
     autocast = torch.float16 if device.type == "cuda" else None  # STAR's sample.py runs fp16

@@ -34,10 +34,11 @@ def encode_png(image: Image.Image) -> bytes:
 
 class GenerateImages:
     """`llm`: a HART `llm/` folder; or `star`: a STAR `.pth` (then `llm` is unused), with STAR's text
-    conditioning (`build_star_text_encoder`) and sampler (`EvalProtocol.star_sampling`)."""
+    conditioning (`build_star_text_encoder`) and sampler (`EvalProtocol.star_sampling`). `compile`:
+    torch.compile the transformer's blocks, one compiled step per scale (`compile_for_generation`)."""
 
     def __init__(self, llm: str, tokenizer: str, text_encoder: str, protocol: dict, images_uri: str,
-                 endpoint_url: str = "", device: str | None = None, star: str = ""):
+                 endpoint_url: str = "", device: str | None = None, star: str = "", compile: bool = False):
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()  # one bar per weight load and actor otherwise
@@ -60,6 +61,10 @@ class GenerateImages:
 
             self.model, self.tokenizer, self.encoder = load_models(llm, tokenizer, text_encoder, self.protocol.ema,
                                                                    self.device)
+        if compile:
+            from hart.training.parallelize import compile_for_generation
+
+            compile_for_generation(self.model, len(self.model.config.patch_nums), self.device)
         self.fs, self.images_dir = storage.resolve(images_uri, endpoint_url)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -216,6 +216,21 @@ def apply_compile(model: nn.Module) -> None:
         module.compile()
 
 
+def compile_for_generation(model: nn.Module, scale_count: int, device: torch.device) -> None:
+    """Compile per block for sampling `scale_count` scales: one compiled step per scale.
+
+    Each scale's step has its own shapes (query length, KV-cache length), so every block compiles once
+    per scale on the first call (and again for another batch size). Dynamo's recompile limit (8 per
+    code object by default) would silently send the later scales of a 10- or 14-scale run back to
+    eager, so it is raised (process-wide; never lowered) to cover two batch sizes of every scale.
+    """
+    check_compile_toolchain(device)
+    apply_compile(model)
+    limit = 2 * scale_count + 4
+    if torch._dynamo.config.recompile_limit < limit:
+        torch._dynamo.config.recompile_limit = limit
+
+
 def check_compile_toolchain(device: torch.device) -> None:
     """torch.compile's CPU backend (inductor) builds C++ kernels: fail here, not mid-step, without a compiler."""
     if device.type != "cpu":
@@ -374,6 +389,6 @@ def broadcast_from_rank0(tensors: list[torch.Tensor]) -> None:
 __all__ = [
     "ParallelConfig", "parallelize", "full_state_dict", "load_full_state_dict", "is_sharded", "full_tensors",
     "shard_like", "full_optimizer_state_dict", "load_full_optimizer_state_dict",
-    "apply_activation_checkpointing", "CHECKPOINTING_POLICIES", "SAVED_OPS", "apply_compile", "apply_fsdp", "MIXED_PRECISIONS", "match_state_layout", "check_compile_toolchain", "broadcast_from_rank0", "world_size",
+    "apply_activation_checkpointing", "CHECKPOINTING_POLICIES", "SAVED_OPS", "apply_compile", "compile_for_generation", "apply_fsdp", "MIXED_PRECISIONS", "match_state_layout", "check_compile_toolchain", "broadcast_from_rank0", "world_size",
     "distributed_ready",
 ]

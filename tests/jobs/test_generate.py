@@ -33,6 +33,26 @@ def test_prompts_become_named_pngs_the_same_for_a_seed(tmp_path, capsys):
         assert image.tobytes() == Image.open(tmp_path / "b" / name).tobytes()  # EMA == weights here, same seed
 
 
+def test_compile_generates_the_same_images(tmp_path, capsys):
+    """--compile (inductor, one compiled step per scale) draws the same pixels as eager for a seed."""
+    torch.manual_seed(0)
+    tokenizer = HybridTokenizer(tokenizer_config("tiny"))
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    model = HARTForT2I(transformer_config("tiny"))
+    model.init_weights()
+    model.save_pretrained(tmp_path / "llm", tokenizer=tokenizer.config)
+    args = ["--llm", str(tmp_path / "llm"), "--tokenizer", str(tmp_path / "tokenizer"), "--prompt", "a red circle",
+            "--prompt", "a blue square", "--top-k", "16", "16", "--seed", "5", "--device", "cpu"]
+    with torch._dynamo.config.patch(recompile_limit=8):  # the default; --compile raises it for this process
+        assert main([*args, "--output", str(tmp_path / "eager")]) == 0
+        assert main([*args, "--output", str(tmp_path / "compiled"), "--compile"]) == 0
+        assert torch._dynamo.config.recompile_limit == 2 * len(model.config.patch_nums) + 4
+    torch._dynamo.reset()
+    capsys.readouterr()
+    for path in sorted((tmp_path / "eager").iterdir()):
+        assert Image.open(path).tobytes() == Image.open(tmp_path / "compiled" / path.name).tobytes(), path.name
+
+
 def test_bad_input_is_a_clear_exit_code(tmp_path, capsys):
     assert main(["--llm", str(tmp_path), "--tokenizer", str(tmp_path), "--output", str(tmp_path / "o")]) == 2
     assert "at least one --prompt" in capsys.readouterr().err

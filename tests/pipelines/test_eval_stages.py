@@ -75,6 +75,18 @@ def test_generated_images_are_rows_and_files_that_depend_on_their_group_only(gen
     assert reseeded["png"][0] != out["png"][2]
 
 
+def test_a_compiling_actor_writes_the_same_images(generator, tmp_path):
+    stage, images = generator
+    root = images.parent
+    group = (["0", "1"], ["a red circle", "a blue square"], ["circle", "square"], 7)
+    with torch._dynamo.config.patch(recompile_limit=8):
+        compiled = GenerateImages(str(root / "export" / "llm"), str(root / "export" / "tokenizer"), "minilm",
+                                  PROTOCOLS["shapes"].to_dict(), str(tmp_path / "images"), device="cpu", compile=True)
+        assert all(block._compiled_call_impl is not None for block in compiled.model.blocks)
+        assert list(compiled(groups_batch(group))["png"]) == list(stage(groups_batch(group))["png"])
+    torch._dynamo.reset()
+
+
 def test_shapes_scores_read_the_prompt_colour_and_shape():
     samples = [sample_spec(i, split="heldout") for i in range(6)]
     pngs = [encode_png(render(s)) for s in samples]

@@ -196,6 +196,18 @@ def test_op_policy_recomputes_no_matmul_or_attention_and_keeps_the_gradients():
                 torch.testing.assert_close(b, a, rtol=0, atol=0, msg=f"{policy}: {name}")
 
 
+def test_compile_for_generation_compiles_each_block_and_only_raises_the_recompile_limit():
+    from hart.training.parallelize import compile_for_generation
+
+    for before, scales, after in ((8, 10, 24), (100, 14, 100)):
+        model = new_model()
+        with torch._dynamo.config.patch(recompile_limit=before):
+            compile_for_generation(model, scales, torch.device("cpu"))
+            assert torch._dynamo.config.recompile_limit == after
+        assert all(block._compiled_call_impl is not None for block in model.blocks)
+        assert model._compiled_call_impl is None  # blocks only, as in training
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="activation_checkpointing_policy must be one of"):
         ParallelConfig(activation_checkpointing_policy="layer")
