@@ -76,9 +76,11 @@ class StarObjective(nn.Module):
     """star_losses around a STAR transformer; the quantizer and the null condition are frozen and kept
     out of the tree. The pooled text vector comes from the batch's features (`pooled_at_eos`)."""
 
-    def __init__(self, model: nn.Module, quantizer: MultiScaleQuantizer, null_condition):
+    def __init__(self, model: nn.Module, quantizer: MultiScaleQuantizer, null_condition,
+                 drop_scale_length: int | None = None):
         super().__init__()
         self.model = model
+        self.drop_scale_length = drop_scale_length  # tokens kept per sequence (STAR's token dropping); None: all
         self._frozen = {"quantizer": quantizer, "null": null_condition}
 
     def forward(self, batch: dict[str, Any], step: int = 0, generator: torch.Generator | None = None):
@@ -88,5 +90,6 @@ class StarObjective(nn.Module):
         context, mask = batch["context"], batch["context_mask"]
         text = TextFeatures(context, mask, pooled_at_eos(context, mask))
         return star_losses(self.model, self._frozen["quantizer"], text, batch["tokens"],
-                           null_condition=self._frozen["null"], generator=generator)
+                           null_condition=self._frozen["null"], generator=generator,
+                           drop_scale_length=self.drop_scale_length)
 

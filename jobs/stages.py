@@ -212,6 +212,6 @@ def _build_star_stage(config: TrainRunConfig, device: torch.device, text_encoder
         if hasattr(text_encoder, "to"):
             text_encoder.to(device)
     null = PooledTextEncoder(text_encoder)([""]).to(device)
-    objective = StarObjective(model, tokenizer.quantize, null)
+    objective = StarObjective(model, tokenizer.quantize, null, config.objective.drop_scale_length or None)
     return Stage(config.stage, model, objective, tokenizer=tokenizer, text_encoder=text_encoder)
 

@@ -22,6 +22,7 @@ from typing import Any
 from configuration.loader import apply_overrides, config_from_dict, config_to_dict, read_config_file, replace
 from hart.config import TokenizerConfig, TransformerConfig, tokenizer_config, transformer_config
 from hart.star.config import StarConfig, star_config
+from hart.star.objective import check_drop_scale_length
 from hart.training.parallelize import ParallelConfig
 from pipelines.config import ComputeConfig, PreprocessConfig
 from hart.training.step import PRECISIONS, OptimizerConfig
@@ -158,6 +159,9 @@ class ObjectiveSection:
     # "full" mode: the first N steps train a plain autoencoder (continuous decode, no VQ term);
     # codebook_init then seeds the codes from the warmed-up latents at step N, and restarts count from N.
     vq_warmup_steps: int = 0
+    # model.family star: tokens kept per training sequence; the rest of the last scale is dropped, a random
+    # set per step (STAR's 1024px recipe: 8800 of 9451; hart.star.objective). 0 = every token.
+    drop_scale_length: int = 0
 
     def __post_init__(self) -> None:
         if self.tokenizer_mode not in ("hybrid", "full"):
@@ -171,6 +175,8 @@ class ObjectiveSection:
             raise ValueError("objective.codebook_restart_every and codebook_restart_threshold must be >= 0")
         if self.kept_bucket < 0:
             raise ValueError(f"objective.kept_bucket must be >= 0, got {self.kept_bucket}")
+        if self.drop_scale_length < 0:
+            raise ValueError(f"objective.drop_scale_length must be >= 0 (0 = keep every token), got {self.drop_scale_length}")
         if self.vq_warmup_steps < 0:
             raise ValueError(f"objective.vq_warmup_steps must be >= 0, got {self.vq_warmup_steps}")
         if self.vq_warmup_steps and self.tokenizer_mode != "full":
@@ -280,7 +286,15 @@ class TrainRunConfig:
             if self.eval.every_steps or self.online.enabled:
                 raise ValueError("model.family star: eval.every_steps and online.enabled are not built for STAR yet "
                                  "(train from a cache; evaluate the export)")
-        model_configs(self)  # resolve presets now: a typo fails at load time
+        elif self.objective.drop_scale_length:
+            raise ValueError("objective.drop_scale_length is STAR's token dropping (model.family star); HART's "
+                             "stages subsample the last scale by their own rule (objective.kept_bucket)")
+        _, transformer = model_configs(self)  # resolve presets now: a typo fails at load time
+        if self.objective.drop_scale_length:
+            try:
+                check_drop_scale_length(transformer.grid, self.objective.drop_scale_length)
+            except ValueError as exc:
+                raise ValueError(f"objective.{exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return config_to_dict(self)

@@ -116,7 +116,7 @@ STAR_PRESETS: dict[str, StarConfig] = {
     # configs/config_d30_1024.json, and sample.py, which builds the released 1024 model with
     # enable_adaptive_norm=False and loads it strictly: the main 1024 checkpoint has no sampler modules.
     # (That run trained with drop_scale_length=8800, token dropping of the 64x64 scale: a training
-    # option, not part of the weights.) The separate "star-1024-sampler" release adds
+    # option, not part of the weights: `star_losses(drop_scale_length=)`, `objective.drop_scale_length`.) The separate "star-1024-sampler" release adds
     # feat_extract_blocks, head_logits2, encoder_proj2, head_proj, word_embed_head, pos_start_last and
     # lvl_embed_2 (enable_adaptive_norm=True) for its masked last-scale refinement; it has no preset
     # here because this model does not build those modules.

@@ -214,12 +214,17 @@ class STARForT2I(nn.Module):
         *,
         null_condition: TextFeatures | None = None,
         generator: torch.Generator | None = None,
+        keep_last_K: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, L, V) of every token, coarse to fine (position 0: the 1x1 scale).
 
         `teacher_forced_input_BLC` is the quantizer's (B, L - 1, Cv): the upsampled code maps of
         scales 2..S (`MultiScaleQuantizer.tokens_to_teacher_forcing_input`). `null_condition`
         (batch 1) enables CFG dropout in training mode (`drop_condition`, rate `cond_drop_rate`).
+        `keep_last_K` (sorted, distinct indices into the last scale, one set for the batch) is STAR's
+        token dropping (`drop_scale_length`): the other last-scale tokens leave the sequence (as
+        queries, keys and RoPE positions), and the logits are (B, L - l_last + K, V), the kept ones last.
+        Earlier scales never attend to the last, so their logits do not change.
         """
         cfg = self.config
         self._check_text(text_BTD, text_mask_BT, pooled_BD)
@@ -233,11 +238,28 @@ class STARForT2I(nn.Module):
             text_BTD, text_mask_BT, pooled_BD = text.tokens_BTD, text.mask_BT, text.pooled_BD
         x_BLC = torch.cat([self.start_token(pooled_BD), self.word_embed(teacher_forced_input_BLC.float())], dim=1)
         x_BLC = x_BLC + self.lvl_embed(self.levels_L).unsqueeze(0)
-        keep_B11T = text_key_mask(text_mask_BT)
+        rope = self.rope(0, L)
         segment_ends = list(self.grid.offsets[1:])  # scale si's queries see keys of scales 0..si
+        if keep_last_K is not None:
+            positions_L = self.kept_positions(keep_last_K)
+            x_BLC = x_BLC.index_select(1, positions_L)
+            rope = (rope[0].index_select(1, positions_L), rope[1].index_select(1, positions_L), rope[2])
+            segment_ends[-1] = positions_L.numel()
+        keep_B11T = text_key_mask(text_mask_BT)
         for block in self.blocks:
-            x_BLC = block(x_BLC, self.rope(0, L), text_BTD, keep_B11T, segment_ends=segment_ends)
+            x_BLC = block(x_BLC, rope, text_BTD, keep_B11T, segment_ends=segment_ends)
         return self.logits(x_BLC)
+
+    def kept_positions(self, keep_last_K: torch.Tensor) -> torch.Tensor:
+        """Sequence positions of every token of scales 1..S-1 and of the kept last-scale tokens.
+
+        Only the shape is checked: order and range would cost a device sync every step, and the
+        caller (`star_losses`) draws sorted, distinct indices."""
+        last_start, last_l = self.grid.offsets[-2], self.grid.token_counts[-1]
+        if keep_last_K.ndim != 1 or not 0 < keep_last_K.numel() <= last_l:
+            raise ValueError(f"keep_last_K must be 1-D with 1..{last_l} indices, got shape {tuple(keep_last_K.shape)}")
+        earlier_L = torch.arange(last_start, device=keep_last_K.device)
+        return torch.cat([earlier_L, last_start + keep_last_K.long()]).to(self.levels_L.device)
 
     # ------------------------------------------------------------------ sampling with a KV cache
     def start_sampling(

@@ -85,7 +85,8 @@ def test_star_objective_trains_the_same_under_fsdp2(tmp_path):
         torch.manual_seed(2)
         sharded_model, plain_model = STARForT2I(config), STARForT2I(config)
         plain_model.load_state_dict(sharded_model.state_dict())
-        sharded, plain = StarObjective(sharded_model, quantizer, null), StarObjective(plain_model, quantizer, null)
+        kept = config.grid.offsets[-2] + 20  # with STAR's token dropping: the kept set is drawn on the shards' device
+        sharded, plain = (StarObjective(m, quantizer, null, drop_scale_length=kept) for m in (sharded_model, plain_model))
         wrapped = parallelize(sharded, ParallelConfig(strategy="fsdp"), torch.device("cpu"))
         assert is_sharded(sharded_model)
         optim = OptimizerConfig(lr=3e-3, weight_decay=0.0)

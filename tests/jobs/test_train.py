@@ -188,7 +188,7 @@ def test_preserve_order_repeats_a_seeded_runs_losses(train_assets, tmp_path):
 
 def test_star_ar_stage_trains_exports_in_stars_layout_and_generates(train_assets, tmp_path):
     """model.family star: the ar stage trains a tiny STAR on the HART token cache (its MiniLM text column
-    as cross-attention keys), the loss falls, the export is STAR's trainer-dict .pth that loads strictly,
+    as cross-attention keys), with token dropping the loss falls, the export is STAR's trainer-dict .pth that loads strictly,
     and the exported weights generate (the end-of-run sample grid included)."""
     from hart.star.checkpoint import load_star
     from hart.star.generate import generate
@@ -198,7 +198,7 @@ def test_star_ar_stage_trains_exports_in_stars_layout_and_generates(train_assets
     config = tiny_config(train_assets, "ar", tmp_path, "model.family=star",
                          "model.transformer={preset: tiny, text_dim: 384, context_token: 16, vocab_size: 256, token_dim: 16}",
                          "run.max_steps=30", "run.checkpoint_every=30", "tracking.sample_every=0", "optim.lr=0.003",
-                         "run.name=test-star")
+                         "run.name=test-star", "objective.drop_scale_length=120")  # STAR's token dropping: 10 of 130 out
     outcome = run_training(config, export_dir=str(tmp_path / "export"))
     client = MlflowClient(tracking_uri=config.tracking.tracking_uri)
     ce = [m.value for m in sorted(client.get_metric_history(outcome["run_id"], "ce"), key=lambda m: m.step)]

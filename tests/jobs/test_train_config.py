@@ -134,3 +134,14 @@ def test_model_family_star_resolves_a_star_config_and_refuses_what_star_does_not
         load_train_config(None, "ar", ["model.family=star", "online.enabled=true", "data.shards=['x.tar']"])
     with pytest.raises(ValueError, match="star.depht: unknown field"):
         load_train_config(None, "ar", ["model.family=star", "model.transformer={preset: tiny, depht: 3}"])
+    # STAR's token dropping: star only, and it must keep part of the last scale of the run's scale list.
+    grid = model_configs(config)[1].grid
+    kept = grid.offsets[-2] + 1
+    dropping = load_train_config(None, "ar", ["model.family=star", f"objective.drop_scale_length={kept}"])
+    assert dropping.objective.drop_scale_length == kept
+    with pytest.raises(ValueError, match="drop_scale_length is STAR's token dropping"):
+        load_train_config(None, "ar", [f"objective.drop_scale_length={kept}"])
+    with pytest.raises(ValueError, match=rf"objective.drop_scale_length must keep part of the last scale: in \({kept - 1}, "):
+        load_train_config(None, "ar", ["model.family=star", f"objective.drop_scale_length={kept - 1}"])
+    with pytest.raises(ValueError, match="drop_scale_length must be >= 0"):
+        load_train_config(None, "ar", ["model.family=star", "objective.drop_scale_length=-1"])

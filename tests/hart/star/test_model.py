@@ -134,6 +134,36 @@ def test_logits_of_a_scale_ignore_later_scales():
             assert (after[:, offsets[si]:] - before[:, offsets[si]:]).abs().max() > 1e-4
 
 
+def test_token_dropping_removes_the_dropped_last_scale_tokens_from_the_sequence():
+    """keep_last_K: earlier scales are untouched, the kept tokens neither see the dropped ones nor move
+    (their RoPE positions are their own), and keeping every token is the plain forward."""
+    model = make_model()
+    text, mask, pooled, tf = make_inputs()
+    last_start, last_l = CFG.grid.offsets[-2], CFG.grid.token_counts[-1]
+    kept = torch.tensor([1, 4, 6, 9, 15])
+    seen = []
+    model.blocks[0].register_forward_pre_hook(lambda block, args, kwargs: seen.append((args[1], kwargs)),
+                                              with_kwargs=True)
+    with torch.no_grad():
+        full = model(text, mask, pooled, tf)
+        dropped = model(text, mask, pooled, tf, keep_last_K=kept)
+        assert dropped.shape == (B, last_start + len(kept), CFG.vocab_size)
+        torch.testing.assert_close(dropped[:, :last_start], full[:, :last_start], rtol=0, atol=1e-6)
+        positions = torch.cat([torch.arange(last_start), last_start + kept])
+        (cos, sin, _), kwargs = seen[-1]
+        assert torch.equal(cos, model.rope_cos_1Ld[:, positions]) and torch.equal(sin, model.rope_sin_1Ld[:, positions])
+        assert kwargs["segment_ends"][-1] == last_start + len(kept)
+        others = torch.tensor([i for i in range(last_l) if i not in kept.tolist()])
+        changed = tf.clone()
+        changed[:, last_start - 1 + others] = torch.randn(B, len(others), CFG.token_dim)  # the dropped tokens' inputs
+        torch.testing.assert_close(model(text, mask, pooled, changed, keep_last_K=kept), dropped, rtol=0, atol=0)
+        changed[:, last_start - 1 + kept[2]] += 1.0  # a kept token's input reaches the kept logits
+        assert (model(text, mask, pooled, changed, keep_last_K=kept)[:, last_start:] - dropped[:, last_start:]).abs().max() > 1e-4
+        torch.testing.assert_close(model(text, mask, pooled, tf, keep_last_K=torch.arange(last_l)), full, rtol=0, atol=0)
+        with pytest.raises(ValueError, match="keep_last_K must be 1-D with 1..16 indices"):
+            model(text, mask, pooled, tf, keep_last_K=torch.arange(17))
+
+
 def test_kv_cached_steps_reproduce_the_training_forward():
     model = make_model()
     text, mask, pooled, tf = make_inputs()

@@ -40,6 +40,32 @@ def batch():
     return tokenizer.quantize, tokens, text_features(4, seed=1)
 
 
+def test_token_dropping_keeps_drop_scale_length_tokens_and_takes_the_ce_over_them(batch):
+    quantizer, tokens, text = batch
+    torch.manual_seed(0)
+    model = STARForT2I(CFG).eval()
+    grid = CFG.grid
+    last_start, last_l = grid.offsets[-2], grid.token_counts[-1]
+    kept = last_start + 10
+    out = star_losses(model, quantizer, text, tokens, drop_scale_length=kept, generator=torch.Generator().manual_seed(5))
+    keep_K = torch.rand(last_l, generator=torch.Generator().manual_seed(5)).argsort()[:10].sort().values  # the same draw
+    with torch.no_grad():
+        logits_BLV = model(text.tokens_BTD, text.mask_BT, text.pooled_BD,
+                           quantizer.tokens_to_teacher_forcing_input(tokens), keep_last_K=keep_K)
+    targets_BL = torch.cat([*tokens[:-1], tokens[-1][:, keep_K]], dim=1)
+    assert logits_BLV.shape[1] == kept == targets_BL.shape[1]
+    torch.testing.assert_close(out["ce"], F.cross_entropy(logits_BLV.flatten(0, 1), targets_BL.flatten()))
+    correct = (logits_BLV.argmax(-1) == targets_BL).float()
+    assert out[f"acc_scale_{grid.num_scales - 1}"] == pytest.approx(float(correct[:, last_start:].mean() * 100))
+    other = star_losses(model, quantizer, text, tokens, drop_scale_length=kept, generator=torch.Generator().manual_seed(6))
+    assert not torch.equal(other["ce"], out["ce"])  # another step, another kept set
+    every = star_losses(model, quantizer, text, tokens, drop_scale_length=grid.num_tokens)
+    torch.testing.assert_close(every["ce"], star_losses(model, quantizer, text, tokens)["ce"], rtol=0, atol=0)
+    for bad in (last_start, grid.num_tokens + 1):
+        with pytest.raises(ValueError, match=rf"drop_scale_length must keep part of the last scale: in \({last_start}, "):
+            star_losses(model, quantizer, text, tokens, drop_scale_length=bad)
+
+
 def test_ce_is_the_token_mean_over_every_scale(batch):
     quantizer, tokens, text = batch
     torch.manual_seed(0)
