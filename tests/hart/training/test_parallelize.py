@@ -117,7 +117,8 @@ def test_parallelize_applies_checkpointing_every_k_from_the_config():
     assert patched == [False, True, False, True]  # torchtitan's rule: blocks k-1, 2k-1, ...
 
 
-def test_transformer_is_checkpointed_from_outside_with_the_same_gradients():
+def tiny_transformer() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """The seeded tiny HART transformer in training mode and one batch of its inputs (context, mask, teacher forcing)."""
     from hart.config import transformer_config
     from hart.transformer.model import HARTForT2I
 
@@ -127,14 +128,18 @@ def test_transformer_is_checkpointed_from_outside_with_the_same_gradients():
     model.init_weights()
     model.train()
     g = torch.Generator().manual_seed(1)
-    ctx = torch.randn(2, cfg.context_token, cfg.context_dim, generator=g)
-    mask = torch.ones(2, cfg.context_token, dtype=torch.bool)
-    tf = torch.randn(2, cfg.num_image_tokens() - 1, cfg.token_dim, generator=g)
+    return model, (torch.randn(2, cfg.context_token, cfg.context_dim, generator=g),
+                   torch.ones(2, cfg.context_token, dtype=torch.bool),
+                   torch.randn(2, cfg.num_image_tokens() - 1, cfg.token_dim, generator=g))
+
+
+def test_transformer_is_checkpointed_from_outside_with_the_same_gradients():
+    model, inputs = tiny_transformer()
     wrapped = copy.deepcopy(model)
     parallelize(wrapped, ParallelConfig(strategy="none", activation_checkpointing=True), torch.device("cpu"))
     assert all("forward" in vars(block) for block in wrapped.blocks)
     for m in (model, wrapped):
-        m(ctx, mask, tf).square().mean().backward()
+        m(*inputs).square().mean().backward()
     for (name, p_a), p_b in zip(model.named_parameters(), wrapped.parameters()):
         if p_a.grad is not None:
             torch.testing.assert_close(p_b.grad, p_a.grad, msg=name)
@@ -156,18 +161,7 @@ class OpCounter(TorchDispatchMode):
 def test_op_policy_recomputes_no_matmul_or_attention_and_keeps_the_gradients():
     """policy "op": the backward runs exactly the matmuls and attention kernels of an uncheckpointed
     backward (their forward outputs were kept); policy "block" runs each block's forward ones again."""
-    from hart.config import transformer_config
-    from hart.transformer.model import HARTForT2I
-
-    cfg = transformer_config("tiny")
-    torch.manual_seed(0)
-    model = HARTForT2I(cfg)
-    model.init_weights()
-    model.train()
-    g = torch.Generator().manual_seed(1)
-    inputs = (torch.randn(2, cfg.context_token, cfg.context_dim, generator=g),
-              torch.ones(2, cfg.context_token, dtype=torch.bool),
-              torch.randn(2, cfg.num_image_tokens() - 1, cfg.token_dim, generator=g))
+    model, inputs = tiny_transformer()
     backward_ops, grads = {}, {}
     for policy in ("none", "block", "op"):
         trained = copy.deepcopy(model)
