@@ -54,6 +54,9 @@ def test_process_tree_lists_root_and_descendants(holder):
 
 def test_a_process_that_ended_has_no_tree_and_no_command_line():
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    deadline = time.monotonic() + 10
+    while "time.sleep(60)" not in command_line(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)  # between fork and exec the child's command line is still empty (or the parent's)
     assert process_tree(proc.pid) == [proc.pid] and "time.sleep(60)" in command_line(proc.pid)
     proc.kill()
     proc.wait()
