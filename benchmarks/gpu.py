@@ -28,9 +28,10 @@ Checks, run first and printed above the table (seconds; a failed check makes the
   a small transformer at the released 256px scale list (padded text, a kept last-scale subset) with
   FlexAttention equal those of the SDPA path, elementwise within 1e-4 (fp32) or 3e-2 (bf16), the
   tolerance of the CPU forward test. CUDA only: FlexAttention has no CPU backward.
-- `op checkpointing = none, gradients`: with `activation_checkpointing_policy="op"` (kept matmul and
-  attention outputs; flex on CUDA, sdpa on the CPU) the gradients equal those without checkpointing,
-  within 1e-5 in fp32: the saved-op policy recognises this device's attention kernel.
+- `op checkpointing = none, nothing recomputed`: with `activation_checkpointing_policy="op"` (SDPA
+  kernels, fp32) the gradients equal those without checkpointing within 1e-5, and the backward makes
+  exactly as many matmul and attention calls as without checkpointing: the policy recognises this
+  device's SDPA kernel (`hart.training.parallelize.SAVED_OPS`) and recomputes none of them.
 Peak GiB = `torch.cuda.max_memory_allocated` over the row's timed part. `warm-up s` = the untimed
 steps/calls (compile happens there); `row s` = the whole row (build, FLOP counting, warm-up, timing).
 
@@ -69,11 +70,13 @@ from typing import Callable
 STARTED = time.monotonic()  # the budget counts imports and CUDA start-up too: the whole call must fit
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks import mfu as mfu_bench
 from benchmarks import tokenizer as tokenizer_bench
 from benchmarks import transformer as transformer_bench
 from hart.config import PATCH_NUMS_256, PATCH_NUMS_512, PATCH_NUMS_1024, TOKENIZER_PRESETS, transformer_config
+from hart.training.parallelize import SAVED_OPS
 
 RESOLUTIONS = (256, 512, 1024)
 GPU_SCALES = {256: PATCH_NUMS_256, 512: PATCH_NUMS_512, 1024: PATCH_NUMS_1024}
@@ -330,11 +333,25 @@ def tokenizer_row(args, resolution: int, batch: int, device: torch.device) -> di
 CHECK_MODEL = {"patch_nums": PATCH_NUMS_256, "context_token": 32, "depth": 2, "embed_dim": 64, "num_heads": 4}
 
 
+class SavedOpCalls(TorchDispatchMode):
+    """Counts the calls of `SAVED_OPS` (matmuls, fused attention kernels) made under it while `counting`."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+        self.counting = True
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += self.counting and func in SAVED_OPS
+        return func(*args, **(kwargs or {}))
+
+
 def check_gradients(device: torch.device, attention: str, precision: str = "fp32",
-                    checkpointing: str | None = None) -> dict[str, torch.Tensor]:
+                    checkpointing: str | None = None) -> tuple[dict[str, torch.Tensor], int]:
     """Parameter gradients of one seeded forward + backward of the checks' transformer (CHECK_MODEL) with
-    the `attention` kernel, under bf16 autocast or not, checkpointed by `checkpointing` policy or not;
-    three rows: full text, and two right-padded ones; a random half of the last scale kept per row."""
+    the `attention` kernel, under bf16 autocast or not, checkpointed by `checkpointing` policy or not
+    (three rows: full text, and two right-padded ones; a random half of the last scale kept per row),
+    and the number of matmul and attention calls (`SAVED_OPS`) the backward made."""
     from hart.training.parallelize import ParallelConfig, parallelize
     from hart.transformer.model import HARTForT2I
 
@@ -359,8 +376,21 @@ def check_gradients(device: torch.device, attention: str, precision: str = "fp32
     model.train()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         logits = model(context.to(device), mask.to(device), inputs.to(device), keep_last_Bk=keep.to(device))
-    logits.float().square().mean().backward()
-    return {name: p.grad.detach().float().cpu() for name, p in model.named_parameters() if p.grad is not None}
+    loss = logits.float().square().mean()
+    with SavedOpCalls() as backward:
+        loss.backward()
+    grads = {name: p.grad.detach().float().cpu() for name, p in model.named_parameters() if p.grad is not None}
+    return grads, backward.calls
+
+
+def op_checkpointing_check(device: torch.device) -> tuple[bool, str]:
+    """Policy "op" (sdpa kernels, fp32) against no checkpointing: the same gradients, and a backward that
+    recomputes none of the matmul and attention calls (their forward outputs were kept)."""
+    (checkpointed, calls), (plain, plain_calls) = (check_gradients(device, "sdpa", checkpointing=policy)
+                                                   for policy in ("op", None))
+    passed, summary = gradients_match(checkpointed, plain, 1e-5)
+    return passed and calls == plain_calls, (f"{summary}; matmul + attention calls in backward {calls} "
+                                             f"(without checkpointing {plain_calls})")
 
 
 def gradients_match(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], tolerance: float) -> tuple[bool, str]:
@@ -380,16 +410,14 @@ def run_checks(device: torch.device) -> list[tuple[str, bool | None, str]]:
     """(check, passed, summary) for each check of the module docstring; passed is None where it does not
     apply, and a check that raises fails with the error as its summary (the others still run)."""
     flex_runs = device.type == "cuda"
-    attention = "flex" if flex_runs else "sdpa"
     checks = {
         f"flex = sdpa gradients, {precision}{' autocast' if precision == 'bf16' else ''}":
             (lambda precision=precision, tolerance=tolerance: gradients_match(
-                check_gradients(device, "flex", precision), check_gradients(device, "sdpa", precision), tolerance))
+                check_gradients(device, "flex", precision)[0], check_gradients(device, "sdpa", precision)[0], tolerance))
             if flex_runs else None
         for precision, tolerance in (("fp32", 1e-4), ("bf16", 3e-2))
     }
-    checks[f"op checkpointing = none, gradients ({attention}, fp32)"] = lambda: gradients_match(
-        check_gradients(device, attention, checkpointing="op"), check_gradients(device, attention), 1e-5)
+    checks["op checkpointing = none, nothing recomputed (sdpa, fp32)"] = lambda: op_checkpointing_check(device)
     results = []
     for name, check in checks.items():
         if check is None:

@@ -258,6 +258,8 @@ class STARForT2I(nn.Module):
         last_start, last_l = self.grid.offsets[-2], self.grid.token_counts[-1]
         if keep_last_K.ndim != 1 or not 0 < keep_last_K.numel() <= last_l:
             raise ValueError(f"keep_last_K must be 1-D with 1..{last_l} indices, got shape {tuple(keep_last_K.shape)}")
+        if keep_last_K.dtype == torch.bool or keep_last_K.is_floating_point() or keep_last_K.is_complex():
+            raise ValueError(f"keep_last_K must hold integer indices, got {keep_last_K.dtype}")
         earlier_L = torch.arange(last_start, device=keep_last_K.device)
         return torch.cat([earlier_L, last_start + keep_last_K.long()]).to(self.levels_L.device)
 

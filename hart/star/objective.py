@@ -51,7 +51,8 @@ def star_losses(
 ) -> dict[str, torch.Tensor]:
     """Loss and metrics of one batch. `null_condition` (batch 1) enables CFG dropout in training
     mode at the model's `cond_drop_rate`; without it every row keeps its text. `drop_scale_length`
-    (tokens kept per sequence) drops the rest of the last scale (module docstring)."""
+    (tokens kept per sequence) drops the rest of the last scale (module docstring). `generator`, if
+    given, lives on the model's device (the draws are made there)."""
     grid = model.config.grid
     if tuple(quantizer.patch_nums) != grid.patch_nums:
         raise ValueError(f"quantizer patch_nums {tuple(quantizer.patch_nums)} differ from the model's {grid.patch_nums}")

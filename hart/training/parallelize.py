@@ -27,10 +27,15 @@ outside for every model, the transformer included, by replacing the chosen block
 instance. `activation_checkpointing_policy` says what a chosen block recomputes: "block" recomputes
 all of it (least memory); "op" (torchtitan's "selective, op" mode) keeps the outputs of its matmuls
 and attention kernels (`SAVED_OPS`) and recomputes only the cheap ops between them (norms, AdaLN
-modulation, activations, RoPE, casts), so the backward repeats none of the forward's FLOPs, for
-roughly the memory of the matmul outputs. Where the elementwise work dominates a block's activation
-memory (fp32 norm and modulation intermediates under autocast), that is most of the saving at none
-of the matmul recompute.
+modulation, activations, RoPE, casts), so the backward repeats none of the forward's matmul and
+attention FLOPs, for roughly the memory of their outputs. Where the elementwise work dominates a
+block's activation memory (fp32 norm and modulation intermediates under autocast), that is most of
+the saving at none of the matmul recompute (benchmarks/checkpointing.py). With the SDPA kernels
+(`attention: sdpa`) this holds in eager and compiled blocks (tested on CPU; `benchmarks/gpu.py`
+checks it on a GPU). FlexAttention runs as a compiled function, which the policy cannot look
+into from an eager block: there the flex forward is recomputed in backward. Inside a compiled
+block (`parallel.compile`) dynamo traces flex's higher-order op, which `SAVED_OPS` names; that
+combination has not been measured (FlexAttention has no CPU backward).
 
 Neither activation checkpointing nor compile changes state-dict keys (both patch the
 blocks in place). Compile on CPU needs a C++ compiler (inductor); without one `parallelize`
@@ -129,12 +134,13 @@ def find_blocks(model: nn.Module, block_attribute_name: str = "blocks") -> nn.Mo
 def _saved_ops() -> frozenset:
     """The ops whose outputs the "op" policy keeps: matmuls and every fused attention kernel (the ones
     this torch build has: the CPU flash kernel, the CUDA flash / memory-efficient / cuDNN ones, and
-    FlexAttention's higher-order op)."""
+    FlexAttention's higher-order op). Default overloads only: an `out=` overload writes into a buffer
+    that checkpointing must not keep (it would find the cached tensor mutated)."""
     aten = torch.ops.aten
     names = ("mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention",
              "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
              "_scaled_dot_product_cudnn_attention")
-    ops = {getattr(aten, name) for name in names if hasattr(aten, name)}
+    ops = {getattr(aten, name).default for name in names if hasattr(aten, name)}
     if hasattr(torch.ops.higher_order, "flex_attention"):
         ops.add(torch.ops.higher_order.flex_attention)
     return frozenset(ops)
@@ -145,8 +151,7 @@ SAVED_OPS = _saved_ops()
 
 def _keep_matmuls(ctx, func, *args, **kwargs) -> CheckpointPolicy:
     """Selective checkpointing policy: keep SAVED_OPS' outputs, recompute everything else."""
-    packet = getattr(func, "overloadpacket", func)  # aten.mm.default -> aten.mm; a higher-order op is itself
-    return CheckpointPolicy.MUST_SAVE if packet in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    return CheckpointPolicy.MUST_SAVE if func in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def apply_activation_checkpointing(model: nn.Module, every: int = 1, policy: str = "block") -> int:
@@ -242,7 +247,7 @@ def check_compile_toolchain(device: torch.device) -> None:
     except Exception as exc:  # noqa: BLE001 - torch raises InvalidCxxCompiler (and may change the type)
         raise ValueError(
             f"parallel.compile on CPU needs a C++ compiler for torch inductor (g++ or clang++ on PATH, or "
-            f"$CXX): {exc}; install one or set parallel.compile=false"
+            f"$CXX): {exc}; install one, or run without compile (parallel.compile=false; no --compile)"
         ) from None
 
 

@@ -100,15 +100,16 @@ def test_smoke_run_on_a_stock_image_prints_every_row_with_finite_positive_figure
     checks = out[out.index("| check | result | detail |"):].splitlines()[2:]
     assert [line.split("|")[1:3] for line in checks] == [
         [" flex = sdpa gradients, fp32 ", " n/a "], [" flex = sdpa gradients, bf16 autocast ", " n/a "],
-        [" op checkpointing = none, gradients (sdpa, fp32) ", " pass "]]
+        [" op checkpointing = none, nothing recomputed (sdpa, fp32) ", " pass "]]
     print(f"smoke run: {time.monotonic() - started:.1f} s")
 
 
 def test_gradient_check_passes_equal_gradients_and_fails_a_difference():
     cpu = torch.device("cpu")
-    plain = gpu_script.check_gradients(cpu, "sdpa")
-    passed, summary = gpu_script.gradients_match(gpu_script.check_gradients(cpu, "sdpa", checkpointing="op"), plain, 1e-5)
-    assert passed, summary
+    plain, plain_calls = gpu_script.check_gradients(cpu, "sdpa")
+    (op, op_calls), (block, block_calls) = (gpu_script.check_gradients(cpu, "sdpa", checkpointing=p) for p in ("op", "block"))
+    assert gpu_script.gradients_match(op, plain, 1e-5)[0] and gpu_script.gradients_match(block, plain, 1e-5)[0]
+    assert op_calls == plain_calls < block_calls  # what the op check tells apart
     name = next(iter(plain))
     off = {**plain, name: plain[name] + 1e-3 * (1 + plain[name].abs())}  # just outside 1e-4 abs + 1e-4 rel
     passed, summary = gpu_script.gradients_match(off, plain, 1e-4)

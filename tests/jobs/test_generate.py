@@ -43,10 +43,16 @@ def test_compile_generates_the_same_images(tmp_path, capsys):
     model.save_pretrained(tmp_path / "llm", tokenizer=tokenizer.config)
     args = ["--llm", str(tmp_path / "llm"), "--tokenizer", str(tmp_path / "tokenizer"), "--prompt", "a red circle",
             "--prompt", "a blue square", "--top-k", "16", "16", "--seed", "5", "--device", "cpu"]
+    from torch._dynamo.utils import counters
+
     with torch._dynamo.config.patch(recompile_limit=8):  # the default; --compile raises it for this process
         assert main([*args, "--output", str(tmp_path / "eager")]) == 0
+        torch._dynamo.reset()
+        counters.clear()
         assert main([*args, "--output", str(tmp_path / "compiled"), "--compile"]) == 0
         assert torch._dynamo.config.recompile_limit == 2 * len(model.config.patch_nums) + 4
+    # the blocks ran compiled: one graph per scale (each scale's cache length is its own guard)
+    assert counters["stats"]["unique_graphs"] == len(model.config.patch_nums)
     torch._dynamo.reset()
     capsys.readouterr()
     for path in sorted((tmp_path / "eager").iterdir()):

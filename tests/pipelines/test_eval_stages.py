@@ -79,11 +79,16 @@ def test_a_compiling_actor_writes_the_same_images(generator, tmp_path):
     stage, images = generator
     root = images.parent
     group = (["0", "1"], ["a red circle", "a blue square"], ["circle", "square"], 7)
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
     with torch._dynamo.config.patch(recompile_limit=8):
         compiled = GenerateImages(str(root / "export" / "llm"), str(root / "export" / "tokenizer"), "minilm",
                                   PROTOCOLS["shapes"].to_dict(), str(tmp_path / "images"), device="cpu", compile=True)
         assert all(block._compiled_call_impl is not None for block in compiled.model.blocks)
         assert list(compiled(groups_batch(group))["png"]) == list(stage(groups_batch(group))["png"])
+    assert counters["stats"]["unique_graphs"] == len(compiled.model.config.patch_nums)  # one graph per scale
     torch._dynamo.reset()
 
 

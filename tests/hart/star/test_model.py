@@ -162,6 +162,8 @@ def test_token_dropping_removes_the_dropped_last_scale_tokens_from_the_sequence(
         torch.testing.assert_close(model(text, mask, pooled, tf, keep_last_K=torch.arange(last_l)), full, rtol=0, atol=0)
         with pytest.raises(ValueError, match="keep_last_K must be 1-D with 1..16 indices"):
             model(text, mask, pooled, tf, keep_last_K=torch.arange(17))
+        with pytest.raises(ValueError, match="keep_last_K must hold integer indices, got torch.bool"):
+            model(text, mask, pooled, tf, keep_last_K=torch.arange(16) % 2 == 0)
 
 
 def test_kv_cached_steps_reproduce_the_training_forward():

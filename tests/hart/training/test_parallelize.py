@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = Path(__file__).resolve().parents[3]
 if __name__ == "__main__":  # a rank started by the tests below: make `hart` importable
@@ -145,22 +144,13 @@ def test_transformer_is_checkpointed_from_outside_with_the_same_gradients():
             torch.testing.assert_close(p_b.grad, p_a.grad, msg=name)
 
 
-class OpCounter(TorchDispatchMode):
-    """Counts the matmul and fused-attention calls (parallelize.SAVED_OPS) that run under it."""
-
-    def __init__(self):
-        super().__init__()
-        self.saved_kind = 0
-        self.counting = True
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.saved_kind += self.counting and func.overloadpacket in SAVED_OPS
-        return func(*args, **(kwargs or {}))
-
-
 def test_op_policy_recomputes_no_matmul_or_attention_and_keeps_the_gradients():
     """policy "op": the backward runs exactly the matmuls and attention kernels of an uncheckpointed
     backward (their forward outputs were kept); policy "block" runs each block's forward ones again."""
+    from benchmarks.gpu import SavedOpCalls  # the counter the GPU script's check uses
+
+    # default overloads only: an out= matmul writes into a buffer that checkpointing must not keep
+    assert torch.ops.aten.mm.default in SAVED_OPS and torch.ops.aten.mm.out not in SAVED_OPS
     model, inputs = tiny_transformer()
     backward_ops, grads = {}, {}
     for policy in ("none", "block", "op"):
@@ -169,20 +159,20 @@ def test_op_policy_recomputes_no_matmul_or_attention_and_keeps_the_gradients():
             parallelize(trained, ParallelConfig(strategy="none", activation_checkpointing=True,
                                                 activation_checkpointing_policy=policy), torch.device("cpu"))
         loss = trained(*inputs).square().mean()
-        with OpCounter() as counter:
+        with SavedOpCalls() as counter:
             loss.backward()
-        backward_ops[policy] = counter.saved_kind
+        backward_ops[policy] = counter.calls
         grads[policy] = [p.grad for p in trained.parameters()]
-    in_blocks = OpCounter()  # the matmuls and attention calls of the blocks' forwards alone
+    in_blocks = SavedOpCalls()  # the matmuls and attention calls of the blocks' forwards alone
     in_blocks.counting = False
     for block in model.blocks:
         block.register_forward_pre_hook(lambda *_: setattr(in_blocks, "counting", True))
         block.register_forward_hook(lambda *_: setattr(in_blocks, "counting", False))
     with in_blocks, torch.no_grad():
         model(*inputs)
-    assert in_blocks.saved_kind > 0
+    assert in_blocks.calls > 0
     assert backward_ops["op"] == backward_ops["none"]
-    assert backward_ops["block"] == backward_ops["none"] + in_blocks.saved_kind  # the blocks' forwards again
+    assert backward_ops["block"] == backward_ops["none"] + in_blocks.calls  # the blocks' forwards again
     for policy in ("block", "op"):  # fp32 on CPU: recomputed elementwise ops give the same bits
         for (name, _), a, b in zip(model.named_parameters(), grads["none"], grads[policy]):
             assert (a is None) == (b is None), name
