@@ -23,7 +23,9 @@ Rows (weights are random everywhere: speed does not depend on their values):
   the HART tokenizer net (`hart-1024` preset with RES's scale list), bf16 autocast, images/s over
   `--tok-iters` batches after one untimed batch (`benchmarks/tokenizer.py`'s `timed`): the ceiling of
   the pre-tokenization (precompute) pipeline per GPU.
-Checks, run first and printed above the table (seconds; a failed check makes the exit status 1):
+Checks, run first and printed in a table of their own (their time counts against the budget and has
+not been measured on a GPU: flex compiles its kernel once per dtype; a failed check makes the exit
+status 1):
 - `flex = sdpa gradients, fp32 | bf16 autocast`: the parameter gradients of one forward + backward of
   a small transformer at the released 256px scale list (padded text, a kept last-scale subset) with
   FlexAttention equal those of the SDPA path, elementwise within 1e-4 (fp32) or 3e-2 (bf16), the
