@@ -177,11 +177,14 @@ def read_share(output: str, endpoint: str, args) -> dict:
 @contextlib.contextmanager
 def loopback_s3(bucket: str):
     """`moto_server` in its own process on a free loopback port (its memory stays out of the measured
-    driver) with `bucket` created; yields the endpoint URL. Also used by benchmarks/planning.py."""
+    driver) with `bucket` created; yields the endpoint URL. Also used by benchmarks/planning.py.
+    While it runs, S3 clients without credentials get moto's placeholder ones (set only where unset,
+    and removed again on exit)."""
     from jobs.local_services import free_port
 
-    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_REGION", "us-east-1")):
-        os.environ.setdefault(name, value)
+    placeholders = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
+    added = [name for name in placeholders if name not in os.environ]
+    os.environ.update({name: placeholders[name] for name in added})
     endpoint = f"http://127.0.0.1:{free_port()}"
     server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1",
                                "-p", endpoint.rsplit(":", 1)[1]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -201,6 +204,8 @@ def loopback_s3(bucket: str):
     finally:
         server.terminate()
         server.wait()
+        for name in added:
+            os.environ.pop(name, None)
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ to the benchmark itself."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import boto3
@@ -90,15 +91,19 @@ def test_fingerprint_records_the_text_features_and_changes_with_them():
 
 
 def test_loopback_s3_serves_the_bucket_and_stops(monkeypatch):
-    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_REGION", "us-east-1")):
-        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")  # a caller's own setting stays
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name, raising=False)
     with bench.loopback_s3("bench") as endpoint:
+        assert os.environ["AWS_ACCESS_KEY_ID"] == "testing" and os.environ["AWS_REGION"] == "eu-west-1"
         assert endpoint.startswith("http://127.0.0.1:")
         client = boto3.client("s3", endpoint_url=endpoint)
         client.put_object(Bucket="bench", Key="a/b", Body=b"row")
         assert client.get_object(Bucket="bench", Key="a/b")["Body"].read() == b"row"
     with pytest.raises(requests.ConnectionError):
         requests.get(endpoint, timeout=5)
+    assert "AWS_ACCESS_KEY_ID" not in os.environ and "AWS_SECRET_ACCESS_KEY" not in os.environ  # placeholders gone
+    assert os.environ["AWS_REGION"] == "eu-west-1"
 
 
 @pytest.mark.parametrize("flags", [["--rows", "many"], ["--no-such-flag"], ["--targets", "S3"], ["--targets", ""]])

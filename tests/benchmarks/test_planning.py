@@ -21,7 +21,7 @@ from tests.faults.s3_fault_proxy import FaultProxy
 
 @pytest.fixture
 def s3_credentials(monkeypatch):
-    # loopback_s3 sets these only when missing: set them here so that they are undone after the test
+    # credentials of the test's S3 clients (undone after the test)
     for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_REGION", "us-east-1")):
         monkeypatch.setenv(name, value)
 
