@@ -40,6 +40,9 @@ def train_assets(tmp_path_factory, ray_local):
     precompute = load_precompute_config(None, [
         f"input.shards=['{root}/shards/*.tar']", f"output={root}/cache", f"tokenizer.checkpoint={root}/tokenizer",
         "progress=false", "compute.tokenizer_cpus=0.5",
+        # a test's Ray may be a multi-node `ray_cluster` by the time this session fixture is first
+        # needed (tests/faults/test_node_loss.py); its nodes all run on this machine, sharing its disk
+        "shared_filesystem=true",
     ])
     summary = run_precompute(precompute, log=lambda *a: None)
     assert summary.samples_written == 48
