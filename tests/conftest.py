@@ -75,11 +75,14 @@ class MultiNode:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
+def ray_cluster(ray_local):
+    """A head and two worker nodes (`cluster_utils`) for one module's tests. It asks for `ray_local`
+    first, so the session's local instance exists before the cluster replaces it and is started again
+    after it: a session fixture first requested during the module (train_assets) would otherwise be
+    left holding a Ray that the cluster's teardown shut down."""
     import ray
     from ray.cluster_utils import Cluster
 
-    was_local = ray.is_initialized()
     ray.shutdown()
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "resources": {"head": 1.0}, "object_store_memory": 150 * 1024 * 1024,
@@ -93,8 +96,7 @@ def ray_cluster():
     finally:
         ray.shutdown()
         cluster.shutdown()
-        if was_local:
-            ray.init(address="local", num_cpus=2, include_dashboard=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False)
 
 
 @pytest.fixture(scope="session")
