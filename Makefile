@@ -26,8 +26,11 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 
 install: $(VENV)/.installed
 
+# Two test processes (pytest-xdist) on 2 cores: much of a Ray test is start-up and waiting, which the
+# other process fills. TEST_WORKERS=0 runs them in this process, one after the other.
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q -m "not slow and not gpu and not smoke" tests
+	$(PY) -m pytest -q -m "not slow and not gpu and not smoke" $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist worksteal) tests
 
 # The whole demo chain at tiny step counts in a temporary workdir, its outputs checked, and the
 # check itself tested (tests/jobs/test_demo_smoke.py). CI runs it after `make test`.

@@ -238,7 +238,7 @@ def main() -> None:
         if "s3" in wanted:
             endpoint = stack.enter_context(loopback_s3("bench"))
             targets["s3"] = ("s3://bench/cache", endpoint)
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False)
+        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         print(f"rows: {args.rows} in {args.shards} shards, {sum(results['row_bytes'].values()):,} B raw per row "
               f"(tokens {results['row_bytes']['tokens']:,} + residual {results['row_bytes']['residual']:,}"

@@ -112,7 +112,7 @@ def main() -> None:
         gpu = args.device == "cuda"
         overrides = [
             f"input.shards={json.dumps(uris)}", "input.list_file=''", f"output={workdir}/cache", "progress=false",
-            "tokenizer.checkpoint=''", f"tokenizer.preset={args.preset}", "tokenizer.seed=0",
+            "tokenizer.checkpoint=''", f"tokenizer.preset={args.preset}", "tokenizer.seed=0", "text.encoder=''",
             f"compute.tokenizer_batch_size={args.batch_size}", f"compute.decode_batch_size={args.batch_size}",
         ]
         if gpu:  # the GPU sizing of the config file's header: one actor per GPU, decode on the CPUs
@@ -133,7 +133,7 @@ def main() -> None:
         print(f"(b) bare loop, run 1: {bare_first[0]} images in {bare_first[1]:.2f}s = {bare_first[0] / bare_first[1]:.1f} img/s"
               f"  [{threads} threads; load average {os.getloadavg()[0]:.1f}]")
 
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False)
+        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
         started = time.perf_counter()
         summary = run_precompute(config, log=lambda *_: None)
         pipeline_seconds = time.perf_counter() - started

@@ -212,7 +212,7 @@ def interleave(args, cache: str, tokenizer: str, work: Path, threads: int) -> fl
 
     sides = {"ray": ray_side, "bare": lambda: process_tree(child.pid)}
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     config = replace(config, run=replace(config.run, name=f"{config.run.name}-interleaved-{threads}"))
     pinned: dict[int, int] = {}
     stop_pinning = threading.Event()
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         import ray
 
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         print(f"making a {args.num_samples}-sample shapes cache ...", flush=True)
         cache, tokenizer = make_assets(work, args.num_samples)
     print(f"cache {cache} tokenizer {tokenizer}", flush=True)

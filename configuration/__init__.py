@@ -2,5 +2,6 @@
 
 The lowest layer of the tree (`configuration` <- `hart` <- `pipelines` <- `jobs`): the model library
 reads its checkpoints' `config.json` through it, the pipelines and jobs read their YAML run configs
-through it, and nothing in it knows about models. One module: `loader`.
+through it, and nothing in it knows about models. Modules: `loader` (configs) and `cli` (the command
+lines' shared help conventions).
 """

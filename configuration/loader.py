@@ -160,7 +160,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """Apply `a.b.c=value` overrides to a nested dict; values are parsed as YAML scalars/lists."""
+    """Apply `a.b.c=value` overrides to a nested dict; values are parsed as YAML scalars/lists, and an empty
+    value is the empty string (`--set text.encoder=` turns the text stage off; `null` is None)."""
     data = json.loads(json.dumps(data))  # deep copy
     for item in overrides:
         if "=" not in item:
@@ -174,5 +175,5 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
     return data

@@ -52,6 +52,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from jobs.demo_evaluation import CLASSIFIER_MIN_ACCURACY, SAMPLE_TAGS, evaluate, log_figures, psnr_verdict
+from pipelines.eval_protocol import PROTOCOLS
+
+DEMO_PROTOCOL = PROTOCOLS["demo"]
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -93,14 +96,13 @@ class DemoConfig:
     joint_lr: float = option(4e-3, "peak learning rate of the joint stage")
     joint_threads: int = option(2, "torch threads of the joint stage's Ray Train worker (the cache reader is light)")
     transformer: str = option("demo", "a TransformerConfig preset, or 'demo' (below)")
-    samples_per_prompt: int = option(8, "images per held-out prompt (18 prompts: 144 images, so one figure is "
-                                        "+-4 points)")
-    cfg: float = option(3.0, "classifier-free guidance of the tokens")
-    # The released head schedule (the tokens' guidance, ~2.4 here) made the sampled residual 3-5x larger
-    # than the real one (std 0.14-0.17 vs 0.03-0.05) on four demo models; unguided: 0.07-0.10, and
-    # colour +3 to +15 points (BENCHMARKS.md).
-    head_cfg: float | None = option(1.0, "guidance of the residual diffusion head (1.0 = unguided)")
-    top_k: int = option(16, "top-k of the token sampling")
+    # Sampling: the `demo` protocol's settings (pipelines/eval_protocol.py), which hart-generate and
+    # hart-evaluate --protocol demo use too; a flag set here is recorded as an override of it.
+    samples_per_prompt: int = option(DEMO_PROTOCOL.images_per_prompt, "images per held-out prompt (18 prompts: "
+                                     "144 images, so one figure is +-4 points)")
+    cfg: float = option(DEMO_PROTOCOL.cfg, "classifier-free guidance of the tokens")
+    head_cfg: float | None = option(DEMO_PROTOCOL.head_cfg, "guidance of the residual diffusion head (1.0 = unguided)")
+    top_k: int = option(DEMO_PROTOCOL.top_k[0], "top-k of the token sampling (every scale)")
     from_step: str = option("data", "rerun from this step, reusing the earlier steps' outputs in --workdir "
                                     "(local storage)")  # choices: STEPS (below)
 
@@ -297,7 +299,8 @@ def run(config: DemoConfig, temporary: bool = False) -> dict:
         from jobs.local_ray import LOCAL_RAY_RUNTIME_ENV
 
         root, endpoint = services.root, services.endpoint
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True, runtime_env=LOCAL_RAY_RUNTIME_ENV)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True,
+                 runtime_env=LOCAL_RAY_RUNTIME_ENV)
         runs = dict(previous)
         export = workdir / "export"
         if start <= 0:
@@ -439,7 +442,9 @@ def print_summary(summary: dict) -> None:
 def parse_args(argv: list[str] | None = None) -> DemoConfig:
     """`--smoke` plus one flag per DemoConfig field (`--joint-steps` for joint_steps), typed and
     documented by the field itself; unset flags keep the base config's values."""
-    parser = argparse.ArgumentParser(prog="hart-demo", description=__doc__.split("\n\n")[0])
+    from configuration.cli import HelpFormatter
+
+    parser = argparse.ArgumentParser(prog="hart-demo", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--smoke", action="store_true",
                         help="the whole chain at tiny step counts, in a temporary workdir unless --workdir is given; "
                              "checks that every step produces its outputs, not their quality")

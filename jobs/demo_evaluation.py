@@ -13,6 +13,7 @@ Shape legend: B images, 3 RGB, H/W sides.
 from __future__ import annotations
 
 import io
+import json
 import shutil
 from pathlib import Path
 
@@ -62,22 +63,21 @@ def figure_names(classifier_valid: bool) -> list[str]:
 
 def evaluation_argv(export: Path, config, out: Path, tag: str, tracking_uri: str = "",
                     run_id: str = "", step: int = 0) -> list[str]:
-    """hart-evaluate's arguments for the held-out prompts, generated with (`with_head`) or without the
-    residual head, each `samples_per_prompt` times in one seeded group sampled 32 at a time, as one
-    generator. With `run_id` its figures, per-category table, grid and protocol go to that MLflow run
-    (the joint run) as `eval/<tag>/...` at `step` (the joint run's last step)."""
-    from pipelines.shapes import prompts as split_prompts
+    """hart-evaluate's arguments for the held-out prompts under the `demo` protocol, generated with
+    (`with_head`) or without the residual head; a demo flag that departs from the protocol is passed as
+    an override (and recorded in protocol.json). With `run_id` its figures, per-category table, grid
+    and protocol go to that MLflow run (the joint run) as `eval/<tag>/...` at `step` (the joint run's
+    last step)."""
+    from pipelines.eval_protocol import PROTOCOLS
 
-    count = len(split_prompts("heldout")) * config.samples_per_prompt
-    argv = [
-        "run", "--export", str(export), "--prompts", "shapes:heldout", "--protocol", "shapes", "--metrics", "shapes",
-        "--out", str(out / "samples" / tag), "--num-cpus", "2", "--cpus-per-actor", "1",
-        "--set", f"cfg={config.cfg}", "--set", f"top_k=[{config.top_k},{config.top_k}]",
-        "--set", f"head_cfg={'null' if config.head_cfg is None else config.head_cfg}",
-        "--set", f"use_diffusion={'true' if tag == 'with_head' else 'false'}", "--set", f"seed={config.seed}",
-        "--set", f"images_per_prompt={config.samples_per_prompt}", "--set", f"batch_size={count}",
-        "--set", "chunk_size=32",
-    ]
+    demo = PROTOCOLS["demo"]
+    wanted = {"cfg": config.cfg, "top_k": (config.top_k, config.top_k), "head_cfg": config.head_cfg,
+              "seed": config.seed, "images_per_prompt": config.samples_per_prompt, "use_diffusion": tag == "with_head"}
+    argv = ["run", "--export", str(export), "--prompts", "shapes:heldout", "--protocol", "demo",
+            "--out", str(out / "samples" / tag), "--num-cpus", "2", "--cpus-per-actor", "1"]
+    for name, value in wanted.items():
+        if value != getattr(demo, name):
+            argv += ["--set", f"{name}={json.dumps(list(value) if isinstance(value, tuple) else value)}"]
     if run_id:
         argv += ["--tracking-uri", tracking_uri, "--run-id", run_id, "--name", f"eval/{tag}", "--step", str(step)]
     return argv

@@ -35,7 +35,9 @@ images directly in the folder have none), in shards the string under `category` 
 The file's info lists the images per category (`categories`, `uncategorised`).
 
 Weights are never downloaded: the Inception weights file and the CLIP folder are named by the user
-(a missing one is an error naming what to put there).
+(a missing one is an error naming what to put there). Every input, the output's store and the MLflow
+run to attach to are checked before Ray starts. `images_per_s` is generation throughput from the
+first group's start to the last one's end; the actors' start-up before it is `startup_s`.
 """
 
 from __future__ import annotations
@@ -54,28 +56,35 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from configuration.cli import HelpFormatter
+    from jobs.local_ray import ADDRESS_HELP
     from pipelines.eval_protocol import METRICS, PROTOCOLS
 
     parser = argparse.ArgumentParser(prog="hart-evaluate", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                     formatter_class=HelpFormatter, epilog=__doc__.split("\n\n")[1])
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="generate and score an export's images")
+    run = sub.add_parser("run", help="generate and score an export's images", formatter_class=HelpFormatter)
     run.add_argument("--export", required=True, help="export folder with tokenizer/ and llm/ (+ ema_model.bin), or STAR's star/ (hart-train model.family star)")
     run.add_argument("--text-encoder", default="minilm", help="'minilm' or a local causal-LM folder (HART: Qwen2)")
     run.add_argument("--prompts", required=True,
                      help="MJHQ meta_data.json, a .jsonl ({'prompt', 'id'?, 'category'?}), a .txt, or shapes:heldout")
-    run.add_argument("--limit", type=int, help="the first N prompts (by id)")
-    run.add_argument("--per-category", type=int, help="the first N prompts of each category")
-    run.add_argument("--protocol", default="hart-mjhq-1024", choices=sorted(PROTOCOLS))
+    run.add_argument("--limit", type=int, help="the first N prompts (by id) (default: all)")
+    run.add_argument("--per-category", type=int, help="the first N prompts of each category (default: all)")
+    run.add_argument("--protocol", default="hart-mjhq-1024", choices=sorted(PROTOCOLS),
+                     help="named sampling and scoring settings (pipelines/eval_protocol.py)")
     run.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                      help="override a protocol field (e.g. cfg=3.0, images_per_prompt=4, metrics=fid,clip); "
                           "the override is recorded in protocol.json")
     run.add_argument("--metrics", help=f"comma-separated subset of {','.join(METRICS)} (default: the protocol's)")
     run.add_argument("--out", required=True, help="output folder or s3:// URI (images/, protocol.json, metrics.json)")
-    run.add_argument("--endpoint-url", default="", help="S3-compatible endpoint for an s3:// --out")
-    run.add_argument("--inception", help="FID Inception weights file (weights-inception-2015-12-05-6726825d.pth)")
-    run.add_argument("--clip", help="CLIP model folder (Hugging Face CLIPModel + processor)")
-    run.add_argument("--reference", help="reference statistics file (hart-evaluate reference) for FID/KID")
+    run.add_argument("--endpoint-url", default="", help="S3-compatible endpoint for an s3:// --out (default: "
+                                                        "$AWS_ENDPOINT_URL, else AWS)")
+    run.add_argument("--inception", help="FID Inception weights file (weights-inception-2015-12-05-6726825d.pth); "
+                                         "needed for fid/kid (default: none)")
+    run.add_argument("--clip", help="CLIP model folder (Hugging Face CLIPModel + processor); needed for clip "
+                                    "(default: none)")
+    run.add_argument("--reference", help="reference statistics file (hart-evaluate reference); needed for fid/kid "
+                                         "(default: none)")
     run.add_argument("--actors", type=int, default=1, help="generation actors (one model each)")
     run.add_argument("--score-actors", type=int, default=1, help="scoring actors (feature networks each)")
     run.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per generation actor (0: CPU actors)")
@@ -88,26 +97,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--score-batch", type=int, default=16, help="images per scoring call")
     run.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default: none, no MLflow logging)")
     run.add_argument("--experiment", default="hart-eval", help="MLflow experiment of a new run")
-    run.add_argument("--run-id", help="attach the figures to this existing MLflow run")
+    run.add_argument("--run-id", help="attach the figures to this existing MLflow run (default: a new run in "
+                                      "--experiment when --tracking-uri is set)")
     run.add_argument("--name", default="eval", help="metric prefix and artifact folder in MLflow (<name>/<figure>, <name>/step-N/...)")
     run.add_argument("--step", type=int, default=0, help="MLflow step of the figures (the checkpoint's step)")
-    run.add_argument("--num-cpus", type=int, help="CPUs of a local Ray instance (default: all)")
-    ref = sub.add_parser("reference", help="reference statistics of real images")
+    ref = sub.add_parser("reference", help="reference statistics of real images", formatter_class=HelpFormatter)
     source = ref.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", help="a local folder of PNG/JPEG/WebP images")
     source.add_argument("--shards", nargs="+", help="WebDataset shards (img2dataset layout; local or s3://, globs "
                                                     "and {000..099} braces), e.g. MJHQ-30K packed as tars")
-    ref.add_argument("--endpoint-url", default="", help="S3-compatible endpoint for s3:// shards")
+    ref.add_argument("--endpoint-url", default="", help="S3-compatible endpoint for s3:// shards (default: "
+                                                        "$AWS_ENDPOINT_URL, else AWS)")
     ref.add_argument("--image-size", type=int, required=True, help="side the images are brought to (the generated size)")
     ref.add_argument("--inception", required=True, help="FID Inception weights file")
     ref.add_argument("--out", required=True, help="statistics file (.safetensors)")
-    ref.add_argument("--protocol", default="hart-mjhq-1024", choices=sorted(PROTOCOLS))
-    ref.add_argument("--limit", type=int, help="the first N images (by file name; --images only)")
-    ref.add_argument("--score-actors", type=int, default=1)
-    ref.add_argument("--gpus-per-actor", type=float, default=0.0)
-    ref.add_argument("--cpus-per-actor", type=float, default=1.0)
-    ref.add_argument("--score-batch", type=int, default=16)
-    ref.add_argument("--num-cpus", type=int)
+    ref.add_argument("--protocol", default="hart-mjhq-1024", choices=sorted(PROTOCOLS),
+                     help="the protocol whose feature pipeline the statistics follow")
+    ref.add_argument("--limit", type=int, help="the first N images (by file name; --images only) (default: all)")
+    ref.add_argument("--score-actors", type=int, default=1, help="scoring actors (one Inception each)")
+    ref.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per scoring actor (0: CPU actors)")
+    ref.add_argument("--cpus-per-actor", type=float, default=1.0, help="logical CPUs per actor (Ray scheduling)")
+    ref.add_argument("--score-batch", type=int, default=16, help="images per scoring call")
+    for command in (run, ref):
+        command.add_argument("--num-cpus", type=int, help="CPUs of a local Ray instance (default: all of this "
+                                                          "machine's; unused with --address)")
+        command.add_argument("--address", help=ADDRESS_HELP)
+        command.add_argument("--ray-progress", action="store_true", help="show Ray Data's own progress output")
     return parser.parse_args(argv)
 
 
@@ -132,15 +147,12 @@ def protocol_from_args(args):
     return config_from_dict(EvalProtocol, data, where="protocol")
 
 
-def _init_ray(num_cpus: int | None) -> None:
-    import ray
+def _init_ray(args) -> None:
+    from jobs.local_ray import connect
+    from pipelines.progress import show_ray_data_progress
 
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False)
+    connect(args.address, args.num_cpus)
+    show_ray_data_progress(args.ray_progress)
 
 
 def _actor_options(args, concurrency: int, gpus: float) -> dict:
@@ -157,27 +169,65 @@ def feature_network_id(inception: str) -> str:
     return f"{WEIGHTS_NAME.split('-6726')[0]}:sha256:{file_sha256(inception)}"
 
 
-def export_models(export: Path, ema: bool) -> dict[str, str]:
-    """The model files of an export folder: tokenizer/ plus HART's llm/ or STAR's star/*.pth
-    (ema_model.pth with `ema`, the protocol's default, else model.pth)."""
-    star = export / "star" / ("ema_model.pth" if ema else "model.pth")
-    if (export / "tokenizer").is_dir() and star.is_file():
-        return {"llm": "", "star": str(star), "tokenizer": str(export / "tokenizer")}
-    if not (export / "llm").is_dir() or not (export / "tokenizer").is_dir():
-        raise ValueError(f"{export} is not an export folder (expected tokenizer/ and llm/, or star/{star.name}, inside)")
-    return {"llm": str(export / "llm"), "tokenizer": str(export / "tokenizer")}
+def absolute_paths(args) -> None:
+    """Every local path argument made absolute, on the driver: the actors do not start in its working
+    directory, and protocol.json records where the export and prompts were."""
+    from pipelines.storage import absolute
+
+    for name in ("export", "out", "inception", "clip", "reference", "images"):
+        if getattr(args, name, None):
+            setattr(args, name, absolute(getattr(args, name)))
+    if getattr(args, "shards", None):
+        args.shards = [absolute(shard) for shard in args.shards]
+    if getattr(args, "prompts", "") and not args.prompts.startswith("shapes:"):
+        args.prompts = absolute(args.prompts)
+    if getattr(args, "text_encoder", "") and os.path.exists(args.text_encoder):
+        args.text_encoder = absolute(args.text_encoder)
+
+
+def check_files(args, metrics: tuple[str, ...]) -> None:
+    """The weight and statistics files the metrics need exist, and the output's store answers (one short
+    request, `storage.check_store`), before Ray starts."""
+    from pipelines import storage
+
+    wants_fid = bool(set(metrics) & {"fid", "kid"})
+    for flag, path, needed in (("--inception", args.inception, wants_fid), ("--reference", args.reference, wants_fid),
+                               ("--clip", args.clip, "clip" in metrics)):
+        if needed and not os.path.exists(path):
+            raise ValueError(f"{flag} {path}: not found")
+    storage.check_store(args.out, args.endpoint_url, "--out", "--endpoint-url")
+
+
+def check_tracking(args) -> None:
+    """With MLflow logging: the server answers and the run to attach to exists, before any image is made."""
+    if not (args.tracking_uri or args.run_id):
+        return
+    from mlflow.tracking import MlflowClient
+
+    from jobs.tracking import probe_server, redact_uri, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    probe_server(uri)
+    if args.run_id:
+        try:
+            MlflowClient(tracking_uri=uri).get_run(args.run_id)
+        except Exception as exc:  # noqa: BLE001 - an unknown id, a store error: either way, not usable
+            raise ValueError(f"--run-id {args.run_id}: not a run of {redact_uri(uri)} ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:200]})") from None
 
 
 def run_evaluation(args) -> dict:
     import ray
 
+    from jobs.export import read_export
     from pipelines import storage
     from pipelines.eval_protocol import groups, read_prompts
     from pipelines.eval_stages import GenerateImages, ScoreImages, summarize
     from pipelines.feature_statistics import FeatureStatistics
 
+    absolute_paths(args)
     protocol = protocol_from_args(args)
-    models = export_models(Path(args.export), protocol.ema)
+    models = read_export(args.export, protocol.ema)
     wants_fid = bool(set(protocol.metrics) & {"fid", "kid"})
     if wants_fid and not args.reference:
         raise ValueError("FID/KID need reference statistics (--reference FILE; make them with hart-evaluate reference)")
@@ -189,21 +239,23 @@ def run_evaluation(args) -> dict:
         from pipelines.clip_score import CLIP_HELP
 
         raise ValueError(f"the CLIP score needs {CLIP_HELP} (--clip FOLDER)")
+    check_files(args, protocol.metrics)
     network = feature_network_id(args.inception) if wants_fid else None
     if wants_fid:  # before any image is generated: all of the reference's protocol but the image size
         saved = FeatureStatistics.read_protocol(args.reference)
         wanted = protocol.fingerprint(network, saved.get("image_size"))
         FeatureStatistics.check_protocol(args.reference, saved, wanted)
     prompts = read_prompts(args.prompts, args.limit, args.per_category)
+    check_tracking(args)
     rows = groups(prompts, protocol)
     order = [image_id for row in rows for image_id in row["ids"]]
     print(f"[evaluate] {len(prompts)} prompts, {len(order)} images in {len(rows)} groups; protocol {args.protocol} "
-          f"({', '.join(protocol.metrics)})", flush=True)
+          f"({', '.join(protocol.metrics)}): {protocol.describe()}", flush=True)
 
     fs, out_dir = storage.resolve(args.out, args.endpoint_url)
     images_uri = storage.join(args.out, "images")
     started = time.time()
-    _init_ray(args.num_cpus)
+    _init_ray(args)
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
     ds = ds.map_batches(
         GenerateImages, batch_size=1,
@@ -215,7 +267,6 @@ def run_evaluation(args) -> dict:
                                                    clip=args.clip),
                         **_actor_options(args, args.score_actors, args.score_gpus_per_actor))
     scored = list(ds.iter_rows())
-    elapsed = time.time() - started
     folded = summarize(scored, order, protocol.kid_sample_cap)
     figures, per_category = folded["figures"], folded["per_category"]
     fingerprint, unmatched = None, []
@@ -230,15 +281,21 @@ def run_evaluation(args) -> dict:
                   f"{'y' if len(unmatched) == 1 else 'ies'} {', '.join(unmatched)} in {args.reference}"
                   f"{' (it has no categories)' if not real.by_category else ''}: no FID/KID for "
                   f"{'it' if len(unmatched) == 1 else 'them'}", file=sys.stderr, flush=True)
-    figures["images_per_s"] = len(order) / elapsed
+    # Throughput of generation alone: from the first group's start to the last one's end (the actors'
+    # start-up, Ray's included, is reported apart).
+    first, last = min(float(r["started"]) for r in scored), max(float(r["finished"]) for r in scored)
+    figures["images_per_s"] = len(order) / max(last - first, 1e-9)
+    figures["startup_s"] = first - started
     record = {"protocol_name": args.protocol, "protocol": protocol.to_dict(), "fingerprint": fingerprint,
               "prompts": args.prompts, "limit": args.limit, "per_category": args.per_category,
-              "export": str(Path(args.export).resolve()), "text_encoder": args.text_encoder}
+              "export": args.export, "text_encoder": args.text_encoder}
     storage.write_bytes_atomic(fs, storage.join(out_dir, "protocol.json"), json.dumps(record, indent=1).encode())
     result = {"figures": figures, "per_category": per_category}
     if wants_fid:
         result["no_reference_statistics"] = unmatched
     storage.write_bytes_atomic(fs, storage.join(out_dir, "metrics.json"), json.dumps(result, indent=1).encode())
+    print(f"[evaluate] {len(order)} images in {last - first:.1f}s ({figures['images_per_s']:.3g} images/s) after "
+          f"{figures['startup_s']:.1f}s of start-up; wrote {storage.join(args.out, 'metrics.json')}", flush=True)
     if args.tracking_uri or args.run_id:
         grid = [storage.read_bytes(fs, storage.join(out_dir, "images", f"{i}.png")) for i in order[:16]]
         log_to_mlflow(args, record, result, grid)
@@ -301,8 +358,6 @@ def log_to_mlflow(args, record: dict, result: dict, grid_pngs: list[bytes]) -> N
     run_id, created = args.run_id, args.run_id is None
     if created:
         run_id, _ = open_run(uri, args.experiment, f"{args.name}-{time.strftime('%Y%m%d-%H%M%S')}", {})
-    else:
-        client.get_run(run_id)  # a clear MlflowException for an unknown id, before anything is logged
     stamp = int(time.time() * 1000)
     from mlflow.entities import Metric
 
@@ -424,13 +479,17 @@ def reference_rows(args):
 def run_reference(args) -> dict:
     import torch
 
+    from pipelines import storage
     from pipelines.eval_protocol import PROTOCOLS
     from pipelines.eval_stages import ScoreImages
     from pipelines.feature_statistics import FeatureStatistics, fold_order
 
+    absolute_paths(args)
     protocol = PROTOCOLS[args.protocol]
     fingerprint = protocol.fingerprint(feature_network_id(args.inception), args.image_size)
-    _init_ray(args.num_cpus)
+    for index, shard in enumerate(args.shards or ()):
+        storage.check_store(shard, args.endpoint_url, f"--shards[{index}]", "--endpoint-url")
+    _init_ray(args)
     ds, counts, source = reference_rows(args)
     ds = ds.map_batches(ScoreImages, batch_size=args.score_batch,
                         fn_constructor_kwargs=dict(metrics=["fid"], inception=args.inception),

@@ -71,6 +71,22 @@ def _export_star(state, star_cfg, config: TrainRunConfig, out_dir: Path) -> Path
     return out_dir
 
 
+def read_export(export: str | Path, ema: bool = True) -> dict[str, str]:
+    """The model files of an export folder, as `GenerateImages` / `load_generator` take them: tokenizer/
+    plus HART's llm/, or STAR's star/*.pth (ema_model.pth with `ema`, else model.pth). ValueError naming
+    what is missing; an s3:// export is refused with the copy command (generation reads local files)."""
+    if "://" in str(export):
+        raise ValueError(f"export {export}: generation reads a local folder; copy it first, e.g. "
+                         f"aws s3 cp --recursive {export} ./export")
+    export = Path(export)
+    star = export / "star" / ("ema_model.pth" if ema else "model.pth")
+    if (export / "tokenizer").is_dir() and star.is_file():
+        return {"llm": "", "star": str(star), "tokenizer": str(export / "tokenizer")}
+    if not (export / "llm").is_dir() or not (export / "tokenizer").is_dir():
+        raise ValueError(f"{export} is not an export folder (expected tokenizer/ and llm/, or star/{star.name}, inside)")
+    return {"llm": str(export / "llm"), "tokenizer": str(export / "tokenizer")}
+
+
 def upload_folder(local_dir: str | Path, uri: str, endpoint_url: str = "") -> None:
     """Copy a local folder to a local path or an s3:// prefix (one object per file)."""
     from pipelines import storage
@@ -78,4 +94,4 @@ def upload_folder(local_dir: str | Path, uri: str, endpoint_url: str = "") -> No
     storage.copy_tree(str(Path(local_dir).resolve()), uri, endpoint_url)
 
 
-__all__ = ["export_checkpoint", "upload_folder"]
+__all__ = ["export_checkpoint", "read_export", "upload_folder"]

@@ -1,19 +1,23 @@
 """Generation job: trained (or released) checkpoints + prompts -> PNG files.
 
 Usage:
-    python -m jobs.generate --llm runs/export/llm --tokenizer runs/export/tokenizer \
-        --prompt "a red circle on a white background" --output runs/samples [--ema] [--cfg 4.5]
+    hart-generate --export runs/train/tiny-joint/export --protocol shapes --prompt "a red circle" --output out/
+    hart-generate --export runs/demo/export --protocol demo --prompts shapes:heldout --output out/  # the demo's images
     hart-generate --llm /ckpt/hart-0.7b-1024px/llm --tokenizer /ckpt/hart-0.7b-1024px/tokenizer \
-        --text-encoder /ckpt/Qwen2-VL-1.5B-Instruct --prompts-file prompts.txt --output out/
+        --text-encoder /ckpt/Qwen2-VL-1.5B-Instruct --prompts prompts.txt --output out/   # released settings
     hart-generate --star runs/export/star/ema_model.pth --tokenizer runs/export/tokenizer \
         --text-encoder /ckpt/stable-diffusion-2-1 --prompt "a cat" --output out/     # STAR
 
-Design: single-process and Ray-free (generation of a batch fits one device); the library
-call is `hart.transformer.generate.generate`, or `hart.star.generate.generate` for a STAR `.pth`
-(`--star`: one top-k for every scale, the first `--top-k` value, and top-p 0.8 unless given, as
-STAR's `sample.py`). The text encoder is `minilm` (the embedded offline default), a local folder of a
-causal LM (HART uses Qwen2), or for STAR an SD-2.1 folder (its CLIP text model); nothing is downloaded.
-Files are named `<index>-<slug>.png` so a prompt list maps to files one to one.
+Design: single-process and Ray-free (generation of a batch fits one device). The sampling settings
+are a named protocol of `pipelines.eval_protocol` (`--protocol`, default `hart-mjhq-1024`: HART's
+released sampler with EMA weights; `shapes` / `demo` for the shapes corpus's models), changed field
+by field with `--set` and printed before generation. Prompts become the protocol's seeded groups
+and each group is one `generate` call through the same code as `hart-evaluate`
+(`pipelines.eval_stages.generate_group`), so the same export, prompts and protocol give the same
+images in both jobs. The text encoder is `minilm` (the embedded offline default), a local folder of
+a causal LM (HART uses Qwen2), or for STAR an SD-2.1 folder (its CLIP text model); nothing is
+downloaded, and every model path is a local file or folder (an `s3://` one is refused with the
+copy command). Files are named `<image id>-<slug>.png`, so a prompt list maps to files one to one.
 """
 
 from __future__ import annotations
@@ -24,8 +28,6 @@ import re
 import sys
 from pathlib import Path
 
-import torch
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -33,107 +35,100 @@ def slug(text: str, limit: int = 48) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "prompt"
 
 
-def write_images(images, prompts: list[str], output: Path) -> list[Path]:
-    output.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for index, (image, prompt) in enumerate(zip(images, prompts)):
-        path = output / f"{index:04d}-{slug(prompt)}.png"
-        image.save(path)
-        paths.append(path)
-    return paths
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="hart-generate", description="generate images with a HART checkpoint")
+    from configuration.cli import HelpFormatter
+    from pipelines.eval_protocol import PROTOCOLS
+
+    parser = argparse.ArgumentParser(prog="hart-generate", description="generate images with a HART or STAR checkpoint",
+                                     formatter_class=HelpFormatter, epilog=__doc__.split("\n\n")[1])
     model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument("--llm", help="HART transformer folder (official llm/ layout)")
-    model.add_argument("--star", help="STAR transformer: a .pth in STAR's released layout (trainer dict or state dict)")
-    parser.add_argument("--tokenizer", required=True, help="tokenizer folder (official tokenizer/ layout) or VAR .pth")
+    model.add_argument("--export", help="an export folder (hart-train's <storage>/<run>/export): tokenizer/ + llm/ "
+                                        "or star/")
+    model.add_argument("--llm", help="HART transformer folder (official llm/ layout); needs --tokenizer")
+    model.add_argument("--star", help="STAR transformer: a .pth in STAR's released layout; needs --tokenizer")
+    parser.add_argument("--tokenizer", help="tokenizer folder (official tokenizer/ layout) or VAR .pth (default: the "
+                                            "export's tokenizer/)")
     parser.add_argument("--text-encoder", default="minilm",
                         help="'minilm', a local causal-LM folder (HART: Qwen2), or an SD-2.1 / CLIP folder (STAR)")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    parser.add_argument("--prompts-file", help="a text file with one prompt per line")
+    parser.add_argument("--prompts", help="a prompt source as hart-evaluate reads it: a .txt (one per line), a .jsonl, "
+                                          "MJHQ's meta_data.json or shapes:heldout (default: only --prompt)")
     parser.add_argument("--output", required=True, help="folder for the PNG files")
-    parser.add_argument("--ema", action="store_true", help="use ema_model.bin weights (the released default)")
-    parser.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale")
-    parser.add_argument("--top-k", type=int, nargs=2, default=(600, 300), metavar=("EARLY", "LATE"),
-                        help="top-k for scales < 7 and for later scales")
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--no-diffusion", action="store_true", help="discrete tokens only (skip the residual head)")
-    parser.add_argument("--head-cfg", type=float, default=None,
-                        help="guidance of the residual diffusion head (default: the released schedule, the last "
-                             "scale's token guidance; 1.0 = unguided)")
-    parser.add_argument("--more-smooth", action="store_true", help="Gumbel-softmax smoothing (not for FID)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--protocol", default="hart-mjhq-1024", choices=sorted(PROTOCOLS),
+                        help="named sampling settings (pipelines/eval_protocol.py): hart-mjhq-1024 is HART's released "
+                             "sampler (cfg 4.5, top-k 600/300, EMA weights); shapes and demo suit the shapes models")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a protocol field, e.g. --set cfg=3.0 --set seed=1 --set ema=false "
+                             "--set use_diffusion=false --set more_smooth=true")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile each transformer block: one compiled step per scale, built during the first "
                              "batch (pays off over many batches; on the CPU it needs a C++ compiler)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not args.export and not args.tokenizer:
+        parser.error("--llm and --star need --tokenizer")
+    return args
+
+
+def read_prompt_list(args: argparse.Namespace):
+    """`--prompt`s (ids 000000, 000001... in the order given), then the `--prompts` source's, as EvalPrompts."""
+    from pipelines.eval_protocol import EvalPrompt, read_prompts
+
+    given = [EvalPrompt(f"{n:06d}", text) for n, text in enumerate(args.prompt)]
+    listed = read_prompts(args.prompts) if args.prompts else []
+    if given and any(p.id in {g.id for g in given} for p in listed):
+        raise ValueError("--prompt and --prompts give the same ids (000000...): use one of them")
+    if not given and not listed:
+        raise ValueError("give at least one --prompt or a --prompts source")
+    return given + listed
+
+
+def model_files(args: argparse.Namespace, ema: bool) -> dict[str, str]:
+    """The generator's files (`llm`, `star`, `tokenizer`), each a local path that exists."""
+    from jobs.export import read_export
+
+    files = read_export(args.export, ema) if args.export else {"llm": args.llm or "", "star": args.star or ""}
+    if args.tokenizer:
+        files["tokenizer"] = args.tokenizer
+    for flag, path in (("--llm", files.get("llm")), ("--star", files.get("star")), ("--tokenizer", files["tokenizer"])):
+        if path and "://" in path:
+            raise ValueError(f"{flag} {path}: generation reads local files; copy it first (e.g. aws s3 cp --recursive "
+                             f"{path} ./{Path(path).name})")
+        if path and not os.path.exists(path):
+            raise ValueError(f"{flag} {path}: not found")
+    return files
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    prompts = list(args.prompt)
-    if args.prompts_file:
-        prompts += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
-    if not prompts:
-        print("hart-generate: give at least one --prompt or a --prompts-file", file=sys.stderr)
-        return 2
-    from hart.training.parallelize import compile_for_generation
-    from hart.transformer.generate import generate, load_models
+    import torch
 
+    from jobs.evaluate import protocol_from_args
+    from pipelines.eval_protocol import groups
+    from pipelines.eval_stages import generate_group, load_generator
+
+    args = parse_args(argv)
     try:
-        if args.star:
-            images = star_images(args, prompts)
-            return _written(images, prompts, args.output)
-        model, tok, encoder = load_models(args.llm, args.tokenizer, args.text_encoder, args.ema, args.device)
-        if args.compile:
-            compile_for_generation(model, len(model.config.patch_nums), torch.device(args.device))
-        autocast = torch.bfloat16 if args.device.startswith("cuda") else None
-        images = generate(model, tok, encoder, prompts, cfg=args.cfg, top_k=tuple(args.top_k), top_p=args.top_p,
-                          more_smooth=args.more_smooth, seed=args.seed, use_diffusion=not args.no_diffusion,
-                          batch_size=args.batch_size, autocast_dtype=autocast, head_cfg=args.head_cfg)
+        protocol = protocol_from_args(args)
+        prompts = read_prompt_list(args)
+        files = model_files(args, protocol.ema)
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        print(f"[generate] protocol {args.protocol}{' with ' + ', '.join(args.set) if args.set else ''}: "
+              f"{protocol.describe()}", flush=True)
+        model, tokenizer, encoder = load_generator(files.get("llm", ""), files["tokenizer"], args.text_encoder, protocol,
+                                                   device, star=files.get("star", ""), compile=args.compile)
+        output = Path(args.output)
+        output.mkdir(parents=True, exist_ok=True)
+        written = 0
+        with torch.no_grad():
+            for group in groups(prompts, protocol):
+                for row in generate_group(model, tokenizer, encoder, group, protocol, device):
+                    (output / f"{row['id']}-{slug(row['prompt'])}.png").write_bytes(row["png"])
+                    written += 1
     except ValueError as exc:
         print(f"hart-generate: {exc}", file=sys.stderr)
         return 2
-    return _written(images, prompts, args.output)
-
-
-def _written(images, prompts: list[str], output: str) -> int:
-    paths = write_images(images, prompts, Path(output))
-    print(f"wrote {len(paths)} images to {output}")
+    print(f"[generate] wrote {written} images to {args.output}")
     return 0
-
-
-def star_images(args: argparse.Namespace, prompts: list[str]) -> list:
-    """STAR's sampler over the prompts in batches of `--batch-size` (seed + batch index per batch)."""
-    from PIL import Image
-
-    from hart.star.checkpoint import load_star
-    from hart.training.parallelize import compile_for_generation
-    from hart.star.generate import generate
-    from hart.text_encoder import build_star_text_encoder
-    from hart.tokenizer.model import HybridTokenizer
-
-    device = torch.device(args.device)
-    model = load_star(args.star).to(device).eval()
-    if args.compile:
-        compile_for_generation(model, len(model.config.patch_nums), device)
-    tokenizer = HybridTokenizer.from_pretrained(args.tokenizer).to(device).eval()
-    features = build_star_text_encoder(args.text_encoder, model.config.context_token).to(device)
-    autocast = torch.float16 if device.type == "cuda" else None  # STAR's sample.py runs fp16
-    top_p = 0.8 if args.top_p is None else args.top_p
-    with torch.no_grad():
-        null = features([""])
-        images = []
-        for index in range(0, len(prompts), args.batch_size):
-            batch = prompts[index : index + args.batch_size]
-            images += list(generate(model, tokenizer, features(batch), null, cfg=args.cfg, top_k=args.top_k[0],
-                                    top_p=top_p, seed=args.seed + index // args.batch_size,
-                                    more_smooth=args.more_smooth, autocast_dtype=autocast))
-    return [Image.fromarray(image) for image in images]
 
 
 if __name__ == "__main__":

@@ -78,6 +78,20 @@ def mlflow_server(backend_store_uri: str, log_path: str | Path, extra_args: tupl
                 server.wait()
 
 
+def wait_for_port(process: subprocess.Popen, port: int, what: str, timeout_s: float = 60.0) -> None:
+    """Return once 127.0.0.1:`port` accepts connections; RuntimeError naming `what` when `process`
+    exits first or `timeout_s` passes."""
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.time() > deadline or process.poll() is not None:
+                raise RuntimeError(f"{what} did not start on port {port}") from None
+            time.sleep(0.2)
+
+
 def stop_process_group(process: subprocess.Popen, grace_s: float = 30.0) -> None:
     """SIGTERM to a service started with `start_new_session=True` (its whole process group), SIGKILL
     after `grace_s`; returns once the leader has exited."""
@@ -91,4 +105,4 @@ def stop_process_group(process: subprocess.Popen, grace_s: float = 30.0) -> None
         process.wait()
 
 
-__all__ = ["free_port", "s3_server", "mlflow_server", "stop_process_group"]
+__all__ = ["free_port", "s3_server", "mlflow_server", "wait_for_port", "stop_process_group"]

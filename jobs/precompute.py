@@ -9,49 +9,50 @@ On a cluster, submit the same command as a Ray job (the working dir carries the 
     ray job submit --address http://HEAD:8265 --working-dir . -- \
         python -m jobs.precompute --config jobs/configs/precompute.yaml --set output=s3://bucket/tokens/run1
 
-Design: a thin shell. It parses the config, connects to Ray (an existing cluster when
-RAY_ADDRESS is set, as under `ray job submit`; otherwise a local instance sized by
-`--num-cpus`), runs `pipelines.plan.run_precompute`, prints the summary table, and exits
-non-zero naming any shard that could not be read. Rerunning the same command resumes: committed
-shards are skipped, partial ones redone.
+Design: a thin shell. It parses the config, connects to Ray (`jobs.local_ray.connect`: a cluster
+only when --address or RAY_ADDRESS names one, as under `ray job submit`; otherwise a private local
+instance sized by `--num-cpus`), runs `pipelines.plan.run_precompute`, prints the summary table, and
+exits non-zero naming any shard that could not be read. Rerunning the same command resumes:
+committed shards are skipped, partial ones redone. Bad input (a store that does not answer, refused
+credentials, a missing bucket or tokenizer) fails before the cache's manifest is written.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from pipelines.config import load_precompute_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="hart-precompute", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="YAML/TOML/JSON run config (default: built-in defaults)")
+    from configuration.cli import HelpFormatter
+    from jobs.local_ray import ADDRESS_HELP
+
+    parser = argparse.ArgumentParser(prog="hart-precompute", description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--config", help="YAML/TOML/JSON run config (default: the built-in defaults)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set compute.tokenizer_batch_size=64 (repeatable)")
     parser.add_argument("--num-cpus", type=int, default=None,
-                        help="CPUs of the local Ray instance (ignored when connecting to a cluster)")
+                        help="CPUs of the local Ray instance (default: all of this machine's; unused with --address)")
+    parser.add_argument("--address", help=ADDRESS_HELP)
+    parser.add_argument("--ray-progress", action="store_true",
+                        help="show Ray Data's own progress output (every 10 s) beside the job's line per shard")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        config = load_precompute_config(args.config, args.overrides)
+        config = load_precompute_config(args.config, args.overrides + (["progress=true"] if args.ray_progress else []))
     except ValueError as exc:
         print(f"hart-precompute: config error: {exc}", file=sys.stderr)
         return 2
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray
-
+    from jobs.local_ray import connect
     from pipelines.plan import run_precompute
 
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init()
-        else:
-            ray.init(num_cpus=args.num_cpus, include_dashboard=False)
+    connect(args.address, args.num_cpus)
     try:
         summary = run_precompute(config)
     except ValueError as exc:

@@ -52,7 +52,15 @@ SECRET_QUERY = re.compile(r"(key|secret|token|password|signature|credential|sig)
 
 
 def resolve_tracking_uri(configured: str) -> str:
-    return configured or os.environ.get("MLFLOW_TRACKING_URI", "") or DEFAULT_TRACKING_URI
+    """The tracking URI a job uses: `configured`, else MLFLOW_TRACKING_URI, else the local default; a local
+    store (a sqlite file, a folder) with an absolute path, so Ray workers, whose working directory is
+    not the driver's, log to the same store."""
+    from pipelines import storage
+
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI", "") or DEFAULT_TRACKING_URI
+    if uri.startswith("sqlite:///"):
+        return "sqlite:///" + storage.absolute(uri.removeprefix("sqlite:///"))  # sqlite:////abs/path
+    return storage.absolute(uri)
 
 
 def experiment_ui_url(ui_url: str, experiment_id: str) -> str:
@@ -315,7 +323,7 @@ class RunLogger:
                 self.pending.append(operation)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """Log one step's metrics now (a window of one step)."""
+        """Log one step's metrics (a window of one step), asynchronously as `write()`: `flush()` waits."""
         self.write()
         self.record(metrics, step)
         self.write()

@@ -31,14 +31,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 
@@ -54,8 +52,9 @@ from jobs.resume import PROGRESS_FILE, resumable_checkpoint
 from jobs.sample_grids import log_samples, sampling_text_encoder
 from jobs.stages import Stage, build_stage
 from jobs.worker_step import optimizer_step, throughput
-from jobs.train_config import TrainRunConfig, load_train_config
+from jobs.train_config import TrainRunConfig, load_train_config, with_absolute_paths
 from pipelines.online import VisitLedger
+from pipelines.progress import Progress, show_ray_data_progress
 from jobs.train_data import (
     CacheCollate, ImagesCollate, TextFeatures, cache_dataset, check_cache, check_text_encoder, image_dataset,
     list_image_shards, online_dataset, online_precompute_config, prepare_online,
@@ -68,36 +67,49 @@ from jobs.train_data import (
 
 
 def check_storage(uri: str, endpoint_url: str):
-    """(filesystem, path) of the checkpoint root; ValueError if its bucket or disk is unusable."""
-    import pyarrow.fs as pafs
-
+    """(filesystem, path) of the checkpoint root; ValueError if its store does not answer, refuses the
+    credentials or has no such bucket (`storage.check_store`), or a local root cannot be made."""
     from pipelines import storage
 
+    storage.check_store(uri, endpoint_url, "run.storage_path", "run.endpoint_url")
     fs, path = storage.resolve(uri, endpoint_url)
-    probe = path.split("/")[0] if storage.is_s3(uri) else os.path.dirname(path) or "/"
-    endpoint = endpoint_url or storage.endpoint_from_env()
-    if storage.is_s3(uri) and endpoint:  # one TCP connect first: the S3 client retries for many seconds
-        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
-        try:
-            socket.create_connection((parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)),
-                                     timeout=5).close()
-        except OSError as exc:
-            raise ValueError(f"checkpoint storage {uri}: S3 endpoint {tracking.redact_uri(endpoint)} is unreachable: {exc}") from None
-    try:
-        info = fs.get_file_info(probe)
-    except OSError as exc:
-        raise ValueError(f"checkpoint storage {uri} is unreachable: {exc}") from None
-    if storage.is_s3(uri) and info.type == pafs.FileType.NotFound:
-        raise ValueError(f"checkpoint storage {uri}: bucket {probe!r} does not exist")
     if not storage.is_s3(uri):
-        os.makedirs(path, exist_ok=True)
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"run.storage_path={uri}: cannot create it ({exc})") from None
     return fs, path
 
 
+def check_inputs(config: TrainRunConfig) -> None:
+    """Every input the run names exists and every S3 store it reads answers, one short request each
+    (`storage.check_exists` / `check_store`), so a missing start checkpoint or a bad endpoint is one
+    line naming the setting here, not a worker's traceback after the MLflow run exists."""
+    from pipelines import storage
+
+    endpoint = config.run.endpoint_url
+    named = {"model.tokenizer_checkpoint": config.model.tokenizer_checkpoint, "model.init_from": config.model.init_from}
+    if config.eval.every_steps and "clip" in config.eval.metrics:
+        named["eval.clip"] = config.eval.clip
+    for setting, uri in named.items():
+        if uri:
+            storage.check_exists(uri, endpoint, setting, "run.endpoint_url")
+    reads = {f"data.shards[{i}]": shard for i, shard in enumerate(config.data.shards)} \
+        if config.stage == "tokenizer" or config.online.enabled else {"data.cache": config.data.cache}
+    buckets = set()
+    for setting, uri in reads.items():
+        bucket = uri.removeprefix("s3://").split("/")[0] if storage.is_s3(uri) else None
+        if bucket not in buckets:  # one probe per bucket
+            storage.check_store(uri, endpoint, setting, "run.endpoint_url")
+            buckets.add(bucket)
+
+
 def preflight(config: TrainRunConfig) -> dict[str, Any]:
-    """All driver-side checks, in the order a user would fix them; returns what the run needs."""
+    """All driver-side checks, in the order a user would fix them, before the run's first side effect
+    (its MLflow run); returns what the run needs."""
     check_cluster_paths(config)
     fs, path = check_storage(config.run.storage_path, config.run.endpoint_url)
+    check_inputs(config)
     facts: dict[str, Any] = {"storage_fs": fs, "storage_path": path, "manifest": None}
     if config.stage == "tokenizer":
         from jobs.stages import check_perceptual_weights
@@ -211,8 +223,10 @@ def run_training(config: TrainRunConfig, export_dir: str | None = None) -> dict[
     import ray.train  # [ray]
     from ray.train.torch import TorchTrainer  # [ray]
 
+    check_cluster_paths(config)  # on the paths as given: a relative one is refused on a cluster of several nodes
+    config = with_absolute_paths(config)  # what the workers, checkpoints and MLflow params see
     facts = preflight(config)
-    ray.data.DataContext.get_current().enable_progress_bars = False  # [ray] keeps job logs readable
+    show_ray_data_progress(False)  # [ray] keeps job logs readable: the workers print step lines
     print(f"[train] stage={config.stage} run={config.run.name} mlflow run {facts['run_id']} "
           f"({'resumed at step %d' % facts['resume_step'] if facts['resumed'] else 'new'}) -> {config.run.storage_path}")
     scaling = config.scaling
@@ -268,18 +282,20 @@ def export_and_register(config: TrainRunConfig, facts: dict[str, Any], checkpoin
     from jobs.export import export_checkpoint, upload_folder
     from pipelines import storage
 
-    local = export_dir or tempfile.mkdtemp(prefix="hart-export-")
-    with checkpoint.as_directory() as directory:  # [ray]
-        export_checkpoint(directory, config, local)
-    # The run config travels with the registered model (secrets redacted like the params).
-    params = tracking.flatten_params(config.to_dict())
-    (Path(local) / "train_config.json").write_text(json.dumps(params, indent=1, sort_keys=True) + "\n")
-    destination = storage.join(config.run.storage_path, config.run.name, "export")
-    upload_folder(local, destination, config.run.endpoint_url)
-    name = config.tracking.registered_model or f"hart-{config.stage}"
-    version = tracking.log_export_and_register(facts["tracking_uri"], facts["run_id"], local, name)
+    # Without --export-dir the export is staged in a temporary folder and lives at `destination` only.
+    with tempfile.TemporaryDirectory(prefix="hart-export-") as staging:
+        local = export_dir or staging
+        with checkpoint.as_directory() as directory:  # [ray]
+            export_checkpoint(directory, config, local)
+        # The run config travels with the registered model (secrets redacted like the params).
+        params = tracking.flatten_params(config.to_dict())
+        (Path(local) / "train_config.json").write_text(json.dumps(params, indent=1, sort_keys=True) + "\n")
+        destination = storage.join(config.run.storage_path, config.run.name, "export")
+        upload_folder(local, destination, config.run.endpoint_url)
+        name = config.tracking.registered_model or f"hart-{config.stage}"
+        version = tracking.log_export_and_register(facts["tracking_uri"], facts["run_id"], local, name)
     print(f"[train] exported to {destination}; registered {name} version {version}")
-    return {"export_dir": local, "model_version": version}
+    return {"export_dir": export_dir or destination, "model_version": version}
 
 
 # ======================================================================================
@@ -334,6 +350,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch  # [ray]
 
     config = config_from_dict(TrainRunConfig, loop_config["config"])
+    quiet_report_log()
     context = ray.train.get_context()  # [ray]
     rank = context.get_world_rank()
     device = ray.train.torch.get_device()  # [ray]
@@ -358,6 +375,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     accumulation, batch_size = config.data.grad_accumulation, config.data.batch_size
     generator = torch.Generator(device=device)
     sample_batch = None
+    progress = Progress(config.run.max_steps, "steps", done_before=step)
+    samples_per_step = batch_size * accumulation * context.get_world_size()
     last_step_end = time.perf_counter()
     while step < config.run.max_steps:
         steps_before, micro_batches, data_seconds, context_seconds = step, [], 0.0, 0.0
@@ -397,8 +416,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             logger.record(metrics, step)
             if step % config.run.log_every == 0:
                 if rank == 0:  # the window's values, as logged
-                    print(f"[train] step {step}/{config.run.max_steps} " + " ".join(
-                        f"{k}={v:.4g}" for k, v in logger.summary().items() if k in ("loss", "ce", "diffusion", "lr", "grad_norm")))
+                    losses = " ".join(f"{k}={v:.4g}" for k, v in logger.summary().items()
+                                      if k in ("loss", "ce", "diffusion", "lr", "grad_norm"))
+                    counted = {"samples": (step - progress.done_before) * samples_per_step}
+                    print(f"[train] step {progress.line(step, counted)} | {losses}", flush=True)
                 logger.write()
             if config.tracking.sample_every and step % config.tracking.sample_every == 0 or step == config.run.max_steps:
                 log_samples(config, stage, ema, sample_batch, logger, step, manifest)
@@ -426,6 +447,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                              f"last checkpoint)")
         if step < config.run.max_steps:
             data_epoch += 1
+
+
+def quiet_report_log() -> None:
+    """Ray Train's workers log every `ray.train.report` at INFO as one `TrainingReport(...)` line holding
+    all metrics and the checkpoint object (hundreds of characters each); the job prints its own short
+    checkpoint line instead. That logger is named after its module's file, so it is found that way."""
+    import importlib.util
+    import logging
+
+    spec = importlib.util.find_spec("ray.train.v2._internal.execution.context")
+    if spec is not None and spec.origin:
+        logging.getLogger(spec.origin).setLevel(logging.WARNING)
 
 
 def restore(directory, stage: Stage, optimizer, scheduler, disc_optimizer, ema, run_id: str, rank: int) -> tuple[int, int]:
@@ -479,8 +512,14 @@ def report_checkpoint(config, stage: Stage, optimizer, scheduler, disc_optimizer
             if ledger is not None:
                 Path(directory, PROGRESS_FILE).write_text(json.dumps(ledger.state()) + "\n")
         save_rng_state(directory, rank)
+        started, name = time.perf_counter(), f"checkpoint_step{step:08d}"
         ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(directory),  # [ray]
-                         checkpoint_dir_name=f"checkpoint_step{step:08d}")
+                         checkpoint_dir_name=name)
+    if rank == 0:
+        from pipelines import storage
+
+        print(f"[train] checkpoint at step {step}: {storage.join(config.run.storage_path, config.run.name, name)} "
+              f"({time.perf_counter() - started:.1f}s)", flush=True)
 
 
 # ======================================================================================
@@ -489,34 +528,37 @@ def report_checkpoint(config, stage: Stage, optimizer, scheduler, disc_optimizer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Train a HART stage with Ray Train (checkpoints + MLflow).")
-    parser.add_argument("--stage", choices=("tokenizer", "ar", "diffusion", "joint"), help="overrides the file's stage")
-    parser.add_argument("--config", help="run config (.yaml/.toml/.json), e.g. jobs/configs/train_tiny.yaml")
+    from configuration.cli import HelpFormatter
+    from jobs.local_ray import ADDRESS_HELP
+
+    parser = argparse.ArgumentParser(prog="hart-train", formatter_class=HelpFormatter,
+                                     description="Train a HART stage with Ray Train (checkpoints + MLflow).")
+    parser.add_argument("--stage", choices=("tokenizer", "ar", "diffusion", "joint"),
+                        help="the stage to train (default: the config file's `stage`)")
+    parser.add_argument("--config", help="run config (.yaml/.toml/.json), e.g. jobs/configs/train_tiny.yaml "
+                                         "(default: the built-in defaults)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set run.max_steps=200 --set scaling.num_workers=8")
-    parser.add_argument("--export-dir", help="local folder for the exported llm/ + tokenizer/ (default: a temp dir)")
-    parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster address (default: local)")
+    parser.add_argument("--export-dir", help="local folder for the exported llm/ + tokenizer/ (default: a temporary "
+                                             "folder; the export is also copied to <run.storage_path>/<run.name>/export)")
+    parser.add_argument("--address", help=ADDRESS_HELP)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    import ray  # [ray]
+    from jobs.local_ray import connect
 
     args = parse_args(argv)
     try:
         config = load_train_config(args.config, args.stage, args.set)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"hart-train: error: {exc}", file=sys.stderr)
         return 2
-    if not ray.is_initialized():
-        from jobs.local_ray import LOCAL_RAY_RUNTIME_ENV
-
-        local = {} if args.address else {"runtime_env": LOCAL_RAY_RUNTIME_ENV}
-        ray.init(address=args.address, include_dashboard=False, **local)  # [ray]
+    connect(args.address)
     try:
         outcome = run_training(config, args.export_dir)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"hart-train: error: {exc}", file=sys.stderr)
         return 2
     print(f"[train] done: step {outcome['final_step']}, checkpoint {outcome['checkpoint_path']}, "
           f"export {outcome['export_dir']}, model version {outcome['model_version']}")

@@ -16,6 +16,7 @@ preset or a `{preset: ..., field: value}` mapping and resolved by `model_configs
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -314,6 +315,25 @@ def model_configs(config: TrainRunConfig) -> tuple[TokenizerConfig, TransformerC
     return tokenizer, replace(transformer, patch_nums=tokenizer.patch_nums)
 
 
+def with_absolute_paths(config: TrainRunConfig) -> TrainRunConfig:
+    """The config with every local path setting absolute (`pipelines.storage.absolute`), on the driver:
+    Ray Train's workers do not start in its working directory. `data.text_encoder` only when it names a
+    folder that exists here (else it is a built-in name such as `minilm`); the shapes prompt set is a name."""
+    from pipelines.storage import absolute
+
+    data = config.to_dict()
+    for section, name in (("run", "storage_path"), ("model", "tokenizer_checkpoint"), ("model", "init_from"),
+                          ("data", "cache"), ("eval", "clip"), ("tracking", "artifact_location")):
+        data[section][name] = absolute(data[section][name])
+    data["data"]["shards"] = [absolute(shard) for shard in data["data"]["shards"]]
+    data["objective"]["perceptual_weights"] = [absolute(path) for path in data["objective"]["perceptual_weights"]]
+    if os.path.exists(data["data"]["text_encoder"]):
+        data["data"]["text_encoder"] = absolute(data["data"]["text_encoder"])
+    if not data["eval"]["prompts"].startswith("shapes:"):
+        data["eval"]["prompts"] = absolute(data["eval"]["prompts"])
+    return config_from_dict(TrainRunConfig, data)
+
+
 def load_train_config(path: str | None, stage: str | None = None, overrides: list[str] = ()) -> TrainRunConfig:
     """Config file (optional) + `--stage` + `--set key=value` overrides -> TrainRunConfig."""
     data = read_config_file(path) if path else {}
@@ -323,4 +343,4 @@ def load_train_config(path: str | None, stage: str | None = None, overrides: lis
     return config_from_dict(TrainRunConfig, data)
 
 
-__all__ = ["TrainRunConfig", "STAGES", "FAMILIES", "load_train_config", "model_configs"]
+__all__ = ["TrainRunConfig", "STAGES", "FAMILIES", "load_train_config", "model_configs", "with_absolute_paths"]

@@ -124,7 +124,7 @@ class PrecomputeConfig:
     tokenizer: TokenizerSource = field(default_factory=TokenizerSource)
     text: TextConfig = field(default_factory=TextConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
-    progress: bool = True  # Ray Data progress bars
+    progress: bool = False  # Ray Data's own progress output (hart-precompute --ray-progress); the job prints a line per shard
     # Local paths (input, output, tokenizer) are on a filesystem every node mounts at the same
     # place. Off: on a cluster of several nodes only s3:// paths are accepted.
     shared_filesystem: bool = False
@@ -147,6 +147,24 @@ def load_precompute_config(path: str | None = None, overrides: list[str] | tuple
     section = data.get("input")
     if isinstance(section, dict) and isinstance(section.get("shards"), str):
         section["shards"] = [section["shards"]]  # one pattern given as a plain string
+    return config_from_dict(PrecomputeConfig, data)
+
+
+def with_absolute_paths(config: PrecomputeConfig) -> PrecomputeConfig:
+    """Every local path setting absolute (`pipelines.storage.absolute`), on the driver: Ray's workers
+    and actors do not start in its working directory. `text.encoder` only when it names a folder that
+    exists here (else it is a built-in name such as `minilm`)."""
+    import os
+
+    from pipelines.storage import absolute
+
+    data = config_to_dict(config)
+    data["input"]["shards"] = [absolute(shard) for shard in data["input"]["shards"]]
+    data["input"]["list_file"] = absolute(data["input"]["list_file"])
+    data["output"] = absolute(data["output"])
+    data["tokenizer"]["checkpoint"] = absolute(data["tokenizer"]["checkpoint"])
+    if os.path.exists(data["text"]["encoder"]):
+        data["text"]["encoder"] = absolute(data["text"]["encoder"])
     return config_from_dict(PrecomputeConfig, data)
 
 

@@ -13,7 +13,10 @@ per prompt at the model's resolution (1024 px for hart-0.7b-1024px). Features: t
 (`pipelines.inception`) on the generated PNGs as written (RGB, uint8), resized to 299 by
 TensorFlow 1.x's bilinear rule; reference images go through the same path at their stored size.
 The paper does not publish its FID pipeline beyond the prompt set and resolution, so figures under
-this protocol are this project's, reproducible with the named weights files.
+this protocol are this project's, reproducible with the named weights files. `shapes` and `demo`
+sample the shapes corpus's small models with their own settings (`SHAPES_SAMPLING`); `demo` is
+exactly how `make demo` makes its figures, so `hart-generate --protocol demo` on a demo export makes
+the demo's images.
 
 Prompt sources (`read_prompts`): an MJHQ-30K `meta_data.json` (`{id: {"category", "prompt"}}`), a
 JSONL file (`{"prompt", "id"?, "category"?}` per line), a text file (one prompt per line), or
@@ -43,7 +46,9 @@ class EvalProtocol:
     head_cfg: float | None = None  # None: the released schedule (the last scale's token guidance)
     seed: int = 0  # group g of prompts is sampled with seed + g: a rerun gives the same images
     images_per_prompt: int = 1
-    batch_size: int = 8  # prompts per generation call (a group); fixed, so images do not depend on actors
+    # images per generation call (a group; None: all images in one group); fixed, so images do not depend on
+    # the actors
+    batch_size: int | None = 8
     # images per forward pass inside a group (None: the whole group at once). The chunks of a group
     # continue one generator, so the chunk size changes the images: it is part of the protocol.
     chunk_size: int | None = None
@@ -57,7 +62,7 @@ class EvalProtocol:
         unknown = set(self.metrics) - set(METRICS)
         if unknown:
             raise ValueError(f"unknown metric(s) {sorted(unknown)}; choose from {METRICS}")
-        if self.images_per_prompt < 1 or self.batch_size < 1 or (self.chunk_size is not None and self.chunk_size < 1):
+        if self.images_per_prompt < 1 or any(n is not None and n < 1 for n in (self.batch_size, self.chunk_size)):
             raise ValueError("images_per_prompt, batch_size and chunk_size must be >= 1")
         if len(self.top_k) != 2:
             raise ValueError(f"top_k is (early scales, late scales), got {self.top_k}")
@@ -74,6 +79,15 @@ class EvalProtocol:
         return dict(cfg=self.cfg, top_k=int(self.top_k[0]), top_p=0.8 if self.top_p is None else self.top_p,
                     more_smooth=self.more_smooth)
 
+    def describe(self) -> str:
+        """The sampling settings in one line, as the jobs that generate print them."""
+        return (f"cfg {self.cfg}, top-k {tuple(self.top_k)}, top-p {self.top_p}, head cfg "
+                f"{'released schedule' if self.head_cfg is None else self.head_cfg}, "
+                f"{'residual head' if self.use_diffusion else 'no residual head'}, "
+                f"{'EMA' if self.ema else 'raw'} weights, more_smooth {self.more_smooth}, seed {self.seed}, "
+                f"{self.images_per_prompt} image(s) per prompt, groups of {self.batch_size or 'all'}"
+                f"{f' in chunks of {self.chunk_size}' if self.chunk_size else ''}")
+
     def fingerprint(self, feature_network: str, image_size: int) -> dict:
         """What reference statistics must share with a run for FID/KID against them to mean anything."""
         return {"feature_network": feature_network, "image_size": image_size, "feature_resize": self.feature_resize}
@@ -82,10 +96,18 @@ class EvalProtocol:
         return asdict(self)
 
 
+# Small models of the shapes corpus sample best with a mild guidance and a small top-k: a 256-code
+# tokenizer has no long tail to cut at 600, and the released head schedule (the tokens' guidance) made
+# the demo's sampled residual 3-5x larger than the real one, so the head runs unguided (BENCHMARKS.md).
+SHAPES_SAMPLING = dict(cfg=3.0, top_k=(16, 16), head_cfg=1.0, metrics=("shapes",))
 PROTOCOLS = {
     "hart-mjhq-1024": EvalProtocol(),
-    # The demo's held-out shapes prompts: prompt following by the shapes classifier, plus CLIP if given.
-    "shapes": EvalProtocol(metrics=("shapes",)),
+    # Shapes prompts (e.g. shapes:heldout), one image each: prompt following by the shapes classifier
+    # (and CLIP if given); what evaluation inside training uses by default.
+    "shapes": EvalProtocol(**SHAPES_SAMPLING),
+    # `make demo`'s figures: every held-out prompt 8 times, all in one seeded group sampled 32 images at
+    # a time (one generator); hart-generate and hart-evaluate under it make the demo's images.
+    "demo": EvalProtocol(**SHAPES_SAMPLING, images_per_prompt=8, batch_size=None, chunk_size=32),
 }
 
 
@@ -146,9 +168,9 @@ def groups(prompts: list[EvalPrompt], protocol: EvalProtocol) -> list[dict]:
     (every prompt repeated images_per_prompt times), seeded with protocol.seed + group index."""
     images = [(f"{p.id}-{k}" if protocol.images_per_prompt > 1 else p.id, p) for p in prompts
               for k in range(protocol.images_per_prompt)]
-    rows = []
-    for g, start in enumerate(range(0, len(images), protocol.batch_size)):
-        chunk = images[start : start + protocol.batch_size]
+    rows, size = [], protocol.batch_size or len(images)
+    for g, start in enumerate(range(0, len(images), size)):
+        chunk = images[start : start + size]
         rows.append({"group": g, "seed": protocol.seed + g, "ids": [i for i, _ in chunk],
                      "prompts": [p.prompt for _, p in chunk], "categories": [p.category for _, p in chunk]})
     return rows

@@ -16,6 +16,7 @@ JPEG bytes, no prompt).
 from __future__ import annotations
 
 import io
+import time
 
 import numpy as np
 import torch
@@ -32,51 +33,66 @@ def encode_png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def load_generator(llm: str, tokenizer: str, text_encoder: str, protocol: EvalProtocol, device: torch.device,
+                   star: str = "", compile: bool = False):
+    """(model, tokenizer, text encoder) in eval mode on `device`: HART from an `llm/` folder (EMA weights if
+    the protocol says so), or STAR from a `.pth` (`star`; then `llm` is unused) with STAR's text
+    conditioning (`build_star_text_encoder`). `compile`: torch.compile the transformer's blocks, one
+    compiled step per scale (`compile_for_generation`). What `GenerateImages` and hart-generate hold."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # one bar per weight load otherwise
+    if star:
+        from hart.star.checkpoint import load_star
+        from hart.text_encoder import build_star_text_encoder
+        from hart.tokenizer.model import HybridTokenizer
+
+        if protocol.chunk_size is not None:
+            raise ValueError("chunk_size is not supported for STAR: a group is one generate call")
+        model = load_star(star).to(device).eval()
+        models = (model, HybridTokenizer.from_pretrained(tokenizer).to(device).eval(),
+                  build_star_text_encoder(text_encoder, model.config.context_token).to(device))
+    else:
+        from hart.transformer.generate import load_models
+
+        models = load_models(llm, tokenizer, text_encoder, protocol.ema, device)
+    if compile:
+        from hart.training.parallelize import compile_for_generation
+
+        compile_for_generation(models[0], len(models[0].config.patch_nums), device)
+    return models
+
+
 class GenerateImages:
-    """`llm`: a HART `llm/` folder; or `star`: a STAR `.pth` (then `llm` is unused), with STAR's text
-    conditioning (`build_star_text_encoder`) and sampler (`EvalProtocol.star_sampling`). `compile`:
-    torch.compile the transformer's blocks, one compiled step per scale (`compile_for_generation`)."""
+    """One generator (`load_generator`) per actor; each input row is a generation group. Each image row
+    carries its group's wall-clock `started` / `finished` times, so the driver measures generation
+    throughput without the actors' start-up."""
 
     def __init__(self, llm: str, tokenizer: str, text_encoder: str, protocol: dict, images_uri: str,
                  endpoint_url: str = "", device: str | None = None, star: str = "", compile: bool = False):
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()  # one bar per weight load and actor otherwise
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         from configuration.loader import config_from_dict
 
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.protocol = config_from_dict(EvalProtocol, protocol)  # the driver's protocol, as a plain dict
-        if star:
-            from hart.star.checkpoint import load_star
-            from hart.text_encoder import build_star_text_encoder
-            from hart.tokenizer.model import HybridTokenizer
-
-            if self.protocol.chunk_size is not None:
-                raise ValueError("chunk_size is not supported for STAR: a group is one generate call")
-            self.model = load_star(star).to(self.device).eval()
-            self.tokenizer = HybridTokenizer.from_pretrained(tokenizer).to(self.device).eval()
-            self.encoder = build_star_text_encoder(text_encoder, self.model.config.context_token).to(self.device)
-        else:
-            from hart.transformer.generate import load_models
-
-            self.model, self.tokenizer, self.encoder = load_models(llm, tokenizer, text_encoder, self.protocol.ema,
-                                                                   self.device)
-        if compile:
-            from hart.training.parallelize import compile_for_generation
-
-            compile_for_generation(self.model, len(self.model.config.patch_nums), self.device)
+        self.model, self.tokenizer, self.encoder = load_generator(llm, tokenizer, text_encoder, self.protocol,
+                                                                  self.device, star, compile)
         self.fs, self.images_dir = storage.resolve(images_uri, endpoint_url)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out: dict[str, list] = {"id": [], "prompt": [], "category": [], "png": []}
+        out: dict[str, list] = {"id": [], "prompt": [], "category": [], "png": [], "started": [], "finished": []}
         for ids, prompts, categories, seed in zip(batch["ids"], batch["prompts"], batch["categories"], batch["seed"]):
             group = {"ids": ids, "prompts": prompts, "categories": categories, "seed": seed}
+            started = time.time()
             rows = generate_group(self.model, self.tokenizer, self.encoder, group, self.protocol, self.device)
             for row in rows:
                 storage.write_bytes_atomic(self.fs, storage.join(self.images_dir, f"{row['id']}.png"), row["png"])
-                for key in out:
+            finished = time.time()
+            for row in rows:
+                for key in ("id", "prompt", "category", "png"):
                     out[key].append(row[key])
-        return {k: np.array(v, dtype=object) for k, v in out.items()}
+                out["started"].append(started)
+                out["finished"].append(finished)
+        return {k: np.array(v, dtype=object if k not in ("started", "finished") else np.float64) for k, v in out.items()}
 
 
 def generate_group(model, tokenizer, encoder, group: dict, protocol: EvalProtocol, device: torch.device) -> list[dict]:

@@ -40,13 +40,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
+from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
 from configuration.loader import config_to_dict
 from pipelines import manifest as manifest_lib
 from pipelines import shard_source, storage
-from pipelines.config import PrecomputeConfig, preprocess_fingerprint
+from pipelines.config import PrecomputeConfig, preprocess_fingerprint, with_absolute_paths
 from pipelines.decode import decode_batch
+from pipelines.progress import Progress, show_ray_data_progress
 from pipelines.tokenize_stage import TokenizerStage, load_tokenizer, weights_hash
 from pipelines.writer import cache_schema
 from pipelines.writer_pool import ROUTE_CPUS, RoutedShards, WriterPool, batch_nbytes, route_batch
@@ -253,27 +254,33 @@ def prepare(config: PrecomputeConfig) -> dict[str, Any]:
             "fingerprint": fingerprint, "schema": schema, "header": header}
 
 
-def _log_commits(records: list[dict[str, Any]], num_done: int, log) -> None:
-    for stats in records:
-        rejected = sum(stats["rejected"].values())
-        log(f"committed {stats['shard']}: {stats['samples_written']}/{stats['samples_in']} written, {rejected} rejected "
-            f"({num_done} shards this run)")
+def commit_line(stats: dict[str, Any], progress: Progress, num_done: int, rows_written: int) -> str:
+    """One committed shard, and the run so far: shards done of this run's total, rows/s, ETA."""
+    rejected = sum(stats["rejected"].values())
+    return (f"committed {stats['shard']}: {stats['samples_written']}/{stats['samples_in']} written, {rejected} rejected "
+            f"| shards {progress.line(num_done, {'rows': rows_written})}")
 
 
 def drain_to_writers(dataset: ray.data.Dataset, pool: WriterPool, summary: PrecomputeSummary, log=print,
-                     first_batch=lambda batch: None, refresh_index=lambda done: None):
+                     first_batch=lambda batch: None, refresh_index=lambda done: None, total: int = 0):
     """The driver's loop over a plan that ends in `route_batch`: count the routed rows, ask the
-    writers owning whole shards for their commit records, call `refresh_index(done)` now and then, and
-    finish the pool. Returns (committed stats by shard, failed shards, the pool's final answer)."""
+    writers owning whole shards for their commit records (a line per new commit, with the progress
+    over `total` shards), call `refresh_index(done)` now and then, and finish the pool. Returns
+    (committed stats by shard, failed shards, the pool's final answer)."""
     done: dict[str, dict[str, Any]] = {}
     failed: dict[str, str] = {}
+    progress, rows_written = Progress(total, "shards"), 0
 
     def take(answer: dict[str, Any]) -> None:
+        nonlocal rows_written
         for stats in answer["committed"]:
+            if stats["shard"] in done:  # `finish` answers with every record, polled ones included
+                continue
             done[stats["shard"]] = stats
+            rows_written += stats["samples_written"]
+            log(commit_line(stats, progress, len(done), rows_written))
         summary.writer_nodes.update(answer["writer_node"].values())
         failed.update(answer["failed"])
-        _log_commits(answer["committed"], len(done), log)
 
     routed = RoutedShards(len(pool.actors))
     last_refresh = last_poll = time.perf_counter()
@@ -299,6 +306,26 @@ def drain_to_writers(dataset: ray.data.Dataset, pool: WriterPool, summary: Preco
     return done, failed, final
 
 
+def check_inputs(config: PrecomputeConfig) -> None:
+    """Before the first write (the manifest): each S3 store the job reads or writes answers, accepts the
+    credentials and has the bucket (one short request per bucket, `storage.check_store`), and the
+    tokenizer checkpoint exists; each failure is one line naming the setting to fix."""
+    inputs = {f"input.shards[{i}]": shard for i, shard in enumerate(config.input.shards)}
+    if config.input.list_file:
+        inputs["input.list_file"] = config.input.list_file
+    probed = set()
+    for setting, uri in inputs.items():
+        bucket = uri.removeprefix("s3://").split("/")[0] if storage.is_s3(uri) else None
+        if bucket not in probed:
+            storage.check_store(uri, config.input.endpoint_url, setting, "input.endpoint_url")
+            probed.add(bucket)
+    storage.check_store(config.output, config.output_endpoint(), "output",
+                        "output_endpoint_url" if config.output_endpoint_url else "input.endpoint_url")
+    if config.tokenizer.checkpoint:
+        storage.check_exists(config.tokenizer.checkpoint, config.input.endpoint_url, "tokenizer.checkpoint",
+                             "input.endpoint_url")
+
+
 def run_precompute(config: PrecomputeConfig, log=print) -> PrecomputeSummary:
     """Run (or resume) the job; Ray must be initialised. Returns the summary (failed shards inside)."""
     started = last_mark = time.perf_counter()
@@ -311,8 +338,15 @@ def run_precompute(config: PrecomputeConfig, log=print) -> PrecomputeSummary:
         last_mark = now
 
     num_nodes = count_alive_nodes()
+    # On the paths as given: a relative one names the driver's working directory, which no other node
+    # shares (under `ray job submit` not even a shared filesystem holds it), so a cluster refuses it.
     storage.check_reachable({"output": config.output, "tokenizer.checkpoint": config.tokenizer.checkpoint},
                             num_nodes, config.shared_filesystem)
+    storage.check_reachable({"input.list_file": config.input.list_file,  # relative ones here; local shards below
+                             **{f"input.shards[{i}]": shard for i, shard in enumerate(config.input.shards)}},
+                            num_nodes, shared_filesystem=True)
+    config = with_absolute_paths(config)
+    check_inputs(config)
     uris = shard_source.list_shards(config.input)
     names = shard_source.name_shards(uris)
     storage.check_reachable({f"input shard {name}": uri for name, uri in names.items()}, num_nodes,
@@ -346,7 +380,7 @@ def run_precompute(config: PrecomputeConfig, log=print) -> PrecomputeSummary:
     if pending:
         if config.compute.check_resources:
             check_resources(config)
-        DataContext.get_current().enable_progress_bars = config.progress
+        show_ray_data_progress(config.progress)
         compute = config.compute
         pool = WriterPool(compute.writer_actors, compute.writer_cpus, compute.resources, output=output,
                           endpoint_url=endpoint, fingerprint_hash=fingerprint_hex, schema=setup["schema"],
@@ -370,7 +404,8 @@ def run_precompute(config: PrecomputeConfig, log=print) -> PrecomputeSummary:
             in_index.update(new)
 
         try:
-            done, failed, final = drain_to_writers(dataset, pool, summary, log, first_batch, refresh_index)
+            done, failed, final = drain_to_writers(dataset, pool, summary, log, first_batch, refresh_index,
+                                                   total=len(pending))
         finally:
             pool.close()
         for shard in final["incomplete"]:  # rows lost with a writer (or a stage that dropped rows): redo on rerun

@@ -201,18 +201,26 @@ def write_shapes_shards(output: str, num_samples: int, num_shards: int, seed: in
     return uris
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None):
     import argparse
 
-    parser = argparse.ArgumentParser(description="write a procedural shapes corpus as WebDataset shards")
+    from configuration.cli import HelpFormatter
+
+    parser = argparse.ArgumentParser(prog="python -m pipelines.shapes", formatter_class=HelpFormatter,
+                                     description="write a procedural shapes corpus as WebDataset shards")
     parser.add_argument("--output", required=True, help="folder, file:// or s3:// prefix")
-    parser.add_argument("--num-samples", type=int, default=2000)
-    parser.add_argument("--num-shards", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--split", default="train", choices=("train", "heldout"))
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--image-format", default="jpg", choices=("jpg", "png", "webp"))
-    args = parser.parse_args(argv)
+    parser.add_argument("--num-samples", type=int, default=2000, help="samples in all")
+    parser.add_argument("--num-shards", type=int, default=4, help="tar files they are spread over")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the samples")
+    parser.add_argument("--split", default="train", choices=("train", "heldout"),
+                        help="train: captions of the training prompts; heldout: the held-out prompts")
+    parser.add_argument("--image-size", type=int, default=64, help="image side in pixels")
+    parser.add_argument("--image-format", default="jpg", choices=("jpg", "png", "webp"), help="image file format")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     uris = write_shapes_shards(args.output, args.num_samples, args.num_shards, args.seed, args.split,
                                args.image_size, args.image_format)
     print(f"wrote {args.num_samples} samples into {len(uris)} shards under {args.output}")

@@ -53,9 +53,14 @@ def s3_max_attempts() -> int:
 
 def s3_filesystem(endpoint_url: str = "") -> pafs.S3FileSystem:
     """Native S3 filesystem for AWS or any S3-compatible endpoint (MinIO, moto, R2 ...)."""
-    endpoint_url = endpoint_url or endpoint_from_env()
-    kwargs: dict = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=s3_max_attempts()),
-                    "connect_timeout": S3_CONNECT_TIMEOUT_S, "request_timeout": S3_REQUEST_TIMEOUT_S}
+    return pafs.S3FileSystem(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=s3_max_attempts()),
+                             connect_timeout=S3_CONNECT_TIMEOUT_S, request_timeout=S3_REQUEST_TIMEOUT_S,
+                             **_s3_options(endpoint_url or endpoint_from_env()))
+
+
+def _s3_options(endpoint_url: str) -> dict:
+    """Region (AWS_REGION / AWS_DEFAULT_REGION) and endpoint of an `S3FileSystem`."""
+    kwargs: dict = {}
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         kwargs["region"] = region
@@ -65,7 +70,7 @@ def s3_filesystem(endpoint_url: str = "") -> pafs.S3FileSystem:
             raise ValueError(f"endpoint_url {endpoint_url!r} is not a host[:port] or http(s)://host[:port] URL")
         kwargs["endpoint_override"] = parsed.netloc
         kwargs["scheme"] = parsed.scheme or "https"
-    return pafs.S3FileSystem(**kwargs)
+    return kwargs
 
 
 def resolve(uri: str, endpoint_url: str = "") -> tuple[pafs.FileSystem, str]:
@@ -82,6 +87,76 @@ def resolve(uri: str, endpoint_url: str = "") -> tuple[pafs.FileSystem, str]:
     elif "://" in uri:
         raise ValueError(f"unsupported URI scheme in {uri!r}: use a local path, file:// or s3://")
     return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def absolute(uri: str) -> str:
+    """A local path (or `file://` URI) made absolute against this process's working directory; other
+    URIs (`s3://`, `http(s)://`, `sqlite://`) and "" unchanged. Jobs call it on the driver for every
+    path setting, so Ray workers and actors, which do not start in the driver's working directory,
+    checkpoints and MLflow params all see the path the user meant. Glob characters and braces are kept."""
+    if not uri:
+        return uri
+    if uri.startswith("file://"):
+        return "file://" + os.path.abspath(os.path.expanduser(uri[len("file://"):]))
+    if "://" in uri:
+        return uri
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+# A preflight request: one try, short timeouts. A job's own requests retry (S3_MAX_ATTEMPTS) because a
+# store that answered once is worth waiting for; one that does not answer now is a configuration error.
+PROBE_TIMEOUT_S = 5.0
+CREDENTIALS_HELP = "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
+
+
+def check_store(uri: str, endpoint_url: str, setting: str, endpoint_setting: str) -> None:
+    """Before a job's first side effect, for an `s3://` URI: the endpoint answers, the credentials are
+    accepted and the bucket exists, each tried once with a short timeout; local paths pass. A failure
+    is one ValueError line naming `setting` (where the URI came from), the endpoint setting
+    (`endpoint_setting`, or AWS_ENDPOINT_URL) and the credential variables: the fix, not a retry loop."""
+    if not is_s3(uri):
+        return
+    _, path = resolve(uri, endpoint_url)
+    bucket = path.split("/")[0]
+    endpoint = endpoint_url or endpoint_from_env()
+    where = f"{setting}={uri}"
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        host, port = parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
+        source = endpoint_setting if endpoint_url else "AWS_ENDPOINT_URL"
+        fix = f"check {source} (now {parsed.scheme}://{host}:{port})"
+    else:
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        host, port = f"s3.{region}.amazonaws.com", 443
+        fix = f"for an S3-compatible server set {endpoint_setting} or AWS_ENDPOINT_URL to its URL"
+    try:
+        import socket
+
+        socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S).close()
+    except OSError as exc:
+        what = f"the S3 endpoint {host}:{port}" if endpoint else f"no S3 endpoint is set and AWS S3 ({host})"
+        raise ValueError(f"{where}: {what} does not answer ({exc}); {fix}") from None
+    probe = pafs.S3FileSystem(**{**_s3_options(endpoint), "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=1),
+                                 "connect_timeout": PROBE_TIMEOUT_S, "request_timeout": PROBE_TIMEOUT_S})
+    try:
+        info = probe.get_file_info(bucket)
+    except OSError as exc:
+        reason = str(exc).split(": ", 1)[-1]
+        if any(code in str(exc) for code in ("ACCESS_DENIED", "INVALID_ACCESS_KEY", "SIGNATURE", "403")):
+            raise ValueError(f"{where}: the S3 server at {host}:{port} refused access to bucket {bucket!r} ({reason}); "
+                             f"set {CREDENTIALS_HELP} to a key with access to it") from None
+        raise ValueError(f"{where}: the S3 request to {host}:{port} failed ({reason}); {fix}") from None
+    if info.type == pafs.FileType.NotFound:
+        raise ValueError(f"{where}: bucket {bucket!r} does not exist at {host}:{port} (create it, or fix the URI)")
+
+
+def check_exists(uri: str, endpoint_url: str, setting: str, endpoint_setting: str) -> None:
+    """`check_store`, then: the file or folder (for S3, the object or any object under the prefix)
+    is there. ValueError naming `setting` otherwise."""
+    check_store(uri, endpoint_url, setting, endpoint_setting)
+    fs, path = resolve(uri, endpoint_url)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        raise ValueError(f"{setting}={uri}: not found")
 
 
 def join(base: str, *names: str) -> str:

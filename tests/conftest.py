@@ -9,6 +9,9 @@ Fixtures (reuse them; they are generic):
 - `s3_bucket`     function scope: a fresh bucket on that server; yields "s3://<bucket>".
                   Pass the endpoint explicitly (`endpoint_url=` options, `s3_filesystem(...)`,
                   `boto3.client("s3", endpoint_url=...)`).
+- `s3_strict_endpoint` session scope: a second moto S3 server, in its own process, that checks
+                  credentials as AWS does (`INITIAL_NO_AUTH_ACTION_COUNT=0`): it knows no key, so every
+                  request is refused with 403. Yields its endpoint URL.
 - `s3_env`        function scope: like `s3_bucket`, and also sets AWS_ENDPOINT_URL for the test
                   (code that only honours the env var), restored afterwards.
 - `ray_cluster`   module scope: a multi-node Ray cluster on this machine (`ray.cluster_utils.Cluster`):
@@ -105,6 +108,24 @@ def s3_endpoint():
 
     with s3_server() as endpoint:
         yield endpoint
+
+
+@pytest.fixture(scope="session")
+def s3_strict_endpoint():
+    import subprocess
+    import sys
+
+    from jobs.local_services import free_port, stop_process_group, wait_for_port
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for_port(server, port, "the strict moto server")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_process_group(server, grace_s=10)
 
 
 @pytest.fixture

@@ -91,6 +91,8 @@ def test_files_and_overrides(tmp_path):
     data = apply_overrides(read_config_file(tmp_path / "a.yaml"), ["inner.rate=0.25", "maybe.width=2", "label=y"])
     assert config_from_dict(Outer, data) == Outer(inner=Inner(width=8, rate=0.25, names=("p",)),
                                                   maybe=Inner(width=2), flag=True, label="y")
+    assert apply_overrides({"label": "x"}, ["label="]) == {"label": ""}  # `--set label=` as a shell leaves `label=''`
+    assert apply_overrides({}, ["maybe=null"]) == {"maybe": None}
     with pytest.raises(ValueError, match="key.subkey=value"):
         apply_overrides({}, ["novalue"])
     with pytest.raises(ValueError, match="'flag' is not a section"):

@@ -87,6 +87,7 @@ def writer_actors_alive() -> int:
     return sum(1 for a in state.actors().values() if a["State"] == "ALIVE" and a["ActorClassName"] == "ShardWriterActor")
 
 
+@pytest.mark.slow  # `make chaos`; `make test` keeps the rerun (tests/pipelines/test_precompute.py) and the actor kill
 def test_driver_sigkill_then_rerun_is_exactly_once(ray_local, tmp_path):
     rng = random.Random(7)
     num_shards = 16

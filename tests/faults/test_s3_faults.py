@@ -96,12 +96,18 @@ def test_dead_store_fails_fast_with_a_clear_error(s3_bucket, s3_endpoint, tmp_pa
     monkeypatch.setenv("HART_S3_MAX_ATTEMPTS", "3")  # the knob works, and the fast trial stays fast
     uris = shapes.write_shapes_shards(f"{s3_bucket}/raw", 4, 1, seed=4, endpoint_url=s3_endpoint)
     with FaultProxy(s3_endpoint, rate=1.0, kinds=("slowdown",), seed=5) as proxy:
+        # precompute's preflight asks once, before it writes anything, and names the setting to check
         started = time.perf_counter()
-        with pytest.raises(OSError, match=r"manifest.json' in bucket .*AWS Error .*(SLOW_DOWN|HTTP status 503)"):
+        with pytest.raises(ValueError, match=r"input.shards\[0\]=s3://.*HTTP status 503.*check input.endpoint_url"):
             run_precompute(precompute_config(uris, f"{s3_bucket}/tokens/dead", proxy.url), log=lambda *a: None)
-        seconds = time.perf_counter() - started
-        attempts = proxy.counts["requests"]
-    # bounded: a handful of tries with backoff, then the error (pyarrow's default would be 3 tries)
+        assert proxy.counts["requests"] == 1 and time.perf_counter() - started < 30
+        assert storage.list_files(storage.s3_filesystem(s3_endpoint), f"{s3_bucket[5:]}/tokens/dead") == []
+        # past the preflight, every storage call is bounded: a handful of tries with backoff, then the
+        # SDK's error naming the operation (pyarrow's default would be 3 tries)
+        started, before = time.perf_counter(), proxy.counts["requests"]
+        with pytest.raises(OSError, match=r"manifest.json' in bucket .*AWS Error .*(SLOW_DOWN|HTTP status 503)"):
+            storage.write_bytes_atomic(storage.s3_filesystem(proxy.url), f"{s3_bucket[5:]}/tokens/dead/manifest.json", b"{}")
+        seconds, attempts = time.perf_counter() - started, proxy.counts["requests"] - before
     assert attempts == storage.s3_max_attempts() == 3 and seconds < 60, (attempts, seconds)
     with FaultProxy(s3_endpoint, rate=1.0, kinds=("reset",), seed=6) as proxy:
         source = tmp_path / "ckpt"

@@ -64,6 +64,7 @@ def run_steps(tracking_uri: str, experiment: str, run_name: str) -> tuple[int, l
     return len(runs), steps
 
 
+@pytest.mark.slow  # `make chaos`; `make test` keeps Ray Train's own restore after a crash (tests/jobs/test_train.py)
 def test_worker_sigkill_restores_from_checkpoint_by_itself(train_assets, tmp_path):
     import ray
 

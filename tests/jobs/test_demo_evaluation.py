@@ -4,10 +4,11 @@ the held-out images and labels, and the hart-evaluate arguments the demo's gener
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 
@@ -69,14 +70,19 @@ def test_heldout_images_are_the_heldout_split_with_their_labels(tmp_path):
 @pytest.mark.parametrize("tag", SAMPLE_TAGS)
 def test_evaluation_argv_is_a_valid_hart_evaluate_run_of_the_demo_settings(tmp_path, tag):
     from jobs.evaluate import parse_args, protocol_from_args
-    from pipelines.shapes import prompts
+    from pipelines.eval_protocol import PROTOCOLS
 
     config = DemoConfig(samples_per_prompt=3, cfg=2.5, top_k=7, head_cfg=None, seed=5)
     args = parse_args(evaluation_argv(tmp_path / "export", config, tmp_path, tag))
-    assert (args.prompts, args.metrics, args.out) == ("shapes:heldout", "shapes", str(tmp_path / "samples" / tag))
+    assert (args.prompts, args.protocol, args.out) == ("shapes:heldout", "demo", str(tmp_path / "samples" / tag))
     protocol = protocol_from_args(args)
     # every held-out prompt's samples in one seeded group, so the images do not depend on the actors
-    assert protocol.batch_size == len(prompts("heldout")) * 3 and protocol.images_per_prompt == 3
+    assert protocol.batch_size is None and protocol.chunk_size == 32 and protocol.images_per_prompt == 3
     assert (protocol.cfg, protocol.top_k, protocol.head_cfg, protocol.seed) == (2.5, (7, 7), None, 5)
     assert protocol.use_diffusion == (tag == "with_head") and protocol.metrics == ("shapes",)
-    assert np.isclose(protocol_from_args(parse_args(evaluation_argv(tmp_path, DemoConfig(), tmp_path, tag))).head_cfg, 1.0)
+    # the demo's defaults are the demo protocol: nothing to override but the head switch
+    argv = evaluation_argv(tmp_path, DemoConfig(), tmp_path, tag)
+    assert protocol_from_args(parse_args(argv)) == dataclasses.replace(PROTOCOLS["demo"], use_diffusion=tag == "with_head")
+    assert argv.count("--set") == (tag == "without_head")
+
+

@@ -126,7 +126,9 @@ def test_the_evaluation_goes_to_the_joint_run_and_its_check_wants_it_there(tmp_p
     unlogged = evaluate_args(evaluation_argv(tmp_path / "export", DemoConfig(), tmp_path, "with_head"))
     assert not unlogged.tracking_uri and unlogged.run_id is None
     results = {name: 0.5 for name in figure_names(True)} | {"classifier_accuracy_on_real": 1.0}
-    tracking.RunLogger(uri, run_id, enabled=True).log_metrics({f"demo/{k}": v for k, v in results.items()}, step=0)
+    logger = tracking.RunLogger(uri, run_id, enabled=True)
+    logger.log_metrics({f"demo/{k}": v for k, v in results.items()}, step=0)
+    logger.flush()  # the writes are asynchronous: under load the check below could read before them
     tracking.RunLogger(uri, run_id, enabled=True).log_text("grid", "demo/heldout_with_head-t.png")
     summary = {"results": results, "steps": {"joint": {"joint_steps": 10}},
                "where": {"mlflow": uri, "mlflow_runs": {"joint": run_id}, "heldout_grid": "demo/heldout_with_head-t.png"}}

@@ -108,17 +108,16 @@ def test_reference_of_another_protocol_is_refused_and_missing_files_are_named(as
     assert "not an export folder" in capsys.readouterr().err
 
 
-def test_demo_settings_through_the_job_give_the_in_process_sampler_images(assets, ray_local, tmp_path):
-    """`make demo` scores its held-out samples through this job: one seeded group sampled 32 at a time is
-    the single `generate` call the demo made before, image for image (PNG bytes equal)."""
+def test_demo_protocol_through_the_job_gives_the_in_process_sampler_images(assets, ray_local, tmp_path):
+    """`make demo` scores its held-out samples through this job under the `demo` protocol: one seeded group
+    sampled 32 at a time is the single `generate` call the demo made before, image for image (PNG bytes equal)."""
     from hart.transformer.generate import generate, load_models
     from pipelines.eval_stages import encode_png
 
     prompts = [p for p in heldout_prompts("heldout") for _ in range(2)]
-    code = evaluate_main(["run", "--export", str(assets["export"]), "--prompts", "shapes:heldout", "--protocol", "shapes",
-                          "--metrics", "shapes", "--out", str(tmp_path / "job"), "--cpus-per-actor", "0.5",
-                          "--set", "cfg=3.0", "--set", "top_k=[16,16]", "--set", "head_cfg=1.0", "--set", "seed=5",
-                          "--set", "images_per_prompt=2", "--set", f"batch_size={len(prompts)}", "--set", "chunk_size=32"])
+    code = evaluate_main(["run", "--export", str(assets["export"]), "--prompts", "shapes:heldout", "--protocol", "demo",
+                          "--out", str(tmp_path / "job"), "--cpus-per-actor", "0.5", "--set", "seed=5",
+                          "--set", "images_per_prompt=2"])
     assert code == 0
     model, tok, encoder = load_models(str(assets["export"] / "llm"), str(assets["export"] / "tokenizer"), "minilm",
                                       ema=True, device="cpu")
@@ -126,6 +125,54 @@ def test_demo_settings_through_the_job_give_the_in_process_sampler_images(assets
     files = sorted((tmp_path / "job" / "images").glob("*.png"))
     assert len(files) == len(images) == 36
     assert all(f.read_bytes() == encode_png(image) for f, image in zip(files, images))
+
+
+def test_hart_generate_under_a_protocol_makes_the_jobs_images_and_figures(assets, ray_local, tmp_path, capsys):
+    """The same export, prompts and protocol through hart-generate and hart-evaluate: the same PNG files,
+    so the same figures (the demo's figures come from hart-generate --protocol demo on its export)."""
+    from jobs.generate import main as generate_main
+    from jobs.generate import slug
+    from pipelines.eval_protocol import PROTOCOLS, groups, read_prompts
+
+    sets = ["--set", "images_per_prompt=2", "--set", "seed=3"]
+    assert evaluate_main(["run", "--export", str(assets["export"]), "--prompts", "shapes:heldout", "--protocol", "demo",
+                          *sets, "--out", str(tmp_path / "job"), "--cpus-per-actor", "0.5"]) == 0
+    assert generate_main(["--export", str(assets["export"]), "--prompts", "shapes:heldout", "--protocol", "demo", *sets,
+                          "--output", str(tmp_path / "generated"), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    settings = "cfg 3.0, top-k (16, 16), top-p None, head cfg 1.0, residual head, EMA weights"
+    assert printed.count(settings) == 2  # each job printed the settings it used
+    import dataclasses
+
+    protocol = dataclasses.replace(PROTOCOLS["demo"], images_per_prompt=2, seed=3)
+    rows = [(i, p) for g in groups(read_prompts("shapes:heldout"), protocol) for i, p in zip(g["ids"], g["prompts"])]
+    pngs = [(tmp_path / "generated" / f"{i}-{slug(p)}.png").read_bytes() for i, p in rows]
+    assert pngs == [(tmp_path / "job" / "images" / f"{i}.png").read_bytes() for i, _ in rows]
+    import io
+
+    read = accuracy([Image.open(io.BytesIO(png)).convert("RGB") for png in pngs], [label_of(p) for _, p in rows])
+    figures = json.loads((tmp_path / "job" / "metrics.json").read_text())["figures"]
+    assert (read["colour_accuracy"], read["shape_accuracy"]) == (figures["colour_accuracy"], figures["shape_accuracy"])
+    assert figures["startup_s"] > 0 and figures["images_per_s"] > 0  # throughput without the actors' start-up
+
+
+def test_bad_output_and_mlflow_run_are_refused_before_any_image(assets, ray_local, s3_endpoint, tmp_path, capsys):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    base = ["run", "--export", str(assets["export"]), "--prompts", "shapes:heldout", "--protocol", "shapes", "--limit", "2"]
+    assert evaluate_main([*base, "--out", "s3://no-such-bucket/eval", "--endpoint-url", s3_endpoint]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--out=s3://no-such-bucket/eval: bucket 'no-such-bucket' does not exist" in err
+    assert evaluate_main([*base, "--out", "s3://b/eval", "--endpoint-url", f"http://127.0.0.1:{closed}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not answer" in err and "--endpoint-url" in err
+    assert evaluate_main([*base, "--out", str(tmp_path / "o"), "--tracking-uri",
+                          f"sqlite:///{tmp_path / 'mlflow.db'}", "--run-id", "0123abcd"]) == 2
+    assert "--run-id 0123abcd: not a run of" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "images").exists()
 
 
 def test_reference_from_shards_counts_what_it_leaves_out(assets, ray_local, tmp_path):
@@ -271,20 +318,6 @@ def test_per_category_distances_report_categories_the_reference_lacks():
     assert folder_category(Path("r/1.jpg"), Path("r")) == ""
     assert sample_category('{"category": "food", "url": "x"}') == "food"
     assert [sample_category(m) for m in ("", "not json", "[1]", '{"category": 3}', '{"caption": "a"}')] == [""] * 5
-
-
-def test_export_models_finds_hart_or_star_in_an_export(tmp_path):
-    from jobs.evaluate import export_models
-
-    (tmp_path / "tokenizer").mkdir()
-    with pytest.raises(ValueError, match="expected tokenizer/ and llm/, or star/ema_model.pth"):
-        export_models(tmp_path, ema=True)
-    (tmp_path / "llm").mkdir()
-    assert export_models(tmp_path, ema=True) == {"llm": str(tmp_path / "llm"), "tokenizer": str(tmp_path / "tokenizer")}
-    (tmp_path / "star").mkdir()
-    (tmp_path / "star" / "model.pth").write_bytes(b"")
-    assert export_models(tmp_path, ema=False)["star"] == str(tmp_path / "star" / "model.pth")
-    assert "star" not in export_models(tmp_path, ema=True)  # no ema_model.pth: the HART folder it also holds
 
 
 def test_a_star_export_is_evaluated_by_the_same_job(ray_local, tmp_path):

@@ -68,3 +68,19 @@ def test_upload_copies_the_folder_tree(tmp_path):
     upload_folder(tmp_path / "local", str(tmp_path / "remote" / "export"))
     assert (tmp_path / "remote" / "export" / "llm" / "config.json").read_text() == "{}"
     assert (tmp_path / "remote" / "export" / "train_config.json").read_text() == "{\"stage\": \"joint\"}"
+
+
+def test_read_export_finds_hart_or_star_in_an_export(tmp_path):
+    from jobs.export import read_export
+
+    (tmp_path / "tokenizer").mkdir()
+    with pytest.raises(ValueError, match="expected tokenizer/ and llm/, or star/ema_model.pth"):
+        read_export(tmp_path, ema=True)
+    (tmp_path / "llm").mkdir()
+    assert read_export(tmp_path, ema=True) == {"llm": str(tmp_path / "llm"), "tokenizer": str(tmp_path / "tokenizer")}
+    (tmp_path / "star").mkdir()
+    (tmp_path / "star" / "model.pth").write_bytes(b"")
+    assert read_export(tmp_path, ema=False)["star"] == str(tmp_path / "star" / "model.pth")
+    assert "star" not in read_export(tmp_path, ema=True)  # no ema_model.pth: the HART folder it also holds
+    with pytest.raises(ValueError, match="reads a local folder; copy it first"):
+        read_export("s3://bucket/export")

@@ -95,7 +95,8 @@ def test_precompute_job_submitted_through_the_api(token_auth_head, tmp_path):
     client = JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"})
     entrypoint = (
         f"{sys.executable} -m jobs.precompute --config jobs/configs/precompute.yaml "
-        f"--set 'input.shards=[\"{shards_dir}/shard-*.tar\"]' --set output={cache} --set progress=false"
+        f"--set 'input.shards=[\"{shards_dir}/shard-*.tar\"]' --set output={cache} --set tokenizer.checkpoint=''"
+        f" --set text.encoder=''"
     )
     job_id = client.submit_job(
         entrypoint=entrypoint,

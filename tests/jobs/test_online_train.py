@@ -49,6 +49,7 @@ def test_online_rows_are_the_cache_rows(train_assets, tmp_path):
     assert online_batch["visit"] == [f"0:{shard}" for shard in streamed.column("source_shard").to_pylist()[:8]]
 
 
+@pytest.mark.slow  # `make chaos`: two runs and a restart (the ledger's bookkeeping is unit-tested in make test)
 def test_online_joint_run_restarts_without_replaying_consumed_shards(train_assets, tmp_path):
     write_shapes_shards(str(tmp_path / "shards"), num_samples=48, num_shards=6)  # 8 samples a shard
     config = tiny_config(  # 2 DDP workers: a visit's rows are split between them, the ranks' counts are summed

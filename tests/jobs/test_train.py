@@ -148,7 +148,12 @@ def test_run_name_without_checkpoint_starts_a_new_mlflow_run(train_assets, tmp_p
     # each `[train] step` line was written twice to the worker's log files (and shown twice).
     loss = MlflowClient(tracking_uri=config.tracking.tracking_uri).get_metric_history(first["run_id"], "loss")
     last = max(loss, key=lambda m: m.step).value
-    assert len(worker_log_lines("[train] step 2/2 ", f"loss={last:.4g}")) == 1
+    (line,) = worker_log_lines("[train] step 2/2 ", f"loss={last:.4g}")
+    # progress: elapsed time, steps/s, samples/s (8 a step) and ETA on every step line; one short line per
+    # checkpoint instead of Ray Train's `TrainingReport(...)` dump of every metric
+    assert all(part in line for part in ("(100%), ", " elapsed, ", " steps/s, ", " samples/s, ", "ETA 0s"))
+    (checkpoint_line,) = worker_log_lines("[train] checkpoint at step 2: ", f"{config.run.name}/checkpoint_step00000002")
+    assert len(checkpoint_line) < 400 and not worker_log_lines("Reporting training result")
     facts = preflight(config)  # the checkpoint is there: its MLflow run is the one continued
     assert (facts["run_id"], facts["resumed"], facts["resume_step"]) == (first["run_id"], True, 2)
     tracking.finish_run(facts["tracking_uri"], facts["run_id"], "FINISHED")
@@ -167,6 +172,7 @@ def test_run_name_without_checkpoint_starts_a_new_mlflow_run(train_assets, tmp_p
     assert client.get_run(second["run_id"]).data.tags[tracking.PREVIOUS_RUNS_TAG] == first["run_id"]
 
 
+@pytest.mark.slow  # `make chaos`: two full runs compared (`make demo-smoke` runs with preserve_order)
 def test_preserve_order_repeats_a_seeded_runs_losses(train_assets, tmp_path):
     """Two seeded tokenizer runs over many small shards (more read blocks than CPUs, so blocks finish in
     varying order) train on the same batches when `data.preserve_order` is set: identical loss histories."""
@@ -220,3 +226,27 @@ def test_star_ar_stage_trains_exports_in_stars_layout_and_generates(train_assets
     tokenizer = HybridTokenizer.from_pretrained(tmp_path / "export" / "tokenizer").eval()
     images = generate(model.eval(), tokenizer, features(["a red circle", "a blue square"]), features([""]), seed=3)
     assert images.shape == (2, 64, 64, 3) and images.dtype.name == "uint8"
+
+
+def test_relative_paths_train_from_the_directory_they_were_given_in(train_assets, tmp_path, monkeypatch, capsys):
+    """A user's command after `make demo`, with the demo's relative paths, as the job got it: the Ray
+    Train worker does not start in the driver's working directory, so the paths are made absolute on the
+    driver, and that is what the worker, the checkpoint and the MLflow params see."""
+    import shutil
+
+    from jobs.train import main
+
+    shutil.copytree(train_assets["cache"], tmp_path / "runs/demo/cache/shapes")
+    shutil.copytree(train_assets["tokenizer"], tmp_path / "runs/demo/export/tokenizer")
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "jobs/configs").symlink_to(Path(__file__).resolve().parents[2] / "jobs/configs")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    code = main(["--config", "jobs/configs/train_joint.yaml", "--set", "data.cache=runs/demo/cache/shapes",
+                 "--set", "model.tokenizer_checkpoint=runs/demo/export/tokenizer", "--set", "run.max_steps=2",
+                 "--set", "run.export=false", "--set", "tracking.sample_every=0", "--set", "data.batch_size=8"])
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "runs/train/tiny-joint/checkpoint_step00000002").is_dir()
+    client, run = only_run(f"sqlite:///{tmp_path}/runs/mlflow.db", "hart-tiny", "tiny-joint")
+    assert run.data.params["model.tokenizer_checkpoint"] == str(tmp_path / "runs/demo/export/tokenizer")
+    assert run.data.params["data.cache"] == str(tmp_path / "runs/demo/cache/shapes")

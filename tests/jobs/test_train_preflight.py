@@ -96,9 +96,25 @@ def test_missing_bucket_and_unreachable_s3(train_assets, s3_endpoint, tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         preflight(tiny_config(train_assets, "ar", tmp_path, "run.storage_path=s3://no-such-bucket/train",
                               f"run.endpoint_url={s3_endpoint}"))
-    with pytest.raises(ValueError, match="unreachable|does not exist"):
+    with pytest.raises(ValueError, match=r"run.storage_path=s3://bucket/train: the S3 endpoint 127.0.0.1:\d+ does not "
+                                         r"answer .*check run.endpoint_url"):
         preflight(tiny_config(train_assets, "ar", tmp_path, "run.storage_path=s3://bucket/train",
                               f"run.endpoint_url=http://127.0.0.1:{closed_port()}"))
+
+
+def test_every_named_input_is_checked_before_the_mlflow_run(train_assets, s3_endpoint, tmp_path):
+    """A missing start checkpoint, tokenizer or cache bucket is one ValueError naming the setting, raised
+    before the MLflow run exists (no FAILED run, no store file), not a worker's traceback after it."""
+    cases = {"model.init_from": f"model.init_from={tmp_path / 'no-such-llm'}",
+             "model.tokenizer_checkpoint": f"model.tokenizer_checkpoint={tmp_path / 'no-tokenizer'}",
+             "data.cache": "data.cache=s3://no-such-bucket/cache"}
+    for setting, override in cases.items():
+        config = tiny_config(train_assets, "joint", tmp_path, override, f"run.endpoint_url={s3_endpoint}")
+        with pytest.raises(ValueError, match=rf"^{setting}=\S+: (not found|bucket 'no-such-bucket' does not exist)"):
+            preflight(config)
+        assert not (tmp_path / "mlflow.db").exists(), setting
+    preflight(tiny_config(train_assets, "tokenizer", tmp_path))  # the tokenizer stage starts from the tokenizer
+    assert (tmp_path / "mlflow.db").exists()
 
 
 def test_eval_prompts_are_checked_at_submission(tmp_path):

@@ -159,10 +159,14 @@ def test_resume_is_exactly_once(ray_local, tmp_path):
 def test_hostile_input_is_counted_and_failed_shards_named(ray_local, tmp_path, capsys):
     hostile = write_hostile_shards(str(tmp_path / "raw"))
     cache = tmp_path / "out" / "cache"
-    code = precompute_main(["--set", f"input.shards=[{tmp_path}/raw/*.tar]", "--set", f"output={cache}",
-                            "--set", "progress=false"])
+    code = precompute_main(["--set", f"input.shards=[{tmp_path}/raw/*.tar]", "--set", f"output={cache}"])
     captured = capsys.readouterr()
     assert code == 1
+    # a line per committed shard with the run's progress; Ray Data's own progress output is off by default
+    progress = [line for line in captured.out.splitlines() if line.startswith("committed ")]
+    assert len(progress) == len(hostile) - 2  # each commit once (the writers' final answer repeats them)
+    assert all(f"/{len(hostile)} (" in line and " rows/s, ETA " in line and " elapsed, " in line for line in progress)
+    assert "Total Progress" not in captured.out + captured.err
     assert "2 shard(s) failed: garbage_shard, zero_byte_shard" in captured.err
     assert "rejected: image_decode_error" in captured.out and "member ignored: unsafe_member_name" in captured.out
     for kind, (uri, expected) in hostile.items():
@@ -264,3 +268,37 @@ def test_a_token_only_cache_stores_no_residual(ray_local, tmp_path):
                               np.argsort(full_table.column("key").to_pylist())])
     batch = batch_to_tensors(table_to_numpy(table), manifest)
     assert "residual" not in batch and len(batch["tokens"]) == len(manifest["patch_nums"])
+
+
+def test_s3_stores_that_do_not_answer_or_refuse_fail_before_the_manifest(ray_local, tmp_path, s3_strict_endpoint,
+                                                                          monkeypatch, capsys):
+    """One short request per store before anything is written: a store that does not answer or refuses the
+    credentials is one line naming the setting and the variables to fix, in seconds (the job's own requests
+    retry for about 15 s per shard), and the cache root stays empty."""
+    import socket
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    shards, output = ["s3://my-bucket/raw/shard-{00000..00003}.tar"], tmp_path / "cache"
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    started = time.time()
+    # no endpoint anywhere: AWS itself, which this machine cannot reach (or, online, refuses the fake key)
+    with pytest.raises(ValueError, match=r"^input.shards\[0\]=s3://my-bucket/raw/shard-\{00000..00003\}.tar: .*"
+                                         r"(set input.endpoint_url or AWS_ENDPOINT_URL|AWS_ACCESS_KEY_ID)"):
+        run_precompute(make_config(shards, output))
+    with pytest.raises(ValueError, match=r"the S3 endpoint 127.0.0.1:\d+ does not answer .*check input.endpoint_url"):
+        run_precompute(make_config(shards, output, **{"input.endpoint_url": f"http://127.0.0.1:{closed}"}))
+    with pytest.raises(ValueError, match="refused access to bucket 'my-bucket'.*set AWS_ACCESS_KEY_ID and "
+                                         "AWS_SECRET_ACCESS_KEY"):
+        run_precompute(make_config(shards, output, **{"input.endpoint_url": s3_strict_endpoint}))
+    # the output's store too, through the command: exit 2, one line
+    local = shapes.write_shapes_shards(str(tmp_path / "raw"), 4, 1)
+    assert precompute_main(["--set", f"input.shards={json.dumps(local)}", "--set", "output=s3://my-bucket/cache",
+                            "--set", f"output_endpoint_url={s3_strict_endpoint}", "--set", "tokenizer.checkpoint=''",
+                            "--set", "text.encoder=''"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("hart-precompute: output=s3://my-bucket/cache: the S3 server")
+    assert time.time() - started < 30 and not output.exists()
