@@ -10,6 +10,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
 from jobs.local_ray import PLACEMENT_GROUP_CLEANER_LOGGER
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,6 +53,7 @@ def test_local_ray_mutes_the_placement_group_cleaner_and_nothing_else():
     assert torch_before == "False" and int(threads) == 1
 
 
+@pytest.mark.slow  # `make chaos`: a second Ray cluster on the machine, which other tests running beside it would see
 def test_a_job_starts_its_own_ray_instead_of_joining_a_running_cluster_and_leaves_home_alone(tmp_path):
     """`ray start` left a cluster running on the machine: a job run by hand starts a private local instance
     and says so, instead of joining that cluster silently (as a plain `ray.init()` would), and writes nothing
