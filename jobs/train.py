@@ -96,12 +96,7 @@ def check_inputs(config: TrainRunConfig) -> None:
             storage.check_exists(uri, endpoint, setting, "run.endpoint_url")
     reads = {f"data.shards[{i}]": shard for i, shard in enumerate(config.data.shards)} \
         if config.stage == "tokenizer" or config.online.enabled else {"data.cache": config.data.cache}
-    buckets = set()
-    for setting, uri in reads.items():
-        bucket = uri.removeprefix("s3://").split("/")[0] if storage.is_s3(uri) else None
-        if bucket not in buckets:  # one probe per bucket
-            storage.check_store(uri, endpoint, setting, "run.endpoint_url")
-            buckets.add(bucket)
+    storage.check_stores(reads, endpoint, "run.endpoint_url")
 
 
 def preflight(config: TrainRunConfig) -> dict[str, Any]:

@@ -168,7 +168,7 @@ def groups(prompts: list[EvalPrompt], protocol: EvalProtocol) -> list[dict]:
     (every prompt repeated images_per_prompt times), seeded with protocol.seed + group index."""
     images = [(f"{p.id}-{k}" if protocol.images_per_prompt > 1 else p.id, p) for p in prompts
               for k in range(protocol.images_per_prompt)]
-    rows, size = [], protocol.batch_size or len(images)
+    rows, size = [], protocol.batch_size or max(len(images), 1)
     for g, start in enumerate(range(0, len(images), size)):
         chunk = images[start : start + size]
         rows.append({"group": g, "seed": protocol.seed + g, "ids": [i for i, _ in chunk],

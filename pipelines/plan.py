@@ -2,8 +2,8 @@
 
 Design: `run_precompute(config)` is the whole job minus cluster setup (Ray must already be
 initialised; only `jobs/` calls `ray.init`). It
-  1. lists the input shards and, on a cluster of several nodes, refuses paths only one machine
-     can see (`storage.check_reachable`),
+  1. checks inputs and stores before any write (`pipelines.preflight`), lists the input shards and
+     refuses, on a cluster of several nodes, shards only one machine can see,
   2. builds the frozen tokenizer once on the driver to hash its weights and read its config,
   3. writes `manifest.json` once when the cache root is new, or validates it (refusing a cache
      built with other settings or another format version), and skips the shards whose stats
@@ -45,8 +45,9 @@ from ray.data import ActorPoolStrategy, TaskPoolStrategy
 from configuration.loader import config_to_dict
 from pipelines import manifest as manifest_lib
 from pipelines import shard_source, storage
-from pipelines.config import PrecomputeConfig, preprocess_fingerprint, with_absolute_paths
+from pipelines.config import PrecomputeConfig, preprocess_fingerprint
 from pipelines.decode import decode_batch
+from pipelines.preflight import preflight
 from pipelines.progress import Progress, show_ray_data_progress
 from pipelines.tokenize_stage import TokenizerStage, load_tokenizer, weights_hash
 from pipelines.writer import cache_schema
@@ -306,26 +307,6 @@ def drain_to_writers(dataset: ray.data.Dataset, pool: WriterPool, summary: Preco
     return done, failed, final
 
 
-def check_inputs(config: PrecomputeConfig) -> None:
-    """Before the first write (the manifest): each S3 store the job reads or writes answers, accepts the
-    credentials and has the bucket (one short request per bucket, `storage.check_store`), and the
-    tokenizer checkpoint exists; each failure is one line naming the setting to fix."""
-    inputs = {f"input.shards[{i}]": shard for i, shard in enumerate(config.input.shards)}
-    if config.input.list_file:
-        inputs["input.list_file"] = config.input.list_file
-    probed = set()
-    for setting, uri in inputs.items():
-        bucket = uri.removeprefix("s3://").split("/")[0] if storage.is_s3(uri) else None
-        if bucket not in probed:
-            storage.check_store(uri, config.input.endpoint_url, setting, "input.endpoint_url")
-            probed.add(bucket)
-    storage.check_store(config.output, config.output_endpoint(), "output",
-                        "output_endpoint_url" if config.output_endpoint_url else "input.endpoint_url")
-    if config.tokenizer.checkpoint:
-        storage.check_exists(config.tokenizer.checkpoint, config.input.endpoint_url, "tokenizer.checkpoint",
-                             "input.endpoint_url")
-
-
 def run_precompute(config: PrecomputeConfig, log=print) -> PrecomputeSummary:
     """Run (or resume) the job; Ray must be initialised. Returns the summary (failed shards inside)."""
     started = last_mark = time.perf_counter()
@@ -338,15 +319,7 @@ def run_precompute(config: PrecomputeConfig, log=print) -> PrecomputeSummary:
         last_mark = now
 
     num_nodes = count_alive_nodes()
-    # On the paths as given: a relative one names the driver's working directory, which no other node
-    # shares (under `ray job submit` not even a shared filesystem holds it), so a cluster refuses it.
-    storage.check_reachable({"output": config.output, "tokenizer.checkpoint": config.tokenizer.checkpoint},
-                            num_nodes, config.shared_filesystem)
-    storage.check_reachable({"input.list_file": config.input.list_file,  # relative ones here; local shards below
-                             **{f"input.shards[{i}]": shard for i, shard in enumerate(config.input.shards)}},
-                            num_nodes, shared_filesystem=True)
-    config = with_absolute_paths(config)
-    check_inputs(config)
+    config = preflight(config, num_nodes)
     uris = shard_source.list_shards(config.input)
     names = shard_source.name_shards(uris)
     storage.check_reachable({f"input shard {name}": uri for name, uri in names.items()}, num_nodes,

@@ -150,6 +150,16 @@ def check_store(uri: str, endpoint_url: str, setting: str, endpoint_setting: str
         raise ValueError(f"{where}: bucket {bucket!r} does not exist at {host}:{port} (create it, or fix the URI)")
 
 
+def check_stores(uris: dict[str, str], endpoint_url: str, endpoint_setting: str) -> None:
+    """`check_store` for each `setting: uri` of `uris`, once per bucket (local paths pass)."""
+    probed = set()
+    for setting, uri in uris.items():
+        bucket = uri.removeprefix("s3://").split("/")[0] if is_s3(uri) else None
+        if bucket not in probed:
+            check_store(uri, endpoint_url, setting, endpoint_setting)
+            probed.add(bucket)
+
+
 def check_exists(uri: str, endpoint_url: str, setting: str, endpoint_setting: str) -> None:
     """`check_store`, then: the file or folder (for S3, the object or any object under the prefix)
     is there. ValueError naming `setting` otherwise."""
