@@ -11,8 +11,8 @@ What it measures (nothing estimated):
    shards processed). RSS counts pages of the shared object store in every process that maps
    them, so the total is an upper bound of real use.
 2. Input stall of the trainer: the tiny AR step (`hart.transformer.objective.t2i_losses` + AdamW on
-   `HARTForT2I(tiny)`) fed by `read_cache_dataset(...).iter_torch_batches(collate_fn=CacheCollate)`,
-   the same reader and collate as `jobs.train`. Per step: seconds blocked waiting for the next
+   `HARTForT2I(tiny)`) fed by `pipelines.cache_stream.CacheStream` collating with `CacheCollate`,
+   the same reader, order and collate as `jobs.train`. Per step: seconds blocked waiting for the next
    batch vs seconds of the step itself, after `--warmup` steps. Goal: wait < 5% of step time.
    (Context features are random tensors of the right shape: the text encoder is not data input.)
 
@@ -73,7 +73,9 @@ def trainer_stall(cache: str, steps: int, warmup: int, batch_size: int) -> dict:
     from hart.tokenizer.model import HybridTokenizer
     from hart.transformer.model import HARTForT2I
     from jobs.train_data import CacheCollate
-    from pipelines.cache import read_cache_dataset, read_manifest
+    from pipelines.cache import read_manifest
+    from pipelines.cache_stream import CacheStream
+    from pipelines.sample_order import SampleOrder, cache_blocks
 
     manifest = read_manifest(cache)
     torch.manual_seed(0)
@@ -81,15 +83,11 @@ def trainer_stall(cache: str, steps: int, warmup: int, batch_size: int) -> dict:
     config = transformer_config("tiny")
     model = HARTForT2I(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    dataset = read_cache_dataset(cache, columns=["key", "caption", "tokens", "residual"], shuffle_seed=0)
+    order = SampleOrder(cache_blocks(cache, manifest), seed=0)
+    stream = CacheStream(order, ["key", "caption", "tokens", "residual"], batch_size, rank=0, world_size=1,
+                         transform=CacheCollate(manifest))  # pass after pass, as jobs.train reads
     waits, computes = [], []
-
-    def epochs():
-        while True:  # as jobs.train does: a new pass over the cache when one ends
-            yield from dataset.iter_torch_batches(batch_size=batch_size, collate_fn=CacheCollate(manifest),
-                                                  drop_last=True, prefetch_batches=2)
-
-    iterator = epochs()
+    iterator = iter(stream)
     for step in range(steps + warmup):
         began = time.perf_counter()
         batch = next(iterator)
@@ -104,6 +102,7 @@ def trainer_stall(cache: str, steps: int, warmup: int, batch_size: int) -> dict:
         if step >= warmup:
             waits.append(got - began)
             computes.append(done - got)
+    stream.close()
     total_wait, total_step = sum(waits), sum(waits) + sum(computes)
     return {"steps": steps, "batch_size": batch_size, "median_step_s": round(statistics.median(computes), 4),
             "median_wait_s": round(statistics.median(waits), 5), "max_wait_s": round(max(waits), 4),

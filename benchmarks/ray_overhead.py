@@ -6,7 +6,7 @@ Both sides run the joint stage, tiny preset, CPU, batch 16, from the same token 
 - `bare`: the worker's setup (`jobs.train.setup_worker`: stage, wrapped loss module, optimizer,
   scheduler, EMA) and step (`jobs.worker_step.optimizer_step` + the EMA update) in a plain Python loop over
   batches already in memory. No Ray, no data stream, no logging.
-- `ray`: the same config through `jobs.train.run_training` (TorchTrainer, 1 worker, Ray Data ingest,
+- `ray`: the same config through `jobs.train.run_training` (TorchTrainer, 1 worker, the cache stream of jobs/train_input.py,
   MLflow logging to a sqlite file every `run.log_every` steps as in `jobs/configs/train_tiny.yaml`, a
   checkpoint at the end). Its per-step time is the worker's own `step_seconds` metric: the loop's
   period, data wait, EMA and logging included; `data_seconds` / `context_seconds` /
@@ -32,8 +32,7 @@ figures could not say whether the goal was met. Turns put both sides in the same
 method checks itself: two identical bare loops in turns, pinned to one core, give 0.986-1.005.
 
 Without `--cache` a `--num-samples`-row shapes cache (1024 by default: 64 steps per epoch at batch 16)
-is made first with the precompute pipeline (~30 s). The Ray loop pays its data-stream restart,
-~0.15 s, once per epoch, so a small cache inflates that share.
+is made first with the precompute pipeline (~30 s).
 """
 
 from __future__ import annotations
@@ -74,6 +73,26 @@ def make_assets(root: Path, num_samples: int) -> tuple[str, str]:
     ])
     run_precompute(config, log=lambda *a: None)
     return str(root / "cache"), str(root / "tokenizer")
+
+
+def add_asset_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--num-samples", type=int, default=1024, help="rows of the shapes cache made when no --cache")
+    parser.add_argument("--cache", help="existing tiny token cache with text features; default: make one")
+    parser.add_argument("--tokenizer", help="tokenizer folder the cache was made with")
+
+
+def local_training_assets(args, prefix: str) -> tuple[Path, str, str]:
+    """The jobs' local Ray (2 CPUs, workers at the driver's priority) and (work folder, cache, tokenizer): the
+    `--cache` given, else a `--num-samples` shapes cache made here. For the benchmarks that run Ray
+    Train jobs on the tiny cache (benchmarks/train_input.py, benchmarks/elastic_loss.py)."""
+    from jobs.local_ray import connect
+
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    connect(None, num_cpus=2)
+    torch.manual_seed(0)
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    cache, tokenizer = (args.cache, args.tokenizer) if args.cache else make_assets(work, args.num_samples)
+    return work, cache, tokenizer
 
 
 def train_config(args, cache: str, tokenizer: str, work: Path):
@@ -276,8 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=5, help="untimed first steps")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--num-samples", type=int, default=1024,
-                        help="rows of the generated cache; the Ray loop restarts its data stream (~0.15 s) "
-                             "once per epoch, num_samples / batch_size steps: a tiny cache inflates that share")
+                        help="rows of the generated cache")
     cores = torch.get_num_threads()
     parser.add_argument("--threads", default=",".join(dict.fromkeys([str(cores), "1"])),
                         help="comma-separated torch thread counts to compare at, each used by both the bare loop and "

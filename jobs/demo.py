@@ -18,9 +18,9 @@ Steps (each is the real job, run in-process on one local Ray instance):
                  (`jobs.demo_evaluation`)
 Everything is tracked in MLflow (embedded default: sqlite store `runs/mlflow.db`); the summary
 says where caches, checkpoints, samples and runs are, and prints the link that opens the runs in
-the MLflow UI's model-training view. Both training stages keep Ray Data's block
-order (`data.preserve_order`): with the same seed they train on the same batches, so two demo
-runs differ only by what their settings change.
+the MLflow UI's model-training view. With the same seed both training stages train on the same
+batches (the tokenizer stage keeps Ray Data's block order, `data.preserve_order`; the joint stage
+reads the cache in the run's fixed order), so two demo runs differ only by what their settings change.
 
 Every demo ends by checking that each step left its outputs (`jobs.demo_outputs`) and exits
 non-zero when one is missing. `--smoke` runs the same chain at tiny step counts, in about two and

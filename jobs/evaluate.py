@@ -36,7 +36,8 @@ The file's info lists the images per category (`categories`, `uncategorised`).
 
 Weights are never downloaded: the Inception weights file and the CLIP folder are named by the user
 (a missing one is an error naming what to put there). Every input, the output's store and the MLflow
-run to attach to are checked before Ray starts. `images_per_s` is generation throughput from the
+run to attach to are checked before Ray starts; a store that stops answering later ends the job with
+one line (`storage.storage_error_line`) and exit code 1. `images_per_s` is generation throughput from the
 first group's start to the last one's end; the actors' start-up before it is `startup_s`.
 """
 
@@ -514,12 +515,20 @@ def run_reference(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipelines.storage import storage_error_line
+
     args = parse_args(argv)
     try:
         result = run_evaluation(args) if args.command == "run" else run_reference(args)
     except ValueError as exc:
         print(f"hart-evaluate: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # a store that stopped answering after the checks: one line, not a traceback
+        line = storage_error_line("hart-evaluate", exc, "--endpoint-url", args.endpoint_url)
+        if not line:
+            raise
+        print(line, file=sys.stderr)
+        return 1
     print(json.dumps(result.get("figures", result), indent=1))
     return 0
 

@@ -14,7 +14,8 @@ only when --address or RAY_ADDRESS names one, as under `ray job submit`; otherwi
 instance sized by `--num-cpus`), runs `pipelines.plan.run_precompute`, prints the summary table, and
 exits non-zero naming any shard that could not be read. Rerunning the same command resumes:
 committed shards are skipped, partial ones redone. Bad input (a store that does not answer, refused
-credentials, a missing bucket or tokenizer) fails before the cache's manifest is written.
+credentials, a missing bucket or tokenizer) fails before the cache's manifest is written; a store
+that stops answering later ends the job with one line (`storage.storage_error_line`) and exit code 1.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hart-precompute: config error: {exc}", file=sys.stderr)
         return 2
     from jobs.local_ray import connect
+    from pipelines import storage
     from pipelines.plan import run_precompute
 
     connect(args.address, args.num_cpus)
@@ -58,8 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"hart-precompute: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:  # storage unreachable after the bounded retries (pipelines/storage.py)
-        print(f"hart-precompute: storage error after retries: {exc}", file=sys.stderr)
+    except Exception as exc:  # a store that stopped answering after the preflight: one line, not a traceback
+        line = storage.storage_error_line("hart-precompute", exc, config.output_endpoint_setting(),
+                                          config.output_endpoint())
+        if not line:
+            raise
+        print(line, file=sys.stderr)
         return 1
     print("\n" + summary.table())
     if summary.shards_failed:

@@ -14,11 +14,13 @@ count and the MLflow run continue and the final step count is the configured one
 driver reads the same checkpoint first (`jobs.resume.resumable_checkpoint`): no checkpoint means a new
 MLflow run, even if an older run of that name exists (its history is never appended to). Steps a
 crashed run made after its last checkpoint are redone from that checkpoint (their metrics
-can then appear twice under the same step number). From a cache, the mid-epoch data position is
-not restored (Ray 2.60 has no mid-epoch iterator resume): a resumed run starts its current data
-epoch again with a new file order. Online (`online.enabled`), the checkpoint records the shards
-consumed whole (`progress.json`, summed over the ranks by `sync_ledger`) and the stream skips
-them (pipelines/online.py).
+can then appear twice under the same step number). From a cache, the checkpoint also records the
+position in the run's deterministic stream, and the restored run continues there at any world size
+(jobs/train_input.py). Online (`online.enabled`), the checkpoint records the shards consumed whole
+and the samples consumed of the others (`progress.json`, joined over the ranks by
+`jobs.train_input.sync_ledger`), and the stream leaves them out (pipelines/online.py).
+`scaling.num_workers: [min, max]` runs Ray Train V2 elastic: the group restarts from the last
+checkpoint at whatever size fits, with the same global batch.
 
 Checkpoints are reported every `run.checkpoint_every` steps (a report is a barrier across
 workers, so none in between). Rank 0 logs metrics to MLflow every `run.log_every` steps and at
@@ -51,13 +53,17 @@ from jobs import tracking
 from jobs.resume import PROGRESS_FILE, resumable_checkpoint
 from jobs.sample_grids import log_samples, sampling_text_encoder
 from jobs.stages import Stage, build_stage
-from jobs.worker_step import optimizer_step, throughput
+from jobs.worker_step import global_losses, optimizer_step, throughput
 from jobs.train_config import TrainRunConfig, load_train_config, with_absolute_paths
 from pipelines.online import VisitLedger
 from pipelines.progress import Progress, show_ray_data_progress
 from jobs.train_data import (
-    CacheCollate, ImagesCollate, TextFeatures, cache_dataset, check_cache, check_text_encoder, image_dataset,
+    CacheCollate, ImagesCollate, TextFeatures, check_cache, check_text_encoder, image_dataset,
     list_image_shards, online_dataset, online_precompute_config, prepare_online,
+)
+from jobs.train_input import (
+    StepLedger, cache_order, cache_steps, global_batch, position_meta, ray_steps, reads_cache_stream,
+    restored_position, sync_ledger, timed,
 )
 
 
@@ -231,13 +237,13 @@ def run_training(config: TrainRunConfig, export_dir: str | None = None) -> dict[
         if config.online.compute.check_resources:
             from pipelines.plan import check_resources
 
-            workers = (scaling.num_workers * scaling.cpus_per_worker,
-                       scaling.num_workers * scaling.gpus_per_worker if scaling.use_gpu else 0.0)
+            workers = (scaling.max_workers * scaling.cpus_per_worker,
+                       scaling.max_workers * scaling.gpus_per_worker if scaling.use_gpu else 0.0)
             check_resources(online_precompute_config(config), writers=False, others=workers,
                             others_name="the Ray Train workers (scaling.*)")
         dataset = online_dataset(config, facts["shards"], facts["online"])
     else:
-        dataset = cache_dataset(config, facts["manifest"])
+        dataset = None  # each worker reads its slices of the cache itself (jobs/train_input.py)
     resources = {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
     is_s3 = config.run.storage_path.startswith("s3://")
     trainer = TorchTrainer(  # [ray]
@@ -246,7 +252,8 @@ def run_training(config: TrainRunConfig, export_dir: str | None = None) -> dict[
                            "manifest": facts["manifest"]},
         scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                                resources_per_worker=resources,
-                                               placement_strategy=scaling.placement_strategy),
+                                               placement_strategy=scaling.placement_strategy,
+                                               elastic_resize_monitor_interval_s=scaling.resize_check_s),
         run_config=ray.train.RunConfig(
             name=config.run.name, storage_path=facts["storage_path"],
             storage_filesystem=facts["storage_fs"] if is_s3 else None,
@@ -256,7 +263,7 @@ def run_training(config: TrainRunConfig, export_dir: str | None = None) -> dict[
             # once Ray has wrapped stdout, so every worker line reached the driver twice.
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
-        datasets={"train": dataset},
+        datasets={"train": dataset} if dataset is not None else None,
         dataset_config=ray.train.DataConfig(execution_options=ingest_options(config)),
     )
     try:
@@ -347,101 +354,108 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     config = config_from_dict(TrainRunConfig, loop_config["config"])
     quiet_report_log()
     context = ray.train.get_context()  # [ray]
-    rank = context.get_world_rank()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()  # [ray]
     manifest = loop_config["manifest"]
     setup = setup_worker(config, manifest, device, rank)
     text, stage, objective, disc_objective = setup.text, setup.stage, setup.objective, setup.disc_objective
     optimizer, scheduler, disc_optimizer, ema = setup.optimizer, setup.scheduler, setup.disc_optimizer, setup.ema
-    step, data_epoch, resumed = 0, 0, False
+    step, data_epoch, resumed, meta = 0, 0, False, {}
     ledger = VisitLedger() if config.online.enabled else None
+    step_ledger = StepLedger(config.data.ledger)
     checkpoint = ray.train.get_checkpoint()  # [ray]
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:  # [ray]
-            step, data_epoch = restore(directory, stage, optimizer, scheduler, disc_optimizer, ema,
-                                       loop_config["run_id"], rank)
+            step, data_epoch, meta = restore(directory, stage, optimizer, scheduler, disc_optimizer, ema,
+                                             loop_config["run_id"], rank)
             if ledger is not None and os.path.exists(os.path.join(directory, PROGRESS_FILE)):
-                ledger = VisitLedger(json.loads(Path(directory, PROGRESS_FILE).read_text())["done"])
+                ledger = VisitLedger.from_state(json.loads(Path(directory, PROGRESS_FILE).read_text()))
+            step_ledger.restore(directory)
         resumed = True
-        print(f"[train] rank {rank}: resumed at step {step}, data epoch {data_epoch}")
     logger = tracking.RunLogger(loop_config["tracking_uri"], loop_config["run_id"], enabled=rank == 0)
-    shard = ray.train.get_dataset_shard("train")  # [ray]
+    if resumed:  # where the metric history has points of steps redone after this restore (RELIABILITY.md)
+        logger.record({"restored_at_step": float(step), "world_size": float(world_size)}, step)
     collate = ImagesCollate() if config.stage == "tokenizer" else CacheCollate(manifest)
-    accumulation, batch_size = config.data.grad_accumulation, config.data.batch_size
+    order, position = None, 0
+    if reads_cache_stream(config):
+        order = cache_order(config, manifest)
+        position = restored_position(meta, order.digest, config)
+        data_epoch = position // order.num_rows
+        steps = cache_steps(config, manifest, order, collate, rank, world_size, position)
+    else:
+        steps = ray_steps(config, ray.train.get_dataset_shard("train"), collate, world_size, data_epoch)  # [ray]
+    if resumed:
+        where = f", stream position {position} (pass {data_epoch})" if order is not None else f", data epoch {data_epoch}"
+        print(f"[train] rank {rank} of {world_size}: resumed at step {step}{where}")
     generator = torch.Generator(device=device)
     sample_batch = None
     progress = Progress(config.run.max_steps, "steps", done_before=step)
-    samples_per_step = batch_size * accumulation * context.get_world_size()
+    samples_per_step = global_batch(config)
     last_step_end = time.perf_counter()
-    while step < config.run.max_steps:
-        steps_before, micro_batches, data_seconds, context_seconds = step, [], 0.0, 0.0
-        waiting = time.perf_counter()
-        for batch in shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate, drop_last=True,  # [ray]
-                                              prefetch_batches=2):
-            preparing = time.perf_counter()
-            data_seconds += preparing - waiting  # blocked on the data iterator
-            if ledger is not None:
-                ledger.stage(batch)
-            batch = {**batch, "images": batch["images"].to(device)} if text is None else text.add_context(batch)
-            context_seconds += time.perf_counter() - preparing  # to the device, captions encoded on this worker
-            sample_batch = sample_batch if sample_batch is not None else batch
-            micro_batches.append(batch)
-            if len(micro_batches) < accumulation:
-                waiting = time.perf_counter()
-                continue
-            generator.manual_seed(hash((config.run.seed, rank, step)) % (2**63))
-            computing = time.perf_counter()
-            metrics = optimizer_step(config, stage, objective, disc_objective, optimizer, scheduler, disc_optimizer,
-                                     micro_batches, step, generator)
-            ema_started = time.perf_counter()
-            ema.update(stage.model)
-            step += 1
-            if ledger is not None:
-                ledger.commit()
-            now = time.perf_counter()
-            # step_seconds: the loop's period (previous step's end to this one's), so data wait, logging and
-            # everything else the loop does count; data_seconds (waiting for the iterator), context_seconds
-            # (device copy, caption encoding), compute_seconds and ema_seconds split it.
-            metrics.update(throughput(config, micro_batches, now - last_step_end, context.get_world_size()))
-            metrics.update(data_seconds=data_seconds, context_seconds=context_seconds, compute_seconds=ema_started - computing,
-                           ema_seconds=now - ema_started, data_wait_share=data_seconds / (now - last_step_end))
-            last_step_end, micro_batches, data_seconds, context_seconds = now, [], 0.0, 0.0
-            if config.run.fail_at_step and step == config.run.fail_at_step and not resumed:
-                raise RuntimeError(f"injected failure at step {step} (run.fail_at_step)")
-            logger.record(metrics, step)
-            if step % config.run.log_every == 0:
-                if rank == 0:  # the window's values, as logged
-                    losses = " ".join(f"{k}={v:.4g}" for k, v in logger.summary().items()
-                                      if k in ("loss", "ce", "diffusion", "lr", "grad_norm"))
-                    counted = {"samples": (step - progress.done_before) * samples_per_step}
-                    print(f"[train] step {progress.line(step, counted)} | {losses}", flush=True)
-                logger.write()
-            if config.tracking.sample_every and step % config.tracking.sample_every == 0 or step == config.run.max_steps:
-                log_samples(config, stage, ema, sample_batch, logger, step, manifest)
-            if config.eval.every_steps and (step % config.eval.every_steps == 0 or step == config.run.max_steps) \
-                    and logger.enabled:
-                from jobs.train_eval import evaluate_in_training
-
-                evaluate_in_training(config, stage, ema, logger, step, sampling_text_encoder(config, stage, manifest))
-            if step % config.run.checkpoint_every == 0 or step == config.run.max_steps:
-                if ledger is not None:
-                    logger.record(sync_ledger(ledger), step)
-                logger.flush()
-                report_checkpoint(config, stage, optimizer, scheduler, disc_optimizer, ema, metrics, step, data_epoch,
-                                  loop_config["run_id"], rank, ledger)
-            if step >= config.run.max_steps:
-                break
-            waiting = time.perf_counter()
-        if step == steps_before:
-            raise ValueError(f"data epoch {data_epoch} gave no full step: each worker needs at least "
-                             f"batch_size * grad_accumulation = {batch_size * accumulation} rows")
-        if ledger is not None and step < config.run.max_steps:
-            # Online mode streams all its epochs once: a second pass would re-encode what it just trained on.
+    for step_input, data_seconds in timed(steps):
+        if step_input is None:  # online: the stream's epochs ended
             raise ValueError(f"the online stream ({config.online.epochs} passes over data.shards) ended at step {step} "
                              f"of run.max_steps {config.run.max_steps}: raise online.epochs (the run resumes from its "
                              f"last checkpoint)")
-        if step < config.run.max_steps:
-            data_epoch += 1
+        micro_batches, weights = step_input
+        preparing = time.perf_counter()
+        step_ledger.record(step + 1, micro_batches, world_size)
+        if ledger is not None:
+            for batch in micro_batches:
+                ledger.stage(batch)
+        micro_batches = [{**b, "images": b["images"].to(device)} if text is None else text.add_context(b)
+                         for b in micro_batches]
+        context_seconds = time.perf_counter() - preparing  # to the device, captions encoded on this worker
+        sample_batch = sample_batch if sample_batch is not None else micro_batches[0]
+        generator.manual_seed(hash((config.run.seed, rank, step)) % (2**63))
+        computing = time.perf_counter()
+        metrics = optimizer_step(config, stage, objective, disc_objective, optimizer, scheduler, disc_optimizer,
+                                 micro_batches, step, generator, weights)
+        metrics.update(global_losses(metrics, device))
+        ema_started = time.perf_counter()
+        ema.update(stage.model)
+        step += 1
+        position += samples_per_step
+        if ledger is not None:
+            ledger.commit()
+        now = time.perf_counter()
+        # step_seconds: the loop's period (previous step's end to this one's), so data wait, logging and
+        # everything else the loop does count; data_seconds (waiting for the iterator), context_seconds
+        # (device copy, caption encoding), compute_seconds and ema_seconds split it.
+        metrics.update(throughput(config, micro_batches, now - last_step_end, world_size))
+        metrics.update(data_seconds=data_seconds, context_seconds=context_seconds, compute_seconds=ema_started - computing,
+                       ema_seconds=now - ema_started, data_wait_share=data_seconds / (now - last_step_end),
+                       world_size=float(world_size))
+        last_step_end = now
+        if config.run.fail_at_step and step == config.run.fail_at_step and not resumed:
+            raise RuntimeError(f"injected failure at step {step} (run.fail_at_step)")
+        logger.record(metrics, step)
+        if step % config.run.log_every == 0:
+            if rank == 0:  # the window's values, as logged
+                losses = " ".join(f"{k}={v:.4g}" for k, v in logger.summary().items()
+                                  if k in ("loss", "ce", "diffusion", "lr", "grad_norm"))
+                counted = {"samples": (step - progress.done_before) * samples_per_step}
+                print(f"[train] step {progress.line(step, counted)} | {losses}", flush=True)
+            logger.write()
+        if config.tracking.sample_every and step % config.tracking.sample_every == 0 or step == config.run.max_steps:
+            log_samples(config, stage, ema, sample_batch, logger, step, manifest)
+        if config.eval.every_steps and (step % config.eval.every_steps == 0 or step == config.run.max_steps) \
+                and logger.enabled:
+            from jobs.train_eval import evaluate_in_training
+
+            evaluate_in_training(config, stage, ema, logger, step, sampling_text_encoder(config, stage, manifest))
+        if step % config.run.checkpoint_every == 0 or step == config.run.max_steps:
+            if ledger is not None:
+                logger.record(sync_ledger(ledger), step)
+            step_ledger.gather()
+            logger.flush()
+            stream = position_meta(position, order.digest, config) if order is not None else None
+            report_checkpoint(config, stage, optimizer, scheduler, disc_optimizer, ema, metrics, step,
+                              position // order.num_rows if order is not None else data_epoch,
+                              loop_config["run_id"], rank, ledger, stream, step_ledger)
+        if step >= config.run.max_steps:
+            break
+    steps.close()
 
 
 def quiet_report_log() -> None:
@@ -456,7 +470,10 @@ def quiet_report_log() -> None:
         logging.getLogger(spec.origin).setLevel(logging.WARNING)
 
 
-def restore(directory, stage: Stage, optimizer, scheduler, disc_optimizer, ema, run_id: str, rank: int) -> tuple[int, int]:
+def restore(directory, stage: Stage, optimizer, scheduler, disc_optimizer, ema, run_id: str,
+            rank: int) -> tuple[int, int, dict[str, Any]]:
+    """Weights, optimizer, scheduler, EMA, discriminator and RNG from a checkpoint written at any world
+    size (full state dicts, resharded here); returns (step, data epoch, meta)."""
     state = load_training_state(directory)
     if state.meta.get("mlflow_run_id") not in (None, run_id):
         raise ValueError(f"checkpoint belongs to MLflow run {state.meta['mlflow_run_id']}, the driver opened {run_id}")
@@ -469,27 +486,13 @@ def restore(directory, stage: Stage, optimizer, scheduler, disc_optimizer, ema, 
         stage.discriminator.load_state_dict(state.extra["discriminator"])
         disc_optimizer.load_state_dict(state.extra_optimizers["discriminator"])
         match_state_layout(disc_optimizer)
-    load_rng_state(directory, rank)
-    return state.step, int(state.meta["data_epoch"])
-
-
-def sync_ledger(ledger: VisitLedger) -> dict[str, float]:
-    """Online mode, at a checkpoint (every rank): sum the ranks' consumed-row counts, so every rank
-    marks the same visits done; returns the run's totals for the metrics."""
-    import torch.distributed as dist
-
-    local = {"counts": ledger.counts(), "rejected": ledger.rejected, "replayed": ledger.replayed}
-    gathered = [local]
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, local)
-    ledger.merge([g["counts"] for g in gathered])
-    return {"online_visits_done": float(len(ledger.done)), "online_rejected_samples": float(sum(g["rejected"] for g in gathered)),
-            "online_replayed_rows": float(sum(g["replayed"] for g in gathered))}
+    load_rng_state(directory, rank)  # a rank the writing run did not have keeps its seeded generator
+    return state.step, int(state.meta["data_epoch"]), state.meta
 
 
 def report_checkpoint(config, stage: Stage, optimizer, scheduler, disc_optimizer, ema, metrics, step, data_epoch,
-                      run_id, rank, ledger: VisitLedger | None = None) -> None:
+                      run_id, rank, ledger: VisitLedger | None = None, stream: dict[str, Any] | None = None,
+                      step_ledger: StepLedger | None = None) -> None:
     import ray.train  # [ray]
 
     # Gathers are collectives under FSDP2: every rank makes them, rank 0 writes.
@@ -499,13 +502,16 @@ def report_checkpoint(config, stage: Stage, optimizer, scheduler, disc_optimizer
         if rank == 0:
             extra = {"discriminator": full_state_dict(stage.discriminator)} if stage.discriminator is not None else {}
             meta = {"step": step, "data_epoch": data_epoch, "stage": config.stage, "mlflow_run_id": run_id,
-                    "run_name": config.run.name, "config": tracking.redact_config(config.to_dict()), "metrics": metrics}
+                    "run_name": config.run.name, "config": tracking.redact_config(config.to_dict()), "metrics": metrics,
+                    **({"data_position": stream} if stream is not None else {})}
             extra_optimizers = {"discriminator": disc_optimizer.state_dict()} if disc_optimizer is not None else {}
             save_training_state(directory, meta=meta, model=model_state, ema=ema_state,
                                 optimizer=optimizer_state, scheduler=scheduler.state_dict(), extra=extra,
                                 extra_optimizers=extra_optimizers)
             if ledger is not None:
                 Path(directory, PROGRESS_FILE).write_text(json.dumps(ledger.state()) + "\n")
+            if step_ledger is not None:
+                step_ledger.write(directory)
         save_rng_state(directory, rank)
         started, name = time.perf_counter(), f"checkpoint_step{step:08d}"
         ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(directory),  # [ray]
@@ -555,6 +561,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"hart-train: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # a store that stopped answering after the preflight: one line, not a traceback
+        from pipelines.storage import storage_error_line
+
+        line = storage_error_line("hart-train", exc, "run.endpoint_url", config.run.endpoint_url)
+        if not line:
+            raise
+        print(line, file=sys.stderr)
+        return 1
     print(f"[train] done: step {outcome['final_step']}, checkpoint {outcome['checkpoint_path']}, "
           f"export {outcome['export_dir']}, model version {outcome['model_version']}")
     return 0

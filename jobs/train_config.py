@@ -45,6 +45,9 @@ class RunSection:
     max_failures: int = 0  # Ray Train worker-group restarts before the run fails
     export: bool = True  # write the official folder layout after the last step
     fail_at_step: int = 0  # testing only: raise in the worker at this step (simulated crash); 0 = off
+    # testing only: a restored run takes the weights but starts its data stream over (the negative
+    # control of the exactly-once trials: their ledger check must then fail)
+    ignore_data_position: bool = False
     # Local paths (storage, cache, weights, MLflow sqlite/file store) are on a filesystem every node
     # mounts at the same place. Off: on a cluster of several nodes they are refused; use s3:// / http(s).
     shared_filesystem: bool = False
@@ -80,11 +83,15 @@ class DataSection:
     grad_accumulation: int = 1  # micro-batches per optimizer step
     text_encoder: str = "minilm"  # used when the cache has no text_features
     text_max_length: int = 0  # 0 = the transformer's context_token
-    read_parallelism: int = 1  # Ray Data read tasks
+    read_parallelism: int = 1  # Ray Data read tasks (tokenizer stage)
     resolution: int = 0  # tokenizer stage image side; 0 = tokenizer native (last pn * 16)
-    # Keep Ray Data's block order fixed, so a seeded run sees the same batches every time (exactly
-    # reproducible with 1 worker). Off by default: in-order output can stall on one slow block.
+    # Tokenizer stage and online mode (Ray Data): keep the block order fixed, so a seeded run sees the same
+    # batches every time (exactly reproducible with 1 worker). Off by default: in-order output can stall on
+    # one slow block. Transformer stages from a cache always read in the run's fixed order.
     preserve_order: bool = False
+    # Testing and audits of short runs: every checkpoint carries the keys of every optimizer step its
+    # weights were trained on (jobs/train_input.py, `ledger.jsonl`); transformer stages.
+    ledger: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.grad_accumulation < 1:
@@ -114,7 +121,9 @@ class OnlineSection:
 
 @dataclass(frozen=True)
 class ScalingSection:
-    num_workers: int = 1
+    # Ray Train workers: a count, or [min, max] for elastic training (Ray Train V2 runs with as many as
+    # fit, at least min; after a node loss it goes on with fewer, and grows back when capacity returns).
+    num_workers: int | tuple[int, int] = 1
     use_gpu: bool = False
     cpus_per_worker: float = 0.5  # fractional on small machines: Ray Data needs CPUs too (RAY_NOTES §3.2)
     gpus_per_worker: float = 1.0  # used when use_gpu
@@ -122,13 +131,33 @@ class ScalingSection:
     # Ray's placement of the workers: PACK (fill a node first), SPREAD, STRICT_PACK or STRICT_SPREAD
     # (one worker per node).
     placement_strategy: str = "PACK"
+    # Elastic runs: seconds between Ray Train's checks for capacity to grow the worker group (each resize
+    # restarts the group from the last checkpoint).
+    resize_check_s: float = 60.0
 
     def __post_init__(self) -> None:
-        if self.num_workers < 1:
-            raise ValueError(f"scaling.num_workers must be >= 1, got {self.num_workers}")
+        if isinstance(self.num_workers, int):
+            if self.num_workers < 1:
+                raise ValueError(f"scaling.num_workers must be >= 1, got {self.num_workers}")
+        elif not 1 <= self.num_workers[0] <= self.num_workers[1]:
+            raise ValueError(f"scaling.num_workers [min, max] needs 1 <= min <= max, got {list(self.num_workers)}")
+        if self.resize_check_s <= 0:
+            raise ValueError(f"scaling.resize_check_s must be > 0, got {self.resize_check_s}")
         if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
             raise ValueError(f"scaling.placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, "
                              f"got {self.placement_strategy!r}")
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers < self.max_workers
 
 
 @dataclass(frozen=True)
@@ -290,6 +319,20 @@ class TrainRunConfig:
         elif self.objective.drop_scale_length:
             raise ValueError("objective.drop_scale_length is STAR's token dropping (model.family star); HART's "
                              "stages subsample the last scale by their own rule (objective.kept_bucket)")
+        if self.data.ledger and self.stage == "tokenizer":
+            raise ValueError("data.ledger records the cache keys of each step: a transformer stage, not tokenizer")
+        if self.scaling.elastic and (self.stage == "tokenizer" or self.online.enabled):
+            # Ray Data's split hands out whole micro-batches: the global batch must split evenly at every size
+            # (from a cache, each rank reads its exact slice and any size works: jobs/train_input.py)
+            micro = self.data.batch_size * self.data.grad_accumulation * self.scaling.max_workers
+            uneven = [w for w in range(self.scaling.min_workers, self.scaling.max_workers + 1)
+                      if micro % (self.data.batch_size * w)]
+            if uneven:
+                raise ValueError(
+                    f"the global batch data.batch_size x data.grad_accumulation x {self.scaling.max_workers} workers = "
+                    f"{micro} must split into micro-batches of {self.data.batch_size} on every world size of "
+                    f"scaling.num_workers {list(self.scaling.num_workers)} in the tokenizer stage and online mode; it "
+                    f"does not for {uneven}: raise data.grad_accumulation (a multiple of every size from min to max works)")
         _, transformer = model_configs(self)  # resolve presets now: a typo fails at load time
         if self.objective.drop_scale_length:
             try:

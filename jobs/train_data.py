@@ -1,11 +1,9 @@
 """Training data: token caches and image shards as Ray Datasets, checks, and per-batch tensors.
 
 Design:
-- Transformer stages read the token cache written by `jobs.precompute` through
-  `pipelines.cache` (committed shards only, file-level shuffle; no local shuffle buffer,
-  which costs throughput and breaks DDP step parity, RAY_NOTES §4). Each worker gets its
-  `get_dataset_shard("train")` and iterates `iter_torch_batches(collate_fn=...)` with
-  `drop_last=True`, so all ranks take the same number of steps.
+- Transformer stages read the token cache written by `jobs.precompute` in the run's deterministic
+  order, each rank its slice of every global batch (`pipelines.cache_stream`, driven by
+  `jobs.train_input`); `cache_columns` says which columns, `CacheCollate` turns a table into tensors.
 - The tokenizer stage reads WebDataset shards with the precompute pipeline's own reader
   and decode/crop function (`pipelines.shard_source`, `pipelines.decode`), so training
   sees exactly the pixels the cache was made from.
@@ -160,35 +158,15 @@ def list_image_shards(config: TrainRunConfig) -> list[str]:
 # --------------------------------------------------------------------------------------
 
 
-def cache_dataset(config: TrainRunConfig, manifest: dict[str, Any]):
-    """The cache as a streaming Dataset; each execution (data epoch) re-reads it in a new file order.
-
-    Read through Ray Data's V1 parquet datasource: it reads the file footers once, here on the
-    driver, and each epoch only runs the read tasks. The V2 datasource (Ray 2.60's default) plans
-    every execution with a ListFiles task that lists and re-reads all footers first: measured
-    1.5-3 s before the first batch of *every* epoch on 2 cores (a 0.1 s step waits for it),
-    against 0.14-0.18 s with V1.
-    """
-    import ray.data
-
-    from pipelines.cache import read_cache_dataset
-
+def cache_columns(manifest: dict[str, Any]) -> list[str]:
+    """The cache columns training reads: the residual when the cache has one, text features when present."""
     columns = [c for c in CACHE_COLUMNS if c != "residual" or manifest.get("residual_shape")]
-    columns += TEXT_COLUMNS if manifest.get("text_features_shape") else []
-    context = ray.data.DataContext.get_current()  # [ray] read_parquet picks the datasource at call time
-    previous, context.use_datasource_v2 = context.use_datasource_v2, False
-    try:
-        return read_cache_dataset(
-            config.data.cache, columns=columns, shuffle_seed=config.run.seed, endpoint_url=config.run.endpoint_url,
-            override_num_blocks=config.data.read_parallelism if config.data.read_parallelism > 1 else None,
-        )
-    finally:
-        context.use_datasource_v2 = previous
+    return columns + (TEXT_COLUMNS if manifest.get("text_features_shape") else [])
 
 
 def online_dataset(config: TrainRunConfig, shards: list[str], online: dict[str, Any]):
     """Online mode: `online.epochs` passes over the shards through read -> decode -> tokenizer actors
-    -> cache rows (`pipelines.online`), skipping visits the run's latest checkpoint consumed whole."""
+    -> cache rows (`pipelines.online`), leaving out what the run's latest checkpoint consumed."""
     from ray.data import TaskPoolStrategy
 
     from pipelines import storage
@@ -202,41 +180,44 @@ def online_dataset(config: TrainRunConfig, shards: list[str], online: dict[str, 
     storage_uri = config.run.storage_path
     if not storage.is_s3(storage_uri):
         storage_uri = storage.resolve(storage_uri)[1]  # absolute: the read tasks run in other folders
-    progress = CheckpointProgress(storage_uri, config.run.name, config.run.endpoint_url)
+    # run.ignore_data_position (testing only): a restored run streams everything again
+    progress = None if config.run.ignore_data_position else \
+        CheckpointProgress(storage_uri, config.run.name, config.run.endpoint_url)
     ds = encoded_rows(visits, precompute, online["resolution"], online["tokenizer_hash"], read=read_visits_batch,
-                      read_kwargs={"done_visits": progress})
+                      read_kwargs={"progress": progress})
     pinned = {"resources": dict(precompute.compute.resources)} if precompute.compute.resources else {}
     return ds.map_batches(training_rows, fn_kwargs={"schema": online["schema"]}, batch_size=None, batch_format="numpy",
                           compute=TaskPoolStrategy(size=1), num_cpus=ROUTE_CPUS, **pinned)
 
 
-_PROGRESS_CACHE: dict[tuple[str, str], tuple[str, frozenset[str]]] = {}
+_PROGRESS_CACHE: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
 
 
 class CheckpointProgress:
-    """`done_visits` of the online read stage: the visits the run's latest checkpoint consumed whole
-    (its `progress.json`), read where the task runs. One small read of Ray's checkpoint list per call;
-    the progress file itself only when the latest checkpoint changed (cached per process)."""
+    """`progress` of the online read stage: what the run's latest checkpoint consumed (its
+    `progress.json`: visits done, samples of the others), read where the task runs. One small read of
+    Ray's checkpoint list per call; the progress file itself only when the latest checkpoint changed
+    (cached per process)."""
 
     def __init__(self, storage_uri: str, run_name: str, endpoint_url: str):
         self.storage_uri, self.run_name, self.endpoint_url = storage_uri, run_name, endpoint_url
 
-    def __call__(self) -> set[str]:
+    def __call__(self) -> dict[str, Any]:
         from jobs.resume import PROGRESS_FILE, latest_checkpoint
         from pipelines import storage
 
         fs, path = storage.resolve(self.storage_uri, self.endpoint_url)
         found = latest_checkpoint(fs, path, self.run_name)
         if found is None:
-            return set()
+            return {}
         folder, _ = found
         key = (self.storage_uri, self.run_name)
         cached = _PROGRESS_CACHE.get(key)
         if cached is None or cached[0] != folder:
             progress_path = f"{folder}/{PROGRESS_FILE}"
-            done = json.loads(storage.read_bytes(fs, progress_path))["done"] if storage.exists(fs, progress_path) else []
-            cached = _PROGRESS_CACHE[key] = (folder, frozenset(done))
-        return set(cached[1])
+            state = json.loads(storage.read_bytes(fs, progress_path)) if storage.exists(fs, progress_path) else {}
+            cached = _PROGRESS_CACHE[key] = (folder, state)
+        return cached[1]
 
 
 def image_dataset(config: TrainRunConfig, shards: list[str]):
@@ -346,7 +327,7 @@ class TextFeatures:
 
 
 __all__ = [
-    "check_cache", "check_rows_match_model", "check_text_encoder", "list_image_shards", "cache_dataset", "image_dataset",
+    "check_cache", "check_rows_match_model", "check_text_encoder", "list_image_shards", "cache_columns", "image_dataset",
     "online_dataset", "online_precompute_config", "prepare_online", "CheckpointProgress",
     "images_collate", "ImagesCollate", "CacheCollate", "TextFeatures", "text_length", "run_text_encoder",
 ]

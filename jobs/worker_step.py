@@ -2,8 +2,9 @@
 (called by the worker loop in jobs/train.py; no Ray here, so it is unit-testable).
 
 `optimizer_step`: the stage's step, plus the PatchGAN discriminator's step on the reconstructions
-just made; `codebook_upkeep`: the tokenizer's codebook re-seeding in "full" mode; `throughput`:
-images and tokens per second of the whole job.
+just made; `codebook_upkeep`: the tokenizer's codebook re-seeding in "full" mode; `global_losses`:
+the losses of the whole global batch, not rank 0's slice; `throughput`: images and tokens per
+second of the whole job.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from jobs.train_config import TrainRunConfig, model_configs
 
 
 def optimizer_step(config, stage: Stage, objective, disc_objective, optimizer, scheduler, disc_optimizer,
-                   micro_batches, step, generator) -> dict[str, float]:
+                   micro_batches, step, generator, weights=None) -> dict[str, float]:
+    """`weights`: the micro-batches' loss weights when their sizes differ (jobs/train_input.py)."""
     device_type = next(stage.model.parameters()).device.type
     captured: list[dict] = []
 
@@ -28,7 +30,8 @@ def optimizer_step(config, stage: Stage, objective, disc_objective, optimizer, s
     upkeep = codebook_upkeep(config, stage, micro_batches[0]["images"], step) if config.stage == "tokenizer" else {}
     metrics = train_step(objective, loss_fn, micro_batches, optimizer, step=step, scheduler=scheduler,
                          clip_grad_norm=config.optim.clip_grad_norm, precision=config.precision,
-                         device_type=device_type, parameters=[p for p in stage.model.parameters() if p.requires_grad])
+                         device_type=device_type, parameters=[p for p in stage.model.parameters() if p.requires_grad],
+                         weights=weights)
     if disc_objective is not None:  # PatchGAN side, on the reconstructions just made
         disc_batches = [{"images": b["images"], "reconstructions": out["reconstructions"]}
                         for b, out in zip(micro_batches, captured)]
@@ -66,6 +69,22 @@ def codebook_upkeep(config: TrainRunConfig, stage: Stage, images_B3HW: torch.Ten
     restarted = quantizer.restart_codes(latent, threshold, generator=draws)
     broadcast_from_rank0([quantizer.embedding.weight, quantizer.ema_vocab_hit_SV])
     return {"codes_restarted": float(restarted)}
+
+
+LOSS_METRICS = ("loss", "ce", "diffusion")
+
+
+def global_losses(metrics: dict[str, float], device: torch.device) -> dict[str, float]:
+    """The losses of the global batch: each rank's mean over its equal slice, averaged over the ranks
+    (one small all-reduce). What rank 0 logs is then the same quantity at every world size."""
+    import torch.distributed as dist
+
+    present = [name for name in LOSS_METRICS if name in metrics]
+    if not present or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return {}
+    values = torch.tensor([metrics[name] for name in present], dtype=torch.float32, device=device)
+    dist.all_reduce(values)
+    return dict(zip(present, (values / dist.get_world_size()).tolist()))
 
 
 def throughput(config: TrainRunConfig, micro_batches, seconds: float, world_size: int) -> dict[str, float]:

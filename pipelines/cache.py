@@ -1,4 +1,4 @@
-"""Training-side reader of the token cache (contract 4): manifest, Ray dataset, tensors.
+"""Readers of the token cache (contract 4): manifest, committed files, a Ray dataset, tensors.
 
 Design: readers trust only committed markers (never a glob of data/): `read_manifest` lists the
 committed shards from the index and one listing of the stats markers (`pipelines.manifest`), so a
@@ -7,7 +7,9 @@ stays visible even when the run that committed it died before indexing it. Versi
 read from the shard list their manifest holds. The cache
 files are plain Parquet: `pyarrow.parquet.read_table`, `pandas.read_parquet` and duckdb read them
 without this project (fp16 arrays are stored as little-endian bytes in fixed_size_binary columns,
-which every reader handles; `decode_fp16` turns them back into arrays). `batch_to_tensors` turns
+which every reader handles; `decode_fp16` turns them back into arrays). Training reads the
+committed files in its own order through `pipelines.cache_stream`; `read_cache_dataset` is the Ray
+Dataset of all committed rows for batch jobs and benchmarks. `batch_to_tensors` turns
 one numpy batch (from `Dataset.iter_batches(batch_format="numpy")` or a pyarrow table converted
 with `table_to_numpy`) into the tensors the training step wants. `table_to_numpy` views the
 fixed-size columns' Arrow buffers in place (no per-row Python bytes objects).

@@ -131,9 +131,17 @@ class PrecomputeConfig:
     # Test hook: after this many shard commits, write the next shard's parquet and then raise
     # before its stats marker, as if the job were killed mid-commit. -1 = off.
     crash_after_commits: int = -1
+    # Test hook: each writer commits this many shards, then holds every later write for
+    # `writer.PAUSE_HOOK_SECONDS` before it starts, so a kill trial can stop the job between commits
+    # by construction instead of by timing (commits can arrive in a burst). -1 = off.
+    pause_after_commits: int = -1
 
     def output_endpoint(self) -> str:
         return self.output_endpoint_url or self.input.endpoint_url
+
+    def output_endpoint_setting(self) -> str:
+        """The setting `output_endpoint()` comes from, for messages that name what to fix."""
+        return "output_endpoint_url" if self.output_endpoint_url else "input.endpoint_url"
 
 
 def load_precompute_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PrecomputeConfig:

@@ -76,6 +76,22 @@ def truncated_tar_caption_first():
     return data[: offset + 10], _expect(2, 1, rejected={"missing_image": 1}, truncated=True)
 
 
+def _caption_first_cut_at_header(into_header: int) -> tuple[bytes, dict]:
+    """a whole, then b's caption; the data stops `into_header` bytes into b.jpg's header."""
+    members = _good("a") + [("b.txt", b"caption b"), ("b.jpg", _image(image_format="JPEG"))]
+    data = tar_bytes(members)
+    offset = tarfile.open(fileobj=io.BytesIO(data)).getmember("b.jpg").offset
+    return data[: offset + into_header], _expect(2, 1, rejected={"missing_image": 1}, truncated=True)
+
+
+def truncated_tar_at_header():
+    return _caption_first_cut_at_header(0)  # the cut falls between two members
+
+
+def truncated_tar_in_header():
+    return _caption_first_cut_at_header(100)  # the cut falls inside b.jpg's 512-byte header
+
+
 def zero_byte_shard():
     return b"", _expect(0, 0, failed=True)
 
@@ -161,6 +177,7 @@ def multiple_images():
 
 HOSTILE_KINDS: dict[str, Callable[[], tuple[bytes, dict]]] = {
     "truncated_tar": truncated_tar, "truncated_tar_caption_first": truncated_tar_caption_first,
+    "truncated_tar_at_header": truncated_tar_at_header, "truncated_tar_in_header": truncated_tar_in_header,
     "zero_byte_shard": zero_byte_shard, "garbage_shard": garbage_shard, "bad_images": bad_images,
     "bad_captions": bad_captions, "duplicate_keys": duplicate_keys, "unsafe_names": unsafe_names,
     "unsorted_members": unsorted_members, "odd_members": odd_members, "image_modes": image_modes,

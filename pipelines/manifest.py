@@ -29,6 +29,11 @@ Design:
   missing from the index is downloaded and kept if its fingerprint hash matches. A run killed
   before compaction therefore still reads completely, with GETs only for the markers committed
   after its last segment.
+- A local write killed before its rename leaves a hidden temporary file (`storage.TEMPORARY_PREFIX`)
+  in the root, data/, stats/ or index/; every reader skips hidden names. `remove_interrupted_writes`
+  deletes them; the precompute job calls it on its driver before its writers start, the one point
+  at which no write of its own is in flight (the job assumes no other job writes the same cache at
+  the same time: such a job's write in flight would fail, and its shard be redone by a rerun).
 - Version 1 caches (the shard list inside `manifest.json`, rewritten as shards committed) stay
   readable: `read_manifest` returns their own list. Writing to one is refused by the fingerprint
   check (write version 2 under a new prefix).
@@ -92,6 +97,14 @@ def write_json(root: str, name: str, data: dict[str, Any], endpoint_url: str = "
     payload = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
     storage.write_bytes_atomic(fs, f"{base}/{name}", payload)
     return len(payload)
+
+
+def remove_interrupted_writes(root: str, endpoint_url: str = "") -> list[str]:
+    """Delete the temporary files that killed writes left in the cache's folders (see the module
+    doc for when this is safe); returns their paths. Nothing to do on S3."""
+    fs, base = storage.resolve(root, endpoint_url)
+    return [path for folder in (base, f"{base}/{DATA_DIR}", f"{base}/{STATS_DIR}", f"{base}/{INDEX_DIR}")
+            for path in storage.remove_temporaries(fs, folder)]
 
 
 def read_header(uri: str, endpoint_url: str = "") -> dict[str, Any]:

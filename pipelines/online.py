@@ -9,22 +9,24 @@ with the cache's own collate and sees the same tokens and residuals a cache buil
 tokenizer holds.
 
 The stream is a list of *visits*: one per (data epoch, shard), `online.epochs` epochs, each epoch
-in its own seeded shard order (`plan_visits`). Resume is at shard granularity:
-  - every row carries its visit, and `accounts`: 1 for itself plus the samples of the same visit
-    the decoder rejected in the same block (so a visit's accounted rows reach its sample count
-    exactly when all of it has been trained on);
-  - the workers count the rows their optimizer steps consumed (`VisitLedger`); at each checkpoint
-    the counts are summed over the ranks and the visits consumed whole are recorded in the
-    checkpoint (`progress.json` beside `meta.json`);
-  - the read stage asks, before it opens a shard, which visits the latest checkpoint has consumed
-    (`read_visits_batch(done_visits=...)`) and skips them. So a resubmitted run, or a worker group
-    Ray restarts from a checkpoint, streams only what that checkpoint had not consumed; visits
-    consumed in part are streamed again whole (their rows are trained on twice). A visit already
-    read in the running stream can never be "done" before it is read, so the lookup never skips
-    data of a run that did not restart.
-A block whose rows of some visit were all rejected cannot carry their count: that visit is never
-recorded as done and is streamed again after a restart (never skipped wrongly). Shards that fail to
-read are reported on the worker's log and yield no rows.
+in its own seeded shard order (`plan_visits`). Resume is row-exact:
+  - every row carries its visit and `covers`: its own sample index in the shard, plus the indices
+    of the samples of the same visit the decoder rejected in the same block (so the indices a visit's
+    trained rows cover reach its sample count exactly when all of it has been consumed);
+  - the workers record the indices their optimizer steps consumed (`VisitLedger`); at each
+    checkpoint the ranks' sets are joined, and the checkpoint records the visits consumed whole and,
+    for the visits consumed in part, the indices consumed (`progress.json` beside `meta.json`);
+  - the read stage asks, before it opens a shard, what the latest checkpoint has consumed
+    (`read_visits_batch(progress=...)`): it skips the visits done and drops the consumed samples of
+    the others before they are decoded. So a resubmitted run, or a worker group Ray restarts from a
+    checkpoint, trains on every row the checkpoint had not consumed and on none it had. A visit read
+    in the running stream cannot be recorded before it is read, so the lookup never drops data of a
+    run that did not restart.
+A block whose rows of some visit were all rejected cannot carry their indices: that visit is never
+recorded as done, and after a restart its uncovered rejected samples are read (and rejected) again;
+nothing is trained on twice. Shards that fail to read are reported on the worker's log and yield
+no rows. The progress file grows with the rows of the visits in flight at a checkpoint (one integer
+per consumed row of those shards), not with the run.
 
 Shape legend: B rows of a block.
 """
@@ -33,18 +35,18 @@ from __future__ import annotations
 
 import json
 import random
-from collections import Counter
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipelines.config import InputConfig
 from pipelines.shard_source import read_shard_rows
 from pipelines.writer import rows_to_table
 
 # Columns online rows carry beside the cache's own (popped by the worker before the model sees a batch).
-VISIT_COLUMNS = ("visit", "accounts", "visit_samples")
+VISIT_COLUMNS = ("visit", "covers", "visit_samples")
 
 
 def visit_id(epoch: int, shard: str) -> str:
@@ -65,15 +67,22 @@ def plan_visits(shards: dict[str, str], epochs: int, seed: int) -> list[dict[str
 
 
 def read_visits_batch(batch: pa.Table, config: InputConfig,
-                      done_visits: Callable[[], set[str]] | None = None) -> Iterator[pa.Table]:
+                      progress: Callable[[], dict[str, Any]] | None = None) -> Iterator[pa.Table]:
     """`map_batches` UDF over visit items: reads each visit's shard (RAW_SCHEMA rows + `visit`),
-    skipping visits the latest checkpoint has consumed whole."""
-    done = done_visits() if done_visits is not None else set()
+    skipping the visits the latest checkpoint consumed whole and the samples it consumed of the others
+    (`progress()`: {"done": visits, "partial": {visit: sample indices}}, a `VisitLedger.state()`)."""
+    state = progress() if progress is not None else {}
+    done, partial = set(state.get("done", ())), state.get("partial", {})
     for name, uri, visit in zip(batch.column("name").to_pylist(), batch.column("uri").to_pylist(),
                                 batch.column("visit").to_pylist()):
         if visit in done:
             continue
+        consumed = pa.array(sorted(partial.get(visit, ())), pa.int64())
         for table in read_shard_rows(name, uri, config):
+            if len(consumed):  # header rows stay: they carry the shard's facts
+                keep = pc.or_(pc.not_equal(table.column("row_kind"), "sample"),
+                              pc.invert(pc.is_in(table.column("sample_index"), value_set=consumed)))
+                table = table.filter(keep)
             yield table.append_column("visit", pa.array([visit] * len(table), pa.string()))
 
 
@@ -88,62 +97,68 @@ def training_rows(batch: dict[str, np.ndarray], schema: pa.Schema) -> pa.Table:
             print(f"[online] shard {batch['source_shard'][i]} ({info.get('source_uri')}) yields no rows: {info['error']}")
     table = rows_to_table(batch, accepted, schema)
     visits = np.asarray(batch["visit"], dtype=object)
-    accounts_B = np.ones(len(accepted), np.int32)
+    indices = np.asarray(batch["sample_index"], dtype=np.int64)
+    covers = [[int(i)] for i in indices[accepted]]
     for visit in np.unique(visits[sample & ~accepted_mask]):
-        rejected = int(np.sum((visits == visit) & sample & ~accepted_mask))
         carriers = np.flatnonzero(visits[accepted] == visit)
         if len(carriers):  # else the visit cannot be completed (see the module docstring)
-            accounts_B[carriers[0]] += rejected
+            covers[carriers[0]] += indices[(visits == visit) & sample & ~accepted_mask].tolist()
     table = table.append_column("visit", pa.array(visits[accepted].tolist(), pa.string()))
-    table = table.append_column("accounts", pa.array(accounts_B, pa.int32()))
+    table = table.append_column("covers", pa.array(covers, pa.list_(pa.int64())))
     return table.append_column("visit_samples", pa.array(batch["shard_num_samples"][accepted], pa.int64()))
 
 
 class VisitLedger:
-    """One worker's count of the online rows its optimizer steps consumed, per visit.
+    """One worker's record of the online samples its optimizer steps consumed, per visit.
 
     `stage(batch)` takes a collated batch's visit columns out (call it for every micro-batch),
-    `commit()` counts the staged ones once their optimizer step is done (rows of a step cut short
-    by the end of the run are not counted), `merge(counts_of_every_rank)` marks the visits whose
-    summed count reached their sample count as done. `replayed` counts rows of visits already done:
-    zero unless a skipped visit was streamed again."""
+    `commit()` records the staged ones once their optimizer step is done (rows of a step cut short
+    by the end of the run are not recorded), `merge(counts_of_every_rank)` joins the ranks' records
+    and marks the visits whose covered samples reached their count as done. `replayed` counts rows
+    trained on again: rows of a visit done, or whose sample was already consumed (zero when the
+    read stage drops what the restored checkpoint consumed)."""
 
-    def __init__(self, done: set[str] | None = None):
+    def __init__(self, done: set[str] | None = None, partial: dict[str, list[int]] | None = None):
         self.done: set[str] = set(done or ())
-        self.consumed: Counter = Counter()
+        self.consumed: dict[str, set[int]] = {visit: set(indices) for visit, indices in (partial or {}).items()}
         self.samples: dict[str, int] = {}
-        self.staged: list[tuple[list[str], list[int], list[int]]] = []
+        self.staged: list[tuple[list[str], list[list[int]], list[int]]] = []
         self.rejected = 0
         self.replayed = 0
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "VisitLedger":
+        return cls(state.get("done"), state.get("partial"))
 
     def stage(self, batch: dict[str, Any]) -> None:
         self.staged.append(tuple(list(batch.pop(name)) for name in VISIT_COLUMNS))
 
     def commit(self) -> None:
-        for visits, accounts, samples in self.staged:
-            for visit, count, total in zip(visits, accounts, samples):
-                if visit in self.done:
-                    self.replayed += int(count)
+        for visits, covers, samples in self.staged:
+            for visit, covered, total in zip(visits, covers, samples):
+                seen = self.consumed.setdefault(visit, set()) if visit not in self.done else None
+                if seen is None or covered[0] in seen:
+                    self.replayed += 1
                     continue
-                self.consumed[visit] += int(count)
+                seen.update(int(i) for i in covered)
                 self.samples[visit] = int(total)
-                self.rejected += int(count) - 1
+                self.rejected += len(covered) - 1
         self.staged = []
 
-    def counts(self) -> dict[str, tuple[int, int]]:
-        """What `merge` needs from this rank: visit -> (consumed rows, sample count)."""
-        return {visit: (count, self.samples[visit]) for visit, count in self.consumed.items()}
+    def counts(self) -> dict[str, tuple[list[int], int]]:
+        """What `merge` needs from this rank: visit -> (consumed sample indices, sample count)."""
+        return {visit: (sorted(seen), self.samples.get(visit, 0)) for visit, seen in self.consumed.items()}
 
-    def merge(self, per_rank: list[dict[str, tuple[int, int]]]) -> list[str]:
-        """Sum every rank's `counts()`; visits now consumed whole become done (on every rank, the same
+    def merge(self, per_rank: list[dict[str, tuple[list[int], int]]]) -> list[str]:
+        """Join every rank's `counts()`; visits now consumed whole become done (on every rank, the same
         set: each rank calls this with the same gathered list). Returns the newly done visits."""
-        total: Counter = Counter()
-        samples: dict[str, int] = {}
         for counts in per_rank:
-            for visit, (count, num_samples) in counts.items():
-                total[visit] += count
-                samples[visit] = num_samples
-        newly = sorted(v for v, count in total.items() if count >= samples[v] and v not in self.done)
+            for visit, (indices, num_samples) in counts.items():
+                if visit in self.done:
+                    continue
+                self.consumed.setdefault(visit, set()).update(indices)
+                self.samples[visit] = max(self.samples.get(visit, 0), num_samples)
+        newly = sorted(v for v, seen in self.consumed.items() if self.samples.get(v) and len(seen) >= self.samples[v])
         for visit in newly:
             self.done.add(visit)
             self.consumed.pop(visit, None)
@@ -151,7 +166,8 @@ class VisitLedger:
         return newly
 
     def state(self) -> dict[str, Any]:
-        return {"done": sorted(self.done)}
+        """What a checkpoint records (`progress.json`): visits done, and the consumed samples of the others."""
+        return {"done": sorted(self.done), "partial": {v: sorted(seen) for v, seen in sorted(self.consumed.items()) if seen}}
 
 
 __all__ = ["VISIT_COLUMNS", "plan_visits", "read_visits_batch", "training_rows", "VisitLedger", "visit_id"]

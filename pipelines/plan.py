@@ -6,8 +6,10 @@ initialised; only `jobs/` calls `ray.init`). It
      refuses, on a cluster of several nodes, shards only one machine can see,
   2. builds the frozen tokenizer once on the driver to hash its weights and read its config,
   3. writes `manifest.json` once when the cache root is new, or validates it (refusing a cache
-     built with other settings or another format version), and skips the shards whose stats
-     marker exists (resume: `manifest.list_committed` over the index and one listing of stats/),
+     built with other settings or another format version), removes the temporary files of local
+     writes that a killed run left (`manifest.remove_interrupted_writes`: none of this run's writers
+     has started yet), and skips the shards whose stats marker exists (resume:
+     `manifest.list_committed` over the index and one listing of stats/),
   4. streams the rest through Ray Data:
        from_items(shards) -> read (TaskPool, raw bytes only) -> decode/filter/crop (TaskPool, CPU)
        -> TokenizerStage (ActorPoolStrategy, num_gpus per actor, explicit batch size)
@@ -336,6 +338,10 @@ def run_precompute(config: PrecomputeConfig, log=print) -> PrecomputeSummary:
                                 {**setup["header"], "created_at": manifest_lib.now()}, endpoint)
     else:
         manifest_lib.check_compatible(existing, setup["fingerprint"], output)
+    # Before any writer of this run exists, so no temporary file here belongs to a write in flight.
+    interrupted = manifest_lib.remove_interrupted_writes(output, endpoint)
+    if interrupted:
+        log(f"precompute: removed {len(interrupted)} temporary file(s) of writes a killed run left in {output}")
     indexed, segments = manifest_lib.read_index(output, fingerprint_hex, endpoint)
     committed = manifest_lib.list_committed(output, fingerprint_hex, endpoint, indexed)
     mark("manifest")
@@ -358,7 +364,8 @@ def run_precompute(config: PrecomputeConfig, log=print) -> PrecomputeSummary:
         pool = WriterPool(compute.writer_actors, compute.writer_cpus, compute.resources, output=output,
                           endpoint_url=endpoint, fingerprint_hash=fingerprint_hex, schema=setup["schema"],
                           shard_uris=pending, num_threads=compute.writer_threads,
-                          max_pending=compute.writer_max_pending, crash_after_commits=config.crash_after_commits)
+                          max_pending=compute.writer_max_pending, crash_after_commits=config.crash_after_commits,
+                          pause_after_commits=config.pause_after_commits)
         dataset = build_dataset(pending, config, setup["resolution"], setup["tokenizer_hash"], pool.actors)
         mark("planning")
         in_index = set(indexed)

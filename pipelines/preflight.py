@@ -28,8 +28,7 @@ def preflight(config: PrecomputeConfig, num_nodes: int) -> PrecomputeConfig:
     if config.input.list_file:
         inputs["input.list_file"] = config.input.list_file
     storage.check_stores(inputs, config.input.endpoint_url, "input.endpoint_url")
-    storage.check_store(config.output, config.output_endpoint(), "output",
-                        "output_endpoint_url" if config.output_endpoint_url else "input.endpoint_url")
+    storage.check_store(config.output, config.output_endpoint(), "output", config.output_endpoint_setting())
     if config.tokenizer.checkpoint:
         storage.check_exists(config.tokenizer.checkpoint, config.input.endpoint_url, "tokenizer.checkpoint",
                              "input.endpoint_url")

@@ -14,6 +14,12 @@ gzip tars look the same), groups members by key in any order, and emits:
 Every stage passes header rows and rejected rows through, so the writer can prove that it has
 seen every sample of a shard (exactly-once) and count every rejection by reason.
 
+A shard is `truncated` when reading stopped before the archive's end: an error inside a member,
+or no end-of-archive marker (two zero blocks, which every tar writer puts after the last member;
+Python's `tarfile`, and so img2dataset and webdataset, included). `tarfile`'s stream mode ends
+silently at a short, empty or invalid header after the first one, so a tar cut at or inside a
+member header would otherwise read as a whole, shorter archive (`_HeaderRecordingTarInfo`).
+
 Member names are only ever used as strings (the key column): nothing is written at a member's
 path. Absolute names and names with `..` are still refused and counted, because they mark a
 hostile or broken archive. Members that are not images/captions/json (e.g. `.pth`, `.pkl`) are
@@ -187,6 +193,39 @@ def _unsafe(name: str) -> bool:
     return name.startswith(("/", "\\")) or ".." in re.split(r"[/\\]", name) or re.match(r"^[A-Za-z]:", name) is not None
 
 
+class _HeaderRecordingTarInfo(tarfile.TarInfo):
+    """A TarInfo that keeps, on its archive, the header error that ended the member iteration.
+
+    In stream mode `TarFile.next` turns the error of any header after the first into "no more
+    members"; which error it was tells an end-of-archive zero block (`EOFHeaderError`) from a cut
+    at a header (`EmptyHeaderError`), inside one (`TruncatedHeaderError`) or a corrupt one."""
+
+    @classmethod
+    def fromtarfile(cls, archive):
+        try:
+            return super().fromtarfile(archive)
+        except tarfile.HeaderError as exc:
+            archive.ending_header_error = exc
+            raise
+
+
+def _check_archive_end(archive: tarfile.TarFile) -> None:
+    """ReadError unless the members ended at an end-of-archive marker: a zero block, then another."""
+    ended_by = getattr(archive, "ending_header_error", None)
+    if isinstance(ended_by, tarfile.EOFHeaderError):
+        second = archive.fileobj.read(tarfile.BLOCKSIZE)
+        if second == bytes(tarfile.BLOCKSIZE):
+            return
+        raise tarfile.ReadError(f"archive ends at byte {archive.offset} with one zero block of the two that end a tar")
+    if isinstance(ended_by, tarfile.EmptyHeaderError):
+        reason = "the data ends at a member boundary"
+    elif isinstance(ended_by, tarfile.TruncatedHeaderError):
+        reason = "the data ends inside a member header"
+    else:
+        reason = f"invalid member header ({ended_by or 'unknown'})"
+    raise tarfile.ReadError(f"archive ends at byte {archive.offset} without its end-of-archive blocks: {reason}")
+
+
 def parse_tar(stream, max_member_bytes: int) -> tuple[list[_Sample], dict]:
     """Group the members of a tar stream by key; returns samples in first-seen order and shard facts."""
     samples: dict[str, _Sample] = {}
@@ -195,7 +234,7 @@ def parse_tar(stream, max_member_bytes: int) -> tuple[list[_Sample], dict]:
     truncated = ""
     last_key = None
     try:
-        with tarfile.open(fileobj=stream, mode="r|*") as archive:
+        with tarfile.open(fileobj=stream, mode="r|*", tarinfo=_HeaderRecordingTarInfo) as archive:
             for member in archive:
                 if not member.isreg():
                     ignored["non_file_member"] += 1
@@ -226,6 +265,7 @@ def parse_tar(stream, max_member_bytes: int) -> tuple[list[_Sample], dict]:
                     continue
                 handle = archive.extractfile(member)
                 sample.members[ext] = handle.read() if handle is not None else b""
+            _check_archive_end(archive)
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         if not samples and not ignored:
             raise  # nothing readable at all: the caller reports a failed shard

@@ -10,18 +10,24 @@ Every S3 request retries transient errors (503 SlowDown, connection resets, shor
 the AWS "standard" strategy: exponential backoff with jitter, at most `S3_MAX_ATTEMPTS` tries
 (env `HART_S3_MAX_ATTEMPTS`), and bounded connect/request timeouts, so a flaky store is
 survived and a dead one fails in seconds with the SDK's error instead of hanging.
+`storage_error_line` turns such a failure, wherever it was raised (driver, Ray task, Ray Data
+stage, Ray Train worker), into the one line a job's CLI ends with, naming the endpoint setting.
 
 Commit semantics differ per backend and are hidden here: `write_bytes_atomic` writes a temporary
 sibling and renames it on local disks (rename is atomic on POSIX), and does a single PUT on S3
 (an S3 object becomes visible whole or not at all, and there is no rename). Writers rely on that:
-no reader ever sees half of a file written through this module.
+no reader ever sees half of a file written through this module. A local write killed before its
+rename leaves its temporary file (hidden: `TEMPORARY_PREFIX`), which readers skip and
+`remove_temporaries` removes once its owner knows no write into the folder is in flight.
 """
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import os
 import posixpath
+import re
 import tempfile
 import uuid
 from urllib.parse import urlparse
@@ -101,6 +107,64 @@ def absolute(uri: str) -> str:
     if "://" in uri:
         return uri
     return os.path.abspath(os.path.expanduser(uri))
+
+
+# A line "OSError: <message>" (or another OSError class) of a remote traceback printed into an error's text.
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z]\w*): (.+)$", re.MULTILINE)
+_HANDLING_ANOTHER = "During handling of the above exception, another exception occurred:"
+
+
+def storage_failure(exc: BaseException) -> str:
+    """The message of the storage error that `exc` is or was caused by, on one line; "" if none.
+
+    A storage error is an `OSError`: pyarrow raises one for every filesystem failure, S3's once its
+    bounded retries are spent. It reaches a driver as itself, as the `__cause__` of another error,
+    as the `cause` of a Ray task's error, as a failed Ray Train worker's error (`WorkerGroupError
+    .worker_failures`, `ControllerError.controller_failure`), or only as text: Ray Data re-raises a
+    failed stage as `UserCodeException`, whose message holds the remote traceback but whose object
+    holds no original error. In such text the last OSError line of the final exception's chain
+    counts (an OSError handled before another error was raised is not its cause)."""
+    seen, pending = set(), [exc]
+    while pending:
+        error = pending.pop(0)
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        cause = getattr(error, "cause", None)  # ray.exceptions.RayTaskError: the error raised in the task
+        if isinstance(cause, BaseException):
+            pending.append(cause)
+        elif isinstance(error, OSError):
+            return " ".join(str(error).split())
+        pending += [error.__cause__, getattr(error, "controller_failure", None),
+                    *(getattr(error, "worker_failures", None) or {}).values()]
+    for error in (e for e in _chain(exc) if type(e).__module__.split(".")[0] == "ray"):
+        text = str(error).rsplit(_HANDLING_ANOTHER, 1)[-1]
+        for name, message in reversed(_EXCEPTION_LINE.findall(text)):
+            kind = getattr(builtins, name, None)
+            if isinstance(kind, type) and issubclass(kind, OSError):
+                return " ".join(message.split())
+    return ""
+
+
+def _chain(exc: BaseException | None):
+    while exc is not None:
+        yield exc
+        exc = exc.__cause__
+
+
+def storage_error_line(prog: str, exc: BaseException, endpoint_setting: str = "", endpoint_url: str = "") -> str:
+    """`<prog>: storage error after retries: <message> (S3 endpoint <url>, from <setting>)` for an
+    S3 error, `<prog>: storage error: <message>` for a local one, "" when `exc` is no storage error
+    (`storage_failure`). How every job's CLI ends on a store that stops answering after its preflight."""
+    message = storage_failure(exc)
+    if not message:
+        return ""
+    if "AWS Error" not in message:  # pyarrow's S3 errors all say so; a local filesystem error is not retried
+        return f"{prog}: storage error: {message}"
+    variable = "AWS_ENDPOINT_URL_S3" if os.environ.get("AWS_ENDPOINT_URL_S3") else "AWS_ENDPOINT_URL"
+    endpoint, source = (endpoint_url, endpoint_setting) if endpoint_url else (endpoint_from_env(), variable)
+    where = f"S3 endpoint {endpoint}, from {source}" if endpoint else f"AWS S3: {endpoint_setting or variable} unset"
+    return f"{prog}: storage error after retries: {message} ({where})"
 
 
 # A preflight request: one try, short timeouts. A job's own requests retry (S3_MAX_ATTEMPTS) because a
@@ -183,12 +247,15 @@ def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
         return stream.read()
 
 
+TEMPORARY_PREFIX = ".tmp-"  # `write_bytes_atomic`'s temporary siblings on local filesystems
+
+
 def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     """Write `data` so that readers see either the old file, or all of the new one."""
     parent = posixpath.dirname(path)
     if isinstance(fs, pafs.LocalFileSystem):
         fs.create_dir(parent, recursive=True)
-        temporary = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
+        temporary = posixpath.join(parent, f"{TEMPORARY_PREFIX}{uuid.uuid4().hex}-{posixpath.basename(path)}")
         try:
             with fs.open_output_stream(temporary) as stream:
                 stream.write(data)
@@ -200,6 +267,19 @@ def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     # Object stores: one PUT (or one completed multipart upload) is atomic by itself.
     with fs.open_output_stream(path) as stream:
         stream.write(data)
+
+
+def remove_temporaries(fs: pafs.FileSystem, directory: str) -> list[str]:
+    """Remove the temporary files that `write_bytes_atomic` writes killed before their rename left
+    directly in `directory`; returns their paths. Local filesystems only: an S3 write has no
+    temporary object. The caller must know that no write into `directory` is in flight (it would
+    fail at its rename), e.g. a job before its writers start."""
+    if not isinstance(fs, pafs.LocalFileSystem):
+        return []
+    stale = [path for path in list_files(fs, directory) if posixpath.basename(path).startswith(TEMPORARY_PREFIX)]
+    for path in stale:
+        delete_if_exists(fs, path)
+    return stale
 
 
 def delete_if_exists(fs: pafs.FileSystem, path: str) -> None:

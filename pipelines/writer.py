@@ -32,9 +32,17 @@ import pyarrow.parquet as pq
 from pipelines import manifest as manifest_lib
 from pipelines import storage
 
+# Rows per Parquet row group of a cache file: one read of the training stream (pipelines.sample_order).
+ROW_GROUP_ROWS = 1024
+
 
 class InjectedCrash(RuntimeError):
     """Raised by the `crash_after_commits` test hook."""
+
+
+# How long the `pause_after_commits` test hook holds a write: longer than a kill trial needs to see the
+# held commits and kill the job, and bounded, so a job nobody kills still finishes.
+PAUSE_HOOK_SECONDS = 300.0
 
 
 @dataclass
@@ -149,13 +157,15 @@ class ShardWriter:
     """Commits complete shards on a small thread pool; counts everything for the summary."""
 
     def __init__(self, output: str, endpoint_url: str, fingerprint_hash: str, schema: pa.Schema,
-                 shard_uris: dict[str, str], num_threads: int = 2, crash_after_commits: int = -1):
+                 shard_uris: dict[str, str], num_threads: int = 2, crash_after_commits: int = -1,
+                 pause_after_commits: int = -1):
         self.output = output
         self.endpoint_url = endpoint_url
         self.fingerprint_hash = fingerprint_hash
         self.schema = schema
         self.shard_uris = shard_uris
         self.crash_after_commits = crash_after_commits
+        self.pause_after_commits = pause_after_commits
         self.pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="shard-writer")
         self.futures: list[tuple[str, Future]] = []
         self.committed: dict[str, dict[str, Any]] = {}
@@ -167,8 +177,9 @@ class ShardWriter:
             self.failed[shard] = header["error"]
             return
         crash = self.num_started == self.crash_after_commits
+        pause = 0 <= self.pause_after_commits <= self.num_started
         self.num_started += 1
-        self.futures.append((shard, self.pool.submit(self._commit, shard, header, columns, seconds, crash)))
+        self.futures.append((shard, self.pool.submit(self._commit, shard, header, columns, seconds, crash, pause)))
 
     def collect(self, wait: bool = False) -> list[str]:
         """Finished commits since the last call; waits for all if asked. A shard whose write fails
@@ -193,7 +204,9 @@ class ShardWriter:
         self.pool.shutdown(wait=True)
 
     def _commit(self, shard: str, header: dict[str, Any], columns: dict[str, np.ndarray] | None,
-                seconds: float, crash: bool) -> dict[str, Any]:
+                seconds: float, crash: bool, pause: bool = False) -> dict[str, Any]:
+        if pause:
+            time.sleep(PAUSE_HOOK_SECONDS)  # the `pause_after_commits` test hook: nothing of this shard written yet
         started = time.perf_counter()
         rejected: Counter = Counter()
         notes: Counter = Counter()
@@ -211,7 +224,7 @@ class ShardWriter:
         fs, base = storage.resolve(self.output, self.endpoint_url)
         relative = manifest_lib.data_file(shard)
         sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression="zstd", compression_level=1, row_group_size=1024)
+        pq.write_table(table, sink, compression="zstd", compression_level=1, row_group_size=ROW_GROUP_ROWS)
         payload = sink.getvalue().to_pybytes()
         storage.write_bytes_atomic(fs, f"{base}/{relative}", payload)
         if crash:

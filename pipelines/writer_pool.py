@@ -60,10 +60,10 @@ class ShardWriterActor:
     """Assembles and commits the shards routed to it (one `ShardAssembler` + one `ShardWriter`)."""
 
     def __init__(self, output: str, endpoint_url: str, fingerprint_hash: str, schema, shard_uris: dict[str, str],
-                 num_threads: int, max_pending: int, crash_after_commits: int = -1):
+                 num_threads: int, max_pending: int, crash_after_commits: int = -1, pause_after_commits: int = -1):
         self.assembler = ShardAssembler()
         self.writer = ShardWriter(output, endpoint_url, fingerprint_hash, schema, shard_uris, num_threads,
-                                  crash_after_commits)
+                                  crash_after_commits, pause_after_commits)
         self.max_pending = max_pending
         self.outbox: list[dict[str, Any]] = []
         self.failed_sent: set[str] = set()

@@ -269,28 +269,33 @@ def train_step(
     precision: str = "fp32",
     device_type: str = "cpu",
     parameters: Iterable[torch.Tensor] | None = None,
+    weights: Sequence[float] | None = None,
 ) -> dict[str, float]:
     """Forward/backward over `micro_batches` (gradient accumulation), clip, check, step.
 
     `loss_fn(model, batch)` returns a dict with a differentiable "loss" plus any scalar
-    metrics; metrics are averaged over micro-batches. Returns floats: the averaged
-    metrics, "grad_norm" (before clipping) and "lr" (the one used for this update).
+    metrics; metrics are averaged over micro-batches. `weights` (default all 1) scale each
+    micro-batch's loss and metrics inside that average: micro-batches of unequal sizes weighted by
+    their rows (size x count / total) average to the loss of all their rows. Returns floats: the
+    averaged metrics, "grad_norm" (before clipping) and "lr" (the one used for this update).
     Raises NonFiniteLossError without touching the weights if loss or grad norm is
     NaN/inf.
     """
     if not micro_batches:
         raise ValueError("train_step needs at least one micro-batch")
     num_micro = len(micro_batches)
+    weights = [1.0] * num_micro if weights is None else [float(w) for w in weights]
+    assert len(weights) == num_micro, "one weight per micro-batch"
     optimizer.zero_grad(set_to_none=True)
     sums: dict[str, torch.Tensor] = {}
     for index, batch in enumerate(micro_batches):
         with _gradient_sync(model, enabled=index == num_micro - 1):
             with autocast(device_type, precision):
                 out = loss_fn(model, batch)
-            (out["loss"].float() / num_micro).backward()
+            (out["loss"].float() * weights[index] / num_micro).backward()
         for key, value in out.items():
             if torch.is_tensor(value) and value.numel() == 1:
-                sums[key] = sums.get(key, 0.0) + value.detach().float()
+                sums[key] = sums.get(key, 0.0) + value.detach().float() * weights[index]
     metrics = {key: float(value) / num_micro for key, value in sums.items()}
     # The norm first: under FSDP2 it is a collective, so every rank must reach it before any raises.
     params = [p for p in (parameters if parameters is not None else model.parameters()) if p.grad is not None]

@@ -5,6 +5,10 @@ uses (`read_shard_rows`), the *committed* set only through what a cache reader t
 stats markers and the parquet files they name). A trial passes when committed keys are unique
 and equal input keys minus the rejected ones, and every shard's counters add up
 (samples_in = written + rejected). `visible_junk` lists files a reader could mistake for data.
+
+Training input: `check_ledger` compares a run's step ledger (`data.ledger`, jobs/train_input.py)
+with the order the cache prescribes, computed here from the cache files, and audits it (every pass
+every key once).
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ import pyarrow.parquet as pq
 
 from pipelines import manifest as manifest_lib
 from pipelines import storage
+from jobs.train_input import audit_ledger, cache_order, global_batch, read_ledger
+from pipelines.cache import read_cache_table, read_manifest
+from pipelines.cache_stream import read_block
 from pipelines.config import InputConfig
 from pipelines.shard_source import read_shard_rows
 
@@ -79,3 +86,25 @@ def visible_junk(cache: str, endpoint_url: str = "") -> list[str]:
     allowed |= {f"{base}/{manifest_lib.stats_file(shard)}" for shard in seen["stats"]}
     files = storage.list_files(fs, f"{base}/{manifest_lib.DATA_DIR}") + storage.list_files(fs, f"{base}/{manifest_lib.STATS_DIR}")
     return [path for path in files if path not in allowed and not path.rsplit('/', 1)[-1].startswith('.')]
+
+
+def predicted_ledger(config, steps: int) -> list[list[str]]:
+    """Per step, the keys of its global batch in the order the run's stream prescribes."""
+    endpoint = config.run.endpoint_url
+    order = cache_order(config, read_manifest(config.data.cache, endpoint))
+    blocks = {i: read_block(b, ["key"], endpoint).column("key").to_pylist() for i, b in enumerate(order.blocks)}
+    size = global_batch(config)
+    return [[blocks[b][r] for b, r in order.rows(s * size, (s + 1) * size)] for s in range(steps)]
+
+
+def check_ledger(config, checkpoint: str, steps: int) -> tuple[list[list[str]], list[str]]:
+    """(the ledger's keys per step, problems): empty problems when the ledger is the prescribed order
+    and every pass holds every key of the cache once."""
+    entries = read_ledger(checkpoint)
+    keys = read_cache_table(config.data.cache, ["key"], config.run.endpoint_url).column("key").to_pylist()
+    problems = audit_ledger(entries, keys)["problems"]
+    ledger = [e["keys"] for e in entries]
+    if ledger != predicted_ledger(config, steps):
+        first = next((i for i, (a, b) in enumerate(zip(ledger, predicted_ledger(config, steps))) if a != b), len(ledger))
+        problems.append(f"the global batches differ from the prescribed order from step {first + 1} on")
+    return ledger, problems

@@ -10,7 +10,8 @@ inject a fault instead. Faults are the ones object stores really produce under l
               half of the body, and close: the client sees a short read.
 
 `rate` is the probability that one request gets a fault (0.0 .. 1.0), the kind drawn from
-`kinds`. Non-forwarded faults (slowdown, reset) are safe for every method; truncation is only
+`kinds`; the first `forward_first` requests are forwarded untouched (a store that dies after a
+job's preflight: `rate=1.0, forward_first=<the preflight's requests>`). Non-forwarded faults (slowdown, reset) are safe for every method; truncation is only
 applied to responses that carry a body (GET), so a PUT is never half-applied by the proxy.
 Every request and every injected fault is counted (`counts`), so a test can prove that faults
 really happened. The proxy is a plain `ThreadingHTTPServer` on 127.0.0.1 and a free port:
@@ -37,7 +38,8 @@ SLOWDOWN_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown
 class FaultProxy:
     """Forward HTTP to `upstream` ("http://127.0.0.1:PORT"), injecting faults at `rate`."""
 
-    def __init__(self, upstream: str, rate: float = 0.0, kinds: tuple[str, ...] = FAULT_KINDS, seed: int = 0):
+    def __init__(self, upstream: str, rate: float = 0.0, kinds: tuple[str, ...] = FAULT_KINDS, seed: int = 0,
+                 forward_first: int = 0):
         if not 0.0 <= rate <= 1.0:
             raise ValueError(f"rate must be in [0, 1], got {rate}")
         unknown = set(kinds) - set(FAULT_KINDS)
@@ -45,7 +47,7 @@ class FaultProxy:
             raise ValueError(f"kinds must be a non-empty subset of {FAULT_KINDS}, got {kinds}")
         parts = urlsplit(upstream)
         self.upstream_host, self.upstream_port = parts.hostname, parts.port or 80
-        self.rate, self.kinds = rate, tuple(kinds)
+        self.rate, self.kinds, self.forward_first = rate, tuple(kinds), forward_first
         self.random = random.Random(seed)
         self.lock = threading.Lock()
         self.counts: Counter = Counter()
@@ -61,7 +63,7 @@ class FaultProxy:
         """The fault for one request ("" = forward normally); counted."""
         with self.lock:
             self.counts["requests"] += 1
-            if self.random.random() >= self.rate:
+            if self.counts["requests"] <= self.forward_first or self.random.random() >= self.rate:
                 return ""
             choices = [k for k in self.kinds if k != "truncate" or method == "GET"] or ["slowdown"]
             kind = self.random.choice(choices)
@@ -166,3 +168,12 @@ def _handler_class(proxy: FaultProxy):
         do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
     return Handler
+
+
+def assert_storage_error_line(stderr: str, prog: str, endpoint: str, setting: str) -> None:
+    """What a job's CLI prints when the store behind `endpoint` died after its preflight: no traceback,
+    and one `<prog>: ` line, the storage error naming the endpoint and the setting it came from."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.startswith(f"{prog}: ")]
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: storage error after retries: "), stderr[-3000:]
+    assert "AWS Error" in lines[0] and lines[0].endswith(f"(S3 endpoint {endpoint}, from {setting})"), lines[0]

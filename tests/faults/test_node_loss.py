@@ -13,6 +13,12 @@ Joint stage: two DDP workers, one per worker node (`STRICT_SPREAD`), checkpoints
 `run.max_failures=1`. Once the step-2 checkpoint is registered a replacement node joins and node_b
 goes; Ray Train must restart the worker group on node_a and the new node, restore step 2 and
 finish: one MLflow run, every step logged, steps 1-2 never run again, the scheduler at max_steps.
+
+Elastic joint stage (`scaling.num_workers=[1, 2]`, one worker per node): a node goes once the step-4
+checkpoint is registered and no replacement comes; Ray Train must go on with one worker (two micro-
+batches a step, the same global batch), and in the second variant grow back to two when a node joins
+again. The step ledger must be the prescribed order, every key once a pass; with the stream position
+ignored, the same node loss must fail that check.
 """
 
 from __future__ import annotations
@@ -24,11 +30,12 @@ import time
 import pytest
 
 from hart.training.checkpoint import load_training_state
+from jobs import tracking
 from jobs.train import run_training
 from pipelines import manifest as manifest_lib
 from pipelines import shapes, storage
 from pipelines.plan import run_precompute
-from tests.faults.accounting import assert_exactly_once, visible_junk
+from tests.faults.accounting import assert_exactly_once, check_ledger, visible_junk
 from tests.jobs.test_multinode_train import cluster_config as train_config
 from tests.jobs.test_multinode_train import logged_steps, on_s3
 from tests.pipelines.test_multinode_precompute import cluster_config
@@ -37,6 +44,19 @@ from tests.pipelines.test_multinode_precompute import cluster_config
 def count_markers(cache: str, endpoint: str) -> int:
     fs, base = storage.resolve(cache, endpoint)
     return len([p for p in storage.list_files(fs, f"{base}/{manifest_lib.STATS_DIR}") if p.endswith(".stats.json")])
+
+
+def registered_step(run_dir: str, endpoint: str):
+    """A function giving the step of the newest checkpoint Ray Train's controller has recorded in
+    `run_dir` (0: none)."""
+    fs, base = storage.resolve(run_dir, endpoint)
+
+    def last_registered() -> int:
+        snapshot = f"{base}/checkpoint_manager_snapshot.json"
+        text = storage.read_bytes(fs, snapshot).decode() if storage.exists(fs, snapshot) else ""
+        return max((int(step) for step in re.findall(r"checkpoint_step(\d{8})", text)), default=0)
+
+    return last_registered
 
 
 @pytest.mark.slow
@@ -80,14 +100,8 @@ def test_joint_stage_survives_losing_a_worker_node(train_assets, ray_cluster, s3
     assets = on_s3(train_assets, s3_bucket, s3_endpoint)
     config = train_config(assets, s3_bucket, s3_endpoint, mlflow_server, tmp_path, f"run.max_steps={max_steps}",
                           "run.checkpoint_every=2", "run.max_failures=1", "run.name=node-loss")
-    fs, base = storage.resolve(f"{s3_bucket}/train/{config.run.name}", s3_endpoint)
+    last_registered = registered_step(f"{s3_bucket}/train/{config.run.name}", s3_endpoint)
     record: dict = {}
-
-    def last_registered() -> int:
-        """The step of the newest checkpoint Ray Train's controller has recorded (0: none)."""
-        snapshot = f"{base}/checkpoint_manager_snapshot.json"
-        text = storage.read_bytes(fs, snapshot).decode() if storage.exists(fs, snapshot) else ""
-        return max((int(step) for step in re.findall(r"checkpoint_step(\d{8})", text)), default=0)
 
     def train() -> None:
         try:
@@ -122,3 +136,103 @@ def test_joint_stage_survives_losing_a_worker_node(train_assets, ray_cluster, s3
     # Restored, not restarted: no step up to the checkpoint registered at the removal ran twice.
     assert all(steps.count(step) == 1 for step in range(1, restored + 1)), f"steps before {restored} redone: {sorted(steps)}"
     print(f"joint stage: node_b removed with checkpoint {restored} registered; metric steps logged {sorted(steps)}")
+
+
+def elastic_run(ray_cluster, train_assets, s3_bucket, s3_endpoint, mlflow_server, tmp_path, name: str,
+                rejoin: bool, ignore_position: bool = False) -> dict:
+    """An elastic joint run (`scaling.num_workers=[1, 2]`, one 2-CPU worker per node, global batch 16,
+    the step ledger on) that loses node_b once its step-4 checkpoint is registered; with `rejoin`, a
+    node joins again once the run has gone on with one worker. Returns what the asserts need."""
+    while len(ray_cluster.nodes) < 2:  # an earlier trial of this module may have left one worker node
+        ray_cluster.add(f"node_{len(ray_cluster.nodes)}_{name}")
+    max_steps = 24
+    assets = on_s3(train_assets, s3_bucket, s3_endpoint)
+    config = train_config(assets, s3_bucket, s3_endpoint, mlflow_server, tmp_path, f"run.max_steps={max_steps}",
+                          "run.checkpoint_every=4", "run.max_failures=2", f"run.name={name}", "data.ledger=true",
+                          "scaling.num_workers=[1, 2]", "scaling.cpus_per_worker=2", "scaling.placement_strategy=PACK",
+                          "scaling.resize_check_s=5", f"run.ignore_data_position={str(ignore_position).lower()}")
+    last_registered = registered_step(f"{s3_bucket}/train/{config.run.name}", s3_endpoint)
+    record: dict = {"config": config, "max_steps": max_steps}
+
+    def train() -> None:
+        try:
+            record["outcome"] = run_training(config)
+        except Exception as error:  # noqa: BLE001 - reported by the asserts below
+            record["error"] = error
+
+    trainer = threading.Thread(target=train)  # Ray starts nodes only from the main thread
+    trainer.start()
+    deadline = time.time() + 400
+    while time.time() < deadline and trainer.is_alive() and last_registered() < 4:
+        time.sleep(0.2)
+    record["registered_at_removal"] = last_registered()
+    victim = "node_b" if "node_b" in ray_cluster.nodes else sorted(ray_cluster.nodes)[-1]
+    ray_cluster.remove(victim)
+    if rejoin:  # once a checkpoint after the removal exists, the run is going on with one worker
+        after = record["registered_at_removal"]
+        while time.time() < deadline and trainer.is_alive() and last_registered() <= after:
+            time.sleep(0.2)
+        record["registered_at_rejoin"] = last_registered()
+        ray_cluster.add(victim)
+    trainer.join(timeout=600)
+    assert "error" not in record, record.get("error")
+    local = tmp_path / f"last-{name}"
+    storage.copy_tree(f"s3://{record['outcome']['checkpoint_path']}", str(local), s3_endpoint)
+    record["checkpoint"] = str(local)
+    return record
+
+
+def loss_curve(config) -> list[float]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=config.tracking.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(config.tracking.experiment).experiment_id],
+                              filter_string=f"tags.`{tracking.RUN_NAME_TAG}` = '{config.run.name}'")
+    history = sorted(client.get_metric_history(runs[0].info.run_id, "loss"), key=lambda m: (m.step, m.timestamp))
+    last = {m.step: m.value for m in history}  # a redone step's last value: the one its weights kept
+    return [round(last[s], 3) for s in sorted(last)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rejoin", [False, True], ids=["shrinks", "grows-back"])
+def test_elastic_run_goes_on_after_a_node_loss_with_exactly_once_input(train_assets, ray_cluster, s3_bucket, s3_endpoint,
+                                                                       mlflow_server, tmp_path, rejoin):
+    from jobs.train_input import read_ledger
+
+    name = "elastic-grow" if rejoin else "elastic-shrink"
+    record = elastic_run(ray_cluster, train_assets, s3_bucket, s3_endpoint, mlflow_server, tmp_path, name, rejoin)
+    config, max_steps = record["config"], record["max_steps"]
+    assert record["outcome"]["final_step"] == max_steps
+    assert 4 <= record["registered_at_removal"] < max_steps, "the node went too late to prove anything"
+    sizes = [e["world_size"] for e in read_ledger(record["checkpoint"])]
+    ledger, problems = check_ledger(config, record["checkpoint"], max_steps)
+    print(f"{name}: world size per step {sizes}; loss {loss_curve(config)}; ledger problems: {problems or 'none'}")
+    assert not problems
+    assert sizes[0] == 2 and 1 in sizes
+    if rejoin:
+        assert sizes[-1] == 2, "the run did not grow back to 2 workers"
+        # the same run without a resize, beside it: the curves the README's elastic section points to
+        steady = train_config(on_s3(train_assets, s3_bucket, s3_endpoint), s3_bucket, s3_endpoint, mlflow_server,
+                              tmp_path, f"run.max_steps={max_steps}", "run.checkpoint_every=4", "run.name=steady",
+                              "scaling.num_workers=2", "scaling.cpus_per_worker=2", "scaling.placement_strategy=PACK")
+        run_training(steady)
+        resized, uninterrupted = loss_curve(config), loss_curve(steady)
+        gap = sum(abs(a - b) for a, b in zip(resized, uninterrupted)) / max_steps
+        print(f"loss, resized:       {resized}\nloss, uninterrupted: {uninterrupted}\nmean |difference| per step {gap:.3f}")
+        assert resized[:4] == uninterrupted[:4]  # the same steps before the node loss
+    else:
+        assert sizes[-1] == 1
+    state = load_training_state(record["checkpoint"])
+    assert state.step == max_steps and state.scheduler["last_epoch"] == max_steps
+
+
+@pytest.mark.slow
+def test_elastic_run_ignoring_the_position_fails_the_ledger(train_assets, ray_cluster, s3_bucket, s3_endpoint,
+                                                            mlflow_server, tmp_path):
+    """The negative control of the trial above: the same node loss, the restored group starting its
+    stream over, must fail the same ledger check."""
+    record = elastic_run(ray_cluster, train_assets, s3_bucket, s3_endpoint, mlflow_server, tmp_path, "elastic-ignored",
+                         rejoin=False, ignore_position=True)
+    _, problems = check_ledger(record["config"], record["checkpoint"], record["max_steps"])
+    print(f"elastic, position ignored: ledger problems {problems}")
+    assert any("twice" in p for p in problems)

@@ -2,8 +2,8 @@
 
 Property checked after every trial (tests/faults/accounting.py): the committed key set equals the
 input key set (these corpora reject nothing), no key twice, every shard's counters add up, the
-manifest agrees, and no partial file is visible as committed (only hidden `.tmp-*` litter may
-remain from a write killed before its rename; parquet readers skip hidden names).
+manifest agrees, and no partial file is visible as committed (a write killed before its rename
+leaves a hidden `.tmp-*` file, which parquet readers skip and the rerun removes).
 
 - Driver kill, fast trial: `python -m jobs.precompute` as a separate driver attached to the test's
   Ray instance (RAY_ADDRESS, as under `ray job submit`), SIGKILLed once the first shard committed

@@ -22,7 +22,7 @@ from pipelines import shapes, storage
 from pipelines.config import load_precompute_config
 from pipelines.plan import run_precompute
 from tests.faults.accounting import assert_exactly_once, visible_junk
-from tests.faults.s3_fault_proxy import FaultProxy
+from tests.faults.s3_fault_proxy import FaultProxy, assert_storage_error_line
 
 
 def precompute_config(shards, output, endpoint, **overrides):
@@ -116,3 +116,90 @@ def test_dead_store_fails_fast_with_a_clear_error(s3_bucket, s3_endpoint, tmp_pa
         with pytest.raises(OSError, match=r"AWS Error NETWORK_CONNECTION .*(reset|Recv failure)"):
             upload_tree(str(source), f"{s3_bucket}/train/dead", proxy.url)
         assert proxy.counts["requests"] <= 3 * storage.s3_max_attempts()
+
+
+def test_store_dead_after_the_preflight_ends_hart_precompute_with_one_line(ray_local, s3_bucket, s3_endpoint, monkeypatch,
+                                                                          capsys):
+    from jobs.precompute import main as precompute_main
+    from pipelines.preflight import preflight
+
+    monkeypatch.setenv("HART_S3_MAX_ATTEMPTS", "3")
+    uris = shapes.write_shapes_shards(f"{s3_bucket}/raw", 4, 1, seed=4, endpoint_url=s3_endpoint)
+    output = f"{s3_bucket}/tokens/dead-after-preflight"
+    with FaultProxy(s3_endpoint) as counting:  # the requests of the job's preflight, which the store still answers
+        preflight(precompute_config(uris, output, counting.url), num_nodes=1)
+    with FaultProxy(s3_endpoint, rate=1.0, kinds=("slowdown",), forward_first=counting.counts["requests"]) as proxy:
+        code = precompute_main(["--set", f"input.shards={json.dumps(uris)}", "--set", f"output={output}",
+                                "--set", f"input.endpoint_url={proxy.url}"])
+    assert code == 1 and proxy.faults() > 0
+    assert_storage_error_line(capsys.readouterr().err, "hart-precompute", proxy.url, "input.endpoint_url")
+
+
+def test_storage_failure_is_found_in_ray_task_and_stage_errors(ray_local):
+    """Where a dead store's OSError reaches a driver: itself, a Ray task's error, a Ray Data stage's
+    error (only the remote traceback's text holds it), a cause; any other error is not one."""
+    import ray
+    from ray.train import WorkerGroupError
+
+    message = "When writing key 'a.png' in bucket 'b': AWS Error SLOW_DOWN during PutObject operation: Please reduce"
+
+    def failed_write(batch):
+        raise OSError(message)
+
+    def handled_then_another(batch):
+        try:
+            raise OSError(message)
+        except OSError:
+            raise RuntimeError("not a storage error")  # noqa: B904 - the OSError is context, not cause
+
+    @ray.remote
+    def task():
+        failed_write(None)
+
+    caught = {}
+    for name, run in (("task", lambda: ray.get(task.remote())),
+                      ("stage", lambda: ray.data.range(2).map_batches(failed_write).take_all()),
+                      ("stage, handled", lambda: ray.data.range(2).map_batches(handled_then_another).take_all())):
+        with pytest.raises(Exception) as info:
+            run()
+        caught[name] = info.value
+    assert storage.storage_failure(caught["task"]) == storage.storage_failure(caught["stage"]) == message
+    assert storage.storage_failure(caught["stage, handled"]) == ""
+    wrapped = RuntimeError("upload failed")
+    wrapped.__cause__ = OSError(message)
+    assert storage.storage_failure(wrapped) == message and storage.storage_failure(ValueError("x")) == ""
+    # Ray Train's error of a failed worker group keeps each worker's own error
+    assert storage.storage_failure(WorkerGroupError("[Rank 1] ...", {0: RuntimeError("x"), 1: OSError(message)})) == message
+    assert storage.storage_failure(WorkerGroupError("[Rank 0] ...", {0: RuntimeError("x")})) == ""
+    assert storage.storage_error_line("hart-x", caught["stage"], "--endpoint-url", "http://127.0.0.1:1") == (
+        f"hart-x: storage error after retries: {message} (S3 endpoint http://127.0.0.1:1, from --endpoint-url)")
+    assert storage.storage_error_line("hart-x", FileNotFoundError(2, "No such file", "/x")) == (
+        "hart-x: storage error: [Errno 2] No such file: '/x'")
+    assert storage.storage_error_line("hart-x", KeyError("x")) == ""
+
+
+def test_store_dead_after_the_preflight_ends_hart_train_with_one_line(train_assets, s3_bucket, s3_endpoint, tmp_path,
+                                                                      monkeypatch, capsys):
+    """The cache and the checkpoints on S3 behind the proxy; it answers the training job's preflight and
+    then nothing: the workers' first read fails inside Ray Train, and hart-train prints one line."""
+    from jobs.train import main as train_main
+    from jobs.train import preflight
+    from tests.training_fixtures import REPO, tiny_config
+
+    monkeypatch.setenv("HART_S3_MAX_ATTEMPTS", "2")
+    storage.copy_tree(train_assets["cache"], f"{s3_bucket}/cache", s3_endpoint)
+    settings = [f"data.cache={s3_bucket}/cache", f"run.storage_path={s3_bucket}/train", "run.max_steps=2",
+                "run.export=false", "tracking.sample_every=0", "run.name=dead-store"]
+    with FaultProxy(s3_endpoint) as counting:  # the requests of the job's preflight, which the store still answers
+        preflight(tiny_config(train_assets, "ar", tmp_path / "count", *settings, f"run.endpoint_url={counting.url}"))
+    with FaultProxy(s3_endpoint, rate=1.0, kinds=("slowdown",), forward_first=counting.counts["requests"]) as proxy:
+        config = tiny_config(train_assets, "ar", tmp_path, *settings, f"run.endpoint_url={proxy.url}")
+        argv = ["--stage", "ar", "--config", str(REPO / "jobs/configs/train_tiny.yaml"), "--address", "auto"]
+        for name in ("run.storage_path", "run.endpoint_url", "run.max_steps", "run.export", "run.name",
+                     "model.tokenizer_checkpoint", "data.cache", "tracking.sample_every"):
+            section, key = name.split(".")
+            argv += ["--set", f"{name}={json.dumps(getattr(getattr(config, section), key))}"]
+        argv += ["--set", f"tracking.tracking_uri={config.tracking.tracking_uri}"]
+        code = train_main(argv)
+    assert code == 1 and proxy.faults() > 0
+    assert_storage_error_line(capsys.readouterr().err, "hart-train", proxy.url, "run.endpoint_url")

@@ -8,7 +8,9 @@ exception in the worker, then a manual resubmit). Here the faults are real kills
   SIGKILLs its process. Ray Train must restart the worker group by itself, restore the checkpoint,
   and finish with the full step count, one MLflow run, every step logged, and a step-N checkpoint.
 - job kill (slow): `python -m jobs.train` with its own local Ray in its own process group is
-  SIGKILLed after its first checkpoint; resubmitting the same command resumes from it.
+  SIGKILLed after its first checkpoint; resubmitting the same command resumes from it, and its step
+  ledger (`data.ledger`) shows the stream continued exactly; a copy of the killed run's storage and
+  MLflow store, resubmitted with `run.ignore_data_position`, is the negative control that must fail it.
 
 Run: .venv/bin/pytest tests/faults/test_train_faults.py -q  (job kill: -m slow)
 """
@@ -16,6 +18,7 @@ Run: .venv/bin/pytest tests/faults/test_train_faults.py -q  (job kill: -m slow)
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,6 +32,7 @@ from mlflow.tracking import MlflowClient
 from hart.training.checkpoint import load_training_state
 from jobs import tracking
 from jobs.train import run_training
+from tests.faults.accounting import check_ledger
 from tests.training_fixtures import REPO, tiny_config
 
 
@@ -56,6 +60,30 @@ def train_worker_pids(ray) -> list[int]:
             if a["State"] == "ALIVE" and a["JobID"] == job_id and a["ActorClassName"] == "RayTrainWorker" and a["Pid"]]
 
 
+def kill_a_worker_once_registered(storage: Path, name: str, checkpoint: str, record: dict,
+                                  which: int = 0) -> threading.Thread:
+    """A started thread that SIGKILLs a `RayTrainWorker` of this job (`which`: its index among them) once
+    Ray Train has registered `checkpoint`; `record` gets the checkpoints on disk at the kill and the pid."""
+    import ray
+
+    def killer() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline and not registered(storage, name, checkpoint):
+            time.sleep(0.05)
+        while time.time() < deadline:
+            pids = train_worker_pids(ray)
+            if pids:
+                record["checkpoints_at_kill"] = checkpoints(storage, name)
+                record["pid"] = pids[which]
+                os.kill(record["pid"], signal.SIGKILL)
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    return thread
+
+
 def run_steps(tracking_uri: str, experiment: str, run_name: str) -> tuple[int, list[int]]:
     client = MlflowClient(tracking_uri=tracking_uri)
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
@@ -66,29 +94,12 @@ def run_steps(tracking_uri: str, experiment: str, run_name: str) -> tuple[int, l
 
 @pytest.mark.slow  # `make chaos`; `make test` keeps Ray Train's own restore after a crash (tests/jobs/test_train.py)
 def test_worker_sigkill_restores_from_checkpoint_by_itself(train_assets, tmp_path):
-    import ray
-
     max_steps = 6
     config = tiny_config(train_assets, "ar", tmp_path, f"run.max_steps={max_steps}", "run.checkpoint_every=2",
                          "run.max_failures=1", "run.export=false", "tracking.sample_every=0", "run.name=worker-kill")
     storage = tmp_path / "storage"
     record: dict = {}
-
-    def killer() -> None:
-        deadline = time.time() + 300
-        while time.time() < deadline and not registered(storage, config.run.name, "checkpoint_step00000002"):
-            time.sleep(0.1)
-        while time.time() < deadline:
-            pids = train_worker_pids(ray)
-            if pids:
-                record["checkpoints_at_kill"] = checkpoints(storage, config.run.name)
-                record["pid"] = pids[0]
-                os.kill(pids[0], signal.SIGKILL)
-                return
-            time.sleep(0.1)
-
-    thread = threading.Thread(target=killer)
-    thread.start()
+    thread = kill_a_worker_once_registered(storage, config.run.name, "checkpoint_step00000002", record)
     outcome = run_training(config)
     thread.join()
     assert "pid" in record, "no training worker was found to kill"
@@ -111,7 +122,7 @@ def test_job_sigkill_then_resubmit_resumes(train_assets, tmp_path):
     max_steps = 6
     # log_every=1 on both submissions (train_tiny.yaml logs 5-step window means): every step's metric row is checked
     settings = [f"run.max_steps={max_steps}", "run.checkpoint_every=2", "run.log_every=1", "run.export=false",
-                "tracking.sample_every=0", "run.name=job-kill"]
+                "tracking.sample_every=0", "run.name=job-kill", "data.ledger=true"]
     config = tiny_config(train_assets, "ar", tmp_path, *settings)
     storage = tmp_path / "storage"
     base = [f"run.storage_path={storage}", f"model.tokenizer_checkpoint={train_assets['tokenizer']}",
@@ -139,8 +150,20 @@ def test_job_sigkill_then_resubmit_resumes(train_assets, tmp_path):
         process.wait()
     at_kill = checkpoints(storage, "job-kill")
     assert at_kill and f"checkpoint_step{max_steps:08d}" not in at_kill
+    # the negative control resumes a copy of the killed run (checkpoints and MLflow store) ignoring the position
+    control = tmp_path / "control"
+    shutil.copytree(storage, control / "storage")
+    shutil.copy(tmp_path / "mlflow.db", control / "mlflow.db")
     outcome = run_training(config)  # resubmit: same name, same storage
     assert outcome["final_step"] == max_steps
     num_runs, steps = run_steps(config.tracking.tracking_uri, config.tracking.experiment, "job-kill")
     assert num_runs == 1 and set(steps) == set(range(1, max_steps + 1)), steps
-    print(f"job SIGKILL with {at_kill} on disk; resumed to step {outcome['final_step']}; steps logged {sorted(steps)}")
+    _, problems = check_ledger(config, outcome["checkpoint_path"], max_steps)
+    print(f"job SIGKILL with {at_kill} on disk; resumed to step {outcome['final_step']}; steps logged {sorted(steps)}; "
+          f"ledger problems: {problems or 'none'}")
+    assert not problems
+    ignored = tiny_config(train_assets, "ar", control, *settings, "run.ignore_data_position=true")
+    control_outcome = run_training(ignored)
+    _, control_problems = check_ledger(ignored, control_outcome["checkpoint_path"], max_steps)
+    print(f"negative control (position ignored): ledger problems {control_problems}")
+    assert any("twice" in p for p in control_problems)

@@ -208,8 +208,13 @@ def test_rayjob_entrypoint_references_existing_module_and_config(path):
         # Ray Train's worker group must fit the RayJob's GPU pods exactly (no idle or missing GPUs).
         gpu_group = dict(ray_groups(doc["spec"]["rayClusterSpec"]))["gpu-a100"]
         gpus_per_pod = int(gpu_group["rayStartParams"]["num-gpus"])
-        assert config.scaling.num_workers * config.scaling.gpus_per_worker == gpu_group["replicas"] * gpus_per_pod, (
-            f"{path.name}: {config.scaling.num_workers} workers x {config.scaling.gpus_per_worker} GPUs != the GPU pods' total")
+        assert config.scaling.max_workers * config.scaling.gpus_per_worker == gpu_group["replicas"] * gpus_per_pod, (
+            f"{path.name}: {config.scaling.max_workers} workers x {config.scaling.gpus_per_worker} GPUs != the GPU pods' total")
+        if config.scaling.elastic:  # the autoscaler's range covers the elastic range, pod for pod
+            assert gpu_group["maxReplicas"] == gpu_group["replicas"] and doc["spec"]["rayClusterSpec"].get("enableInTreeAutoscaling")
+            assert config.scaling.min_workers * config.scaling.gpus_per_worker == gpu_group["minReplicas"] * gpus_per_pod, (
+                f"{path.name}: {config.scaling.min_workers} workers at least, the GPU group keeps {gpu_group['minReplicas']} pods")
+            assert config.run.max_failures > 0, f"{path.name}: an elastic run restarts after each node loss: run.max_failures"
         workers_per_pod = gpus_per_pod / config.scaling.gpus_per_worker
         assert workers_per_pod * config.scaling.cpus_per_worker <= float(gpu_group["rayStartParams"]["num-cpus"]), (
             f"{path.name}: cpus_per_worker leaves no room on a GPU pod")

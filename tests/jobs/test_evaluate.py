@@ -175,6 +175,23 @@ def test_bad_output_and_mlflow_run_are_refused_before_any_image(assets, ray_loca
     assert not (tmp_path / "o" / "images").exists()
 
 
+def test_a_store_that_dies_after_the_checks_ends_the_job_with_one_line(assets, ray_local, s3_bucket, s3_endpoint, capsys):
+    """The generation actors' image writes fail once the store's retries are spent: the error comes back
+    through Ray Data, and the CLI ends with one line naming the endpoint, exit code 1, no traceback."""
+    from pipelines import storage
+    from tests.faults.s3_fault_proxy import FaultProxy, assert_storage_error_line
+
+    out = f"{s3_bucket}/eval"
+    with FaultProxy(s3_endpoint) as counting:  # the requests of the job's output check, which the store answers
+        storage.check_store(out, counting.url, "--out", "--endpoint-url")
+    with FaultProxy(s3_endpoint, rate=1.0, kinds=("slowdown",), forward_first=counting.counts["requests"]) as proxy:
+        code = evaluate_main(["run", "--export", str(assets["export"]), "--prompts", "shapes:heldout", "--protocol",
+                              "shapes", "--metrics", "shapes", "--limit", "1", "--out", out, "--endpoint-url", proxy.url,
+                              "--cpus-per-actor", "0.5"])
+    assert code == 1 and proxy.faults() > 0
+    assert_storage_error_line(capsys.readouterr().err, "hart-evaluate", proxy.url, "--endpoint-url")
+
+
 def test_reference_from_shards_counts_what_it_leaves_out(assets, ray_local, tmp_path):
     """WebDataset shards as the reference source: good samples are scored, a shard of bad images and a
     garbage shard are counted (left_out, failed_shards), never silently dropped."""

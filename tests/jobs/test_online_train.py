@@ -2,9 +2,10 @@
 
 - the streamed rows are the rows `jobs.precompute` writes for the same shards and tokenizer
   (same fingerprint, equal tokens, residuals and collated tensors);
-- a joint run (2 DDP workers) that dies after a checkpoint is restarted by Ray Train, and its new stream
-  skips the visits (epoch, shard) that checkpoint had consumed whole: no row of them is trained on
-  again (`online_replayed_rows` stays 0; it counts rows of done visits reaching a worker);
+- a joint run (2 DDP workers) whose worker is SIGKILLed after a checkpoint is restored by Ray
+  Train, and its new stream leaves out what that checkpoint consumed, whole shards and rows of the
+  others: its step ledger has no key twice in an epoch (`online_replayed_rows` stays 0); with the
+  position ignored (slow), the same trial fails that check;
 - stages that do not fit beside the workers, and (slow) a stream too short for run.max_steps, fail clearly.
 """
 
@@ -49,29 +50,46 @@ def test_online_rows_are_the_cache_rows(train_assets, tmp_path):
     assert online_batch["visit"] == [f"0:{shard}" for shard in streamed.column("source_shard").to_pylist()[:8]]
 
 
-@pytest.mark.slow  # `make chaos`: two runs and a restart (the ledger's bookkeeping is unit-tested in make test)
-def test_online_joint_run_restarts_without_replaying_consumed_shards(train_assets, tmp_path):
-    write_shapes_shards(str(tmp_path / "shards"), num_samples=48, num_shards=6)  # 8 samples a shard
-    config = tiny_config(  # 2 DDP workers: a visit's rows are split between them, the ranks' counts are summed
+# the negative control runs with `make chaos` (the audit's failing cases are unit-tested in tests/jobs/test_train_input.py)
+@pytest.mark.parametrize("position", ["restored", pytest.param("ignored", marks=pytest.mark.slow)])
+def test_online_worker_sigkill_resumes_row_exactly(train_assets, tmp_path, position):
+    """2 DDP workers, 5 shards of 9-10 samples, global batch 16 (3 steps an epoch), 3 epochs streamed, 6 steps.
+    A worker is SIGKILLed once the step-2 checkpoint (mid epoch 0, shards consumed in part) is
+    registered; Ray Train restores the group, whose stream leaves out what the checkpoint consumed. The
+    step ledger must hold no key twice in a data epoch; `run.ignore_data_position` (the stream starts
+    over) is the negative control that must fail it."""
+    from jobs.train_input import audit_online_ledger, read_ledger
+    from tests.faults.accounting import input_keys
+    from tests.faults.test_train_faults import kill_a_worker_once_registered
+
+    # 9-10 samples a shard: the ranks' 16-row slices end inside shards, so the checkpoint has shards consumed in part
+    uris = write_shapes_shards(str(tmp_path / "shards"), num_samples=48, num_shards=5)
+    config = tiny_config(  # 2 DDP workers: a visit's rows are split between them, the ranks' records are joined
         train_assets, "joint", tmp_path, *ONLINE, f"data.shards=['{tmp_path}/shards/*.tar']", "online.epochs=3",
-        "scaling.num_workers=2", "scaling.cpus_per_worker=0.4",
-        "run.max_steps=6", "run.checkpoint_every=2", "run.fail_at_step=3", "run.max_failures=1", "run.num_to_keep=5",
+        "scaling.num_workers=2", "scaling.cpus_per_worker=0.4", "data.ledger=true", f"run.name=online-{position}",
+        "run.max_steps=6", "run.checkpoint_every=2", "run.max_failures=1", "run.num_to_keep=5",
+        f"run.ignore_data_position={'true' if position == 'ignored' else 'false'}",
     )
-    outcome = run_training(config)  # the workers die at step 3; Ray Train restarts them from step 2
-    assert outcome["final_step"] == 6
-    run_dir = tmp_path / "storage" / config.run.name
-
-    def done(step: int) -> set[str]:
-        return set(json.loads((run_dir / f"checkpoint_step{step:08d}" / PROGRESS_FILE).read_text())["done"])
-
-    assert done(2), "the restart had nothing to skip: no visit was consumed whole by step 2"
+    storage, record = tmp_path / "storage", {}
+    thread = kill_a_worker_once_registered(storage, config.run.name, "checkpoint_step00000002", record, which=-1)
+    outcome = run_training(config)
+    thread.join()
+    assert "pid" in record and outcome["final_step"] == 6
+    run_dir = storage / config.run.name
+    progress = json.loads((run_dir / "checkpoint_step00000002" / PROGRESS_FILE).read_text())
+    assert progress["partial"], "the kill proved nothing: no shard was consumed in part at the checkpoint"
+    keys = [k for shard in input_keys(uris).values() for k in shard]
+    audit = audit_online_ledger(read_ledger(outcome["checkpoint_path"]), keys)
     client = MlflowClient(tracking_uri=config.tracking.tracking_uri)
-    history = {k: [m.value for m in client.get_metric_history(outcome["run_id"], k)]
-               for k in ("online_replayed_rows", "online_visits_done", "data_wait_share")}
-    assert history["online_replayed_rows"] and set(history["online_replayed_rows"]) == {0.0}
-    assert done(2) <= done(4) <= done(6) and len(done(6)) >= 6  # 96 rows trained on, 8 a visit
-    assert history["online_visits_done"][-1] == len(done(6))
-    assert all(0.0 <= share <= 1.0 for share in history["data_wait_share"])
+    replayed = [m.value for m in client.get_metric_history(outcome["run_id"], "online_replayed_rows")]
+    print(f"online, worker SIGKILL after the step-2 checkpoint ({len(progress['partial'])} shards consumed in part), "
+          f"position {position}: rows per epoch {audit['epochs']}, complete epochs {audit['complete']}, "
+          f"replayed rows {replayed}, problems {audit['problems'] or 'none'}")
+    if position == "restored":
+        assert not audit["problems"] and set(replayed) == {0.0}
+        assert "0" in audit["complete"]  # 96 rows trained: epoch 0 whole
+    else:
+        assert any("twice" in p for p in audit["problems"])
 
 
 def test_online_stages_that_do_not_fit_and_the_tokenizer_stage_are_refused(train_assets, tmp_path):

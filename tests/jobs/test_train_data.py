@@ -20,7 +20,7 @@ from jobs.train_data import (
     online_precompute_config, text_length,
 )
 from pipelines import manifest as manifest_lib
-from tests.training_fixtures import tiny_config, write_tiny_cache
+from tests.training_fixtures import write_tiny_cache
 
 
 def tiny_manifest(text_shape=None, pad_features="encoder_output") -> dict:
@@ -108,10 +108,10 @@ def test_cache_collate_gives_tokens_per_scale_and_the_online_accounting(tmp_path
     assert [t.shape for t in out["tokens"]] == [(3, 1), (3, 4)] and out["key"] == ["a-0", "a-1", "a-2"]
     assert torch.equal(out["text_features"], torch.from_numpy(written["a"]["text_features"]).float())
     assert "visit" not in out
-    online = table.append_column("visit", pa.array(["0:a"] * 3)).append_column("accounts", pa.array([1, 0, 0])) \
-        .append_column("visit_samples", pa.array([3, 3, 3]))
+    online = table.append_column("visit", pa.array(["0:a"] * 3)).append_column("covers", pa.array([[0], [1, 2], [3]])) \
+        .append_column("visit_samples", pa.array([4, 4, 4]))
     out = CacheCollate(manifest)(online)
-    assert out["visit"] == ["0:a"] * 3 and out["accounts"] == [1, 0, 0] and out["visit_samples"] == [3, 3, 3]
+    assert out["visit"] == ["0:a"] * 3 and out["covers"] == [[0], [1, 2], [3]] and out["visit_samples"] == [4, 4, 4]
 
 
 def test_cached_text_features_become_the_context_without_an_encoder():
@@ -130,37 +130,21 @@ def write_checkpoint(run_dir, name: str, done: list[str] | None) -> None:
     (run_dir / name).mkdir(parents=True)
     (run_dir / name / "meta.json").write_text(json.dumps({"step": 2}))
     if done is not None:
-        (run_dir / name / "progress.json").write_text(json.dumps({"done": done}))
+        (run_dir / name / "progress.json").write_text(json.dumps({"done": done, "partial": {"1:b": [0]}}))
     (run_dir / "checkpoint_manager_snapshot.json").write_text(
         json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": name}}))
 
 
 def test_checkpoint_progress_reads_the_latest_checkpoints_done_visits(tmp_path):
     progress = CheckpointProgress(str(tmp_path), "run-progress", "")
-    assert progress() == set()  # no checkpoint yet: nothing to skip
+    assert progress() == {}  # no checkpoint yet: nothing to skip
     run_dir = tmp_path / "run-progress"
     write_checkpoint(run_dir, "checkpoint_step00000002", ["0:a", "0:b"])
-    assert progress() == {"0:a", "0:b"}
+    assert progress() == {"done": ["0:a", "0:b"], "partial": {"1:b": [0]}}
     write_checkpoint(run_dir, "checkpoint_step00000004", ["0:a", "0:b", "1:a"])  # a later checkpoint: read again
-    assert progress() == {"0:a", "0:b", "1:a"}
+    assert progress()["done"] == ["0:a", "0:b", "1:a"]
     write_checkpoint(run_dir, "checkpoint_step00000006", None)  # a checkpoint without progress: nothing done
-    assert progress() == set()
-
-
-def test_cache_dataset_streams_every_row_in_a_new_file_order_each_epoch(train_assets, tmp_path):
-    import ray.data
-
-    from jobs.train_data import cache_dataset
-    from pipelines.cache import read_manifest
-
-    config = tiny_config(train_assets, "joint", tmp_path)
-    context = ray.data.DataContext.get_current()
-    before = context.use_datasource_v2
-    dataset = cache_dataset(config, read_manifest(config.data.cache))
-    assert context.use_datasource_v2 == before  # the V1 read is chosen for this dataset only
-    epochs = [[row["key"] for row in dataset.iter_rows()] for _ in range(4)]
-    assert all(sorted(keys) == sorted(epochs[0]) and len(keys) == 48 for keys in epochs)
-    assert len({tuple(keys) for keys in epochs}) > 1  # file order reshuffled per execution (2 shard files)
+    assert progress() == {}
 
 
 def test_a_token_only_cache_trains_the_ar_stage_only():

@@ -45,7 +45,7 @@ def test_kinds_are_built_the_same_every_time(built):
         assert build() == built[kind], kind
 
 
-def test_truncated_kinds_are_cut_mid_member_and_the_others_are_whole_archives(built):
+def test_truncated_kinds_are_cut_short_and_the_others_are_whole_archives(built):
     for kind, (data, expected) in built.items():
         if expected["failed"]:
             continue
@@ -53,6 +53,10 @@ def test_truncated_kinds_are_cut_mid_member_and_the_others_are_whole_archives(bu
         assert whole != expected["truncated"], kind
     with pytest.raises(tarfile.ReadError):
         members(built["truncated_tar"][0])  # the cut falls inside c.jpg's data
+    # cut at a member header and inside one: `tarfile` itself reads both as a whole, shorter archive
+    for kind, into_header in (("truncated_tar_at_header", 0), ("truncated_tar_in_header", 100)):
+        data = built[kind][0]
+        assert len(data) % tarfile.BLOCKSIZE == into_header and set(members(data)) == {"a.jpg", "a.txt", "b.txt"}, kind
 
 
 def test_png_bomb_claims_a_huge_image_in_a_tiny_valid_file():

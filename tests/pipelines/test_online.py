@@ -1,5 +1,5 @@
 """pipelines/online.py without Ray: the visit plan, the row conversion and its accounting, the ledger,
-and the read stage's skipping of consumed visits."""
+and the read stage leaving out what a checkpoint consumed (whole visits, and samples of the others)."""
 
 from __future__ import annotations
 
@@ -54,34 +54,38 @@ def test_training_rows_are_cache_rows_of_the_accepted_samples_plus_their_account
     assert table.column("tokens").to_pylist() == block["tokens"][[0, 2, 3]].tolist()
     residual = np.frombuffer(b"".join(table.column("residual").to_pylist()), "<f2").reshape(3, 2, 2, 2)
     np.testing.assert_array_equal(residual, block["residual"][[0, 2, 3]])
-    # visit a's two rejections ride on its first accepted row; visit b has no row to carry its two
-    assert table.column("accounts").to_pylist() == [3, 1, 1]
+    # visit a's two rejections (samples 1 and 4) ride on its first accepted row; visit b has no row to carry its two
+    assert table.column("covers").to_pylist() == [[0, 1, 4], [2], [3]]
     assert table.column("visit").to_pylist() == ["0:a"] * 3 and table.column("visit_samples").to_pylist() == [5] * 3
 
 
-def batch(visits, accounts, samples) -> dict:
-    return {"visit": list(visits), "accounts": list(accounts), "visit_samples": list(samples), "tokens": "kept"}
+def batch(visits, covers, samples) -> dict:
+    return {"visit": list(visits), "covers": [list(c) for c in covers], "visit_samples": list(samples), "tokens": "kept"}
 
 
 def test_ledger_marks_a_visit_done_when_all_ranks_together_consumed_its_samples():
     rank0, rank1 = VisitLedger(), VisitLedger()
-    first = batch(["0:a", "0:a", "0:b"], [3, 1, 1], [6, 6, 4])
+    first = batch(["0:a", "0:a", "0:b"], [[0, 1, 2], [3], [0]], [6, 6, 4])
     rank0.stage(first)
     assert first == {"tokens": "kept"}  # the visit columns are taken out before the model sees the batch
-    rank0.stage(batch(["0:b"], [1], [4]))
-    rank1.stage(batch(["0:a", "0:a"], [1, 1], [6, 6]))
+    rank0.stage(batch(["0:b"], [[1]], [4]))
+    rank1.stage(batch(["0:a", "0:a"], [[4], [5]], [6, 6]))
     assert rank0.merge([rank0.counts(), rank1.counts()]) == []  # nothing committed: no optimizer step yet
     rank0.commit()
     rank1.commit()
-    assert rank0.counts() == {"0:a": (4, 6), "0:b": (2, 4)} and rank0.rejected == 2
+    assert rank0.counts() == {"0:a": ([0, 1, 2, 3], 6), "0:b": ([0, 1], 4)} and rank0.rejected == 2
     gathered = [rank0.counts(), rank1.counts()]
     assert rank0.merge(gathered) == ["0:a"] and rank1.merge(gathered) == ["0:a"]
     assert rank0.done == rank1.done == {"0:a"} and "0:a" not in rank0.counts()
-    rank1.stage(batch(["0:a"], [1], [6]))  # a row of a visit already done: streamed again
+    assert rank0.state() == rank1.state() == {"done": ["0:a"], "partial": {"0:b": [0, 1]}}
+    rank1.stage(batch(["0:a", "0:b"], [[2], [1]], [6, 4]))  # a row of a visit done, one already consumed
     rank1.commit()
-    assert rank1.replayed == 1 and rank1.counts() == {}
-    restored = VisitLedger(rank0.state()["done"])  # what a checkpoint carries: only the done visits
-    assert restored.done == {"0:a"} and restored.counts() == {}
+    assert rank1.replayed == 2
+    restored = VisitLedger.from_state(rank0.state())  # what a checkpoint carries
+    assert restored.done == {"0:a"} and restored.counts() == {"0:b": ([0, 1], 0)}
+    restored.stage(batch(["0:b", "0:b"], [[2], [3]], [4, 4]))
+    restored.commit()
+    assert restored.merge([restored.counts()]) == ["0:b"] and restored.replayed == 0
 
 
 def test_read_stage_skips_the_visits_the_checkpoint_consumed(tmp_path):
@@ -90,9 +94,12 @@ def test_read_stage_skips_the_visits_the_checkpoint_consumed(tmp_path):
     visits = plan_visits(shards, epochs=2, seed=0)
     items = pa.Table.from_pylist(visits)
     done = {visits[0]["visit"], visits[4]["visit"]}
-    tables = list(read_visits_batch(items, InputConfig(), done_visits=lambda: done))
+    partial = {visits[1]["visit"]: [0, 2]}  # two samples of this visit were consumed
+    tables = list(read_visits_batch(items, InputConfig(), progress=lambda: {"done": sorted(done), "partial": partial}))
     read = {v for t in tables for v in t.column("visit").to_pylist()}
     assert read == {v["visit"] for v in visits} - done
-    samples = sum(t.column("row_kind").to_pylist().count("sample") for t in tables)
-    assert samples == 4 * 4  # four visits of 4 samples each, plus their header rows
+    samples = [(v, i) for t in tables for v, i, kind in zip(t.column("visit").to_pylist(), t.column("sample_index").to_pylist(),
+                                                           t.column("row_kind").to_pylist()) if kind == "sample"]
+    assert len(samples) == 4 * 4 - 2  # four visits of 4 samples each, less the two consumed, plus their header rows
+    assert sorted(i for v, i in samples if v == visits[1]["visit"]) == [1, 3]
     assert sum(t.column("row_kind").to_pylist().count("shard") for t in tables) == 4

@@ -6,6 +6,7 @@ refusal tests make their own small outputs. Shards are tiny (a few samples) to k
 
 import json
 import os
+import uuid
 
 import duckdb
 import numpy as np
@@ -134,7 +135,7 @@ def test_rerun_skips_and_other_settings_are_refused(shapes_cache):
         run_precompute(make_config(uris, cache, **{"preprocess.resolution": 128}))
 
 
-def test_resume_is_exactly_once(ray_local, tmp_path):
+def test_resume_is_exactly_once_and_removes_interrupted_writes(ray_local, tmp_path):
     uris = shapes.write_shapes_shards(str(tmp_path / "raw"), 20, 4, seed=2)
     cache = str(tmp_path / "cache")
     first = run_precompute(make_config(uris, cache, **{"input.max_shards": 1}))
@@ -148,8 +149,18 @@ def test_resume_is_exactly_once(ray_local, tmp_path):
     assert len(parquet) > len(stats) >= 1  # an uncommitted parquet exists ...
     assert committed <= {s.removesuffix(".stats.json") for s in stats}
     assert len(read_cache_table(cache)) == 5 * len(committed)  # ... but readers never see it
-    final = run_precompute(make_config(uris, cache))
+    # Writes killed before their rename leave their temporary files (named as storage.write_bytes_atomic
+    # names them, half written) in every folder of the cache: the next run removes them all.
+    left = {"data": "part-shard-00003.parquet", "stats": "shard-00003.stats.json", "index": "20260101T000000-ab.parquet",
+            ".": "manifest.json"}
+    for folder, name in left.items():
+        with open(os.path.join(cache, folder, f".tmp-{uuid.uuid4().hex}-{name}"), "wb") as handle:
+            handle.write(b"PAR1 half of a file")
+    logged = []
+    final = run_precompute(make_config(uris, cache), log=logged.append)
     assert final.shards_skipped == len(stats) and final.shards_done == 4 - len(stats) and not final.shards_failed
+    assert [n for folder in left for n in os.listdir(os.path.join(cache, folder)) if n.startswith(".tmp-")] == []
+    assert any(f"removed {len(left)} temporary file(s) of writes a killed run left" in line for line in logged)
     table = read_cache_table(cache)
     keys = table.column("key").to_pylist()
     assert len(keys) == len(set(keys)) == 20 and set(keys) == expected_keys(uris)

@@ -1,6 +1,9 @@
 """Shard listing (braces, globs, list files, S3) and tar parsing of hostile shards, without Ray."""
 
+import gzip
+import io
 import json
+import tarfile
 from collections import Counter
 
 import pyarrow as pa
@@ -10,7 +13,7 @@ from pipelines import shapes, storage
 from pipelines.config import InputConfig, PreprocessConfig
 from pipelines.decode import decode_batch
 from pipelines.hostile_shards import HOSTILE_KINDS, write_hostile_shards
-from pipelines.shard_source import expand_braces, list_shards, name_shards, read_shard_rows, shard_name
+from pipelines.shard_source import expand_braces, list_shards, name_shards, parse_tar, read_shard_rows, shard_name
 
 
 def test_expand_braces():
@@ -127,3 +130,41 @@ def test_oversized_members_are_skipped_and_counted(tmp_path):
     table = pa.concat_tables(list(read_shard_rows("big", str(path), InputConfig(max_member_bytes=1000))))
     rows = {k: s for k, s, kind in zip(*(table.column(c).to_pylist() for c in ("key", "status", "row_kind"))) if kind == "sample"}
     assert rows == {"a": "member_too_large", "b": "ok"}
+
+
+def _tar(mode: str = "w", tar_format: int = tarfile.PAX_FORMAT, names=("a.jpg", "a.txt", "b.jpg", "b.txt")) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode=mode, format=tar_format) as archive:
+        for name in names:
+            info = tarfile.TarInfo(name)
+            info.size = 600
+            archive.addfile(info, io.BytesIO(bytes(600)))
+    return buffer.getvalue()
+
+
+def test_only_an_archive_that_ends_with_its_two_zero_blocks_is_whole():
+    data = _tar()
+    headers = [m.offset for m in tarfile.open(fileobj=io.BytesIO(data))]
+    end = headers[-1] + 512 + 1024  # after b.txt's header and its 600 bytes padded to 1024
+    whole = {"pax": data, "gnu long names": _tar(tar_format=tarfile.GNU_FORMAT, names=("x" * 150 + ".jpg", "x" * 150 + ".txt")),
+             "ustar": _tar(tar_format=tarfile.USTAR_FORMAT), "stream (webdataset, img2dataset)": _tar("w|"),
+             "gzip": _tar("w:gz"), "gzip stream": _tar("w|gz"), "no members": _tar(names=()),
+             "end blocks without record padding": data[: end + 1024]}
+    for label, whole_data in whole.items():
+        samples, facts = parse_tar(io.BytesIO(whole_data), 10_000)
+        assert facts["truncated"] == "" and all(len(s.members) == 2 for s in samples), label
+    broken = bytearray(data)
+    broken[headers[2] + 20] ^= 0xFF  # b.jpg's header fails its checksum
+    cut = {"at a member header": (data[: headers[2]], "ends at a member boundary", {"a": 2}),
+           "inside a member header": (data[: headers[3] + 100], "ends inside a member header", {"a": 2, "b": 1}),
+           "gzip, inside a member header": (gzip.compress(data[: headers[2] + 1]), "inside a member header", {"a": 2}),
+           "before the end blocks": (data[:end], "ends at a member boundary", {"a": 2, "b": 2}),
+           "between the two end blocks": (data[: end + 512], "one zero block of the two", {"a": 2, "b": 2}),
+           "corrupt member header": (bytes(broken), "invalid member header (bad checksum)", {"a": 2})}
+    for label, (data, reason, kept) in cut.items():
+        samples, facts = parse_tar(io.BytesIO(data), 10_000)
+        assert reason in facts["truncated"], (label, facts)
+        assert {s.key: len(s.members) for s in samples} == kept, label  # what came before the cut is kept
+    # a tar that holds nothing readable at all is still a failed shard, not an empty truncated one
+    with pytest.raises(tarfile.ReadError):
+        parse_tar(io.BytesIO(_tar()[:100]), 10_000)

@@ -57,3 +57,22 @@ def test_check_store_names_the_setting_and_the_fix(s3_endpoint, s3_strict_endpoi
         check_store("s3://b/c", s3_strict_endpoint, "output", "output_endpoint_url")
     with pytest.raises(ValueError, match=rf"^model.init_from={s3_bucket}/llm: not found$"):
         check_exists(f"{s3_bucket}/llm", s3_endpoint, "model.init_from", "run.endpoint_url")
+
+
+def test_remove_temporaries_takes_only_what_write_bytes_atomic_leaves(tmp_path, s3_bucket, s3_endpoint):
+    import pyarrow.fs as pafs
+
+    from pipelines import storage
+
+    local = pafs.LocalFileSystem()
+    storage.write_bytes_atomic(local, f"{tmp_path}/kept.json", b"{}")
+    for name in (".tmp-0123abcd-kept.json", ".hidden", "tmp-not-ours"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / ".tmp-0123abcd-deeper").write_bytes(b"x")
+    assert storage.remove_temporaries(local, str(tmp_path)) == [f"{tmp_path}/.tmp-0123abcd-kept.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden", "kept.json", "sub", "tmp-not-ours"]
+    assert storage.remove_temporaries(local, str(tmp_path / "missing")) == []
+    fs, path = storage.resolve(f"{s3_bucket}/c/.tmp-0123abcd-x", s3_endpoint)
+    storage.write_bytes_atomic(fs, path, b"x")  # an object of that name on S3 is not a temporary file
+    assert storage.remove_temporaries(fs, path.rsplit("/", 1)[0]) == [] and storage.exists(fs, path)

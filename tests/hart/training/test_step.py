@@ -90,6 +90,25 @@ def test_gradient_accumulation_matches_full_batch(tiny_task):
         torch.testing.assert_close(p_a, p_b, rtol=1e-5, atol=1e-6)
 
 
+def test_weighted_micro_batches_of_unequal_sizes_match_the_full_batch(tiny_task):
+    """Micro-batches of 3 and 5 rows, each weighted by its rows (size x count / total), give the full
+    batch's loss and update: what a rank with an uneven slice of the global batch does."""
+    from jobs.train_input import micro_weights
+
+    torch.manual_seed(0)
+    model_a = tiny_task.Net()
+    model_b = copy.deepcopy(model_a)
+    config = OptimizerConfig(lr=1e-2, weight_decay=0.0)
+    opt_a, opt_b = build_optimizer(model_a, config), build_optimizer(model_b, config)
+    full = tiny_task.batch(size=8)
+    parts = [{k: v[:3] for k, v in full.items()}, {k: v[3:] for k, v in full.items()}]
+    metrics_a = train_step(model_a, tiny_task.loss, [full], opt_a, step=0)
+    metrics_b = train_step(model_b, tiny_task.loss, parts, opt_b, step=0, weights=micro_weights([3, 5], 1, 8))
+    assert metrics_a["loss"] == pytest.approx(metrics_b["loss"], rel=1e-5)
+    for p_a, p_b in zip(model_a.parameters(), model_b.parameters()):
+        torch.testing.assert_close(p_a, p_b, rtol=1e-5, atol=1e-6)
+
+
 def test_clipping_limits_the_update(tiny_task):
     model = tiny_task.Net()
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
