@@ -178,6 +178,7 @@ def test_storage_failure_is_found_in_ray_task_and_stage_errors(ray_local):
     assert storage.storage_error_line("hart-x", KeyError("x")) == ""
 
 
+@pytest.mark.slow  # `make chaos`: a training job's start-up (precompute's and evaluate's run in make test)
 def test_store_dead_after_the_preflight_ends_hart_train_with_one_line(train_assets, s3_bucket, s3_endpoint, tmp_path,
                                                                       monkeypatch, capsys):
     """The cache and the checkpoints on S3 behind the proxy; it answers the training job's preflight and

@@ -2,10 +2,10 @@
 
 - the streamed rows are the rows `jobs.precompute` writes for the same shards and tokenizer
   (same fingerprint, equal tokens, residuals and collated tensors);
-- a joint run (2 DDP workers) whose worker is SIGKILLed after a checkpoint is restored by Ray
+- (slow) a joint run (2 DDP workers) whose worker is SIGKILLed after a checkpoint is restored by Ray
   Train, and its new stream leaves out what that checkpoint consumed, whole shards and rows of the
   others: its step ledger has no key twice in an epoch (`online_replayed_rows` stays 0); with the
-  position ignored (slow), the same trial fails that check;
+  position ignored, the same trial fails that check;
 - stages that do not fit beside the workers, and (slow) a stream too short for run.max_steps, fail clearly.
 """
 
@@ -50,8 +50,8 @@ def test_online_rows_are_the_cache_rows(train_assets, tmp_path):
     assert online_batch["visit"] == [f"0:{shard}" for shard in streamed.column("source_shard").to_pylist()[:8]]
 
 
-# the negative control runs with `make chaos` (the audit's failing cases are unit-tested in tests/jobs/test_train_input.py)
-@pytest.mark.parametrize("position", ["restored", pytest.param("ignored", marks=pytest.mark.slow)])
+@pytest.mark.slow  # `make chaos`: a kill and a restore per variant (the ledger's bookkeeping is unit-tested in make test)
+@pytest.mark.parametrize("position", ["restored", "ignored"])
 def test_online_worker_sigkill_resumes_row_exactly(train_assets, tmp_path, position):
     """2 DDP workers, 5 shards of 9-10 samples, global batch 16 (3 steps an epoch), 3 epochs streamed, 6 steps.
     A worker is SIGKILLed once the step-2 checkpoint (mid epoch 0, shards consumed in part) is
