@@ -143,8 +143,14 @@ def elastic_run(ray_cluster, train_assets, s3_bucket, s3_endpoint, mlflow_server
     """An elastic joint run (`scaling.num_workers=[1, 2]`, one 2-CPU worker per node, global batch 16,
     the step ledger on) that loses node_b once its step-4 checkpoint is registered; with `rejoin`, a
     node joins again once the run has gone on with one worker. Returns what the asserts need."""
+    import ray
+
     while len(ray_cluster.nodes) < 2:  # an earlier trial of this module may have left one worker node
         ray_cluster.add(f"node_{len(ray_cluster.nodes)}_{name}")
+    # An elastic run starts with whatever fits: wait until both nodes' CPUs are free, so it starts at 2.
+    deadline = time.time() + 120
+    while time.time() < deadline and ray.available_resources().get("CPU", 0) < 4:
+        time.sleep(0.5)
     max_steps = 24
     assets = on_s3(train_assets, s3_bucket, s3_endpoint)
     config = train_config(assets, s3_bucket, s3_endpoint, mlflow_server, tmp_path, f"run.max_steps={max_steps}",
