@@ -151,7 +151,9 @@ def elastic_run(ray_cluster, train_assets, s3_bucket, s3_endpoint, mlflow_server
     deadline = time.time() + 120
     while time.time() < deadline and ray.available_resources().get("CPU", 0) < 4:
         time.sleep(0.5)
-    max_steps = 24
+    assert ray.available_resources().get("CPU", 0) >= 4, f"two free worker nodes needed: {ray.available_resources()}"
+    # growing back needs the run to outlast the rejoin: a resize check (5 s) and a worker group start
+    max_steps = 120 if rejoin else 24
     assets = on_s3(train_assets, s3_bucket, s3_endpoint)
     config = train_config(assets, s3_bucket, s3_endpoint, mlflow_server, tmp_path, f"run.max_steps={max_steps}",
                           "run.checkpoint_every=4", "run.max_failures=2", f"run.name={name}", "data.ledger=true",
