@@ -51,7 +51,7 @@ from pipelines.cache import batch_to_tensors, read_cache_dataset
 from pipelines.config import ComputeConfig
 from pipelines.plan import PrecomputeSummary, add_route_stage, drain_to_writers
 from pipelines.writer import cache_schema
-from pipelines.writer_pool import WriterPool
+from pipelines.writer_pool import WriterPool, route_memory
 
 NUM_TOKENS = ScaleGrid(PATCH_NUMS_1024).num_tokens  # 9,451
 RESIDUAL_SHAPE = ScaleGrid(PATCH_NUMS_1024).residual_shape(32)  # z, h, w of a 1024px row
@@ -128,7 +128,7 @@ def write_cache(output: str, endpoint: str, args) -> dict:
     ds = ray.data.from_items([{"name": s, "seed": i} for i, s in enumerate(shards)], override_num_blocks=len(shards))
     ds = ds.map_batches(standin_rows, batch_size=1, num_cpus=0.5,
                         fn_kwargs={"rows_per_shard": rows_per_shard, "chunk": args.chunk, "with_text": args.text})
-    ds = add_route_stage(ds, pool.actors, {})
+    ds = add_route_stage(ds, pool.actors, {}, route_memory(schema, args.chunk + 1))  # + the header row
     summary = PrecomputeSummary(shards_total=len(shards))
     spilled_before = spilled_bytes()
     started = time.perf_counter()

@@ -1,10 +1,12 @@
-"""Process helpers the benchmarks share: process trees, thread pinning, host steal and a memory sampler.
+"""Process helpers the benchmarks share: process trees, thread pinning, host steal, memory and CPU samplers.
 
 Everything reads the operating system through `psutil`, so no benchmark parses `/proc` itself.
 One memory sampler serves every benchmark that reports memory: it samples a set of named processes
 on a thread (the set may change between samples, as when Ray starts workers) and keeps every
 sample, so a caller can report the peak of one process, of a sum over processes, or of a part
-of the run.
+of the run. The CPU sampler does the same for CPU time, by role: a Ray worker process changes role
+as it runs different tasks (its title, `ray::<task>`, says which), so each interval's CPU time is
+credited to the role the process has at the end of that interval.
 """
 
 from __future__ import annotations
@@ -139,6 +141,60 @@ class MemorySampler:
         return [(t, values[name]) for t, values in self.samples if name in values]
 
 
+class CpuSampler:
+    """CPU seconds (user + system) of a changing set of processes, summed by role.
+
+    `processes` returns {pid: role} at each sample (every `every_s`, on a thread); the CPU time a
+    process used since the previous sample goes to its current role, and a process first seen
+    mid-run counts from its start (its whole CPU time so far), so start-up imports are included.
+    The CPU used by a process between its last sample and its exit is not seen: keep `every_s`
+    short next to the life of the processes that matter. `seconds` is {role: CPU seconds}.
+    """
+
+    def __init__(self, processes: Callable[[], dict[int, str]], every_s: float = 0.25):
+        self.listing, self.every_s = processes, every_s
+        self.seconds: dict[str, float] = {}
+        self._last: dict[int, float] = {}
+        self._handles: dict[int, psutil.Process] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.started = self.ended = time.perf_counter()
+
+    def _cpu(self, pid: int) -> float | None:
+        try:
+            process = self._handles.get(pid) or self._handles.setdefault(pid, psutil.Process(pid))
+            times = process.cpu_times()
+        except psutil.Error:
+            self._handles.pop(pid, None)
+            return None
+        return times.user + times.system
+
+    def sample(self) -> None:
+        for pid, role in self.listing().items():
+            used = self._cpu(pid)
+            if used is None:
+                continue
+            self.seconds[role] = self.seconds.get(role, 0.0) + used - self._last.get(pid, 0.0)
+            self._last[pid] = used
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.sample()
+
+    def __enter__(self) -> "CpuSampler":
+        self.sample()  # the baseline: CPU used before the block is not the block's
+        self.seconds = {}
+        self.started = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+        self.ended = time.perf_counter()
+
+
 def tree_by_pid(root: int, root_name: str = "driver") -> Callable[[], dict[str, int]]:
     """A `MemorySampler` listing: `root` under `root_name`, each live descendant under its pid."""
 
@@ -149,4 +205,4 @@ def tree_by_pid(root: int, root_name: str = "driver") -> Callable[[], dict[str, 
     return listing
 
 
-__all__ = ["process_tree", "command_line", "pin_threads", "HostSteal", "MemorySampler", "tree_by_pid"]
+__all__ = ["process_tree", "command_line", "pin_threads", "HostSteal", "MemorySampler", "CpuSampler", "tree_by_pid"]

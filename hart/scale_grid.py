@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch only for the hints: the cache's writers and route tasks read the grid without it
+    import torch
 
 
 def validate_patch_nums(patch_nums: tuple[int, ...]) -> None:
@@ -74,7 +75,7 @@ class ScaleGrid:
         """(B, L) -> [(B, pn*pn) per scale], coarse to fine."""
         if tokens_BL.shape[1] != self.num_tokens:
             raise ValueError(f"tokens have length {tokens_BL.shape[1]}, the scale list {self.patch_nums} needs {self.num_tokens}")
-        return list(torch.split(tokens_BL, list(self.token_counts), dim=1))
+        return list(tokens_BL.split(list(self.token_counts), dim=1))
 
 
 def compatibility_problems(transformer: Any, tokenizer: Any = None, cache: dict[str, Any] | None = None) -> list[str]:

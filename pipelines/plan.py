@@ -28,10 +28,14 @@ leave headroom for the read tasks and the driver, RAY_NOTES §4) and on a GPU cl
 Start-up (measured on 2 CPUs, BENCHMARKS.md "Pre-tokenization"): the driver-side steps 1-3 and
 planning take well under a second (the weight hash of the tiny tokenizer is ~15 ms); the fixed
 cost is Ray's: the executor start, each tokenizer actor's worker importing ray.data and torch, and
-Ray Data's helper actors, all competing for the same cores. `PrecomputeSummary.startup_phases`
-records the driver's view of it. The driver iterates with `prefetch_batches=0`: with whole-shard
-blocks, Ray's prefetch held every finished block back until `prefetch_batches` more existed, which
-delayed each commit by two shards and made the start-up look ~2 shards longer than it was.
+Ray Data's helper actors, all competing for the same cores. Only the tokenizer (and text) actors
+import torch: the route tasks and the writer actors read the scale grid and the cache schema without
+it (importing it cost each of those processes ~3 s of CPU during the start-up and ~110 MiB).
+`PrecomputeSummary.startup_phases` records the driver's view of the start-up, and
+`PrecomputeSummary.operator_seconds` each stage's task seconds (`pipelines.operator_stats`).
+The driver iterates with `prefetch_batches=0`: with whole-shard blocks, Ray's prefetch held every
+finished block back until `prefetch_batches` more existed, which delayed each commit by two shards
+and made the start-up look ~2 shards longer than it was.
 """
 
 from __future__ import annotations
@@ -49,11 +53,12 @@ from pipelines import manifest as manifest_lib
 from pipelines import shard_source, storage
 from pipelines.config import PrecomputeConfig, preprocess_fingerprint
 from pipelines.decode import decode_batch
+from pipelines.operator_stats import operator_seconds
 from pipelines.preflight import preflight
 from pipelines.progress import Progress, show_ray_data_progress
 from pipelines.tokenize_stage import TokenizerStage, load_tokenizer, weights_hash
 from pipelines.writer import cache_schema
-from pipelines.writer_pool import ROUTE_CPUS, RoutedShards, WriterPool, batch_nbytes, route_batch
+from pipelines.writer_pool import ROUTE_CPUS, RoutedShards, WriterPool, batch_nbytes, route_batch, route_memory
 
 INDEX_REFRESH_SECONDS = 15.0  # at most this often the driver appends an index segment
 POLL_SECONDS = 0.5  # at most this often the driver asks writers with whole shards for commit records
@@ -84,6 +89,7 @@ class PrecomputeSummary:
     # read/decode/encode/route of the first block).
     startup_phases: dict[str, float] = field(default_factory=dict)
     ray_stats: str = ""  # Ray Data's per-operator timing report of this run
+    operator_seconds: dict[str, Any] = field(default_factory=dict)  # the same, as numbers (`pipelines.operator_stats`)
     # Bytes of encoded rows the route stage handed to the writer actors (what a driver-side writer
     # would have received), and bytes the driver actually received (route counts + commit records).
     routed_bytes: int = 0
@@ -134,11 +140,13 @@ class PrecomputeSummary:
 
 
 def build_dataset(shards: dict[str, str], config: PrecomputeConfig, resolution: int, tokenizer_hash: str,
-                  writers: list) -> ray.data.Dataset:
+                  writers: list, schema) -> ray.data.Dataset:
     """The lazy Ray Data plan over the pending shards (name -> uri), ending in the route stage."""
     items = [{"name": name, "uri": uri} for name, uri in shards.items()]
     ds = encoded_rows(items, config, resolution, tokenizer_hash)
-    return add_route_stage(ds, writers, config.compute.resources)
+    compute = config.compute  # the route stage's blocks are the last encoder stage's batches
+    rows_per_block = compute.text_batch_size if config.text.encoder else compute.tokenizer_batch_size
+    return add_route_stage(ds, writers, compute.resources, route_memory(schema, rows_per_block))
 
 
 def encoded_rows(items: list[dict[str, Any]], config: PrecomputeConfig, resolution: int, tokenizer_hash: str,
@@ -180,12 +188,13 @@ def encoded_rows(items: list[dict[str, Any]], config: PrecomputeConfig, resoluti
     return ds
 
 
-def add_route_stage(ds: ray.data.Dataset, writers: list, resources: dict[str, float]) -> ray.data.Dataset:
+def add_route_stage(ds: ray.data.Dataset, writers: list, resources: dict[str, float], memory: int) -> ray.data.Dataset:
     """The plan's last stage: encoded rows -> their shard's writer actor (`writer_pool.route_batch`).
-    batch_size=None routes whole blocks; one task per writer is enough (each waits on its writer)."""
+    batch_size=None routes whole blocks; one task per writer is enough (each waits on its writer).
+    `memory`: what each route task asks for (`writer_pool.route_memory`)."""
     pinned = {"resources": dict(resources)} if resources else {}
     return ds.map_batches(route_batch, fn_kwargs={"writers": writers}, batch_size=None, batch_format="numpy",
-                          compute=TaskPoolStrategy(size=len(writers)), num_cpus=ROUTE_CPUS, **pinned)
+                          compute=TaskPoolStrategy(size=len(writers)), num_cpus=ROUTE_CPUS, memory=memory, **pinned)
 
 
 def check_resources(config: PrecomputeConfig, writers: bool = True, others: tuple[float, float] = (0.0, 0.0),
@@ -304,6 +313,7 @@ def drain_to_writers(dataset: ray.data.Dataset, pool: WriterPool, summary: Preco
         final = pool.finish()
         take(final)
         summary.ray_stats = dataset.stats()
+        summary.operator_seconds = operator_seconds(dataset)
     finally:
         summary.driver_bytes += pool.received_bytes
     return done, failed, final
@@ -366,7 +376,7 @@ def run_precompute(config: PrecomputeConfig, log=print) -> PrecomputeSummary:
                           shard_uris=pending, num_threads=compute.writer_threads,
                           max_pending=compute.writer_max_pending, crash_after_commits=config.crash_after_commits,
                           pause_after_commits=config.pause_after_commits)
-        dataset = build_dataset(pending, config, setup["resolution"], setup["tokenizer_hash"], pool.actors)
+        dataset = build_dataset(pending, config, setup["resolution"], setup["tokenizer_hash"], pool.actors, setup["schema"])
         mark("planning")
         in_index = set(indexed)
 

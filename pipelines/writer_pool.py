@@ -30,6 +30,7 @@ import zlib
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import ray
 
 from pipelines.writer import InjectedCrash, ShardAssembler, ShardWriter
@@ -38,6 +39,37 @@ from pipelines.writer import InjectedCrash, ShardAssembler, ShardWriter
 # CPUs a route task reserves: it only slices numpy arrays and waits for its writer, but a non-zero
 # amount keeps it off nodes that declare no CPUs (a Ray head node started with num_cpus=0).
 ROUTE_CPUS = 0.01
+# Memory a route task's process uses before it holds any rows (unique set size: numpy, pyarrow and
+# Ray Data's worker-side modules; nothing this module imports needs torch): ~128 MiB on the
+# precompute benchmark, plus headroom. `route_memory` adds the rows it holds.
+ROUTE_BASE_MEMORY = 192 * 2**20
+# Copies of its rows a route task holds at its peak (the block as numpy, the per-shard slices, their
+# serialized form on the way to the writer): ~3-4 measured at 1024px rows. A block can hold more
+# rows than `route_memory` is told (up to a whole shard, within Ray Data's target block size): at
+# 1024px rows the request still falls short of the peak (BENCHMARKS.md, "Pre-tokenization").
+ROUTE_BLOCK_COPIES = 8
+
+
+def fixed_row_bytes(schema: pa.Schema) -> int:
+    """Bytes of a cache row's fixed-width columns (tokens, residual, text features, numbers); the
+    strings (key, caption, metadata) are small next to them and left out."""
+    total = 0
+    for column in schema:
+        kind = column.type
+        if pa.types.is_fixed_size_list(kind):
+            total += kind.list_size * max(1, kind.value_type.bit_width // 8)
+        elif pa.types.is_fixed_size_binary(kind):
+            total += kind.byte_width
+        elif pa.types.is_integer(kind) or pa.types.is_floating(kind):
+            total += kind.bit_width // 8
+    return total
+
+
+def route_memory(schema: pa.Schema, rows_per_block: int) -> int:
+    """Memory a route task asks for (Ray's `memory=`): its base plus a few copies of one input block,
+    so the request matches what it uses at every row size (Ray Data warns about a stage whose
+    memory use exceeds its request)."""
+    return ROUTE_BASE_MEMORY + ROUTE_BLOCK_COPIES * rows_per_block * fixed_row_bytes(schema)
 
 
 def writer_index(shard: str, num_writers: int) -> int:

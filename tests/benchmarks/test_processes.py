@@ -1,4 +1,4 @@
-"""benchmarks/processes.py on real child processes: trees, pinning and the memory sampler."""
+"""benchmarks/processes.py on real child processes: trees, pinning, the memory and CPU samplers."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 import psutil
 import pytest
 
-from benchmarks.processes import HostSteal, MemorySampler, command_line, pin_threads, process_tree, tree_by_pid
+from benchmarks.processes import CpuSampler, HostSteal, MemorySampler, command_line, pin_threads, process_tree, tree_by_pid
 
 # A parent that starts a child; each holds `MB` megabytes (touched, so resident) and sleeps.
 HOLDER = """
@@ -112,3 +112,39 @@ def test_host_steal_note():
     with HostSteal() as measured:
         sum(range(10**6))
     assert measured.share is None or 0.0 <= measured.share <= 1.0
+
+
+SPINNER = "import sys, time\nend = time.process_time() + float(sys.argv[1])\nwhile time.process_time() < end:\n    pass\nprint('done', flush=True)\ntime.sleep(60)\n"
+
+
+def test_cpu_sampler_credits_each_role_with_its_own_cpu_time():
+    # Two children: one burns 0.6 s of CPU inside the block, one sleeps; the block's own CPU (this
+    # process, idle in sleep) is its third role. A process started inside the block counts from its start.
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    spinner = None
+    try:
+        roles = {sleeper.pid: "sleeper"}
+        with CpuSampler(lambda: dict(roles), every_s=0.05) as sampler:
+            spinner = subprocess.Popen([sys.executable, "-c", SPINNER, "0.6"], stdout=subprocess.PIPE, text=True)
+            roles[spinner.pid] = "spinner"
+            assert spinner.stdout.readline().strip() == "done"
+        assert 0.6 <= sampler.seconds["spinner"] < 2.0  # its loop, plus the interpreter's start
+        assert sampler.seconds.get("sleeper", 0.0) < 0.1
+        assert sampler.ended > sampler.started
+    finally:
+        for proc in (sleeper, spinner):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+
+
+def test_cpu_sampler_leaves_out_cpu_used_before_the_block():
+    spinner = subprocess.Popen([sys.executable, "-c", SPINNER, "0.5"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert spinner.stdout.readline().strip() == "done"  # its CPU is spent before the block starts
+        with CpuSampler(lambda: {spinner.pid: "spinner"}, every_s=0.05) as sampler:
+            time.sleep(0.2)
+        assert sampler.seconds["spinner"] < 0.1
+    finally:
+        spinner.kill()
+        spinner.wait()

@@ -76,6 +76,13 @@ def test_summary_manifest_and_files(shapes_cache):
     assert list(summary.startup_phases) == ["listing", "setup", "manifest", "planning", "first_batch"]
     assert abs(sum(summary.startup_phases.values()) - summary.startup_seconds) < 0.05
     assert "first_batch" in summary.table()
+    # Ray Data's per-operator seconds, as numbers: every stage of the plan, each with its rows.
+    operators = summary.operator_seconds["operators"]
+    for stage in ("read_shards_batch", "decode_batch", "TokenizerStage", "route_batch"):
+        assert any(stage in name for name in operators), (stage, list(operators))
+    assert all(row["wall_s"] > 0 and row["blocks"] >= 1 for row in operators.values())
+    assert any("TokenizerStage" in name and row["rows"] == NUM_SAMPLES + NUM_SHARDS for name, row in operators.items())
+    assert summary.operator_seconds["consumer_blocked_s"] >= 0
 
 
 def test_plain_pyarrow_pandas_duckdb_read_the_cache(shapes_cache):

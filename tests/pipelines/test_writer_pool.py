@@ -5,11 +5,15 @@ precompute tests (tests/pipelines/test_precompute.py, tests/pipelines/test_multi
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import numpy as np
 
-from pipelines.writer_pool import RoutedShards, batch_nbytes, route_batch, writer_index
+from pipelines.writer import cache_schema
+from pipelines.writer_pool import (ROUTE_BASE_MEMORY, ROUTE_BLOCK_COPIES, RoutedShards, batch_nbytes, fixed_row_bytes,
+                                   route_batch, route_memory, writer_index)
 
 
 def test_a_shard_has_one_owner_the_same_in_every_process():
@@ -79,3 +83,20 @@ def test_a_shard_is_whole_once_its_rows_reach_its_header_total():
     routed.add(counts(("shard-00000", 1, -1), ("b", 0, 0)))  # a shard without accepted rows is whole at once
     assert routed.take_writers() == [1, 2]
     assert routed.rows == {"shard-00000": 5, "shard-00001": 3, "b": 0}
+
+
+def test_route_tasks_and_writer_actors_do_not_import_torch():
+    # Every route task's and writer actor's process imports this module: torch there would cost each
+    # of them seconds of start-up CPU and ~180 MB of memory for nothing (none of them runs a model).
+    code = "import sys, pipelines.writer_pool; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_route_memory_grows_with_the_rows_a_block_carries():
+    # 1024px HART rows: 9,451 int16 tokens + 32x64x64 fp16 residual = 281,046 B, + width, height (int32)
+    # and sample_index (int64); the strings are left out.
+    wide = cache_schema(9451, (32, 64, 64), None)
+    assert fixed_row_bytes(wide) == 281_046 + 4 + 4 + 8
+    assert fixed_row_bytes(cache_schema(10, (16, 8, 8), (16, 384))) == 20 + 2048 + 16 + 16 * 384 * 2 + 16
+    assert route_memory(wide, 0) == ROUTE_BASE_MEMORY
+    assert route_memory(wide, 64) == ROUTE_BASE_MEMORY + ROUTE_BLOCK_COPIES * 64 * fixed_row_bytes(wide)
