@@ -88,7 +88,7 @@ def local_training_assets(args, prefix: str) -> tuple[Path, str, str]:
     from jobs.local_ray import connect
 
     os.environ.setdefault("RAY_worker_niceness", "0")
-    connect(None, num_cpus=2)
+    connect(None, num_cpus=2, ray_train=True)
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix=prefix))
     cache, tokenizer = (args.cache, args.tokenizer) if args.cache else make_assets(work, args.num_samples)

@@ -12,7 +12,15 @@ Local instances run without the dashboard, so without the State API. Ray Train's
 PlacementGroupCleaner asks that API every second whether the controller lives, and without it
 logs "Failed to query Ray Train Controller actor state" each time (477 lines in one `make demo`).
 What it guards against (a dead controller's placement group left behind) cannot outlive a local
-instance, which stops with its driver, so its warnings alone are muted, by a worker setup hook.
+instance, which stops with its driver, so its warnings alone are muted, by a worker setup hook,
+in the instances of jobs that run Ray Train (`connect(..., ray_train=True)`).
+
+A local instance's workers run at the driver's priority (RAY_worker_niceness=0 unless the
+environment sets it). Ray's default, niceness 15 for every worker, suits a cluster node where the
+raylet must stay responsive under load; in a private instance the workers are the job itself, and
+at 15 any other process on the machine, however small its share, takes their CPU first: the job
+then runs slower than the same work in one plain process (`benchmarks/precompute.py`,
+`benchmarks/ray_overhead.py` compare the two at equal priority).
 
 The hook runs in every Ray worker before any task, so this module imports nothing heavy: a hook
 that imported torch made each worker's torch take all cores (2 threads on this machine, not the
@@ -38,9 +46,12 @@ ADDRESS_HELP = ("Ray cluster to join: auto (the cluster `ray start` runs here), 
                 "default: $RAY_ADDRESS if set, else a private local Ray instance that stops with the job")
 
 
-def connect(address: str | None, num_cpus: int | None = None) -> None:
+def connect(address: str | None, num_cpus: int | None = None, ray_train: bool = False) -> None:
     """Join `address` (or $RAY_ADDRESS), else start a private local instance with `num_cpus` CPUs (None: all);
-    nothing when this process is connected already (a test's or the demo's Ray). Says which on stdout."""
+    nothing when this process is connected already (a test's or the demo's Ray). Says which on stdout.
+    `ray_train`: the job runs Ray Train, whose cleaner's warnings the local instance mutes (module doc);
+    other jobs start without that hook, since a runtime env keeps Ray from using the workers it
+    started with the node for their tasks (measured: ~8 s more CPU in precompute's start-up)."""
     import ray
 
     if ray.is_initialized():
@@ -51,6 +62,8 @@ def connect(address: str | None, num_cpus: int | None = None) -> None:
         print(f"[ray] joined the Ray cluster at {address}", flush=True)
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=LOCAL_RAY_RUNTIME_ENV)
+    os.environ.setdefault("RAY_worker_niceness", "0")  # read by the raylet this call starts (module doc)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+             runtime_env=LOCAL_RAY_RUNTIME_ENV if ray_train else None)
     print(f"[ray] started a private local Ray instance ({ray.cluster_resources().get('CPU', 0):g} CPUs); "
           f"--address or RAY_ADDRESS joins a cluster instead", flush=True)

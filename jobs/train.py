@@ -555,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"hart-train: error: {exc}", file=sys.stderr)
         return 2
-    connect(args.address)
+    connect(args.address, ray_train=True)
     try:
         outcome = run_training(config, args.export_dir)
     except ValueError as exc:

@@ -1,4 +1,5 @@
-"""jobs.local_ray: the runtime env of local Ray instances mutes one Ray Train logger, and only that."""
+"""jobs.local_ray: the runtime env of local Ray instances mutes one Ray Train logger, and only that;
+their workers run at the driver's priority."""
 
 from __future__ import annotations
 
@@ -18,18 +19,20 @@ REPO = Path(__file__).resolve().parents[2]
 
 # A fresh local instance in its own process: the session's `ray_local` runs without the hook.
 SCRIPT = """
-import logging, sys, ray
-from jobs.local_ray import LOCAL_RAY_RUNTIME_ENV, PLACEMENT_GROUP_CLEANER_LOGGER
-ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env=LOCAL_RAY_RUNTIME_ENV,
-         _temp_dir=sys.argv[1])
+import logging, os, sys, ray
+os.environ["RAY_TMPDIR"] = sys.argv[1]
+from jobs.local_ray import PLACEMENT_GROUP_CLEANER_LOGGER, connect
+connect(None, 2, ray_train=True)
 
 @ray.remote(num_cpus=1)
 def inside_a_worker():
     torch_before = "torch" in sys.modules
     import torch
     return (logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).getEffectiveLevel(),
-            logging.getLogger("ray.train").getEffectiveLevel(), torch_before, torch.get_num_threads())
+            logging.getLogger("ray.train").getEffectiveLevel(), torch_before, torch.get_num_threads(),
+            os.nice(0) - DRIVER_NICENESS)
 
+DRIVER_NICENESS = os.nice(0)
 print("RESULT", *ray.get(inside_a_worker.remote()))
 """
 
@@ -45,12 +48,14 @@ def test_local_ray_mutes_the_placement_group_cleaner_and_nothing_else():
     finally:
         shutil.rmtree(short, ignore_errors=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    muted, other, torch_before, threads = done.stdout.split("RESULT")[1].split()
+    muted, other, torch_before, threads, niceness = done.stdout.split("RESULT")[1].split()
     assert int(muted) == logging.ERROR
     assert int(other) <= logging.WARNING  # Ray Train's other warnings still reach the log
     # The hook runs before any task: had it imported torch, torch would have sized its thread pool
     # before Ray set OMP_NUM_THREADS=1 for this 1-CPU task (2 threads here: it happened once).
     assert torch_before == "False" and int(threads) == 1
+    # The worker runs at the driver's priority (Ray's default would put it 15 below).
+    assert int(niceness) == 0
 
 
 @pytest.mark.slow  # `make chaos`: a second Ray cluster on the machine, which other tests running beside it would see
