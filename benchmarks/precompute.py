@@ -53,8 +53,8 @@ import numpy as np
 import ray
 import torch
 
-from benchmarks.processes import CpuSampler, command_line, process_tree
 from benchmarks import data_plane
+from benchmarks.processes import CpuSampler, command_line, process_tree
 from hart.config import TOKENIZER_PRESETS
 from jobs.local_ray import connect
 from pipelines import manifest as manifest_lib
@@ -74,6 +74,11 @@ def bare_loop(uris: list[str], source: TokenizerSource, resolution: int, batch_s
     each batch's 1024px-sized stand-in rows (`widen_rows`), as the pipeline's widened plan does."""
     model = load_tokenizer(source).to(device)
     config = PreprocessConfig()
+
+    def encode(images: list[np.ndarray], seed: int) -> None:
+        tokens_BL, _ = encode_images(model, np.stack(images), device)
+        if wide_rows:
+            wide_tokens_residual(tokens_BL.shape[0], seed)
     started = time.perf_counter()
     num_images, pending = 0, []
     for uri in uris:
@@ -87,14 +92,10 @@ def bare_loop(uris: list[str], source: TokenizerSource, resolution: int, batch_s
                 except Rejected:
                     continue
                 if len(pending) == batch_size:
-                    encoded = encode_images(model, np.stack(pending), device)
-                    if wide_rows:
-                        wide_tokens_residual(encoded[0].shape[0], num_images)
+                    encode(pending, num_images)
                     num_images, pending = num_images + len(pending), []
     if pending:
-        encoded = encode_images(model, np.stack(pending), device)
-        if wide_rows:
-            wide_tokens_residual(encoded[0].shape[0], num_images)
+        encode(pending, num_images)
         num_images += len(pending)
     if device.type == "cuda":
         torch.cuda.synchronize()
