@@ -3,7 +3,7 @@
     python -m benchmarks.data_plane                        # local disk and loopback S3, 1024px rows
     python -m benchmarks.data_plane --rows 3000 --text     # + Qwen2-sized text features (300 x 1536 fp16)
 
-What runs is the precompute plan's tail, the real code: `writer_pool.route_batch` (the plan's
+What runs is the precompute plan's tail, the real code: `writer_pool.RouteStage` (the plan's
 last stage, `plan.add_route_stage`), the shard-writer actors, storage, and the driver loop
 (`plan.drain_to_writers`); then the training reader (`cache.read_cache_dataset` ->
 `batch_to_tensors`). What is stood in for is everything before it: a Ray Data task emits rows of
@@ -51,7 +51,7 @@ from pipelines.cache import batch_to_tensors, read_cache_dataset
 from pipelines.config import ComputeConfig
 from pipelines.plan import PrecomputeSummary, add_route_stage, drain_to_writers
 from pipelines.writer import cache_schema
-from pipelines.writer_pool import WriterPool, route_memory
+from pipelines.writer_pool import WriterPool
 
 NUM_TOKENS = ScaleGrid(PATCH_NUMS_1024).num_tokens  # 9,451
 RESIDUAL_SHAPE = ScaleGrid(PATCH_NUMS_1024).residual_shape(32)  # z, h, w of a 1024px row
@@ -128,7 +128,7 @@ def write_cache(output: str, endpoint: str, args) -> dict:
     ds = ray.data.from_items([{"name": s, "seed": i} for i, s in enumerate(shards)], override_num_blocks=len(shards))
     ds = ds.map_batches(standin_rows, batch_size=1, num_cpus=0.5,
                         fn_kwargs={"rows_per_shard": rows_per_shard, "chunk": args.chunk, "with_text": args.text})
-    ds = add_route_stage(ds, pool.actors, {}, route_memory(schema, args.chunk + 1))  # + the header row
+    ds = add_route_stage(ds, pool.actors, {}, schema, args.chunk + 1)  # + the header row
     summary = PrecomputeSummary(shards_total=len(shards))
     spilled_before = spilled_bytes()
     started = time.perf_counter()

@@ -65,13 +65,13 @@ from pipelines.plan import PrecomputeSummary, add_route_stage, drain_to_writers,
 from pipelines.shard_source import read_shard_rows
 from pipelines.tokenize_stage import encode_images, load_tokenizer
 from pipelines.writer import cache_schema
-from pipelines.writer_pool import ROUTE_CPUS, WriterPool, route_memory
+from pipelines.writer_pool import ROUTE_BASE_MEMORY, ROUTE_CPUS, WriterPool
 
 
 def bare_loop(uris: list[str], source: TokenizerSource, resolution: int, batch_size: int, device: torch.device,
               wide_rows: bool = False) -> tuple[int, float]:
     """Decode + encode every sample in this process; returns (images, seconds). `wide_rows`: also make
-    each batch's 1024px-sized stand-in rows (`widen_rows`), as the pipeline's widened plan does."""
+    each batch's 1024px-sized stand-in rows (`WidenStage`), as the pipeline's widened plan does."""
     model = load_tokenizer(source).to(device)
     config = PreprocessConfig()
 
@@ -110,16 +110,19 @@ def wide_tokens_residual(num_rows: int, seed: int) -> tuple[np.ndarray, np.ndarr
             data_plane.random_fp16(rng, (num_rows, *data_plane.RESIDUAL_SHAPE)))
 
 
-def widen_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Ray Data UDF after the tokenizer: the block's tokens and residual replaced by 1024px-sized ones."""
-    seed = int(batch["sample_index"].max()) if len(batch["sample_index"]) else 0
-    batch["tokens"], batch["residual"] = wide_tokens_residual(len(batch["row_kind"]), seed)
-    return batch
+class WidenStage:
+    """Ray Data actor stage after the tokenizer: each batch's tokens and residual replaced by
+    1024px-sized ones."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        seed = int(batch["sample_index"].max()) if len(batch["sample_index"]) else 0
+        batch["tokens"], batch["residual"] = wide_tokens_residual(len(batch["row_kind"]), seed)
+        return batch
 
 
 def widened_pipeline(config, resolution: int) -> PrecomputeSummary:
     """The precompute plan with its rows widened to 1024px size before the real route stage, writers and
-    driver loop (`plan.encoded_rows` -> `widen_rows` -> `plan.add_route_stage` -> `plan.drain_to_writers`)."""
+    driver loop (`plan.encoded_rows` -> `WidenStage` -> `plan.add_route_stage` -> `plan.drain_to_writers`)."""
     names = shard_source.name_shards(shard_source.list_shards(config.input))
     setup = prepare(config)
     fp = data_plane.fingerprint(False)
@@ -131,8 +134,14 @@ def widened_pipeline(config, resolution: int) -> PrecomputeSummary:
                       fingerprint_hash=manifest_lib.fingerprint_hash(fp), schema=schema, shard_uris=names,
                       num_threads=compute.writer_threads, max_pending=compute.writer_max_pending)
     ds = encoded_rows([{"name": name, "uri": uri} for name, uri in names.items()], config, resolution, setup["tokenizer_hash"])
-    ds = ds.map_batches(widen_rows, batch_size=None, batch_format="numpy", num_cpus=ROUTE_CPUS)
-    ds = add_route_stage(ds, pool.actors, {}, route_memory(schema, compute.tokenizer_batch_size))
+    # The stand-in stage runs in one actor (a task would fuse into the route actors, unlike the real
+    # plan's last encoder stage) and asks for what it holds: ~3 of its output blocks (each up to Ray
+    # Data's target block size: the one being built, its concatenation, its serialized form)
+    # measured, plus headroom.
+    widen_memory = ROUTE_BASE_MEMORY + 4 * ds.context.target_max_block_size
+    ds = ds.map_batches(WidenStage, batch_size=compute.tokenizer_batch_size, batch_format="numpy",
+                        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=ROUTE_CPUS, memory=widen_memory)
+    ds = add_route_stage(ds, pool.actors, {}, schema, compute.tokenizer_batch_size)
 
     def first_batch(batch: dict) -> None:
         summary.startup_seconds = time.perf_counter() - started
@@ -160,7 +169,7 @@ def cache_bytes_per_sample(preset: str) -> dict[str, int]:
 # Process roles of the CPU breakdown: a Ray worker's title (`ray::<task or actor>`) names what it runs;
 # a fused operator's title names every stage in it. First match per name; order is the plan's.
 STAGE_TITLES = (("read_shards", "read"), ("decode_batch", "decode"), ("TokenizerStage", "tokenizer actors"),
-                ("TextFeatureStage", "text actors"), ("widen_rows", "widen (1024px rows)"), ("route_batch", "route"), ("ShardWriterActor", "writer actors"))
+                ("TextFeatureStage", "text actors"), ("WidenStage", "widen (1024px rows)"), ("RouteStage", "route"), ("ShardWriterActor", "writer actors"))
 
 
 def process_role(pid: int, driver: int, last_roles: dict[int, str] | None = None) -> str:

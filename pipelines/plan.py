@@ -13,7 +13,7 @@ initialised; only `jobs/` calls `ray.init`). It
   4. streams the rest through Ray Data:
        from_items(shards) -> read (TaskPool, raw bytes only) -> decode/filter/crop (TaskPool, CPU)
        -> TokenizerStage (ActorPoolStrategy, num_gpus per actor, explicit batch size)
-       -> TextFeatureStage (optional actor pool) -> route (TaskPool) -> writer actors,
+       -> TextFeatureStage (optional actor pool) -> route (RouteStage actors) -> writer actors,
      where the writer actors (`pipelines.writer_pool`) assemble and commit whole shards, and the
      driver iterates only the route stage's per-shard counts and polls the actors for commit
      records: no cache byte passes through the driver; every `INDEX_REFRESH_SECONDS` it appends
@@ -29,7 +29,7 @@ Start-up (measured on 2 CPUs, BENCHMARKS.md "Pre-tokenization"): the driver-side
 planning take well under a second (the weight hash of the tiny tokenizer is ~15 ms); the fixed
 cost is Ray's: the executor start, each tokenizer actor's worker importing ray.data and torch, and
 Ray Data's helper actors, all competing for the same cores. Only the tokenizer (and text) actors
-import torch: the route tasks and the writer actors read the scale grid and the cache schema without
+import torch: the route and writer actors read the scale grid and the cache schema without
 it (importing it cost each of those processes ~3 s of CPU during the start-up and ~110 MiB).
 `PrecomputeSummary.startup_phases` records the driver's view of the start-up, and
 `PrecomputeSummary.operator_seconds` each stage's task seconds (`pipelines.operator_stats`).
@@ -58,7 +58,8 @@ from pipelines.preflight import preflight
 from pipelines.progress import Progress, show_ray_data_progress
 from pipelines.tokenize_stage import TokenizerStage, load_tokenizer, weights_hash
 from pipelines.writer import cache_schema
-from pipelines.writer_pool import ROUTE_CPUS, RoutedShards, WriterPool, batch_nbytes, route_batch, route_memory
+from pipelines.writer_pool import (ROUTE_CPUS, RoutedShards, RouteStage, WriterPool, batch_nbytes, route_batch_rows,
+                                   route_memory)
 
 INDEX_REFRESH_SECONDS = 15.0  # at most this often the driver appends an index segment
 POLL_SECONDS = 0.5  # at most this often the driver asks writers with whole shards for commit records
@@ -144,9 +145,9 @@ def build_dataset(shards: dict[str, str], config: PrecomputeConfig, resolution: 
     """The lazy Ray Data plan over the pending shards (name -> uri), ending in the route stage."""
     items = [{"name": name, "uri": uri} for name, uri in shards.items()]
     ds = encoded_rows(items, config, resolution, tokenizer_hash)
-    compute = config.compute  # the route stage's blocks are the last encoder stage's batches
-    rows_per_block = compute.text_batch_size if config.text.encoder else compute.tokenizer_batch_size
-    return add_route_stage(ds, writers, compute.resources, route_memory(schema, rows_per_block))
+    compute = config.compute  # the route stage's input blocks are made of the last encoder stage's batches
+    encoder_rows = compute.text_batch_size if config.text.encoder else compute.tokenizer_batch_size
+    return add_route_stage(ds, writers, compute.resources, schema, encoder_rows)
 
 
 def encoded_rows(items: list[dict[str, Any]], config: PrecomputeConfig, resolution: int, tokenizer_hash: str,
@@ -188,13 +189,20 @@ def encoded_rows(items: list[dict[str, Any]], config: PrecomputeConfig, resoluti
     return ds
 
 
-def add_route_stage(ds: ray.data.Dataset, writers: list, resources: dict[str, float], memory: int) -> ray.data.Dataset:
-    """The plan's last stage: encoded rows -> their shard's writer actor (`writer_pool.route_batch`).
-    batch_size=None routes whole blocks; one task per writer is enough (each waits on its writer).
-    `memory`: what each route task asks for (`writer_pool.route_memory`)."""
+def add_route_stage(ds: ray.data.Dataset, writers: list, resources: dict[str, float], schema,
+                    encoder_rows: int) -> ray.data.Dataset:
+    """The plan's last stage: encoded rows (cache `schema`, made in batches of `encoder_rows`) -> their
+    shard's writer actor (`writer_pool.RouteStage`), in batches whose memory each actor asks for
+    (`route_batch_rows`, `route_memory`); one actor per writer is enough (each waits on its writer)."""
     pinned = {"resources": dict(resources)} if resources else {}
-    return ds.map_batches(route_batch, fn_kwargs={"writers": writers}, batch_size=None, batch_format="numpy",
-                          compute=TaskPoolStrategy(size=len(writers)), num_cpus=ROUTE_CPUS, memory=memory, **pinned)
+    block_bytes = ds.context.target_max_block_size
+    if block_bytes is None:
+        raise ValueError("the route stage's memory request needs a bounded block size: set Ray Data's "
+                         "DataContext.target_max_block_size (None means unbounded blocks)")
+    rows = route_batch_rows(schema, encoder_rows)
+    return ds.map_batches(RouteStage, fn_constructor_kwargs={"writers": writers}, batch_size=rows, batch_format="numpy",
+                          compute=ActorPoolStrategy(size=len(writers)), num_cpus=ROUTE_CPUS,
+                          memory=route_memory(schema, rows, block_bytes), **pinned)
 
 
 def check_resources(config: PrecomputeConfig, writers: bool = True, others: tuple[float, float] = (0.0, 0.0),
@@ -211,7 +219,7 @@ def check_resources(config: PrecomputeConfig, writers: bool = True, others: tupl
             + others[1])
     available = ray.cluster_resources()
     if cpus > available.get("CPU", 0.0) + 1e-9 or gpus > available.get("GPU", 0.0) + 1e-9:
-        last = "writers and one route task per writer" if writers else "one row-conversion task"
+        last = "writers and one route actor per writer" if writers else "one row-conversion task"
         raise ValueError(
             f"the stages need {cpus:g} CPUs and {gpus:g} GPUs at once (actor pools, one read, one decode task, {last}"
             f"{', ' + others_name if others_name else ''}) "
@@ -275,7 +283,7 @@ def commit_line(stats: dict[str, Any], progress: Progress, num_done: int, rows_w
 
 def drain_to_writers(dataset: ray.data.Dataset, pool: WriterPool, summary: PrecomputeSummary, log=print,
                      first_batch=lambda batch: None, refresh_index=lambda done: None, total: int = 0):
-    """The driver's loop over a plan that ends in `route_batch`: count the routed rows, ask the
+    """The driver's loop over a plan that ends in the route stage: count the routed rows, ask the
     writers owning whole shards for their commit records (a line per new commit, with the progress
     over `total` shards), call `refresh_index(done)` now and then, and finish the pool. Returns
     (committed stats by shard, failed shards, the pool's final answer)."""

@@ -1,11 +1,11 @@
 """Shard writers on the workers: cache bytes go from the encoders to storage without the driver.
 
-Design: the last stage of the precompute plan is `route_batch`, a small Ray Data task that splits
+Design: the last stage of the precompute plan is `route_batch` (in `RouteStage` actors), which splits
 each encoded block by source shard and hands every part to the writer actor that owns the shard
 (`writer_index`: a stable hash of the shard name modulo the pool size, so all rows of a shard,
 and its header row, meet in one actor). Each `ShardWriterActor` runs the same assembler and
 commit code as a single writer would (`pipelines.writer`): a shard is written once it is
-complete, parquet first, stats marker last. The route task waits for the actor to accept its
+complete, parquet first, stats marker last. The route stage waits for the actor to accept its
 parts, so a writer that falls behind slows the stage in front of it (Ray Data's backpressure)
 instead of buffering without bound; an actor accepts a part only while it has fewer than
 `max_pending` writes in flight.
@@ -36,18 +36,22 @@ import ray
 from pipelines.writer import InjectedCrash, ShardAssembler, ShardWriter
 
 
-# CPUs a route task reserves: it only slices numpy arrays and waits for its writer, but a non-zero
+# CPUs a route actor reserves: it only slices numpy arrays and waits for its writer, but a non-zero
 # amount keeps it off nodes that declare no CPUs (a Ray head node started with num_cpus=0).
 ROUTE_CPUS = 0.01
-# Memory a route task's process uses before it holds any rows (unique set size: numpy, pyarrow and
+# Memory a route actor's process uses before it holds any rows (unique set size: numpy, pyarrow and
 # Ray Data's worker-side modules; nothing this module imports needs torch): ~128 MiB on the
 # precompute benchmark, plus headroom. `route_memory` adds the rows it holds.
 ROUTE_BASE_MEMORY = 192 * 2**20
-# Copies of its rows a route task holds at its peak (the block as numpy, the per-shard slices, their
-# serialized form on the way to the writer): ~3-4 measured at 1024px rows. A block can hold more
-# rows than `route_memory` is told (up to a whole shard, within Ray Data's target block size): at
-# 1024px rows the request still falls short of the peak (BENCHMARKS.md, "Pre-tokenization").
-ROUTE_BLOCK_COPIES = 8
+# Most bytes of rows a route actor handles at once. Its input blocks hold up to Ray Data's target
+# block size (128 MiB by default: a whole 1024px shard), and it holds one of them whole (Ray Data
+# joins a block's chunks into one copy before it cuts batches); in batches, the slices and their
+# way to the writer add a few batches, not a few whole blocks (59 rows at 1024px).
+ROUTE_BATCH_BYTES = 16 * 2**20
+# Copies of a batch a route actor holds at its peak beside the block (the per-shard slices, their
+# serialized form on the way to the writer, what the allocator keeps from the batch before): ~2.3
+# measured at 1024px rows; Ray Data wants a request of 1.25x the peak.
+ROUTE_BATCH_COPIES = 4
 
 
 def fixed_row_bytes(schema: pa.Schema) -> int:
@@ -65,11 +69,19 @@ def fixed_row_bytes(schema: pa.Schema) -> int:
     return total
 
 
-def route_memory(schema: pa.Schema, rows_per_block: int) -> int:
-    """Memory a route task asks for (Ray's `memory=`): its base plus a few copies of one input block,
-    so the request matches what it uses at every row size (Ray Data warns about a stage whose
-    memory use exceeds its request)."""
-    return ROUTE_BASE_MEMORY + ROUTE_BLOCK_COPIES * rows_per_block * fixed_row_bytes(schema)
+def route_batch_rows(schema: pa.Schema, encoder_rows: int) -> int:
+    """Rows per route batch (Ray Data's `batch_size=`): the last encoder stage's batch (`encoder_rows`;
+    a larger batch would make Ray Data wait for several blocks before routing any), at most
+    `ROUTE_BATCH_BYTES` of cache rows."""
+    return max(1, min(encoder_rows, ROUTE_BATCH_BYTES // max(1, fixed_row_bytes(schema))))
+
+
+def route_memory(schema: pa.Schema, batch_rows: int, block_bytes: int) -> int:
+    """Memory a route actor asks for (Ray's `memory=`): its base, one input block of up to
+    `block_bytes` (the dataset's target block size) and a few copies of a batch of `batch_rows`, so
+    the request covers what it uses at every row size (Ray Data warns about a stage whose memory
+    use exceeds its request)."""
+    return ROUTE_BASE_MEMORY + block_bytes + ROUTE_BATCH_COPIES * batch_rows * fixed_row_bytes(schema)
 
 
 def writer_index(shard: str, num_writers: int) -> int:
@@ -160,6 +172,18 @@ def route_batch(batch: dict[str, np.ndarray], writers: list) -> dict[str, np.nda
     ray.get([writers[i].add.remote(parts) for i, parts in by_writer.items()])
     return {"shard": np.array(names, dtype=object), "rows": np.array(rows, np.int64),
             "num_samples": np.array(totals, np.int64), "routed_bytes": np.array(nbytes, np.int64)}
+
+
+class RouteStage:
+    """Ray Data actor stage around `route_batch`, one actor per writer. Actors rather than tasks so
+    a route runs in a process of its own: task workers are shared with the read and decode stages
+    and keep what those allocated, so a task's memory could not match its request (`route_memory`)."""
+
+    def __init__(self, writers: list):
+        self.writers = writers
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return route_batch(batch, self.writers)
 
 
 class RoutedShards:

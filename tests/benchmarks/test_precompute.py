@@ -110,7 +110,7 @@ def test_breakdown_shares_are_task_seconds_over_workers_times_the_run():
 def test_widened_rows_have_a_1024px_rows_size():
     batch = {"row_kind": np.array(["shard", "sample", "sample"], dtype=object), "sample_index": np.array([-1, 0, 1]),
              "tokens": np.zeros((3, 10), np.int16), "residual": np.zeros((3, 16, 8, 8), np.float16)}
-    wide = bench.widen_rows(batch)
+    wide = bench.WidenStage()(batch)
     assert wide["tokens"].shape == (3, 9451) and wide["tokens"].dtype == np.int16
     assert wide["residual"].shape == (3, 32, 64, 64) and wide["residual"].dtype == np.float16
     assert wide["tokens"].nbytes + wide["residual"].nbytes == 3 * bench.cache_bytes_per_sample("hart-1024")["total_bytes"]

@@ -18,7 +18,7 @@ def test_default_config_and_overrides():
 
 def test_shipped_laptop_sizing_fits_two_cpus():
     """The shipped config is the 2-core laptop sizing the benchmark measures: with its text stage, its
-    pools, one read and one decode task, the writer and its route task fit 2 CPUs (the job refuses a
+    pools, one read and one decode task, the writer and its route actor fit 2 CPUs (the job refuses a
     plan that does not, and Ray Data would wait forever), one torch thread per actor."""
     from pipelines.writer_pool import ROUTE_CPUS
 

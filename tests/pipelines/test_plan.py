@@ -78,7 +78,7 @@ def test_prepare_refuses_a_resolution_the_tokenizer_cannot_take():
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    (["compute.tokenizer_actors=3"], r"need 3.96 CPUs and 0 GPUs .* writers and one route task per writer"),
+    (["compute.tokenizer_actors=3"], r"need 3.96 CPUs and 0 GPUs .* writers and one route actor per writer"),
     (["compute.tokenizer_gpus=1"], r"need 1.96 CPUs and 1 GPUs"),
     (["text.encoder=minilm"], r"need 2.46 CPUs"),  # the text actor pool counts only when it exists
 ])

@@ -78,7 +78,7 @@ def test_summary_manifest_and_files(shapes_cache):
     assert "first_batch" in summary.table()
     # Ray Data's per-operator seconds, as numbers: every stage of the plan, each with its rows.
     operators = summary.operator_seconds["operators"]
-    for stage in ("read_shards_batch", "decode_batch", "TokenizerStage", "route_batch"):
+    for stage in ("read_shards_batch", "decode_batch", "TokenizerStage", "RouteStage"):
         assert any(stage in name for name in operators), (stage, list(operators))
     assert all(row["wall_s"] > 0 and row["blocks"] >= 1 for row in operators.values())
     assert any("TokenizerStage" in name and row["rows"] == NUM_SAMPLES + NUM_SHARDS for name, row in operators.items())

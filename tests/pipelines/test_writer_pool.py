@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import numpy as np
 
 from pipelines.writer import cache_schema
-from pipelines.writer_pool import (ROUTE_BASE_MEMORY, ROUTE_BLOCK_COPIES, RoutedShards, batch_nbytes, fixed_row_bytes,
-                                   route_batch, route_memory, writer_index)
+from pipelines.writer_pool import (ROUTE_BASE_MEMORY, ROUTE_BATCH_BYTES, ROUTE_BATCH_COPIES, RoutedShards, batch_nbytes,
+                                   fixed_row_bytes, route_batch, route_batch_rows, route_memory, writer_index)
 
 
 def test_a_shard_has_one_owner_the_same_in_every_process():
@@ -86,17 +86,20 @@ def test_a_shard_is_whole_once_its_rows_reach_its_header_total():
 
 
 def test_route_tasks_and_writer_actors_do_not_import_torch():
-    # Every route task's and writer actor's process imports this module: torch there would cost each
+    # Every route and writer actor's process imports this module: torch there would cost each
     # of them seconds of start-up CPU and ~180 MB of memory for nothing (none of them runs a model).
     code = "import sys, pipelines.writer_pool; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
 
 
-def test_route_memory_grows_with_the_rows_a_block_carries():
+def test_route_batches_are_the_encoders_within_a_byte_cap_and_ask_for_their_memory():
     # 1024px HART rows: 9,451 int16 tokens + 32x64x64 fp16 residual = 281,046 B, + width, height (int32)
     # and sample_index (int64); the strings are left out.
     wide = cache_schema(9451, (32, 64, 64), None)
     assert fixed_row_bytes(wide) == 281_046 + 4 + 4 + 8
     assert fixed_row_bytes(cache_schema(10, (16, 8, 8), (16, 384))) == 20 + 2048 + 16 + 16 * 384 * 2 + 16
-    assert route_memory(wide, 0) == ROUTE_BASE_MEMORY
-    assert route_memory(wide, 64) == ROUTE_BASE_MEMORY + ROUTE_BLOCK_COPIES * 64 * fixed_row_bytes(wide)
+    narrow = cache_schema(680, (32, 16, 16), None)  # 256px
+    # The encoder's batch, unless its rows exceed the byte cap (1024px: 59 of 64 rows).
+    assert (route_batch_rows(wide, 64), route_batch_rows(narrow, 64)) == (ROUTE_BATCH_BYTES // 281_062, 64)
+    assert route_batch_rows(wide, 64) * fixed_row_bytes(wide) <= ROUTE_BATCH_BYTES
+    assert route_memory(wide, 59, 2**27) == ROUTE_BASE_MEMORY + 2**27 + ROUTE_BATCH_COPIES * 59 * fixed_row_bytes(wide)
