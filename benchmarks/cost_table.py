@@ -19,11 +19,12 @@ infra/README.md ("Cost and size"), and must be replaced by `benchmarks/` measure
   FLOP estimate of VAR's ch160 conv encoder (~0.2 TFLOP per 256px image) at ~40 % of the
   A100 bf16 peak, then /4 per doubling of the side.
 * training images/s per A100: 22 / 8.4 / 2.2. Anchor: VAR-d16 (310M params) trained 200
-  ImageNet epochs at 256px in 2.5 days on 16 A100 = 74 img/s/GPU (HART_SPEC 4.2); scaled by
-  params (310M / 732M) and sequence length ((1 + 680) / (300 + L)) for HART-0.7B.
-* $3.00 per A100-hour (1-year reserved p4de, RAY_NOTES 1.6); $0.023 per GB-month (S3 Standard).
+  ImageNet epochs at 256px in 2.5 days on 16 A100 = 74 img/s/GPU
+  (docs/design/training-recipe.md, "Published cost figures"); scaled by params (310M / 732M)
+  and sequence length ((1 + 680) / (300 + L)) for HART-0.7B.
+* $3.00 per A100-hour (1-year reserved p4de, docs/design/ray.md, "A100 price"); $0.023 per GB-month (S3 Standard).
 
-Run `python -m benchmarks.cost_table --help` for the flags; the README prints the exact command.
+Run `python -m benchmarks.cost_table --help` for the flags; infra/README.md prints the exact command.
 """
 
 from __future__ import annotations

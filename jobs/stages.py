@@ -6,7 +6,7 @@ checkpointed and exported (`model`: the tokenizer or the transformer), a *loss m
 tokenizer of the transformer stages, the text encoder, the discriminator, the LPIPS metric).
 What the worker does with a stage each step is in `jobs.worker_step` and `jobs.sample_grids`.
 
-Stages (HART_SPEC §4):
+Stages (docs/design/training-recipe.md, "Stages"):
 - `tokenizer`: hybrid decoder fine-tuning (encoder + codebook frozen, alternating
   continuous/discrete decoding) or full VQVAE training, optional PatchGAN (second
   optimizer, `discriminator` module), optional LPIPS term from local weight files

@@ -11,7 +11,7 @@ Design:
 - Workers log only on world rank 0 (`RunLogger`), with explicit `step=` taken from the
   training step, so a resumed run continues the same step axis; every `run.log_every` steps
   one row per metric, averaged over those steps (`log_every: 1` logs every step) (Ray's MLflowLoggerCallback
-  is a Tune callback and is rejected by Train V2, RAY_NOTES §2.2).
+  is a Tune callback and is rejected by Train V2, docs/design/ray.md, "Tune callbacks under Train V2").
 - Params are the flattened run config (`flatten_params`). Anything that looks secret is
   redacted: values of keys named like key/secret/token/password/credential, and user:pass
   or credential query parameters inside URIs. Count-like fields such as `context_token`

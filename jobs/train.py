@@ -7,15 +7,15 @@ and hands a plain-dict config to `TorchTrainer`. Each worker (`train_loop_per_wo
 builds its stage, wrapped loss module, optimizer and EMA (`setup_worker`, which needs no Ray),
 restores the latest checkpoint if Ray has one and loops over `hart.training.step.train_step`.
 
-Resume = resubmit the same `run.name` with the same `run.storage_path` (Train V2 restores
-the latest checkpoint of `{storage_path}/{name}`; RAY_NOTES §2.2). The checkpoint holds the
-step, data epoch, optimizer/scheduler/EMA/RNG state and the MLflow run id, so the step
-count and the MLflow run continue and the final step count is the configured one. The
-driver reads the same checkpoint first (`jobs.resume.resumable_checkpoint`): no checkpoint means a new
-MLflow run, even if an older run of that name exists (its history is never appended to). Steps a
-crashed run made after its last checkpoint are redone from that checkpoint (their metrics
-can then appear twice under the same step number). From a cache, the checkpoint also records the
-position in the run's deterministic stream, and the restored run continues there at any world size
+Resume = resubmit the same `run.name` with the same `run.storage_path` (Train V2 restores the latest
+checkpoint of `{storage_path}/{name}`; docs/design/ray.md, "Restore from the run folder"). The
+checkpoint holds the step, data epoch, optimizer/scheduler/EMA/RNG state and the MLflow run id, so
+the step count and the MLflow run continue and the final step count is the configured one. The
+driver reads the same checkpoint first (`jobs.resume.resumable_checkpoint`): no checkpoint means a
+new MLflow run, even if an older run of that name exists (its history is never appended to). Steps a
+crashed run made after its last checkpoint are redone from that checkpoint (their metrics can then
+appear twice under the same step number). From a cache, the checkpoint also records the position in
+the run's deterministic stream, and the restored run continues there at any world size
 (jobs/train_input.py). Online (`online.enabled`), the checkpoint records the shards consumed whole
 and the samples consumed of the others (`progress.json`, joined over the ranks by
 `jobs.train_input.sync_ledger`), and the stream leaves them out (pipelines/online.py).

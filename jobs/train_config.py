@@ -125,7 +125,8 @@ class ScalingSection:
     # fit, at least min; after a node loss it goes on with fewer, and grows back when capacity returns).
     num_workers: int | tuple[int, int] = 1
     use_gpu: bool = False
-    cpus_per_worker: float = 0.5  # fractional on small machines: Ray Data needs CPUs too (RAY_NOTES §3.2)
+    # fractional on small machines: Ray Data needs CPUs too (docs/design/ray.md, "Fractional CPUs")
+    cpus_per_worker: float = 0.5
     gpus_per_worker: float = 1.0  # used when use_gpu
     torch_threads: int = 0  # intra-op threads per worker; 0 = Ray's default (OMP_NUM_THREADS = the worker's whole CPUs, min 1)
     # Ray's placement of the workers: PACK (fill a node first), SPREAD, STRICT_PACK or STRICT_SPREAD

@@ -2,9 +2,9 @@
 
 A quality figure is only comparable with another made the same way: HART's MJHQ-30K FID moves by
 several points with `more_smooth`, CFG, resolution, resize rule and reference statistics
-(HART_SPEC §9). `EvalProtocol` pins every one of those choices, `PROTOCOLS` names the pinned sets,
-and `fingerprint()` is what reference statistics and result files carry: statistics made under
-another fingerprint are refused.
+(docs/design/evaluation-protocol.md, "Why published FIDs are hard to reproduce"). `EvalProtocol`
+pins every one of those choices, `PROTOCOLS` names the pinned sets, and `fingerprint()` is what
+reference statistics and result files carry: statistics made under another fingerprint are refused.
 
 `hart-mjhq-1024` follows the released sampler's defaults (`sample.py`): CFG 4.5 on the per-scale
 schedule, top-k 600 for scales before the 8th and 300 after, no top-p, EMA weights, and

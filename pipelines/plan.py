@@ -23,7 +23,7 @@ initialised; only `jobs/` calls `ray.init`). It
 What the driver writes per refresh is O(shards committed since the last one), never the whole
 shard list (`pipelines.manifest` explains the layout and why a crash between writes loses nothing).
 Only `compute.*` sizes the stages, so the same config runs on a 2-core laptop (fractional CPUs
-leave headroom for the read tasks and the driver, RAY_NOTES §4) and on a GPU cluster.
+leave headroom for the read tasks and the driver, docs/design/ray.md, "Fractional CPUs") and on a GPU cluster.
 
 Start-up (measured on 2 CPUs, BENCHMARKS.md "Pre-tokenization"): the driver-side steps 1-3 and
 planning take well under a second (the weight hash of the tiny tokenizer is ~15 ms); the fixed

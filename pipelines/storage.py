@@ -2,10 +2,11 @@
 
 Design: every stage (driver, read tasks, writer) calls `resolve(uri, endpoint_url)` and gets a
 `(pyarrow FileSystem, path)` pair, so no code branches on the scheme after this point. S3 goes
-through the native `pyarrow.fs.S3FileSystem` (faster than an fsspec wrapper, RAY_NOTES §2.4); any
-S3-compatible endpoint is reached through `endpoint_url` or, when that is empty, the standard
-`AWS_ENDPOINT_URL` / `AWS_ENDPOINT_URL_S3` env vars. Credentials and region come from the usual AWS
-chain (env vars, profile, instance role): nothing secret is ever stored in configs or manifests.
+through the native `pyarrow.fs.S3FileSystem` (faster than an fsspec wrapper; docs/design/ray.md,
+"Native S3 filesystem"); any S3-compatible endpoint is reached through `endpoint_url` or, when
+that is empty, the standard `AWS_ENDPOINT_URL` / `AWS_ENDPOINT_URL_S3` env vars. Credentials and
+region come from the usual AWS chain (env vars, profile, instance role): nothing secret is ever
+stored in configs or manifests.
 Every S3 request retries transient errors (503 SlowDown, connection resets, short reads) with
 the AWS "standard" strategy: exponential backoff with jitter, at most `S3_MAX_ATTEMPTS` tries
 (env `HART_S3_MAX_ATTEMPTS`), and bounded connect/request timeouts, so a flaky store is

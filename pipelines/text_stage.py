@@ -9,9 +9,9 @@ Padded positions keep the encoder's own outputs (`PAD_FEATURES = "encoder_output
 the cache fingerprint), exactly what generation feeds the model: in HART every text position,
 pads included, is a prefix token that image tokens attend to, the 1x1 scale is predicted from
 the last text position (usually a pad), and the head's AdaLN condition is a max over all
-positions (HART_SPEC §2.2). Zeroing the pads here made training and generation see different
-inputs, and generation ignored the prompt. Rows that are not accepted samples get all-zero
-features and an all-false mask.
+positions (docs/design/transformer.md, "Pad handling"). Zeroing the pads here made training
+and generation see different inputs, and generation ignored the prompt. Rows that are not
+accepted samples get all-zero features and an all-false mask.
 
 Shape legend: B rows, T text tokens (max_length), D feature width.
 """

@@ -296,7 +296,7 @@ class TextCrossAttention(nn.Module):
     """STAR's cross-attention: image tokens (queries) attend to the raw text-encoder features.
 
     Differs from `CrossAttention` (HART's option) in where keys and values come from and how the
-    logits are scaled (HART_SPEC §7; STAR-T2I `models/basic_var.py`):
+    logits are scaled (docs/design/star.md, "Cross-attention"; STAR-T2I `models/basic_var.py`):
     - keys/values are the text features (B, T, D) themselves through `mat_kv` (D -> 2C, no bias) plus
       the [zero_k_bias, v_bias] bias, not C-dim projected prefix tokens; the query is `mat_q` (C -> C,
       no bias) plus `q_bias`. The caller passes the query input (STAR: a non-affine LayerNorm of x).

@@ -4,7 +4,7 @@ Design: every function returns (cos, sin) tables of shape (B, L, hd) that `apply
 applies to q and k of shape (B, H, L, hd). Text and image tables are concatenated along L,
 so one attention call handles both.
 
-HART mode (released checkpoint; HART_SPEC §2.2, §8.5), reproduced bit for bit:
+HART mode (released checkpoint; docs/design/transformer.md, "2-D RoPE"), reproduced bit for bit:
 - text: standard LLaMA 1-D RoPE, `inv_freq = theta^-(arange(0, hd, 2)/hd)`, positions
   `cumsum(mask) - 1`, laid out `[p*f, p*f]` and applied with `rotate_half`.
 - image: a pn x pn scale has float coordinates `(row, col) / pn * pn_max` plus the last
@@ -12,9 +12,10 @@ HART mode (released checkpoint; HART_SPEC §2.2, §8.5), reproduced bit for bit:
   is laid out `[row*f, row*f, col*f, col*f]` and applied with `rotate_half`, which pairs
   dim j with dim j + hd/2. For j < hd/4 that pairs a row angle with a column angle: the
   map is not a pure rotation when row != col. That is what the weights were trained with.
-STAR mode (`rope_mode="star"`, HART_SPEC §7): coordinates `(row, col) / (pn - 1) * rope_norm`
-(the 1x1 scale at 0), no text offset, table `[x*f, y*f]` per complex pair (x = column), applied to
-interleaved (even, odd) pairs. Text keeps 1-D positions, also in interleaved pairing.
+STAR mode (`rope_mode="star"`; docs/design/star.md, "Normalized RoPE"): coordinates
+`(row, col) / (pn - 1) * rope_norm` (the 1x1 scale at 0), no text offset, table `[x*f, y*f]` per
+complex pair (x = column), applied to interleaved (even, odd) pairs. Text keeps 1-D positions, also
+in interleaved pairing.
 
 Shape legend: B batch, L tokens, T text tokens, H heads, hd head dim, F frequencies.
 """

@@ -26,7 +26,8 @@ from hart.scale_grid import ScaleGrid, validate_patch_nums
 
 @dataclass(frozen=True)
 class StarConfig:
-    """STAR's transformer (HART_SPEC §7): GPT-2 blocks with cross-attention to the text, normalized 2-D RoPE."""
+    """STAR's transformer (docs/design/star.md, "Architecture"): GPT-2 blocks with cross-attention to the text,
+    normalized 2-D RoPE."""
 
     depth: int = 16
     embed_dim: int = 1024  # width C; the releases use depth * 64

@@ -1,7 +1,7 @@
 """STAR text-to-image transformer (`STARForT2I`), checkpoint-compatible with the released STAR-T2I models.
 
-Design (HART_SPEC §7; STAR-T2I `models/var_drop.py`, `models/basic_var.py`). Where HART puts the
-text into the sequence, STAR keeps it out:
+Design (docs/design/star.md, "Architecture"; STAR-T2I `models/var_drop.py`, `models/basic_var.py`).
+Where HART puts the text into the sequence, STAR keeps it out:
 - The sequence is the image scales only, `[start | scale 2 | ... | scale S]`, L = sum pn^2. The
   start token is `encoder_proj(pooled text) + pos_start`; every token then gets `lvl_embed` of its
   scale (level 0 for the start token). There is no absolute position table: self-attention

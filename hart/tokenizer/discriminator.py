@@ -1,4 +1,5 @@
-"""PatchGAN discriminator used for the tokenizer's adversarial loss (HART_SPEC §1.2, §1.3).
+"""PatchGAN discriminator used for the tokenizer's adversarial loss
+(docs/design/tokenizer.md, "PatchGAN discriminator").
 
 Design: the taming-transformers / pix2pix "NLayerDiscriminator" that HART ships beside the
 tokenizer (`disc.*` keys of the released `tokenizer/` folder). It is one `nn.Sequential` named

@@ -1,9 +1,10 @@
 """HybridTokenizer: the VAR/HART multi-scale VQ autoencoder with a continuous residual.
 
-Design (HART_SPEC §1): image -> `encoder` -> `quant_conv` -> latent f (B, z, h, w). The
-`quantize` module (hart.tokenizer.quantizer.MultiScaleQuantizer) explains f with one token map per scale
-and leaves a continuous residual, so that `tokens + residual` give back f exactly; the decoder
-is `post_quant_conv` -> `decoder`. Decoding therefore has two modes:
+Design (docs/design/tokenizer.md, "Hybrid tokenizer"): image -> `encoder` -> `quant_conv` ->
+latent f (B, z, h, w). The `quantize` module (hart.tokenizer.quantizer.MultiScaleQuantizer)
+explains f with one token map per scale and leaves a continuous residual, so that
+`tokens + residual` give back f exactly; the decoder is `post_quant_conv` -> `decoder`.
+Decoding therefore has two modes:
 - hybrid (HART): decode(tokens, residual) decodes f_hat(HART rule, no Phi at the last scale)
   + residual = f, i.e. the continuous latent;
 - discrete-only (VAR): decode(tokens) decodes f_hat(VAR rule, Phi at every scale).

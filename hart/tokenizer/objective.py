@@ -1,6 +1,6 @@
 """Training objective of the hybrid tokenizer: pure loss functions, no optimiser, no loop.
 
-Design (HART_SPEC §1.2, §4.1). Two modes, chosen by `TokenizerObjectiveConfig.mode`:
+Design (docs/design/tokenizer.md, "Training objective"). Two modes, chosen by `TokenizerObjectiveConfig.mode`:
 
 - "decoder_finetune" (HART's released recipe, `freeze_codebook_for_hybrid`): encoder,
   quant_conv and the quantizer (codebook + Phi convs) are frozen; only `decoder` and

@@ -4,7 +4,7 @@ Design: the latent f (B, C, H, W) is explained coarse-to-fine. At scale k the re
 residual is area-downsampled to pn_k x pn_k, each position takes its nearest codebook
 vector (plain L2), and the chosen vectors are bicubic-upsampled back to H x W, passed
 through a "Phi" conv and subtracted. Phi is one of `share_quant_resi` partially shared
-3x3 convs, picked per scale by the tick rule (HART_SPEC §1.1).
+3x3 convs, picked per scale by the tick rule (docs/design/tokenizer.md, "Tick rule").
 
 Two accumulation rules exist and both matter for checkpoint compatibility:
 - VAR rule (`hart_last=False`): Phi at every scale. Used by VAR's decoder, by the
@@ -50,7 +50,7 @@ class PhiPartiallyShared(nn.Module):
         super().__init__()
         self.qresi_ls = nn.ModuleList(Phi(channels, quant_resi) for _ in range(num_convs))
         k = num_convs
-        # VAR's tick rule; K == 4 uses a narrower spread (HART_SPEC §1.1). Ticks are float64
+        # VAR's tick rule; K == 4 uses a narrower spread (docs/design/tokenizer.md, "Tick rule"). Ticks are float64
         # (numpy linspace) on purpose: several scales sit exactly between two ticks and VAR's
         # float64 rounding decides which conv they get (256px: scales 2 and 7).
         margin = 1 / 3 / k if k == 4 else 1 / 2 / k

@@ -1,4 +1,4 @@
-"""Convolutional encoder and decoder of the VAR / HART tokenizer (HART_SPEC §1.1).
+"""Convolutional encoder and decoder of the VAR / HART tokenizer (docs/design/tokenizer.md, "Encoder and decoder").
 
 Design: the taming/LDM "VQ-f16" conv net as VAR ships it, rebuilt so that module
 attribute names reproduce the released state-dict keys exactly (`conv_in`,

@@ -6,7 +6,8 @@ model (DDP/FSDP2) from the outside. `train_step` only duck-types the wrapper to 
 gradient all-reduce on all but the last micro-batch (`no_sync` for DDP,
 `set_requires_gradient_sync` for FSDP2).
 
-Recipe (HART_SPEC §4.2, VAR's released trainer; HART's own recipe is unpublished):
+Recipe (VAR's released trainer; HART's own recipe is unpublished; docs/design/training-recipe.md,
+"Optimizer and schedule"):
 - AdamW, betas (0.9, 0.95); weight decay on matrices only. No decay on 1-D params
   (biases, norms, gains) and on embedding-like tensors, matched by name (VAR's list:
   positional tables, level embedding, AdaLN gains, attention scale) and by module type

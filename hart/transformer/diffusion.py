@@ -6,7 +6,7 @@ gathered per row and cast to float32. A respaced process keeps a subset of the o
 steps, recomputes betas from the kept alpha-bar values and maps its step index back to
 the original step number before calling the network (the network was trained on 0..999).
 
-What the head uses (HART_SPEC §3):
+What the head uses (docs/design/transformer.md, "Diffusion process"):
 - cosine schedule alpha_bar(t) = cos^2((t + 0.008) / 1.008 * pi / 2), beta capped at 0.999,
   1000 training steps;
 - epsilon prediction with a learned variance interpolated between the posterior variance

@@ -1,6 +1,6 @@
 """Text -> image generation with HART: scale-by-scale sampling, CFG, residual diffusion, decode.
 
-Design (HART_SPEC §2.2 "Sampling", §3.2): the batch is doubled for classifier-free guidance
+Design (docs/design/transformer.md, "Sampling"): the batch is doubled for classifier-free guidance
 (rows [:B] conditional, [B:] the null condition: zero features, mask with only position 0
 on, text positions all 0). One transformer call per scale with a KV cache: the text step
 predicts the 1x1 scale from the last text position, then each scale's input is the

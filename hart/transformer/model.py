@@ -1,6 +1,7 @@
 """HART text-to-image transformer (`HARTForT2I`), checkpoint-compatible with the released 0.7B model.
 
-Design (HART_SPEC §2.2): the sequence is `[T text tokens | scale 1 | ... | scale S-1]`.
+Design (docs/design/transformer.md, "Sequence layout"): the sequence is
+`[T text tokens | scale 1 | ... | scale S-1]`.
 The text features are projected by `context_embed` and enter as prefix tokens; the same
 projected tokens, pooled, drive every block's AdaLN (avg or max per config) and, always
 max-pooled, the head's AdaLN. Each token gets the sinusoidal level embedding of its scale
@@ -102,7 +103,8 @@ class HARTForT2I(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """HART's init_weights (HART_SPEC §2.2): call once for a model trained from scratch."""
+        """HART's init_weights (docs/design/transformer.md, "init_weights"): call once for a model trained
+        from scratch."""
         cfg = self.config
         std = cfg.init_std if cfg.init_std >= 0 else math.sqrt(1 / (3 * cfg.embed_dim))
         for module in self.modules():
@@ -293,7 +295,7 @@ class HARTForT2I(nn.Module):
         top_k: int = 600,
         top_p: float = 0.96,
     ) -> dict[str, torch.Tensor]:
-        """HART's residual-head training loss (HART_SPEC §3.2).
+        """HART's residual-head training loss (docs/design/transformer.md, "Head training loss").
 
         The last-scale token is sampled from the model's own logits (no CFG, no gradient; if sampling
         fails on non-finite logits, `fallback_idx_Bk`, the ground truth, is used as released), the

@@ -1,7 +1,8 @@
 """Training objective of the HART transformer + residual diffusion head (joint or head-only).
 
 HART's training code was never released; this builds the training forward from the
-released model's `forward` and the paper (HART_SPEC §2.2, §3.2):
+released model's `forward` and the paper (docs/design/transformer.md, "Classifier-free guidance in training",
+"Last-scale token subsampling" and "Head training loss"):
 
 1. CFG text dropout: a row's text features are zeroed (mask and positions untouched, as
    released) with probability `cond_drop_rate` (Bernoulli). `cond_drop_randn_quirk=True`

@@ -222,7 +222,7 @@ def test_elastic_run_goes_on_after_a_node_loss_with_exactly_once_input(train_ass
         # the idle node. What this variant proves is the growth: 1 worker, then 2 once the node rejoins.
         assert 1 in sizes and sizes[-1] == 2 and sizes.index(2, sizes.index(1)) > 0, \
             f"the run did not grow back to 2 workers: {sizes}"
-        # the same run without a resize, beside it: the curves the README's elastic section points to
+        # the same run without a resize, beside it: the curves docs/cluster.md's elastic section points to
         steady = train_config(on_s3(train_assets, s3_bucket, s3_endpoint), s3_bucket, s3_endpoint, mlflow_server,
                               tmp_path, f"run.max_steps={max_steps}", "run.checkpoint_every=4", "run.name=steady",
                               "scaling.num_workers=2", "scaling.cpus_per_worker=2", "scaling.placement_strategy=PACK")

@@ -1,6 +1,6 @@
 """The fine-tuning recipe end to end on stand-ins: an official-format tiny release (tokenizer/ and llm/
 with ema_model.bin, written by this project's export code) and a tiny random Qwen2 built offline take the
-README's steps: precompute with them, fine-tune `jobs/configs/finetune_hart_0.7b.yaml` (sizes and devices
+steps of docs/fine-tuning.md: precompute with them, fine-tune `jobs/configs/finetune_hart_0.7b.yaml` (sizes and devices
 overridden for a CPU) from the release's EMA weights, export, load the export and generate."""
 
 from __future__ import annotations

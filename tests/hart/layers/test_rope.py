@@ -21,7 +21,8 @@ from hart.layers.rope import (
 
 
 def spec_rope_2d(x, row, col, hd, theta=10000.0):
-    """HART_SPEC §2.2 written out per dimension: layout [row f, row f, col f, col f], dim j paired with j + hd/2."""
+    """(docs/design/transformer.md, "2-D RoPE") written out per dimension: layout [row f, row f, col f, col f],
+    dim j paired with j + hd/2."""
     q = hd // 4
     inv = [1.0 / theta ** (4 * i / hd) for i in range(q)]
     angle = [row * inv[j % q] if j < hd // 2 else col * inv[j % q] for j in range(hd)]

@@ -55,8 +55,8 @@ def test_normalized_positions_span_zero_to_rope_norm_on_every_scale():
 
 
 def test_rope_table_matches_the_star_formula():
-    """Independent restatement of HART_SPEC §7: x = t mod pn, y = t div pn, scaled by norm/(pn-1);
-    angles [x*f, y*f] with f = theta^(-arange(0, hd, 4)/hd), applied to interleaved pairs."""
+    """Independent restatement of (docs/design/star.md, "Normalized RoPE"): x = t mod pn, y = t div pn,
+    scaled by norm/(pn-1); angles [x*f, y*f] with f = theta^(-arange(0, hd, 4)/hd), applied to interleaved pairs."""
     model = make_model()
     hd = CFG.head_dim()
     freqs = 1.0 / CFG.rope_theta ** (torch.arange(0, hd, 4).float() / hd)

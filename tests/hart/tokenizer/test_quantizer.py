@@ -1,5 +1,6 @@
 """Tests of hart/tokenizer/quantizer.py: Phi selection, residual identity, teacher forcing, and agreement
-with an independent, deliberately plain re-derivation of VAR's multi-scale loop (HART_SPEC §1.1).
+with an independent, deliberately plain re-derivation of VAR's multi-scale loop
+(docs/design/tokenizer.md, "Multi-scale residual quantization").
 
 Run: .venv/bin/pytest tests/hart/tokenizer/test_quantizer.py -q
 """
