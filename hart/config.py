@@ -213,6 +213,37 @@ def tokenizer_config(value: str | dict[str, Any] = "tiny") -> TokenizerConfig:
     return preset_or_dict(TokenizerConfig, TOKENIZER_PRESETS, value, "tokenizer")
 
 
+# VAR's `VQVAE(...)` keyword arguments and their defaults in its released code (models/vqvae.py).
+VAR_VQVAE_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 4096, "z_channels": 32, "ch": 128, "dropout": 0.0, "beta": 0.25, "using_znorm": False,
+    "quant_conv_ks": 3, "quant_resi": 0.5, "share_quant_resi": 4, "default_qresi_counts": 0,
+    "v_patch_nums": PATCH_NUMS_256, "test_mode": True,
+}
+
+
+def tokenizer_config_from_var(**vqvae_kwargs: Any) -> TokenizerConfig:
+    """The `TokenizerConfig` of the net VAR's `VQVAE(**vqvae_kwargs)` builds, e.g. its released one:
+    `tokenizer_config_from_var(vocab_size=4096, z_channels=32, ch=160, share_quant_resi=4,
+    v_patch_nums=PATCH_NUMS_256)`. VAR fixes the rest of the net (levels (1, 1, 2, 2, 4), 2 blocks per
+    level, attention, 32 norm groups): the `TokenizerConfig` defaults. ValueError on an unknown
+    argument or an option this library does not build."""
+    unknown = sorted(set(vqvae_kwargs) - set(VAR_VQVAE_DEFAULTS))
+    if unknown:
+        raise ValueError(f"not arguments of VAR's VQVAE: {unknown} (known: {sorted(VAR_VQVAE_DEFAULTS)})")
+    args = {**VAR_VQVAE_DEFAULTS, **vqvae_kwargs}
+    if args["using_znorm"]:
+        raise ValueError("using_znorm=True (cosine nearest code) is not supported: the released VAR and HART use L2")
+    if args["quant_conv_ks"] != 3:
+        raise ValueError(f"quant_conv_ks={args['quant_conv_ks']} is not supported (only 3, as released)")
+    if args["share_quant_resi"] < 1:
+        raise ValueError("share_quant_resi=0 (one Phi per scale) is not supported; use >= 1 (released: 4)")
+    # test_mode (frozen eval mode) and default_qresi_counts (read only when share_quant_resi=0) do not
+    # change the net.
+    return TokenizerConfig(vocab_size=args["vocab_size"], z_channels=args["z_channels"], ch=args["ch"],
+                           dropout=args["dropout"], beta=args["beta"], quant_resi=args["quant_resi"],
+                           share_quant_resi=args["share_quant_resi"], patch_nums=tuple(args["v_patch_nums"]))
+
+
 def transformer_config(value: str | dict[str, Any] = "tiny") -> TransformerConfig:
     return preset_or_dict(TransformerConfig, TRANSFORMER_PRESETS, value, "transformer")
 
@@ -220,5 +251,5 @@ def transformer_config(value: str | dict[str, Any] = "tiny") -> TransformerConfi
 __all__ = [
     "PATCH_NUMS_256", "PATCH_NUMS_512", "PATCH_NUMS_1024",
     "TokenizerConfig", "TransformerConfig", "TOKENIZER_PRESETS", "TRANSFORMER_PRESETS",
-    "tokenizer_config", "transformer_config",
+    "tokenizer_config", "tokenizer_config_from_var", "transformer_config", "VAR_VQVAE_DEFAULTS",
 ]

@@ -107,11 +107,15 @@ def load_state_into(model: STARForT2I, state: Mapping[str, torch.Tensor], what: 
     model.load_state_dict(state, strict=True)
 
 
-def load_star(path: str | Path, config: StarConfig | None = None) -> STARForT2I:
-    """A `STARForT2I` from a released-format `.pth`; `config` overrides what the file implies."""
+def load_star(path: str | Path, config: StarConfig | None = None,
+              patch_nums: tuple[int, ...] | None = None) -> STARForT2I:
+    """A `STARForT2I` from a released-format `.pth`. Its config is read off the weights and the
+    trainer dict's scale list; `patch_nums` gives the scale list where the file lacks it (or
+    overrides it), `config` replaces the whole config."""
     state, trainer_config = read_star_checkpoint(path)
     if config is None:
-        patch_nums = trainer_config.get("patch_nums") if isinstance(trainer_config, Mapping) else None
+        if patch_nums is None and isinstance(trainer_config, Mapping):
+            patch_nums = trainer_config.get("patch_nums")
         config = config_from_state_dict(state, patch_nums)
     with torch.device("meta"):  # no random init of weights that the checkpoint overwrites (1.7B at d30)
         model = STARForT2I(config)

@@ -15,7 +15,9 @@ Where HART puts the text into the sequence, STAR keeps it out:
 - `class_emb` (num_classes + 1 rows) is VAR's class embedding. STAR never reads it; it exists so
   the released checkpoints load strictly.
 The released block adds batch row 0's cross-attention output to every row; `cross_attn_batch0_quirk`
-reproduces that, per-row cross-attention is the default (see `hart.star.config`).
+reproduces that, per-row cross-attention is the default (see `hart.star.config`). The blocks read it
+from `model.config` at every forward, so `model.config = replace(model.config, cross_attn_batch0_quirk=True)`
+on a built model takes effect.
 
 Entry points:
 - `forward(text_BTD, text_mask_BT, pooled_BD, teacher_forced_input_BLC)`: training logits of every
@@ -107,7 +109,6 @@ class StarBlock(nn.Module):
         # One parameter-free norm serves all three branches, as in the reference.
         self.ln_wo_grad = nn.LayerNorm(C, eps=config.norm_eps, elementwise_affine=False)
         self.drop_path_rate = drop_path_rate
-        self.batch0_quirk = config.cross_attn_batch0_quirk
 
     def forward(
         self,
@@ -117,11 +118,12 @@ class StarBlock(nn.Module):
         keep_B11T: torch.Tensor,
         segment_ends: list[int] | None = None,
         cache: KVCache | None = None,
+        batch0_quirk: bool = False,
     ) -> torch.Tensor:
         attended = self.attn(self.ln_wo_grad(x_BLC), rope, segment_ends=segment_ends, cache=cache)
         x_BLC = x_BLC + drop_path(attended, self.drop_path_rate, self.training)
         cross_BLC = self.cross_attn(self.ln_wo_grad(x_BLC), text_BTD, keep_B11T)
-        if self.batch0_quirk:  # the released `cross_attn(...)[0] + x`: row 0's output broadcast to all rows
+        if batch0_quirk:  # the released `cross_attn(...)[0] + x`: row 0's output broadcast to all rows
             cross_BLC = cross_BLC[:1].expand_as(cross_BLC)
         x_BLC = x_BLC + cross_BLC
         return x_BLC + drop_path(self.ffn(self.ln_wo_grad(x_BLC)), self.drop_path_rate, self.training)
@@ -246,8 +248,9 @@ class STARForT2I(nn.Module):
             rope = (rope[0].index_select(1, positions_L), rope[1].index_select(1, positions_L), rope[2])
             segment_ends[-1] = positions_L.numel()
         keep_B11T = text_key_mask(text_mask_BT)
+        quirk = self.config.cross_attn_batch0_quirk
         for block in self.blocks:
-            x_BLC = block(x_BLC, rope, text_BTD, keep_B11T, segment_ends=segment_ends)
+            x_BLC = block(x_BLC, rope, text_BTD, keep_B11T, segment_ends=segment_ends, batch0_quirk=quirk)
         return self.logits(x_BLC)
 
     def kept_positions(self, keep_last_K: torch.Tensor) -> torch.Tensor:
@@ -287,8 +290,9 @@ class STARForT2I(nn.Module):
 
     def _run_cached(self, x_BlC: torch.Tensor, si: int, state: SamplingState) -> torch.Tensor:
         rope = self.rope(self.grid.offsets[si], self.grid.offsets[si + 1])
+        quirk = self.config.cross_attn_batch0_quirk
         for block, cache in zip(self.blocks, state.caches):
-            x_BlC = block(x_BlC, rope, state.text_BTD, state.keep_B11T, cache=cache)
+            x_BlC = block(x_BlC, rope, state.text_BTD, state.keep_B11T, cache=cache, batch0_quirk=quirk)
         return self.logits(x_BlC)
 
 

@@ -9,7 +9,8 @@ import pytest
 
 from configuration.loader import apply_overrides, config_from_dict, config_to_dict, read_config_file, replace
 from hart.config import (
-    PATCH_NUMS_256, PATCH_NUMS_1024, TOKENIZER_PRESETS, TRANSFORMER_PRESETS, TokenizerConfig, TransformerConfig, tokenizer_config, transformer_config,
+    PATCH_NUMS_256, PATCH_NUMS_1024, TOKENIZER_PRESETS, TRANSFORMER_PRESETS, TokenizerConfig, TransformerConfig, tokenizer_config,
+    tokenizer_config_from_var, transformer_config,
 )
 
 
@@ -84,3 +85,17 @@ def test_star_style_options_default_to_stars_released_constants_and_refuse_a_sil
     with pytest.raises(ValueError, match="rope_norm and rope_theta must be > 0"):
         TransformerConfig(rope_mode="star", rope_norm=0.0)
     assert TransformerConfig(attn_type="gpt2").rope_mode == "hart"  # the default stays buildable
+
+
+def test_a_tokenizer_config_from_vars_vqvae_arguments():
+    # VAR's released tokenizer, as its trainer builds it: the var-d16-f16 preset.
+    released = tokenizer_config_from_var(vocab_size=4096, z_channels=32, ch=160, test_mode=True, share_quant_resi=4,
+                                         v_patch_nums=PATCH_NUMS_256)
+    assert released == TOKENIZER_PRESETS["var-d16-f16"]
+    assert tokenizer_config_from_var().ch == 128  # VQVAE's own default width
+    with pytest.raises(ValueError, match=r"not arguments of VAR's VQVAE: \['ch_mult'\]"):
+        tokenizer_config_from_var(ch_mult=(1, 2))
+    with pytest.raises(ValueError, match="using_znorm"):
+        tokenizer_config_from_var(using_znorm=True)
+    with pytest.raises(ValueError, match="share_quant_resi=0"):
+        tokenizer_config_from_var(share_quant_resi=0)

@@ -94,6 +94,14 @@ def test_bare_state_dict_loads(tmp_path):
     assert torch.equal(model.head_logits.weight, state["head_logits.weight"])
 
 
+def test_a_file_without_a_scale_list_of_no_released_shape_takes_patch_nums(tmp_path):
+    torch.save(reference_state(depth=3), tmp_path / "deeper.pth")  # no preset has depth 3, no trainer dict
+    with pytest.raises(ValueError, match="pass patch_nums"):
+        load_star(tmp_path / "deeper.pth")
+    model = load_star(tmp_path / "deeper.pth", patch_nums=CFG.patch_nums)
+    assert model.config.depth == 3 and model.config.patch_nums == CFG.patch_nums
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda s: s.pop("blocks.1.cross_attn.mat_q.weight"), "missing keys.*blocks.1.cross_attn.mat_q.weight"),
     (lambda s: s.update({"head_logits2.weight": torch.zeros(4, 4)}), "unexpected keys.*head_logits2.weight"),

@@ -218,6 +218,13 @@ def test_batch0_quirk_changes_rows_after_the_first_only():
     torch.testing.assert_close(released[0], per_row[0], rtol=0, atol=0)
     for row in range(1, B):
         assert (released[row] - per_row[row]).abs().max() > 1e-4
+    # The switch is read at every forward: changing a built model's config takes effect, both ways.
+    model.config = replace(model.config, cross_attn_batch0_quirk=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(text, mask, pooled, tf), released, rtol=0, atol=0)
+    quirky.config = replace(quirky.config, cross_attn_batch0_quirk=False)
+    with torch.no_grad():
+        torch.testing.assert_close(quirky(text, mask, pooled, tf), per_row, rtol=0, atol=0)
 
 
 def test_wrong_input_shapes_are_refused():
