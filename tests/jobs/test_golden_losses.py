@@ -3,8 +3,8 @@ STAR ar), compared with `tests/assets/golden_losses.json`.
 
 Design: each stage runs through the worker's own code without Ray (`jobs.train.setup_worker`, then
 `jobs.worker_step.optimizer_step` with the worker's per-step generator seed), on fixed data: the
-first rows of the session's real token cache for the transformer stages, rendered shapes for the
-tokenizer. A refactor that is meant to keep numerics must leave every recorded loss within
+first rows of the real token cache `train_assets` builds for the transformer stages, rendered
+shapes for the tokenizer. A refactor that is meant to keep numerics must leave every recorded loss within
 `RELATIVE_TOLERANCE` (fp32 on CPU; the slack covers kernels that sum in another order on another
 CPU or thread count, not a changed formula: a 1% change of the learning rate moves the last steps
 by more). A change that is meant to move numerics regenerates the record, and says so in its commit:
