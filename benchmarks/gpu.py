@@ -55,6 +55,10 @@ the CPU). CPU figures say nothing about a GPU.
 
 Run:  python -m benchmarks.gpu [--budget-s 480] [--only train,generate,tokenizer] [--train-batch 256=32,...]
       python -m benchmarks.gpu --smoke
+
+Why one module of this length: GPU time is often short (a shared or rented card), so every GPU figure runs from one
+prepared command; each row calls the CPU-tested code of its measurement (`benchmarks.mfu.mfu_run`,
+the samplers, the tokenizer), and what stays here is each row's set-up, the budget and the table.
 """
 
 from __future__ import annotations

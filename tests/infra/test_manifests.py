@@ -8,6 +8,8 @@ tolerations and `ray start` params, token auth on, MLflow auth on, loopback bind
 servers. The cluster checker is itself run on planted errors so that it cannot pass silently.
 Images, credentials and the README are checked in test_images_and_secrets.py. Budget: a few
 seconds (Ray import included).
+Why one module of this length: the checks are of contracts between the manifests (entrypoints, GPU
+counts, auth settings), so they read the same parsed set of files.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ not unpickle a function defined here. One launch runs every variant (process sta
 process group are the slow part on 2 cores); the reference is one plain process on the whole batch.
 
 Run: .venv/bin/python -m pytest -q tests/hart/training/test_parallelize.py
+Why one module of this length: the two-process variants share one launch of the gloo ranks, and
+splitting them over files would start the ranks once per file.
 """
 
 from __future__ import annotations
