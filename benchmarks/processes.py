@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import psutil
 
@@ -80,6 +80,21 @@ class HostSteal:
         return "" if self.share is None else f", host steal {100 * self.share:.0f}%"
 
 
+class ProcessHandles:
+    """One psutil handle per pid (psutil caches what it can per handle); `read` forgets a pid once its
+    process is gone or unreadable and returns None for it."""
+
+    def __init__(self):
+        self._handles: dict[int, psutil.Process] = {}
+
+    def read(self, pid: int, what: Callable[[psutil.Process], Any]) -> Any:
+        try:
+            return what(self._handles.get(pid) or self._handles.setdefault(pid, psutil.Process(pid)))
+        except psutil.Error:
+            self._handles.pop(pid, None)
+            return None
+
+
 class MemorySampler:
     """Resident memory of a set of named processes, sampled every `every_s` on a thread.
 
@@ -95,17 +110,14 @@ class MemorySampler:
         self.listing = processes if callable(processes) else (lambda: processes)
         self.every_s, self.private = every_s, private
         self.samples: list[tuple[float, dict[str, int]]] = []
-        self._handles: dict[int, psutil.Process] = {}  # one handle per pid: psutil caches what it can
+        self._handles = ProcessHandles()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.started = time.perf_counter()
 
     def _rss(self, pid: int) -> int | None:
-        try:
-            process = self._handles.get(pid) or self._handles.setdefault(pid, psutil.Process(pid))
-            info = process.memory_info()
-        except psutil.Error:
-            self._handles.pop(pid, None)
+        info = self._handles.read(pid, psutil.Process.memory_info)
+        if info is None:
             return None
         return info.rss - info.shared if self.private else info.rss
 
@@ -155,19 +167,14 @@ class CpuSampler:
         self.listing, self.every_s = processes, every_s
         self.seconds: dict[str, float] = {}
         self._last: dict[int, float] = {}
-        self._handles: dict[int, psutil.Process] = {}
+        self._handles = ProcessHandles()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.started = self.ended = time.perf_counter()
 
     def _cpu(self, pid: int) -> float | None:
-        try:
-            process = self._handles.get(pid) or self._handles.setdefault(pid, psutil.Process(pid))
-            times = process.cpu_times()
-        except psutil.Error:
-            self._handles.pop(pid, None)
-            return None
-        return times.user + times.system
+        times = self._handles.read(pid, psutil.Process.cpu_times)
+        return None if times is None else times.user + times.system
 
     def sample(self) -> None:
         for pid, role in self.listing().items():

@@ -117,7 +117,7 @@ def bare_loop(config, cache: str, steps: int, on_step=None) -> None:
     Setup and step are the worker's own (`jobs.train.setup_worker`, `optimizer_step` + the EMA update,
     each step's generator seeded as the worker seeds it); only the data source differs.
     """
-    from jobs.worker_step import optimizer_step
+    from jobs.worker_step import optimizer_step, step_seed
     from jobs.train import setup_worker
     from pipelines.cache import batch_to_tensors, read_cache_table, read_manifest, table_to_numpy
 
@@ -129,7 +129,7 @@ def bare_loop(config, cache: str, steps: int, on_step=None) -> None:
                for i in range(0, table.num_rows - batch_size + 1, batch_size)]
     generator = torch.Generator()
     for step in range(steps):
-        generator.manual_seed(hash((config.run.seed, 0, step)) % (2**63))
+        generator.manual_seed(step_seed(config.run.seed, 0, step))
         optimizer_step(config, setup.stage, setup.objective, setup.disc_objective, setup.optimizer, setup.scheduler,
                        setup.disc_optimizer, [batches[step % len(batches)]], step, generator)
         setup.ema.update(setup.stage.model)

@@ -53,7 +53,7 @@ from jobs import tracking
 from jobs.resume import PROGRESS_FILE, resumable_checkpoint
 from jobs.sample_grids import log_samples, sampling_text_encoder
 from jobs.stages import Stage, build_stage
-from jobs.worker_step import global_losses, optimizer_step, throughput
+from jobs.worker_step import global_losses, optimizer_step, step_seed, throughput
 from jobs.train_config import TrainRunConfig, load_train_config, with_absolute_paths
 from pipelines.online import VisitLedger
 from pipelines.progress import Progress, show_ray_data_progress
@@ -407,7 +407,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                          for b in micro_batches]
         context_seconds = time.perf_counter() - preparing  # to the device, captions encoded on this worker
         sample_batch = sample_batch if sample_batch is not None else micro_batches[0]
-        generator.manual_seed(hash((config.run.seed, rank, step)) % (2**63))
+        generator.manual_seed(step_seed(config.run.seed, rank, step))
         computing = time.perf_counter()
         metrics = optimizer_step(config, stage, objective, disc_objective, optimizer, scheduler, disc_optimizer,
                                  micro_batches, step, generator, weights)

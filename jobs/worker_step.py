@@ -1,7 +1,7 @@
 """What a training worker does each step around the pure `hart.training.step.train_step`
 (called by the worker loop in jobs/train.py; no Ray here, so it is unit-testable).
 
-`optimizer_step`: the stage's step, plus the PatchGAN discriminator's step on the reconstructions
+`step_seed`: the seed of a rank's generator at a step; `optimizer_step`: the stage's step, plus the PatchGAN discriminator's step on the reconstructions
 just made; `codebook_upkeep`: the tokenizer's codebook re-seeding in "full" mode; `global_losses`:
 the losses of the whole global batch, not rank 0's slice; `throughput`: images and tokens per
 second of the whole job.
@@ -14,6 +14,12 @@ import torch
 from hart.training.step import train_step
 from jobs.stages import Stage
 from jobs.train_config import TrainRunConfig, model_configs
+
+
+def step_seed(run_seed: int, rank: int, step: int) -> int:
+    """The seed of `rank`'s generator at `step` (the objectives' random draws: CFG dropout, diffusion
+    timesteps): a function of the run, rank and step only, so a resumed run redraws the same values."""
+    return hash((run_seed, rank, step)) % (2**63)
 
 
 def optimizer_step(config, stage: Stage, objective, disc_objective, optimizer, scheduler, disc_optimizer,

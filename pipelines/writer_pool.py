@@ -40,8 +40,8 @@ from pipelines.writer import InjectedCrash, ShardAssembler, ShardWriter
 # amount keeps it off nodes that declare no CPUs (a Ray head node started with num_cpus=0).
 ROUTE_CPUS = 0.01
 # Memory a route actor's process uses before it holds any rows (unique set size: numpy, pyarrow and
-# Ray Data's worker-side modules; nothing this module imports needs torch): ~128 MiB on the
-# precompute benchmark, plus headroom. `route_memory` adds the rows it holds.
+# Ray Data's worker-side modules; nothing this module imports needs torch): ~110 MiB measured in
+# a route actor, plus headroom. `route_memory` adds the rows it holds.
 ROUTE_BASE_MEMORY = 192 * 2**20
 # Most bytes of rows a route actor handles at once. Its input blocks hold up to Ray Data's target
 # block size (128 MiB by default: a whole 1024px shard), and it holds one of them whole (Ray Data

@@ -2,7 +2,7 @@
 STAR ar), compared with `tests/assets/golden_losses.json`.
 
 Design: each stage runs through the worker's own code without Ray (`jobs.train.setup_worker`, then
-`jobs.worker_step.optimizer_step` with the worker's per-step generator seed), on fixed data: the
+`jobs.worker_step.optimizer_step`, the generator seeded by `step_seed` as on a worker), on fixed data: the
 first rows of the real token cache `train_assets` builds for the transformer stages, rendered
 shapes for the tokenizer. A refactor that is meant to keep numerics must leave every recorded loss within
 `RELATIVE_TOLERANCE` (fp32 on CPU; the slack covers kernels that sum in another order on another
@@ -25,7 +25,7 @@ import torch
 from jobs.train import setup_worker
 from jobs.train_config import load_train_config
 from jobs.train_data import images_collate
-from jobs.worker_step import optimizer_step
+from jobs.worker_step import optimizer_step, step_seed
 from tests.training_fixtures import REPO, tiny_config
 
 RECORD = REPO / "tests" / "assets" / "golden_losses.json"
@@ -76,7 +76,7 @@ def run_losses(train_assets, name: str, tmp_path: Path) -> list[dict[str, float]
         generator = torch.Generator()
         history = []
         for step, batch in enumerate(batches):
-            generator.manual_seed(hash((config.run.seed, 0, step)) % (2**63))  # as the worker seeds it
+            generator.manual_seed(step_seed(config.run.seed, 0, step))
             metrics = optimizer_step(config, setup.stage, setup.objective, setup.disc_objective, setup.optimizer,
                                      setup.scheduler, setup.disc_optimizer, [batch], step, generator)
             history.append({k: round(float(v), 7) for k, v in sorted(metrics.items()) if "loss" in k or k in ("ce", "diffusion")})
