@@ -26,7 +26,7 @@ from PIL import Image
 
 from hart.transformer.generate import to_pil
 from hart.tokenizer.model import HybridTokenizer
-from jobs.train_data import images_collate
+from trainer.data import images_collate
 from pipelines import shapes_classifier
 from pipelines.shapes import BACKGROUNDS, COLOURS, ShapeSample, encode_image, render, sample_spec
 

@@ -180,7 +180,7 @@ def loopback_s3(bucket: str):
     driver) with `bucket` created; yields the endpoint URL. Also used by benchmarks/planning.py.
     While it runs, S3 clients without credentials get moto's placeholder ones (set only where unset,
     and removed again on exit)."""
-    from jobs.local_services import free_port
+    from trainer.local_services import free_port
 
     placeholders = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
     added = [name for name in placeholders if name not in os.environ]

@@ -28,8 +28,8 @@ def run(cache: str, tokenizer: str, work: Path, name: str, seed: int, schedule: 
     """Train through `schedule` [(workers, until step), ...] under one run name; the loss per step."""
     from mlflow.tracking import MlflowClient
 
-    from jobs.train import run_training
-    from jobs.train_config import load_train_config
+    from trainer.driver import run_training
+    from trainer.config import load_train_config
 
     repo = Path(__file__).resolve().parents[1]
     outcome = None

@@ -72,7 +72,7 @@ def trainer_stall(cache: str, steps: int, warmup: int, batch_size: int) -> dict:
     from hart.transformer.objective import t2i_losses
     from hart.tokenizer.model import HybridTokenizer
     from hart.transformer.model import HARTForT2I
-    from jobs.train_data import CacheCollate
+    from trainer.data import CacheCollate
     from pipelines.cache import read_manifest
     from pipelines.cache_stream import CacheStream
     from pipelines.sample_order import SampleOrder, cache_blocks

@@ -72,7 +72,7 @@ def mfu_run(preset: str, resolution: int, batch_size: int, activation_checkpoint
     from hart.tokenizer.quantizer import MultiScaleQuantizer
     from hart.training.step import ExponentialMovingAverage, OptimizerConfig, autocast, build_optimizer, train_step
     from hart.transformer.model import HARTForT2I
-    from jobs.objectives import TransformerObjective
+    from trainer.objectives import TransformerObjective
 
     if patch_nums is None:
         patch_nums = {256: PATCH_NUMS_256, 512: PATCH_NUMS_512, 1024: PATCH_NUMS_1024}[resolution]

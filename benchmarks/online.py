@@ -2,7 +2,7 @@
 
     python -m benchmarks.online [--samples 512 --shards 16 --steps 40 --warmup 5]
 
-Both runs go through `jobs.train.run_training` on a local Ray started here (2 CPUs): tiny presets,
+Both runs go through `trainer.driver.run_training` on a local Ray started here (2 CPUs): tiny presets,
 one worker with 0.5 CPU, batch 8, the same seed, the tiny shapes corpus written here. The cache is
 made first by `pipelines.plan.run_precompute` with the same tokenizer and stage sizes online mode
 uses (tokenizer actor 0.5 CPU, decode 0.25). Reported per run, from the metrics the job logs to
@@ -28,7 +28,7 @@ STAGE_SIZES = ["compute.tokenizer_cpus=0.5", "compute.decode_cpus=0.25"]
 def run_job(config) -> tuple[float, dict[str, list[float]]]:
     from mlflow.tracking import MlflowClient
 
-    from jobs.train import run_training
+    from trainer.driver import run_training
 
     started = time.perf_counter()
     outcome = run_training(config)
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from hart.config import tokenizer_config
     from hart.tokenizer.model import HybridTokenizer
-    from jobs.train_config import load_train_config
+    from trainer.config import load_train_config
     from pipelines.config import load_precompute_config
     from pipelines.plan import run_precompute
     from pipelines.shapes import write_shapes_shards

@@ -7,7 +7,7 @@
 
 Measures in one run, on the same shards and the same tokenizer weights:
   (a) `pipelines.plan.run_precompute` end to end (planning, actor start-up, read, decode, encode,
-      parquet commit) in the local Ray instance hart-precompute starts (`jobs.local_ray.connect`,
+      parquet commit) in the local Ray instance hart-precompute starts (`trainer.ray_session.connect`,
       already running when the clock starts; workers at the driver's priority), with the shipped job config
       `jobs/configs/precompute.yaml` (its `compute` section is what a user gets; on `--device cuda`
       the GPU sizing from that file's header), only input/output/tokenizer/batch size set here,
@@ -56,7 +56,7 @@ import torch
 from benchmarks import data_plane
 from benchmarks.processes import CpuSampler, command_line, process_tree
 from hart.config import TOKENIZER_PRESETS
-from jobs.local_ray import connect
+from trainer.ray_session import connect
 from pipelines import manifest as manifest_lib
 from pipelines import shapes, shard_source
 from pipelines.config import InputConfig, PreprocessConfig, TokenizerSource, load_precompute_config

@@ -3,10 +3,10 @@
     python -m benchmarks.ray_overhead [--steps 600] [--warmup 5] [--threads 2,1] [--cache DIR --tokenizer DIR]
 
 Both sides run the joint stage, tiny preset, CPU, batch 16, from the same token cache:
-- `bare`: the worker's setup (`jobs.train.setup_worker`: stage, wrapped loss module, optimizer,
-  scheduler, EMA) and step (`jobs.worker_step.optimizer_step` + the EMA update) in a plain Python loop over
+- `bare`: the worker's setup (`trainer.worker.setup_worker`: stage, wrapped loss module, optimizer,
+  scheduler, EMA) and step (`trainer.worker_step.optimizer_step` + the EMA update) in a plain Python loop over
   batches already in memory. No Ray, no data stream, no logging.
-- `ray`: the same config through `jobs.train.run_training` (TorchTrainer, 1 worker, the cache stream of jobs/train_input.py,
+- `ray`: the same config through `trainer.driver.run_training` (TorchTrainer, 1 worker, the cache stream of trainer/batches.py,
   MLflow logging to a sqlite file every `run.log_every` steps as in `jobs/configs/train_tiny.yaml`, a
   checkpoint at the end). Its per-step time is the worker's own `step_seconds` metric: the loop's
   period, data wait, EMA and logging included; `data_seconds` / `context_seconds` /
@@ -85,7 +85,7 @@ def local_training_assets(args, prefix: str) -> tuple[Path, str, str]:
     """The jobs' local Ray (2 CPUs, workers at the driver's priority) and (work folder, cache, tokenizer): the
     `--cache` given, else a `--num-samples` shapes cache made here. For the benchmarks that run Ray
     Train jobs on the tiny cache (benchmarks/train_input.py, benchmarks/elastic_loss.py)."""
-    from jobs.local_ray import connect
+    from trainer.ray_session import connect
 
     os.environ.setdefault("RAY_worker_niceness", "0")
     connect(None, num_cpus=2, ray_train=True)
@@ -97,7 +97,7 @@ def local_training_assets(args, prefix: str) -> tuple[Path, str, str]:
 
 def train_config(args, cache: str, tokenizer: str, work: Path):
     """The Ray job's config (also the bare loop's): `--warmup` + `--steps` steps, one checkpoint at the end."""
-    from jobs.train_config import load_train_config
+    from trainer.config import load_train_config
 
     total = args.warmup + args.steps
 
@@ -114,11 +114,11 @@ def train_config(args, cache: str, tokenizer: str, work: Path):
 def bare_loop(config, cache: str, steps: int, on_step=None) -> None:
     """`steps` of the worker's step over the cache's batches held in memory, calling `on_step()` after each.
 
-    Setup and step are the worker's own (`jobs.train.setup_worker`, `optimizer_step` + the EMA update,
+    Setup and step are the worker's own (`trainer.worker.setup_worker`, `optimizer_step` + the EMA update,
     each step's generator seeded as the worker seeds it); only the data source differs.
     """
-    from jobs.worker_step import optimizer_step, step_seed
-    from jobs.train import setup_worker
+    from trainer.worker_step import optimizer_step, step_seed
+    from trainer.worker import setup_worker
     from pipelines.cache import batch_to_tensors, read_cache_table, read_manifest, table_to_numpy
 
     manifest = read_manifest(cache)
@@ -194,8 +194,8 @@ def interleave(args, cache: str, tokenizer: str, work: Path, threads: int) -> fl
     from mlflow.tracking import MlflowClient
 
     from hart.config import transformer_config
-    from jobs import tracking
-    from jobs.train import run_training
+    from trainer import tracking
+    from trainer.driver import run_training
 
     torch.set_num_threads(threads)
     args.threads = threads

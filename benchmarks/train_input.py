@@ -3,7 +3,7 @@
     python -m benchmarks.train_input [--steps 150] [--cache DIR --tokenizer DIR]
 
 The joint stage, tiny preset, batch 16, one worker at one torch thread (about 100 ms a step on a
-2-core CPU host), through `jobs.train.run_training` as a user runs it, MLflow logging every step:
+2-core CPU host), through `trainer.driver.run_training` as a user runs it, MLflow logging every step:
 1. `--steps` steps from the start; the worker's per-step `data_seconds` (time blocked on the input)
    and `step_seconds` (the loop's period) give the data-wait share (sum of waits / sum of periods,
    the first `--warmup` steps left out) and the median and 95th-percentile wait;
@@ -26,8 +26,8 @@ from benchmarks.ray_overhead import add_asset_flags, local_training_assets
 
 
 def run(args, cache: str, tokenizer: str, work: Path, name: str, steps: int):
-    from jobs.train import run_training
-    from jobs.train_config import load_train_config
+    from trainer.driver import run_training
+    from trainer.config import load_train_config
 
     repo = Path(__file__).resolve().parents[1]
     config = load_train_config(str(repo / "jobs/configs/train_tiny.yaml"), "joint", [

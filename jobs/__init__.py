@@ -1,1 +1,1 @@
-"""Ray job entry points (precompute, train, generate, demo): the only code that calls ray.init, ray.train or mlflow."""
+"""Entry points: each parses its command line, builds its typed config and runs one function of the packages below."""

@@ -15,14 +15,14 @@ Steps (each is the real job, run in-process on one local Ray instance):
                  validated on real held-out images (it must score >= 98% there); steps 5 and 6
                  run through hart-evaluate, whose figures, per-category table and grid go to
                  the joint run as `eval/with_head/...` and `eval/without_head/...`
-                 (`jobs.demo_evaluation`)
+                 (`demo.figures`)
 Everything is tracked in MLflow (embedded default: sqlite store `runs/mlflow.db`); the summary
 says where caches, checkpoints, samples and runs are, and prints the link that opens the runs in
 the MLflow UI's model-training view. With the same seed both training stages train on the same
 batches (the tokenizer stage keeps Ray Data's block order, `data.preserve_order`; the joint stage
 reads the cache in the run's fixed order), so two demo runs differ only by what their settings change.
 
-Every demo ends by checking that each step left its outputs (`jobs.demo_outputs`) and exits
+Every demo ends by checking that each step left its outputs (`demo.outputs`) and exits
 non-zero when one is missing. `--smoke` runs the same chain at tiny step counts, in about two and
 a half minutes on 2 cores, in a temporary workdir that is removed when every check passes (or in
 `--workdir`, kept): it checks the plumbing, not the quality. `make demo-smoke` runs it under
@@ -30,7 +30,7 @@ pytest together with the tests of the check itself (tests/jobs/test_demo_smoke.p
 
 `--storage s3` runs the same demo against a local S3-compatible server (moto, loopback) for
 shards, caches and checkpoints and an `mlflow server` process on loopback, both started and
-stopped here (`jobs.local_services`): the cluster code path on one machine. Before the servers stop, everything the
+stopped here (`trainer.local_services`): the cluster code path on one machine. Before the servers stop, everything the
 bucket holds (shards, cache, checkpoints, MLflow artifacts) is copied to `<workdir>/s3-copy/`,
 and the summary names the MLflow store and the `make mlflow-ui` line that serve those copies.
 """
@@ -51,7 +51,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from jobs.demo_evaluation import CLASSIFIER_MIN_ACCURACY, SAMPLE_TAGS, evaluate, log_figures, psnr_verdict
+from demo.figures import CLASSIFIER_MIN_ACCURACY, SAMPLE_TAGS, evaluate, log_figures, psnr_verdict
 from pipelines.eval_protocol import PROTOCOLS
 
 DEMO_PROTOCOL = PROTOCOLS["demo"]
@@ -176,7 +176,7 @@ def shown(path: Path) -> str:
 
 def mlflow_ui_command(services: Services) -> str:
     """The `make mlflow-ui` line that serves this demo's runs (the Makefile's default store is the jobs' default)."""
-    from jobs.tracking import DEFAULT_TRACKING_URI
+    from trainer.tracking import DEFAULT_TRACKING_URI
 
     command = "make mlflow-ui"
     if services.mlflow_store != Path.cwd() / DEFAULT_TRACKING_URI.removeprefix("sqlite:///"):
@@ -191,7 +191,7 @@ def experiment_link(tracking_uri: str, run_id: str) -> str:
     alone when the run cannot be read: the outputs check reports that)."""
     from mlflow.tracking import MlflowClient
 
-    from jobs.tracking import experiment_ui_url
+    from trainer.tracking import experiment_ui_url
 
     try:
         return experiment_ui_url(MLFLOW_UI, MlflowClient(tracking_uri=tracking_uri).get_run(run_id).info.experiment_id)
@@ -211,7 +211,7 @@ def demo_services(config: DemoConfig, workdir: Path):
         return
     import boto3
 
-    from jobs.local_services import mlflow_server, s3_server
+    from trainer.local_services import mlflow_server, s3_server
     from pipelines import storage
 
     with s3_server(verbose=True) as endpoint:
@@ -249,7 +249,7 @@ def stage_config(name: str, run_name: str, services: Services, sets: dict):
     """The TrainRunConfig of recipe `name` for this demo: the recipe, this demo's storage and MLflow
     servers, then `sets` (dotted keys: the flags' values and paths)."""
     from configuration.loader import apply_overrides, config_from_dict
-    from jobs.train_config import TrainRunConfig
+    from trainer.config import TrainRunConfig
 
     here = {"run.name": run_name, "run.storage_path": f"{services.root}/train", "run.endpoint_url": services.endpoint,
             "tracking.tracking_uri": services.tracking_uri, "tracking.artifact_location": services.artifact_location}
@@ -258,7 +258,7 @@ def stage_config(name: str, run_name: str, services: Services, sets: dict):
 
 
 def train_stage(name: str, run_name: str, services: Services, export_dir: Path, sets: dict) -> dict:
-    from jobs.train import run_training
+    from trainer.driver import run_training
 
     return run_training(stage_config(name, run_name, services, sets), str(export_dir))
 
@@ -268,7 +268,7 @@ def run(config: DemoConfig, temporary: bool = False) -> dict:
     every step produced its outputs). `temporary`: the workdir and its store go when the check passes."""
     import ray
 
-    from jobs.demo_outputs import check_demo
+    from demo.outputs import check_demo
     from jobs.precompute import main as precompute_main
     from pipelines.shapes import write_shapes_shards
 
@@ -296,7 +296,7 @@ def run(config: DemoConfig, temporary: bool = False) -> dict:
     # the MLflow run of an earlier demo whose checkpoints were just deleted.
     tag = time.strftime("%Y%m%d-%H%M%S")
     with demo_services(config, workdir) as services:
-        from jobs.local_ray import LOCAL_RAY_RUNTIME_ENV
+        from trainer.ray_session import LOCAL_RAY_RUNTIME_ENV
 
         root, endpoint = services.root, services.endpoint
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True,

@@ -85,7 +85,7 @@ def read_prompt_list(args: argparse.Namespace):
 
 def model_files(args: argparse.Namespace, ema: bool) -> dict[str, str]:
     """The generator's files (`llm`, `star`, `tokenizer`), each a local path that exists."""
-    from jobs.export import read_export
+    from trainer.export import read_export
 
     files = read_export(args.export, ema) if args.export else {"llm": args.llm or "", "star": args.star or ""}
     if args.tokenizer:
@@ -102,7 +102,7 @@ def model_files(args: argparse.Namespace, ema: bool) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from jobs.evaluate import protocol_from_args
+    from trainer.evaluation import protocol_from_args
     from pipelines.eval_protocol import groups
     from pipelines.eval_stages import generate_group, load_generator
 

@@ -43,8 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
-from jobs.local_services import mlflow_server
-from jobs.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING_VIEW, experiment_ui_url
+from trainer.local_services import mlflow_server
+from trainer.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING_VIEW, experiment_ui_url
 
 # Headless and quiet on a closed network: without the background-networking flags Chromium keeps
 # opening connections (updates, sync, field trials) that the network refuses.

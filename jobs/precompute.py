@@ -9,7 +9,7 @@ On a cluster, submit the same command as a Ray job (the working dir carries the 
     ray job submit --address http://HEAD:8265 --working-dir . -- \
         python -m jobs.precompute --config jobs/configs/precompute.yaml --set output=s3://bucket/tokens/run1
 
-Design: a thin shell. It parses the config, connects to Ray (`jobs.local_ray.connect`: a cluster
+Design: a thin shell. It parses the config, connects to Ray (`trainer.ray_session.connect`: a cluster
 only when --address or RAY_ADDRESS names one, as under `ray job submit`; otherwise a private local
 instance sized by `--num-cpus`), runs `pipelines.plan.run_precompute`, prints the summary table, and
 exits non-zero naming any shard that could not be read. Rerunning the same command resumes:
@@ -28,7 +28,7 @@ from pipelines.config import load_precompute_config
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from configuration.cli import HelpFormatter
-    from jobs.local_ray import ADDRESS_HELP
+    from trainer.ray_session import ADDRESS_HELP
 
     parser = argparse.ArgumentParser(prog="hart-precompute", description=__doc__.split("\n\n")[0],
                                      formatter_class=HelpFormatter)
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"hart-precompute: config error: {exc}", file=sys.stderr)
         return 2
-    from jobs.local_ray import connect
+    from trainer.ray_session import connect
     from pipelines import storage
     from pipelines.plan import run_precompute
 

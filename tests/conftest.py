@@ -21,6 +21,10 @@ Fixtures (reuse them; they are generic):
                   resource. It yields a `MultiNode` (cluster, head, nodes by name, `node_name(id)`).
                   The session's local instance (`ray_local`) is shut down for the module and started
                   again afterwards. Only S3 is shared storage between its nodes, by convention.
+- `tiny_lpips_weights` function scope: a tiny LPIPS metric (VGG trunk widths 4..16) written as two local
+                  files the way users bring the real ones: the trunk with torchvision's `features.*` keys
+                  (plus an unused classifier key, as a full torchvision checkpoint has) and the heads
+                  `lin{i}.model.1.weight`; yields their paths.
 
 Fake credentials: at import this file sets AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY to
 "testing", AWS_REGION to us-east-1 and AWS_EC2_METADATA_DISABLED=true, unless already set, so
@@ -104,7 +108,7 @@ def ray_cluster(ray_local):
 
 @pytest.fixture(scope="session")
 def s3_endpoint():
-    from jobs.local_services import s3_server
+    from trainer.local_services import s3_server
 
     with s3_server() as endpoint:
         yield endpoint
@@ -115,7 +119,7 @@ def s3_strict_endpoint():
     import subprocess
     import sys
 
-    from jobs.local_services import free_port, stop_process_group, wait_for_port
+    from trainer.local_services import free_port, stop_process_group, wait_for_port
 
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
@@ -146,3 +150,24 @@ def s3_env(s3_bucket, s3_endpoint, monkeypatch):
 # Training fixtures (tiny tokenizer + shards + real token cache, a real `mlflow server`) live in one
 # module so that tests/jobs and tests/faults share a single session-scoped copy.
 from tests.training_fixtures import mlflow_server, train_assets  # noqa: E402,F401  (pytest fixtures)
+
+
+TINY_VGG = (4, 8, 8, 16, 16)
+
+
+@pytest.fixture
+def tiny_lpips_weights(tmp_path) -> list[str]:
+    import torch
+
+    from hart.tokenizer.perceptual import PerceptualLoss
+    from hart.weights import save_weight_file
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        state = PerceptualLoss(TINY_VGG).state_dict()
+    trunk = {k: v for k, v in state.items() if k.startswith("features.")}
+    heads = {k: v.abs() for k, v in state.items() if k.startswith("lin")}  # LPIPS heads are >= 0
+    paths = [tmp_path / "lpips" / "vgg16.pth", tmp_path / "lpips" / "lpips_vgg.safetensors"]
+    save_weight_file({**trunk, "classifier.0.weight": torch.zeros(2, 2)}, paths[0])
+    save_weight_file(heads, paths[1])
+    return [str(p) for p in paths]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("configuration", "hart", "pipelines", "jobs", "benchmarks")
+PACKAGES = ("configuration", "hart", "pipelines", "trainer", "demo", "jobs", "benchmarks")
 README_LIMIT = 12 * 1024
 LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 

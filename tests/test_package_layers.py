@@ -1,5 +1,5 @@
 """The package layers hold: each package imports only the ones below it
-(`configuration` <- `hart` <- `pipelines` <- `jobs` <- `benchmarks`), the model library imports no
+(`configuration` <- `hart` <- `pipelines` <- `trainer` <- `demo` <- `jobs` <- `benchmarks`), the model library imports no
 Ray, MLflow or boto3 and applies torch.distributed in one module, and `hart.layers` (what model
 families share) depends on no model family.
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-ORDER = ["configuration", "hart", "pipelines", "jobs", "benchmarks"]
+ORDER = ["configuration", "hart", "pipelines", "trainer", "demo", "jobs", "benchmarks"]
 SERVICES = ("ray", "mlflow", "boto3", "botocore")
 
 

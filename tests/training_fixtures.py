@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from hart.config import tokenizer_config
-from jobs.train_config import TrainRunConfig, load_train_config
+from trainer.config import TrainRunConfig, load_train_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -140,7 +140,7 @@ def write_tiny_cache(root: str, rows_per_shard: dict[str, int], text_shape: tupl
 
 @pytest.fixture
 def mlflow_server(tmp_path):
-    from jobs.local_services import mlflow_server
+    from trainer.local_services import mlflow_server
 
     with mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "mlflow-server.log",
                       ("--default-artifact-root", str(tmp_path / "server-artifacts"))) as uri:

@@ -15,7 +15,7 @@ Design (docs/design/tokenizer.md, "Training objective"). Two modes, chosen by `T
   weighted 0. Why: from random weights the VQ loss pulls the unnormalised latent towards the
   (random) codes and shrinks its spatial variation, and the tokenizer settles at "right
   background, shape a blob". Warmed-up latents are worth seeding the codebook from (the job
-  does that at the warm-up's end, `jobs.stages.codebook_upkeep`).
+  does that at the warm-up's end, `trainer.stages.codebook_upkeep`).
 
 `set_trainable(tokenizer, mode)` sets requires_grad accordingly and returns the parameters
 to optimise. The generator side (`generator_losses`) and the discriminator side

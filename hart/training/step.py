@@ -1,7 +1,7 @@
 """Pure training machinery: parameter groups, AdamW, LR schedule, EMA, and one optimizer step.
 
 Design: everything here is plain single-process PyTorch so it can be unit-tested without
-Ray, MLflow or a process group. `jobs/train.py` wraps it; `hart/training/parallelize.py` wraps the
+Ray, MLflow or a process group. `trainer/worker.py` wraps it; `hart/training/parallelize.py` wraps the
 model (DDP/FSDP2) from the outside. `train_step` only duck-types the wrapper to skip
 gradient all-reduce on all but the last micro-batch (`no_sync` for DDP,
 `set_requires_gradient_sync` for FSDP2).

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks import online as bench
-from jobs.train_config import load_train_config
+from trainer.config import load_train_config
 from pipelines.config import load_precompute_config
 
 TRAIN_TINY = str(bench.REPO / "jobs/configs/train_tiny.yaml")

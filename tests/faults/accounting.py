@@ -6,7 +6,7 @@ stats markers and the parquet files they name). A trial passes when committed ke
 and equal input keys minus the rejected ones, and every shard's counters add up
 (samples_in = written + rejected). `visible_junk` lists files a reader could mistake for data.
 
-Training input: `check_ledger` compares a run's step ledger (`data.ledger`, jobs/train_input.py)
+Training input: `check_ledger` compares a run's step ledger (`data.ledger`, trainer/batches.py)
 with the order the cache prescribes, computed here from the cache files, and audits it (every pass
 every key once).
 """
@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from pipelines import manifest as manifest_lib
 from pipelines import storage
-from jobs.train_input import audit_ledger, cache_order, global_batch, read_ledger
+from trainer.batches import audit_ledger, cache_order, global_batch, read_ledger
 from pipelines.cache import read_cache_table, read_manifest
 from pipelines.cache_stream import read_block
 from pipelines.config import InputConfig

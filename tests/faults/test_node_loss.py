@@ -30,8 +30,8 @@ import time
 import pytest
 
 from hart.training.checkpoint import load_training_state
-from jobs import tracking
-from jobs.train import run_training
+from trainer import tracking
+from trainer.driver import run_training
 from pipelines import manifest as manifest_lib
 from pipelines import shapes, storage
 from pipelines.plan import run_precompute
@@ -205,7 +205,7 @@ def loss_curve(config) -> list[float]:
 @pytest.mark.parametrize("rejoin", [False, True], ids=["shrinks", "grows-back"])
 def test_elastic_run_goes_on_after_a_node_loss_with_exactly_once_input(train_assets, ray_cluster, s3_bucket, s3_endpoint,
                                                                        mlflow_server, tmp_path, rejoin):
-    from jobs.train_input import read_ledger
+    from trainer.batches import read_ledger
 
     name = "elastic-grow" if rejoin else "elastic-shrink"
     record = elastic_run(ray_cluster, train_assets, s3_bucket, s3_endpoint, mlflow_server, tmp_path, name, rejoin)

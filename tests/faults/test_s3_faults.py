@@ -184,7 +184,7 @@ def test_store_dead_after_the_preflight_ends_hart_train_with_one_line(train_asse
     """The cache and the checkpoints on S3 behind the proxy; it answers the training job's preflight and
     then nothing: the workers' first read fails inside Ray Train, and hart-train prints one line."""
     from jobs.train import main as train_main
-    from jobs.train import preflight
+    from trainer.driver import preflight
     from tests.training_fixtures import REPO, tiny_config
 
     monkeypatch.setenv("HART_S3_MAX_ATTEMPTS", "2")

@@ -145,7 +145,7 @@ def files_under(*roots: Path):
 def test_no_credential_reaches_outputs_params_or_logs(train_assets, mlflow_server, tmp_path, monkeypatch, capfd):
     from mlflow.tracking import MlflowClient
 
-    from jobs.train import run_training
+    from trainer.driver import run_training
     from pipelines.config import load_precompute_config
     from pipelines.plan import run_precompute
     from tests.training_fixtures import tiny_config

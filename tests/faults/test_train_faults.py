@@ -30,8 +30,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from hart.training.checkpoint import load_training_state
-from jobs import tracking
-from jobs.train import run_training
+from trainer import tracking
+from trainer.driver import run_training
 from tests.faults.accounting import check_ledger
 from tests.training_fixtures import REPO, tiny_config
 
@@ -139,7 +139,7 @@ def test_job_sigkill_then_resubmit_resumes(train_assets, tmp_path):
     try:
         deadline = time.time() + 400
         # kill once Ray has registered the first checkpoint: before that, a resubmission has nothing to
-        # resume and rightly starts over in a new MLflow run (jobs.resume.resumable_checkpoint)
+        # resume and rightly starts over in a new MLflow run (trainer.resume.resumable_checkpoint)
         while (time.time() < deadline and process.poll() is None
                and not registered(storage, "job-kill", "checkpoint_step00000002")):
             time.sleep(0.2)

@@ -1,4 +1,4 @@
-"""Training input exactly once, proven by the step ledger (`data.ledger`, jobs/train_input.py).
+"""Training input exactly once, proven by the step ledger (`data.ledger`, trainer/batches.py).
 
 The ledger of a run is in its final checkpoint: the keys of every optimizer step its weights descend
 from, in global batch order. Each trial compares it with the order the cache prescribes
@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.train import run_training
-from jobs.train_input import global_batch, read_ledger
+from trainer.driver import run_training
+from trainer.batches import global_batch, read_ledger
 from tests.faults.accounting import check_ledger
 from tests.faults.test_train_faults import kill_a_worker_once_registered
 from tests.training_fixtures import tiny_config
 
 
-# the negative control runs with `make chaos` (the audit's failing cases are unit-tested in tests/jobs/test_train_input.py)
+# the negative control runs with `make chaos` (the audit's failing cases are unit-tested in tests/trainer/test_batches.py)
 @pytest.mark.parametrize("position", ["restored", pytest.param("ignored", marks=pytest.mark.slow)])
 def test_worker_sigkill_mid_pass_continues_the_stream_exactly(train_assets, tmp_path, position):
     """48 cache rows, global batch 8: 6 steps a pass, 14 steps (2 passes and a third begun). The worker

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs.local_services import free_port, stop_process_group
+from trainer.local_services import free_port, stop_process_group
 
 REPO = Path(__file__).resolve().parents[2]
 RAY_BIN = Path(sys.executable).with_name("ray")

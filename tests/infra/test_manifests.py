@@ -202,7 +202,7 @@ def test_rayjob_entrypoint_references_existing_module_and_config(path):
     # preset names), after the placeholders are filled as envsubst would.
     filled = [re.sub(r"\$\{([A-Z0-9_]+)\}", lambda m: f"example-{m.group(1).lower()}", o) for o in overrides]
     if module == "train":
-        from jobs.train_config import load_train_config
+        from trainer.config import load_train_config
 
         config = load_train_config(str(config_path), options["--stage"], filled)
         assert config.stage == options["--stage"]

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs.local_services import free_port, stop_process_group
+from trainer.local_services import free_port, stop_process_group
 
 REPO = Path(__file__).resolve().parents[2]
 MLFLOW_BIN = Path(sys.executable).parent / "mlflow"

@@ -108,9 +108,9 @@ def test_s3_services_leave_a_copy_of_the_bucket_and_a_store_that_serves_it(tmp_p
     """`--storage s3`: the loopback servers stop with the demo; what they held outlives it."""
     from mlflow.tracking import MlflowClient
 
-    from jobs import tracking
+    from trainer import tracking
     from jobs.demo import demo_services
-    from jobs.demo_outputs import local_folder
+    from demo.outputs import local_folder
     from pipelines import storage
 
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL"):

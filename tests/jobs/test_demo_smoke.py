@@ -2,7 +2,7 @@
 
 The module runs the demo once with `--smoke` (`jobs.demo.main`, in this process: a local Ray
 instance of its own, started and stopped by the demo), then:
-- asserts that it passed its outputs check (`jobs.demo_outputs`) and exited 0;
+- asserts that it passed its outputs check (`demo.outputs`) and exited 0;
 - breaks one real output at a time (in place, restored afterwards) and asserts that exactly the
   step that should have produced it reports the problem;
 - reruns the last step (on a copy) with its image writing broken and asserts that the demo exits
@@ -41,8 +41,8 @@ def smoke(tmp_path_factory):
 
 
 def test_every_step_produced_its_outputs(smoke):
-    from jobs.demo_evaluation import psnr_verdict
-    from jobs.demo_outputs import check_demo, expected_figures
+    from demo.figures import psnr_verdict
+    from demo.outputs import check_demo, expected_figures
 
     summary = smoke["summary"]
     assert summary["problems"] == []
@@ -179,7 +179,7 @@ BREAKAGES = {
 
 @pytest.mark.parametrize("what", list(BREAKAGES))
 def test_a_missing_output_fails_the_check_of_its_step(smoke, what):
-    from jobs.demo_outputs import check_demo
+    from demo.outputs import check_demo
 
     breakage, step, words = BREAKAGES[what]
     with breakage(smoke):
@@ -191,7 +191,7 @@ def test_a_missing_output_fails_the_check_of_its_step(smoke, what):
 
 
 def test_a_missing_or_nan_figure_fails_the_evaluate_check(smoke):
-    from jobs.demo_outputs import check_demo
+    from demo.outputs import check_demo
 
     summary = json.loads(json.dumps(smoke["summary"]))
     summary["results"]["tokenizer_psnr_hybrid"] = float("nan")

@@ -210,7 +210,7 @@ def test_reference_from_shards_counts_what_it_leaves_out(assets, ray_local, tmp_
     with safe_open(str(out), framework="pt") as f:
         info = json.loads(f.metadata()["info"])
     assert (info["images"], info["samples"], info["left_out"], info["failed_shards"], info["shards"]) == (25, 32, 7, 1, 4)
-    from jobs.evaluate import feature_network_id
+    from trainer.evaluation import feature_network_id
     from pipelines.eval_protocol import PROTOCOLS
 
     stats = FeatureStatistics.load(out, PROTOCOLS["shapes"].fingerprint(feature_network_id(str(assets["inception"])), 64))
@@ -218,7 +218,8 @@ def test_reference_from_shards_counts_what_it_leaves_out(assets, ray_local, tmp_
 
 
 def test_protocol_overrides_are_type_checked_and_a_foreign_reference_is_refused_before_generating(assets, tmp_path, capsys):
-    from jobs.evaluate import parse_args, protocol_from_args
+    from jobs.evaluate import parse_args
+    from trainer.evaluation import protocol_from_args
     from pipelines.feature_statistics import FeatureStatistics
 
     def protocol(*sets):
@@ -245,7 +246,7 @@ def test_per_category_fid_and_kid_against_a_category_folder_reference(assets, ra
     logs them as `eval/<category>/fid`, and names the generated category the reference lacks."""
     from mlflow.tracking import MlflowClient
 
-    from jobs.evaluate import feature_network_id, load_reference_images
+    from trainer.evaluation import feature_network_id, load_reference_images
     from pipelines.eval_protocol import PROTOCOLS
     from pipelines.eval_stages import ScoreImages
     from pipelines.feature_statistics import FeatureStatistics, fold_order, frechet_distance, kernel_distance
@@ -312,7 +313,7 @@ def test_per_category_fid_and_kid_against_a_category_folder_reference(assets, ra
 def test_per_category_distances_report_categories_the_reference_lacks():
     """Unit level: a generated category without reference statistics is listed, a category too small
     for KID gets FID only, and a reference without categories lists every generated category."""
-    from jobs.evaluate import folder_category, per_category_distances, sample_category
+    from trainer.evaluation import folder_category, per_category_distances, sample_category
     from pipelines.eval_protocol import EvalProtocol
     from pipelines.feature_statistics import FeatureStatistics
 

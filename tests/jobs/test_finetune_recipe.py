@@ -11,9 +11,9 @@ from hart.config import tokenizer_config, transformer_config
 from hart.transformer.generate import generate, load_models
 from hart.tokenizer.model import HybridTokenizer
 from hart.transformer.model import HARTForT2I
-from jobs.stages import read_start_weights
-from jobs.train import run_training
-from jobs.train_config import load_train_config
+from trainer.stages import read_start_weights
+from trainer.driver import run_training
+from trainer.config import load_train_config
 from tests.training_fixtures import REPO, save_tiny_qwen
 
 

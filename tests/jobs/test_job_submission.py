@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.local_services import free_port, stop_process_group
+from trainer.local_services import free_port, stop_process_group
 from pipelines.shapes import write_shapes_shards
 
 REPO = Path(__file__).resolve().parents[2]

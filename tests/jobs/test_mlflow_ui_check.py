@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from mlflow.tracking import MlflowClient
 
-from jobs import tracking
+from trainer import tracking
 from jobs.mlflow_ui_check import main, read_expected
 
 

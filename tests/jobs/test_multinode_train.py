@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from jobs import tracking
-from jobs.train import run_training
+from trainer import tracking
+from trainer.driver import run_training
 from pipelines import storage
 from tests.training_fixtures import tiny_config
 

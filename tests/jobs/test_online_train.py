@@ -18,9 +18,9 @@ import pytest
 import ray
 from mlflow.tracking import MlflowClient
 
-from jobs.resume import PROGRESS_FILE
-from jobs.train import run_training
-from jobs.train_data import CacheCollate, list_image_shards, online_dataset, prepare_online
+from trainer.resume import PROGRESS_FILE
+from trainer.driver import run_training
+from trainer.data import CacheCollate, list_image_shards, online_dataset, prepare_online
 from pipelines.cache import read_cache_table, read_manifest
 from pipelines.manifest import fingerprint_hash
 from pipelines.shapes import write_shapes_shards
@@ -58,7 +58,7 @@ def test_online_worker_sigkill_resumes_row_exactly(train_assets, tmp_path, posit
     registered; Ray Train restores the group, whose stream leaves out what the checkpoint consumed. The
     step ledger must hold no key twice in a data epoch; `run.ignore_data_position` (the stream starts
     over) is the negative control that must fail it."""
-    from jobs.train_input import audit_online_ledger, read_ledger
+    from trainer.batches import audit_online_ledger, read_ledger
     from tests.faults.accounting import input_keys
     from tests.faults.test_train_faults import kill_a_worker_once_registered
 

@@ -16,8 +16,8 @@ from mlflow.tracking import MlflowClient
 from hart.training.checkpoint import load_training_state
 from hart.tokenizer.model import HybridTokenizer
 from hart.transformer.model import HARTForT2I
-from jobs import tracking
-from jobs.train import run_training
+from trainer import tracking
+from trainer.driver import run_training
 from pipelines import storage
 from tests.training_fixtures import tiny_config
 
@@ -90,7 +90,7 @@ def test_tokenizer_stage_two_ddp_workers_with_mlflow_server(train_assets, mlflow
     assert [m.step for m in history] == [4, 6]
     # No "loss falls" check here: 6 steps of 4 images per rank through randomly alternating decode paths
     # did not reliably lower it (nor the error on fixed images) once the shapes split changed the
-    # images. The tokenizer objective's fall is tested on one process in tests/jobs/test_stages.py.
+    # images. The tokenizer objective's fall is tested on one process in tests/trainer/test_stages.py.
     assert all(m.value > 0 for m in client.get_metric_history(run.info.run_id, "perceptual"))
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "reconstructions")]
     assert artifacts == ["reconstructions/step_0000006.png"]
@@ -115,7 +115,7 @@ def worker_log_lines(*texts: str) -> list[str]:
 def test_run_name_without_checkpoint_starts_a_new_mlflow_run(train_assets, tmp_path):
     import shutil
 
-    from jobs.train import preflight
+    from trainer.driver import preflight
 
     # run.seed 4242: no other run of the session logs the same loss, so its progress line is findable
     # eval.every_steps rides on this run: 4 held-out shapes prompts generated and scored at steps 1 and 2
@@ -140,7 +140,7 @@ def test_run_name_without_checkpoint_starts_a_new_mlflow_run(train_assets, tmp_p
     assert dataset_input.dataset.name == "cache" and dataset_input.dataset.source_type == "local"
     assert dataset_input.dataset.digest == fingerprint_hash(manifest["fingerprint"])[:36]
     assert json.loads(dataset_input.dataset.source)["uri"] == config.data.cache
-    from jobs.train_eval import already_logged  # a replayed step (resume) is not evaluated twice
+    from trainer.eval_in_training import already_logged  # a replayed step (resume) is not evaluated twice
 
     logger = tracking.RunLogger(config.tracking.tracking_uri, first["run_id"], True)
     assert already_logged(logger, "eval", 2) and not already_logged(logger, "eval", 3)
@@ -176,7 +176,7 @@ def test_run_name_without_checkpoint_starts_a_new_mlflow_run(train_assets, tmp_p
 def test_preserve_order_repeats_a_seeded_runs_losses(train_assets, tmp_path):
     """Two seeded tokenizer runs over many small shards (more read blocks than CPUs, so blocks finish in
     varying order) train on the same batches when `data.preserve_order` is set: identical loss histories."""
-    from jobs.train import ingest_options
+    from trainer.driver import ingest_options
     from pipelines.shapes import write_shapes_shards
 
     write_shapes_shards(str(tmp_path / "shards"), num_samples=48, num_shards=8, seed=7)

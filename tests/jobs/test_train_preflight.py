@@ -1,4 +1,4 @@
-"""Bad input is refused on the driver, before any Ray worker starts (`jobs.train.preflight`).
+"""Bad input is refused on the driver, before any Ray worker starts (`trainer.driver.preflight`).
 
 Run: .venv/bin/pytest tests/jobs/test_train_preflight.py -q
 """
@@ -14,8 +14,8 @@ import torch
 
 from hart.config import tokenizer_config
 from hart.tokenizer.model import HybridTokenizer
-from jobs.train import preflight
-from jobs.train_config import load_train_config
+from trainer.driver import preflight
+from trainer.config import load_train_config
 from tests.training_fixtures import tiny_config
 
 
@@ -118,7 +118,7 @@ def test_every_named_input_is_checked_before_the_mlflow_run(train_assets, s3_end
 
 
 def test_eval_prompts_are_checked_at_submission(tmp_path):
-    from jobs.train import check_eval_prompts
+    from trainer.driver import check_eval_prompts
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle on a white background\na photo of a cat\n")
@@ -136,7 +136,7 @@ def test_tokenizer_stage_needs_shards(tmp_path):
 
 
 def test_paths_one_machine_sees_are_refused_on_a_cluster(train_assets, tmp_path):
-    from jobs.train import check_cluster_paths
+    from trainer.driver import check_cluster_paths
 
     remote = ["run.storage_path=s3://b/train", "data.cache=s3://b/cache", "model.tokenizer_checkpoint=s3://b/tokenizer",
               "tracking.tracking_uri=http://mlflow:5000"]

@@ -209,14 +209,14 @@ def as_version_1(cache: str, destination) -> str:
 
 
 def test_version_1_cache_is_read_and_never_added_to(train_assets, tmp_path):
-    from jobs.train import preflight
+    from trainer.driver import preflight
 
     v1 = as_version_1(train_assets["cache"], tmp_path / "v1")
     manifest = read_manifest(v1)
     assert manifest["schema_version"] == 1 and manifest["num_committed_shards"] == 2 and manifest["num_rows"] == 48
     assert manifest["committed_shards"] == read_manifest(train_assets["cache"])["committed_shards"]
     assert len(read_cache_table(v1)) == 48
-    # Training's check (`jobs.train_data.check_cache`, inside preflight) accepts it as it is.
+    # Training's check (`trainer.data.check_cache`, inside preflight) accepts it as it is.
     facts = preflight(tiny_config(train_assets, "ar", tmp_path, f"data.cache={v1}"))
     assert facts["manifest"]["num_rows"] == 48
     # The current writer refuses to add shards to it, before any Ray work.

@@ -93,7 +93,7 @@ def test_gradient_accumulation_matches_full_batch(tiny_task):
 def test_weighted_micro_batches_of_unequal_sizes_match_the_full_batch(tiny_task):
     """Micro-batches of 3 and 5 rows, each weighted by its rows (size x count / total), give the full
     batch's loss and update: what a rank with an uneven slice of the global batch does."""
-    from jobs.train_input import micro_weights
+    from trainer.batches import micro_weights
 
     torch.manual_seed(0)
     model_a = tiny_task.Net()
