@@ -49,7 +49,8 @@ from hart.scale_grid import ScaleGrid
 from pipelines import manifest as manifest_lib
 from pipelines.cache import batch_to_tensors, read_cache_dataset
 from pipelines.config import ComputeConfig
-from pipelines.plan import PrecomputeSummary, add_route_stage, drain_to_writers
+from pipelines.plan import add_route_stage, drain_to_writers
+from pipelines.precompute_summary import PrecomputeSummary
 from pipelines.writer import cache_schema
 from pipelines.writer_pool import WriterPool
 

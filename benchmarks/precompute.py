@@ -61,7 +61,8 @@ from pipelines import manifest as manifest_lib
 from pipelines import shapes, shard_source
 from pipelines.config import InputConfig, PreprocessConfig, TokenizerSource, load_precompute_config
 from pipelines.decode import Rejected, prepare_caption, prepare_image
-from pipelines.plan import PrecomputeSummary, add_route_stage, drain_to_writers, encoded_rows, prepare, run_precompute
+from pipelines.plan import add_route_stage, drain_to_writers, encoded_rows, prepare, run_precompute
+from pipelines.precompute_summary import PrecomputeSummary
 from pipelines.shard_source import read_shard_rows
 from pipelines.tokenize_stage import encode_images, load_tokenizer
 from pipelines.writer import cache_schema

@@ -52,6 +52,7 @@ import torch
 
 from benchmarks.processes import HostSteal, command_line, pin_threads, process_tree
 from benchmarks.turns import Turns, paired_ratios, windows_in_turns
+from trainer.plan import RunPlan
 
 REPO = Path(__file__).resolve().parents[1]
 BREAKDOWN = ("step_seconds", "data_seconds", "context_seconds", "compute_seconds", "ema_seconds")
@@ -122,7 +123,7 @@ def bare_loop(config, cache: str, steps: int, on_step=None) -> None:
     from pipelines.cache import batch_to_tensors, read_cache_table, read_manifest, table_to_numpy
 
     manifest = read_manifest(cache)
-    setup = setup_worker(config, manifest, torch.device("cpu"))
+    setup = setup_worker(RunPlan.of(config, manifest=manifest), torch.device("cpu"))
     table = read_cache_table(cache)
     batch_size = config.data.batch_size
     batches = [setup.text.add_context(batch_to_tensors(table_to_numpy(table.slice(i, batch_size)), manifest))

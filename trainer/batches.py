@@ -31,8 +31,13 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from trainer.config import TrainRunConfig
+import torch.distributed as dist
+
+from pipelines.cache_stream import CacheStream
 from pipelines.online import VisitLedger
+from pipelines.sample_order import SampleOrder, cache_blocks
+from trainer.config import TrainRunConfig
+from trainer.data import cache_columns
 
 LEDGER_FILE = "ledger.jsonl"
 
@@ -63,8 +68,6 @@ def reads_cache_stream(config: TrainRunConfig) -> bool:
 
 
 def cache_order(config: TrainRunConfig, manifest: dict[str, Any]):
-    from pipelines.sample_order import SampleOrder, cache_blocks
-
     return SampleOrder(cache_blocks(config.data.cache, manifest, config.run.endpoint_url), config.run.seed)
 
 
@@ -96,9 +99,6 @@ def cache_steps(config: TrainRunConfig, manifest: dict[str, Any], order, collate
                 first_position: int) -> Iterator[tuple[list[dict[str, Any]], list[float]]]:
     """(micro-batches, their loss weights) of every optimizer step from stream position `first_position`
     on (endless)."""
-    from pipelines.cache_stream import CacheStream
-    from trainer.data import cache_columns
-
     count, total = micro_batches_per_step(config, world_size), global_batch(config)
 
     def split(table):  # on the stream's reader thread: the loop waits only for what is not read yet
@@ -161,7 +161,6 @@ def timed(steps: Iterator) -> Iterator[tuple[Any, float]]:
 
 class StepLedger:
     """Keys of every optimizer step (when `enabled`), kept in checkpoints cumulatively."""
-
     def __init__(self, enabled: bool):
         self.enabled = enabled
         self.entries: list[dict[str, Any]] = []  # the restored checkpoint's ledger, then every gathered step
@@ -189,7 +188,6 @@ class StepLedger:
         order (= global batch order)."""
         if not self.enabled:
             return
-        import torch.distributed as dist
 
         gathered = [self.pending]
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -208,8 +206,6 @@ class StepLedger:
 def sync_ledger(ledger: VisitLedger) -> dict[str, float]:
     """Online mode, at a checkpoint (every rank): join the ranks' consumed samples, so every rank
     records the same progress; returns the run's totals for the metrics."""
-    import torch.distributed as dist
-
     local = {"counts": ledger.counts(), "rejected": ledger.rejected, "replayed": ledger.replayed}
     gathered = [local]
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

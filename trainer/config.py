@@ -11,7 +11,8 @@ workers to N GPUs only touches `scaling` (and `precision`/`parallel`, and `onlin
 nothing else branches on the hardware.
 
 Model configs stay `TokenizerConfig` / `TransformerConfig`; here they are named by a
-preset or a `{preset: ..., field: value}` mapping and resolved by `model_configs()`.
+preset or a `{preset: ..., field: value}` mapping, resolved by `model_configs()` once per run into the run plan
+(`trainer.plan.RunPlan`, which the driver, the workers and the export read).
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from hart.config import TokenizerConfig, TransformerConfig, tokenizer_config, tr
 from hart.star.config import StarConfig, star_config
 from hart.star.objective import check_drop_scale_length
 from hart.training.parallelize import ParallelConfig
-from pipelines.config import ComputeConfig, PreprocessConfig
 from hart.training.step import PRECISIONS, OptimizerConfig
+from pipelines.config import ComputeConfig, PreprocessConfig
+from pipelines.eval_protocol import PROTOCOLS
+from pipelines.storage import absolute
 
 STAGES = ("tokenizer", "ar", "diffusion", "joint")
 FAMILIES = ("hart", "star")  # the transformer of the transformer stages: HARTForT2I or STARForT2I
@@ -105,7 +108,6 @@ class OnlineSection:
     with no cache (`data.cache` is not read); `model.tokenizer_checkpoint` encodes them. The rows are
     those a cache built with the same tokenizer and preprocessing holds. Resumes skip the shards the
     checkpoint consumed whole."""
-
     enabled: bool = False
     epochs: int = 1  # passes over data.shards in the stream (each in its own seeded order); the run
     # fails with a clear error if they end before run.max_steps
@@ -246,7 +248,6 @@ class EvalSection:
     """Evaluation inside training (rank 0, EMA weights): a fixed prompt subset generated and scored
     every `every_steps` steps and at the end, logged as `<name>/<figure>` metrics at that step and a
     grid. The same protocol, prompt sources and scorers as `hart-evaluate` (pipelines/eval_*)."""
-
     every_steps: int = 0  # 0 = off
     prompts: str = ""  # a prompt source of hart-evaluate: shapes:heldout, a .txt, a .jsonl, meta_data.json
     limit: int = 16  # the first N prompts (by id): keep it small, the other ranks wait at the next collective
@@ -256,8 +257,6 @@ class EvalSection:
     name: str = "eval"  # metric prefix
 
     def __post_init__(self) -> None:
-        from pipelines.eval_protocol import PROTOCOLS
-
         if self.every_steps < 0 or self.limit < 1:
             raise ValueError(f"eval.every_steps must be >= 0 and eval.limit >= 1, got {self.every_steps}, {self.limit}")
         if self.protocol not in PROTOCOLS:
@@ -363,8 +362,6 @@ def with_absolute_paths(config: TrainRunConfig) -> TrainRunConfig:
     """The config with every local path setting absolute (`pipelines.storage.absolute`), on the driver:
     Ray Train's workers do not start in its working directory. `data.text_encoder` only when it names a
     folder that exists here (else it is a built-in name such as `minilm`); the shapes prompt set is a name."""
-    from pipelines.storage import absolute
-
     data = config.to_dict()
     for section, name in (("run", "storage_path"), ("model", "tokenizer_checkpoint"), ("model", "init_from"),
                           ("data", "cache"), ("eval", "clip"), ("tracking", "artifact_location")):

@@ -24,10 +24,26 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import ray
 import torch
+from ray.data import TaskPoolStrategy
 from ray.data.collate_fn import ArrowBatchCollateFn, NumpyBatchCollateFn
 
-from trainer.config import TrainRunConfig, model_configs
+from hart.pixels import to_model
+from hart.scale_grid import compatibility_problems
+from hart.text_encoder import build_text_encoder
+from pipelines import storage
+from pipelines.cache import batch_to_tensors, read_manifest, table_to_numpy
+from pipelines.config import InputConfig, PrecomputeConfig, PreprocessConfig, TokenizerSource
+from pipelines.decode import decode_batch
+from pipelines.online import VISIT_COLUMNS, plan_visits, read_visits_batch, training_rows
+from pipelines.plan import encoded_rows, prepare
+from pipelines.shard_source import list_shards, name_shards, read_shards_batch
+from pipelines.text_stage import PAD_FEATURES
+from pipelines.writer_pool import ROUTE_CPUS
+from trainer.config import TrainRunConfig
+from trainer.plan import RunPlan
+from trainer.resume import PROGRESS_FILE, latest_checkpoint
 
 CACHE_COLUMNS = ["key", "caption", "tokens", "residual"]
 TEXT_COLUMNS = ["text_features", "text_mask"]
@@ -38,27 +54,24 @@ TEXT_COLUMNS = ["text_features", "text_mask"]
 # --------------------------------------------------------------------------------------
 
 
-def check_cache(config: TrainRunConfig, tokenizer_hash: str | None) -> dict[str, Any]:
-    """Read the manifest and validate it against the run config; returns the manifest."""
-    from pipelines.cache import read_manifest
-
+def check_cache(plan: RunPlan, tokenizer_hash: str | None) -> dict[str, Any]:
+    """Read the manifest and validate it against the run's models; returns the manifest."""
+    config = plan.config
     uri = config.data.cache
     if not uri:
         raise ValueError(f"stage {config.stage!r} needs data.cache (a token cache from jobs.precompute)")
     manifest = read_manifest(uri, config.run.endpoint_url)
     if not manifest.get("num_rows"):
         raise ValueError(f"token cache {uri} is empty: no committed rows (run jobs.precompute to completion first)")
-    check_rows_match_model(config, manifest, tokenizer_hash, f"token cache {uri}")
+    check_rows_match_model(plan, manifest, tokenizer_hash, f"token cache {uri}")
     return manifest
 
 
-def check_rows_match_model(config: TrainRunConfig, manifest: dict[str, Any], tokenizer_hash: str | None,
+def check_rows_match_model(plan: RunPlan, manifest: dict[str, Any], tokenizer_hash: str | None,
                            source: str) -> None:
     """One ValueError naming every mismatch between the rows' manifest (a cache's, or the one online
     mode builds) and the run's model: scale list, vocabulary, latent width, tokenizer, text features."""
-    from hart.scale_grid import compatibility_problems
-
-    _, transformer = model_configs(config)
+    config, transformer = plan.config, plan.transformer
     problems = compatibility_problems(transformer, cache=manifest)
     if tokenizer_hash is not None and manifest.get("tokenizer_hash") != tokenizer_hash:
         problems.append(
@@ -74,7 +87,6 @@ def check_rows_match_model(config: TrainRunConfig, manifest: dict[str, Any], tok
             f"text features: cache (T, D) = {tuple(text_shape)}, model (context_token, context_dim) = "
             f"{(transformer.context_token, transformer.context_dim)}"
         )
-    from pipelines.text_stage import PAD_FEATURES
 
     if text_shape and (manifest.get("text") or {}).get("pad_features") != PAD_FEATURES:
         # Older caches zeroed the padded text positions, which generation never does (the pads are
@@ -85,40 +97,36 @@ def check_rows_match_model(config: TrainRunConfig, manifest: dict[str, Any], tok
         raise ValueError(f"{source} does not match the run config: " + "; ".join(problems))
 
 
-def online_precompute_config(config: TrainRunConfig):
+def online_precompute_config(plan: RunPlan):
     """The precompute settings whose read -> decode -> tokenize stages online mode runs."""
-    from pipelines.config import InputConfig, PrecomputeConfig, TokenizerSource
-
+    config = plan.config
     if not config.model.tokenizer_checkpoint:
         raise ValueError("online.enabled needs model.tokenizer_checkpoint: the frozen tokenizer that encodes the shards")
     return PrecomputeConfig(
         input=InputConfig(shards=tuple(config.data.shards), endpoint_url=config.run.endpoint_url),
         preprocess=config.online.preprocess,
-        tokenizer=TokenizerSource(checkpoint=config.model.tokenizer_checkpoint, patch_nums=model_configs(config)[0].patch_nums),
+        tokenizer=TokenizerSource(checkpoint=config.model.tokenizer_checkpoint, patch_nums=plan.tokenizer.patch_nums),
         compute=config.online.compute, progress=False, shared_filesystem=config.run.shared_filesystem,
     )
 
 
-def prepare_online(config: TrainRunConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+def prepare_online(plan: RunPlan) -> tuple[dict[str, Any], dict[str, Any]]:
     """Driver side of online mode: the manifest header a cache of these shards would carry (checked
     against the model like a cache's), and what the stream needs (tokenizer hash, row schema, resolution)."""
-    from pipelines.plan import prepare
-
-    setup = prepare(online_precompute_config(config))
-    check_rows_match_model(config, setup["header"], setup["tokenizer_hash"], "online mode (data.shards through "
-                           f"model.tokenizer_checkpoint {config.model.tokenizer_checkpoint})")
+    setup = prepare(online_precompute_config(plan))
+    check_rows_match_model(plan, setup["header"], setup["tokenizer_hash"], "online mode (data.shards through "
+                           f"model.tokenizer_checkpoint {plan.config.model.tokenizer_checkpoint})")
     online = {"tokenizer_hash": setup["tokenizer_hash"], "schema": setup["schema"], "resolution": setup["resolution"]}
     return setup["header"], online
 
 
-def check_text_encoder(config: TrainRunConfig, manifest: dict[str, Any]) -> None:
-    """When the cache has no text features, the worker-side encoder must produce the model's (T, D)."""
-    if manifest.get("text_features_shape"):
+def check_text_encoder(plan: RunPlan) -> None:
+    """When the rows have no text features, the worker-side encoder must produce the model's (T, D)."""
+    if plan.manifest.get("text_features_shape"):
         return
-    from hart.text_encoder import build_text_encoder
 
-    _, transformer = model_configs(config)
-    encoder = build_text_encoder(config.data.text_encoder, text_length(config))
+    config, transformer = plan.config, plan.transformer
+    encoder = build_text_encoder(config.data.text_encoder, text_length(plan))
     if int(encoder.dim) != transformer.context_dim:
         raise ValueError(
             f"text encoder {config.data.text_encoder!r} gives {encoder.dim}-d features, the transformer's "
@@ -126,27 +134,22 @@ def check_text_encoder(config: TrainRunConfig, manifest: dict[str, Any]) -> None
         )
 
 
-def text_length(config: TrainRunConfig) -> int:
-    _, transformer = model_configs(config)
-    length = config.data.text_max_length or transformer.context_token
+def text_length(plan: RunPlan) -> int:
+    transformer = plan.transformer
+    length = plan.config.data.text_max_length or transformer.context_token
     if length != transformer.context_token:
         raise ValueError(f"data.text_max_length {length} must equal the transformer's context_token {transformer.context_token}")
     return length
 
 
-def run_text_encoder(config: TrainRunConfig, manifest: dict[str, Any] | None):
+def run_text_encoder(plan: RunPlan):
     """The text encoder of a run's prompts: the one the cache's features came from (its manifest),
     else `data.text_encoder`, at the transformer's text length (generation, STAR's null condition)."""
-    from hart.text_encoder import build_text_encoder
-
-    name = ((manifest or {}).get("text") or {}).get("encoder") or config.data.text_encoder
-    return build_text_encoder(name, model_configs(config)[1].context_token)
+    name = ((plan.manifest or {}).get("text") or {}).get("encoder") or plan.config.data.text_encoder
+    return build_text_encoder(name, plan.transformer.context_token)
 
 
 def list_image_shards(config: TrainRunConfig) -> list[str]:
-    from pipelines.config import InputConfig
-    from pipelines.shard_source import list_shards
-
     if not config.data.shards:
         needs = "online mode" if config.online.enabled else "the tokenizer stage"
         raise ValueError(f"{needs} needs data.shards (WebDataset tars: paths, globs or s3:// URIs)")
@@ -164,19 +167,12 @@ def cache_columns(manifest: dict[str, Any]) -> list[str]:
     return columns + (TEXT_COLUMNS if manifest.get("text_features_shape") else [])
 
 
-def online_dataset(config: TrainRunConfig, shards: list[str], online: dict[str, Any]):
+def online_dataset(plan: RunPlan):
     """Online mode: `online.epochs` passes over the shards through read -> decode -> tokenizer actors
     -> cache rows (`pipelines.online`), leaving out what the run's latest checkpoint consumed."""
-    from ray.data import TaskPoolStrategy
-
-    from pipelines import storage
-    from pipelines.online import plan_visits, read_visits_batch, training_rows
-    from pipelines.plan import encoded_rows
-    from pipelines.shard_source import name_shards
-    from pipelines.writer_pool import ROUTE_CPUS
-
-    precompute = online_precompute_config(config)
-    visits = plan_visits(name_shards(shards), config.online.epochs, config.run.seed)
+    config, online = plan.config, plan.online
+    precompute = online_precompute_config(plan)
+    visits = plan_visits(name_shards(list(plan.shards)), config.online.epochs, config.run.seed)
     storage_uri = config.run.storage_path
     if not storage.is_s3(storage_uri):
         storage_uri = storage.resolve(storage_uri)[1]  # absolute: the read tasks run in other folders
@@ -198,14 +194,10 @@ class CheckpointProgress:
     `progress.json`: visits done, samples of the others), read where the task runs. One small read of
     Ray's checkpoint list per call; the progress file itself only when the latest checkpoint changed
     (cached per process)."""
-
     def __init__(self, storage_uri: str, run_name: str, endpoint_url: str):
         self.storage_uri, self.run_name, self.endpoint_url = storage_uri, run_name, endpoint_url
 
     def __call__(self) -> dict[str, Any]:
-        from trainer.resume import PROGRESS_FILE, latest_checkpoint
-        from pipelines import storage
-
         fs, path = storage.resolve(self.storage_uri, self.endpoint_url)
         found = latest_checkpoint(fs, path, self.run_name)
         if found is None:
@@ -220,18 +212,12 @@ class CheckpointProgress:
         return cached[1]
 
 
-def image_dataset(config: TrainRunConfig, shards: list[str]):
+def image_dataset(plan: RunPlan):
     """Decoded, center-cropped images (uint8 R x R x 3) + captions of the accepted samples."""
-    import ray
-
-    from pipelines.config import InputConfig, PreprocessConfig
-    from pipelines.decode import decode_batch
-    from pipelines.shard_source import name_shards, read_shards_batch
-
-    tokenizer_cfg, _ = model_configs(config)
-    resolution = config.data.resolution or tokenizer_cfg.image_size()
-    input_config = InputConfig(shards=tuple(shards), endpoint_url=config.run.endpoint_url)
-    names = name_shards(shards)
+    config = plan.config
+    resolution = config.data.resolution or plan.tokenizer.image_size()
+    input_config = InputConfig(shards=plan.shards, endpoint_url=config.run.endpoint_url)
+    names = name_shards(list(plan.shards))
     items = [{"name": name, "uri": uri} for name, uri in names.items()]
     dataset = ray.data.from_items(items, override_num_blocks=len(items))
     dataset = dataset.map_batches(read_shards_batch, batch_size=1, batch_format="pyarrow",
@@ -253,8 +239,6 @@ def _accepted_images(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def images_collate(batch: dict[str, np.ndarray]) -> dict[str, Any]:
     """uint8 (B, R, R, 3) -> float (B, 3, R, R) in [-1, 1]."""
-    from hart.pixels import to_model
-
     return {"images": to_model(batch["image"]), "caption": [str(c) for c in batch["caption"]]}
 
 
@@ -264,7 +248,6 @@ def images_collate(batch: dict[str, np.ndarray]) -> dict[str, Any]:
 
 class ImagesCollate(NumpyBatchCollateFn):
     """Image shard rows -> `images_collate`."""
-
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         return images_collate(batch)
 
@@ -275,14 +258,10 @@ class CacheCollate(ArrowBatchCollateFn):
     value. Measured on the tiny cache, batch 16: 1.2-1.9 ms of CPU per batch either way, Ray's
     iteration included (the fp16 -> fp32 copies dominate the collate), so the point is the
     supported collate interface, not speed."""
-
     def __init__(self, manifest: dict[str, Any]):
         self.manifest = manifest
 
     def __call__(self, batch: pa.Table) -> dict[str, Any]:
-        from pipelines.cache import batch_to_tensors, table_to_numpy
-        from pipelines.online import VISIT_COLUMNS
-
         columns = table_to_numpy(batch)
         out = batch_to_tensors(columns, self.manifest)
         if "visit" in columns:  # online rows: what the worker's VisitLedger counts
@@ -292,14 +271,13 @@ class CacheCollate(ArrowBatchCollateFn):
 
 class TextFeatures:
     """Context features for a batch: from the cache, or the frozen encoder on this worker."""
-
-    def __init__(self, config: TrainRunConfig, manifest: dict[str, Any] | None, device: torch.device):
+    def __init__(self, plan: RunPlan, device: torch.device):
         self.device = device
         self.encoder = None
-        if manifest is not None and not manifest.get("text_features_shape"):
+        if plan.manifest is not None and not plan.manifest.get("text_features_shape"):
             from hart.text_encoder import build_text_encoder
 
-            self.encoder = build_text_encoder(config.data.text_encoder, text_length(config))
+            self.encoder = build_text_encoder(plan.config.data.text_encoder, text_length(plan))
             if hasattr(self.encoder, "to"):
                 self.encoder.to(device)
             if hasattr(self.encoder, "eval"):

@@ -41,6 +41,7 @@ from trainer.data import (
     prepare_online,
 )
 from trainer.export import export_checkpoint, upload_folder
+from trainer.plan import RunPlan
 from trainer.resume import resumable_checkpoint
 from trainer.stages import check_perceptual_weights, load_frozen_tokenizer
 from trainer.worker import train_loop_per_worker
@@ -77,40 +78,36 @@ def check_inputs(config: TrainRunConfig) -> None:
     storage.check_stores(reads, endpoint, "run.endpoint_url")
 
 
-def preflight(config: TrainRunConfig) -> dict[str, Any]:
+def preflight(config: TrainRunConfig) -> RunPlan:
     """All driver-side checks, in the order a user would fix them, before the run's first side effect
-    (its MLflow run); returns what the run needs."""
+    (its MLflow run); returns the run's plan with the facts they established."""
     check_cluster_paths(config)
     fs, path = check_storage(config.run.storage_path, config.run.endpoint_url)
     check_inputs(config)
-    facts: dict[str, Any] = {"storage_fs": fs, "storage_path": path, "manifest": None}
+    plan = RunPlan.of(config)
     if config.stage == "tokenizer":
-
-        facts["shards"] = list_image_shards(config)
+        plan = plan.with_facts(shards=tuple(list_image_shards(config)))
         check_perceptual_weights(config)
     elif config.online.enabled:
-        facts["shards"] = list_image_shards(config)
-        facts["manifest"], facts["online"] = prepare_online(config)
-        check_text_encoder(config, facts["manifest"])
+        manifest, online = prepare_online(plan)
+        plan = plan.with_facts(shards=tuple(list_image_shards(config)), manifest=manifest, online=online)
+        check_text_encoder(plan)
     else:
-
-        tokenizer_hash = weights_hash(load_frozen_tokenizer(config))
-        facts["manifest"] = check_cache(config, tokenizer_hash)
-        check_text_encoder(config, facts["manifest"])
+        tokenizer_hash = weights_hash(load_frozen_tokenizer(plan))
+        plan = plan.with_facts(manifest=check_cache(plan, tokenizer_hash))
+        check_text_encoder(plan)
     if config.eval.every_steps:
         check_eval_prompts(config)
     uri = tracking.resolve_tracking_uri(config.tracking.tracking_uri)
-    params = tracking.flatten_params(config.to_dict())
-    facts["tracking_uri"] = uri
     checkpoint_meta = resumable_checkpoint(fs, path, config.run.name)
-    facts["resume_step"] = checkpoint_meta["step"] if checkpoint_meta else 0
-    facts["run_id"], facts["resumed"] = tracking.open_run(
-        uri, config.tracking.experiment, config.run.name, params,
+    run_id, _ = tracking.open_run(
+        uri, config.tracking.experiment, config.run.name, tracking.flatten_params(config.to_dict()),
         resume_run_id=checkpoint_meta.get("mlflow_run_id") if checkpoint_meta else None,
         artifact_location=config.tracking.artifact_location,
     )
-    log_data_input(config, facts)
-    return facts
+    plan = plan.with_facts(tracking_uri=uri, run_id=run_id, resume_step=checkpoint_meta["step"] if checkpoint_meta else None)
+    log_data_input(plan)
+    return plan
 
 
 def check_cluster_paths(config: TrainRunConfig, num_nodes: int | None = None) -> None:
@@ -148,22 +145,22 @@ def check_eval_prompts(config: TrainRunConfig) -> None:
             label_of(prompt.prompt)  # ValueError naming a prompt without a colour and shape word
 
 
-def log_data_input(config: TrainRunConfig, facts: dict[str, Any]) -> None:
+def log_data_input(plan: RunPlan) -> None:
     """What the run reads, as its MLflow dataset input: the token cache (digest: its manifest's
     fingerprint hash), for the tokenizer stage the shard list (digest: a hash of the shard URIs), in
     online mode the shards as encoded (digest: a hash of the fingerprint hash and the shard URIs)."""
-
+    config = plan.config
     if config.online.enabled:
         name, source = "shards-online", ",".join(config.data.shards)
-        listed = "\n".join([fingerprint_hash(facts["manifest"]["fingerprint"]), *sorted(facts["shards"])])
+        listed = "\n".join([fingerprint_hash(plan.manifest["fingerprint"]), *sorted(plan.shards)])
         digest = hashlib.sha256(listed.encode()).hexdigest()
-    elif facts["manifest"] is not None:
+    elif plan.manifest is not None:
         name, source = Path(config.data.cache.rstrip("/")).name or "cache", config.data.cache
-        digest = fingerprint_hash(facts["manifest"]["fingerprint"])
+        digest = fingerprint_hash(plan.manifest["fingerprint"])
     else:
         name, source = "shards", ",".join(config.data.shards)
-        digest = hashlib.sha256("\n".join(sorted(facts["shards"])).encode()).hexdigest()
-    tracking.log_dataset_input(facts["tracking_uri"], facts["run_id"], name, digest, source)
+        digest = hashlib.sha256("\n".join(sorted(plan.shards)).encode()).hexdigest()
+    tracking.log_dataset_input(plan.tracking_uri, plan.run_id, name, digest, source)
 
 
 def ingest_options(config: TrainRunConfig):
@@ -181,39 +178,37 @@ def ingest_options(config: TrainRunConfig):
 
 def run_training(config: TrainRunConfig, export_dir: str | None = None) -> dict[str, Any]:
     """Preflight, fit, export, register. Returns {run_id, final_step, checkpoint_path, export_dir, model_version}."""
-
     check_cluster_paths(config)  # on the paths as given: a relative one is refused on a cluster of several nodes
     config = with_absolute_paths(config)  # what the workers, checkpoints and MLflow params see
-    facts = preflight(config)
+    plan = preflight(config)
     show_ray_data_progress(False)  # [ray] keeps job logs readable: the workers print step lines
-    print(f"[train] stage={config.stage} run={config.run.name} mlflow run {facts['run_id']} "
-          f"({'resumed at step %d' % facts['resume_step'] if facts['resumed'] else 'new'}) -> {config.run.storage_path}")
+    resumed = f"resumed at step {plan.resume_step}" if plan.resume_step is not None else "new"
+    print(f"[train] stage={config.stage} run={config.run.name} mlflow run {plan.run_id} ({resumed}) -> "
+          f"{config.run.storage_path}")
     scaling = config.scaling
     if config.stage == "tokenizer":
-        dataset = image_dataset(config, facts["shards"])
+        dataset = image_dataset(plan)
     elif config.online.enabled:
         if config.online.compute.check_resources:
-
             workers = (scaling.max_workers * scaling.cpus_per_worker,
                        scaling.max_workers * scaling.gpus_per_worker if scaling.use_gpu else 0.0)
-            check_resources(online_precompute_config(config), writers=False, others=workers,
+            check_resources(online_precompute_config(plan), writers=False, others=workers,
                             others_name="the Ray Train workers (scaling.*)")
-        dataset = online_dataset(config, facts["shards"], facts["online"])
+        dataset = online_dataset(plan)
     else:
         dataset = None  # each worker reads its slices of the cache itself (trainer/batches.py)
     resources = {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
-    is_s3 = config.run.storage_path.startswith("s3://")
+    storage_fs, storage_path = storage.resolve(config.run.storage_path, config.run.endpoint_url)
     trainer = TorchTrainer(  # [ray]
         train_loop_per_worker,
-        train_loop_config={"config": config.to_dict(), "run_id": facts["run_id"], "tracking_uri": facts["tracking_uri"],
-                           "manifest": facts["manifest"]},
+        train_loop_config={"plan": plan},
         scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                                resources_per_worker=resources,
                                                placement_strategy=scaling.placement_strategy,
                                                elastic_resize_monitor_interval_s=scaling.resize_check_s),
         run_config=ray.train.RunConfig(
-            name=config.run.name, storage_path=facts["storage_path"],
-            storage_filesystem=facts["storage_fs"] if is_s3 else None,
+            name=config.run.name, storage_path=storage_path,
+            storage_filesystem=storage_fs if storage.is_s3(config.run.storage_path) else None,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.run.num_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
             # Train V2 patches `print` in workers to log through the root logger *and* tee to stdout
@@ -226,30 +221,30 @@ def run_training(config: TrainRunConfig, export_dir: str | None = None) -> dict[
     try:
         result = trainer.fit()  # [ray]
     except Exception as exc:
-        tracking.finish_run(facts["tracking_uri"], facts["run_id"], "FAILED")
+        tracking.finish_run(plan.tracking_uri, plan.run_id, "FAILED")
         raise RuntimeError(f"training run {config.run.name!r} failed; the last good checkpoint is kept: {exc}") from exc
-    outcome = {"run_id": facts["run_id"], "checkpoint_path": result.checkpoint.path if result.checkpoint else None,
+    outcome = {"run_id": plan.run_id, "checkpoint_path": result.checkpoint.path if result.checkpoint else None,
                "final_step": int(result.metrics.get("step", 0)) if result.metrics else 0,
                "export_dir": None, "model_version": None}
     if config.run.export and result.checkpoint is not None:
-        outcome.update(export_and_register(config, facts, result.checkpoint, export_dir))
-    tracking.finish_run(facts["tracking_uri"], facts["run_id"], "FINISHED")
+        outcome.update(export_and_register(plan, result.checkpoint, export_dir))
+    tracking.finish_run(plan.tracking_uri, plan.run_id, "FINISHED")
     return outcome
 
 
-def export_and_register(config: TrainRunConfig, facts: dict[str, Any], checkpoint, export_dir: str | None) -> dict[str, Any]:
-
+def export_and_register(plan: RunPlan, checkpoint, export_dir: str | None) -> dict[str, Any]:
+    config = plan.config
     # Without --export-dir the export is staged in a temporary folder and lives at `destination` only.
     with tempfile.TemporaryDirectory(prefix="hart-export-") as staging:
         local = export_dir or staging
         with checkpoint.as_directory() as directory:  # [ray]
-            export_checkpoint(directory, config, local)
+            export_checkpoint(directory, plan, local)
         # The run config travels with the registered model (secrets redacted like the params).
         params = tracking.flatten_params(config.to_dict())
         (Path(local) / "train_config.json").write_text(json.dumps(params, indent=1, sort_keys=True) + "\n")
         destination = storage.join(config.run.storage_path, config.run.name, "export")
         upload_folder(local, destination, config.run.endpoint_url)
         name = config.tracking.registered_model or f"hart-{config.stage}"
-        version = tracking.log_export_and_register(facts["tracking_uri"], facts["run_id"], local, name)
+        version = tracking.log_export_and_register(plan.tracking_uri, plan.run_id, local, name)
     print(f"[train] exported to {destination}; registered {name} version {version}")
     return {"export_dir": export_dir or destination, "model_version": version}

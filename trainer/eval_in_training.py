@@ -20,7 +20,11 @@ import io
 
 import numpy as np
 import torch
+from PIL import Image
 
+from hart.training.parallelize import is_sharded
+from pipelines.eval_protocol import PROTOCOLS, groups, read_prompts
+from pipelines.eval_stages import ScoreImages, generate_group, summarize
 from trainer import tracking
 
 
@@ -33,12 +37,6 @@ def evaluate_in_training(config, stage, ema, logger, step: int, encoder) -> dict
     """Figures of this step's EMA model on the eval prompts (None where nothing ran: other ranks,
     logging off, or a step already logged). FSDP runs are refused at config time (rank 0 alone cannot
     generate from shards)."""
-    from hart.training.parallelize import is_sharded
-    from PIL import Image
-
-    from pipelines.eval_protocol import PROTOCOLS, groups, read_prompts
-    from pipelines.eval_stages import ScoreImages, generate_group, summarize
-
     section = config.eval
     if not logger.enabled or already_logged(logger, section.name, step):
         return None

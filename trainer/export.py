@@ -20,15 +20,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hart.star.checkpoint import save_star
+from hart.star.model import STARForT2I
 from hart.training.checkpoint import load_training_state
-from trainer.config import TrainRunConfig, model_configs
+from hart.transformer.model import HARTForT2I
+from pipelines import storage
+from trainer.plan import RunPlan
+from trainer.stages import load_frozen_tokenizer
 
 
-def export_checkpoint(checkpoint_dir: str | Path, config: TrainRunConfig, out_dir: str | Path) -> Path:
+def export_checkpoint(checkpoint_dir: str | Path, plan: RunPlan, out_dir: str | Path) -> Path:
     """Write llm/ (+ ema_model.bin) and tokenizer/ from a training checkpoint directory."""
     out_dir = Path(out_dir)
     state = load_training_state(checkpoint_dir)
-    tokenizer_cfg, transformer_cfg = model_configs(config)
+    config, tokenizer_cfg, transformer_cfg = plan.config, plan.tokenizer, plan.transformer
     if config.stage == "tokenizer":
         from hart.tokenizer.discriminator import NLayerDiscriminator
         from hart.tokenizer.model import HybridTokenizer
@@ -41,28 +46,22 @@ def export_checkpoint(checkpoint_dir: str | Path, config: TrainRunConfig, out_di
             discriminator.load_state_dict(state.extra["discriminator"], strict=True)
         tokenizer.save_pretrained(out_dir / "tokenizer", discriminator=discriminator)
         return out_dir
-    from hart.transformer.model import HARTForT2I
-    from trainer.stages import load_frozen_tokenizer
 
     if config.model.family == "star":
-        return _export_star(state, transformer_cfg, config, out_dir)
+        return _export_star(state, plan, out_dir)
     model = HARTForT2I(transformer_cfg)
     model.load_state_dict(state.model, strict=True)
-    tokenizer = load_frozen_tokenizer(config)  # with the run's scale list, checked against the transformer
+    tokenizer = load_frozen_tokenizer(plan)  # with the run's scale list, checked against the transformer
     tokenizer.save_pretrained(out_dir / "tokenizer")
     model.save_pretrained(out_dir / "llm", ema_state=state.ema, tokenizer=tokenizer.config)
     return out_dir
 
 
-def _export_star(state, star_cfg, config: TrainRunConfig, out_dir: Path) -> Path:
+def _export_star(state, plan: RunPlan, out_dir: Path) -> Path:
     """STAR's layout: the raw and the EMA weights each as a trainer-dict `.pth` (`hart.star.checkpoint`),
     beside the frozen tokenizer's folder."""
-    from hart.star.checkpoint import save_star
-    from hart.star.model import STARForT2I
-    from trainer.stages import load_frozen_tokenizer
-
-    model = STARForT2I(star_cfg)
-    load_frozen_tokenizer(config).save_pretrained(out_dir / "tokenizer")
+    model = STARForT2I(plan.transformer)
+    load_frozen_tokenizer(plan).save_pretrained(out_dir / "tokenizer")
     for name, weights in (("model.pth", state.model), ("ema_model.pth", state.ema)):
         if weights is None:
             continue
@@ -89,8 +88,6 @@ def read_export(export: str | Path, ema: bool = True) -> dict[str, str]:
 
 def upload_folder(local_dir: str | Path, uri: str, endpoint_url: str = "") -> None:
     """Copy a local folder to a local path or an s3:// prefix (one object per file)."""
-    from pipelines import storage
-
     storage.copy_tree(str(Path(local_dir).resolve()), uri, endpoint_url)
 
 

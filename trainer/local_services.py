@@ -34,7 +34,7 @@ def free_port() -> int:
 @contextlib.contextmanager
 def s3_server(verbose: bool = False) -> Iterator[str]:
     """moto's S3 server on a free loopback port; yields its endpoint URL and stops it on exit."""
-    from moto.server import ThreadedMotoServer
+    from moto.server import ThreadedMotoServer  # optional: the `dev` extra (the demo's S3 mode, the tests)
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=verbose)

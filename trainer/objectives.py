@@ -14,12 +14,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from hart.star.model import TextFeatures, pooled_at_eos
+from hart.star.objective import star_losses
+from hart.tokenizer.objective import discriminator_losses, generator_losses
 from hart.tokenizer.quantizer import MultiScaleQuantizer
+from hart.transformer.objective import t2i_losses
 
 
 class TransformerObjective(nn.Module):
     """t2i_losses around the transformer; the quantizer is frozen and kept out of the tree."""
-
     def __init__(self, model: nn.Module, quantizer: MultiScaleQuantizer, ce_weight: float, diffusion_weight: float,
                  use_diffusion: bool, kept_bucket: int = 0):
         super().__init__()
@@ -29,8 +32,6 @@ class TransformerObjective(nn.Module):
         self.kept_bucket = kept_bucket
 
     def forward(self, batch: dict[str, Any], step: int = 0, generator: torch.Generator | None = None):
-        from hart.transformer.objective import t2i_losses
-
         return t2i_losses(
             self.model, self._frozen["quantizer"], batch["context"], batch["context_mask"], batch["tokens"],
             batch["residual"] if self.use_diffusion else None, ce_weight=self.ce_weight,
@@ -41,7 +42,6 @@ class TransformerObjective(nn.Module):
 
 class TokenizerObjective(nn.Module):
     """generator_losses around the tokenizer; the discriminator (a critic here) and the LPIPS metric are frozen."""
-
     def __init__(self, tokenizer: nn.Module, objective_config, discriminator: nn.Module | None,
                  perceptual: nn.Module | None = None):
         super().__init__()
@@ -50,8 +50,6 @@ class TokenizerObjective(nn.Module):
         self._frozen = {"discriminator": discriminator, "perceptual": perceptual}
 
     def forward(self, batch: dict[str, Any], step: int = 0, generator: torch.Generator | None = None):
-        from hart.tokenizer.objective import generator_losses
-
         return generator_losses(
             self.tokenizer, batch["images"], self.objective_config, step=step,
             discriminator=self._frozen["discriminator"], perceptual=self._frozen["perceptual"], generator=generator,
@@ -65,8 +63,6 @@ class DiscriminatorObjective(nn.Module):
         self.objective_config = objective_config
 
     def forward(self, batch: dict[str, Any], step: int = 0, generator: torch.Generator | None = None):
-        from hart.tokenizer.objective import discriminator_losses
-
         return discriminator_losses(
             self.discriminator, batch["images"], batch["reconstructions"], self.objective_config, step=step
         )
@@ -75,7 +71,6 @@ class DiscriminatorObjective(nn.Module):
 class StarObjective(nn.Module):
     """star_losses around a STAR transformer; the quantizer and the null condition are frozen and kept
     out of the tree. The pooled text vector comes from the batch's features (`pooled_at_eos`)."""
-
     def __init__(self, model: nn.Module, quantizer: MultiScaleQuantizer, null_condition,
                  drop_scale_length: int | None = None):
         super().__init__()
@@ -84,9 +79,6 @@ class StarObjective(nn.Module):
         self._frozen = {"quantizer": quantizer, "null": null_condition}
 
     def forward(self, batch: dict[str, Any], step: int = 0, generator: torch.Generator | None = None):
-        from hart.star.model import TextFeatures, pooled_at_eos
-        from hart.star.objective import star_losses
-
         context, mask = batch["context"], batch["context_mask"]
         text = TextFeatures(context, mask, pooled_at_eos(context, mask))
         return star_losses(self.model, self._frozen["quantizer"], text, batch["tokens"],

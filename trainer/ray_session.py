@@ -33,6 +33,8 @@ from __future__ import annotations
 import logging
 import os
 
+import ray
+
 PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 LOCAL_RAY_RUNTIME_ENV = {"worker_process_setup_hook": "trainer.ray_session.quiet_placement_group_cleaner"}
 
@@ -52,8 +54,6 @@ def connect(address: str | None, num_cpus: int | None = None, ray_train: bool = 
     `ray_train`: the job runs Ray Train, whose cleaner's warnings the local instance mutes (module doc);
     other jobs start without that hook, since a runtime env keeps Ray from using the workers it
     started with the node for their tasks (measured: ~8 s more CPU in precompute's start-up)."""
-    import ray
-
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None

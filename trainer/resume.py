@@ -10,6 +10,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pyarrow.fs as pafs
+
+from hart.training.checkpoint import META_FILE, upgrade_meta
+from pipelines import storage
+
 
 # Train V2 keeps its list of reported checkpoints in this file of the run folder and restores the
 # latest one it names (docs/design/ray.md, "Restore from the run folder"); reading it tells the
@@ -32,11 +37,6 @@ def latest_checkpoint(fs, storage_path: str, run_name: str) -> tuple[str, dict[s
     ValueError when Ray's snapshot names a checkpoint folder that is gone (a partial delete): Ray
     would hand the workers a checkpoint it cannot read.
     """
-    import pyarrow.fs as pafs
-
-    from hart.training.checkpoint import META_FILE, upgrade_meta
-    from pipelines import storage
-
     run_dir = f"{storage_path.rstrip('/')}/{run_name}"
     snapshot_path = f"{run_dir}/{RAY_CHECKPOINT_SNAPSHOT}"
     if fs.get_file_info(snapshot_path).type == pafs.FileType.NotFound:

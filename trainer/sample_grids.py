@@ -8,6 +8,8 @@ import torch
 
 from hart.pixels import to_uint8
 from trainer import tracking
+from trainer.data import run_text_encoder
+from trainer.plan import RunPlan
 from trainer.stages import Stage
 
 
@@ -16,8 +18,9 @@ from trainer.stages import Stage
 GRID_FOLDER = {"tokenizer": "reconstructions", "transformer": "samples"}
 
 
-def log_samples(config, stage: Stage, ema, sample_batch, logger, step, manifest) -> None:
+def log_samples(plan: RunPlan, stage: Stage, ema, sample_batch, logger, step) -> None:
     """Rank 0: reconstructions (tokenizer) or generations from fixed prompts, with the EMA weights."""
+    config = plan.config
     if not logger.enabled or sample_batch is None:
         return
     from hart.training.parallelize import is_sharded
@@ -39,7 +42,7 @@ def log_samples(config, stage: Stage, ema, sample_batch, logger, step, manifest)
             return
         import numpy as np
 
-        encoder = sampling_text_encoder(config, stage, manifest)
+        encoder = sampling_text_encoder(plan, stage)
         if config.model.family == "star":
             grid = tracking.image_grid(_star_samples(config, stage, model, encoder))
             logger.log_image(grid, f"{GRID_FOLDER['transformer']}/step_{step:07d}.png")
@@ -62,10 +65,8 @@ def _star_samples(config, stage: Stage, model, encoder):
                     seed=config.tracking.sample_seed)
 
 
-def sampling_text_encoder(config, stage: Stage, manifest):
+def sampling_text_encoder(plan: RunPlan, stage: Stage):
     """The text encoder generation uses in a run (`run_text_encoder`), built once per run."""
     if stage.text_encoder is None:
-        from trainer.data import run_text_encoder
-
-        stage.text_encoder = run_text_encoder(config, manifest)
+        stage.text_encoder = run_text_encoder(plan)
     return stage.text_encoder

@@ -31,9 +31,18 @@ import torch
 from torch import nn
 
 from hart.scale_grid import check_compatible
+from hart.star.model import STARForT2I
+from hart.text_encoder import PooledTextEncoder
+from hart.tokenizer.discriminator import NLayerDiscriminator
+from hart.tokenizer.model import HybridTokenizer
+from hart.tokenizer.objective import TokenizerObjectiveConfig, set_trainable
+from hart.tokenizer.perceptual import PerceptualLoss
 from hart.training import start_weights
-from trainer.objectives import DiscriminatorObjective, TokenizerObjective, TransformerObjective
-from trainer.config import TrainRunConfig, model_configs
+from hart.transformer.model import HARTForT2I
+from pipelines import storage
+from trainer.config import TrainRunConfig
+from trainer.objectives import DiscriminatorObjective, StarObjective, TokenizerObjective, TransformerObjective
+from trainer.plan import RunPlan
 
 
 @dataclass
@@ -56,20 +65,15 @@ class Stage:
 
 def read_start_weights(path: str, endpoint_url: str = "") -> dict[str, torch.Tensor]:
     """`hart.training.start_weights.read_start_weights` of a local path or an s3:// URI (copied to this machine first)."""
-    from pipelines import storage
-
     return start_weights.read_start_weights(Path(storage.local_copy(path, endpoint_url)), path)
 
 
-def load_frozen_tokenizer(config: TrainRunConfig):
+def load_frozen_tokenizer(plan: RunPlan):
     """The tokenizer the cache was made with (ar/diffusion/joint), frozen, with the run's scale list."""
-    from hart.tokenizer.model import HybridTokenizer
-
-    tokenizer_cfg, transformer_cfg = model_configs(config)
+    config, tokenizer_cfg, transformer_cfg = plan.config, plan.tokenizer, plan.transformer
     path = config.model.tokenizer_checkpoint
     if not path:
         raise ValueError(f"stage {config.stage!r} needs model.tokenizer_checkpoint (the tokenizer the cache was made with)")
-    from pipelines import storage
 
     # The run's scale list (model.tokenizer's) applies to the checkpoint's weights, as precompute's
     # tokenizer.patch_nums does: a cache made at another resolution of the same tokenizer trains.
@@ -84,23 +88,18 @@ def load_frozen_tokenizer(config: TrainRunConfig):
 # --------------------------------------------------------------------------------------
 
 
-def build_stage(config: TrainRunConfig, device: torch.device, text_encoder: Any = None,
-                manifest: dict[str, Any] | None = None) -> Stage:
+def build_stage(plan: RunPlan, device: torch.device, text_encoder: Any = None) -> Stage:
     """Fresh weights (seeded identically on every rank) or `model.init_from`; objectives ready.
-    `manifest`: the cache's, whose text encoder a STAR stage encodes its null condition with."""
-    if config.stage == "tokenizer":
-        return _build_tokenizer_stage(config, device)
-    if config.model.family == "star":
-        return _build_star_stage(config, device, text_encoder, manifest or {})
-    return _build_transformer_stage(config, device, text_encoder)
+    A STAR stage encodes its null condition with the text encoder of the plan's rows."""
+    if plan.stage == "tokenizer":
+        return _build_tokenizer_stage(plan, device)
+    if plan.config.model.family == "star":
+        return _build_star_stage(plan, device, text_encoder)
+    return _build_transformer_stage(plan, device, text_encoder)
 
 
-def _build_tokenizer_stage(config: TrainRunConfig, device: torch.device) -> Stage:
-    from hart.tokenizer.discriminator import NLayerDiscriminator
-    from hart.tokenizer.model import HybridTokenizer
-    from hart.tokenizer.objective import TokenizerObjectiveConfig, set_trainable
-
-    tokenizer_cfg, _ = model_configs(config)
+def _build_tokenizer_stage(plan: RunPlan, device: torch.device) -> Stage:
+    config, tokenizer_cfg = plan.config, plan.tokenizer
     objective = config.objective
     mode = "decoder_finetune" if objective.tokenizer_mode == "hybrid" else "full"
     if config.parallel.strategy == "fsdp" and (objective.codebook_init or objective.codebook_restart_every):
@@ -150,17 +149,14 @@ def build_perceptual(config: TrainRunConfig):
     objective = config.objective
     if objective.perceptual_weight <= 0:
         return None
-    from hart.tokenizer.perceptual import PerceptualLoss
 
     check_perceptual_weights(config)
     return PerceptualLoss.from_files(list(objective.perceptual_weights)).requires_grad_(False).eval()
 
 
-def _build_transformer_stage(config: TrainRunConfig, device: torch.device, text_encoder: Any) -> Stage:
-    from hart.transformer.model import HARTForT2I
-
-    _, transformer_cfg = model_configs(config)
-    tokenizer = load_frozen_tokenizer(config).to(device)
+def _build_transformer_stage(plan: RunPlan, device: torch.device, text_encoder: Any) -> Stage:
+    config, transformer_cfg = plan.config, plan.transformer
+    tokenizer = load_frozen_tokenizer(plan).to(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.model.init_seed)
         model = HARTForT2I(transformer_cfg)
@@ -187,16 +183,12 @@ def _build_transformer_stage(config: TrainRunConfig, device: torch.device, text_
     return Stage(config.stage, model, objective, tokenizer=tokenizer, text_encoder=text_encoder)
 
 
-def _build_star_stage(config: TrainRunConfig, device: torch.device, text_encoder: Any, manifest: dict[str, Any]) -> Stage:
+def _build_star_stage(plan: RunPlan, device: torch.device, text_encoder: Any) -> Stage:
     """STAR's ar stage: STARForT2I from fresh weights or `model.init_from` (a STAR .pth or a training
     checkpoint), trained by `StarObjective`. Its CFG null condition is the encoding of "" by the
     encoder that made the cache's text features (else `data.text_encoder`), computed once here."""
-    from hart.star.model import STARForT2I
-    from hart.text_encoder import PooledTextEncoder
-    from trainer.objectives import StarObjective
-
-    _, star_cfg = model_configs(config)
-    tokenizer = load_frozen_tokenizer(config).to(device)
+    config, star_cfg = plan.config, plan.transformer
+    tokenizer = load_frozen_tokenizer(plan).to(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.model.init_seed)
         model = STARForT2I(star_cfg)
@@ -208,7 +200,7 @@ def _build_star_stage(config: TrainRunConfig, device: torch.device, text_encoder
     if text_encoder is None:
         from trainer.data import run_text_encoder
 
-        text_encoder = run_text_encoder(config, manifest)
+        text_encoder = run_text_encoder(plan)
         if hasattr(text_encoder, "to"):
             text_encoder.to(device)
     null = PooledTextEncoder(text_encoder)([""]).to(device)

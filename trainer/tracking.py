@@ -21,19 +21,28 @@ Design:
   training switch, which each browser keeps (GenAI until the user switches), unless the link names the
   view. Links this project prints name it (`experiment_ui_url`); `python -m jobs.mlflow_ui_check`
   checks in a real browser what such a link shows.
+- `mlflow` is imported inside the functions that call it, not at the top: the import costs about 3 s
+  of CPU, which every Ray Train worker would pay at start-up although only rank 0 logs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
+import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
+
+from pipelines import storage
 
 RUN_NAME_TAG = "hart.run_name"
 # The experiment kind as MLflow's experiment-kind selector records it. MLflow 3.17's UI, which has a
@@ -55,8 +64,6 @@ def resolve_tracking_uri(configured: str) -> str:
     """The tracking URI a job uses: `configured`, else MLFLOW_TRACKING_URI, else the local default; a local
     store (a sqlite file, a folder) with an absolute path, so Ray workers, whose working directory is
     not the driver's, log to the same store."""
-    from pipelines import storage
-
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI", "") or DEFAULT_TRACKING_URI
     if uri.startswith("sqlite:///"):
         return "sqlite:///" + storage.absolute(uri.removeprefix("sqlite:///"))  # sqlite:////abs/path
@@ -121,10 +128,6 @@ def redact_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]
 
 def set_terminated_quietly(client, run_id: str, status: str) -> None:
     """`MlflowClient.set_terminated` prints "View run ... at: <tracking URI>"; keep that line, minus credentials."""
-    import contextlib
-    import io
-    import sys
-
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
         client.set_terminated(run_id, status=status)
@@ -158,8 +161,6 @@ def probe_server(tracking_uri: str, timeout_s: float = 5.0) -> None:
     """For http(s) stores: one GET of /health with a short timeout (MLflow's client retries for minutes)."""
     if not tracking_uri.startswith(("http://", "https://")):
         return
-    import urllib.error
-    import urllib.request
 
     # urllib cannot open a URL with user:password@ in it (it resolves "user:password@host" as the
     # host): probe the bare host and send the credentials as a basic-auth header, as MLflow does.
@@ -272,7 +273,6 @@ class RunLogger:
     `log_batch` per window: MLflow's sqlite store spends ~10 ms of CPU per call plus ~0.2 ms per
     row, as much as a tenth of a tiny CPU step when every step's ~25 metrics were written.
     """
-
     LAST_VALUE_KEYS = ("lr",)
     RATE_SUFFIX = "_per_s"
 

@@ -33,7 +33,6 @@ import ray.train
 import ray.train.torch
 import torch
 
-from configuration.loader import config_from_dict
 from hart.training.checkpoint import load_rng_state, load_training_state, save_rng_state, save_training_state
 from hart.training.parallelize import (
     full_optimizer_state_dict, full_state_dict, full_tensors, load_full_optimizer_state_dict, load_full_state_dict,
@@ -48,9 +47,9 @@ from trainer.batches import (
     StepLedger, cache_order, cache_steps, global_batch, position_meta, ray_steps, reads_cache_stream,
     restored_position, sync_ledger, timed,
 )
-from trainer.config import TrainRunConfig
 from trainer.data import CacheCollate, ImagesCollate, TextFeatures
 from trainer.eval_in_training import evaluate_in_training
+from trainer.plan import RunPlan
 from trainer.resume import PROGRESS_FILE
 from trainer.sample_grids import log_samples, sampling_text_encoder
 from trainer.stages import Stage, build_stage
@@ -71,19 +70,19 @@ class WorkerSetup:
     ema: ExponentialMovingAverage
 
 
-def setup_worker(config: TrainRunConfig, manifest: dict[str, Any] | None, device: torch.device,
-                 rank: int = 0) -> WorkerSetup:
+def setup_worker(plan: RunPlan, device: torch.device, rank: int = 0) -> WorkerSetup:
     """Seed, threads, text features, stage, wrapped loss modules, optimizers, scheduler and EMA, built in
     the order the worker's numerics depend on (the seed first, then every module that draws from it).
 
     Needs no Ray: `benchmarks/ray_overhead.py`'s bare loop calls it too, so the loop it compares the Ray
     job with is the worker's own setup, not a copy of it.
     """
+    config = plan.config
     torch.manual_seed(config.run.seed + rank)
     if config.scaling.torch_threads:
         torch.set_num_threads(config.scaling.torch_threads)
-    text = TextFeatures(config, manifest, device) if config.stage != "tokenizer" else None
-    stage = build_stage(config, device, text.encoder if text else None, manifest)
+    text = TextFeatures(plan, device) if config.stage != "tokenizer" else None
+    stage = build_stage(plan, device, text.encoder if text else None)
     # Wrap first: FSDP2 swaps parameters for DTensors, and the optimizer/EMA must hold those.
     objective = parallelize(stage.objective, config.parallel, device)
     disc_objective = None
@@ -101,13 +100,13 @@ def setup_worker(config: TrainRunConfig, manifest: dict[str, Any] | None, device
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
-    config = config_from_dict(TrainRunConfig, loop_config["config"])
+    plan: RunPlan = loop_config["plan"]
+    config, manifest = plan.config, plan.manifest
     quiet_report_log()
     context = ray.train.get_context()  # [ray]
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()  # [ray]
-    manifest = loop_config["manifest"]
-    setup = setup_worker(config, manifest, device, rank)
+    setup = setup_worker(plan, device, rank)
     text, stage, objective, disc_objective = setup.text, setup.stage, setup.objective, setup.disc_objective
     optimizer, scheduler, disc_optimizer, ema = setup.optimizer, setup.scheduler, setup.disc_optimizer, setup.ema
     step, data_epoch, resumed, meta = 0, 0, False, {}
@@ -117,12 +116,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:  # [ray]
             step, data_epoch, meta = restore(directory, stage, optimizer, scheduler, disc_optimizer, ema,
-                                             loop_config["run_id"], rank)
+                                             plan.run_id, rank)
             if ledger is not None and os.path.exists(os.path.join(directory, PROGRESS_FILE)):
                 ledger = VisitLedger.from_state(json.loads(Path(directory, PROGRESS_FILE).read_text()))
             step_ledger.restore(directory)
         resumed = True
-    logger = tracking.RunLogger(loop_config["tracking_uri"], loop_config["run_id"], enabled=rank == 0)
+    logger = tracking.RunLogger(plan.tracking_uri, plan.run_id, enabled=rank == 0)
     if resumed:  # where the metric history has points of steps redone after this restore (RELIABILITY.md)
         logger.record({"restored_at_step": float(step), "world_size": float(world_size)}, step)
     collate = ImagesCollate() if config.stage == "tokenizer" else CacheCollate(manifest)
@@ -172,7 +171,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # step_seconds: the loop's period (previous step's end to this one's), so data wait, logging and
         # everything else the loop does count; data_seconds (waiting for the iterator), context_seconds
         # (device copy, caption encoding), compute_seconds and ema_seconds split it.
-        metrics.update(throughput(config, micro_batches, now - last_step_end, world_size))
+        metrics.update(throughput(plan, micro_batches, now - last_step_end, world_size))
         metrics.update(data_seconds=data_seconds, context_seconds=context_seconds, compute_seconds=ema_started - computing,
                        ema_seconds=now - ema_started, data_wait_share=data_seconds / (now - last_step_end),
                        world_size=float(world_size))
@@ -188,11 +187,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 print(f"[train] step {progress.line(step, counted)} | {losses}", flush=True)
             logger.write()
         if config.tracking.sample_every and step % config.tracking.sample_every == 0 or step == config.run.max_steps:
-            log_samples(config, stage, ema, sample_batch, logger, step, manifest)
+            log_samples(plan, stage, ema, sample_batch, logger, step)
         if config.eval.every_steps and (step % config.eval.every_steps == 0 or step == config.run.max_steps) \
                 and logger.enabled:
 
-            evaluate_in_training(config, stage, ema, logger, step, sampling_text_encoder(config, stage, manifest))
+            evaluate_in_training(config, stage, ema, logger, step, sampling_text_encoder(plan, stage))
         if step % config.run.checkpoint_every == 0 or step == config.run.max_steps:
             if ledger is not None:
                 logger.record(sync_ledger(ledger), step)
@@ -201,7 +200,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             stream = position_meta(position, order.digest, config) if order is not None else None
             report_checkpoint(config, stage, optimizer, scheduler, disc_optimizer, ema, metrics, step,
                               position // order.num_rows if order is not None else data_epoch,
-                              loop_config["run_id"], rank, ledger, stream, step_ledger)
+                              plan.run_id, rank, ledger, stream, step_ledger)
         if step >= config.run.max_steps:
             break
     steps.close()

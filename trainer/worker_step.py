@@ -10,10 +10,13 @@ second of the whole job.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
+from hart.training.parallelize import broadcast_from_rank0
 from hart.training.step import train_step
+from trainer.config import TrainRunConfig
+from trainer.plan import RunPlan
 from trainer.stages import Stage
-from trainer.config import TrainRunConfig, model_configs
 
 
 def step_seed(run_seed: int, rank: int, step: int) -> int:
@@ -55,8 +58,6 @@ def codebook_upkeep(config: TrainRunConfig, stage: Stage, images_B3HW: torch.Ten
     Rank 0's codebook is then broadcast: DDP synchronises gradients only, and each rank's
     batch (hence its re-seeded codes) differs. Returns {"codes_restarted": n} when it acted.
     """
-    from hart.training.parallelize import broadcast_from_rank0
-
     objective = config.objective
     every, start = objective.codebook_restart_every, objective.vq_warmup_steps
     if step == start and objective.codebook_init:
@@ -83,8 +84,6 @@ LOSS_METRICS = ("loss", "ce", "diffusion")
 def global_losses(metrics: dict[str, float], device: torch.device) -> dict[str, float]:
     """The losses of the global batch: each rank's mean over its equal slice, averaged over the ranks
     (one small all-reduce). What rank 0 logs is then the same quantity at every world size."""
-    import torch.distributed as dist
-
     present = [name for name in LOSS_METRICS if name in metrics]
     if not present or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return {}
@@ -93,9 +92,8 @@ def global_losses(metrics: dict[str, float], device: torch.device) -> dict[str, 
     return dict(zip(present, (values / dist.get_world_size()).tolist()))
 
 
-def throughput(config: TrainRunConfig, micro_batches, seconds: float, world_size: int) -> dict[str, float]:
+def throughput(plan: RunPlan, micro_batches, seconds: float, world_size: int) -> dict[str, float]:
     """Images and tokens per second of the whole job (this rank's rate times the world size: no extra collective)."""
-    tokenizer_cfg, transformer_cfg = model_configs(config)
     images = sum(len(b["caption"]) for b in micro_batches) * world_size
-    tokens_per_image = tokenizer_cfg.num_tokens() if config.stage == "tokenizer" else transformer_cfg.grid.num_tokens
+    tokens_per_image = plan.grid.num_tokens
     return {"images_per_s": images / seconds, "tokens_per_s": images * tokens_per_image / seconds, "step_seconds": seconds}

@@ -23,7 +23,7 @@ from benchmarks import precompute as bench
 from benchmarks.processes import command_line
 from pipelines import shapes
 from pipelines.config import ComputeConfig, TokenizerSource
-from pipelines.plan import PrecomputeSummary
+from pipelines.precompute_summary import PrecomputeSummary
 
 
 @pytest.mark.parametrize("preset, resolution, scales, z", [

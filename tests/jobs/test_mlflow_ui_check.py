@@ -1,4 +1,4 @@
-"""`jobs.mlflow_ui_check` without a browser: what it expects the UI to show, read from a store.
+"""`make mlflow-ui-check` (trainer.mlflow_ui_check) without a browser: what it expects the UI to show, read from a store.
 
 The browser checks themselves run with `make mlflow-ui-check` (they need Chromium and playwright).
 Run: .venv/bin/pytest tests/jobs/test_mlflow_ui_check.py -q
@@ -9,7 +9,8 @@ from __future__ import annotations
 from mlflow.tracking import MlflowClient
 
 from trainer import tracking
-from jobs.mlflow_ui_check import main, read_expected
+from jobs.mlflow_ui_check import main
+from trainer.mlflow_ui_check import read_expected
 
 
 def test_expectations_come_from_the_store(tmp_path):

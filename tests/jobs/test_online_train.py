@@ -25,6 +25,7 @@ from pipelines.cache import read_cache_table, read_manifest
 from pipelines.manifest import fingerprint_hash
 from pipelines.shapes import write_shapes_shards
 from tests.training_fixtures import tiny_config
+from trainer.plan import RunPlan
 
 ONLINE = ["online.enabled=true", "online.compute.tokenizer_cpus=0.5", "online.compute.decode_cpus=0.25",
           "tracking.sample_every=0", "run.export=false"]
@@ -32,10 +33,10 @@ ONLINE = ["online.enabled=true", "online.compute.tokenizer_cpus=0.5", "online.co
 
 def test_online_rows_are_the_cache_rows(train_assets, tmp_path):
     config = tiny_config(train_assets, "joint", tmp_path, *ONLINE)
-    manifest, online = prepare_online(config)
+    manifest, online = prepare_online(RunPlan.of(config))
     cache_manifest = read_manifest(train_assets["cache"])
     assert fingerprint_hash(manifest["fingerprint"]) == fingerprint_hash(cache_manifest["fingerprint"])
-    dataset = online_dataset(config, list_image_shards(config), online)
+    dataset = online_dataset(RunPlan.of(config, manifest=manifest, online=online, shards=tuple(list_image_shards(config))))
     streamed = pa.concat_tables([ray.get(ref) for ref in dataset.to_arrow_refs()])
     cached = read_cache_table(train_assets["cache"])
     order = [("source_shard", "ascending"), ("sample_index", "ascending")]

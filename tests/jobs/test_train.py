@@ -154,9 +154,9 @@ def test_run_name_without_checkpoint_starts_a_new_mlflow_run(train_assets, tmp_p
     assert all(part in line for part in ("(100%), ", " elapsed, ", " steps/s, ", " samples/s, ", "ETA 0s"))
     (checkpoint_line,) = worker_log_lines("[train] checkpoint at step 2: ", f"{config.run.name}/checkpoint_step00000002")
     assert len(checkpoint_line) < 400 and not worker_log_lines("Reporting training result")
-    facts = preflight(config)  # the checkpoint is there: its MLflow run is the one continued
-    assert (facts["run_id"], facts["resumed"], facts["resume_step"]) == (first["run_id"], True, 2)
-    tracking.finish_run(facts["tracking_uri"], facts["run_id"], "FINISHED")
+    plan = preflight(config)  # the checkpoint is there: its MLflow run is the one continued
+    assert (plan.run_id, plan.resume_step) == (first["run_id"], 2)
+    tracking.finish_run(plan.tracking_uri, plan.run_id, "FINISHED")
     assert len(client.get_run(first["run_id"]).inputs.dataset_inputs) == 1  # the resumed run's input, once
 
     run_dir = tmp_path / "storage" / config.run.name

@@ -26,8 +26,8 @@ def closed_port() -> int:
 
 
 def test_preflight_accepts_matching_cache(train_assets, tmp_path):
-    facts = preflight(tiny_config(train_assets, "ar", tmp_path))
-    assert facts["manifest"]["num_rows"] == 48 and facts["run_id"] and not facts["resumed"]
+    plan = preflight(tiny_config(train_assets, "ar", tmp_path))
+    assert plan.manifest["num_rows"] == 48 and plan.run_id and plan.resume_step is None
 
 
 @pytest.mark.parametrize("override,message", [
@@ -52,8 +52,8 @@ def test_a_cache_at_another_scale_list_trains_with_that_list(train_assets, tmp_p
         "tokenizer.patch_nums=[1, 2, 4, 8]", "progress=false", "compute.tokenizer_cpus=0.5"]), log=lambda *a: None)
     config = tiny_config(train_assets, "joint", tmp_path, f"data.cache={cache}",
                          "model.tokenizer={preset: tiny, patch_nums: [1, 2, 4, 8]}")
-    facts = preflight(config)
-    assert facts["manifest"]["patch_nums"] == [1, 2, 4, 8] and facts["manifest"]["num_rows"] == 48
+    plan = preflight(config)
+    assert plan.manifest["patch_nums"] == [1, 2, 4, 8] and plan.manifest["num_rows"] == 48
     with pytest.raises(ValueError, match=r"patch_nums: cache \(1, 2, 4, 8\), transformer \(1, 2, 3, 4, 6, 8\)"):
         preflight(tiny_config(train_assets, "joint", tmp_path, f"data.cache={cache}"))
 

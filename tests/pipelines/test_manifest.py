@@ -217,8 +217,8 @@ def test_version_1_cache_is_read_and_never_added_to(train_assets, tmp_path):
     assert manifest["committed_shards"] == read_manifest(train_assets["cache"])["committed_shards"]
     assert len(read_cache_table(v1)) == 48
     # Training's check (`trainer.data.check_cache`, inside preflight) accepts it as it is.
-    facts = preflight(tiny_config(train_assets, "ar", tmp_path, f"data.cache={v1}"))
-    assert facts["manifest"]["num_rows"] == 48
+    plan = preflight(tiny_config(train_assets, "ar", tmp_path, f"data.cache={v1}"))
+    assert plan.manifest["num_rows"] == 48
     # The current writer refuses to add shards to it, before any Ray work.
     header_before = (tmp_path / "v1" / "manifest.json").read_bytes()
     config = load_precompute_config(None, [f"input.shards=['{train_assets['shards']}']", f"output={v1}",

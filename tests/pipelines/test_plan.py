@@ -10,7 +10,8 @@ import pyarrow as pa
 import pytest
 
 from pipelines.config import load_precompute_config
-from pipelines.plan import PrecomputeSummary, check_resources, prepare
+from pipelines.plan import check_resources, prepare
+from pipelines.precompute_summary import PrecomputeSummary
 from pipelines.tokenize_stage import load_tokenizer, weights_hash
 
 

@@ -21,6 +21,7 @@ from trainer.data import (
 )
 from pipelines import manifest as manifest_lib
 from tests.training_fixtures import write_tiny_cache
+from trainer.plan import RunPlan
 
 
 def tiny_manifest(text_shape=None, pad_features="encoder_output") -> dict:
@@ -35,8 +36,8 @@ def tiny_manifest(text_shape=None, pad_features="encoder_output") -> dict:
 
 def test_rows_of_the_models_tokenizer_pass():
     config = load_train_config(None, "joint")
-    check_rows_match_model(config, tiny_manifest(), "a" * 64, "cache c")
-    check_rows_match_model(config, tiny_manifest(text_shape=(16, 384)), None, "cache c")  # the tiny context (T, D)
+    check_rows_match_model(RunPlan.of(config), tiny_manifest(), "a" * 64, "cache c")
+    check_rows_match_model(RunPlan.of(config), tiny_manifest(text_shape=(16, 384)), None, "cache c")  # the tiny context (T, D)
 
 
 def test_every_mismatch_is_named_in_one_error():
@@ -45,7 +46,7 @@ def test_every_mismatch_is_named_in_one_error():
     manifest["patch_nums"] = [1, 2, 4]
     manifest["tokenizer_config"] = {**manifest["tokenizer_config"], "vocab_size": 512}
     with pytest.raises(ValueError) as error:
-        check_rows_match_model(config, manifest, "b" * 64, "token cache s3://b/c")
+        check_rows_match_model(RunPlan.of(config), manifest, "b" * 64, "token cache s3://b/c")
     message = str(error.value)
     assert message.startswith("token cache s3://b/c does not match the run config: ")
     for part in ("patch_nums: cache (1, 2, 4)", "vocabulary: cache vocab_size 512",
@@ -57,12 +58,12 @@ def test_every_mismatch_is_named_in_one_error():
 
 def test_online_mode_derives_the_precompute_stages_from_the_run():
     with pytest.raises(ValueError, match="online.enabled needs model.tokenizer_checkpoint"):
-        online_precompute_config(load_train_config(None, "joint", ["online.enabled=true"]))
+        online_precompute_config(RunPlan.of(load_train_config(None, "joint", ["online.enabled=true"])))
     config = load_train_config(None, "joint", [
         "online.enabled=true", "model.tokenizer_checkpoint=s3://b/tok", "data.shards=['s3://b/raw/{0..3}.tar']",
         "run.endpoint_url=http://s3:9000", "online.compute.tokenizer_actors=2", "online.preprocess.min_side=16",
         "model.tokenizer={preset: tiny, patch_nums: [1, 2, 4, 8]}", "run.shared_filesystem=true"])
-    precompute = online_precompute_config(config)
+    precompute = online_precompute_config(RunPlan.of(config))
     assert precompute.input.shards == ("s3://b/raw/{0..3}.tar",) and precompute.input.endpoint_url == "http://s3:9000"
     assert precompute.tokenizer.checkpoint == "s3://b/tok" and precompute.tokenizer.patch_nums == (1, 2, 4, 8)
     assert precompute.compute.tokenizer_actors == 2 and precompute.preprocess.min_side == 16
@@ -81,10 +82,10 @@ def test_shards_are_required_and_listed(tmp_path):
 
 
 def test_text_length_is_the_transformers_context():
-    assert text_length(load_train_config(None, "joint")) == 16
-    assert text_length(load_train_config(None, "joint", ["data.text_max_length=16"])) == 16
+    assert text_length(RunPlan.of(load_train_config(None, "joint"))) == 16
+    assert text_length(RunPlan.of(load_train_config(None, "joint", ["data.text_max_length=16"]))) == 16
     with pytest.raises(ValueError, match="data.text_max_length 8 must equal the transformer's context_token 16"):
-        text_length(load_train_config(None, "joint", ["data.text_max_length=8"]))
+        text_length(RunPlan.of(load_train_config(None, "joint", ["data.text_max_length=8"])))
 
 
 def test_images_collate_maps_pixels_to_minus_one_to_one():
@@ -116,14 +117,14 @@ def test_cache_collate_gives_tokens_per_scale_and_the_online_accounting(tmp_path
 
 def test_cached_text_features_become_the_context_without_an_encoder():
     config = load_train_config(None, "joint")
-    text = TextFeatures(config, {"text_features_shape": [2, 4]}, torch.device("cpu"))
+    text = TextFeatures(RunPlan.of(config, manifest={"text_features_shape": [2, 4]}), torch.device("cpu"))
     assert text.encoder is None
     batch = {"tokens": [torch.zeros(2, 1, dtype=torch.long)], "residual": torch.ones(2, 2, 2, 2), "caption": ["x", "y"],
              "text_features": torch.full((2, 2, 4), 0.5), "text_mask": torch.tensor([[True, False], [True, True]])}
     out = text.add_context(batch)
     assert torch.equal(out["context"], batch["text_features"]) and torch.equal(out["context_mask"], batch["text_mask"])
     assert torch.equal(out["residual"], batch["residual"]) and out["caption"] == ["x", "y"]
-    assert TextFeatures(config, None, torch.device("cpu")).encoder is None  # the tokenizer stage's worker
+    assert TextFeatures(RunPlan.of(config, manifest=None), torch.device("cpu")).encoder is None  # the tokenizer stage's worker
 
 
 def write_checkpoint(run_dir, name: str, done: list[str] | None) -> None:
@@ -149,10 +150,10 @@ def test_checkpoint_progress_reads_the_latest_checkpoints_done_visits(tmp_path):
 
 def test_a_token_only_cache_trains_the_ar_stage_only():
     manifest = {**tiny_manifest(), "residual_shape": None}  # precompute tokenizer.residual false
-    check_rows_match_model(load_train_config(None, "ar", []), manifest, None, "cache c")
-    check_rows_match_model(load_train_config(None, "ar", ["model.family=star",
-                                                          "model.transformer={preset: tiny, vocab_size: 256, token_dim: 16}"]),
+    check_rows_match_model(RunPlan.of(load_train_config(None, "ar", [])), manifest, None, "cache c")
+    check_rows_match_model(RunPlan.of(load_train_config(None, "ar", ["model.family=star",
+                                                          "model.transformer={preset: tiny, vocab_size: 256, token_dim: 16}"])),
                            manifest, None, "cache c")
     for stage in ("joint", "diffusion"):
         with pytest.raises(ValueError, match=f"residual: the {stage} stage trains on the continuous residual"):
-            check_rows_match_model(load_train_config(None, stage, []), manifest, None, "cache c")
+            check_rows_match_model(RunPlan.of(load_train_config(None, stage, [])), manifest, None, "cache c")

@@ -13,6 +13,7 @@ from hart.tokenizer.model import HybridTokenizer, load_discriminator
 from hart.transformer.model import HARTForT2I
 from trainer.export import export_checkpoint, upload_folder
 from trainer.config import load_train_config
+from trainer.plan import RunPlan
 
 
 def same(a: dict, b: dict) -> bool:
@@ -27,7 +28,7 @@ def test_tokenizer_stage_exports_the_trained_tokenizer_and_its_discriminator(tmp
     tokenizer, discriminator = HybridTokenizer(tokenizer_config("tiny")), NLayerDiscriminator(ndf=8)
     save_training_state(tmp_path / "ckpt", meta={"step": 3}, model=tokenizer.state_dict(),
                         extra={"discriminator": discriminator.state_dict()})
-    out = export_checkpoint(tmp_path / "ckpt", config, tmp_path / "export")
+    out = export_checkpoint(tmp_path / "ckpt", RunPlan.of(config), tmp_path / "export")
     assert sorted(p.name for p in out.iterdir()) == ["tokenizer"]
     assert same(HybridTokenizer.from_pretrained(out / "tokenizer").state_dict(), tokenizer.state_dict())
     assert same(load_discriminator(out / "tokenizer").state_dict(), discriminator.state_dict())
@@ -42,7 +43,7 @@ def test_transformer_stage_exports_weights_ema_and_the_frozen_tokenizer(tmp_path
     model.init_weights()
     ema = {k: v + 1 if v.is_floating_point() else v for k, v in model.state_dict().items()}
     save_training_state(tmp_path / "ckpt", meta={"step": 4}, model=model.state_dict(), ema=ema)
-    out = export_checkpoint(tmp_path / "ckpt", config, tmp_path / "export")
+    out = export_checkpoint(tmp_path / "ckpt", RunPlan.of(config), tmp_path / "export")
     assert {"llm", "tokenizer"} <= {p.name for p in out.iterdir()}
     assert (out / "llm" / "ema_model.bin").is_file()
     assert same(HARTForT2I.from_pretrained(out / "llm").state_dict(), model.state_dict())
@@ -56,9 +57,9 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path):
     state.pop(next(iter(state)))
     save_training_state(tmp_path / "ckpt", meta={"step": 1}, model=state)
     with pytest.raises(RuntimeError, match="Missing key"):
-        export_checkpoint(tmp_path / "ckpt", config, tmp_path / "export")
+        export_checkpoint(tmp_path / "ckpt", RunPlan.of(config), tmp_path / "export")
     with pytest.raises(ValueError, match="not a training checkpoint"):
-        export_checkpoint(tmp_path / "nowhere", config, tmp_path / "export")
+        export_checkpoint(tmp_path / "nowhere", RunPlan.of(config), tmp_path / "export")
 
 
 def test_upload_copies_the_folder_tree(tmp_path):

@@ -27,6 +27,7 @@ from trainer.config import load_train_config
 from trainer.data import images_collate
 from trainer.worker_step import optimizer_step, step_seed
 from tests.training_fixtures import REPO, tiny_config
+from trainer.plan import RunPlan
 
 RECORD = REPO / "tests" / "assets" / "golden_losses.json"
 STEPS = 6
@@ -71,7 +72,7 @@ def run_losses(train_assets, name: str, tmp_path: Path) -> list[dict[str, float]
     manifest = read_manifest(train_assets["cache"]) if config.stage != "tokenizer" else None
     threads = torch.get_num_threads()
     try:
-        setup = setup_worker(config, manifest, torch.device("cpu"))
+        setup = setup_worker(RunPlan.of(config, manifest=manifest), torch.device("cpu"))
         batches = fixed_batches(train_assets, name, setup.text)
         generator = torch.Generator()
         history = []

@@ -15,6 +15,7 @@ from trainer.stages import build_stage
 from trainer.data import TextFeatures, images_collate
 from pipelines.cache import batch_to_tensors, read_cache_table, read_manifest, table_to_numpy
 from tests.training_fixtures import tiny_config
+from trainer.plan import RunPlan
 
 
 def ids(module):
@@ -27,8 +28,9 @@ def test_transformer_objective_holds_the_transformer_only(train_assets, tmp_path
     raw = batch_to_tensors(table_to_numpy(table), manifest)
     for stage_name, expected in (("ar", {"ce"}), ("joint", {"ce", "diffusion", "loss"})):
         config = tiny_config(train_assets, stage_name, tmp_path)
-        text = TextFeatures(config, manifest, torch.device("cpu"))
-        stage = build_stage(config, torch.device("cpu"), text.encoder)
+        plan = RunPlan.of(config, manifest=manifest)
+        text = TextFeatures(plan, torch.device("cpu"))
+        stage = build_stage(plan, torch.device("cpu"), text.encoder)
         batch = text.add_context(raw)
         assert isinstance(stage.objective, TransformerObjective)
         assert ids(stage.objective) == ids(stage.model)  # the frozen quantizer is not in the tree
@@ -41,7 +43,7 @@ def test_transformer_objective_holds_the_transformer_only(train_assets, tmp_path
 def test_tokenizer_objectives_keep_generator_and_critic_apart(train_assets, tmp_path):
     config = tiny_config(train_assets, "tokenizer", tmp_path, "objective.gan_weight=0.1", "objective.tokenizer_mode=full",
                          "objective.disc_channels=16", "model.tokenizer_checkpoint=''")
-    stage = build_stage(config, torch.device("cpu"))
+    stage = build_stage(RunPlan.of(config), torch.device("cpu"))
     assert isinstance(stage.objective, TokenizerObjective) and isinstance(stage.discriminator_objective,
                                                                           DiscriminatorObjective)
     assert ids(stage.objective) == ids(stage.model)  # the critic is frozen inside the generator's loss

@@ -13,6 +13,7 @@ from hart.training.step import build_optimizer, train_step
 from trainer.stages import build_stage
 from trainer.data import TextFeatures, images_collate
 from tests.training_fixtures import tiny_config
+from trainer.plan import RunPlan
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +48,9 @@ def stage_optim(lr):
 def test_transformer_stages_overfit(train_assets, cache_batch, tmp_path, stage_name, key):
     manifest, raw = cache_batch
     config = tiny_config(train_assets, stage_name, tmp_path)
-    text = TextFeatures(config, manifest, torch.device("cpu"))
-    stage = build_stage(config, torch.device("cpu"), text.encoder)
+    plan = RunPlan.of(config, manifest=manifest)
+    text = TextFeatures(plan, torch.device("cpu"))
+    stage = build_stage(plan, torch.device("cpu"), text.encoder)
     batch = text.add_context(raw)
     trainable = {n for n, p in stage.model.named_parameters() if p.requires_grad}
     if stage_name == "diffusion":
@@ -70,7 +72,7 @@ def test_tokenizer_stage_with_gan_overfits(train_assets, tmp_path):
     # short loss curve is mostly the difference between the two paths
     config = tiny_config(train_assets, "tokenizer", tmp_path, "objective.gan_weight=0.1", "objective.tokenizer_mode=full",
                          "objective.disc_channels=16", "objective.continuous_prob=1.0")
-    stage = build_stage(config, torch.device("cpu"))
+    stage = build_stage(RunPlan.of(config), torch.device("cpu"))
     assert stage.discriminator is not None
     images = np.stack([np.asarray(render(sample_spec(i))) for i in range(4)])
     batch = images_collate({"image": images, "caption": np.array(["x"] * 4, dtype=object)})
@@ -105,7 +107,7 @@ def test_tokenizer_stage_with_perceptual_term(train_assets, tiny_lpips_weights, 
     # continuous_prob 1 for the same reason as in the GAN test above
     config = tiny_config(train_assets, "tokenizer", tmp_path, "objective.perceptual_weight=1.0",
                          f"objective.perceptual_weights={files}", "objective.continuous_prob=1.0")
-    stage = build_stage(config, torch.device("cpu"))
+    stage = build_stage(RunPlan.of(config), torch.device("cpu"))
     metric = stage.frozen["perceptual"]
     assert metric is not None and metric.channels == (4, 8, 8, 16, 16)  # widths read from the heads
     # frozen helper: outside the loss module's tree (what DDP wraps) and out of the optimizer
@@ -132,11 +134,11 @@ def test_perceptual_settings_are_checked(train_assets, tiny_lpips_weights, tmp_p
     with pytest.raises(ValueError, match="not found.*nowhere.safetensors"):
         preflight(missing)  # on the driver, before any worker starts
     with pytest.raises(ValueError, match="not found.*nowhere.safetensors"):
-        build_stage(missing, torch.device("cpu"))
+        build_stage(RunPlan.of(missing), torch.device("cpu"))
     heads_only = tiny_config(train_assets, "tokenizer", tmp_path, "objective.perceptual_weight=0.5",
                              f"objective.perceptual_weights=['{tiny_lpips_weights[1]}']")
     with pytest.raises(ValueError, match="missing keys.*features.0.weight"):
-        build_stage(heads_only, torch.device("cpu"))
+        build_stage(RunPlan.of(heads_only), torch.device("cpu"))
 
 
 @pytest.mark.slow  # torch.compile of the tiny transformer on CPU (inductor + gcc): ~1-3 min on 2 cores
@@ -149,8 +151,9 @@ def test_compiled_joint_step_matches_eager(train_assets, cache_batch, tmp_path):
     losses = {}
     for compiled in (False, True):
         config = tiny_config(train_assets, "joint", tmp_path, f"parallel.compile={str(compiled).lower()}")
-        text = TextFeatures(config, manifest, torch.device("cpu"))
-        stage = build_stage(config, torch.device("cpu"), text.encoder)
+        plan = RunPlan.of(config, manifest=manifest)
+        text = TextFeatures(plan, torch.device("cpu"))
+        stage = build_stage(plan, torch.device("cpu"), text.encoder)
         keys = list(stage.model.state_dict())
         counters.clear()
         objective = parallelize(stage.objective, config.parallel, torch.device("cpu"))

@@ -13,6 +13,7 @@ from trainer.stages import build_stage
 from trainer.data import images_collate
 from trainer.worker_step import throughput
 from tests.training_fixtures import tiny_config
+from trainer.plan import RunPlan
 
 
 def test_codebook_upkeep_seeds_and_restarts_codes_through_the_step(train_assets, tmp_path):
@@ -25,7 +26,7 @@ def test_codebook_upkeep_seeds_and_restarts_codes_through_the_step(train_assets,
 
     config = tiny_config(train_assets, "tokenizer", tmp_path, "objective.tokenizer_mode=full", "objective.codebook_init=true",
                          "objective.codebook_restart_every=2", "run.max_steps=10", "model.tokenizer_checkpoint=''")
-    stage = build_stage(config, torch.device("cpu"))
+    stage = build_stage(RunPlan.of(config), torch.device("cpu"))
     images = np.stack([np.asarray(render(sample_spec(i))) for i in range(4)])
     batch = images_collate({"image": images, "caption": np.array(["x"] * 4, dtype=object)})
     optimizer = build_optimizer(stage.model, config.optim)
@@ -53,23 +54,23 @@ def test_codebook_upkeep_seeds_and_restarts_codes_through_the_step(train_assets,
     with pytest.raises(ValueError, match="must be below run.max_steps"):
         tiny_config(train_assets, "tokenizer", tmp_path, "objective.tokenizer_mode=full",
                     "objective.vq_warmup_steps=10", "run.max_steps=10")
-    weighted = build_stage(tiny_config(train_assets, "tokenizer", tmp_path, "objective.tokenizer_mode=full",
+    weighted = build_stage(RunPlan.of(tiny_config(train_assets, "tokenizer", tmp_path, "objective.tokenizer_mode=full",
                                        "objective.vq_warmup_steps=3", "objective.l1_weight=0", "objective.l2_weight=2",
-                                       "model.tokenizer_checkpoint=''"), torch.device("cpu"))
+                                       "model.tokenizer_checkpoint=''")), torch.device("cpu"))
     objective_config = weighted.objective.objective_config
     assert (objective_config.l1_weight, objective_config.l2_weight, objective_config.vq_warmup_steps) == (0.0, 2.0, 3)
     with pytest.raises(ValueError, match="vq_warmup_steps needs tokenizer_mode 'full'"):
         tiny_config(train_assets, "tokenizer", tmp_path, "objective.vq_warmup_steps=1")
     with pytest.raises(ValueError, match="not 'fsdp'"):
-        build_stage(tiny_config(train_assets, "tokenizer", tmp_path, "objective.tokenizer_mode=full",
-                                "objective.codebook_restart_every=5", "parallel.strategy=fsdp"), torch.device("cpu"))
+        build_stage(RunPlan.of(tiny_config(train_assets, "tokenizer", tmp_path, "objective.tokenizer_mode=full",
+                                "objective.codebook_restart_every=5", "parallel.strategy=fsdp")), torch.device("cpu"))
 
 
 def test_throughput_counts_the_whole_job(train_assets, tmp_path):
     """Images of every micro-batch times the world size; tokens per image from the stage's model."""
     batches = [{"caption": ["a"] * 4}, {"caption": ["b"] * 4}]
-    joint = throughput(tiny_config(train_assets, "joint", tmp_path), batches, seconds=2.0, world_size=3)
+    joint = throughput(RunPlan.of(tiny_config(train_assets, "joint", tmp_path)), batches, seconds=2.0, world_size=3)
     assert joint["images_per_s"] == 8 * 3 / 2.0 and joint["step_seconds"] == 2.0
     assert joint["tokens_per_s"] == joint["images_per_s"] * 130  # the tiny scale list: 130 tokens per image
-    tokenizer = throughput(tiny_config(train_assets, "tokenizer", tmp_path), batches, seconds=1.0, world_size=1)
+    tokenizer = throughput(RunPlan.of(tiny_config(train_assets, "tokenizer", tmp_path)), batches, seconds=1.0, world_size=1)
     assert tokenizer["tokens_per_s"] == 8 * 130
