@@ -37,8 +37,6 @@ def log_samples(config, stage: Stage, ema, sample_batch, logger, step, manifest)
             grid = tracking.image_grid(to_uint8(rows), columns=len(images))
             logger.log_image(grid, f"{GRID_FOLDER['tokenizer']}/step_{step:07d}.png")  # rows: input, hybrid, discrete
             return
-        import numpy as np
-
         encoder = sampling_text_encoder(config, stage, manifest)
         if config.model.family == "star":
             grid = tracking.image_grid(_star_samples(config, stage, model, encoder))
@@ -46,9 +44,9 @@ def log_samples(config, stage: Stage, ema, sample_batch, logger, step, manifest)
             return
         from hart.transformer.generate import generate
 
-        images = generate(model, stage.tokenizer, encoder, list(config.tracking.sample_prompts),
-                          seed=config.tracking.sample_seed, use_diffusion=config.stage != "ar")
-        grid = tracking.image_grid(np.stack([np.asarray(im.convert("RGB")) for im in images]))
+        samples = generate(model, stage.tokenizer, encoder, list(config.tracking.sample_prompts),
+                           seed=config.tracking.sample_seed, use_diffusion=config.stage != "ar")
+        grid = tracking.image_grid(samples.images_BRR3)
         logger.log_image(grid, f"{GRID_FOLDER['transformer']}/step_{step:07d}.png")
 
 
@@ -57,9 +55,9 @@ def _star_samples(config, stage: Stage, model, encoder):
     from hart.star.generate import generate
     from hart.text_encoder import PooledTextEncoder
 
-    features = PooledTextEncoder(encoder)  # generate moves the features to the model's device
-    return generate(model, stage.tokenizer, features(list(config.tracking.sample_prompts)), features([""]),
-                    seed=config.tracking.sample_seed)
+    features = PooledTextEncoder(encoder)  # STAR reads TextFeatures (with the pooled feature)
+    return generate(model, stage.tokenizer, features, list(config.tracking.sample_prompts),
+                    seed=config.tracking.sample_seed).images_BRR3
 
 
 def sampling_text_encoder(config, stage: Stage, manifest):
