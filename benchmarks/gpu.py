@@ -294,9 +294,9 @@ def generation_row(args, resolution: int, batch: int, compiled: bool, device: to
     def call(seed: int) -> float:
         transformer_bench.sync(device)
         started = time.perf_counter()
-        images = generate(model, tokenizer, encoder, prompts, seed=seed, autocast_dtype=dtype)
+        samples = generate(model, tokenizer, encoder, prompts, seed=seed, autocast_dtype=dtype)
         transformer_bench.sync(device)
-        assert len(images) == batch
+        assert len(samples) == batch
         return time.perf_counter() - started
 
     warm = sum(call(seed) for seed in range(args.gen_warmup))

@@ -4,7 +4,7 @@ What it measures (wall clock, after warm-up steps that are not counted):
 - training: one `t2i_losses` forward + backward (+ AdamW step) on random tokens, with the
   HART recipe (last-scale subsampling, self-sampled diffusion targets, diffusion_batch_mul).
   Reported as processed sequence tokens/s (text prefix + kept image tokens) and image tokens/s.
-- generation: `sample_latent` (all scales with KV cache, CFG, 8-step diffusion head) for a
+- generation: `sample` (all scales with KV cache, CFG, 8-step diffusion head) for a
   batch, plus the tokenizer decode, as latency per batch.
 - segment attention: forward + backward of `hart.layers.attention.segmented_attention` against the
   same per-segment SDPA calls over plain slices (whose backward zero-fills a full-size gradient
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from benchmarks.mfu import peak_bf16
 from hart.layers.attention import segmented_attention
 from hart.config import PATCH_NUMS_256, PATCH_NUMS_512, PATCH_NUMS_1024, TRANSFORMER_PRESETS, TokenizerConfig
-from hart.transformer.generate import sample_latent
+from hart.transformer.generate import sample
 from hart.tokenizer.quantizer import MultiScaleQuantizer
 from hart.transformer.objective import t2i_losses
 from hart.tokenizer.model import HybridTokenizer
@@ -127,7 +127,7 @@ def bench_generation(config, tok_cfg, B, device, repeats, dtype=None):
         sync(device)
         t0 = time.perf_counter()
         with torch.no_grad(), autocast:
-            f_hat, _ = sample_latent(model, tokenizer.quantize, context, mask, generator=generator)
+            f_hat = sample(model, tokenizer.quantize, context, mask, generator=generator).f_hat_BCvHH
             sync(device)
             t1 = time.perf_counter()
             tokenizer.decode_latent(f_hat.float())

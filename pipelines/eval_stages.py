@@ -43,15 +43,11 @@ def load_generator(llm: str, tokenizer: str, text_encoder: str, protocol: EvalPr
 
     transformers_logging.disable_progress_bar()  # one bar per weight load otherwise
     if star:
-        from hart.star.checkpoint import load_star
-        from hart.text_encoder import build_star_text_encoder
-        from hart.tokenizer.model import HybridTokenizer
+        from hart.star.generate import load_models as load_star_models
 
         if protocol.chunk_size is not None:
             raise ValueError("chunk_size is not supported for STAR: a group is one generate call")
-        model = load_star(star).to(device).eval()
-        models = (model, HybridTokenizer.from_pretrained(tokenizer).to(device).eval(),
-                  build_star_text_encoder(text_encoder, model.config.context_token).to(device))
+        models = load_star_models(star, tokenizer, text_encoder, device)
     else:
         from hart.transformer.generate import load_models
 
@@ -97,24 +93,22 @@ class GenerateImages:
 
 def generate_group(model, tokenizer, encoder, group: dict, protocol: EvalProtocol, device: torch.device) -> list[dict]:
     """One generation group (`eval_protocol.groups`) -> image rows {id, prompt, category, png}: one
-    `generate` call with the group's seed and the protocol's sampling settings (bf16 on a GPU)."""
+    `generate` call with the group's seed and the protocol's sampling settings (on a GPU: bf16 for HART,
+    fp16 for STAR, as each family's release samples)."""
     from hart.star.model import STARForT2I
 
     prompts = [str(p) for p in group["prompts"]]
     if isinstance(model, STARForT2I):
-        from hart.star.generate import generate as star_generate
+        from hart.star.generate import generate
 
-        with torch.no_grad():  # generate moves the features to the model's device
-            text, null = encoder(prompts), encoder([""])
-        autocast = torch.float16 if device.type == "cuda" else None  # STAR's sample.py
-        images = [Image.fromarray(image) for image in star_generate(
-            model, tokenizer, text, null, seed=int(group["seed"]), autocast_dtype=autocast, **protocol.star_sampling())]
+        autocast, options = torch.float16, protocol.star_sampling()
     else:
         from hart.transformer.generate import generate
 
-        autocast = torch.bfloat16 if device.type == "cuda" else None
-        images = generate(model, tokenizer, encoder, prompts, seed=int(group["seed"]), autocast_dtype=autocast,
-                          **protocol.sampling())
+        autocast, options = torch.bfloat16, protocol.sampling()
+    samples = generate(model, tokenizer, encoder, prompts, seed=int(group["seed"]),
+                       autocast_dtype=autocast if device.type == "cuda" else None, **options)
+    images = [Image.fromarray(image) for image in samples.images_BRR3]
     return [{"id": str(i), "prompt": p, "category": str(c), "png": encode_png(image)}
             for i, p, c, image in zip(group["ids"], prompts, group["categories"], images)]
 

@@ -4,14 +4,19 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from hart.pixels import to_uint8
+from hart.star.generate import generate as generate_star
+from hart.text_encoder import PooledTextEncoder
+from hart.training.parallelize import is_sharded
+from hart.transformer.generate import generate as generate_hart
 from trainer import tracking
 from trainer.data import run_text_encoder
 from trainer.plan import RunPlan
 from trainer.stages import Stage
-
 
 # MLflow artifact folder of the grids `log_samples` writes: tokenizer reconstructions (rows: input,
 # hybrid, discrete) and transformer samples of `tracking.sample_prompts`.
@@ -23,12 +28,8 @@ def log_samples(plan: RunPlan, stage: Stage, ema, sample_batch, logger, step) ->
     config = plan.config
     if not logger.enabled or sample_batch is None:
         return
-    from hart.training.parallelize import is_sharded
-
     if is_sharded(stage.model):  # rank-0-only generation cannot run on FSDP2 shards; use the exported model
         return
-    import copy
-
     model = copy.deepcopy(stage.model)
     ema.copy_to(model)
     model.eval()
@@ -40,29 +41,14 @@ def log_samples(plan: RunPlan, stage: Stage, ema, sample_batch, logger, step) ->
             grid = tracking.image_grid(to_uint8(rows), columns=len(images))
             logger.log_image(grid, f"{GRID_FOLDER['tokenizer']}/step_{step:07d}.png")  # rows: input, hybrid, discrete
             return
-        import numpy as np
-
         encoder = sampling_text_encoder(plan, stage)
-        if config.model.family == "star":
-            grid = tracking.image_grid(_star_samples(config, stage, model, encoder))
-            logger.log_image(grid, f"{GRID_FOLDER['transformer']}/step_{step:07d}.png")
-            return
-        from hart.transformer.generate import generate
-
-        images = generate(model, stage.tokenizer, encoder, list(config.tracking.sample_prompts),
-                          seed=config.tracking.sample_seed, use_diffusion=config.stage != "ar")
-        grid = tracking.image_grid(np.stack([np.asarray(im.convert("RGB")) for im in images]))
-        logger.log_image(grid, f"{GRID_FOLDER['transformer']}/step_{step:07d}.png")
-
-
-def _star_samples(config, stage: Stage, model, encoder):
-    """STAR's sampler on the sample prompts: uint8 images (B, H, W, 3)."""
-    from hart.star.generate import generate
-    from hart.text_encoder import PooledTextEncoder
-
-    features = PooledTextEncoder(encoder)  # generate moves the features to the model's device
-    return generate(model, stage.tokenizer, features(list(config.tracking.sample_prompts)), features([""]),
-                    seed=config.tracking.sample_seed)
+        prompts, seed = list(config.tracking.sample_prompts), config.tracking.sample_seed
+        if config.model.family == "star":  # STAR reads TextFeatures (with the pooled feature)
+            samples = generate_star(model, stage.tokenizer, PooledTextEncoder(encoder), prompts, seed=seed)
+        else:
+            samples = generate_hart(model, stage.tokenizer, encoder, prompts, seed=seed,
+                                    use_diffusion=config.stage != "ar")
+    logger.log_image(tracking.image_grid(samples.images_BRR3), f"{GRID_FOLDER['transformer']}/step_{step:07d}.png")
 
 
 def sampling_text_encoder(plan: RunPlan, stage: Stage):

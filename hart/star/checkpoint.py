@@ -8,9 +8,12 @@ Layout (STAR-T2I `train.py` saves, `sample.py` loads with a strict `load_state_d
 A bare model state dict is accepted too. Files go through `hart.weights` (torch.load with
 weights_only=True: plain data only, a pickle with code objects is refused).
 
-Design: reading returns (state, trainer config) and imports no model code beyond what building
-needs; the key check is strict and total: one ValueError lists every missing, unexpected and
-mis-shaped key (`hart.weights.match_state_dict`), so a wrong checkpoint never loads half-way.
+Design: as `hart.transformer.checkpoint`, this module imports no model code at import time: reading
+returns (state, trainer config) and `STARForT2I.from_pretrained` builds the model and loads it with
+`load_state_into`, so the model file depends on this adapter and never the other way round
+(`load_star` reaches the model class only when called). The key check is strict and total: one
+ValueError lists every missing, unexpected and mis-shaped key (`hart.weights.match_state_dict`), so
+a wrong checkpoint never loads half-way.
 `config_from_state_dict` reads the architecture off the tensor shapes (depth, width, heads when
 `attn_l2_norm`, text width, vocabulary, token width, class rows, scale count, FFN ratio); what
 shapes cannot tell (the scale list beyond its length, RoPE constants, `logit_norm`) comes from
@@ -23,14 +26,18 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
+from torch import nn
 
 from hart.star.config import STAR_PRESETS, StarConfig
-from hart.star.model import STARForT2I
 from hart.weights import TRAINER_MODEL_KEY as MODEL_KEY
 from hart.weights import load_torch_checkpoint, match_state_dict, save_torch_checkpoint
+
+if TYPE_CHECKING:
+    from hart.star.model import STARForT2I
+
 # STAR's tokenizer (VAR's VQVAE) downsamples 16x: the trainer records each scale's pixel size.
 PATCH_SIZE = 16
 
@@ -101,7 +108,7 @@ def _matching_preset(depth: int, width: int, patch_nums: tuple[int, ...] | None,
     return StarConfig(patch_nums=patch_nums)
 
 
-def load_state_into(model: STARForT2I, state: Mapping[str, torch.Tensor], what: str) -> None:
+def load_state_into(model: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
     """Strict load: every key of the model present with its shape, nothing else."""
     match_state_dict(model.state_dict(), state, what)
     model.load_state_dict(state, strict=True)
@@ -109,21 +116,12 @@ def load_state_into(model: STARForT2I, state: Mapping[str, torch.Tensor], what: 
 
 def load_star(path: str | Path, config: StarConfig | None = None,
               patch_nums: tuple[int, ...] | None = None) -> STARForT2I:
-    """A `STARForT2I` from a released-format `.pth`. Its config is read off the weights and the
+    """`STARForT2I.from_pretrained(path, config, patch_nums)`: the config read off the weights and the
     trainer dict's scale list; `patch_nums` gives the scale list where the file lacks it (or
     overrides it), `config` replaces the whole config."""
-    state, trainer_config = read_star_checkpoint(path)
-    if config is None:
-        if patch_nums is None and isinstance(trainer_config, Mapping):
-            patch_nums = trainer_config.get("patch_nums")
-        config = config_from_state_dict(state, patch_nums)
-    with torch.device("meta"):  # no random init of weights that the checkpoint overwrites (1.7B at d30)
-        model = STARForT2I(config)
-    model = model.to_empty(device="cpu")
-    for name, value in model.derived_tables().items():
-        setattr(model, name, value)
-    load_state_into(model, state, f"STAR checkpoint {path}")
-    return model
+    from hart.star.model import STARForT2I  # the model imports this module
+
+    return STARForT2I.from_pretrained(path, config=config, patch_nums=patch_nums)
 
 
 def save_star(model: STARForT2I, path: str | Path, epoch: int = 0, iteration: int = 0) -> None:

@@ -19,13 +19,16 @@ reproduces that, per-row cross-attention is the default (see `hart.star.config`)
 from `model.config` at every forward, so `model.config = replace(model.config, cross_attn_batch0_quirk=True)`
 on a built model takes effect.
 
-Entry points:
-- `forward(text_BTD, text_mask_BT, pooled_BD, teacher_forced_input_BLC)`: training logits of every
+Entry points (the same arguments as HART's `hart.transformer.model` where the inputs are the same;
+STAR adds the pooled text feature its start token reads):
+- `forward(text_BTD, text_mask_BT, pooled_BD, teacher_forcing_BLCv)`: training logits of every
   token. With `null_condition` (the text encoder's output for the empty prompt) a training-mode
   forward replaces each row's text by it with probability `cond_drop_rate` (CFG dropout;
   `drop_condition`). STAR's own data loader does this on the prompt instead (it swaps captions
   longer than 20 characters for ""), which a caller can keep doing by passing no null condition.
-- `start_sampling` / `sampling_step`: the same function one scale at a time with a KV cache.
+- `start_sampling(text_BTD, text_mask_BT, pooled_BD) -> (state, logits)` / `sampling_step(si,
+  next_input_BlCv, state) -> (logits, hidden)`: the same function one scale at a time with a KV cache.
+- `from_pretrained(path)` / `save_pretrained(path)`: STAR's released `.pth` layout (`hart.star.checkpoint`).
 Differences from the reference: RoPE is applied after the q/k L2 norm (`hart.layers.attention`),
 which is the same function (the rotation keeps norms and commutes with the per-head scale);
 a text row that is entirely padding keeps its first key instead of producing NaN.
@@ -38,6 +41,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -45,6 +50,7 @@ from torch import nn
 from hart.layers.attention import KVCache, SelfAttention, TextCrossAttention, text_key_mask
 from hart.layers.blocks import GeluMLP, drop_path
 from hart.layers.rope import image_rope, star_scale_coords
+from hart.star.checkpoint import config_from_state_dict, load_state_into, read_star_checkpoint, save_star
 from hart.star.config import StarConfig
 
 
@@ -88,7 +94,7 @@ def drop_condition(
     ), drop_B
 
 
-@dataclass
+@dataclass(frozen=True)
 class SamplingState:
     """What `sampling_step` needs between scales: the text, its key mask and one KV cache per block."""
 
@@ -156,7 +162,7 @@ class STARForT2I(nn.Module):
     def derived_tables(self) -> dict[str, torch.Tensor]:
         """Scale level of every token and the RoPE (cos, sin) tables, all computed from the config.
 
-        A model built on the meta device (`hart.star.checkpoint.load_star`) refills them from here.
+        A model built on the meta device (`from_pretrained`) refills them from here.
         """
         cfg = self.config
         coords_L2 = star_scale_coords(self.patch_nums, cfg.rope_norm, device="cpu")
@@ -185,6 +191,31 @@ class STARForT2I(nn.Module):
             block.attn.proj.weight.div_(math.sqrt(2 * self.config.depth))
             block.ffn.fc2.weight.div_(math.sqrt(2 * self.config.depth))
 
+    # ------------------------------------------------------------------ io
+    @classmethod
+    def from_pretrained(cls, path: str | Path, config: StarConfig | None = None,
+                        patch_nums: tuple[int, ...] | None = None) -> STARForT2I:
+        """A model from a released-format `.pth` (or a bare state dict), strict (`hart.star.checkpoint`).
+
+        The config is read off the weights and the trainer dict's scale list; `patch_nums` gives the
+        scale list where the file lacks it (or overrides it), `config` replaces the whole config."""
+        state, trainer_config = read_star_checkpoint(path)
+        if config is None:
+            if patch_nums is None and isinstance(trainer_config, Mapping):
+                patch_nums = trainer_config.get("patch_nums")
+            config = config_from_state_dict(state, patch_nums)
+        with torch.device("meta"):  # no random init of weights that the checkpoint overwrites (1.7B at d30)
+            model = cls(config)
+        model = model.to_empty(device="cpu")
+        for name, value in model.derived_tables().items():
+            setattr(model, name, value)
+        load_state_into(model, state, f"STAR checkpoint {path}")
+        return model
+
+    def save_pretrained(self, path: str | Path, epoch: int = 0, iteration: int = 0) -> None:
+        """The trainer-dict `.pth` STAR's `sample.py` and trainer read (model weights only)."""
+        save_star(self, path, epoch=epoch, iteration=iteration)
+
     # ------------------------------------------------------------------ pieces
     def start_token(self, pooled_BD: torch.Tensor) -> torch.Tensor:
         """(B, 1, C): the 1x1 scale's input, from the pooled text feature, before its level embedding."""
@@ -212,7 +243,7 @@ class STARForT2I(nn.Module):
         text_BTD: torch.Tensor,
         text_mask_BT: torch.Tensor,
         pooled_BD: torch.Tensor,
-        teacher_forced_input_BLC: torch.Tensor,
+        teacher_forcing_BLCv: torch.Tensor,
         *,
         null_condition: TextFeatures | None = None,
         generator: torch.Generator | None = None,
@@ -220,7 +251,7 @@ class STARForT2I(nn.Module):
     ) -> torch.Tensor:
         """Logits (B, L, V) of every token, coarse to fine (position 0: the 1x1 scale).
 
-        `teacher_forced_input_BLC` is the quantizer's (B, L - 1, Cv): the upsampled code maps of
+        `teacher_forcing_BLCv` is the quantizer's (B, L - 1, Cv): the upsampled code maps of
         scales 2..S (`MultiScaleQuantizer.tokens_to_teacher_forcing_input`). `null_condition`
         (batch 1) enables CFG dropout in training mode (`drop_condition`, rate `cond_drop_rate`).
         `keep_last_K` (sorted, distinct indices into the last scale, one set for the batch) is STAR's
@@ -231,14 +262,14 @@ class STARForT2I(nn.Module):
         cfg = self.config
         self._check_text(text_BTD, text_mask_BT, pooled_BD)
         B, L = text_BTD.shape[0], cfg.num_tokens()
-        if teacher_forced_input_BLC.shape != (B, L - 1, cfg.token_dim):
-            raise ValueError(f"teacher-forced input must be ({B}, {L - 1}, {cfg.token_dim}), "
-                             f"got {tuple(teacher_forced_input_BLC.shape)}")
+        if teacher_forcing_BLCv.shape != (B, L - 1, cfg.token_dim):
+            raise ValueError(f"teacher-forcing input must be ({B}, {L - 1}, {cfg.token_dim}), "
+                             f"got {tuple(teacher_forcing_BLCv.shape)}")
         if null_condition is not None and self.training and cfg.cond_drop_rate > 0:
             text, _ = drop_condition(TextFeatures(text_BTD, text_mask_BT, pooled_BD), null_condition,
                                      cfg.cond_drop_rate, generator)
             text_BTD, text_mask_BT, pooled_BD = text.tokens_BTD, text.mask_BT, text.pooled_BD
-        x_BLC = torch.cat([self.start_token(pooled_BD), self.word_embed(teacher_forced_input_BLC.float())], dim=1)
+        x_BLC = torch.cat([self.start_token(pooled_BD), self.word_embed(teacher_forcing_BLCv.float())], dim=1)
         x_BLC = x_BLC + self.lvl_embed(self.levels_L).unsqueeze(0)
         rope = self.rope(0, L)
         segment_ends = list(self.grid.offsets[1:])  # scale si's queries see keys of scales 0..si
@@ -279,21 +310,24 @@ class STARForT2I(nn.Module):
         capacity = self.config.num_tokens() if static_cache else None
         state = SamplingState(text_BTD, text_key_mask(text_mask_BT), [KVCache(capacity) for _ in self.blocks])
         x_B1C = self.start_token(pooled_BD) + self.lvl_embed.weight[0]
-        return state, self._run_cached(x_B1C, 0, state)
+        return state, self._run_cached(x_B1C, 0, state)[0]
 
-    def sampling_step(self, si: int, next_input_BlCv: torch.Tensor, state: SamplingState) -> torch.Tensor:
-        """Scale si >= 1 from its input (B, pn^2, Cv) (the upsampled running code map) -> logits (B, pn^2, V)."""
+    def sampling_step(
+        self, si: int, next_input_BlCv: torch.Tensor, state: SamplingState
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale si >= 1 from its input (B, pn^2, Cv) (the upsampled running code map) -> (logits (B, pn^2, V),
+        hidden (B, pn^2, C)), as HART's; STAR's sampler reads the logits only."""
         if not 1 <= si < self.grid.num_scales:
             raise ValueError(f"sampling_step takes scales 1..{self.grid.num_scales - 1}, got {si}")
         x_BlC = self.word_embed(next_input_BlCv.float()) + self.lvl_embed.weight[si]
         return self._run_cached(x_BlC, si, state)
 
-    def _run_cached(self, x_BlC: torch.Tensor, si: int, state: SamplingState) -> torch.Tensor:
+    def _run_cached(self, x_BlC: torch.Tensor, si: int, state: SamplingState) -> tuple[torch.Tensor, torch.Tensor]:
         rope = self.rope(self.grid.offsets[si], self.grid.offsets[si + 1])
         quirk = self.config.cross_attn_batch0_quirk
         for block, cache in zip(self.blocks, state.caches):
             x_BlC = block(x_BlC, rope, state.text_BTD, state.keep_B11T, cache=cache, batch0_quirk=quirk)
-        return self.logits(x_BlC)
+        return self.logits(x_BlC), x_BlC
 
 
 __all__ = ["STARForT2I", "StarBlock", "TextFeatures", "SamplingState", "drop_condition"]

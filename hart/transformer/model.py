@@ -11,11 +11,14 @@ Attention is block-causal over levels (see `hart.layers.attention`; `attention_b
 training kernel, set from outside by `hart.training.parallelize`); positions are RoPE (text
 1-D, image 2-D, `hart.layers.rope`) for `attn_type="llama"`, learned absolute tables for "gpt2".
 
-The module has three entry points:
-- `forward(...)` (training / teacher forcing): logits of every (kept) image token, and on
-  request the last-layer hidden states of the kept last-scale tokens for the diffusion head.
-  `keep_last_Bk` drops last-scale tokens from the sequence (HART's token subsampling).
-- `start_sampling` / `sampling_step` (generation with a KV cache): one call per scale.
+The module has three entry points, with the same arguments as STAR's (`hart.star.model`; docs/models.md,
+"Sampling API") where the inputs are the same:
+- `forward(text_BTD, text_mask_BT, teacher_forcing_BLCv, ...)` (training / teacher forcing): logits of
+  every (kept) image token, and on request the last-layer hidden states of the kept last-scale tokens
+  for the diffusion head. `keep_last_Bk` drops last-scale tokens from the sequence (HART's token
+  subsampling, per row; STAR's `keep_last_K` is one set for the batch, as each family trained).
+- `start_sampling(text_BTD, text_mask_BT) -> (state, logits)` / `sampling_step(si, next_input_BlCv,
+  state) -> (logits, hidden)` (generation with a KV cache): one call per scale.
 - `diffusion_condition(h, idx)` = decoder_norm(h + word_embed(E[idx])) for the head.
 Weights load/save in the official `llm/` layout through `hart.transformer.checkpoint`.
 The dense (L, L) mask buffer of the released code is not kept in memory (see that module).
@@ -52,6 +55,14 @@ class TextCondition:
     positions_BT: torch.Tensor  # 1-D RoPE positions of the text tokens
     block_cond_BC: torch.Tensor  # pooled per sep_aln_pooling_mode
     head_cond_BC: torch.Tensor  # max-pooled (always, as released)
+
+
+@dataclass(frozen=True)
+class SamplingState:
+    """What `sampling_step` needs between scales: the text condition and one KV cache per block."""
+
+    cond: TextCondition
+    caches: list[KVCache]
 
 
 class HARTForT2I(nn.Module):
@@ -163,10 +174,10 @@ class HARTForT2I(nn.Module):
         cfg = self.config
         if context_BTD.ndim != 3 or context_BTD.shape[1:] != (cfg.context_token, cfg.context_dim):
             raise ValueError(
-                f"context must be (B, {cfg.context_token}, {cfg.context_dim}), got {tuple(context_BTD.shape)}"
+                f"text features must be (B, {cfg.context_token}, {cfg.context_dim}), got {tuple(context_BTD.shape)}"
             )
         if mask_BT.shape != context_BTD.shape[:2]:
-            raise ValueError(f"context_mask must be {tuple(context_BTD.shape[:2])}, got {tuple(mask_BT.shape)}")
+            raise ValueError(f"text mask must be {tuple(context_BTD.shape[:2])}, got {tuple(mask_BT.shape)}")
         mask_BT = mask_BT.bool()
         tokens = self.context_embed(self.context_norm(context_BTD.float()))
         return TextCondition(
@@ -210,11 +221,11 @@ class HARTForT2I(nn.Module):
     # ------------------------------------------------------------------ training forward
     def forward(
         self,
-        context: torch.Tensor,
-        context_mask: torch.Tensor,
-        teacher_forcing_input: torch.Tensor,
+        text_BTD: torch.Tensor,
+        text_mask_BT: torch.Tensor,
+        teacher_forcing_BLCv: torch.Tensor,
         *,
-        context_position_ids: torch.Tensor | None = None,
+        text_positions_BT: torch.Tensor | None = None,
         keep_last_Bk: torch.Tensor | None = None,
         return_hidden: bool = False,
         diffusion_reference: torch.Tensor | None = None,
@@ -224,7 +235,9 @@ class HARTForT2I(nn.Module):
     ):
         """Logits (B, L_img', V) for every image token in sequence order (first = the 1x1 scale).
 
-        `teacher_forcing_input` is the quantizer's (B, L_img - 1, Cv). With `keep_last_Bk` (sorted
+        `text_BTD` / `text_mask_BT` are the text encoder's features (B, context_token, context_dim) and
+        mask; `text_positions_BT` overrides the 1-D RoPE positions of the text (default: from the mask).
+        `teacher_forcing_BLCv` is the quantizer's (B, L_img - 1, Cv). With `keep_last_Bk` (sorted
         indices into the last scale, same count per row) only those last-scale tokens are
         processed, so L_img' = L_img - pn_last^2 + k. With `return_hidden` also returns
         (logits, h_last_BkC, cond): the last-layer states of the (kept) last-scale tokens.
@@ -234,15 +247,15 @@ class HARTForT2I(nn.Module):
         this inside forward keeps every parameter use in one call, as DDP/FSDP wrappers need.
         """
         cfg = self.config
-        cond = self.encode_context(context, context_mask, context_position_ids)
-        B, T = context.shape[0], cfg.context_token
+        cond = self.encode_context(text_BTD, text_mask_BT, text_positions_BT)
+        B, T = text_BTD.shape[0], cfg.context_token
         num_img = cfg.num_image_tokens()
-        if teacher_forcing_input.shape != (B, num_img - 1, cfg.token_dim):
+        if teacher_forcing_BLCv.shape != (B, num_img - 1, cfg.token_dim):
             raise ValueError(
-                f"teacher_forcing_input must be (B={B}, {num_img - 1}, {cfg.token_dim}), got {tuple(teacher_forcing_input.shape)}"
+                f"teacher-forcing input must be (B={B}, {num_img - 1}, {cfg.token_dim}), got {tuple(teacher_forcing_BLCv.shape)}"
             )
         last_l = self.grid.token_counts[-1]
-        x_img = self.word_embed(teacher_forcing_input.float())
+        x_img = self.word_embed(teacher_forcing_BLCv.float())
         levels = self.lvl_1L[0]
         positions = None
         if cfg.attn_type == "llama":
@@ -321,29 +334,30 @@ class HARTForT2I(nn.Module):
 
     # ------------------------------------------------------------------ sampling with a KV cache
     def start_sampling(
-        self, context: torch.Tensor, context_mask: torch.Tensor, context_position_ids: torch.Tensor | None = None,
+        self, text_BTD: torch.Tensor, text_mask_BT: torch.Tensor, text_positions_BT: torch.Tensor | None = None,
         static_cache: bool = True,
-    ) -> tuple[TextCondition, list[KVCache], torch.Tensor]:
-        """Run the text step. Returns (cond, caches, logits of the 1x1 scale (B, 1, V)).
+    ) -> tuple[SamplingState, torch.Tensor]:
+        """Run the text step. Returns the state for `sampling_step` and the logits of the 1x1 scale (B, 1, V).
 
         `static_cache`: KV caches preallocated for the whole sequence (see `hart.layers.attention.KVCache`).
         """
-        cond = self.encode_context(context, context_mask, context_position_ids)
+        cond = self.encode_context(text_BTD, text_mask_BT, text_positions_BT)
         caches = [KVCache(self.config.seq_len() if static_cache else None) for _ in self.blocks]
         T = self.config.context_token
-        x = cond.tokens_BTC + self.level_embedding(torch.zeros(1, dtype=torch.long, device=context.device))
+        x = cond.tokens_BTC + self.level_embedding(torch.zeros(1, dtype=torch.long, device=text_BTD.device))
         if self.pos_start is not None:
             x = x + self.pos_start + self.pos_1LC[:, :T]
         rope = self._rope([self.rope.text(cond.positions_BT)]) if self.config.attn_type == "llama" else None
         h = self.run_blocks(x, cond, rope, T, caches=caches)
-        return cond, caches, self.logits(h[:, -1:], cond)
+        return SamplingState(cond, caches), self.logits(h[:, -1:], cond)
 
     def sampling_step(
-        self, si: int, next_input_BlCv: torch.Tensor, cond: TextCondition, caches: list[KVCache]
+        self, si: int, next_input_BlCv: torch.Tensor, state: SamplingState
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale si >= 1 from its input code map tokens (B, pn^2, Cv) -> (logits (B, l, V), hidden (B, l, C))."""
         if not 1 <= si < self.num_scales:
             raise ValueError(f"sampling_step takes scales 1..{self.num_scales - 1}, got {si}")
+        cond = state.cond
         pn = self.patch_nums[si]
         x = self.word_embed(next_input_BlCv.float()) + self.level_embedding(
             torch.full((1,), si, dtype=torch.long, device=next_input_BlCv.device)
@@ -354,7 +368,7 @@ class HARTForT2I(nn.Module):
         rope = None
         if self.config.attn_type == "llama":
             rope = self._rope([self.rope.image(self.rope.image_positions([si], cond.positions_BT))])
-        h = self.run_blocks(x, cond, rope, 0, caches=caches)
+        h = self.run_blocks(x, cond, rope, 0, caches=state.caches)
         return self.logits(h, cond), h
 
 

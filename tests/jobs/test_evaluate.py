@@ -121,10 +121,11 @@ def test_demo_protocol_through_the_job_gives_the_in_process_sampler_images(asset
     assert code == 0
     model, tok, encoder = load_models(str(assets["export"] / "llm"), str(assets["export"] / "tokenizer"), "minilm",
                                       ema=True, device="cpu")
-    images = generate(model, tok, encoder, prompts, cfg=3.0, top_k=(16, 16), seed=5, batch_size=32, head_cfg=1.0)
+    images = generate(model, tok, encoder, prompts, cfg=3.0, top_k=(16, 16), seed=5, batch_size=32,
+                      head_cfg=1.0).images_BRR3
     files = sorted((tmp_path / "job" / "images").glob("*.png"))
     assert len(files) == len(images) == 36
-    assert all(f.read_bytes() == encode_png(image) for f, image in zip(files, images))
+    assert all(f.read_bytes() == encode_png(Image.fromarray(image)) for f, image in zip(files, images))
 
 
 def test_hart_generate_under_a_protocol_makes_the_jobs_images_and_figures(assets, ray_local, tmp_path, capsys):

@@ -62,5 +62,5 @@ def test_finetune_recipe_from_a_release_with_qwen_features(ray_local, tmp_path):
     moved = [k for k, v in tuned.state_dict().items() if v.is_floating_point() and not torch.equal(v, ema[k])]
     assert moved  # fine-tuning changed the released weights
     model, tok, encoder = load_models(str(export / "llm"), str(export / "tokenizer"), qwen, ema=True, device="cpu")
-    images = generate(model, tok, encoder, ["a red circle on a white background"], seed=0)
-    assert images[0].size[0] == tok.config.patch_nums[-1] * tok.config.downsample_factor()
+    images = generate(model, tok, encoder, ["a red circle on a white background"], seed=0).images_BRR3
+    assert images.shape[1] == tok.config.patch_nums[-1] * tok.config.downsample_factor()

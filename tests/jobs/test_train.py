@@ -198,8 +198,7 @@ def test_star_ar_stage_trains_exports_in_stars_layout_and_generates(train_assets
     and the exported weights generate (the end-of-run sample grid included)."""
     from hart.star.checkpoint import load_star
     from hart.star.generate import generate
-    from hart.star.model import TextFeatures, pooled_at_eos
-    from hart.text_encoder import build_text_encoder
+    from hart.text_encoder import PooledTextEncoder, build_text_encoder
 
     config = tiny_config(train_assets, "ar", tmp_path, "model.family=star",
                          "model.transformer={preset: tiny, text_dim: 384, context_token: 16, vocab_size: 256, token_dim: 16}",
@@ -217,14 +216,9 @@ def test_star_ar_stage_trains_exports_in_stars_layout_and_generates(train_assets
         assert model.config.patch_nums == HybridTokenizer.from_pretrained(tmp_path / "export" / "tokenizer").config.patch_nums
     state = load_training_state(Path(outcome["checkpoint_path"]))
     assert all(torch.equal(model.state_dict()[k].float(), v.float()) for k, v in state.ema.items())  # EMA last
-    encoder = build_text_encoder("minilm", 16)
-
-    def features(prompts):
-        tokens, mask = encoder(prompts)
-        return TextFeatures(tokens, mask, pooled_at_eos(tokens, mask))
-
+    encoder = PooledTextEncoder(build_text_encoder("minilm", 16))  # the run's text column, pooled at EOS
     tokenizer = HybridTokenizer.from_pretrained(tmp_path / "export" / "tokenizer").eval()
-    images = generate(model.eval(), tokenizer, features(["a red circle", "a blue square"]), features([""]), seed=3)
+    images = generate(model.eval(), tokenizer, encoder, ["a red circle", "a blue square"], seed=3).images_BRR3
     assert images.shape == (2, 64, 64, 3) and images.dtype.name == "uint8"
 
 

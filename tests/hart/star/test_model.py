@@ -175,7 +175,7 @@ def test_kv_cached_steps_reproduce_the_training_forward():
         state, logits = model.start_sampling(text, mask, pooled)
         steps = [logits]
         for si in range(1, CFG.grid.num_scales):
-            steps.append(model.sampling_step(si, tf[:, offsets[si] - 1:offsets[si + 1] - 1], state))
+            steps.append(model.sampling_step(si, tf[:, offsets[si] - 1:offsets[si + 1] - 1], state)[0])
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
 
 
@@ -230,7 +230,7 @@ def test_batch0_quirk_changes_rows_after_the_first_only():
 def test_wrong_input_shapes_are_refused():
     model = make_model()
     text, mask, pooled, tf = make_inputs()
-    with pytest.raises(ValueError, match="teacher-forced input"):
+    with pytest.raises(ValueError, match="teacher-forcing input"):
         model(text, mask, pooled, tf[:, 1:])
     with pytest.raises(ValueError, match="text features"):
         model(text[..., 1:], mask, pooled, tf)

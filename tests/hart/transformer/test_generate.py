@@ -1,4 +1,4 @@
-"""generate(): determinism, batching, CFG/diffusion paths, input validation."""
+"""HART's generate() and sample(): determinism, batching, CFG/diffusion paths, input validation."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 from configuration.loader import replace
 from hart.config import TOKENIZER_PRESETS, TRANSFORMER_PRESETS
-from hart.transformer.generate import generate, sample_latent
+from hart.transformer.generate import generate, sample
 from hart.tokenizer.model import HybridTokenizer
 from hart.transformer.model import HARTForT2I
 
@@ -44,21 +44,17 @@ def parts():
     return model.eval(), tokenizer, HashTextEncoder()
 
 
-def arrays(images):
-    return [np.asarray(im) for im in images]
-
-
 def test_deterministic_for_a_seed_and_batched(parts):
     model, tokenizer, encoder = parts
     prompts = ["a red cat", "a blue dog", "a green bird"]
     a = generate(model, tokenizer, encoder, prompts, seed=5)
     b = generate(model, tokenizer, encoder, prompts, seed=5)
     c = generate(model, tokenizer, encoder, prompts, seed=6)
-    assert len(a) == 3 and a[0].size == (64, 64) and a[0].mode == "RGB"
-    assert all(np.array_equal(x, y) for x, y in zip(arrays(a), arrays(b)))
-    assert not all(np.array_equal(x, y) for x, y in zip(arrays(a), arrays(c)))
+    assert len(a) == 3 and a.images_BRR3.shape == (3, 64, 64, 3) and a.images_BRR3.dtype == np.uint8
+    assert np.array_equal(a.images_BRR3, b.images_BRR3)
+    assert not np.array_equal(a.images_BRR3, c.images_BRR3)
     chunked = generate(model, tokenizer, encoder, prompts, seed=5, batch_size=2)
-    assert len(chunked) == 3
+    assert len(chunked) == 3 and [t.shape[0] for t in chunked.tokens_Bl] == [3] * len(TINY.patch_nums)
 
 
 def test_diffusion_residual_and_options_change_the_latent(parts):
@@ -68,8 +64,8 @@ def test_diffusion_residual_and_options_change_the_latent(parts):
     for name, kwargs in {
         "full": {}, "discrete": {"use_diffusion": False}, "smooth": {"more_smooth": True}, "top_p": {"top_p": 0.5},
     }.items():
-        f_hat, tokens = sample_latent(model, tokenizer.quantize, features, mask, generator=torch.Generator().manual_seed(0), **kwargs)
-        runs[name] = (f_hat, tokens)
+        samples = sample(model, tokenizer.quantize, features, mask, generator=torch.Generator().manual_seed(0), **kwargs)
+        runs[name] = (samples.f_hat_BCvHH, samples.tokens_Bl)
     f_full, tokens_full = runs["full"]
     f_disc, tokens_disc = runs["discrete"]
     assert [t.shape[1] for t in tokens_full] == [pn * pn for pn in TINY.patch_nums]
@@ -96,6 +92,9 @@ def test_validation_errors(parts):
         generate(model, tokenizer, HashTextEncoder(dim=8), ["a cat"])
     with pytest.raises(ValueError, match="context_token"):
         generate(model, tokenizer, HashTextEncoder(max_length=4), ["a cat"])
+    for bad in ({"top_k": -1}, {"top_k": (600, -1)}, {"top_p": 1.5}, {"cfg": -1.0}, {"batch_size": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            generate(model, tokenizer, encoder, ["a cat"], **bad)
 
 
 def test_long_prompt_is_truncated_with_a_warning(parts):
@@ -113,19 +112,19 @@ def test_head_cfg_sets_the_diffusion_heads_guidance(parts, head_cfg, expected, m
     """None keeps the released schedule (the last scale's token guidance); a number overrides it, 1.0 = unguided."""
     model, tokenizer, encoder = parts
     features, mask = encoder(["a red cat"])
-    seen, sample = [], model.diffloss.sample
+    seen, head_sample = [], model.diffloss.sample
 
     def recording_sample(z_NZ, cfg=None, **kwargs):  # the real sampler, with its guidance argument recorded
         seen.append(cfg)
-        return sample(z_NZ, cfg=cfg, **kwargs)
+        return head_sample(z_NZ, cfg=cfg, **kwargs)
 
     with monkeypatch.context() as patch:
         patch.setattr(model.diffloss, "sample", recording_sample)
-        f_hat, _ = sample_latent(model, tokenizer.quantize, features, mask, cfg=3.0, head_cfg=head_cfg,
-                                 generator=torch.Generator().manual_seed(0))
+        f_hat = sample(model, tokenizer.quantize, features, mask, cfg=3.0, head_cfg=head_cfg,
+                       generator=torch.Generator().manual_seed(0)).f_hat_BCvHH
     S = len(TINY.patch_nums)
     token_guidance = 3.0 * (S - 2) / (S - 1)  # the last scale keeps the previous scale's ratio
     assert seen == [pytest.approx(token_guidance) if expected == "token guidance" else expected]
-    unguided, _ = sample_latent(model, tokenizer.quantize, features, mask, cfg=3.0, head_cfg=1.0,
-                                generator=torch.Generator().manual_seed(0))
+    unguided = sample(model, tokenizer.quantize, features, mask, cfg=3.0, head_cfg=1.0,
+                      generator=torch.Generator().manual_seed(0)).f_hat_BCvHH
     assert torch.equal(f_hat, unguided) == (head_cfg == 1.0)

@@ -141,12 +141,12 @@ def test_kv_cache_sampling_matches_full_forward(name, make_transformer, make_tra
     ctx, mask, tf = make_transformer_batch(config)
     with torch.no_grad():
         full = model(ctx, mask, tf)
-        cond, caches, first = model.start_sampling(ctx, mask)
+        state, first = model.start_sampling(ctx, mask)
         steps = [first]
         bounds = scale_bounds(config)
         for si in range(1, len(config.patch_nums)):
             start, end = bounds[si]
-            logits, _ = model.sampling_step(si, tf[:, start - 1 : end - 1], cond, caches)
+            logits, _ = model.sampling_step(si, tf[:, start - 1 : end - 1], state)
             steps.append(logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=2e-5, rtol=1e-5)
 
@@ -159,12 +159,12 @@ def test_static_kv_cache_is_bit_identical_to_concatenation(make_transformer, mak
     runs = {}
     with torch.no_grad():
         for static in (False, True):
-            cond, caches, first = model.start_sampling(ctx, mask, static_cache=static)
+            state, first = model.start_sampling(ctx, mask, static_cache=static)
             steps = [first]
             for si, (start, end) in enumerate(scale_bounds(TINY)[1:], start=1):
-                steps.append(model.sampling_step(si, tf[:, start - 1 : end - 1], cond, caches)[0])
+                steps.append(model.sampling_step(si, tf[:, start - 1 : end - 1], state)[0])
             runs[static] = torch.cat(steps, 1)
-            assert caches[0].length == TINY.seq_len()
+            assert state.caches[0].length == TINY.seq_len()
     assert torch.equal(runs[True], runs[False])
     cache = KVCache(capacity=4)
     cache.append(torch.zeros(1, 1, 3, 2), torch.zeros(1, 1, 3, 2))
