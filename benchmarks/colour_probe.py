@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from hart.transformer.generate import to_pil
+from hart.pixels import to_pil
 from hart.tokenizer.model import HybridTokenizer
 from trainer.data import images_collate
 from pipelines import shapes_classifier

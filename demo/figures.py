@@ -85,7 +85,7 @@ def evaluation_argv(export: Path, config, out: Path, tag: str, tracking_uri: str
 
 def evaluate(export: Path, config, out: Path, tracking_uri: str = "", run_id: str = "",
              step: int = 0) -> dict:
-    from hart.transformer.generate import to_pil
+    from hart.pixels import to_pil
     from hart.tokenizer.model import HybridTokenizer
     from pipelines import shapes_classifier
 

@@ -3,7 +3,7 @@
 Design: every model here (tokenizer encoder and decoder, the transformer's samples) works on
 float images in [-1, 1], channels first; data arrives and leaves as uint8 RGB, channels last
 (decoded shards, PIL images, PNG files, MLflow grids). `to_model` and `to_uint8` are the only two
-conversions, so precompute, training, generation, evaluation and logging see the same pixels.
+conversions (`to_pil` is `to_uint8` as PIL images), so precompute, training, generation, evaluation and logging see the same pixels.
 
 Shape legend: B images, H/W sides, 3 RGB channels.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from PIL import Image
 
 
 def to_model(images_BHW3: np.ndarray | torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
@@ -28,4 +29,9 @@ def to_uint8(images_B3HW: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(array.permute(0, 2, 3, 1).cpu().numpy())
 
 
-__all__ = ["to_model", "to_uint8"]
+def to_pil(images_B3HW: torch.Tensor) -> list[Image.Image]:
+    """[-1, 1] images -> RGB PIL images."""
+    return [Image.fromarray(a) for a in to_uint8(images_B3HW)]
+
+
+__all__ = ["to_model", "to_uint8", "to_pil"]

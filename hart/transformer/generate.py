@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from PIL import Image
 
 from hart.pixels import to_uint8
 from hart.layers.sampling import Samples, check_options, gumbel_softmax, sample_top_k_top_p
@@ -55,11 +54,6 @@ def _check(model: HARTForT2I, tokenizer, text_encoder: TextEncoder, prompts) -> 
         raise ValueError(f"text encoder dim {text_encoder.dim} != transformer context_dim {mc.context_dim}")
     if getattr(text_encoder, "max_length", mc.context_token) != mc.context_token:
         raise ValueError(f"text encoder max_length {text_encoder.max_length} != transformer context_token {mc.context_token}")
-
-
-def to_pil(images_B3HW: torch.Tensor) -> list[Image.Image]:
-    """[-1, 1] images -> RGB PIL images."""
-    return [Image.fromarray(a) for a in to_uint8(images_B3HW)]
 
 
 @torch.no_grad()
@@ -204,4 +198,4 @@ def load_models(llm: str, tokenizer: str, text_encoder: str, ema: bool = False, 
     return model, tok, encoder
 
 
-__all__ = ["generate", "sample", "load_models", "to_pil"]
+__all__ = ["generate", "sample", "load_models"]
