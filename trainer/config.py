@@ -1,4 +1,4 @@
-"""Typed run configuration of hart-train (`jobs/train.py`) (`jobs/configs/train_*.yaml`).
+"""Typed run configuration of hart-train (`jobs/configs/train_*.yaml`).
 
 Design: small frozen dataclasses loaded through `configuration.loader.config_from_dict`, so unknown
 keys and wrong types raise a `ValueError` naming the field, and `--set a.b=c` goes through
