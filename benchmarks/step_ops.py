@@ -3,7 +3,7 @@
 What it measures: `torch.profiler` over one worker step of a transformer on random tokens: the
 `t2i_losses` forward + backward, a fused AdamW step (as on a GPU) and the EMA update.
 Models: `small` = the small 256px preset (`benchmarks/transformer.py` SMALL_256: 10 scales, depth 4,
-width 256; batch 4), `demo` = the transformer `make demo` trains (`jobs/demo.py` DEMO_TRANSFORMER:
+width 256; batch 4), `demo` = the transformer `make demo` trains (`demo.config.demo_transformer`:
 the tiny preset's 6 scales, depth 4, width 128; batch 16, the demo's joint batch).
 It counts the aten operators dispatched per step: the top-level calls (those not made from inside
 another aten op: roughly the kernel launches of a GPU step, where fused and multi-tensor ops are one
@@ -37,9 +37,9 @@ from hart.transformer.model import HARTForT2I
 def model_config(name: str):
     if name == "small":
         return SMALL_256
-    from jobs.demo import DEMO_TRANSFORMER  # the demo's own definition (jobs/demo.py imports no Ray at the top)
+    from demo.config import demo_transformer  # the demo's own definition (demo/config.py imports no Ray)
 
-    return transformer_config(DEMO_TRANSFORMER)
+    return transformer_config(demo_transformer())
 
 
 def build(config, parallel: ParallelConfig, batch: int):

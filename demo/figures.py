@@ -1,6 +1,7 @@
 """The demo's evaluation: held-out reconstructions (PSNR, hybrid vs discrete), the shapes classifier
-on real and reconstructed images, and generation scored through hart-evaluate (`jobs.evaluate`),
-logged to the joint run.
+on real and reconstructed images, and generation scored through hart-evaluate's function
+(`trainer.evaluation.run_evaluation`, with the `EvaluationConfig` of `evaluation_config`), logged to
+the joint run.
 
 Design: `evaluate` returns every figure `figure_names` lists and nothing else (asserted), so the
 summary, the MLflow metrics and the outputs check (`demo.outputs`) agree on one list. Generated
@@ -17,8 +18,18 @@ import json
 import shutil
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import torch
+from PIL import Image
+
+from demo.config import DEMO_PROTOCOL, DemoConfig
+from hart.pixels import to_model, to_pil
+from hart.tokenizer.model import HybridTokenizer
+from pipelines import shapes_classifier
+from pipelines.shapes import canonical_prompt, encode_image, render, sample_spec
+from trainer import tracking
+from trainer.evaluation import EvaluationConfig, run_evaluation
 
 SAMPLE_TAGS = ("with_head", "without_head")  # generation with and without the residual head
 CLASSIFIER_MIN_ACCURACY = 0.98  # on real held-out images, before it may score generated ones
@@ -30,10 +41,6 @@ PSNR_MEANINGFUL_DB = 0.5
 
 def heldout_images(root: Path, config):
     """(images in [-1,1] tensor, PIL images, labels, prompts) of the held-out split."""
-    from PIL import Image
-
-    from pipelines.shapes import canonical_prompt, encode_image, render, sample_spec
-
     pil, labels, prompts = [], [], []
     for index in range(config.num_heldout_images):
         sample = sample_spec(index, config.seed, "heldout")
@@ -41,8 +48,6 @@ def heldout_images(root: Path, config):
         pil.append(image)
         labels.append((sample.colour, sample.shape))
         prompts.append(canonical_prompt(sample.colour, sample.shape, sample.background))
-    from hart.pixels import to_model
-
     return to_model(np.stack([np.asarray(im) for im in pil])), pil, labels, prompts
 
 
@@ -61,34 +66,23 @@ def figure_names(classifier_valid: bool) -> list[str]:
     return names
 
 
-def evaluation_argv(export: Path, config, out: Path, tag: str, tracking_uri: str = "",
-                    run_id: str = "", step: int = 0) -> list[str]:
-    """hart-evaluate's arguments for the held-out prompts under the `demo` protocol, generated with
-    (`with_head`) or without the residual head; a demo flag that departs from the protocol is passed as
-    an override (and recorded in protocol.json). With `run_id` its figures, per-category table, grid
-    and protocol go to that MLflow run (the joint run) as `eval/<tag>/...` at `step` (the joint run's
-    last step)."""
-    from pipelines.eval_protocol import PROTOCOLS
-
-    demo = PROTOCOLS["demo"]
+def evaluation_config(export: Path, config: DemoConfig, out: Path, tag: str, tracking_uri: str = "", run_id: str = "",
+                      step: int = 0) -> EvaluationConfig:
+    """hart-evaluate's run for the held-out prompts under the `demo` protocol, generated with (`with_head`)
+    or without the residual head; a demo setting that departs from the protocol is an override (recorded
+    in protocol.json). With `run_id` its figures, per-category table, grid and protocol go to that MLflow
+    run (the joint run) as `eval/<tag>/...` at `step` (the joint run's last step)."""
     wanted = {"cfg": config.cfg, "top_k": (config.top_k, config.top_k), "head_cfg": config.head_cfg,
               "seed": config.seed, "images_per_prompt": config.samples_per_prompt, "use_diffusion": tag == "with_head"}
-    argv = ["run", "--export", str(export), "--prompts", "shapes:heldout", "--protocol", "demo",
-            "--out", str(out / "samples" / tag), "--num-cpus", "2", "--cpus-per-actor", "1"]
-    for name, value in wanted.items():
-        if value != getattr(demo, name):
-            argv += ["--set", f"{name}={json.dumps(list(value) if isinstance(value, tuple) else value)}"]
-    if run_id:
-        argv += ["--tracking-uri", tracking_uri, "--run-id", run_id, "--name", f"eval/{tag}", "--step", str(step)]
-    return argv
+    overrides = tuple(f"{name}={json.dumps(list(value) if isinstance(value, tuple) else value)}"
+                      for name, value in wanted.items() if value != getattr(DEMO_PROTOCOL, name))
+    logged = {"tracking_uri": tracking_uri, "run_id": run_id, "name": f"eval/{tag}", "step": step} if run_id else {}
+    return EvaluationConfig(export=str(export), prompts="shapes:heldout", protocol="demo", overrides=overrides,
+                            out=str(out / "samples" / tag), num_cpus=2, cpus_per_actor=1.0, **logged)
 
 
 def evaluate(export: Path, config, out: Path, tracking_uri: str = "", run_id: str = "",
              step: int = 0) -> dict:
-    from hart.pixels import to_pil
-    from hart.tokenizer.model import HybridTokenizer
-    from pipelines import shapes_classifier
-
     results: dict = {}
     tok = HybridTokenizer.from_pretrained(export / "tokenizer").eval()
     images, pil, labels, _ = heldout_images(out, config)
@@ -112,14 +106,11 @@ def evaluate(export: Path, config, out: Path, tracking_uri: str = "", run_id: st
         results[f"reconstruction_colour_accuracy_{kind}"] = scores["colour_accuracy"]
         results[f"reconstruction_shape_accuracy_{kind}"] = scores["shape_accuracy"]
 
-    # Generation and prompt following through hart-evaluate (the job users run), logged to the joint run.
-    from jobs.evaluate import parse_args
-    from trainer.evaluation import run_evaluation
-
+    # Generation and prompt following through hart-evaluate's function (the job users run), logged to the
+    # joint run.
     for tag in SAMPLE_TAGS:
         shutil.rmtree(out / "samples" / tag, ignore_errors=True)  # a rerun from this step leaves no stale images
-        args = parse_args(evaluation_argv(export, config, out, tag, tracking_uri, run_id, step))
-        figures = run_evaluation(args)["figures"]
+        figures = run_evaluation(evaluation_config(export, config, out, tag, tracking_uri, run_id, step))["figures"]
         if classifier_valid:
             for key in ("colour_accuracy", "shape_accuracy", "joint_accuracy"):
                 results[f"generation_{key}_{tag}"] = figures[key]
@@ -129,11 +120,6 @@ def evaluate(export: Path, config, out: Path, tracking_uri: str = "", run_id: st
 
 def log_figures(tracking_uri: str, run_id: str, results: dict, samples_dir: Path, grid: str) -> None:
     """The figures as `demo/<name>` metrics of the joint run, and `grid`: its held-out samples (with the head)."""
-    import mlflow
-    from PIL import Image
-
-    from trainer import tracking
-
     mlflow.set_tracking_uri(tracking_uri)
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics({f"demo/{k}": float(v) for k, v in results.items()})
@@ -155,5 +141,5 @@ def psnr_verdict(r: dict) -> str:
 
 __all__ = [
     "SAMPLE_TAGS", "CLASSIFIER_MIN_ACCURACY", "PSNR_MEANINGFUL_DB", "heldout_images", "psnr", "figure_names",
-    "evaluation_argv", "evaluate", "log_figures", "psnr_verdict",
+    "evaluation_config", "evaluate", "log_figures", "psnr_verdict",
 ]

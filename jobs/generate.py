@@ -28,7 +28,13 @@ import re
 import sys
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
+
+from configuration.cli import HelpFormatter
+from pipelines.eval_protocol import PROTOCOLS, EvalPrompt, groups, protocol_with, read_prompts
+from pipelines.eval_stages import generate_group, load_generator
+from trainer.export import read_export
+from trainer.ray_session import offline_models
 
 
 def slug(text: str, limit: int = 48) -> str:
@@ -36,9 +42,6 @@ def slug(text: str, limit: int = 48) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from configuration.cli import HelpFormatter
-    from pipelines.eval_protocol import PROTOCOLS
-
     parser = argparse.ArgumentParser(prog="hart-generate", description="generate images with a HART or STAR checkpoint",
                                      formatter_class=HelpFormatter, epilog=__doc__.split("\n\n")[1])
     model = parser.add_mutually_exclusive_group(required=True)
@@ -72,8 +75,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def read_prompt_list(args: argparse.Namespace):
     """`--prompt`s (ids 000000, 000001... in the order given), then the `--prompts` source's, as EvalPrompts."""
-    from pipelines.eval_protocol import EvalPrompt, read_prompts
-
     given = [EvalPrompt(f"{n:06d}", text) for n, text in enumerate(args.prompt)]
     listed = read_prompts(args.prompts) if args.prompts else []
     if given and any(p.id in {g.id for g in given} for p in listed):
@@ -85,8 +86,6 @@ def read_prompt_list(args: argparse.Namespace):
 
 def model_files(args: argparse.Namespace, ema: bool) -> dict[str, str]:
     """The generator's files (`llm`, `star`, `tokenizer`), each a local path that exists."""
-    from trainer.export import read_export
-
     files = read_export(args.export, ema) if args.export else {"llm": args.llm or "", "star": args.star or ""}
     if args.tokenizer:
         files["tokenizer"] = args.tokenizer
@@ -100,15 +99,10 @@ def model_files(args: argparse.Namespace, ema: bool) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import torch
-
-    from trainer.evaluation import protocol_from_args
-    from pipelines.eval_protocol import groups
-    from pipelines.eval_stages import generate_group, load_generator
-
     args = parse_args(argv)
+    offline_models()
     try:
-        protocol = protocol_from_args(args)
+        protocol = protocol_with(args.protocol, args.set)
         prompts = read_prompt_list(args)
         files = model_files(args, protocol.ema)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

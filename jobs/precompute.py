@@ -9,7 +9,8 @@ On a cluster, submit the same command as a Ray job (the working dir carries the 
     ray job submit --address http://HEAD:8265 --working-dir . -- \
         python -m jobs.precompute --config jobs/configs/precompute.yaml --set output=s3://bucket/tokens/run1
 
-Design: a thin shell. It parses the config, connects to Ray (`trainer.ray_session.connect`: a cluster
+Design: a thin shell. It parses the config, keeps Hugging Face offline (`trainer.ray_session.offline_models`),
+connects to Ray (`trainer.ray_session.connect`: a cluster
 only when --address or RAY_ADDRESS names one, as under `ray job submit`; otherwise a private local
 instance sized by `--num-cpus`), runs `pipelines.plan.run_precompute`, prints the summary table, and
 exits non-zero naming any shard that could not be read. Rerunning the same command resumes:
@@ -23,13 +24,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from configuration.cli import HelpFormatter
 from pipelines.config import load_precompute_config
+from pipelines.plan import run_precompute
+from pipelines.storage import storage_error_line
+from trainer.ray_session import ADDRESS_HELP, connect, offline_models
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from configuration.cli import HelpFormatter
-    from trainer.ray_session import ADDRESS_HELP
-
     parser = argparse.ArgumentParser(prog="hart-precompute", description=__doc__.split("\n\n")[0],
                                      formatter_class=HelpFormatter)
     parser.add_argument("--config", help="YAML/TOML/JSON run config (default: the built-in defaults)")
@@ -45,15 +47,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    offline_models()
     try:
         config = load_precompute_config(args.config, args.overrides + (["progress=true"] if args.ray_progress else []))
     except ValueError as exc:
         print(f"hart-precompute: config error: {exc}", file=sys.stderr)
         return 2
-    from trainer.ray_session import connect
-    from pipelines import storage
-    from pipelines.plan import run_precompute
-
     connect(args.address, args.num_cpus)
     try:
         summary = run_precompute(config)
@@ -61,8 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hart-precompute: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # a store that stopped answering after the preflight: one line, not a traceback
-        line = storage.storage_error_line("hart-precompute", exc, config.output_endpoint_setting(),
-                                          config.output_endpoint())
+        line = storage_error_line("hart-precompute", exc, config.output_endpoint_setting(), config.output_endpoint())
         if not line:
             raise
         print(line, file=sys.stderr)

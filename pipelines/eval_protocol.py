@@ -27,9 +27,13 @@ gives the same list, and `limit` / `per_category` take a fixed prefix.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import yaml
+
+from configuration.loader import config_from_dict
 from pipelines.feature_statistics import KID_SAMPLE_CAP
 
 METRICS = ("fid", "kid", "clip", "shapes")
@@ -109,6 +113,25 @@ PROTOCOLS = {
     # a time (one generator); hart-generate and hart-evaluate under it make the demo's images.
     "demo": EvalProtocol(**SHAPES_SAMPLING, images_per_prompt=8, batch_size=None, chunk_size=32),
 }
+
+
+def protocol_with(name: str, overrides: Sequence[str] = (), metrics: Sequence[str] = ()) -> EvalProtocol:
+    """Protocol `name` with `FIELD=VALUE` overrides (hart-evaluate's and hart-generate's `--set`), then
+    `metrics` (if any) as its metrics. Values are parsed as YAML and checked against the field types
+    (`configuration.loader.config_from_dict`): a bad field or value is a ValueError here, not an actor
+    failure later."""
+    if name not in PROTOCOLS:
+        raise ValueError(f"protocol {name!r}: expected one of {sorted(PROTOCOLS)}")
+    data = PROTOCOLS[name].to_dict()
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or key not in data:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(data)}")
+        parsed = yaml.safe_load(value)
+        data[key] = value.split(",") if key == "metrics" and isinstance(parsed, str) else parsed
+    if metrics:
+        data["metrics"] = list(metrics)
+    return config_from_dict(EvalProtocol, data, where="protocol")
 
 
 @dataclass(frozen=True)

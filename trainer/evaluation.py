@@ -1,200 +1,259 @@
-"""hart-evaluate: judge an export (FID, KID, CLIP score, shapes prompt following) on a pinned protocol.
-
-Usage:
-    hart-evaluate run --export runs/demo/export --prompts shapes:heldout --protocol shapes --out runs/eval
-    hart-evaluate run --export /ckpt/hart-0.7b-1024px --text-encoder /ckpt/Qwen2-VL-1.5B-Instruct \
-        --prompts /data/MJHQ-30K/meta_data.json --protocol hart-mjhq-1024 --out s3://bucket/eval/hart-0.7b \
-        --inception /weights/weights-inception-2015-12-05-6726825d.pth --clip /weights/clip-vit-large-patch14 \
-        --reference /data/mjhq-1024.stats.safetensors --actors 8 --gpus-per-actor 1 --run-id <training run>
-    hart-evaluate reference --images /data/MJHQ-30K/mjhq30k_imgs --image-size 1024 \
-        --inception /weights/weights-inception-2015-12-05-6726825d.pth --out /data/mjhq-1024.stats.safetensors
+"""hart-evaluate's work: judge an export (FID, KID, CLIP score, shapes prompt following) on a pinned
+protocol (`run_evaluation(EvaluationConfig)`), or compute a reference set's statistics
+(`run_reference(ReferenceConfig)`). The command line (`jobs/evaluate.py`) parses its flags into these
+configs, one field per flag, and calls the function; the demo builds the config itself.
 
 `run` is a Ray Data job: the prompt list (`pipelines.eval_protocol.read_prompts`) becomes fixed
 generation groups, an actor pool of `GenerateImages` (one model per actor: per GPU on a cluster)
 makes and writes the images (`<out>/images/<id>.png`, local or S3), an actor pool of `ScoreImages`
-extracts features and scores, and the driver folds them: FID/KID against the reference statistics
-(torchmetrics), mean CLIP score and shapes accuracy, overall and per category. Per-category FID/KID
-compare a generated category with the reference's statistics of the same category name
-(`per_category_distances`); generated categories the reference has no statistics of (all of them
-for a reference without categories) get none, are printed as a warning and listed in
-`no_reference_statistics`. `<out>` then holds `protocol.json` (the protocol, the fingerprint, the
-prompt source and the export) and `metrics.json` (figures, per-category table and, with FID/KID,
-`no_reference_statistics`). With a tracking URI the figures go to MLflow: metrics `<name>/<figure>`
-and `<name>/<category>/<figure>` at `--step` (`--name`, default `eval`: `eval/fid`, `eval/people/fid`),
-the per-category table, a sample grid and the protocol; `--run-id` attaches them to an existing run
-(the training run that produced the checkpoint).
+extracts features and scores, and the driver folds them (`pipelines.eval_stages.summarize`,
+`pipelines.eval_figures`): FID/KID against the reference statistics (torchmetrics), mean CLIP score
+and shapes accuracy, overall and per category. Per-category FID/KID compare a generated category
+with the reference's statistics of the same category name (`per_category_distances`); generated
+categories the reference has no statistics of (all of them for a reference without categories) get
+none, are printed as a warning and listed in `no_reference_statistics`. `<out>` then holds
+`protocol.json` (the protocol, the fingerprint, the prompt source and the export) and `metrics.json`
+(figures, per-category table and, with FID/KID, `no_reference_statistics`). With a tracking URI the
+figures go to MLflow: metrics `<name>/<figure>` and `<name>/<category>/<figure>` at `step` (`name`,
+default `eval`: `eval/fid`, `eval/people/fid`), the per-category table, a sample grid and the
+protocol; `run_id` attaches them to an existing run (the training run that produced the checkpoint).
 
 `reference` computes the statistics of real images (a local folder of PNG/JPEG/WebP, or WebDataset
-shards, local or S3) under the same feature pipeline: each image's shorter side is resized to
-`--image-size` (the generated images' size; bicubic) and the centre square kept, as the precompute
-pipeline crops, then `ScoreImages` extracts features. Shard samples that are unreadable or rejected
-are counted and reported (`left_out`); the file records the fingerprint, and `run` refuses a
-reference made under another. Images with a category add per-category statistics to the overall
-ones: in a folder, the name of the folder holding the image (MJHQ-30K's `<category>/<id>.jpg`;
-images directly in the folder have none), in shards the string under `category` in a sample's json.
-The file's info lists the images per category (`categories`, `uncategorised`).
+shards, local or S3) under the same feature pipeline: each image is brought to `image_size` (the
+generated images' size) by the precompute pipeline's rule (`pipelines.eval_figures`), then
+`ScoreImages` extracts features. Shard samples that are unreadable or rejected are counted and
+reported (`left_out`); the file records the fingerprint, and `run` refuses a reference made under
+another. Images with a category add per-category statistics to the overall ones (a folder's
+category folders, a shard sample's json `category`); the file's info lists the images per category
+(`categories`, `uncategorised`).
 
 Weights are never downloaded: the Inception weights file and the CLIP folder are named by the user
 (a missing one is an error naming what to put there). Every input, the output's store and the MLflow
-run to attach to are checked before Ray starts; a store that stops answering later ends the job with
-one line (`storage.storage_error_line`) and exit code 1. `images_per_s` is generation throughput from the
-first group's start to the last one's end; the actors' start-up before it is `startup_s`.
+run to attach to are checked before Ray starts; a store that stops answering later raises, and the
+command line ends with one line (`storage.storage_error_line`) and exit code 1. `images_per_s` is
+generation throughput from the first group's start to the last one's end; the actors' start-up
+before it is `startup_s`. The configs are never changed: paths are made absolute in a copy
+(`with_absolute_paths`), on the driver, since the actors do not start in its working directory.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
+import ray
+import torch
+from PIL import Image
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from pipelines import storage
+from pipelines.clip_score import CLIP_HELP
+from pipelines.config import InputConfig
+from pipelines.decode import decode_batch
+from pipelines.eval_figures import (distance_figures, folder_category, image_side, load_reference_images,
+                                    per_category_distances, reference_preprocess, shard_images)
+from pipelines.eval_protocol import PROTOCOLS, EvalProtocol, groups, protocol_with, read_prompts
+from pipelines.eval_stages import GenerateImages, ScoreImages, summarize
+from pipelines.feature_statistics import FeatureStatistics, fold_order
+from pipelines.inception import WEIGHTS_HELP, WEIGHTS_NAME, file_sha256
+from pipelines.progress import show_ray_data_progress
+from pipelines.shard_source import list_shards, name_shards, read_shards_batch
+from trainer.export import read_export
+from trainer.ray_session import connect
+from trainer.tracking import finish_run, image_grid, open_run, probe_server, redact_uri, resolve_tracking_uri
 
-
-def protocol_from_args(args):
-    """The named protocol with --set / --metrics overrides applied; values are parsed as YAML and checked
-    against the field types (`configuration.loader.config_from_dict`): a bad field or value is a ValueError here,
-    not an actor failure later."""
-    import yaml
-
-    from configuration.loader import config_from_dict
-    from pipelines.eval_protocol import PROTOCOLS, EvalProtocol
-
-    data = PROTOCOLS[args.protocol].to_dict()
-    for item in getattr(args, "set", []):
-        name, sep, value = item.partition("=")
-        if not sep or name not in data:
-            raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(data)}")
-        parsed = yaml.safe_load(value)
-        data[name] = value.split(",") if name == "metrics" and isinstance(parsed, str) else parsed
-    if getattr(args, "metrics", None):
-        data["metrics"] = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    return config_from_dict(EvalProtocol, data, where="protocol")
+DEFAULT_PROTOCOL = "hart-mjhq-1024"
 
 
-def _init_ray(args) -> None:
-    from trainer.ray_session import connect
-    from pipelines.progress import show_ray_data_progress
+@dataclass(frozen=True, kw_only=True)
+class EvalJobSettings:
+    """What `run` and `reference` share: the output, its store, the protocol, the scoring actors, Ray."""
 
-    connect(args.address, args.num_cpus)
-    show_ray_data_progress(args.ray_progress)
+    out: str  # run: output folder or s3:// URI (images/, protocol.json, metrics.json); reference: the .safetensors
+    endpoint_url: str = ""  # S3-compatible endpoint of s3:// paths ("": $AWS_ENDPOINT_URL, else AWS)
+    protocol: str = DEFAULT_PROTOCOL  # a name of pipelines.eval_protocol.PROTOCOLS
+    limit: int | None = None  # the first N prompts (by id) or reference images (by file name); None: all
+    score_actors: int = 1  # scoring actors (feature networks each)
+    cpus_per_actor: float = 1.0  # logical CPUs per actor (Ray scheduling)
+    score_batch: int = 16  # images per scoring call
+    num_cpus: int | None = None  # CPUs of a local Ray instance (None: all of this machine's)
+    address: str = ""  # Ray cluster to join (trainer.ray_session.connect; "": $RAY_ADDRESS, else a local one)
+    ray_progress: bool = False  # Ray Data's own progress output
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol {self.protocol!r}: expected one of {sorted(PROTOCOLS)}")
+        for name in ("score_actors", "score_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.cpus_per_actor < 0:
+            raise ValueError(f"cpus_per_actor must be >= 0, got {self.cpus_per_actor}")
 
 
-def _actor_options(args, concurrency: int, gpus: float) -> dict:
-    return {"concurrency": concurrency, "num_cpus": args.cpus_per_actor, "num_gpus": gpus or None}
+@dataclass(frozen=True, kw_only=True)
+class EvaluationConfig(EvalJobSettings):
+    """hart-evaluate run: the export and prompts to judge, the protocol's overrides, the feature networks
+    and reference, the generation actors and where the figures go in MLflow."""
+
+    export: str  # export folder with tokenizer/ and llm/ (+ ema_model.bin), or STAR's star/
+    prompts: str  # MJHQ meta_data.json, a .jsonl, a .txt, or shapes:heldout
+    text_encoder: str = "minilm"  # 'minilm' or a local causal-LM folder (HART: Qwen2)
+    per_category: int | None = None  # the first N prompts of each category; None: all
+    overrides: tuple[str, ...] = ()  # FIELD=VALUE protocol overrides, recorded in protocol.json
+    metrics: tuple[str, ...] = ()  # a subset of pipelines.eval_protocol.METRICS; (): the protocol's
+    inception: str = ""  # FID Inception weights file, needed for fid/kid
+    clip: str = ""  # CLIP model folder, needed for clip
+    reference: str = ""  # reference statistics file (run_reference), needed for fid/kid
+    actors: int = 1  # generation actors (one model each)
+    gpus_per_actor: float = 0.0  # GPUs per generation actor (0: CPU actors)
+    score_gpus_per_actor: float = 0.0  # GPUs per scoring actor (0: CPU)
+    compile: bool = False  # torch.compile each generation actor's transformer blocks
+    tracking_uri: str = ""  # MLflow tracking URI ("": no MLflow logging unless run_id is set)
+    experiment: str = "hart-eval"  # MLflow experiment of a new run
+    run_id: str = ""  # attach the figures to this existing MLflow run ("": a new run with tracking_uri)
+    name: str = "eval"  # metric prefix and artifact folder in MLflow
+    step: int = 0  # MLflow step of the figures (the checkpoint's step)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.actors < 1:
+            raise ValueError(f"actors must be >= 1, got {self.actors}")
+        if min(self.gpus_per_actor, self.score_gpus_per_actor) < 0:
+            raise ValueError("gpus_per_actor and score_gpus_per_actor must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReferenceConfig(EvalJobSettings):
+    """hart-evaluate reference: real images (a folder or WebDataset shards) -> a statistics file."""
+
+    image_size: int  # side the images are brought to (the generated size)
+    inception: str  # FID Inception weights file
+    images: str = ""  # a local folder of PNG/JPEG/WebP images (or shards)
+    shards: tuple[str, ...] = ()  # WebDataset shards (local or s3://, globs and {000..099} braces)
+    gpus_per_actor: float = 0.0  # GPUs per scoring actor (0: CPU actors)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if bool(self.images) == bool(self.shards):
+            raise ValueError("give one source of reference images: images (a folder) or shards, not both")
+        if self.image_size < 1 or self.gpus_per_actor < 0:
+            raise ValueError(f"image_size must be >= 1 and gpus_per_actor >= 0, got {self.image_size}, "
+                             f"{self.gpus_per_actor}")
+
+
+Settings = TypeVar("Settings", EvaluationConfig, ReferenceConfig)
+
+
+def protocol_of(config: EvaluationConfig) -> EvalProtocol:
+    """The config's protocol with its overrides and metrics applied (`eval_protocol.protocol_with`)."""
+    return protocol_with(config.protocol, config.overrides, config.metrics)
+
+
+def _init_ray(config: EvalJobSettings) -> None:
+    connect(config.address or None, config.num_cpus)
+    show_ray_data_progress(config.ray_progress)
+
+
+def _actor_options(config: EvalJobSettings, concurrency: int, gpus: float) -> dict:
+    return {"concurrency": concurrency, "num_cpus": config.cpus_per_actor, "num_gpus": gpus or None}
 
 
 def feature_network_id(inception: str) -> str:
     """The feature network as the protocol names it: the weights file's identity (SHA-256)."""
-    from pipelines.inception import WEIGHTS_HELP, WEIGHTS_NAME, file_sha256
-
     if not Path(inception).is_file():
         raise ValueError(f"Inception weights not found at {inception}: put {WEIGHTS_HELP} there")
-
     return f"{WEIGHTS_NAME.split('-6726')[0]}:sha256:{file_sha256(inception)}"
 
 
-def absolute_paths(args) -> None:
-    """Every local path argument made absolute, on the driver: the actors do not start in its working
-    directory, and protocol.json records where the export and prompts were."""
-    from pipelines.storage import absolute
+def with_absolute_paths(config: Settings) -> Settings:
+    """A copy of `config` with every local path absolute (`storage.absolute`), made on the driver: the actors
+    do not start in its working directory, and protocol.json records where the export and prompts were."""
+    changes = {name: storage.absolute(getattr(config, name))
+               for name in ("export", "out", "inception", "clip", "reference", "images") if getattr(config, name, "")}
+    if isinstance(config, ReferenceConfig):
+        changes["shards"] = tuple(storage.absolute(shard) for shard in config.shards)
+    else:
+        if not config.prompts.startswith("shapes:"):
+            changes["prompts"] = storage.absolute(config.prompts)
+        if os.path.exists(config.text_encoder):  # a folder; else a built-in name such as `minilm`
+            changes["text_encoder"] = storage.absolute(config.text_encoder)
+    return dataclasses.replace(config, **changes)
 
-    for name in ("export", "out", "inception", "clip", "reference", "images"):
-        if getattr(args, name, None):
-            setattr(args, name, absolute(getattr(args, name)))
-    if getattr(args, "shards", None):
-        args.shards = [absolute(shard) for shard in args.shards]
-    if getattr(args, "prompts", "") and not args.prompts.startswith("shapes:"):
-        args.prompts = absolute(args.prompts)
-    if getattr(args, "text_encoder", "") and os.path.exists(args.text_encoder):
-        args.text_encoder = absolute(args.text_encoder)
 
-
-def check_files(args, metrics: tuple[str, ...]) -> None:
+def check_files(config: EvaluationConfig, metrics: tuple[str, ...]) -> None:
     """The weight and statistics files the metrics need exist, and the output's store answers (one short
     request, `storage.check_store`), before Ray starts."""
-    from pipelines import storage
-
     wants_fid = bool(set(metrics) & {"fid", "kid"})
-    for flag, path, needed in (("--inception", args.inception, wants_fid), ("--reference", args.reference, wants_fid),
-                               ("--clip", args.clip, "clip" in metrics)):
+    for flag, path, needed in (("--inception", config.inception, wants_fid),
+                               ("--reference", config.reference, wants_fid), ("--clip", config.clip, "clip" in metrics)):
         if needed and not os.path.exists(path):
             raise ValueError(f"{flag} {path}: not found")
-    storage.check_store(args.out, args.endpoint_url, "--out", "--endpoint-url")
+    storage.check_store(config.out, config.endpoint_url, "--out", "--endpoint-url")
 
 
-def check_tracking(args) -> None:
+def check_tracking(config: EvaluationConfig) -> None:
     """With MLflow logging: the server answers and the run to attach to exists, before any image is made."""
-    if not (args.tracking_uri or args.run_id):
+    if not (config.tracking_uri or config.run_id):
         return
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # MLflow only with tracking: its import costs seconds otherwise
 
-    from trainer.tracking import probe_server, redact_uri, resolve_tracking_uri
-
-    uri = resolve_tracking_uri(args.tracking_uri)
+    uri = resolve_tracking_uri(config.tracking_uri)
     probe_server(uri)
-    if args.run_id:
+    if config.run_id:
         try:
-            MlflowClient(tracking_uri=uri).get_run(args.run_id)
+            MlflowClient(tracking_uri=uri).get_run(config.run_id)
         except Exception as exc:  # noqa: BLE001 - an unknown id, a store error: either way, not usable
-            raise ValueError(f"--run-id {args.run_id}: not a run of {redact_uri(uri)} ({type(exc).__name__}: "
+            raise ValueError(f"--run-id {config.run_id}: not a run of {redact_uri(uri)} ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0][:200]})") from None
 
 
-def run_evaluation(args) -> dict:
-    import ray
-
-    from trainer.export import read_export
-    from pipelines import storage
-    from pipelines.eval_protocol import groups, read_prompts
-    from pipelines.eval_stages import GenerateImages, ScoreImages, summarize
-    from pipelines.feature_statistics import FeatureStatistics
-
-    absolute_paths(args)
-    protocol = protocol_from_args(args)
-    models = read_export(args.export, protocol.ema)
+def run_evaluation(config: EvaluationConfig) -> dict:
+    """Generate, score and fold (module doc); returns {"figures", "per_category"} (+ no_reference_statistics
+    with FID/KID), also written to `<out>/metrics.json`. Bad input is a ValueError before Ray starts."""
+    config = with_absolute_paths(config)
+    protocol = protocol_of(config)
+    models = read_export(config.export, protocol.ema)
     wants_fid = bool(set(protocol.metrics) & {"fid", "kid"})
-    if wants_fid and not args.reference:
+    if wants_fid and not config.reference:
         raise ValueError("FID/KID need reference statistics (--reference FILE; make them with hart-evaluate reference)")
-    if wants_fid and not args.inception:
-        from pipelines.inception import WEIGHTS_HELP
-
+    if wants_fid and not config.inception:
         raise ValueError(f"FID/KID need {WEIGHTS_HELP} (--inception PATH)")
-    if "clip" in protocol.metrics and not args.clip:
-        from pipelines.clip_score import CLIP_HELP
-
+    if "clip" in protocol.metrics and not config.clip:
         raise ValueError(f"the CLIP score needs {CLIP_HELP} (--clip FOLDER)")
-    check_files(args, protocol.metrics)
-    network = feature_network_id(args.inception) if wants_fid else None
+    check_files(config, protocol.metrics)
+    network = feature_network_id(config.inception) if wants_fid else None
     if wants_fid:  # before any image is generated: all of the reference's protocol but the image size
-        saved = FeatureStatistics.read_protocol(args.reference)
+        saved = FeatureStatistics.read_protocol(config.reference)
         wanted = protocol.fingerprint(network, saved.get("image_size"))
-        FeatureStatistics.check_protocol(args.reference, saved, wanted)
-    prompts = read_prompts(args.prompts, args.limit, args.per_category)
-    check_tracking(args)
+        FeatureStatistics.check_protocol(config.reference, saved, wanted)
+    prompts = read_prompts(config.prompts, config.limit, config.per_category)
+    check_tracking(config)
     rows = groups(prompts, protocol)
     order = [image_id for row in rows for image_id in row["ids"]]
-    print(f"[evaluate] {len(prompts)} prompts, {len(order)} images in {len(rows)} groups; protocol {args.protocol} "
+    print(f"[evaluate] {len(prompts)} prompts, {len(order)} images in {len(rows)} groups; protocol {config.protocol} "
           f"({', '.join(protocol.metrics)}): {protocol.describe()}", flush=True)
 
-    fs, out_dir = storage.resolve(args.out, args.endpoint_url)
-    images_uri = storage.join(args.out, "images")
+    fs, out_dir = storage.resolve(config.out, config.endpoint_url)
+    images_uri = storage.join(config.out, "images")
     started = time.time()
-    _init_ray(args)
+    _init_ray(config)
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
     ds = ds.map_batches(
         GenerateImages, batch_size=1,
-        fn_constructor_kwargs=dict(**models, text_encoder=args.text_encoder, protocol=protocol.to_dict(), images_uri=images_uri,
-                                   endpoint_url=args.endpoint_url, compile=args.compile),
-        **_actor_options(args, args.actors, args.gpus_per_actor))
-    ds = ds.map_batches(ScoreImages, batch_size=args.score_batch,
-                        fn_constructor_kwargs=dict(metrics=list(protocol.metrics), inception=args.inception,
-                                                   clip=args.clip),
-                        **_actor_options(args, args.score_actors, args.score_gpus_per_actor))
+        fn_constructor_kwargs=dict(**models, text_encoder=config.text_encoder, protocol=protocol.to_dict(),
+                                   images_uri=images_uri, endpoint_url=config.endpoint_url, compile=config.compile),
+        **_actor_options(config, config.actors, config.gpus_per_actor))
+    ds = ds.map_batches(ScoreImages, batch_size=config.score_batch,
+                        fn_constructor_kwargs=dict(metrics=list(protocol.metrics), inception=config.inception or None,
+                                                   clip=config.clip or None),
+                        **_actor_options(config, config.score_actors, config.score_gpus_per_actor))
     scored = list(ds.iter_rows())
     folded = summarize(scored, order, protocol.kid_sample_cap)
     figures, per_category = folded["figures"], folded["per_category"]
@@ -202,12 +261,12 @@ def run_evaluation(args) -> dict:
     if wants_fid:
         side = image_side(fs, storage.join(out_dir, "images", f"{order[0]}.png"))
         fingerprint = protocol.fingerprint(network, side)
-        real = FeatureStatistics.load(args.reference, fingerprint)
+        real = FeatureStatistics.load(config.reference, fingerprint)
         figures.update(distance_figures(real, folded["fake"], protocol, protocol.metrics))
         unmatched = per_category_distances(real, folded["fake"], per_category, protocol)
         if unmatched:
             print(f"[evaluate] warning: no reference statistics for generated categor"
-                  f"{'y' if len(unmatched) == 1 else 'ies'} {', '.join(unmatched)} in {args.reference}"
+                  f"{'y' if len(unmatched) == 1 else 'ies'} {', '.join(unmatched)} in {config.reference}"
                   f"{' (it has no categories)' if not real.by_category else ''}: no FID/KID for "
                   f"{'it' if len(unmatched) == 1 else 'them'}", file=sys.stderr, flush=True)
     # Throughput of generation alone: from the first group's start to the last one's end (the actors'
@@ -215,214 +274,97 @@ def run_evaluation(args) -> dict:
     first, last = min(float(r["started"]) for r in scored), max(float(r["finished"]) for r in scored)
     figures["images_per_s"] = len(order) / max(last - first, 1e-9)
     figures["startup_s"] = first - started
-    record = {"protocol_name": args.protocol, "protocol": protocol.to_dict(), "fingerprint": fingerprint,
-              "prompts": args.prompts, "limit": args.limit, "per_category": args.per_category,
-              "export": args.export, "text_encoder": args.text_encoder}
+    record = {"protocol_name": config.protocol, "protocol": protocol.to_dict(), "fingerprint": fingerprint,
+              "prompts": config.prompts, "limit": config.limit, "per_category": config.per_category,
+              "export": config.export, "text_encoder": config.text_encoder}
     storage.write_bytes_atomic(fs, storage.join(out_dir, "protocol.json"), json.dumps(record, indent=1).encode())
     result = {"figures": figures, "per_category": per_category}
     if wants_fid:
         result["no_reference_statistics"] = unmatched
     storage.write_bytes_atomic(fs, storage.join(out_dir, "metrics.json"), json.dumps(result, indent=1).encode())
     print(f"[evaluate] {len(order)} images in {last - first:.1f}s ({figures['images_per_s']:.3g} images/s) after "
-          f"{figures['startup_s']:.1f}s of start-up; wrote {storage.join(args.out, 'metrics.json')}", flush=True)
-    if args.tracking_uri or args.run_id:
+          f"{figures['startup_s']:.1f}s of start-up; wrote {storage.join(config.out, 'metrics.json')}", flush=True)
+    if config.tracking_uri or config.run_id:
         grid = [storage.read_bytes(fs, storage.join(out_dir, "images", f"{i}.png")) for i in order[:16]]
-        log_to_mlflow(args, record, result, grid)
+        log_to_mlflow(config, record, result, grid)
     return result
 
 
-def distance_figures(real, fake, protocol, metrics) -> dict:
-    """FID and/or KID (those of `metrics`) of a generated set against a reference set, KID with the
-    protocol's subsets and seed."""
-    from pipelines.feature_statistics import frechet_distance, kernel_distance
-
-    figures = {}
-    if "fid" in metrics:
-        figures["fid"] = frechet_distance(real, fake)
-    if "kid" in metrics:
-        figures["kid_mean"], figures["kid_std"], figures["kid_subset_size"] = kernel_distance(
-            real, fake, protocol.kid_subsets, protocol.kid_subset_size, seed=protocol.seed)
-    return figures
-
-
-def per_category_distances(real, fake, per_category: dict[str, dict], protocol) -> list[str]:
-    """FID/KID of each generated category against the reference's statistics of the same category,
-    added to its row of `per_category`; returns the generated categories the reference has no
-    statistics of (all of them for a reference without categories).
-
-    A category's sets are its images alone (`FeatureStatistics.category`): FID from its sums, KID
-    from its rows of each set's KID sample (about its share of the protocol's `kid_sample_cap`).
-    The KID subset size is `min(kid_subset_size, reference rows, generated rows)` of that category
-    (recorded as its `kid_subset_size`; KID is unbiased, so a smaller subset widens `kid_std`, not
-    the mean). A category with fewer than 2 images (FID) or 2 KID sample rows (KID) on either side
-    gets no such figure."""
-    unmatched = []
-    for category, row in per_category.items():
-        if category not in real.by_category or category not in fake.by_category:
-            unmatched.append(category)
-            continue
-        real_c, fake_c = real.category(category), fake.category(category)
-        enough = {"fid": min(real_c.count, fake_c.count) >= 2, "kid": min(real_c.sampled, fake_c.sampled) >= 2}
-        row.update(distance_figures(real_c, fake_c, protocol, [m for m in protocol.metrics if enough.get(m)]))
-    return sorted(unmatched)
-
-
-def image_side(fs, path: str) -> int:
-    from PIL import Image
-
-    from pipelines import storage
-
-    with Image.open(io.BytesIO(storage.read_bytes(fs, path))) as image:
-        return image.size[0]
-
-
-def log_to_mlflow(args, record: dict, result: dict, grid_pngs: list[bytes]) -> None:
+def log_to_mlflow(config: EvaluationConfig, record: dict, result: dict, grid_pngs: list[bytes]) -> None:
+    """The figures as `<name>/...` metrics at `step`, the protocol, the per-category table and a grid, in
+    run `run_id` (or a new run of `experiment`, which this finishes)."""
+    from mlflow.entities import Metric  # MLflow only with tracking (check_tracking)
     from mlflow.tracking import MlflowClient
-    from PIL import Image
 
-    from trainer.tracking import finish_run, image_grid, open_run, resolve_tracking_uri
-
-    uri = resolve_tracking_uri(args.tracking_uri)
+    uri = resolve_tracking_uri(config.tracking_uri)
     client = MlflowClient(tracking_uri=uri)
-    run_id, created = args.run_id, args.run_id is None
+    run_id, created = config.run_id, not config.run_id
     if created:
-        run_id, _ = open_run(uri, args.experiment, f"{args.name}-{time.strftime('%Y%m%d-%H%M%S')}", {})
-    stamp = int(time.time() * 1000)
-    from mlflow.entities import Metric
-
-    metrics = [Metric(f"{args.name}/{k}", float(v), stamp, args.step) for k, v in result["figures"].items()]
+        run_id, _ = open_run(uri, config.experiment, f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}", {})
+    stamp, name, step = int(time.time() * 1000), config.name, config.step
+    metrics = [Metric(f"{name}/{k}", float(v), stamp, step) for k, v in result["figures"].items()]
     for category, values in result["per_category"].items():
-        metrics += [Metric(f"{args.name}/{category}/{k}", float(v), stamp, args.step) for k, v in values.items()
+        metrics += [Metric(f"{name}/{category}/{k}", float(v), stamp, step) for k, v in values.items()
                     if k != "images"]
     client.log_batch(run_id, metrics=metrics)
-    client.log_text(run_id, json.dumps(record, indent=1), f"{args.name}/step-{args.step}/protocol.json")
+    client.log_text(run_id, json.dumps(record, indent=1), f"{name}/step-{step}/protocol.json")
     table = {"category": list(result["per_category"]),
              **{k: [v.get(k) for v in result["per_category"].values()]
                 for k in sorted({k for v in result["per_category"].values() for k in v})}}
-    client.log_table(run_id, data=table, artifact_file=f"{args.name}/step-{args.step}/per_category.json")
+    client.log_table(run_id, data=table, artifact_file=f"{name}/step-{step}/per_category.json")
     first = [np.asarray(Image.open(io.BytesIO(png)).convert("RGB")) for png in grid_pngs]
-    client.log_image(run_id, image_grid(np.stack(first)), artifact_file=f"{args.name}/step-{args.step}/grid.png")
+    client.log_image(run_id, image_grid(np.stack(first)), artifact_file=f"{name}/step-{step}/grid.png")
     if created:  # a run this job made is finished by it; an attached run belongs to its owner
         finish_run(uri, run_id, "FINISHED")
-    print(f"[evaluate] MLflow run {run_id}: {len(metrics)} metrics at step {args.step}", flush=True)
+    print(f"[evaluate] MLflow run {run_id}: {len(metrics)} metrics at step {step}", flush=True)
 
 
-# How reference images become the generated size: the precompute pipeline's rule (pipelines.decode:
-# shorter side resized to the size, bicubic, then the centre square), with full JPEG decoding.
-def reference_preprocess():
-    from pipelines.config import PreprocessConfig
-
-    return PreprocessConfig(jpeg_draft=False)
-
-
-def load_reference_images(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.ndarray]:
-    """Image files -> PNG bytes at image_size (`reference_preprocess`); a file that does not decode or is
-    rejected (too small, too long) is an error naming it."""
-    from PIL import Image
-
-    from pipelines.decode import Rejected, prepare_image
-    from pipelines.eval_stages import encode_png
-
-    pngs = []
-    for path in batch["path"]:
-        try:
-            array_RR3, *_ = prepare_image(Path(str(path)).read_bytes(), reference_preprocess(), image_size)
-        except Rejected as rejection:
-            raise ValueError(f"reference image {path} rejected: {rejection.reason}") from None
-        pngs.append(encode_png(Image.fromarray(array_RR3)))
-    return {"id": batch["id"], "category": batch["category"], "png": np.array(pngs, dtype=object)}
-
-
-def shard_images(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Decoded shard rows (`pipelines.decode.decode_batch`) -> the usable samples as {id, category, png};
-    the id (shard/key) orders them, the category is `sample_category`. Rows left out are counted by the
-    caller from the shards' headers."""
-    from PIL import Image
-
-    from pipelines.eval_stages import encode_png
-
-    keep = [i for i in range(len(batch["row_kind"])) if batch["row_kind"][i] == "sample" and batch["status"][i] == "ok"]
-    return {"id": np.array([f"{batch['source_shard'][i]}/{batch['key'][i]}" for i in keep], dtype=object),
-            "category": np.array([sample_category(batch["metadata"][i]) for i in keep], dtype=object),
-            "png": np.array([encode_png(Image.fromarray(batch["image"][i])) for i in keep], dtype=object)}
-
-
-def sample_category(metadata: str) -> str:
-    """A shard sample's category: the non-empty string under "category" in its json member (MJHQ-30K's
-    meta_data.json field, e.g. img2dataset's --save_additional_columns), else "" (none): no json, json
-    that does not parse or is not an object, or another type."""
-    try:
-        value = json.loads(metadata) if metadata else None
-    except json.JSONDecodeError:
-        return ""
-    category = value.get("category") if isinstance(value, dict) else None
-    return category if isinstance(category, str) else ""
-
-
-def folder_category(path: Path, folder: Path) -> str:
-    """A reference image's category in a folder: the name of the folder holding it, "" for an image
-    directly in `folder`. MJHQ-30K's images (`mjhq30k_imgs/<category>/<id>.jpg`) get their category
-    whether `folder` is `mjhq30k_imgs` or the folder above it."""
-    return path.parent.name if path.parent != folder else ""
-
-
-def reference_rows(args):
+def reference_rows(config: ReferenceConfig):
     """(Ray dataset of {id, category, png}, the number of samples the source holds, a description of the
     source). Categories: `folder_category` for a folder, `sample_category` for shards."""
-    import ray
-
-    if args.images:
-        folder = Path(args.images)
+    if config.images:
+        folder = Path(config.images)
         if not folder.is_dir():
             raise ValueError(f"--images: {folder} is not a folder")
         paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
-        paths = paths[: args.limit] if args.limit else paths
+        paths = paths[: config.limit] if config.limit else paths
         ds = ray.data.from_items([{"id": f"{i:08d}", "category": folder_category(p, folder), "path": str(p)}
                                   for i, p in enumerate(paths)])
-        ds = ds.map_batches(load_reference_images, batch_size=args.score_batch, fn_kwargs={"image_size": args.image_size})
+        ds = ds.map_batches(load_reference_images, batch_size=config.score_batch,
+                            fn_kwargs={"image_size": config.image_size})
         return ds, {"samples": len(paths)}, str(folder.resolve())
-    from pipelines.config import InputConfig
-    from pipelines.decode import decode_batch
-    from pipelines.shard_source import list_shards, name_shards, read_shards_batch
-
-    config = InputConfig(shards=tuple(args.shards), endpoint_url=args.endpoint_url)
-    names = name_shards(list_shards(config))
+    source = InputConfig(shards=config.shards, endpoint_url=config.endpoint_url)
+    names = name_shards(list_shards(source))
     if not names:
-        raise ValueError(f"--shards {args.shards}: no shards found")
+        raise ValueError(f"--shards {list(config.shards)}: no shards found")
 
     def raw():
         items = [{"name": n, "uri": u} for n, u in sorted(names.items())]
         return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            read_shards_batch, fn_kwargs={"config": config}, batch_format="pyarrow", batch_size=1)
+            read_shards_batch, fn_kwargs={"config": source}, batch_format="pyarrow", batch_size=1)
 
     # First pass, no decoding: what the shards hold (headers). The images are read again below rather
     # than kept: a reference set's encoded images do not fit the object store.
     headers = raw().filter(lambda row: row["row_kind"] == "shard").take_all()
     counts = {"shards": len(headers), "failed_shards": sum(h["status"] == "shard_failed" for h in headers),
               "samples": sum(int(h["shard_num_samples"]) for h in headers)}
-    ds = raw().map_batches(decode_batch, fn_kwargs={"config": reference_preprocess(), "resolution": args.image_size},
-                           batch_format="numpy", batch_size=args.score_batch)
-    return ds.map_batches(shard_images, batch_format="numpy"), counts, ",".join(args.shards)
+    ds = raw().map_batches(decode_batch, fn_kwargs={"config": reference_preprocess(), "resolution": config.image_size},
+                           batch_format="numpy", batch_size=config.score_batch)
+    return ds.map_batches(shard_images, batch_format="numpy"), counts, ",".join(config.shards)
 
 
-def run_reference(args) -> dict:
-    import torch
-
-    from pipelines import storage
-    from pipelines.eval_protocol import PROTOCOLS
-    from pipelines.eval_stages import ScoreImages
-    from pipelines.feature_statistics import FeatureStatistics, fold_order
-
-    absolute_paths(args)
-    protocol = PROTOCOLS[args.protocol]
-    fingerprint = protocol.fingerprint(feature_network_id(args.inception), args.image_size)
-    for index, shard in enumerate(args.shards or ()):
-        storage.check_store(shard, args.endpoint_url, f"--shards[{index}]", "--endpoint-url")
-    _init_ray(args)
-    ds, counts, source = reference_rows(args)
-    ds = ds.map_batches(ScoreImages, batch_size=args.score_batch,
-                        fn_constructor_kwargs=dict(metrics=["fid"], inception=args.inception),
-                        **_actor_options(args, args.score_actors, args.gpus_per_actor))
+def run_reference(config: ReferenceConfig) -> dict:
+    """Reference statistics of real images (module doc), saved to `out`; returns the file's info."""
+    config = with_absolute_paths(config)
+    protocol = PROTOCOLS[config.protocol]
+    fingerprint = protocol.fingerprint(feature_network_id(config.inception), config.image_size)
+    for index, shard in enumerate(config.shards):
+        storage.check_store(shard, config.endpoint_url, f"--shards[{index}]", "--endpoint-url")
+    _init_ray(config)
+    ds, counts, source = reference_rows(config)
+    ds = ds.map_batches(ScoreImages, batch_size=config.score_batch,
+                        fn_constructor_kwargs=dict(metrics=["fid"], inception=config.inception),
+                        **_actor_options(config, config.score_actors, config.gpus_per_actor))
     by_id = {row["id"]: (row["features"], str(row["category"])) for row in ds.iter_rows()}
     if len(by_id) < 2:
         raise ValueError(f"{source}: {len(by_id)} usable images (need at least 2)")
@@ -435,8 +377,12 @@ def run_reference(args) -> dict:
     if stats.by_category:  # images per category, and those without one (in the overall statistics only)
         counts["categories"] = {name: part.count for name, part in sorted(stats.by_category.items())}
         counts["uncategorised"] = sum(not c for _, c in ordered)
-    stats.save(args.out, fingerprint, info={"source": source, "images": len(ordered), **counts})
+    stats.save(config.out, fingerprint, info={"source": source, "images": len(ordered), **counts})
     if counts["left_out"]:
         print(f"[evaluate] reference: {counts['left_out']} of {counts['samples']} samples left out (unreadable or "
               f"rejected), {counts.get('failed_shards', 0)} shards failed", flush=True)
-    return {"images": len(ordered), **counts, "out": args.out, "fingerprint": fingerprint}
+    return {"images": len(ordered), **counts, "out": config.out, "fingerprint": fingerprint}
+
+
+__all__ = ["EvalJobSettings", "EvaluationConfig", "ReferenceConfig", "DEFAULT_PROTOCOL", "run_evaluation",
+           "run_reference", "protocol_of", "with_absolute_paths", "feature_network_id", "log_to_mlflow"]

@@ -22,6 +22,13 @@ at 15 any other process on the machine, however small its share, takes their CPU
 then runs slower than the same work in one plain process (`benchmarks/precompute.py`,
 `benchmarks/ray_overhead.py` compare the two at equal priority).
 
+Jobs that load models run offline (`offline_models`, called by hart-precompute's, hart-generate's and
+hart-evaluate's `main` and by the demo's chain before its `ray.init`): every model is a local file or folder (`hart.text_encoder` loads with
+`local_files_only`), and HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE keep any other Hugging Face hub
+request from reaching the network, in the job's process and in the workers of a local instance it
+starts (they inherit its environment). The environment's own values win: the Makefile, the
+container image and the cluster's runtime env set them too. Nothing here sets a variable at import.
+
 The hook runs in every Ray worker before any task, so this module imports nothing heavy: a hook
 that imported torch made each worker's torch take all cores (2 threads on this machine, not the
 OMP_NUM_THREADS=1 that Ray sets when a 1-CPU task starts), which slowed the demo's tokenizer
@@ -44,6 +51,21 @@ def quiet_placement_group_cleaner() -> None:
     logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
 
 
+OFFLINE_MODELS = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def offline_models() -> None:
+    """Set OFFLINE_MODELS where the environment leaves them unset (module doc); before Ray starts."""
+    for name, value in OFFLINE_MODELS.items():
+        os.environ.setdefault(name, value)
+
+
+def without_token_auth() -> None:
+    """A private local instance runs without Ray's token authentication unless RAY_AUTH_MODE is set
+    (module doc); read by the raylet that the next `ray.init(address="local")` starts."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
 ADDRESS_HELP = ("Ray cluster to join: auto (the cluster `ray start` runs here), HOST:PORT or ray://HOST:10001; "
                 "default: $RAY_ADDRESS if set, else a private local Ray instance that stops with the job")
 
@@ -61,7 +83,7 @@ def connect(address: str | None, num_cpus: int | None = None, ray_train: bool = 
         ray.init(address=address)
         print(f"[ray] joined the Ray cluster at {address}", flush=True)
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    without_token_auth()
     os.environ.setdefault("RAY_worker_niceness", "0")  # read by the raylet this call starts (module doc)
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
              runtime_env=LOCAL_RAY_RUNTIME_ENV if ray_train else None)

@@ -1,5 +1,5 @@
 """demo/figures.py without a trained model: per-image PSNR, the figure list, the PSNR verdict,
-the held-out images and labels, and the hart-evaluate arguments the demo's generation runs with.
+the held-out images and labels, and the hart-evaluate config the demo's generation runs with.
 (The evaluation itself runs in the demo smoke test, tests/jobs/test_demo_smoke.py.)"""
 
 from __future__ import annotations
@@ -12,10 +12,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from jobs.demo import DemoConfig
-from demo.figures import (
-    SAMPLE_TAGS, evaluation_argv, figure_names, heldout_images, psnr, psnr_verdict,
-)
+from demo.config import DemoConfig
+from demo.figures import SAMPLE_TAGS, evaluation_config, figure_names, heldout_images, psnr, psnr_verdict
 
 
 def test_psnr_is_per_image_on_the_minus_one_to_one_range():
@@ -68,22 +66,26 @@ def test_heldout_images_are_the_heldout_split_with_their_labels(tmp_path):
 
 
 @pytest.mark.parametrize("tag", SAMPLE_TAGS)
-def test_evaluation_argv_is_a_valid_hart_evaluate_run_of_the_demo_settings(tmp_path, tag):
-    from jobs.evaluate import parse_args
-    from trainer.evaluation import protocol_from_args
+def test_evaluation_config_is_a_hart_evaluate_run_of_the_demo_settings(tmp_path, tag):
+    """The demo calls hart-evaluate's function with a typed config (no command line): the demo protocol, a
+    demo setting that departs from it as an override, and the joint run to log to."""
     from pipelines.eval_protocol import PROTOCOLS
+    from trainer.evaluation import EvaluationConfig, protocol_of
 
     config = DemoConfig(samples_per_prompt=3, cfg=2.5, top_k=7, head_cfg=None, seed=5)
-    args = parse_args(evaluation_argv(tmp_path / "export", config, tmp_path, tag))
-    assert (args.prompts, args.protocol, args.out) == ("shapes:heldout", "demo", str(tmp_path / "samples" / tag))
-    protocol = protocol_from_args(args)
+    evaluation = evaluation_config(tmp_path / "export", config, tmp_path, tag)
+    assert isinstance(evaluation, EvaluationConfig)
+    assert (evaluation.export, evaluation.prompts, evaluation.protocol, evaluation.out) == (
+        str(tmp_path / "export"), "shapes:heldout", "demo", str(tmp_path / "samples" / tag))
+    assert (evaluation.num_cpus, evaluation.cpus_per_actor, evaluation.tracking_uri, evaluation.run_id) == (2, 1.0, "", "")
+    protocol = protocol_of(evaluation)
     # every held-out prompt's samples in one seeded group, so the images do not depend on the actors
     assert protocol.batch_size is None and protocol.chunk_size == 32 and protocol.images_per_prompt == 3
     assert (protocol.cfg, protocol.top_k, protocol.head_cfg, protocol.seed) == (2.5, (7, 7), None, 5)
     assert protocol.use_diffusion == (tag == "with_head") and protocol.metrics == ("shapes",)
     # the demo's defaults are the demo protocol: nothing to override but the head switch
-    argv = evaluation_argv(tmp_path, DemoConfig(), tmp_path, tag)
-    assert protocol_from_args(parse_args(argv)) == dataclasses.replace(PROTOCOLS["demo"], use_diffusion=tag == "with_head")
-    assert argv.count("--set") == (tag == "without_head")
-
-
+    evaluation = evaluation_config(tmp_path, DemoConfig(), tmp_path, tag)
+    assert protocol_of(evaluation) == dataclasses.replace(PROTOCOLS["demo"], use_diffusion=tag == "with_head")
+    assert evaluation.overrides == (() if tag == "with_head" else ("use_diffusion=false",))
+    logged = evaluation_config(tmp_path, DemoConfig(), tmp_path, tag, "sqlite:///m.db", "run", 10)
+    assert (logged.tracking_uri, logged.run_id, logged.name, logged.step) == ("sqlite:///m.db", "run", f"eval/{tag}", 10)

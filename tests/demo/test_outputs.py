@@ -10,8 +10,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from jobs.demo import DemoConfig
-from demo.figures import SAMPLE_TAGS, evaluation_argv
+from demo.config import DemoConfig
+from demo.figures import SAMPLE_TAGS, evaluation_config
 from demo.outputs import (
     STEP_CHECKS, check_data, check_demo, check_export, check_generate, check_precompute, expected_figures,
 )
@@ -107,7 +107,7 @@ def test_an_unreadable_output_is_a_finding_of_its_step(tmp_path):
 
 
 def test_the_evaluation_goes_to_the_joint_run_and_its_check_wants_it_there(tmp_path):
-    """hart-evaluate, as the demo calls it, logs each generation's figures and per-category table to the
+    """hart-evaluate's function, as the demo calls it, logs each generation's figures and per-category table to the
     joint run (`eval/<tag>/...` at the joint run's last step), and the evaluate check reads them back."""
     import io
     import math
@@ -119,12 +119,11 @@ def test_the_evaluation_goes_to_the_joint_run_and_its_check_wants_it_there(tmp_p
     from demo.figures import figure_names
     from demo.outputs import check_evaluate
     from trainer.evaluation import log_to_mlflow
-    from jobs.evaluate import parse_args as evaluate_args
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_id, _ = tracking.open_run(uri, "hart-demo", "joint", {}, artifact_location=str(tmp_path / "artifacts"))
-    unlogged = evaluate_args(evaluation_argv(tmp_path / "export", DemoConfig(), tmp_path, "with_head"))
-    assert not unlogged.tracking_uri and unlogged.run_id is None
+    unlogged = evaluation_config(tmp_path / "export", DemoConfig(), tmp_path, "with_head")
+    assert not unlogged.tracking_uri and not unlogged.run_id
     results = {name: 0.5 for name in figure_names(True)} | {"classifier_accuracy_on_real": 1.0}
     logger = tracking.RunLogger(uri, run_id, enabled=True)
     logger.log_metrics({f"demo/{k}": v for k, v in results.items()}, step=0)
@@ -139,10 +138,10 @@ def test_the_evaluation_goes_to_the_joint_run_and_its_check_wants_it_there(tmp_p
     png = io.BytesIO()
     Image.new("RGB", (8, 8)).save(png, format="PNG")
     for tag in SAMPLE_TAGS:
-        args = evaluate_args(evaluation_argv(tmp_path / "export", DemoConfig(), tmp_path, tag, uri, run_id, 10))
-        assert (args.run_id, args.name, args.step) == (run_id, f"eval/{tag}", 10)
+        config = evaluation_config(tmp_path / "export", DemoConfig(), tmp_path, tag, uri, run_id, 10)
+        assert (config.run_id, config.name, config.step) == (run_id, f"eval/{tag}", 10)
         figures = {"images": 18.0, "colour_accuracy": 0.5, "shape_accuracy": 0.5, "joint_accuracy": 0.5}
-        log_to_mlflow(args, {}, {"figures": figures, "per_category": {"circle": figures}}, [png.getvalue()])
+        log_to_mlflow(config, {}, {"figures": figures, "per_category": {"circle": figures}}, [png.getvalue()])
     assert check_evaluate(summary, "") == []
     client = MlflowClient(tracking_uri=uri)
     assert math.isclose(client.get_run(run_id).data.metrics["eval/with_head/circle/colour_accuracy"], 0.5)

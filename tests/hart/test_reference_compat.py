@@ -21,10 +21,10 @@ from hart.tokenizer.model import HybridTokenizer
 from hart.tokenizer.model import reference_differences as tokenizer_differences
 from hart.transformer.model import HARTForT2I
 from hart.transformer.checkpoint import reference_differences as transformer_differences
-from jobs import demo
+from demo.config import demo_tokenizer
 
 # The demo's tokenizer: the shallowest net, one norm group.
-DEMO_TOKENIZER = tokenizer_config(demo.DEMO_TOKENIZER)
+DEMO_TOKENIZER = tokenizer_config(demo_tokenizer())
 # Small enough to save in a test, built with every value the reference fixes.
 REFERENCE_SHAPED_TOKENIZER = replace(TOKENIZER_PRESETS["tiny"], num_res_blocks=2, norm_groups=32, ch_mult=(1, 2, 2, 2))
 

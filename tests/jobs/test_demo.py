@@ -1,13 +1,15 @@
-"""jobs/demo.py: `python -m jobs.demo` flags map onto DemoConfig, its values are checked, the summary says
-what it found, and the storage services leave what outlives them (no pipeline run here:
-tests/jobs/test_demo_smoke.py runs the chain, `make demo-smoke`)."""
+"""jobs/demo.py: `python -m jobs.demo` flags map onto DemoConfig (demo/config.py), its values are checked,
+the summary says what it found, and the storage services leave what outlives them (demo/chain.py; no
+pipeline run here: tests/jobs/test_demo_smoke.py runs the chain, `make demo-smoke`)."""
 
 import os
 from pathlib import Path
 
 import pytest
 
-from jobs.demo import SMOKE, DemoConfig, Services, mlflow_ui_command, parse_args
+from demo.chain import Services, mlflow_ui_command
+from demo.config import SMOKE, DemoConfig
+from jobs.demo import parse_args
 
 
 def test_defaults_are_the_config_defaults(monkeypatch):
@@ -67,7 +69,7 @@ def test_from_step_without_a_workdir_is_refused_before_anything_runs(monkeypatch
 
 
 def test_summary_reports_generation_only_with_a_valid_classifier(capsys):
-    from jobs.demo import print_summary
+    from demo.chain import print_summary
 
     results = {"tokenizer_psnr_hybrid": 27.0, "tokenizer_psnr_discrete": 25.0, "tokenizer_psnr_gain_se": 0.1,
                "classifier_accuracy_on_real": 0.95, "seconds_total": 1.0}
@@ -109,7 +111,7 @@ def test_s3_services_leave_a_copy_of_the_bucket_and_a_store_that_serves_it(tmp_p
     from mlflow.tracking import MlflowClient
 
     from trainer import tracking
-    from jobs.demo import demo_services
+    from demo.chain import demo_services
     from demo.outputs import local_folder
     from pipelines import storage
 

@@ -225,19 +225,20 @@ def test_a_rerun_with_other_settings_checks_earlier_steps_against_theirs(smoke, 
 
 def test_a_broken_step_makes_the_demo_fail(smoke, tmp_path, monkeypatch, capsys):
     """The generation step rerun, on a copy of the demo, with hart-evaluate's images sent elsewhere (its
-    --out redirected): nothing raises inside the demo, and its outputs check fails it."""
-    import jobs.evaluate
+    config's `out` redirected): nothing raises inside the demo, and its outputs check fails it."""
+    import dataclasses
+
+    import demo.figures
     from jobs.demo import main
 
     workdir = copy_of(smoke, tmp_path)
-    parse_args = jobs.evaluate.parse_args
+    evaluation_config = demo.figures.evaluation_config
 
-    def elsewhere(argv):
-        args = parse_args(argv)
-        args.out = str(tmp_path / "elsewhere" / Path(args.out).name)
-        return args
+    def elsewhere(*args, **kwargs):
+        config = evaluation_config(*args, **kwargs)
+        return dataclasses.replace(config, out=str(tmp_path / "elsewhere" / Path(config.out).name))
 
-    monkeypatch.setattr(jobs.evaluate, "parse_args", elsewhere)
+    monkeypatch.setattr(demo.figures, "evaluation_config", elsewhere)
     code = main(["--smoke", "--storage", "local", "--workdir", str(workdir), "--from-step", "evaluate"])
     output = capsys.readouterr().out
     assert code == 1, output[-3000:]

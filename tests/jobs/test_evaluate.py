@@ -25,13 +25,13 @@ def assets(tmp_path_factory):
     from hart.config import tokenizer_config, transformer_config
     from hart.tokenizer.model import HybridTokenizer
     from hart.transformer.model import HARTForT2I
-    from jobs.demo import DEMO_TOKENIZER, DEMO_TRANSFORMER
+    from demo.config import demo_tokenizer, demo_transformer
 
     root = tmp_path_factory.mktemp("evaluate")
     torch.manual_seed(0)
-    tokenizer = HybridTokenizer(tokenizer_config(DEMO_TOKENIZER))
+    tokenizer = HybridTokenizer(tokenizer_config(demo_tokenizer()))
     tokenizer.save_pretrained(root / "export" / "tokenizer")
-    model = HARTForT2I(transformer_config(DEMO_TRANSFORMER))
+    model = HARTForT2I(transformer_config(demo_transformer()))
     model.init_weights()
     model.save_pretrained(root / "export" / "llm", ema_state=model.state_dict(), tokenizer=tokenizer.config)
     (root / "real").mkdir()
@@ -211,21 +211,21 @@ def test_reference_from_shards_counts_what_it_leaves_out(assets, ray_local, tmp_
     with safe_open(str(out), framework="pt") as f:
         info = json.loads(f.metadata()["info"])
     assert (info["images"], info["samples"], info["left_out"], info["failed_shards"], info["shards"]) == (25, 32, 7, 1, 4)
-    from trainer.evaluation import feature_network_id
     from pipelines.eval_protocol import PROTOCOLS
+    from trainer.evaluation import feature_network_id
 
     stats = FeatureStatistics.load(out, PROTOCOLS["shapes"].fingerprint(feature_network_id(str(assets["inception"])), 64))
     assert stats.count == 25 and torch.isfinite(stats.sum_D).all()
 
 
 def test_protocol_overrides_are_type_checked_and_a_foreign_reference_is_refused_before_generating(assets, tmp_path, capsys):
-    from jobs.evaluate import parse_args
-    from trainer.evaluation import protocol_from_args
+    from jobs.evaluate import build_config, parse_args
     from pipelines.feature_statistics import FeatureStatistics
+    from trainer.evaluation import protocol_of
 
     def protocol(*sets):
-        return protocol_from_args(parse_args(["run", "--export", "x", "--prompts", "y", "--out", "z"]
-                                             + [arg for item in sets for arg in ("--set", item)]))
+        return protocol_of(build_config(parse_args(["run", "--export", "x", "--prompts", "y", "--out", "z"]
+                                                   + [arg for item in sets for arg in ("--set", item)])))
 
     assert protocol("cfg=3", "top_k=[10,5]", "metrics=fid,clip", "head_cfg=null").top_k == (10, 5)
     for bad, words in (("seed=true", "protocol.seed: .*valid integer"), ("top_k=600", "protocol.top_k: .*valid array"),
@@ -247,10 +247,11 @@ def test_per_category_fid_and_kid_against_a_category_folder_reference(assets, ra
     logs them as `eval/<category>/fid`, and names the generated category the reference lacks."""
     from mlflow.tracking import MlflowClient
 
-    from trainer.evaluation import feature_network_id, load_reference_images
+    from pipelines.eval_figures import load_reference_images
     from pipelines.eval_protocol import PROTOCOLS
     from pipelines.eval_stages import ScoreImages
     from pipelines.feature_statistics import FeatureStatistics, fold_order, frechet_distance, kernel_distance
+    from trainer.evaluation import feature_network_id
 
     real = sorted((assets["root"] / "real").glob("*.png"))
     layout = {"shapes": real[:16], "animals": real[16:23]}  # <root>/mjhq30k_imgs/<category>/<id>.png
@@ -314,7 +315,7 @@ def test_per_category_fid_and_kid_against_a_category_folder_reference(assets, ra
 def test_per_category_distances_report_categories_the_reference_lacks():
     """Unit level: a generated category without reference statistics is listed, a category too small
     for KID gets FID only, and a reference without categories lists every generated category."""
-    from trainer.evaluation import folder_category, per_category_distances, sample_category
+    from pipelines.eval_figures import folder_category, per_category_distances, sample_category
     from pipelines.eval_protocol import EvalProtocol
     from pipelines.feature_statistics import FeatureStatistics
 
@@ -361,3 +362,36 @@ def test_a_star_export_is_evaluated_by_the_same_job(ray_local, tmp_path):
     assert len(list((tmp_path / "job" / "images").glob("*.png"))) == 4
     figures = json.loads((tmp_path / "job" / "metrics.json").read_text())["figures"]
     assert figures["images"] == 4 and {"colour_accuracy", "shape_accuracy", "joint_accuracy"} <= set(figures)
+
+
+def test_the_command_line_builds_the_typed_configs_from_their_defaults(tmp_path, monkeypatch, capsys):
+    """Each sub-command's flags are its config's fields with the config's defaults; the config is checked
+    on construction and never changed (absolute paths come in a copy)."""
+    import dataclasses
+
+    from jobs.evaluate import build_config, parse_args
+    from trainer.evaluation import EvaluationConfig, ReferenceConfig, with_absolute_paths
+
+    base = ["run", "--export", "e", "--prompts", "shapes:heldout", "--out", "o"]
+    config = build_config(parse_args(base))
+    assert config == EvaluationConfig(export="e", prompts="shapes:heldout", out="o")
+    flagged = build_config(parse_args([*base, "--set", "cfg=3", "--set", "seed=1", "--metrics", "fid, clip",
+                                       "--run-id", "abc", "--gpus-per-actor", "0.5", "--compile"]))
+    assert (flagged.overrides, flagged.metrics, flagged.run_id) == (("cfg=3", "seed=1"), ("fid", "clip"), "abc")
+    assert flagged.gpus_per_actor == 0.5 and flagged.compile and flagged.protocol == "hart-mjhq-1024"
+    ref = build_config(parse_args(["reference", "--shards", "a.tar", "b.tar", "--image-size", "64", "--inception", "i",
+                                   "--out", "r"]))
+    assert ref == ReferenceConfig(shards=("a.tar", "b.tar"), image_size=64, inception="i", out="r")
+
+    monkeypatch.chdir(tmp_path)
+    absolute = with_absolute_paths(config)
+    assert (absolute.export, absolute.out, absolute.prompts) == (str(tmp_path / "e"), str(tmp_path / "o"), "shapes:heldout")
+    assert config.export == "e" and absolute.text_encoder == "minilm"  # the given config is left as it was
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.out = "elsewhere"
+    with pytest.raises(ValueError, match="images \\(a folder\\) or shards, not both"):
+        ReferenceConfig(images="f", shards=("a.tar",), image_size=64, inception="i", out="r")
+    with pytest.raises(ValueError, match="protocol 'nope': expected one of"):
+        EvaluationConfig(export="e", prompts="p", out="o", protocol="nope")
+    assert evaluate_main([*base, "--actors", "0"]) == 2  # refused by the config, before Ray
+    assert "hart-evaluate: actors must be >= 1, got 0" in capsys.readouterr().err

@@ -62,3 +62,18 @@ def test_star_sampling_uses_one_top_k_and_stars_top_p():
     assert EvalProtocol(cfg=3.0, top_k=(16, 8)).star_sampling() == {"cfg": 3.0, "top_k": 16, "top_p": 0.8,
                                                                    "more_smooth": False}
     assert EvalProtocol(top_p=0.5, more_smooth=True).star_sampling()["top_p"] == 0.5
+
+
+def test_protocol_with_applies_typed_overrides_then_metrics():
+    from pipelines.eval_protocol import protocol_with
+
+    protocol = protocol_with("shapes", ("cfg=2", "top_k=[8, 4]", "metrics=fid,clip"))
+    assert (protocol.cfg, protocol.top_k, protocol.metrics) == (2.0, (8, 4), ("fid", "clip"))
+    assert protocol_with("shapes", ("metrics=fid",), ("shapes", "clip")).metrics == ("shapes", "clip")
+    assert protocol_with("demo") == PROTOCOLS["demo"]
+    with pytest.raises(ValueError, match="protocol 'nope': expected one of"):
+        protocol_with("nope")
+    with pytest.raises(ValueError, match="FIELD=VALUE with FIELD one of"):
+        protocol_with("shapes", ("cfg",))
+    with pytest.raises(ValueError, match="protocol.seed"):
+        protocol_with("shapes", ("seed=true",))

@@ -1,5 +1,6 @@
 """trainer.ray_session: the runtime env of local Ray instances mutes one Ray Train logger, and only that;
-their workers run at the driver's priority."""
+their workers run at the driver's priority; jobs go offline for Hugging Face unless the environment
+says otherwise."""
 
 from __future__ import annotations
 
@@ -98,3 +99,15 @@ def test_a_job_starts_its_own_ray_instead_of_joining_a_running_cluster_and_leave
         current = Path("/tmp/ray/ray_current_cluster")
         if current.exists() and current.read_text().strip().endswith(f":{port}"):
             current.unlink()
+
+
+def test_offline_models_sets_only_what_the_environment_leaves_unset(monkeypatch):
+    import os
+
+    from trainer.ray_session import OFFLINE_MODELS, offline_models
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "0")  # the user's choice wins
+    offline_models()
+    assert os.environ["HF_HUB_OFFLINE"] == OFFLINE_MODELS["HF_HUB_OFFLINE"] == "1"
+    assert os.environ["TRANSFORMERS_OFFLINE"] == "0"
