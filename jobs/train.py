@@ -13,7 +13,7 @@ from configuration.cli import HelpFormatter
 from pipelines.storage import storage_error_line
 from trainer.config import load_train_config
 from trainer.driver import run_training
-from trainer.ray_session import ADDRESS_HELP, connect
+from trainer.ray_session import ADDRESS_HELP, connect, offline_models
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"hart-train: error: {exc}", file=sys.stderr)
         return 2
+    offline_models()
     connect(args.address, ray_train=True)
     try:
         outcome = run_training(config, args.export_dir)

@@ -132,7 +132,7 @@ def test_hart_generate_under_a_protocol_makes_the_jobs_images_and_figures(assets
     """The same export, prompts and protocol through hart-generate and hart-evaluate: the same PNG files,
     so the same figures (the demo's figures come from hart-generate --protocol demo on its export)."""
     from jobs.generate import main as generate_main
-    from jobs.generate import slug
+    from trainer.generation import slug
     from pipelines.eval_protocol import PROTOCOLS, groups, read_prompts
 
     sets = ["--set", "images_per_prompt=2", "--set", "seed=3"]

@@ -11,7 +11,8 @@ from PIL import Image
 from hart.config import tokenizer_config, transformer_config
 from hart.tokenizer.model import HybridTokenizer
 from hart.transformer.model import HARTForT2I
-from jobs.generate import main, slug
+from jobs.generate import main
+from trainer.generation import slug
 
 
 def tiny_export(root, ema_differs: bool = False):

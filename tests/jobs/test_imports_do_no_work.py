@@ -42,7 +42,9 @@ def hook(event, args):
             found["environment"].append(f"{name} set by {frame.f_code.co_filename}:{frame.f_lineno}")
     elif event == "open" and isinstance(args[0], str) and ours(os.path.abspath(args[0])):
         path = os.path.abspath(args[0])
-        if not path.endswith((".py", ".pyc")) and os.path.isfile(path):  # not the import system's folder probes
+        # not the import system's folder probes, nor the package metadata an editable install leaves in the
+        # repository (`*.egg-info`), which libraries read when they list entry points (MLflow's plugins)
+        if not path.endswith((".py", ".pyc")) and ".egg-info" + os.sep not in path and os.path.isfile(path):
             found["files"].append(path)
 
 
