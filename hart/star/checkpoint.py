@@ -10,8 +10,7 @@ weights_only=True: plain data only, a pickle with code objects is refused).
 
 Design: as `hart.transformer.checkpoint`, this module imports no model code at import time: reading
 returns (state, trainer config) and `STARForT2I.from_pretrained` builds the model and loads it with
-`load_state_into`, so the model file depends on this adapter and never the other way round
-(`load_star` reaches the model class only when called). The key check is strict and total: one
+`load_state_into`, so the model file depends on this adapter and never the other way round. The key check is strict and total: one
 ValueError lists every missing, unexpected and mis-shaped key (`hart.weights.match_state_dict`), so
 a wrong checkpoint never loads half-way.
 `config_from_state_dict` reads the architecture off the tensor shapes (depth, width, heads when
@@ -26,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -34,9 +33,6 @@ from torch import nn
 from hart.star.config import STAR_PRESETS, StarConfig
 from hart.weights import TRAINER_MODEL_KEY as MODEL_KEY
 from hart.weights import load_torch_checkpoint, match_state_dict, save_torch_checkpoint
-
-if TYPE_CHECKING:
-    from hart.star.model import STARForT2I
 
 # STAR's tokenizer (VAR's VQVAE) downsamples 16x: the trainer records each scale's pixel size.
 PATCH_SIZE = 16
@@ -114,17 +110,7 @@ def load_state_into(model: nn.Module, state: Mapping[str, torch.Tensor], what: s
     model.load_state_dict(state, strict=True)
 
 
-def load_star(path: str | Path, config: StarConfig | None = None,
-              patch_nums: tuple[int, ...] | None = None) -> STARForT2I:
-    """`STARForT2I.from_pretrained(path, config, patch_nums)`: the config read off the weights and the
-    trainer dict's scale list; `patch_nums` gives the scale list where the file lacks it (or
-    overrides it), `config` replaces the whole config."""
-    from hart.star.model import STARForT2I  # the model imports this module
-
-    return STARForT2I.from_pretrained(path, config=config, patch_nums=patch_nums)
-
-
-def save_star(model: STARForT2I, path: str | Path, epoch: int = 0, iteration: int = 0) -> None:
+def save_star(model: nn.Module, path: str | Path, epoch: int = 0, iteration: int = 0) -> None:
     """Write the trainer-dict layout STAR's `sample.py` and trainer read (model weights only)."""
     patch_nums = tuple(model.config.patch_nums)
     trainer_config = {
@@ -136,4 +122,4 @@ def save_star(model: STARForT2I, path: str | Path, epoch: int = 0, iteration: in
                           path)
 
 
-__all__ = ["read_star_checkpoint", "config_from_state_dict", "load_state_into", "load_star", "save_star"]
+__all__ = ["read_star_checkpoint", "config_from_state_dict", "load_state_into", "save_star"]

@@ -196,8 +196,8 @@ def test_star_ar_stage_trains_exports_in_stars_layout_and_generates(train_assets
     """model.family star: the ar stage trains a tiny STAR on the HART token cache (its MiniLM text column
     as cross-attention keys), with token dropping the loss falls, the export is STAR's trainer-dict .pth that loads strictly,
     and the exported weights generate (the end-of-run sample grid included)."""
-    from hart.star.checkpoint import load_star
     from hart.star.generate import generate
+    from hart.star.model import STARForT2I
     from hart.text_encoder import PooledTextEncoder, build_text_encoder
 
     config = tiny_config(train_assets, "ar", tmp_path, "model.family=star",
@@ -212,7 +212,7 @@ def test_star_ar_stage_trains_exports_in_stars_layout_and_generates(train_assets
     assert artifacts == ["samples/step_0000030.png"]
 
     for name in ("model.pth", "ema_model.pth"):
-        model = load_star(tmp_path / "export" / "star" / name)
+        model = STARForT2I.from_pretrained(tmp_path / "export" / "star" / name)
         assert model.config.patch_nums == HybridTokenizer.from_pretrained(tmp_path / "export" / "tokenizer").config.patch_nums
     state = load_training_state(Path(outcome["checkpoint_path"]))
     assert all(torch.equal(model.state_dict()[k].float(), v.float()) for k, v in state.ema.items())  # EMA last

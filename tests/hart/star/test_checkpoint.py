@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hart.star.checkpoint import config_from_state_dict, load_star, read_star_checkpoint, save_star
+from hart.star.checkpoint import config_from_state_dict, read_star_checkpoint, save_star
 from hart.star.config import STAR_PRESETS
 from hart.star.model import STARForT2I
 
@@ -65,7 +65,7 @@ def trainer_file(path, state, patch_nums=CFG.patch_nums):
 
 def test_trainer_dict_loads_strictly_and_round_trips_bit_exactly(tmp_path):
     state = reference_state()
-    model = load_star(trainer_file(tmp_path / "ar-ckpt.pth", state))
+    model = STARForT2I.from_pretrained(trainer_file(tmp_path / "ar-ckpt.pth", state))
     assert model.config == CFG
     loaded = model.state_dict()
     assert set(loaded) == set(state)
@@ -90,15 +90,15 @@ def test_trainer_dict_loads_strictly_and_round_trips_bit_exactly(tmp_path):
 def test_bare_state_dict_loads(tmp_path):
     state = reference_state(seed=1)
     torch.save(state, tmp_path / "bare.pth")
-    model = load_star(tmp_path / "bare.pth")  # no trainer config: the tiny preset matches the shapes
+    model = STARForT2I.from_pretrained(tmp_path / "bare.pth")  # no trainer config: the tiny preset matches the shapes
     assert torch.equal(model.head_logits.weight, state["head_logits.weight"])
 
 
 def test_a_file_without_a_scale_list_of_no_released_shape_takes_patch_nums(tmp_path):
     torch.save(reference_state(depth=3), tmp_path / "deeper.pth")  # no preset has depth 3, no trainer dict
     with pytest.raises(ValueError, match="pass patch_nums"):
-        load_star(tmp_path / "deeper.pth")
-    model = load_star(tmp_path / "deeper.pth", patch_nums=CFG.patch_nums)
+        STARForT2I.from_pretrained(tmp_path / "deeper.pth")
+    model = STARForT2I.from_pretrained(tmp_path / "deeper.pth", patch_nums=CFG.patch_nums)
     assert model.config.depth == 3 and model.config.patch_nums == CFG.patch_nums
 
 
@@ -111,7 +111,7 @@ def test_key_mismatches_are_refused_with_every_key_named(tmp_path, edit, message
     state = reference_state()
     edit(state)
     with pytest.raises(ValueError, match=message):
-        load_star(trainer_file(tmp_path / "bad.pth", state), config=CFG)
+        STARForT2I.from_pretrained(trainer_file(tmp_path / "bad.pth", state), config=CFG)
 
 
 class NotPlainData:  # a pickled custom object: weights_only loading must refuse it
