@@ -23,7 +23,26 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import pyarrow.parquet as pq
+import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from demo.figures import CLASSIFIER_MIN_ACCURACY, SAMPLE_TAGS, figure_names
+from hart.reference_compat import NOTE_FILE
+from hart.tokenizer.model import (
+    HybridTokenizer, load_discriminator, reference_differences as tokenizer_differences, split_tokenizer_state,
+)
+from hart.training.checkpoint import load_training_state
+from hart.transformer.checkpoint import reference_differences as transformer_differences
+from hart.transformer.model import HARTForT2I
+from hart.weights import load_weight_folder
 from pipelines import storage
+from pipelines.cache import committed_files, read_manifest
+from pipelines.shapes import prompts
+from trainer.resume import latest_checkpoint
+from trainer.sample_grids import GRID_FOLDER
+from trainer.tracking import EXPORT_ARTIFACT_PATH, RUN_NAME_TAG
 
 Summary = dict[str, Any]
 Problems = list[str]
@@ -46,8 +65,6 @@ def local_folder(uri: str, endpoint_url: str = "") -> Iterator[Path]:
 
 
 def mlflow_client(summary: Summary):
-    from mlflow.tracking import MlflowClient
-
     return MlflowClient(tracking_uri=summary["where"]["mlflow"])
 
 
@@ -61,11 +78,6 @@ def check_training_run(summary: Summary, key: str, stage: str, steps: int, endpo
     """The MLflow run `key` of `summary` finished with metrics, its grid and its exported model; its
     last checkpoint is at `steps` and loads; its exported folders (next to the checkpoints, and
     `local_export` if given) load and hold that checkpoint's weights (not an earlier run's)."""
-    from hart.training.checkpoint import load_training_state
-    from trainer.sample_grids import GRID_FOLDER
-    from trainer.tracking import EXPORT_ARTIFACT_PATH, RUN_NAME_TAG
-    from trainer.resume import latest_checkpoint
-
     run_id = summary["where"]["mlflow_runs"].get(key)
     if not run_id:
         return [f"no MLflow run recorded for {key}"]
@@ -107,8 +119,6 @@ def check_training_run(summary: Summary, key: str, stage: str, steps: int, endpo
 
 
 def same_weights(exported: dict, trained: dict) -> bool:
-    import torch
-
     return exported.keys() == trained.keys() and all(
         exported[k].shape == trained[k].shape and torch.equal(exported[k].to(trained[k].dtype), trained[k])
         for k in trained)
@@ -118,11 +128,6 @@ def check_export(folder: Path, with_transformer: bool) -> tuple[Problems, dict]:
     """`tokenizer/` (and `llm/` with its EMA weights) load, and each holds the reference-compatibility
     note exactly when its config is one the reference implementation cannot build. Returns the
     problems and the loaded models ("tokenizer", "llm")."""
-    from hart.reference_compat import NOTE_FILE
-    from hart.tokenizer.model import HybridTokenizer, load_discriminator, split_tokenizer_state
-    from hart.tokenizer.model import reference_differences as tokenizer_differences
-    from hart.weights import load_weight_folder
-
     if not (folder / "tokenizer").is_dir():
         return [f"export {folder} has no tokenizer/ folder"], {}
     models: dict = {"tokenizer": HybridTokenizer.from_pretrained(folder / "tokenizer")}
@@ -130,9 +135,6 @@ def check_export(folder: Path, with_transformer: bool) -> tuple[Problems, dict]:
     discriminator = load_discriminator(folder / "tokenizer") if has_discriminator else None
     expected = {folder / "tokenizer": bool(tokenizer_differences(models["tokenizer"].config, discriminator))}
     if with_transformer:
-        from hart.transformer.model import HARTForT2I
-        from hart.transformer.checkpoint import reference_differences as transformer_differences
-
         if not (folder / "llm").is_dir():
             return [f"export {folder} has no llm/ folder"], models
         models["llm"] = HARTForT2I.from_pretrained(folder / "llm", ema=True)
@@ -168,10 +170,6 @@ def check_tokenizer(summary: Summary, endpoint_url: str) -> Problems:
 
 def check_precompute(summary: Summary, endpoint_url: str) -> Problems:
     """Committed shards = input shards, and cache rows = samples, each key once."""
-    import pyarrow.parquet as pq
-
-    from pipelines.cache import committed_files, read_manifest
-
     uri, data = summary["where"]["cache"], summary["steps"]["data"]
     manifest = read_manifest(uri, endpoint_url)
     problems = []
@@ -196,11 +194,6 @@ def check_joint(summary: Summary, endpoint_url: str) -> Problems:
 
 def check_generate(summary: Summary, endpoint_url: str) -> Problems:
     """One readable PNG per held-out prompt and sample, with and without the head, all of one size."""
-    from PIL import Image
-
-    from demo.figures import SAMPLE_TAGS
-    from pipelines.shapes import prompts
-
     expected = len(prompts("heldout")) * summary["steps"]["evaluate"]["samples_per_prompt"]
     problems, sizes = [], set()
     for tag in SAMPLE_TAGS:
@@ -218,8 +211,6 @@ def check_generate(summary: Summary, endpoint_url: str) -> Problems:
 
 def expected_figures(summary: Summary) -> list[str]:
     """The figures the evaluation reports (generation only when the classifier passed on real images)."""
-    from demo.figures import CLASSIFIER_MIN_ACCURACY, figure_names
-
     return figure_names(summary["results"].get("classifier_accuracy_on_real", 0.0) >= CLASSIFIER_MIN_ACCURACY)
 
 
@@ -247,7 +238,6 @@ def check_evaluate(summary: Summary, endpoint_url: str) -> Problems:
     grid = summary["where"]["heldout_grid"]
     if not any(a.path == grid for a in client.list_artifacts(run_id, grid.rsplit("/", 1)[0])):
         problems.append(f"MLflow run {run_id} has no {grid} (this evaluation's held-out samples)")
-    from demo.figures import SAMPLE_TAGS
 
     for tag in SAMPLE_TAGS:
         if f"eval/{tag}/images" not in logged:

@@ -161,6 +161,7 @@ def timed(steps: Iterator) -> Iterator[tuple[Any, float]]:
 
 class StepLedger:
     """Keys of every optimizer step (when `enabled`), kept in checkpoints cumulatively."""
+
     def __init__(self, enabled: bool):
         self.enabled = enabled
         self.entries: list[dict[str, Any]] = []  # the restored checkpoint's ledger, then every gathered step

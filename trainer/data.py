@@ -194,6 +194,7 @@ class CheckpointProgress:
     `progress.json`: visits done, samples of the others), read where the task runs. One small read of
     Ray's checkpoint list per call; the progress file itself only when the latest checkpoint changed
     (cached per process)."""
+
     def __init__(self, storage_uri: str, run_name: str, endpoint_url: str):
         self.storage_uri, self.run_name, self.endpoint_url = storage_uri, run_name, endpoint_url
 
@@ -248,6 +249,7 @@ def images_collate(batch: dict[str, np.ndarray]) -> dict[str, Any]:
 
 class ImagesCollate(NumpyBatchCollateFn):
     """Image shard rows -> `images_collate`."""
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         return images_collate(batch)
 
@@ -258,6 +260,7 @@ class CacheCollate(ArrowBatchCollateFn):
     value. Measured on the tiny cache, batch 16: 1.2-1.9 ms of CPU per batch either way, Ray's
     iteration included (the fp16 -> fp32 copies dominate the collate), so the point is the
     supported collate interface, not speed."""
+
     def __init__(self, manifest: dict[str, Any]):
         self.manifest = manifest
 
@@ -271,12 +274,11 @@ class CacheCollate(ArrowBatchCollateFn):
 
 class TextFeatures:
     """Context features for a batch: from the cache, or the frozen encoder on this worker."""
+
     def __init__(self, plan: RunPlan, device: torch.device):
         self.device = device
         self.encoder = None
         if plan.manifest is not None and not plan.manifest.get("text_features_shape"):
-            from hart.text_encoder import build_text_encoder
-
             self.encoder = build_text_encoder(plan.config.data.text_encoder, text_length(plan))
             if hasattr(self.encoder, "to"):
                 self.encoder.to(device)

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from hart.star.checkpoint import save_star
 from hart.star.model import STARForT2I
+from hart.tokenizer.discriminator import NLayerDiscriminator
+from hart.tokenizer.model import HybridTokenizer
 from hart.training.checkpoint import load_training_state
 from hart.transformer.model import HARTForT2I
 from pipelines import storage
@@ -35,9 +37,6 @@ def export_checkpoint(checkpoint_dir: str | Path, plan: RunPlan, out_dir: str | 
     state = load_training_state(checkpoint_dir)
     config, tokenizer_cfg, transformer_cfg = plan.config, plan.tokenizer, plan.transformer
     if config.stage == "tokenizer":
-        from hart.tokenizer.discriminator import NLayerDiscriminator
-        from hart.tokenizer.model import HybridTokenizer
-
         tokenizer = HybridTokenizer(tokenizer_cfg)
         tokenizer.load_state_dict(state.model, strict=True)
         discriminator = None

@@ -105,7 +105,7 @@ def read_expected(client, experiment_name: str, max_runs: int) -> Expected:
 
 def rendered(page, locator, what: str, timeout_ms: int) -> None:
     """Wait until `locator` is in the page; a CheckFailed naming `what` and the page's URL when it never is."""
-    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout  # optional: only this check needs it
 
     try:
         locator.first.wait_for(timeout=timeout_ms)
@@ -114,7 +114,7 @@ def rendered(page, locator, what: str, timeout_ms: int) -> None:
 
 
 def check_model_training_view(page, base: str, expected: Expected, timeout_ms: int) -> str:
-    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout  # optional: only this check needs it
 
     url = experiment_ui_url(base, expected.experiment_id)
     page.goto(url)
@@ -151,7 +151,7 @@ def check_dataset_column(page, base: str, expected: Expected, timeout_ms: int) -
     unlogged = [name for _, name, labels in expected.training if not labels]
     if unlogged:
         raise CheckFailed(f"training runs without a dataset input in the store: {unlogged}")
-    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout  # optional: only this check needs it
 
     page.goto(experiment_ui_url(base, expected.experiment_id))
     rendered(page, page.get_by_role("columnheader", name="Dataset"), "the runs table's Dataset column", timeout_ms)

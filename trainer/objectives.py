@@ -23,6 +23,7 @@ from hart.transformer.objective import t2i_losses
 
 class TransformerObjective(nn.Module):
     """t2i_losses around the transformer; the quantizer is frozen and kept out of the tree."""
+
     def __init__(self, model: nn.Module, quantizer: MultiScaleQuantizer, ce_weight: float, diffusion_weight: float,
                  use_diffusion: bool, kept_bucket: int = 0):
         super().__init__()
@@ -42,6 +43,7 @@ class TransformerObjective(nn.Module):
 
 class TokenizerObjective(nn.Module):
     """generator_losses around the tokenizer; the discriminator (a critic here) and the LPIPS metric are frozen."""
+
     def __init__(self, tokenizer: nn.Module, objective_config, discriminator: nn.Module | None,
                  perceptual: nn.Module | None = None):
         super().__init__()
@@ -71,6 +73,7 @@ class DiscriminatorObjective(nn.Module):
 class StarObjective(nn.Module):
     """star_losses around a STAR transformer; the quantizer and the null condition are frozen and kept
     out of the tree. The pooled text vector comes from the batch's features (`pooled_at_eos`)."""
+
     def __init__(self, model: nn.Module, quantizer: MultiScaleQuantizer, null_condition,
                  drop_scale_length: int | None = None):
         super().__init__()

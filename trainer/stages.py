@@ -41,6 +41,7 @@ from hart.training import start_weights
 from hart.transformer.model import HARTForT2I
 from pipelines import storage
 from trainer.config import TrainRunConfig
+from trainer.data import run_text_encoder
 from trainer.objectives import DiscriminatorObjective, StarObjective, TokenizerObjective, TransformerObjective
 from trainer.plan import RunPlan
 
@@ -198,8 +199,6 @@ def _build_star_stage(plan: RunPlan, device: torch.device, text_encoder: Any) ->
                                               f"start weights {start}")
     model.to(device)
     if text_encoder is None:
-        from trainer.data import run_text_encoder
-
         text_encoder = run_text_encoder(plan)
         if hasattr(text_encoder, "to"):
             text_encoder.to(device)

@@ -56,6 +56,7 @@ def test_a_run_resubmitted_at_another_world_size_continues_the_stream(train_asse
     """Global batch 16 (batch 8): 2 workers x 1 micro-batch or 1 worker x 2. The first submission runs
     4 steps, the second resumes at the other world size to step 8: the ledger is the prescribed order,
     and the world size it was trained at is in each step's entry."""
+
     def config_for(workers: int, steps: int):
         return tiny_config(train_assets, "joint", tmp_path, f"run.max_steps={steps}", "run.checkpoint_every=4",
                            "run.export=false", "tracking.sample_every=0", "data.ledger=true",
