@@ -87,14 +87,14 @@ def check_rows_match_model(config: TrainRunConfig, manifest: dict[str, Any], tok
 
 def online_precompute_config(config: TrainRunConfig):
     """The precompute settings whose read -> decode -> tokenize stages online mode runs."""
-    from pipelines.config import InputConfig, PrecomputeConfig, TokenizerSource
+    from pipelines.config import InputConfig, PrecomputeConfig
 
     if not config.model.tokenizer_checkpoint:
         raise ValueError("online.enabled needs model.tokenizer_checkpoint: the frozen tokenizer that encodes the shards")
     return PrecomputeConfig(
         input=InputConfig(shards=tuple(config.data.shards), endpoint_url=config.run.endpoint_url),
         preprocess=config.online.preprocess,
-        tokenizer=TokenizerSource(checkpoint=config.model.tokenizer_checkpoint, patch_nums=model_configs(config)[0].patch_nums),
+        tokenizer=config.model.tokenizer_source(),
         compute=config.online.compute, progress=False, shared_filesystem=config.run.shared_filesystem,
     )
 
