@@ -34,11 +34,9 @@ import math
 import sys
 from dataclasses import dataclass
 
-from hart.config import TOKENIZER_PRESETS
+from hart.config import RELEASED_SCALE_LISTS, TokenizerConfig
 from hart.scale_grid import ScaleGrid
 
-# Released tokenizer presets per image side; their patch_nums are the released scale lists.
-RESOLUTION_PRESETS = {256: "var-d16-f16", 512: "hart-512", 1024: "hart-1024"}
 SECONDS_PER_HOUR = 3600.0
 BYTES_PER_GB = 1e9  # decimal units everywhere in the table
 
@@ -68,9 +66,9 @@ def cache_bytes_per_sample(
 
 
 def resolution_bytes_per_sample(resolution: int, text_tokens: int = 0, text_dim: int = 0, metadata_bytes: int = 0) -> int:
-    if resolution not in RESOLUTION_PRESETS:
-        raise ValueError(f"resolution must be one of {sorted(RESOLUTION_PRESETS)}, got {resolution}")
-    config = TOKENIZER_PRESETS[RESOLUTION_PRESETS[resolution]]
+    if resolution not in RELEASED_SCALE_LISTS:
+        raise ValueError(f"resolution must be one of {sorted(RELEASED_SCALE_LISTS)}, got {resolution}")
+    config = TokenizerConfig(patch_nums=RELEASED_SCALE_LISTS[resolution])  # the released net (the defaults)
     return cache_bytes_per_sample(config.patch_nums, config.z_channels, text_tokens, text_dim, metadata_bytes)
 
 

@@ -44,7 +44,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import numpy as np
 
 from benchmarks.processes import MemorySampler
-from hart.config import PATCH_NUMS_1024
+from hart.config import RELEASED_SCALE_LISTS
 from hart.scale_grid import ScaleGrid
 from pipelines import manifest as manifest_lib
 from pipelines.cache import batch_to_tensors, read_cache_dataset
@@ -54,8 +54,8 @@ from pipelines.precompute_summary import PrecomputeSummary
 from pipelines.writer import cache_schema
 from pipelines.writer_pool import WriterPool
 
-NUM_TOKENS = ScaleGrid(PATCH_NUMS_1024).num_tokens  # 9,451
-RESIDUAL_SHAPE = ScaleGrid(PATCH_NUMS_1024).residual_shape(32)  # z, h, w of a 1024px row
+NUM_TOKENS = ScaleGrid(RELEASED_SCALE_LISTS[1024]).num_tokens  # 9,451
+RESIDUAL_SHAPE = ScaleGrid(RELEASED_SCALE_LISTS[1024]).residual_shape(32)  # z, h, w of a 1024px row
 TEXT_SHAPE = (300, 1536)  # Qwen2-1.5B features of HART's 300-token prompts
 
 
@@ -98,7 +98,7 @@ def standin_rows(batch: dict, rows_per_shard: int, chunk: int, with_text: bool) 
 
 def fingerprint(with_text: bool) -> dict:
     return {"schema_version": manifest_lib.SCHEMA_VERSION, "tokenizer_hash": "stand-in",
-            "tokenizer_config": {"patch_nums": list(PATCH_NUMS_1024), "z_channels": RESIDUAL_SHAPE[0]},
+            "tokenizer_config": {"patch_nums": list(RELEASED_SCALE_LISTS[1024]), "z_channels": RESIDUAL_SHAPE[0]},
             "resolution": 1024, "preprocess": {"stand_in": True},
             "text": {"encoder": "stand-in", "max_length": TEXT_SHAPE[0], "dim": TEXT_SHAPE[1]} if with_text else None}
 

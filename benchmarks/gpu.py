@@ -13,8 +13,8 @@ Rows (weights are random everywhere: speed does not depend on their values):
 - `generate RES bB eager | compile` (512, 1024 px; batch 1 and 8): wall time of one
   `hart.transformer.generate.generate` call (text features -> all scales with KV cache and CFG 4.5 -> 8-step
   residual head -> tokenizer decode -> PIL images) after `--gen-warmup` untimed calls, mean of
-  `--gen-repeats`; bf16 autocast. The model is `hart-0.7b` with the `hart-512` / `hart-1024` tokenizer
-  preset; a stand-in text encoder returns random (B, 300, 1536) features (no Qwen download: the
+  `--gen-repeats`; bf16 autocast. The model is `hart-0.7b` with HART's tokenizer net at RES's released
+  scale list (the `hart-512` / `hart-1024` presets); a stand-in text encoder returns random (B, 300, 1536) features (no Qwen download: the
   transformer's cost does not depend on the feature values). Compile = `torch.compile` per block with
   the recompile limit raised to cover every scale (`hart.training.parallelize.compile_for_generation`,
   what `hart-generate --compile` does): the blocks compile once per scale in the warm-up, one compiled
@@ -81,15 +81,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from benchmarks import mfu as mfu_bench
 from benchmarks import tokenizer as tokenizer_bench
 from benchmarks import transformer as transformer_bench
-from hart.config import PATCH_NUMS_256, PATCH_NUMS_512, PATCH_NUMS_1024, TOKENIZER_PRESETS, transformer_config
+from hart.config import PATCH_NUMS_256, RELEASED_SCALE_LISTS, TOKENIZER_PRESETS, transformer_config
 from hart.training.parallelize import SAVED_OPS
 
 RESOLUTIONS = (256, 512, 1024)
-GPU_SCALES = {256: PATCH_NUMS_256, 512: PATCH_NUMS_512, 1024: PATCH_NUMS_1024}
 # The tiny preset's scale lists per nominal resolution (its tokenizer downsamples 8x: 32, 48 and 64 px):
 # the CPU smoke run exercises the same code at sizes two cores finish in seconds.
 TINY_SCALES = {256: (1, 2, 4), 512: (1, 2, 3, 6), 1024: (1, 2, 4, 8)}
-GENERATION_TOKENIZER = {512: "hart-512", 1024: "hart-1024"}
+GENERATION_RESOLUTIONS = (512, 1024)
 TRAIN_MODES = ("eager", "compile", "flex+compile")
 # First estimate (s) of a row of each kind on a GPU, before one has run; later rows of the kind use the
 # longest one measured. Rough: the H100 rows in BENCHMARKS.md (eager hart-0.7b rows ~20 s with the model
@@ -182,7 +181,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def scale_lists(args) -> dict[int, tuple[int, ...]]:
-    return TINY_SCALES if args.preset == "tiny" else GPU_SCALES
+    return TINY_SCALES if args.preset == "tiny" else RELEASED_SCALE_LISTS
 
 
 def dense_bf16_peak(device: torch.device, override_tflops: float | None) -> float | None:
@@ -264,24 +263,19 @@ class RandomTextFeatures:
         return features, mask
 
 
-def generation_tokenizer_config(args, resolution: int):
-    if args.preset == "tiny":
-        return replace(TOKENIZER_PRESETS["tiny"], patch_nums=scale_lists(args)[resolution])
-    return TOKENIZER_PRESETS[GENERATION_TOKENIZER[resolution]]
-
-
 def generation_row(args, resolution: int, batch: int, compiled: bool, device: torch.device) -> dict[str, str]:
     from hart.transformer.generate import generate
     from hart.training.parallelize import compile_for_generation
     from hart.tokenizer.model import HybridTokenizer
     from hart.transformer.model import HARTForT2I
 
-    config = replace(transformer_config(args.preset), patch_nums=scale_lists(args)[resolution])
+    tokenizer_cfg = tokenizer_config(args, resolution)
+    config = transformer_config(args.preset, tokenizer_cfg)
     torch.manual_seed(0)
     with device:  # built on the device (fast init); .to() also moves buffers made on the CPU on purpose
         model = HARTForT2I(config).to(device)
         model.init_weights()
-        tokenizer = HybridTokenizer(generation_tokenizer_config(args, resolution)).to(device)
+        tokenizer = HybridTokenizer(tokenizer_cfg).to(device)
     model.eval()
     tokenizer.eval()
     if compiled:  # one compiled step per scale (the recompile limit raised to cover them)
@@ -462,10 +456,10 @@ def plan(args, device: torch.device, peak: float | None) -> list[Row]:
                                 lambda res=res, batch=batch, mode=mode: train_row(args, res, batch, mode, device, peak)))
     if "generate" in args.only:
         for compiled in (False, True):
-            for res in GENERATION_TOKENIZER:
+            for res in GENERATION_RESOLUTIONS:
                 for batch in args.gen_batch:
                     label = "compile" if compiled else "eager"
-                    tok = "tiny" if args.preset == "tiny" else GENERATION_TOKENIZER[res]
+                    tok = "tiny" if args.preset == "tiny" else "hart-1024 net"
                     rows.append(Row("generate", f"generate {res}px b{batch} {label}",
                                     f"{args.preset} + {tok} tokenizer, CFG 4.5, 8-step head, {precision}"
                                     f"{', compiled blocks' if compiled else ''}", f"generate {label}",

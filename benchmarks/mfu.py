@@ -65,9 +65,7 @@ def mfu_run(preset: str, resolution: int, batch_size: int, activation_checkpoint
 
     from torch.utils.flop_counter import FlopCounterMode
 
-    from hart.config import (
-        PATCH_NUMS_256, PATCH_NUMS_512, PATCH_NUMS_1024, TokenizerConfig, transformer_config,
-    )
+    from hart.config import RELEASED_SCALE_LISTS, TokenizerConfig, transformer_config
     from hart.training.parallelize import ParallelConfig, parallelize
     from hart.tokenizer.quantizer import MultiScaleQuantizer
     from hart.training.step import ExponentialMovingAverage, OptimizerConfig, autocast, build_optimizer, train_step
@@ -75,7 +73,7 @@ def mfu_run(preset: str, resolution: int, batch_size: int, activation_checkpoint
     from trainer.objectives import TransformerObjective
 
     if patch_nums is None:
-        patch_nums = {256: PATCH_NUMS_256, 512: PATCH_NUMS_512, 1024: PATCH_NUMS_1024}[resolution]
+        patch_nums = RELEASED_SCALE_LISTS[resolution]
     cfg = replace(transformer_config(preset), patch_nums=tuple(patch_nums))
     precision = "bf16" if device.type == "cuda" else "fp32"
     torch.manual_seed(0)

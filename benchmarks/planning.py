@@ -25,6 +25,7 @@ import tempfile
 import time
 
 from benchmarks.data_plane import loopback_s3
+from hart.config import RELEASED_SCALE_LISTS
 from pipelines import manifest as manifest_lib
 from pipelines import storage
 from pipelines.config import InputConfig
@@ -63,7 +64,7 @@ def main() -> None:
 
 def cache_layout(n: int, width: int, refresh_shards: int) -> None:
     fingerprint = {"schema_version": manifest_lib.SCHEMA_VERSION, "tokenizer_hash": "0" * 64,
-                   "tokenizer_config": {"patch_nums": [1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64], "z_channels": 32},
+                   "tokenizer_config": {"patch_nums": list(RELEASED_SCALE_LISTS[1024]), "z_channels": 32},
                    "resolution": 1024, "preprocess": {}, "text": None}
     fingerprint_hex = manifest_lib.fingerprint_hash(fingerprint)
     names = [f"shard-{i:0{width}d}" for i in range(n)]

@@ -296,7 +296,7 @@ def main() -> None:
     workdir = tempfile.mkdtemp(prefix="bench-precompute-")
     try:
         uris = shapes.write_shapes_shards(f"{workdir}/raw", args.num_samples, args.num_shards, image_size=args.image_size)
-        source = TokenizerSource(preset=args.preset, seed=0)
+        source = TokenizerSource(config=args.preset, seed=0)
         resolution = TOKENIZER_PRESETS[args.preset].image_size()
         device = torch.device(args.device)
         cpus = os.cpu_count() or 1
@@ -304,7 +304,7 @@ def main() -> None:
         gpu = args.device == "cuda"
         overrides = [
             f"input.shards={json.dumps(uris)}", "input.list_file=''", f"output={workdir}/cache", "progress=false",
-            "tokenizer.checkpoint=''", f"tokenizer.preset={args.preset}", "tokenizer.seed=0", "text.encoder=''",
+            "tokenizer.checkpoint=''", f"tokenizer.config={args.preset}", "tokenizer.seed=0", "text.encoder=''",
             f"compute.tokenizer_batch_size={args.batch_size}", f"compute.decode_batch_size={args.batch_size}",
         ]
         if gpu:  # the GPU sizing of the config file's header: one actor per GPU, decode on the CPUs

@@ -23,10 +23,9 @@ from dataclasses import replace
 
 import torch
 
-from hart.config import PATCH_NUMS_256, PATCH_NUMS_512, PATCH_NUMS_1024, TOKENIZER_PRESETS
+from hart.config import RELEASED_SCALE_LISTS, TOKENIZER_PRESETS
 from hart.tokenizer.model import HybridTokenizer
 
-SCALE_LISTS = {p[-1]: p for p in (PATCH_NUMS_256, PATCH_NUMS_512, PATCH_NUMS_1024)}
 
 
 def parse_args() -> argparse.Namespace:
@@ -50,9 +49,11 @@ def build_config(preset: str, resolution: int):
     latent = resolution // factor
     if config.patch_nums[-1] == latent:
         return config
-    if latent not in SCALE_LISTS:
-        raise ValueError(f"no released scale list ends at latent size {latent}; known: {sorted(SCALE_LISTS)}")
-    return replace(config, patch_nums=SCALE_LISTS[latent])
+    released = [scales for scales in RELEASED_SCALE_LISTS.values() if scales[-1] == latent]
+    if not released:
+        raise ValueError(f"no released scale list ends at latent size {latent}; known: "
+                         f"{sorted(scales[-1] for scales in RELEASED_SCALE_LISTS.values())}")
+    return replace(config, patch_nums=released[0])
 
 
 def peak_memory_mib(device: torch.device) -> float:

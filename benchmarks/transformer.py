@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from benchmarks.mfu import peak_bf16
 from hart.layers.attention import segmented_attention
-from hart.config import PATCH_NUMS_256, PATCH_NUMS_512, PATCH_NUMS_1024, TRANSFORMER_PRESETS, TokenizerConfig
+from hart.config import RELEASED_SCALE_LISTS, TRANSFORMER_PRESETS, TokenizerConfig
 from hart.transformer.generate import sample
 from hart.tokenizer.quantizer import MultiScaleQuantizer
 from hart.transformer.objective import t2i_losses
@@ -40,7 +40,7 @@ from hart.transformer.model import HARTForT2I
 # Dense bf16 tensor-core peaks (FLOP/s) for MFU.
 
 SMALL_256 = replace(
-    TRANSFORMER_PRESETS["tiny"], patch_nums=PATCH_NUMS_256, context_token=77, context_dim=384, depth=4,
+    TRANSFORMER_PRESETS["tiny"], patch_nums=RELEASED_SCALE_LISTS[256], context_token=77, context_dim=384, depth=4,
     embed_dim=256, num_heads=4, vocab_size=4096, token_dim=32, diff_width=256, diff_depth=2, diffusion_batch_mul=4,
 )
 
@@ -197,7 +197,7 @@ def run_cpu(args):
     print(f"[cpu] training (fwd+bwd+AdamW), batch {args.batch}: {train['step_s']:.3f} s/step, "
           f"{train['seq_tok_s']:.0f} seq tokens/s, {train['img_tok_s']:.0f} image tokens/s, "
           f"{train['flops'] / 1e9:.1f} GFLOP/s achieved")
-    tok_cfg = TokenizerConfig(ch=32, patch_nums=PATCH_NUMS_256)  # small conv widths: this benchmark is about the transformer
+    tok_cfg = TokenizerConfig(ch=32, patch_nums=RELEASED_SCALE_LISTS[256])  # small conv widths: this benchmark is about the transformer
     gen = bench_generation(config, tok_cfg, args.batch, device, repeats=2)
     print(f"[cpu] generation, batch {args.batch}, cfg 4.5, 10 scales + 8 diffusion steps: "
           f"{gen['sample_s']:.3f} s sampling + {gen['decode_s']:.3f} s decode (ch=32 tokenizer)")
@@ -215,7 +215,8 @@ def run_gpu(args):
     device = torch.device("cuda")
     name = torch.cuda.get_device_name()
     peak = peak_bf16(name)
-    for res, patch_nums, batch in ((512, PATCH_NUMS_512, args.gpu_batch), (1024, PATCH_NUMS_1024, max(1, args.gpu_batch // 4))):
+    for res, batch in ((512, args.gpu_batch), (1024, max(1, args.gpu_batch // 4))):
+        patch_nums = RELEASED_SCALE_LISTS[res]
         config = replace(TRANSFORMER_PRESETS["hart-0.7b"], patch_nums=patch_nums)
         train = bench_training(config, batch, device, args.steps, dtype=torch.bfloat16)
         mfu = f"{100 * train['flops'] / peak:.1f}%" if peak else "n/a (unknown peak)"

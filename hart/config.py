@@ -6,12 +6,20 @@ and the other names match released checkpoints. `tokenizer_config` / `transforme
 resolve a preset name or a `{preset: ..., field: value}` mapping through `configuration.loader`,
 the one loader of the tree, which rejects unknown fields and wrong types with a `ValueError`
 naming the field. Derived sizes (downsampling factor, token counts) are methods, not fields.
+
+The scale list (`patch_nums`) has one owner: the tokenizer's config. The transformer (and STAR's)
+config carries a copy only because its released `llm/config.json` records one: its default is the
+tokenizer config's, its presets take theirs from the tokenizer presets they pair with, and
+`transformer_config(value, tokenizer)` fills it from the run's tokenizer config
+(`with_tokenizer_scales`); a mapping that sets it is refused. The released lists are named
+once, in `RELEASED_SCALE_LISTS`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from configuration.loader import preset_or_dict
 from hart.scale_grid import ScaleGrid, validate_patch_nums
@@ -21,6 +29,8 @@ from hart.scale_grid import ScaleGrid, validate_patch_nums
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
 PATCH_NUMS_1024 = (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64)
+# The released lists by image side (their tokenizers downsample 16x): what benchmarks and presets read.
+RELEASED_SCALE_LISTS: dict[int, tuple[int, ...]] = {256: PATCH_NUMS_256, 512: PATCH_NUMS_512, 1024: PATCH_NUMS_1024}
 
 
 # --------------------------------------------------------------------------------------
@@ -123,7 +133,8 @@ class TransformerConfig:
     cond_drop_rate: float = 0.1  # CFG text dropout probability in training
     cond_drop_randn_quirk: bool = False  # released code drops where randn < p (~54% at 0.1)
     attn_l2_norm: bool = False  # VAR's L2-normalised attention with learned scale
-    patch_nums: tuple[int, ...] = PATCH_NUMS_1024
+    # The tokenizer's scale list, never set apart from it (module docstring): `llm/config.json` records it.
+    patch_nums: tuple[int, ...] = TokenizerConfig.patch_nums
     mlp_type: str = "llama"  # "llama" (SwiGLU) | "gpt2" (GELU-tanh)
     attn_type: str = "llama"  # "llama" (RMSNorm + RoPE) | "gpt2" (LayerNorm + absolute PE)
     disable_aln: bool = False
@@ -204,7 +215,7 @@ TRANSFORMER_PRESETS: dict[str, TransformerConfig] = {
     # Inferred config of mit-han-lab/hart-0.7b-1024px: 732.5M params, 36.6M head
     # (docs/design/transformer.md, "Released 0.7B configuration").
     # attn_l2_norm: the reference key list (hart_llm_keys_d16_c1536.tsv) has blocks.N.attn.scale_mul_1H11.
-    "hart-0.7b": TransformerConfig(attn_l2_norm=True),
+    "hart-0.7b": TransformerConfig(attn_l2_norm=True, patch_nums=TOKENIZER_PRESETS["hart-1024"].patch_nums),
 }
 
 
@@ -244,12 +255,29 @@ def tokenizer_config_from_var(**vqvae_kwargs: Any) -> TokenizerConfig:
                            share_quant_resi=args["share_quant_resi"], patch_nums=tuple(args["v_patch_nums"]))
 
 
-def transformer_config(value: str | dict[str, Any] = "tiny") -> TransformerConfig:
-    return preset_or_dict(TransformerConfig, TRANSFORMER_PRESETS, value, "transformer")
+ModelConfig = TypeVar("ModelConfig")
+
+
+def with_tokenizer_scales(config: ModelConfig, value: str | dict[str, Any], tokenizer: TokenizerConfig | None,
+                          where: str) -> ModelConfig:
+    """`config`, resolved from `value`, with the scale list of `tokenizer` (when given; else the preset's,
+    which is that of the tokenizer preset it pairs with). ValueError when `value` sets `patch_nums`:
+    the list belongs to the tokenizer config, and a second place to set it would be a second owner."""
+    if isinstance(value, dict) and "patch_nums" in value:
+        raise ValueError(f"{where}.patch_nums: the scale list is the tokenizer config's (its one owner); set "
+                         f"patch_nums there, e.g. {{preset: tiny, patch_nums: [...]}}")
+    return config if tokenizer is None else dataclasses.replace(config, patch_nums=tokenizer.patch_nums)
+
+
+def transformer_config(value: str | dict[str, Any] = "tiny", tokenizer: TokenizerConfig | None = None) -> TransformerConfig:
+    """`transformer_config("hart-0.7b", tokenizer_config("hart-1024"))`: the preset or mapping with the
+    tokenizer's scale list (`with_tokenizer_scales`)."""
+    config = preset_or_dict(TransformerConfig, TRANSFORMER_PRESETS, value, "transformer")
+    return with_tokenizer_scales(config, value, tokenizer, "transformer")
 
 
 __all__ = [
-    "PATCH_NUMS_256", "PATCH_NUMS_512", "PATCH_NUMS_1024",
+    "PATCH_NUMS_256", "PATCH_NUMS_512", "PATCH_NUMS_1024", "RELEASED_SCALE_LISTS",
     "TokenizerConfig", "TransformerConfig", "TOKENIZER_PRESETS", "TRANSFORMER_PRESETS",
-    "tokenizer_config", "tokenizer_config_from_var", "transformer_config", "VAR_VQVAE_DEFAULTS",
+    "tokenizer_config", "tokenizer_config_from_var", "transformer_config", "with_tokenizer_scales", "VAR_VQVAE_DEFAULTS",
 ]

@@ -59,10 +59,16 @@ class PreprocessConfig:
 
 @dataclass(frozen=True)
 class TokenizerSource:
-    checkpoint: str = ""  # HybridTokenizer.from_pretrained path (HART tokenizer/ folder or VAR .pth)
-    preset: str = "tiny"  # used when checkpoint is empty: random weights from this preset ...
+    """The frozen tokenizer, described as training describes its own (`model.tokenizer` is `config`,
+    `model.tokenizer_checkpoint` is `checkpoint`) and loaded by the same function
+    (`pipelines.tokenize_stage.load_tokenizer`): its config owns the scale list, and the checkpoint's
+    weights are used with that list (the conv nets do not depend on it)."""
+
+    # TokenizerConfig preset name or {preset: ..., field: value}; e.g. {preset: hart-1024, patch_nums: [...]}
+    # runs the released weights at another resolution (progressive training's lower-resolution stages)
+    config: Any = "tiny"
+    checkpoint: str = ""  # HART tokenizer/ folder or VAR .pth; "" = random weights of `config` ...
     seed: int = 0  # ... initialised under torch.manual_seed(seed) (tests and demo only)
-    patch_nums: tuple[int, ...] = ()  # optional scale-list override (same weights, other resolution)
     # Store HART's continuous residual column. False for token-only models (VAR, STAR): a cache
     # without it trains the ar stage (HART or STAR), not the diffusion or joint stages.
     residual: bool = True

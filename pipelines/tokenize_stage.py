@@ -9,8 +9,8 @@ the manifest, so a checkpoint that changes under a running job can never mix two
 cache. Rows that are not accepted samples (rejections, shard headers) pass through with zero
 tokens and never reach the model.
 
-`load_tokenizer` and `weights_hash` are shared with the driver (manifest) and
-the single-process benchmark loop.
+`load_tokenizer` and `weights_hash` are shared with the driver (manifest), the trainer (its frozen
+tokenizer and online mode: one way to load a tokenizer) and the single-process benchmark loop.
 
 Shape legend: B rows, R image side, L tokens of all scales, z latent channels, h/w latent side.
 """
@@ -22,7 +22,6 @@ import hashlib
 import numpy as np
 import torch
 
-from configuration.loader import replace
 from hart.config import tokenizer_config
 from hart.pixels import to_model
 from hart.tokenizer.model import HybridTokenizer
@@ -30,20 +29,25 @@ from pipelines import storage
 from pipelines.config import TokenizerSource
 
 
-def load_tokenizer(source: TokenizerSource, endpoint_url: str = "") -> HybridTokenizer:
-    """Frozen tokenizer from a checkpoint, or (tests/demo) random weights of a preset under a seed."""
-    if source.checkpoint:
-        model = HybridTokenizer.from_pretrained(storage.local_copy(source.checkpoint, endpoint_url),
-                                                patch_nums=source.patch_nums or None)
-    else:
-        config = tokenizer_config(source.preset)
-        if source.patch_nums:
-            config = replace(config, patch_nums=tuple(source.patch_nums))
+def load_tokenizer(source: TokenizerSource, endpoint_url: str = "", where: str = "tokenizer.config") -> HybridTokenizer:
+    """Frozen tokenizer: the checkpoint's weights with the config's scale list, or (tests/demo) random
+    weights of the config under a seed. ValueError (naming `where`, the config's field) when the config
+    does not describe the checkpoint: a cache and a transformer depend on its vocabulary, latent width
+    and downsampling, and a config left at its default would otherwise give a silently wrong resolution."""
+    config = tokenizer_config(source.config)
+    if not source.checkpoint:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(source.seed)
-            model = HybridTokenizer(config)
-    model.eval().requires_grad_(False)
-    return model
+            return HybridTokenizer(config).eval().requires_grad_(False)
+    model = HybridTokenizer.from_pretrained(storage.local_copy(source.checkpoint, endpoint_url), patch_nums=config.patch_nums)
+    said_found = {"vocab_size": (config.vocab_size, model.config.vocab_size),
+                  "z_channels": (config.z_channels, model.config.z_channels),
+                  "downsampling": (config.downsample_factor(), model.config.downsample_factor())}
+    differ = [f"{name} {said} (checkpoint {found})" for name, (said, found) in said_found.items() if said != found]
+    if differ:
+        raise ValueError(f"{where} {source.config!r} does not describe the tokenizer checkpoint {source.checkpoint}: "
+                         f"{', '.join(differ)}; name the checkpoint's config (e.g. its preset, such as hart-1024)")
+    return model.eval().requires_grad_(False)
 
 
 def weights_hash(model: torch.nn.Module) -> str:

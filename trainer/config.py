@@ -21,13 +21,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from configuration.loader import apply_overrides, config_from_dict, config_to_dict, read_config_file, replace
+from configuration.loader import apply_overrides, config_from_dict, config_to_dict, read_config_file
 from hart.config import TokenizerConfig, TransformerConfig, tokenizer_config, transformer_config
 from hart.star.config import StarConfig, star_config
 from hart.star.objective import check_drop_scale_length
 from hart.training.parallelize import ParallelConfig
 from hart.training.step import PRECISIONS, OptimizerConfig
-from pipelines.config import ComputeConfig, PreprocessConfig
+from pipelines.config import ComputeConfig, PreprocessConfig, TokenizerSource
 from pipelines.eval_protocol import PROTOCOLS
 from pipelines.storage import absolute
 
@@ -66,7 +66,8 @@ class RunSection:
 @dataclass(frozen=True)
 class ModelSection:
     family: str = "hart"  # "hart" (HARTForT2I) or "star" (STARForT2I: the ar stage, STAR's objective)
-    tokenizer: Any = "tiny"  # TokenizerConfig preset name or {preset: ..., field: value}
+    # TokenizerConfig preset name or {preset: ..., field: value}: the owner of the run's scale list
+    tokenizer: Any = "tiny"
     transformer: Any = "tiny"  # TransformerConfig (family hart) or StarConfig (family star) preset name or mapping
     tokenizer_checkpoint: str = ""  # HART tokenizer/ folder or VAR .pth; required by ar/diffusion/joint
     init_from: str = ""  # start weights: a training checkpoint dir or an llm/ (tokenizer/) folder;
@@ -76,6 +77,11 @@ class ModelSection:
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"model.family must be one of {FAMILIES}, got {self.family!r}")
+
+    def tokenizer_source(self) -> TokenizerSource:
+        """The frozen tokenizer as precompute describes it (`tokenizer` and `tokenizer_checkpoint` are its
+        `config` and `checkpoint`), for `pipelines.tokenize_stage.load_tokenizer`."""
+        return TokenizerSource(config=self.tokenizer, checkpoint=self.tokenizer_checkpoint)
 
 
 @dataclass(frozen=True)
@@ -347,15 +353,12 @@ class TrainRunConfig:
 def model_configs(config: TrainRunConfig) -> tuple[TokenizerConfig, TransformerConfig | StarConfig]:
     """The run's tokenizer and transformer configs (a `StarConfig` for `model.family` star). The scale
     list is the tokenizer's (`model.tokenizer`, e.g. `{preset: hart-1024, patch_nums: [...]}` for a
-    lower-resolution stage of progressive training): the transformer takes it, and one set on
-    `model.transformer` that differs is an error."""
-    resolve = star_config if config.model.family == "star" else transformer_config
-    tokenizer, transformer = tokenizer_config(config.model.tokenizer), resolve(config.model.transformer)
-    own = config.model.transformer.get("patch_nums") if isinstance(config.model.transformer, dict) else None
-    if own is not None and tuple(own) != tokenizer.patch_nums:
-        raise ValueError(f"model.transformer sets patch_nums {tuple(own)} but model.tokenizer's scale list is "
-                         f"{tokenizer.patch_nums}: set the scale list on model.tokenizer (the transformer takes it)")
-    return tokenizer, replace(transformer, patch_nums=tokenizer.patch_nums)
+    lower-resolution stage of progressive training): the transformer's resolver takes it from there,
+    and refuses one set on `model.transformer` (`hart.config.with_tokenizer_scales`)."""
+    tokenizer = tokenizer_config(config.model.tokenizer)
+    if config.model.family == "star":
+        return tokenizer, star_config(config.model.transformer, tokenizer)
+    return tokenizer, transformer_config(config.model.transformer, tokenizer)
 
 
 def with_absolute_paths(config: TrainRunConfig) -> TrainRunConfig:

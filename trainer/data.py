@@ -34,7 +34,7 @@ from hart.scale_grid import compatibility_problems
 from hart.text_encoder import build_text_encoder
 from pipelines import storage
 from pipelines.cache import batch_to_tensors, read_manifest, table_to_numpy
-from pipelines.config import InputConfig, PrecomputeConfig, PreprocessConfig, TokenizerSource
+from pipelines.config import InputConfig, PrecomputeConfig, PreprocessConfig
 from pipelines.decode import decode_batch
 from pipelines.online import VISIT_COLUMNS, plan_visits, read_visits_batch, training_rows
 from pipelines.plan import encoded_rows, prepare
@@ -105,7 +105,7 @@ def online_precompute_config(plan: RunPlan):
     return PrecomputeConfig(
         input=InputConfig(shards=tuple(config.data.shards), endpoint_url=config.run.endpoint_url),
         preprocess=config.online.preprocess,
-        tokenizer=TokenizerSource(checkpoint=config.model.tokenizer_checkpoint, patch_nums=plan.tokenizer.patch_nums),
+        tokenizer=config.model.tokenizer_source(),
         compute=config.online.compute, progress=False, shared_filesystem=config.run.shared_filesystem,
     )
 

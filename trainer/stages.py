@@ -40,6 +40,7 @@ from hart.tokenizer.perceptual import PerceptualLoss
 from hart.training import start_weights
 from hart.transformer.model import HARTForT2I
 from pipelines import storage
+from pipelines.tokenize_stage import load_tokenizer
 from trainer.config import TrainRunConfig
 from trainer.data import run_text_encoder
 from trainer.objectives import DiscriminatorObjective, StarObjective, TokenizerObjective, TransformerObjective
@@ -71,17 +72,16 @@ def read_start_weights(path: str, endpoint_url: str = "") -> dict[str, torch.Ten
 
 def load_frozen_tokenizer(plan: RunPlan):
     """The tokenizer the cache was made with (ar/diffusion/joint), frozen, with the run's scale list."""
-    config, tokenizer_cfg, transformer_cfg = plan.config, plan.tokenizer, plan.transformer
+    config, transformer_cfg = plan.config, plan.transformer
     path = config.model.tokenizer_checkpoint
     if not path:
         raise ValueError(f"stage {config.stage!r} needs model.tokenizer_checkpoint (the tokenizer the cache was made with)")
 
-    # The run's scale list (model.tokenizer's) applies to the checkpoint's weights, as precompute's
-    # tokenizer.patch_nums does: a cache made at another resolution of the same tokenizer trains.
-    tokenizer = HybridTokenizer.from_pretrained(storage.local_copy(path, config.run.endpoint_url),
-                                                patch_nums=tokenizer_cfg.patch_nums)
+    # Loaded as precompute loads it: the checkpoint's weights with model.tokenizer's scale list, so a
+    # cache made at another resolution of the same tokenizer trains.
+    tokenizer = load_tokenizer(config.model.tokenizer_source(), config.run.endpoint_url, where="model.tokenizer")
     check_compatible(transformer_cfg, tokenizer.config, what=f"tokenizer {path} and the transformer")
-    return tokenizer.eval().requires_grad_(False)
+    return tokenizer
 
 
 # --------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ code, since no single file holds them:
   `logit_norm` and the scale list from the run config;
 - `configs/*.json` give those per run (named next to each preset below).
 `star_config` resolves a preset name or `{preset: ..., field: value}` through `configuration.loader`,
-like `hart.config.transformer_config`. Derived sizes are methods.
+like `hart.config.transformer_config`, and like it takes the scale list from the tokenizer config, its
+one owner (`hart.config.with_tokenizer_scales`). Derived sizes are methods.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from configuration.loader import preset_or_dict
-from hart.config import PATCH_NUMS_256, PATCH_NUMS_512, PATCH_NUMS_1024
+from hart.config import RELEASED_SCALE_LISTS, TokenizerConfig, with_tokenizer_scales
 from hart.scale_grid import ScaleGrid, validate_patch_nums
 
 
@@ -37,7 +38,8 @@ class StarConfig:
     attn_l2_norm: bool = True  # L2-normalised q, k with a learned per-head scale (on in every release)
     text_dim: int = 1024  # width of the text features used as cross-attention keys/values (`in_dim_cross`)
     context_token: int = 77  # text tokens per prompt (CLIP pads to 77); training checks cached features against it
-    patch_nums: tuple[int, ...] = PATCH_NUMS_256
+    # The tokenizer's scale list, never set apart from it (hart.config): the trainer dict of the checkpoint records it.
+    patch_nums: tuple[int, ...] = TokenizerConfig.patch_nums
     rope_theta: float = 10000.0  # the reference code's default is 100; every released config says 10000
     rope_norm: float = 64.0  # every scale's positions span [0, rope_norm] (code default 32, releases 64)
     vocab_size: int = 4096  # tokenizer codebook entries
@@ -94,10 +96,11 @@ class StarConfig:
         return self.grid.num_tokens
 
 
-def _released(depth: int, patch_nums: tuple[int, ...]) -> StarConfig:
-    """The shape `build_vae_var` gives a depth (width 64 per level of depth, one head per 64 channels)."""
+def _released(depth: int, resolution: int) -> StarConfig:
+    """The shape `build_vae_var` gives a depth (width 64 per level of depth, one head per 64 channels), with
+    the released scale list of its resolution (that of VAR's tokenizer at that size)."""
     return StarConfig(
-        depth=depth, embed_dim=depth * 64, num_heads=depth, patch_nums=patch_nums,
+        depth=depth, embed_dim=depth * 64, num_heads=depth, patch_nums=RELEASED_SCALE_LISTS[resolution],
         rope_theta=10000.0, rope_norm=64.0, attn_l2_norm=True, logit_norm=True,
         drop_path_rate=0.1 * depth / 24,
     )
@@ -109,11 +112,11 @@ STAR_PRESETS: dict[str, StarConfig] = {
         vocab_size=64, token_dim=8, num_classes=4,
     ),
     # configs/config_d16_ab.json: depth 16, 256px scales, rope 10000 / 64, anorm, logit_norm.
-    "star-d16-256": _released(16, PATCH_NUMS_256),
+    "star-d16-256": _released(16, 256),
     # configs/config_d30.json (and its continuation config_d30_stage2_256.json): same constants at depth 30.
-    "star-d30-256": _released(30, PATCH_NUMS_256),
-    # configs/config_d30_512.json: the 512px scale list (1, 2, 3, 4, 6, 9, 13, 18, 24, 32).
-    "star-d30-512": _released(30, PATCH_NUMS_512),
+    "star-d30-256": _released(30, 256),
+    # configs/config_d30_512.json: the 512px scale list.
+    "star-d30-512": _released(30, 512),
     # configs/config_d30_1024.json, and sample.py, which builds the released 1024 model with
     # enable_adaptive_norm=False and loads it strictly: the main 1024 checkpoint has no sampler modules.
     # (That run trained with drop_scale_length=8800, token dropping of the 64x64 scale: a training
@@ -121,13 +124,14 @@ STAR_PRESETS: dict[str, StarConfig] = {
     # feat_extract_blocks, head_logits2, encoder_proj2, head_proj, word_embed_head, pos_start_last and
     # lvl_embed_2 (enable_adaptive_norm=True) for its masked last-scale refinement; it has no preset
     # here because this model does not build those modules.
-    "star-d30-1024": _released(30, PATCH_NUMS_1024),
+    "star-d30-1024": _released(30, 1024),
 }
 
 
-def star_config(value: str | dict[str, Any] = "tiny") -> StarConfig:
-    """`star_config("star-d30-512")` or `star_config({"preset": "tiny", "depth": 3})`."""
-    return preset_or_dict(StarConfig, STAR_PRESETS, value, "star")
+def star_config(value: str | dict[str, Any] = "tiny", tokenizer: TokenizerConfig | None = None) -> StarConfig:
+    """`star_config("star-d30-512")` or `star_config({"preset": "tiny", "depth": 3}, tokenizer_config)`:
+    with `tokenizer`, its scale list (`hart.config.with_tokenizer_scales`)."""
+    return with_tokenizer_scales(preset_or_dict(StarConfig, STAR_PRESETS, value, "star"), value, tokenizer, "star")
 
 
 __all__ = ["StarConfig", "STAR_PRESETS", "star_config"]

@@ -53,9 +53,7 @@ def star_losses(
     mode at the model's `cond_drop_rate`; without it every row keeps its text. `drop_scale_length`
     (tokens kept per sequence) drops the rest of the last scale (module docstring). `generator`, if
     given, lives on the model's device (the draws are made there)."""
-    grid = model.config.grid
-    if tuple(quantizer.patch_nums) != grid.patch_nums:
-        raise ValueError(f"quantizer patch_nums {tuple(quantizer.patch_nums)} differ from the model's {grid.patch_nums}")
+    grid = model.config.grid  # the quantizer's too: they are checked where they are paired (hart.scale_grid.check_compatible)
     if len(tokens) != grid.num_scales:
         raise ValueError(f"expected {grid.num_scales} token scales, got {len(tokens)}")
     if not 0.0 <= label_smoothing < 1.0:

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from configuration.loader import config_from_dict, config_to_dict, replace
-from hart.config import TOKENIZER_PRESETS, TokenizerConfig
+from hart.config import PATCH_NUMS_256, TOKENIZER_PRESETS, TokenizerConfig
 from hart.tokenizer.discriminator import NLayerDiscriminator
 from hart.tokenizer.quantizer import MultiScaleQuantizer
 from hart.reference_compat import Difference, differences, record
@@ -316,7 +316,7 @@ def config_from_hart_json(path: Path) -> TokenizerConfig:
         "ch": data.get("ch", 160), "ch_mult": data.get("ch_mult", [1, 1, 2, 2, 4]),
         "dropout": data.get("dropout", 0.0), "beta": data.get("beta", 0.25),
         "quant_resi": data.get("quant_resi", 0.5), "share_quant_resi": data.get("share_quant_resi", 4),
-        "patch_nums": data.get("v_patch_nums", [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]),
+        "patch_nums": data.get("v_patch_nums", list(PATCH_NUMS_256)),
     }
     fields.update({name: data.get(name, value) for name, value in REFERENCE_FIXED.items()})
     known = set(fields) | set(unsupported) | set(HART_TRAINING_FIELDS) | {"v_patch_nums", "model_type"}

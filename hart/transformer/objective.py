@@ -122,9 +122,7 @@ def t2i_losses(
     if kept_bucket < 0:
         raise ValueError(f"kept_bucket must be >= 0, got {kept_bucket}")
     cfg = model.config
-    grid = cfg.grid
-    if tuple(quantizer.patch_nums) != grid.patch_nums:
-        raise ValueError(f"quantizer patch_nums {quantizer.patch_nums} differ from the transformer's {grid.patch_nums}")
+    grid = cfg.grid  # the quantizer's too: they are checked where they are paired (hart.scale_grid.check_compatible)
     if len(tokens) != grid.num_scales:
         raise ValueError(f"expected {grid.num_scales} token scales, got {len(tokens)}")
     tokens = [t.long() for t in tokens]

@@ -51,7 +51,7 @@ def test_bare_loop_encodes_every_usable_image_once(tmp_path):
     try:
         torch.set_num_threads(1)
         # batch 4: two full batches and a remainder of 3, which must be encoded too
-        images, _ = bench.bare_loop(uris, TokenizerSource(preset="tiny", seed=0), 64, 4, torch.device("cpu"))
+        images, _ = bench.bare_loop(uris, TokenizerSource(config="tiny", seed=0), 64, 4, torch.device("cpu"))
     finally:
         torch.set_num_threads(threads)
     assert images == 11
@@ -59,7 +59,7 @@ def test_bare_loop_encodes_every_usable_image_once(tmp_path):
 
 def test_bare_loop_counts_nothing_when_every_image_is_rejected(tmp_path):
     uris = shapes.write_shapes_shards(str(tmp_path), 3, 1, image_size=16)
-    assert bench.bare_loop(uris, TokenizerSource(preset="tiny", seed=0), 64, 4, torch.device("cpu"))[0] == 0
+    assert bench.bare_loop(uris, TokenizerSource(config="tiny", seed=0), 64, 4, torch.device("cpu"))[0] == 0
 
 
 @pytest.mark.parametrize("flags", [["--device", "tpu"], ["--num-samples", "many"]])

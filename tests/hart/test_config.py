@@ -9,8 +9,8 @@ import pytest
 
 from configuration.loader import apply_overrides, config_from_dict, config_to_dict, read_config_file, replace
 from hart.config import (
-    PATCH_NUMS_256, PATCH_NUMS_1024, TOKENIZER_PRESETS, TRANSFORMER_PRESETS, TokenizerConfig, TransformerConfig, tokenizer_config,
-    tokenizer_config_from_var, transformer_config,
+    PATCH_NUMS_256, PATCH_NUMS_1024, RELEASED_SCALE_LISTS, TOKENIZER_PRESETS, TRANSFORMER_PRESETS, TokenizerConfig,
+    TransformerConfig, tokenizer_config, tokenizer_config_from_var, transformer_config,
 )
 
 
@@ -23,6 +23,21 @@ def test_presets_have_the_released_shapes():
     tiny = TOKENIZER_PRESETS["tiny"]
     assert tiny.image_size() == 64 and tiny.downsample_factor() == 8
     assert TRANSFORMER_PRESETS["tiny"].patch_nums == tiny.patch_nums
+    assert TRANSFORMER_PRESETS["hart-0.7b"].patch_nums == hart.patch_nums
+
+
+def test_the_scale_list_has_one_owner():
+    """The tokenizer config owns the scale list: the transformer's default is its default, the resolver
+    copies a given tokenizer's, and a transformer mapping may not name one."""
+    assert TransformerConfig().patch_nums == TokenizerConfig().patch_nums
+    assert {side: scales[-1] * 16 for side, scales in RELEASED_SCALE_LISTS.items()} == {256: 256, 512: 512, 1024: 1024}
+    lower = tokenizer_config({"preset": "hart-1024", "patch_nums": [1, 2, 3, 4, 6, 9, 13, 18, 24, 32]})
+    config = transformer_config("hart-0.7b", lower)
+    assert config.patch_nums == RELEASED_SCALE_LISTS[512] and config.depth == TRANSFORMER_PRESETS["hart-0.7b"].depth
+    assert transformer_config({"preset": "tiny", "depth": 3}, lower).patch_nums == lower.patch_nums
+    assert transformer_config("tiny") is TRANSFORMER_PRESETS["tiny"]  # no tokenizer: the preset's (its tokenizer preset's)
+    with pytest.raises(ValueError, match=r"transformer.patch_nums: the scale list is the tokenizer config's"):
+        transformer_config({"preset": "tiny", "patch_nums": [1, 2, 4]})
 
 
 def test_yaml_and_toml_files_load_the_same(tmp_path):

@@ -31,7 +31,7 @@ def test_preflight_accepts_matching_cache(train_assets, tmp_path):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("model.transformer={preset: tiny, patch_nums: [1, 2, 4, 8]}", "patch_nums"),
+    ("model.tokenizer={preset: tiny, patch_nums: [1, 2, 4, 8]}", r"patch_nums: cache \(1, 2, 3, 4, 6, 8\), transformer \(1, 2, 4, 8\)"),
     ("model.transformer={preset: tiny, vocab_size: 512}", "vocab"),
 ])
 def test_manifest_mismatch(train_assets, tmp_path, override, message):
@@ -40,7 +40,7 @@ def test_manifest_mismatch(train_assets, tmp_path, override, message):
 
 
 def test_a_cache_at_another_scale_list_trains_with_that_list(train_assets, tmp_path):
-    """Precompute's `tokenizer.patch_nums` (same weights, another scale list: progressive training)
+    """Precompute's `tokenizer.config` with another scale list (same weights: progressive training)
     makes a cache that training takes when `model.tokenizer` names the same list; the transformer
     follows the tokenizer's list."""
     from pipelines.config import load_precompute_config
@@ -49,7 +49,7 @@ def test_a_cache_at_another_scale_list_trains_with_that_list(train_assets, tmp_p
     cache = tmp_path / "cache-1248"
     run_precompute(load_precompute_config(None, [
         f"input.shards=['{train_assets['shards']}']", f"output={cache}", f"tokenizer.checkpoint={train_assets['tokenizer']}",
-        "tokenizer.patch_nums=[1, 2, 4, 8]", "progress=false", "compute.tokenizer_cpus=0.5"]), log=lambda *a: None)
+        "tokenizer.config={preset: tiny, patch_nums: [1, 2, 4, 8]}", "progress=false", "compute.tokenizer_cpus=0.5"]), log=lambda *a: None)
     config = tiny_config(train_assets, "joint", tmp_path, f"data.cache={cache}",
                          "model.tokenizer={preset: tiny, patch_nums: [1, 2, 4, 8]}")
     plan = preflight(config)

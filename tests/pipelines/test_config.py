@@ -9,7 +9,7 @@ CONFIG = "jobs/configs/precompute.yaml"
 
 def test_default_config_and_overrides():
     config = load_precompute_config(CONFIG)
-    assert config.tokenizer.preset == "tiny" and config.compute.tokenizer_gpus == 0 and config.input.shards
+    assert config.tokenizer.config == "tiny" and config.compute.tokenizer_gpus == 0 and config.input.shards
     config = load_precompute_config(CONFIG, ["input.shards=s3://b/raw/shard-{00000..00009}.tar", "compute.tokenizer_gpus=1",
                                              "compute.tokenizer_actors=8", "output=s3://b/tokens"])
     assert config.input.shards == ("s3://b/raw/shard-{00000..00009}.tar",)

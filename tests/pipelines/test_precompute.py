@@ -133,7 +133,7 @@ def test_rerun_skips_and_other_settings_are_refused(shapes_cache):
     with pytest.raises(ValueError, match="tokenizer_hash"):
         run_precompute(make_config(uris, cache, **{"tokenizer.seed": 1}))
     with pytest.raises(ValueError, match="resolution"):
-        run_precompute(make_config(uris, cache, **{"tokenizer.patch_nums": "[1,2,4,8,16]"}))
+        run_precompute(make_config(uris, cache, **{"tokenizer.config": "{preset: tiny, patch_nums: [1,2,4,8,16]}"}))
     with pytest.raises(ValueError, match="preprocess"):
         run_precompute(make_config(uris, cache, **{"preprocess.min_side": 8}))
     with pytest.raises(ValueError, match="the stages need 3.96 CPUs"):

@@ -37,11 +37,22 @@ def test_seeded_preset_and_its_saved_checkpoint_are_the_same_frozen_tokenizer(tm
     assert weights_hash(loaded) == weights_hash(preset) and not loaded.training
     # another scale list over the same weights: the parameters stay, the state (a per-scale codebook
     # usage buffer) and so the hash change, so a cache records which scale list made it
-    rescaled = load_tokenizer(TokenizerSource(checkpoint=str(tmp_path / "tokenizer"), patch_nums=(1, 2, 4, 8)))
+    lower = {"preset": "tiny", "patch_nums": [1, 2, 4, 8]}
+    rescaled = load_tokenizer(TokenizerSource(config=lower, checkpoint=str(tmp_path / "tokenizer")))
     assert rescaled.config.patch_nums == (1, 2, 4, 8) and weights_hash(rescaled) != weights_hash(preset)
     parameters = dict(preset.named_parameters())
     assert all(torch.equal(p, parameters[name]) for name, p in rescaled.named_parameters())
-    assert load_tokenizer(TokenizerSource(seed=3, patch_nums=(1, 2, 4, 8))).config.patch_nums == (1, 2, 4, 8)
+    assert load_tokenizer(TokenizerSource(config=lower, seed=3)).config.patch_nums == (1, 2, 4, 8)
+
+
+def test_a_config_that_does_not_describe_the_checkpoint_is_refused(tmp_path):
+    """The config's scale list is applied to the checkpoint's weights, so a config left at another
+    tokenizer's (the default tiny one beside a released checkpoint) must fail, naming the field."""
+    load_tokenizer(TokenizerSource(config={"preset": "tiny", "vocab_size": 64}, seed=0)).save_pretrained(tmp_path / "tok")
+    with pytest.raises(ValueError, match=r"tokenizer.config 'tiny' does not describe .*: vocab_size 256 \(checkpoint 64\)"):
+        load_tokenizer(TokenizerSource(checkpoint=str(tmp_path / "tok")))
+    with pytest.raises(ValueError, match=r"^model.tokenizer 'tiny'"):
+        load_tokenizer(TokenizerSource(checkpoint=str(tmp_path / "tok")), where="model.tokenizer")
 
 
 def stage_batch() -> dict[str, np.ndarray]:

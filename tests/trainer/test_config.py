@@ -70,11 +70,10 @@ def test_the_transformer_takes_the_tokenizers_scale_list():
     tokenizer, transformer = model_configs(config)
     assert tokenizer.patch_nums == transformer.patch_nums == (1, 2, 4, 8)
     assert model_configs(load_train_config(None, "joint"))[1].patch_nums == tokenizer_config("tiny").patch_nums
-    with pytest.raises(ValueError, match=r"model.transformer sets patch_nums \(1, 2\) but model.tokenizer's scale list"):
-        load_train_config(None, "joint", ["model.transformer={preset: tiny, patch_nums: [1, 2]}"])
-    same = load_train_config(None, "joint", ["model.tokenizer={preset: tiny, patch_nums: [1, 2, 4]}",
-                                             "model.transformer={preset: tiny, patch_nums: [1, 2, 4]}"])
-    assert model_configs(same)[1].patch_nums == (1, 2, 4)  # naming the same list twice is fine
+    # one owner: the transformer never names a list, not even the tokenizer's
+    for family, same in (("hart", "[1, 2]"), ("hart", "[1, 2, 3, 4, 6, 8]"), ("star", "[1, 2, 3, 4, 6, 8]")):
+        with pytest.raises(ValueError, match=r"(transformer|star).patch_nums: the scale list is the tokenizer config's"):
+            load_train_config(None, "ar", [f"model.family={family}", f"model.transformer={{preset: tiny, patch_nums: {same}}}"])
 
 
 def test_transformer_fields_over_a_preset():

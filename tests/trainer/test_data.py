@@ -65,7 +65,8 @@ def test_online_mode_derives_the_precompute_stages_from_the_run():
         "model.tokenizer={preset: tiny, patch_nums: [1, 2, 4, 8]}", "run.shared_filesystem=true"])
     precompute = online_precompute_config(RunPlan.of(config))
     assert precompute.input.shards == ("s3://b/raw/{0..3}.tar",) and precompute.input.endpoint_url == "http://s3:9000"
-    assert precompute.tokenizer.checkpoint == "s3://b/tok" and precompute.tokenizer.patch_nums == (1, 2, 4, 8)
+    assert precompute.tokenizer.checkpoint == "s3://b/tok"
+    assert precompute.tokenizer.config == {"preset": "tiny", "patch_nums": [1, 2, 4, 8]}  # model.tokenizer, as given
     assert precompute.compute.tokenizer_actors == 2 and precompute.preprocess.min_side == 16
     assert precompute.shared_filesystem and not precompute.progress
 

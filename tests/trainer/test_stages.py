@@ -85,11 +85,11 @@ def test_tokenizer_stage_with_gan_overfits(train_assets, tmp_path):
 
 
 def test_progressive_start_rebuilds_scale_buffers(train_assets, tmp_path):
-    from hart.config import transformer_config
+    from hart.config import tokenizer_config, transformer_config
     from hart.transformer.model import HARTForT2I
 
     low = HARTForT2I(transformer_config("tiny"))
-    high = HARTForT2I(transformer_config({"preset": "tiny", "patch_nums": [1, 2, 3, 4, 6, 8, 10]}))
+    high = HARTForT2I(transformer_config("tiny", tokenizer_config({"preset": "tiny", "patch_nums": [1, 2, 3, 4, 6, 8, 10]})))
     rebuilt = load_compatible_weights(high, low.state_dict(), "256px weights")
     assert rebuilt == ["lvl_1L"]
     torch.testing.assert_close(high.head.weight, low.head.weight)

@@ -10,6 +10,7 @@ import dataclasses
 import pytest
 import torch
 
+from hart.config import RELEASED_SCALE_LISTS, tokenizer_config
 from hart.star.config import STAR_PRESETS, star_config
 from hart.star.model import STARForT2I
 
@@ -30,6 +31,13 @@ def test_released_presets_follow_build_vae_var():
         assert cfg.attn_l2_norm and cfg.logit_norm and not cfg.cross_attn_batch0_quirk
     assert STAR_PRESETS["star-d30-512"].patch_nums == (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
     assert STAR_PRESETS["star-d30-1024"].patch_nums[-1] == 64 and len(STAR_PRESETS["star-d30-1024"].patch_nums) == 14
+
+
+def test_the_scale_list_comes_from_the_tokenizer_config():
+    tokenizer = tokenizer_config("hart-512")
+    assert star_config("star-d30-1024", tokenizer).patch_nums == RELEASED_SCALE_LISTS[512]
+    with pytest.raises(ValueError, match=r"star.patch_nums: the scale list is the tokenizer config's"):
+        star_config({"preset": "tiny", "patch_nums": [1, 2, 4]})
 
 
 @pytest.mark.parametrize("change", [

@@ -123,5 +123,3 @@ def test_bad_inputs_are_refused(batch):
         star_losses(model, quantizer, text_features(3, seed=1), tokens)
     with pytest.raises(ValueError, match="label_smoothing"):
         star_losses(model, quantizer, text, tokens, label_smoothing=1.0)
-    with pytest.raises(ValueError, match="patch_nums"):
-        star_losses(STARForT2I(replace(CFG, patch_nums=(1, 2, 4, 8))), quantizer, text, tokens)
