@@ -83,6 +83,7 @@ def test_unauthenticated_request_is_refused(token_auth_head):
     assert info.value.code in (401, 403)
 
 
+@pytest.mark.slow  # a whole precompute job through the Jobs API (make chaos); the refused request stays in make test
 def test_precompute_job_submitted_through_the_api(token_auth_head, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 

@@ -222,6 +222,7 @@ def test_star_ar_stage_trains_exports_in_stars_layout_and_generates(train_assets
     assert images.shape == (2, 64, 64, 3) and images.dtype.name == "uint8"
 
 
+@pytest.mark.slow  # a whole training run for path handling (make chaos); with_absolute_paths is unit-tested in tests/trainer/test_config.py
 def test_relative_paths_train_from_the_directory_they_were_given_in(train_assets, tmp_path, monkeypatch, capsys):
     """A user's command after `make demo`, with the demo's relative paths, as the job got it: the Ray
     Train worker does not start in the driver's working directory, so the paths are made absolute on the

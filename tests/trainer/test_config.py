@@ -144,3 +144,23 @@ def test_model_family_star_resolves_a_star_config_and_refuses_what_star_does_not
         load_train_config(None, "ar", ["model.family=star", f"objective.drop_scale_length={kept - 1}"])
     with pytest.raises(ValueError, match="drop_scale_length must be >= 0"):
         load_train_config(None, "ar", ["model.family=star", "objective.drop_scale_length=-1"])
+
+
+def test_every_local_path_setting_becomes_absolute_on_the_driver(tmp_path, monkeypatch):
+    """What the workers, checkpoints and MLflow params see: paths against the driver's directory, built-in
+    names (a text encoder, the shapes prompts) and URIs as given."""
+    from trainer.config import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "qwen").mkdir()
+    config = with_absolute_paths(load_train_config(None, "joint", [
+        "run.storage_path=runs/train", "model.tokenizer_checkpoint=s3://bucket/tok", "data.cache=cache/v1",
+        "data.shards=['shards/*.tar', 's3://bucket/raw/{0..3}.tar']", "data.text_encoder=qwen",
+        "eval.prompts=prompts.txt", "objective.perceptual_weights=['lpips/vgg.pth']"]))
+    assert config.run.storage_path == str(tmp_path / "runs" / "train")
+    assert config.model.tokenizer_checkpoint == "s3://bucket/tok" and config.data.cache == str(tmp_path / "cache" / "v1")
+    assert config.data.shards == (str(tmp_path / "shards" / "*.tar"), "s3://bucket/raw/{0..3}.tar")
+    assert config.data.text_encoder == str(tmp_path / "qwen") and config.eval.prompts == str(tmp_path / "prompts.txt")
+    assert config.objective.perceptual_weights == (str(tmp_path / "lpips" / "vgg.pth"),)
+    kept = with_absolute_paths(load_train_config(None, "joint", ["data.text_encoder=minilm", "eval.prompts=shapes:heldout"]))
+    assert (kept.data.text_encoder, kept.eval.prompts) == ("minilm", "shapes:heldout")
