@@ -22,8 +22,8 @@ at 15 any other process on the machine, however small its share, takes their CPU
 then runs slower than the same work in one plain process (`benchmarks/precompute.py`,
 `benchmarks/ray_overhead.py` compare the two at equal priority).
 
-Jobs that load models run offline (`offline_models`, called by hart-precompute's, hart-generate's and
-hart-evaluate's `main` and by the demo's chain before its `ray.init`): every model is a local file or folder (`hart.text_encoder` loads with
+Jobs that load models run offline (`offline_models`, called by every job's `main` (precompute, train,
+generate, evaluate) and by the demo's chain before its `ray.init`): every model is a local file or folder (`hart.text_encoder` loads with
 `local_files_only`), and HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE keep any other Hugging Face hub
 request from reaching the network, in the job's process and in the workers of a local instance it
 starts (they inherit its environment). The environment's own values win: the Makefile, the
