@@ -26,6 +26,7 @@ gives the same list, and `limit` / `per_category` take a fixed prefix.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -184,6 +185,16 @@ def read_prompts(source: str, limit: int | None = None, per_category: int | None
     if not items:
         raise ValueError(f"{source}: no prompts")
     return items
+
+
+def prompt_set_identity(source: str, prompts: Sequence[EvalPrompt], reference_digest: str = "") -> tuple[str, str]:
+    """(name, digest) of what an evaluation's figures were computed on: the prompts as read (ids, texts and
+    categories, in order, so a `limit` or another file is another digest) and, for FID/KID, the reference
+    statistics (`reference_digest`: the file's SHA-256). The name is the source's: `shapes:heldout` or the
+    prompt file's name, with `+reference` when a reference is part of it."""
+    listed = json.dumps([[p.id, p.prompt, p.category] for p in prompts] + [reference_digest], separators=(",", ":"))
+    name = source if source.startswith("shapes:") else Path(source).name
+    return name + ("+reference" if reference_digest else ""), hashlib.sha256(listed.encode()).hexdigest()
 
 
 def groups(prompts: list[EvalPrompt], protocol: EvalProtocol) -> list[dict]:

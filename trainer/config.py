@@ -33,6 +33,7 @@ from pipelines.storage import absolute
 
 STAGES = ("tokenizer", "ar", "diffusion", "joint")
 FAMILIES = ("hart", "star")  # the transformer of the transformer stages: HARTForT2I or STARForT2I
+CHECKPOINT_MODELS = ("reference", "copy", "off")  # run.checkpoint_models
 
 
 @dataclass(frozen=True)
@@ -54,13 +55,20 @@ class RunSection:
     # Local paths (storage, cache, weights, MLflow sqlite/file store) are on a filesystem every node
     # mounts at the same place. Off: on a cluster of several nodes they are refused; use s3:// / http(s).
     shared_filesystem: bool = False
+    # Checkpoints as MLflow logged models (trainer/checkpoint_models.py): "reference" (a model per
+    # checkpoint that records the checkpoint's URI, no copy), "copy" (its weights also uploaded into the
+    # model's artifacts), "off"; every checkpoint_models_every-th checkpoint, and the final one.
+    checkpoint_models: str = "reference"
+    checkpoint_models_every: int = 1
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
             raise ValueError(f"run.name must be a non-empty name without '/', got {self.name!r}")
-        for name in ("max_steps", "checkpoint_every", "num_to_keep", "log_every"):
+        for name in ("max_steps", "checkpoint_every", "num_to_keep", "log_every", "checkpoint_models_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"run.{name} must be >= 1, got {getattr(self, name)}")
+        if self.checkpoint_models not in CHECKPOINT_MODELS:
+            raise ValueError(f"run.checkpoint_models must be one of {CHECKPOINT_MODELS}, got {self.checkpoint_models!r}")
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from pipelines import storage
-from pipelines.eval_protocol import read_prompts
+from pipelines.eval_protocol import prompt_set_identity, read_prompts
 from pipelines.manifest import fingerprint_hash
 from pipelines.plan import check_resources, count_alive_nodes
 from pipelines.progress import show_ray_data_progress
@@ -148,7 +148,8 @@ def check_eval_prompts(config: TrainRunConfig) -> None:
 def log_data_input(plan: RunPlan) -> None:
     """What the run reads, as its MLflow dataset input: the token cache (digest: its manifest's
     fingerprint hash), for the tokenizer stage the shard list (digest: a hash of the shard URIs), in
-    online mode the shards as encoded (digest: a hash of the fingerprint hash and the shard URIs)."""
+    online mode the shards as encoded (digest: a hash of the fingerprint hash and the shard URIs). With
+    `eval.every_steps`, also the prompt set its figures are computed on (context "evaluation")."""
     config = plan.config
     if config.online.enabled:
         name, source = "shards-online", ",".join(config.data.shards)
@@ -161,6 +162,9 @@ def log_data_input(plan: RunPlan) -> None:
         name, source = "shards", ",".join(config.data.shards)
         digest = hashlib.sha256("\n".join(sorted(plan.shards)).encode()).hexdigest()
     tracking.log_dataset_input(plan.tracking_uri, plan.run_id, name, digest, source)
+    if config.eval.every_steps:
+        name, digest = prompt_set_identity(config.eval.prompts, read_prompts(config.eval.prompts, limit=config.eval.limit))
+        tracking.log_dataset_input(plan.tracking_uri, plan.run_id, name, digest, config.eval.prompts, context="evaluation")
 
 
 def ingest_options(config: TrainRunConfig):

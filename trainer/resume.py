@@ -25,6 +25,11 @@ RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
 PROGRESS_FILE = "progress.json"
 
 
+def checkpoint_dir_name(step: int) -> str:
+    """The folder of the checkpoint reported at `step`, under `<run.storage_path>/<run.name>/`."""
+    return f"checkpoint_step{step:08d}"
+
+
 def resumable_checkpoint(fs, storage_path: str, run_name: str) -> dict[str, Any] | None:
     """meta.json of the checkpoint Ray Train will restore for `run_name`, or None when it starts fresh."""
     found = latest_checkpoint(fs, storage_path, run_name)

@@ -55,6 +55,8 @@ DEFAULT_TRACKING_URI = "sqlite:///runs/mlflow.db"
 EXPORT_ARTIFACT_PATH = "model"  # run artifact folder of the exported llm/ + tokenizer/ (and the registry source)
 REDACTED = "***"
 MAX_PARAM_CHARS = 500
+DATASET_DIGEST_CHARS = 36  # MLflow's dataset digest column (run inputs and the dataset of a metric)
+DATASET_CONTEXT_TAG = "mlflow.data.context"  # a run input's role: "training", "evaluation"
 # A key segment (split on . _ -) that names a secret. "token" alone, not "tokenizer"/"tokens".
 SECRET_SEGMENTS = {"key", "secret", "token", "password", "passwd", "pwd", "credential", "credentials", "auth"}
 SECRET_QUERY = re.compile(r"(key|secret|token|password|signature|credential|sig)", re.IGNORECASE)
@@ -231,10 +233,10 @@ def log_dataset_input(tracking_uri: str, run_id: str, name: str, digest: str, so
     from mlflow.tracking import MlflowClient
 
     source = redact_uri(source)
-    dataset = Dataset(name=name, digest=digest[:36], source_type="s3" if source.startswith("s3://") else "local",
+    dataset = Dataset(name=name, digest=digest[:DATASET_DIGEST_CHARS], source_type="s3" if source.startswith("s3://") else "local",
                       source=json.dumps({"uri": source}))
     MlflowClient(tracking_uri=tracking_uri).log_inputs(
-        run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])])
+        run_id, datasets=[DatasetInput(dataset, tags=[InputTag(DATASET_CONTEXT_TAG, context)])])
 
 
 def finish_run(tracking_uri: str, run_id: str, status: str) -> None:
@@ -308,25 +310,30 @@ class RunLogger:
                 out[key] = sum(values) / len(values)
         return out
 
-    def write(self) -> None:
-        """Log the window at its last step and start a new one; asynchronous (MLflow's queue does the I/O)."""
+    def write(self, model_id: str | None = None, dataset: tuple[str, str] | None = None) -> None:
+        """Log the window at its last step and start a new one; asynchronous (MLflow's queue does the I/O).
+        `model_id`: the logged model the values describe; `dataset`: (name, digest) they were computed on."""
         if not self.enabled or self.window_step is None:
             return
         import mlflow
 
         timestamp = int(1000 * time.time())
-        entries = [mlflow.entities.Metric(k, v, timestamp, self.window_step) for k, v in self.summary().items()]
+        name, digest = dataset if dataset else (None, None)
+        entries = [mlflow.entities.Metric(k, v, timestamp, self.window_step, model_id=model_id, dataset_name=name,
+                                          dataset_digest=digest[:DATASET_DIGEST_CHARS] if digest else None)
+                   for k, v in self.summary().items()]
         self.window, self.window_step = {}, None
         for start in range(0, len(entries), 1000):  # log_batch limit: 1000 metrics per call
             operation = self.client.log_batch(self.run_id, metrics=entries[start : start + 1000], synchronous=False)
             if operation is not None:
                 self.pending.append(operation)
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: int, model_id: str | None = None,
+                    dataset: tuple[str, str] | None = None) -> None:
         """Log one step's metrics (a window of one step), asynchronously as `write()`: `flush()` waits."""
         self.write()
         self.record(metrics, step)
-        self.write()
+        self.write(model_id, dataset)
 
     def flush(self) -> None:
         """Write the open window and wait for all writes (called at checkpoints, so logged == checkpointed)."""
@@ -361,4 +368,5 @@ __all__ = [
     "flatten_params", "redact_uri", "is_secret_key", "open_run", "finish_run", "log_export_and_register",
     "RunLogger", "image_grid", "resolve_tracking_uri", "RUN_NAME_TAG", "log_dataset_input",
     "EXPERIMENT_KIND_TAG", "MODEL_TRAINING", "MODEL_TRAINING_VIEW", "experiment_ui_url", "probe_server",
+    "DATASET_DIGEST_CHARS", "DATASET_CONTEXT_TAG",
 ]

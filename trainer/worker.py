@@ -14,7 +14,9 @@ that checkpoint (their metrics can then appear twice under the same step number)
 Checkpoints are reported every `run.checkpoint_every` steps (a report is a barrier across
 workers, so none in between). Rank 0 logs metrics to MLflow every `run.log_every` steps and at
 each checkpoint: one row per metric, the mean over the steps since the last write
-(`tracking.RunLogger`). Ray touch points are marked `# [ray]`.
+(`tracking.RunLogger`). Each checkpoint (or every k-th) is also an MLflow logged model, opened by rank 0
+before that step's evaluation and marked READY after the report (`trainer.checkpoint_models`). Ray touch
+points are marked `# [ray]`.
 """
 
 from __future__ import annotations
@@ -47,10 +49,11 @@ from trainer.batches import (
     StepLedger, cache_order, cache_steps, global_batch, position_meta, ray_steps, reads_cache_stream,
     restored_position, sync_ledger, timed,
 )
+from trainer.checkpoint_models import CheckpointModels
 from trainer.data import CacheCollate, ImagesCollate, TextFeatures
 from trainer.eval_in_training import evaluate_in_training
 from trainer.plan import RunPlan
-from trainer.resume import PROGRESS_FILE
+from trainer.resume import PROGRESS_FILE, checkpoint_dir_name
 from trainer.sample_grids import log_samples, sampling_text_encoder
 from trainer.stages import Stage, build_stage
 from trainer.worker_step import global_losses, optimizer_step, step_seed, throughput
@@ -122,8 +125,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             step_ledger.restore(directory)
         resumed = True
     logger = tracking.RunLogger(plan.tracking_uri, plan.run_id, enabled=rank == 0)
+    models = CheckpointModels(logger.client, plan.run_id, config.run, enabled=logger.enabled)
     if resumed:  # where the metric history has points of steps redone after this restore (RELIABILITY.md)
         logger.record({"restored_at_step": float(step), "world_size": float(world_size)}, step)
+        models.ready(step)  # Ray restored it, so it is persisted (trainer/checkpoint_models.py)
     collate = ImagesCollate() if config.stage == "tokenizer" else CacheCollate(manifest)
     order, position = None, 0
     if reads_cache_stream(config):
@@ -188,11 +193,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             logger.write()
         if config.tracking.sample_every and step % config.tracking.sample_every == 0 or step == config.run.max_steps:
             log_samples(plan, stage, ema, sample_batch, logger, step)
+        checkpointing = step % config.run.checkpoint_every == 0 or step == config.run.max_steps
+        model_id = models.open(step) if checkpointing else None  # before the evaluation: its figures go to it
         if config.eval.every_steps and (step % config.eval.every_steps == 0 or step == config.run.max_steps) \
                 and logger.enabled:
 
-            evaluate_in_training(config, stage, ema, logger, step, sampling_text_encoder(plan, stage))
-        if step % config.run.checkpoint_every == 0 or step == config.run.max_steps:
+            evaluate_in_training(config, stage, ema, logger, step, sampling_text_encoder(plan, stage), model_id)
+        if checkpointing:
             if ledger is not None:
                 logger.record(sync_ledger(ledger), step)
             step_ledger.gather()
@@ -200,7 +207,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             stream = position_meta(position, order.digest, config) if order is not None else None
             report_checkpoint(config, stage, optimizer, scheduler, disc_optimizer, ema, metrics, step,
                               position // order.num_rows if order is not None else data_epoch,
-                              plan.run_id, rank, ledger, stream, step_ledger)
+                              plan.run_id, rank, ledger, stream, step_ledger, models)
         if step >= config.run.max_steps:
             break
     steps.close()
@@ -238,7 +245,7 @@ def restore(directory, stage: Stage, optimizer, scheduler, disc_optimizer, ema, 
 
 def report_checkpoint(config, stage: Stage, optimizer, scheduler, disc_optimizer, ema, metrics, step, data_epoch,
                       run_id, rank, ledger: VisitLedger | None = None, stream: dict[str, Any] | None = None,
-                      step_ledger: StepLedger | None = None) -> None:
+                      step_ledger: StepLedger | None = None, models: CheckpointModels | None = None) -> None:
 
     # Gathers are collectives under FSDP2: every rank makes them, rank 0 writes.
     model_state, ema_state = full_state_dict(stage.model), full_tensors(ema.state_dict())
@@ -258,9 +265,11 @@ def report_checkpoint(config, stage: Stage, optimizer, scheduler, disc_optimizer
             if step_ledger is not None:
                 step_ledger.write(directory)
         save_rng_state(directory, rank)
-        started, name = time.perf_counter(), f"checkpoint_step{step:08d}"
+        started, name = time.perf_counter(), checkpoint_dir_name(step)
         ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(directory),  # [ray]
                          checkpoint_dir_name=name)
+        if models is not None:  # the report returned: the checkpoint is persisted
+            models.ready(step, directory)
     if rank == 0:
 
         print(f"[train] checkpoint at step {step}: {storage.join(config.run.storage_path, config.run.name, name)} "

@@ -70,6 +70,20 @@ def test_joint_crash_resume_on_s3_then_export(train_assets, s3_bucket, s3_endpoi
     tokenizer = HybridTokenizer.from_pretrained(tmp_path / "export" / "tokenizer")
     reference = HybridTokenizer.from_pretrained(train_assets["tokenizer"])
     assert all(torch.equal(a, b) for a, b in zip(tokenizer.state_dict().values(), reference.state_dict().values()))
+    # each checkpoint is a logged model at its step, pointing at the checkpoint on S3 (no weights copied),
+    # READY, linked to the run; the resumed run made none again for the step-2 checkpoint it restored
+    from mlflow.entities import LoggedModelStatus
+
+    from trainer.checkpoint_models import run_checkpoint_models
+
+    models = run_checkpoint_models(client, run.info.run_id, run.info.experiment_id)
+    assert sorted(models) == [2, 4]
+    assert len(client.search_logged_models([run.info.experiment_id])) == 2
+    for step, model in models.items():
+        assert model.status == LoggedModelStatus.READY and model.name == f"{config.run.name}-step{step:08d}"
+        assert model.params["checkpoint_uri"] == f"{s3_bucket}/train/{config.run.name}/checkpoint_step{step:08d}"
+        assert client.list_logged_model_artifacts(model.model_id) == []
+    assert sorted((o.step, o.model_id) for o in run.outputs.model_outputs) == [(s, models[s].model_id) for s in (2, 4)]
     version = client.get_model_version("hart-joint", str(outcome["model_version"]))
     assert version.run_id == run.info.run_id
     assert json.loads((tmp_path / "export" / "llm" / "config.json").read_text())["model_type"] == "hart_transformer_t2i"
@@ -118,8 +132,9 @@ def test_run_name_without_checkpoint_starts_a_new_mlflow_run(train_assets, tmp_p
     from trainer.driver import preflight
 
     # run.seed 4242: no other run of the session logs the same loss, so its progress line is findable
-    # eval.every_steps rides on this run: 4 held-out shapes prompts generated and scored at steps 1 and 2
-    config = tiny_config(train_assets, "ar", tmp_path, "run.max_steps=2", "run.checkpoint_every=2", "run.export=false",
+    # eval.every_steps rides on this run: 4 held-out shapes prompts generated and scored at steps 1 and 2,
+    # both checkpoint steps, so the figures are logged against the checkpoints' models
+    config = tiny_config(train_assets, "ar", tmp_path, "run.max_steps=2", "run.checkpoint_every=1", "run.export=false",
                          "tracking.sample_every=0", "run.seed=4242", "eval.every_steps=1",
                          "eval.prompts=shapes:heldout", "eval.limit=4")
     first = run_training(config)
@@ -131,11 +146,34 @@ def test_run_name_without_checkpoint_starts_a_new_mlflow_run(train_assets, tmp_p
     assert {"eval/step_0000001.png", "eval/step_0000002.png"} <= {
         f.path for f in client.list_artifacts(first["run_id"], "eval")}
     # the experiment carries the model-training kind tag, and the run names the cache it read as its dataset
+    # and the prompt set it evaluated on
     experiment = client.get_experiment(client.get_run(first["run_id"]).info.experiment_id)
     assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == tracking.MODEL_TRAINING
+    from pipelines.eval_protocol import prompt_set_identity, read_prompts
     from pipelines.manifest import fingerprint_hash, read_manifest
+    from trainer.checkpoint_models import run_checkpoint_models
 
-    (dataset_input,) = client.get_run(first["run_id"]).inputs.dataset_inputs
+    dataset_input, prompts_input = client.get_run(first["run_id"]).inputs.dataset_inputs
+    if prompts_input.dataset.name == "cache":
+        dataset_input, prompts_input = prompts_input, dataset_input
+    prompt_set = prompt_set_identity("shapes:heldout", read_prompts("shapes:heldout", limit=4))
+    assert (prompts_input.dataset.name, prompts_input.dataset.digest) == (prompt_set[0], prompt_set[1][:36])
+    assert {t.key: t.value for t in prompts_input.tags}[tracking.DATASET_CONTEXT_TAG] == "evaluation"
+    # each checkpoint's model carries the figures of its step, on that prompt set, and they rank the models
+    models = run_checkpoint_models(client, first["run_id"], experiment.experiment_id)
+    assert sorted(models) == [1, 2]
+    for step, model in models.items():
+        figures = {m.key: m for m in model.metrics}
+        assert set(figures) == {f"eval/{f}" for f in ("images", "colour_accuracy", "shape_accuracy", "joint_accuracy")}
+        assert all((m.step, m.dataset_name, m.dataset_digest) == (step, prompt_set[0], prompt_set[1][:36])
+                   for m in figures.values())
+        history = client.get_metric_history(first["run_id"], "eval/joint_accuracy")
+        assert figures["eval/joint_accuracy"].value == next(m.value for m in history if m.step == step)
+    ranked = client.search_logged_models([experiment.experiment_id], order_by=[{
+        "field_name": "metrics.eval/joint_accuracy", "ascending": False, "dataset_name": prompt_set[0],
+        "dataset_digest": prompt_set[1][:36]}])
+    values = [next(m.value for m in model.metrics if m.key == "eval/joint_accuracy") for model in ranked]
+    assert sorted(model.params["step"] for model in ranked) == ["1", "2"] and values == sorted(values, reverse=True)
     manifest = read_manifest(config.data.cache)
     assert dataset_input.dataset.name == "cache" and dataset_input.dataset.source_type == "local"
     assert dataset_input.dataset.digest == fingerprint_hash(manifest["fingerprint"])[:36]
@@ -157,7 +195,7 @@ def test_run_name_without_checkpoint_starts_a_new_mlflow_run(train_assets, tmp_p
     plan = preflight(config)  # the checkpoint is there: its MLflow run is the one continued
     assert (plan.run_id, plan.resume_step) == (first["run_id"], 2)
     tracking.finish_run(plan.tracking_uri, plan.run_id, "FINISHED")
-    assert len(client.get_run(first["run_id"]).inputs.dataset_inputs) == 1  # the resumed run's input, once
+    assert len(client.get_run(first["run_id"]).inputs.dataset_inputs) == 2  # the resumed run's inputs, once
 
     run_dir = tmp_path / "storage" / config.run.name
     shutil.rmtree(run_dir / "checkpoint_step00000002")  # Ray's checkpoint list still names it
