@@ -17,6 +17,10 @@ none, are printed as a warning and listed in `no_reference_statistics`. `<out>` 
 figures go to MLflow: metrics `<name>/<figure>` and `<name>/<category>/<figure>` at `step` (`name`,
 default `eval`: `eval/fid`, `eval/people/fid`), the per-category table, a sample grid and the
 protocol; `run_id` attaches them to an existing run (the training run that produced the checkpoint).
+The figures carry what they were computed on as their MLflow dataset (the prompts, and for FID/KID the
+reference statistics file: `prompt_set_identity`), also logged as the run's input with context
+"evaluation"; with `run_id`, the overall figures are logged against that run's checkpoint model of `step`
+where it has one (trainer/checkpoint_models.py), so the experiment's Models view ranks checkpoints by them.
 
 `reference` computes the statistics of real images (a local folder of PNG/JPEG/WebP, or WebDataset
 shards, local or S3) under the same feature pipeline: each image is brought to `image_size` (the
@@ -59,15 +63,17 @@ from pipelines.config import InputConfig
 from pipelines.decode import decode_batch
 from pipelines.eval_figures import (distance_figures, folder_category, image_side, load_reference_images,
                                     per_category_distances, reference_preprocess, shard_images)
-from pipelines.eval_protocol import PROTOCOLS, EvalProtocol, groups, protocol_with, read_prompts
+from pipelines.eval_protocol import PROTOCOLS, EvalProtocol, groups, prompt_set_identity, protocol_with, read_prompts
 from pipelines.eval_stages import GenerateImages, ScoreImages, summarize
 from pipelines.feature_statistics import FeatureStatistics, fold_order
 from pipelines.inception import WEIGHTS_HELP, WEIGHTS_NAME, file_sha256
 from pipelines.progress import show_ray_data_progress
 from pipelines.shard_source import list_shards, name_shards, read_shards_batch
+from trainer.checkpoint_models import model_of_step
 from trainer.export import read_export
 from trainer.ray_session import connect
-from trainer.tracking import finish_run, image_grid, open_run, probe_server, redact_uri, resolve_tracking_uri
+from trainer.tracking import (DATASET_DIGEST_CHARS, finish_run, image_grid, log_dataset_input, open_run, probe_server, redact_uri,
+                              resolve_tracking_uri)
 
 DEFAULT_PROTOCOL = "hart-mjhq-1024"
 
@@ -286,13 +292,17 @@ def run_evaluation(config: EvaluationConfig) -> dict:
           f"{figures['startup_s']:.1f}s of start-up; wrote {storage.join(config.out, 'metrics.json')}", flush=True)
     if config.tracking_uri or config.run_id:
         grid = [storage.read_bytes(fs, storage.join(out_dir, "images", f"{i}.png")) for i in order[:16]]
-        log_to_mlflow(config, record, result, grid)
+        dataset = prompt_set_identity(config.prompts, prompts, file_sha256(config.reference) if wants_fid else "")
+        log_to_mlflow(config, record, result, grid, dataset)
     return result
 
 
-def log_to_mlflow(config: EvaluationConfig, record: dict, result: dict, grid_pngs: list[bytes]) -> None:
+def log_to_mlflow(config: EvaluationConfig, record: dict, result: dict, grid_pngs: list[bytes],
+                  dataset: tuple[str, str] | None = None) -> None:
     """The figures as `<name>/...` metrics at `step`, the protocol, the per-category table and a grid, in
-    run `run_id` (or a new run of `experiment`, which this finishes)."""
+    run `run_id` (or a new run of `experiment`, which this finishes). `dataset`: (name, digest) of what the
+    figures were computed on, their dataset and the run's input; the overall figures are logged against
+    the run's checkpoint model of `step` where there is one."""
     from mlflow.entities import Metric  # MLflow only with tracking (check_tracking)
     from mlflow.tracking import MlflowClient
 
@@ -302,9 +312,15 @@ def log_to_mlflow(config: EvaluationConfig, record: dict, result: dict, grid_png
     if created:
         run_id, _ = open_run(uri, config.experiment, f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}", {})
     stamp, name, step = int(time.time() * 1000), config.name, config.step
-    metrics = [Metric(f"{name}/{k}", float(v), stamp, step) for k, v in result["figures"].items()]
+    model = None if created else model_of_step(client, run_id, step)
+    model_id = model.model_id if model is not None else None
+    on = {"dataset_name": dataset[0], "dataset_digest": dataset[1][:DATASET_DIGEST_CHARS]} if dataset else {}
+    if dataset:
+        log_dataset_input(uri, run_id, dataset[0], dataset[1], config.prompts, context="evaluation")
+    metrics = [Metric(f"{name}/{k}", float(v), stamp, step, model_id=model_id, **on)
+               for k, v in result["figures"].items()]
     for category, values in result["per_category"].items():
-        metrics += [Metric(f"{name}/{category}/{k}", float(v), stamp, step) for k, v in values.items()
+        metrics += [Metric(f"{name}/{category}/{k}", float(v), stamp, step, **on) for k, v in values.items()
                     if k != "images"]
     client.log_batch(run_id, metrics=metrics)
     client.log_text(run_id, json.dumps(record, indent=1), f"{name}/step-{step}/protocol.json")
@@ -316,7 +332,8 @@ def log_to_mlflow(config: EvaluationConfig, record: dict, result: dict, grid_png
     client.log_image(run_id, image_grid(np.stack(first)), artifact_file=f"{name}/step-{step}/grid.png")
     if created:  # a run this job made is finished by it; an attached run belongs to its owner
         finish_run(uri, run_id, "FINISHED")
-    print(f"[evaluate] MLflow run {run_id}: {len(metrics)} metrics at step {step}", flush=True)
+    against = f", the figures against checkpoint model {model.name} ({model_id})" if model is not None else ""
+    print(f"[evaluate] MLflow run {run_id}: {len(metrics)} metrics at step {step}{against}", flush=True)
 
 
 def reference_rows(config: ReferenceConfig):

@@ -62,6 +62,14 @@ def test_two_actors_one_actor_same_images_and_figures_logged_to_mlflow(assets, r
     client = MlflowClient(tracking_uri=mlflow_server)
     experiment = client.create_experiment("training")
     run_id = client.create_run(experiment).info.run_id  # stands in for the training run of the checkpoint
+    # ... and its checkpoint of step 300 as a logged model, which the figures are then logged against
+    from trainer.checkpoint_models import CheckpointModels
+    from trainer.config import load_train_config
+
+    checkpoints = CheckpointModels(client, run_id, load_train_config(None, "joint", [
+        "run.max_steps=300", "run.checkpoint_every=300"]).run)
+    model_id = checkpoints.open(300)
+    checkpoints.ready(300)
     assert run(assets, tmp_path / "a", "--reference", ref, "--actors", "2", "--tracking-uri", mlflow_server,
                "--run-id", run_id, "--step", "300") == 0
     assert run(assets, tmp_path / "b", "--reference", ref, "--actors", "1") == 0
@@ -93,6 +101,18 @@ def test_two_actors_one_actor_same_images_and_figures_logged_to_mlflow(assets, r
     assert [m.step for m in history] == [300]
     artifacts = {f.path for f in client.list_artifacts(run_id, "eval/step-300")}
     assert {"eval/step-300/protocol.json", "eval/step-300/per_category.json", "eval/step-300/grid.png"} <= artifacts
+    # the overall figures on the checkpoint's model, computed on the prompts and the reference statistics
+    from pipelines.eval_protocol import prompt_set_identity, read_prompts
+    from pipelines.inception import file_sha256
+
+    name, digest = prompt_set_identity("shapes:heldout", read_prompts("shapes:heldout"), file_sha256(ref))
+    on_model = {m.key: m for m in client.get_logged_model(model_id).metrics}
+    assert set(on_model) == {f"eval/{key}" for key in a["figures"]}  # per-category figures stay run metrics
+    assert on_model["eval/fid"].value == pytest.approx(a["figures"]["fid"]) and on_model["eval/fid"].step == 300
+    assert (on_model["eval/fid"].dataset_name, on_model["eval/fid"].dataset_digest) == (name, digest[:36])
+    (evaluated,) = client.get_run(run_id).inputs.dataset_inputs
+    assert (evaluated.dataset.name, evaluated.dataset.digest) == (name, digest[:36])
+    assert {t.key: t.value for t in evaluated.tags}["mlflow.data.context"] == "evaluation"
 
 
 def test_reference_of_another_protocol_is_refused_and_missing_files_are_named(assets, ray_local, tmp_path, capsys):
