@@ -28,7 +28,8 @@ def parse_args(argv: list[str] | None = None) -> UiCheckConfig:
     parser.add_argument("--out", default=defaults.out, help="folder of the screenshots")
     parser.add_argument("--browser", default=defaults.browser, help="Chromium executable")
     parser.add_argument("--max-runs", type=int, default=defaults.max_runs,
-                        help="newest training runs whose Dataset cell is checked")
+                        help="newest training runs whose Dataset cell is checked, and newest checkpoint models "
+                             "checked in the Models view")
     parser.add_argument("--timeout-s", type=float, default=defaults.timeout_s, help="wait for each expected text")
     args = parser.parse_args(argv)
     return UiCheckConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(UiCheckConfig)})

@@ -8,7 +8,8 @@ Design:
   free loopback port (`local_services.mlflow_server`).
 - What the pages must show is read first from that server's REST API: the experiment, its training runs
   (runs with a `stage` param, as hart-train logs its config) and their dataset inputs, the newest run
-  with `eval/` metrics, and that run's `per_category.json` tables (hart-evaluate's `log_table`). A store
+  with `eval/` metrics, that run's `per_category.json` tables (hart-evaluate's `log_table`), and the
+  checkpoint models with the metrics logged against them (ranked by the first one through the API). A store
   that lacks one of them fails that check without opening its page, naming what is missing.
 - Then headless Chromium (playwright driving the system's browser: nothing is downloaded) opens the UI,
   in a fresh browser context per check (empty local storage: a first visit; only the assistant side
@@ -18,10 +19,15 @@ Design:
       `#/experiments/<id>` is opened too and where it lands is reported, not checked: MLflow 3.17 opens
       it in the view the browser last chose, GenAI on a first visit, whatever the experiment's tags say.
   (b) the runs table's Dataset column shows `name (digest)` of each training run's dataset input (the
-      newest `--max-runs` training runs);
+      newest `--max-runs` training runs; the data it trained on, not its evaluation prompt set);
   (c) the run page's metrics table lists every `eval/` metric of the run with the value the API has;
   (d) the artifact view renders each per_category.json as a table: its columns, its rows (one per
-      category) and the file's values (numbers as the UI rounds them, to 10 significant digits).
+      category) and the file's values (numbers as the UI rounds them, to 10 significant digits);
+  (e) the experiment's Models view lists the newest `--max-runs` checkpoint models (type
+      `hart-checkpoint`, trainer/checkpoint_models.py), each in its row with every metric logged against
+      it in its metric's column (the columns the UI builds from a metric's key and dataset), so a click on
+      a metric's column header ranks the checkpoints by it. The browser page is wide enough for all of
+      those columns: the table renders only the columns in view.
 - Each check saves a screenshot into `--out` and prints PASS or FAIL with what it saw; any failure
   exits 1, a setup problem (no store, no browser, the server not starting) exits 2.
 """
@@ -39,8 +45,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
+from trainer.checkpoint_models import CHECKPOINT_MODEL_TYPE
 from trainer.local_services import mlflow_server
-from trainer.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING_VIEW, experiment_ui_url
+from trainer.tracking import DATASET_CONTEXT_TAG, EXPERIMENT_KIND_TAG, MODEL_TRAINING_VIEW, experiment_ui_url
 
 # Headless and quiet on a closed network: without the background-networking flags Chromium keeps
 # opening connections (updates, sync, field trials) that the network refuses.
@@ -50,6 +57,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 CLOSED_ASSISTANT = ("localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');"
                     "localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');")
 GENAI_ENTRIES = ("Sessions", "Judges", "Evaluation runs")  # side-bar entries of the GenAI view only
+LOWER_IS_BETTER = ("fid", "kid")  # figures ranked ascending
 VIEWPORT = {"width": 1600, "height": 1000}
 
 
@@ -72,6 +80,18 @@ class Expected:
     eval_run: tuple[str, str] | None = None  # (run id, run name) of the newest run with eval/ metrics
     eval_metrics: dict[str, float] = field(default_factory=dict)
     tables: dict[str, dict] = field(default_factory=dict)  # per_category.json path -> {"columns", "data"}
+    checkpoint_models: list[CheckpointModelView] = field(default_factory=list)  # newest first
+    ranking: tuple[str, list[str]] | None = None  # (metric column, model names best first) from the API
+
+
+@dataclass(frozen=True)
+class CheckpointModelView:
+    """A checkpoint's logged model as the Models view should list it."""
+
+    model_id: str
+    name: str
+    step: int
+    metrics: tuple[tuple[str, str, str, float], ...]  # (key, dataset name, dataset digest, value), "" = no dataset
 
 
 def read_expected(client, experiment_name: str, max_runs: int) -> Expected:
@@ -82,7 +102,8 @@ def read_expected(client, experiment_name: str, max_runs: int) -> Expected:
     expected = Expected(experiment.experiment_id, experiment.name, experiment.tags.get(EXPERIMENT_KIND_TAG))
     runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1000)
     for run in [r for r in runs if "stage" in r.data.params][:max_runs]:
-        labels = [f"{d.dataset.name} ({d.dataset.digest})" for d in run.inputs.dataset_inputs]
+        labels = [f"{d.dataset.name} ({d.dataset.digest})" for d in run.inputs.dataset_inputs
+                  if {t.key: t.value for t in d.tags}.get(DATASET_CONTEXT_TAG) != "evaluation"]
         expected.training.append((run.info.run_id, run.info.run_name, labels))
     evaluated = next((r for r in runs if any(k.startswith("eval/") for k in r.data.metrics)), None)
     if evaluated is not None:
@@ -95,7 +116,42 @@ def read_expected(client, experiment_name: str, max_runs: int) -> Expected:
             for path in paths:
                 local = client.download_artifacts(evaluated.info.run_id, path, tmp)
                 expected.tables[path] = json.loads(Path(local).read_text())
+    read_checkpoint_models(client, expected, max_runs)
     return expected
+
+
+def read_checkpoint_models(client, expected: Expected, max_models: int) -> None:
+    """The experiment's newest checkpoint models with their metrics (of a key logged more than once on a
+    dataset, the first the API lists, as the Models view's cell shows it), and their ranking by the first
+    metric (higher first, or lower for distances: FID, KID)."""
+    found = client.search_logged_models([expected.experiment_id], order_by=[{"field_name": "creation_time",
+                                                                             "ascending": False}], max_results=200)
+    for model in [m for m in found if m.model_type == CHECKPOINT_MODEL_TYPE][:max_models]:
+        shown: dict[tuple[str, str, str], float] = {}
+        for metric in model.metrics or []:
+            shown.setdefault((metric.key, metric.dataset_name or "", metric.dataset_digest or ""), metric.value)
+        expected.checkpoint_models.append(CheckpointModelView(
+            model.model_id, model.name, int(model.params.get("step", -1)),
+            tuple((*where, value) for where, value in sorted(shown.items()))))
+    first = next((m.metrics[0] for m in expected.checkpoint_models if m.metrics), None)
+    if first is not None:
+        key, dataset_name, digest, _ = first
+        order = {"field_name": f"metrics.{key}", "ascending": key.rsplit("/", 1)[-1] in LOWER_IS_BETTER,
+                 **({"dataset_name": dataset_name, "dataset_digest": digest} if dataset_name else {})}
+        ranked = client.search_logged_models([expected.experiment_id], order_by=[order], max_results=200)
+        names = [m.name for m in ranked if m.model_type == CHECKPOINT_MODEL_TYPE
+                 and any(x.key == key for x in m.metrics or [])]
+        expected.ranking = (metric_label(key, dataset_name, digest), names)
+
+
+def metric_column_id(key: str, dataset_name: str, digest: str) -> str:
+    """The Models view's column id of a metric (the UI's `metrics.` + JSON of key and dataset)."""
+    spec = {"metricKey": key, **({"datasetName": dataset_name, "datasetDigest": digest} if dataset_name and digest else {})}
+    return "metrics." + json.dumps(spec, separators=(",", ":"), ensure_ascii=False)
+
+
+def metric_label(key: str, dataset_name: str, digest: str) -> str:
+    return f"{key} on {dataset_name} (#{digest})" if dataset_name else key
 
 
 # --------------------------------------------------------------------------------------
@@ -232,6 +288,44 @@ def check_table(page, base: str, expected: Expected, timeout_ms: int, path: str 
     return f"{path} of run {name} renders as a table: columns {columns}, {len(rows)} rows with the file's values"
 
 
+def check_models_view(page, base: str, expected: Expected, timeout_ms: int) -> str:
+    if not expected.checkpoint_models:
+        raise CheckFailed(f"experiment {expected.experiment_name!r} has no checkpoint models ({CHECKPOINT_MODEL_TYPE})")
+    if not any(model.metrics for model in expected.checkpoint_models):
+        raise CheckFailed("no checkpoint model has a metric logged against it: nothing ranks them (evaluate at a "
+                          "checkpoint step, or hart-evaluate --run-id with the checkpoint's --step)")
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout  # optional: only this check needs it
+
+    page.goto(f"{base}/#/experiments/{expected.experiment_id}/models?workflowType={MODEL_TRAINING_VIEW}")
+    rendered(page, page.get_by_role("columnheader", name="Model name"), "the Models view's table ('Model name')",
+             timeout_ms)
+    problems = []
+    for model in expected.checkpoint_models:
+        rows = page.locator(f'[role="row"][row-id="{model.model_id}"]')  # a row's pinned and scrolled parts
+        try:
+            rows.filter(has_text=model.name).first.wait_for(timeout=5000)  # the table is there: rows follow
+        except PlaywrightTimeout:
+            problems.append(f"{model.name}: not listed")
+            continue
+        for key, dataset_name, digest, value in model.metrics:
+            shown = [text.strip() for text in
+                     rows.locator(f"[col-id='{metric_column_id(key, dataset_name, digest)}']").all_inner_texts()]
+            if not any(close(text, value) for text in shown):
+                problems.append(f"{model.name} {metric_label(key, dataset_name, digest)}: "
+                                f"{shown or 'no cell'} (API {value})")
+    if problems:
+        raise CheckFailed("Models view: " + "; ".join(problems))
+    ranked = f"; ranked by {expected.ranking[0]}: {', '.join(expected.ranking[1])}" if expected.ranking else ""
+    return (f"Models view lists {len(expected.checkpoint_models)} checkpoint models with "
+            f"{sum(len(m.metrics) for m in expected.checkpoint_models)} metric values{ranked}")
+
+
+def models_viewport(expected: Expected) -> dict[str, int]:
+    """Wide enough for every metric column of the checked models (the table renders the columns in view)."""
+    columns = {metric[:3] for model in expected.checkpoint_models for metric in model.metrics}
+    return {"width": max(VIEWPORT["width"], 1800 + 200 * len(columns)), "height": VIEWPORT["height"]}
+
+
 def same_value(text: str, value) -> bool:
     """A rendered cell against the file's value: numbers to the UI's 10 significant digits."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -254,7 +348,7 @@ class UiCheckConfig:
     experiment: str = "hart-demo"
     out: str = "runs/mlflow-ui-check"  # folder of the screenshots
     browser: str = "/usr/bin/chromium"  # Chromium executable
-    max_runs: int = 6  # newest training runs whose Dataset cell is checked
+    max_runs: int = 6  # newest training runs whose Dataset cell is checked; newest checkpoint models in the Models view
     timeout_s: float = 60.0  # wait for each expected text
 
 
@@ -305,11 +399,13 @@ def run_checks(browser, base: str, expected: Expected, out: Path, timeout_ms: in
         slug = re.sub(r"[^A-Za-z0-9]+", "-", path.removesuffix(".json")).strip("-") if path else ""
         checks.append((f"d-table-{slug}".rstrip("-"), f"(d) per-category table {path or ''}".rstrip(),
                        functools.partial(check_table, path=path)))
+    checks.append(("e-models-view", "(e) Models view lists the checkpoint models with their metrics", check_models_view))
     results = []
     for shot, title, check in checks:
         screenshot = out / f"{shot}.png"
+        viewport = models_viewport(expected) if check is check_models_view else VIEWPORT
         try:
-            text = run_in_fresh_page(browser, screenshot, lambda page: check(page, base, expected, timeout_ms))
+            text = run_in_fresh_page(browser, screenshot, lambda page: check(page, base, expected, timeout_ms), viewport)
             ok = True
         except CheckFailed as failure:
             ok, text = False, str(failure)
@@ -326,9 +422,9 @@ def run_checks(browser, base: str, expected: Expected, out: Path, timeout_ms: in
     return results
 
 
-def run_in_fresh_page(browser, screenshot: Path, body) -> str:
+def run_in_fresh_page(browser, screenshot: Path, body, viewport: dict[str, int] = VIEWPORT) -> str:
     """`body(page)` in a new context (a first visit), then a screenshot of what the page shows, also on failure."""
-    context = browser.new_context(viewport=VIEWPORT)
+    context = browser.new_context(viewport=viewport)
     context.add_init_script(CLOSED_ASSISTANT)
     page = context.new_page()
     try:
