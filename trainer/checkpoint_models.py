@@ -14,7 +14,7 @@ Design:
   dataset: `pipelines.eval_protocol.prompt_set_identity`), and marks it READY once `ray.train.report` has
   returned, when the checkpoint is persisted. A model left PENDING names a checkpoint that was never
   written. Evaluation steps that are not checkpoint steps stay run metrics: no checkpoint holds the
-  weights they measured (an `eval.every_steps` that is a multiple of `run.checkpoint_every` ranks every
+  weights they measured (an `eval.every_steps` that divides `run.checkpoint_every` ranks every
   checkpoint). Training metrics (loss windows) stay run metrics, so the Models view's metric columns
   are the evaluation's figures. `hart-evaluate --run-id R --step N` logs its figures against run R's
   model of step N (`model_of_step`).
