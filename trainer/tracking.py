@@ -8,7 +8,8 @@ Design:
   run name with no checkpoint left (never checkpointed, or its folder deleted) gets a *new*
   MLflow run, so steps 1..N are never appended to an old run's history. Every run carries
   the tag `hart.run_name`; a new run lists earlier runs of the same name in `hart.previous_runs`.
-- Workers log only on world rank 0 (`RunLogger`), with explicit `step=` taken from the
+- Workers log training metrics only on world rank 0 (`RunLogger`; each node's system metrics come from
+  its first worker: trainer/system_metrics.py), with explicit `step=` taken from the
   training step, so a resumed run continues the same step axis; every `run.log_every` steps
   one row per metric, averaged over those steps (`log_every: 1` logs every step) (Ray's MLflowLoggerCallback
   is a Tune callback and is rejected by Train V2, docs/design/ray.md, "Tune callbacks under Train V2").

@@ -20,6 +20,7 @@ from trainer import tracking
 from trainer.driver import run_training
 from pipelines import storage
 from tests.training_fixtures import tiny_config
+from trainer.system_metrics import METRIC_PREFIX
 
 
 def only_run(tracking_uri: str, experiment: str, run_name: str):
@@ -50,6 +51,12 @@ def test_joint_crash_resume_on_s3_then_export(train_assets, s3_bucket, s3_endpoi
     # params: the flattened config, nothing credential-like (the fake AWS secret is "testing")
     assert run.data.params["run.name"] == config.run.name and run.data.params["stage"] == "joint"
     assert not any("testing" in value for value in run.data.params.values())
+    # the node's system metrics: one series, a last sample when the crash ended the first attempt, and
+    # the resumed attempt's samples after it (trainer/system_metrics.py)
+    cpu = [key for key in run.data.metrics if key.startswith(METRIC_PREFIX) and key.endswith("/cpu_utilization_percentage")]
+    assert len(cpu) == 1, cpu
+    cpu_steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, cpu[0]))
+    assert len(cpu_steps) >= 2 and cpu_steps == list(range(len(cpu_steps)))
 
     # the last checkpoint on S3 carries the step, the MLflow run id and the training state
     local = tmp_path / "last"
