@@ -18,7 +18,8 @@ A deployment supplies its own path with `mlflow.pyfunc.load_model(uri, model_con
 `mlflow models serve`, MLflow's `MLFLOW_PYFUNC_INFERENCE_CONFIG='{"text_encoder": "/models/qwen2"}'`.
 
 Input: a DataFrame with a `prompt` column (string) and optional `seed` (integer) and `cfg` (float)
-columns; a missing value means the protocol's. Output: one row per input row, column `image`, the PNG
+columns, checked by MLflow against the signature first (so `cfg` is written 3.0, not 3, and a `seed`
+column has a value on every row); an absent column (or a NaN cfg) means the protocol's. Output: one row per input row, column `image`, the PNG
 bytes (base64 in a served JSON answer). Seeds are per request, as in hart-generate: the rows that share
 a (seed, cfg) pair, in row order, are one hart-generate call with `--set seed=S --set cfg=C`, so
 group g of the protocol's batch_size rows samples with seed S + g, and a row's image depends on the
@@ -42,18 +43,18 @@ from typing import Any
 import mlflow
 import pandas as pd
 
-from pipelines.eval_protocol import EvalPrompt
+from pipelines.eval_protocol import EvalPrompt, protocol_with
 from trainer.generation import GenerationConfig, Generator
 
 # Artifact URIs a text-encoder reference may be, downloaded from the tracking server's artifact store.
 ARTIFACT_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/", "s3://")
-INPUT_COLUMNS = ("prompt", "seed", "cfg")
 OUTPUT_COLUMN = "image"
 
 
 def served_settings(model_config: dict[str, Any], folder: str | Path) -> GenerationConfig:
     """The generation config of a served model: its folder as the export, its `model_config` as the
-    text encoder, protocol, overrides and device. ValueError naming the setting to fix."""
+    text encoder (an artifact URI downloaded here), protocol, overrides and device. ValueError naming
+    the setting to fix (before any weight is loaded)."""
     config = dict(model_config or {})
     unknown = set(config) - {"text_encoder", "protocol", "overrides", "device"}
     if unknown:
@@ -61,15 +62,21 @@ def served_settings(model_config: dict[str, Any], folder: str | Path) -> Generat
                          f"overrides, device")
     text_encoder = str(config.get("text_encoder") or "minilm")
     if text_encoder.startswith(ARTIFACT_SCHEMES):
+        # a folder the loaded model reads from for as long as it lives (the process)
         text_encoder = mlflow.artifacts.download_artifacts(text_encoder, dst_path=tempfile.mkdtemp(prefix="text-encoder-"))
     elif text_encoder != "minilm" and not os.path.isdir(text_encoder):
         raise ValueError(f"text encoder {text_encoder}: no such folder here; supply it with load_model(uri, "
                          f"model_config={{'text_encoder': PATH}}) or, for `mlflow models serve`, "
                          f"MLFLOW_PYFUNC_INFERENCE_CONFIG='{{\"text_encoder\": \"PATH\"}}' (a local folder, 'minilm', or "
                          f"an MLflow artifact URI)")
-    return GenerationConfig(output="", export=str(folder), text_encoder=text_encoder,
-                            protocol=str(config.get("protocol") or "hart-mjhq-1024"),
-                            overrides=tuple(config.get("overrides") or ()), device=str(config.get("device") or ""))
+    settings = GenerationConfig(output="", export=str(folder), text_encoder=text_encoder,
+                                protocol=str(config.get("protocol") or GenerationConfig.protocol),
+                                overrides=tuple(config.get("overrides") or ()), device=str(config.get("device") or ""))
+    images_per_prompt = protocol_with(settings.protocol, settings.overrides).images_per_prompt
+    if images_per_prompt != 1:
+        raise ValueError(f"protocol {settings.protocol} makes {images_per_prompt} images per prompt; the served model "
+                         f"makes one per row: set overrides ['images_per_prompt=1'] and repeat rows")
+    return settings
 
 
 def request_batches(model_input: pd.DataFrame) -> list[tuple[dict[str, Any], list[int]]]:
@@ -80,9 +87,6 @@ def request_batches(model_input: pd.DataFrame) -> list[tuple[dict[str, Any], lis
     if not isinstance(model_input, pd.DataFrame) or "prompt" not in model_input.columns:
         columns = list(model_input.columns) if isinstance(model_input, pd.DataFrame) else type(model_input).__name__
         raise ValueError(f"expected a table with a 'prompt' column (and optional 'seed', 'cfg'), got {columns}")
-    unknown = [c for c in model_input.columns if c not in INPUT_COLUMNS]
-    if unknown:
-        raise ValueError(f"unknown input column(s) {unknown}: expected 'prompt' and optional 'seed', 'cfg'")
     batches: dict[tuple, list[int]] = {}
     for number, row in enumerate(model_input.to_dict("records")):
         prompt = row["prompt"]
@@ -110,14 +114,12 @@ class ServedGenerator(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         folder = Path(context.artifacts["tokenizer"]).parent  # artifacts/: tokenizer/ + llm/ or star/
         self.generator = Generator.load(served_settings(context.model_config, folder))
-        if self.generator.protocol.images_per_prompt != 1:
-            raise ValueError(f"protocol makes {self.generator.protocol.images_per_prompt} images per prompt; the "
-                             f"served model makes one per row: set overrides ['images_per_prompt=1'] and repeat rows")
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        images: list[bytes | None] = [None] * len(model_input)
-        prompts = model_input["prompt"].tolist() if "prompt" in getattr(model_input, "columns", ()) else []
-        for changes, rows in request_batches(model_input):
+        batches = request_batches(model_input)  # checked before any image is made
+        prompts = model_input["prompt"].tolist()
+        images: list[bytes | None] = [None] * len(prompts)
+        for changes, rows in batches:
             protocol = dataclasses.replace(self.generator.protocol,
                                            **{k: v for k, v in changes.items() if v is not None})
             # ids as hart-generate gives them (000000, ...): they name files there and only label rows here

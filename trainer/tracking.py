@@ -36,6 +36,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -55,7 +56,6 @@ DEFAULT_TRACKING_URI = "sqlite:///runs/mlflow.db"
 # The run's logged (pyfunc) model of a transformer export, or its artifact folder of a tokenizer export
 EXPORT_ARTIFACT_PATH = "model"
 TRAIN_CONFIG_FILE = "train_config.json"  # the run config beside an export's folders (secrets redacted)
-SERVED_PROTOCOL = "hart-mjhq-1024"  # the served model's default sampling settings (hart-generate's default)
 REDACTED = "***"
 MAX_PARAM_CHARS = 500
 # A key segment (split on . _ -) that names a secret. "token" alone, not "tokenizer"/"tokens".
@@ -247,7 +247,7 @@ def finish_run(tracking_uri: str, run_id: str, status: str) -> None:
 
 
 def log_export_and_register(tracking_uri: str, run_id: str, export_dir: str | Path, model_name: str,
-                            text_encoder: str = "minilm", protocol: str = SERVED_PROTOCOL, step: int = 0) -> int:
+                            *, text_encoder: str, protocol: str, step: int = 0) -> int:
     """Log an export from its run and register it; returns the model version.
 
     A transformer export (HART's `llm/` or STAR's `star/`, with `tokenizer/`) becomes the pyfunc model
@@ -277,7 +277,10 @@ def log_export_and_register(tracking_uri: str, run_id: str, export_dir: str | Pa
         artifacts["train_config"] = str(export_dir / TRAIN_CONFIG_FILE)
     # The fluent API places the logged model in the active run's experiment; leaving the run ends it
     # (FINISHED, as the driver's finish_run does next; FAILED on an error here).
-    with fluent_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id, log_system_metrics=False):
+    with fluent_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id, log_system_metrics=False), \
+            warnings.catch_warnings():
+        # the signature is given; an input example would load and run the model here to check it
+        warnings.filterwarnings("ignore", message=".*An input example was not provided")
         info = mlflow.pyfunc.log_model(
             name=EXPORT_ARTIFACT_PATH, step=step, registered_model_name=model_name,
             python_model=str(Path(__file__).with_name("served_model.py")), artifacts=artifacts,

@@ -85,7 +85,8 @@ def registry(tmp_path_factory):
     star = star_export(root / "star")
     versions = {"hart": tracking.log_export_and_register(uri, run_ids["hart"], hart, "hart-served", text_encoder=qwen,
                                                          protocol="shapes", step=4),
-                "star": tracking.log_export_and_register(uri, run_ids["star"], star, "star-served", protocol="shapes")}
+                "star": tracking.log_export_and_register(uri, run_ids["star"], star, "star-served",
+                                                         text_encoder="minilm", protocol="shapes")}
     assert mlflow.get_tracking_uri() != uri  # the process-wide URI is put back
     return {"root": root, "uri": uri, "client": client, "run_ids": run_ids, "qwen": qwen, "hart": hart, "star": star,
             "versions": versions}
