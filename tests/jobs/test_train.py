@@ -79,6 +79,10 @@ def test_joint_crash_resume_on_s3_then_export(train_assets, s3_bucket, s3_endpoi
     assert all(torch.equal(a, b) for a, b in zip(tokenizer.state_dict().values(), reference.state_dict().values()))
     version = client.get_model_version("hart-joint", str(outcome["model_version"]))
     assert version.run_id == run.info.run_id
+    # the version is the run's logged pyfunc model (trainer/served_model.py, tested there), with the run's text encoder
+    logged = client.get_logged_model(version.source.removeprefix("models:/"))
+    assert logged.source_run_id == run.info.run_id
+    assert (run.data.params["text_encoder"], run.data.params["protocol"]) == ("minilm", "shapes")  # its model_config
     assert json.loads((tmp_path / "export" / "llm" / "config.json").read_text())["model_type"] == "hart_transformer_t2i"
 
 
