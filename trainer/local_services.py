@@ -51,7 +51,7 @@ class MlflowServer:
     """An `mlflow server` process on a fixed loopback port: `start()` returns once /health answers,
     `stop()` ends it, and `start()` again brings it back on the same port (a restart, as when a pod is
     rescheduled). `args` follow `mlflow` on the command line (`server --host=127.0.0.1 ...`); `env` is
-    added to this process's environment. Its output goes to `log_path`, each start appended.
+    added to this process's environment. Its output goes to `log_path` (a restart's appended).
 
     The server runs in its own session and is stopped as a process group: `mlflow server` starts its
     uvicorn workers as children, which a signal to the CLI process alone leaves running. The
@@ -69,7 +69,7 @@ class MlflowServer:
         """Start the server and wait for /health; RuntimeError naming the log when it does not answer
         within `timeout_s` (the process is stopped then)."""
         assert self.process is None or self.process.poll() is not None, "the server is running"
-        with open(self.log_path, "a") as log:
+        with open(self.log_path, "a" if self.process is not None else "w") as log:  # a restart appends
             self.process = subprocess.Popen([sys.executable, "-m", "mlflow", *self.args], stdout=log,
                                             stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
         deadline = time.time() + self.timeout_s

@@ -25,8 +25,9 @@ twice. The defaults suffice for a restart; an outage longer than the retries fai
 (`wait()` raises), so the checkpoint flush fails the run (`run.max_failures: 0`), its last checkpoint
 kept (infra/README.md, "Tested MLflow topology").
 
-Lean enough for `make test`: the server runs with one worker (the Deployment's four cost ~2 s more
-wall and 20 s more CPU per start on 2 busy cores, twice with the restart), the run is 24 tiny steps,
+Lean enough for `make test`: the server runs with one worker (measured on 2 busy cores, the
+Deployment's four took 30 s instead of 28 s to start, and 47 s instead of 28 s of CPU over a start
+and a restart: CPU the training run would lose), the run is 24 tiny steps,
 the job user is created by one REST request (the README's Python client costs seconds of imports;
 tests/infra/test_mlflow_servers.py runs that one), and the evaluation generates 4 held-out prompts.
 The restart is triggered by reading the backend store directly, not the busy one-worker server.
