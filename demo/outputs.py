@@ -75,7 +75,8 @@ def mlflow_client(summary: Summary):
 
 def check_training_run(summary: Summary, key: str, stage: str, steps: int, endpoint_url: str,
                        local_export: Path | None = None) -> Problems:
-    """The MLflow run `key` of `summary` finished with metrics, its grid and its exported model; its
+    """The MLflow run `key` of `summary` finished with metrics, its grid and its exported model (a
+    tokenizer's `model/` artifacts, a transformer's logged pyfunc model); its
     last checkpoint is at `steps` and loads; its exported folders (next to the checkpoints, and
     `local_export` if given) load and hold that checkpoint's weights (not an earlier run's)."""
     run_id = summary["where"]["mlflow_runs"].get(key)
@@ -91,8 +92,10 @@ def check_training_run(summary: Summary, key: str, stage: str, steps: int, endpo
     folder = GRID_FOLDER["tokenizer" if stage == "tokenizer" else "transformer"]
     if not any(a.path.endswith(".png") for a in client.list_artifacts(run_id, folder)):
         problems.append(f"MLflow run {run_id} has no {folder}/*.png grid")
-    if not client.list_artifacts(run_id, EXPORT_ARTIFACT_PATH):
+    if stage == "tokenizer" and not client.list_artifacts(run_id, EXPORT_ARTIFACT_PATH):
         problems.append(f"MLflow run {run_id} has no exported model ({EXPORT_ARTIFACT_PATH}/)")
+    if stage != "tokenizer" and not (run.outputs and run.outputs.model_outputs):
+        problems.append(f"MLflow run {run_id} has no logged model (the registered pyfunc model of its export)")
 
     root = summary["where"]["checkpoints"]
     name = run.data.tags.get(RUN_NAME_TAG, "")

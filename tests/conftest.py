@@ -21,6 +21,8 @@ Fixtures (reuse them; they are generic):
                   resource. It yields a `MultiNode` (cluster, head, nodes by name, `node_name(id)`).
                   The session's local instance (`ray_local`) is shut down for the module and started
                   again afterwards. Only S3 is shared storage between its nodes, by convention.
+- `no_ray_deprecations` autouse: fails a test during which Ray logged a deprecation (tests/ray_deprecations.py;
+                  pyproject.toml's filterwarnings does the same for deprecation warnings raised by project code).
 - `tiny_lpips_weights` function scope: a tiny LPIPS metric (VGG trunk widths 4..16) written as two local
                   files the way users bring the real ones: the trunk with torchvision's `features.*` keys
                   (plus an unused classifier key, as a full torchvision checkpoint has) and the heads
@@ -150,6 +152,16 @@ def s3_env(s3_bucket, s3_endpoint, monkeypatch):
 # Training fixtures (tiny tokenizer + shards + real token cache, a real `mlflow server`) live in one
 # module so that tests/jobs and tests/faults share a single session-scoped copy.
 from tests.training_fixtures import mlflow_server, train_assets  # noqa: E402,F401  (pytest fixtures)
+from tests.ray_deprecations import RayDeprecationLog  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def no_ray_deprecations():
+    """Fails a test during which Ray logged a deprecation (tests/ray_deprecations.py)."""
+    with RayDeprecationLog() as log:
+        yield log
+    if log.messages:
+        pytest.fail("Ray deprecation caused by project code:\n" + "\n".join(log.messages), pytrace=False)
 
 
 TINY_VGG = (4, 8, 8, 16, 16)

@@ -252,9 +252,25 @@ class TrackingSection:
     # experiment that exists keeps the root it was created with.
     artifact_location: str = ""
     registered_model: str = ""  # Model Registry name; empty = "hart-<stage>"
+    # The sampling protocol (pipelines/eval_protocol.py) the registered pyfunc model serves with by
+    # default (trainer/served_model.py); a deployment may change it at load
+    served_protocol: str = "hart-mjhq-1024"
     sample_every: int = 0  # steps between sample/reconstruction grids (0 = only at the end)
     sample_prompts: tuple[str, ...] = ("a red circle", "a blue square", "a green triangle", "a yellow star")
     sample_seed: int = 0
+    # Seconds between samples of each node's CPU, memory, disk, network and GPU figures, logged into the run
+    # as system/<node>/<metric> by the node's first worker (trainer/system_metrics.py); 0 = off.
+    system_metrics_interval_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        # each sample is a store write per node: a second is the finest that stays cheap for the store
+        if self.system_metrics_interval_s != 0 and self.system_metrics_interval_s < 1:
+            raise ValueError(f"tracking.system_metrics_interval_s must be 0 (off) or >= 1 second, "
+                             f"got {self.system_metrics_interval_s}")
+        if self.served_protocol not in PROTOCOLS or PROTOCOLS[self.served_protocol].images_per_prompt != 1:
+            served = sorted(name for name, protocol in PROTOCOLS.items() if protocol.images_per_prompt == 1)
+            raise ValueError(f"tracking.served_protocol must be one of {served} (one image per prompt), got "
+                             f"{self.served_protocol!r}")
 
 
 @dataclass(frozen=True)

@@ -145,8 +145,12 @@ def text_length(plan: RunPlan) -> int:
 def run_text_encoder(plan: RunPlan):
     """The text encoder of a run's prompts: the one the cache's features came from (its manifest),
     else `data.text_encoder`, at the transformer's text length (generation, STAR's null condition)."""
-    name = ((plan.manifest or {}).get("text") or {}).get("encoder") or plan.config.data.text_encoder
-    return build_text_encoder(name, plan.transformer.context_token)
+    return build_text_encoder(text_encoder_name(plan), plan.transformer.context_token)
+
+
+def text_encoder_name(plan: RunPlan) -> str:
+    """The text encoder the run's text features come from: the cache's (manifest), else `data.text_encoder`."""
+    return ((plan.manifest or {}).get("text") or {}).get("encoder") or plan.config.data.text_encoder
 
 
 def list_image_shards(config: TrainRunConfig) -> list[str]:
@@ -309,5 +313,5 @@ class TextFeatures:
 __all__ = [
     "check_cache", "check_rows_match_model", "check_text_encoder", "list_image_shards", "cache_columns", "image_dataset",
     "online_dataset", "online_precompute_config", "prepare_online", "CheckpointProgress",
-    "images_collate", "ImagesCollate", "CacheCollate", "TextFeatures", "text_length", "run_text_encoder",
+    "images_collate", "ImagesCollate", "CacheCollate", "TextFeatures", "text_length", "run_text_encoder", "text_encoder_name",
 ]

@@ -38,7 +38,7 @@ from trainer import tracking
 from trainer.config import TrainRunConfig, with_absolute_paths
 from trainer.data import (
     check_cache, check_text_encoder, image_dataset, list_image_shards, online_dataset, online_precompute_config,
-    prepare_online,
+    prepare_online, text_encoder_name,
 )
 from trainer.export import export_checkpoint, upload_folder
 from trainer.plan import RunPlan
@@ -231,12 +231,15 @@ def run_training(config: TrainRunConfig, export_dir: str | None = None) -> dict[
                "final_step": int(result.metrics.get("step", 0)) if result.metrics else 0,
                "export_dir": None, "model_version": None}
     if config.run.export and result.checkpoint is not None:
-        outcome.update(export_and_register(plan, result.checkpoint, export_dir))
+        outcome.update(export_and_register(plan, result.checkpoint, export_dir, outcome["final_step"]))
     tracking.finish_run(plan.tracking_uri, plan.run_id, "FINISHED")
     return outcome
 
 
-def export_and_register(plan: RunPlan, checkpoint, export_dir: str | None) -> dict[str, Any]:
+def export_and_register(plan: RunPlan, checkpoint, export_dir: str | None, step: int = 0) -> dict[str, Any]:
+    """Export the checkpoint next to the run's checkpoints (and to `export_dir`), log it from the run
+    and register it: a transformer stage's export as the pyfunc model of `trainer.served_model` at
+    `step`, with the run's text encoder by reference and `tracking.served_protocol`."""
     config = plan.config
     # Without --export-dir the export is staged in a temporary folder and lives at `destination` only.
     with tempfile.TemporaryDirectory(prefix="hart-export-") as staging:
@@ -249,6 +252,8 @@ def export_and_register(plan: RunPlan, checkpoint, export_dir: str | None) -> di
         destination = storage.join(config.run.storage_path, config.run.name, "export")
         upload_folder(local, destination, config.run.endpoint_url)
         name = config.tracking.registered_model or f"hart-{config.stage}"
-        version = tracking.log_export_and_register(plan.tracking_uri, plan.run_id, local, name)
+        version = tracking.log_export_and_register(plan.tracking_uri, plan.run_id, local, name,
+                                                   text_encoder=text_encoder_name(plan),
+                                                   protocol=config.tracking.served_protocol, step=step)
     print(f"[train] exported to {destination}; registered {name} version {version}")
     return {"export_dir": export_dir or destination, "model_version": version}

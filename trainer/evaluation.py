@@ -56,6 +56,7 @@ import numpy as np
 import ray
 import torch
 from PIL import Image
+from ray.data import ActorPoolStrategy
 
 from pipelines import storage
 from pipelines.clip_score import CLIP_HELP
@@ -167,8 +168,8 @@ def _init_ray(config: EvalJobSettings) -> None:
     show_ray_data_progress(config.ray_progress)
 
 
-def _actor_options(config: EvalJobSettings, concurrency: int, gpus: float) -> dict:
-    return {"concurrency": concurrency, "num_cpus": config.cpus_per_actor, "num_gpus": gpus or None}
+def _actor_options(config: EvalJobSettings, actors: int, gpus: float) -> dict:
+    return {"compute": ActorPoolStrategy(size=actors), "num_cpus": config.cpus_per_actor, "num_gpus": gpus or None}
 
 
 def feature_network_id(inception: str) -> str:

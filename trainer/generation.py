@@ -10,18 +10,21 @@ images in both jobs. The text encoder is `minilm` (the embedded offline default)
 a causal LM (HART uses Qwen2), or for STAR an SD-2.1 folder (its CLIP text model); nothing is
 downloaded, and every model path is a local file or folder (an `s3://` one is refused with the
 copy command). Files are named `<image id>-<slug>.png`, so a prompt list maps to files one to one.
+The loaded model and its "prompts -> PNG bytes" step are `Generator`, which the MLflow pyfunc model
+(`trainer.served_model`) holds too: its predictions are hart-generate's images, byte for byte.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from pipelines.eval_protocol import PROTOCOLS, EvalPrompt, groups, protocol_with, read_prompts
+from pipelines.eval_protocol import PROTOCOLS, EvalPrompt, EvalProtocol, groups, protocol_with, read_prompts
 from pipelines.eval_stages import generate_group, load_generator
 from trainer.export import read_export
 
@@ -80,26 +83,53 @@ def model_files(config: GenerationConfig, ema: bool) -> dict[str, str]:
     return files
 
 
+@dataclass(frozen=True)
+class Generator:
+    """A loaded generator (`load_generator`'s model, tokenizer and text encoder on `device`) with the
+    protocol it was loaded under: prompts -> PNG image rows, the one path from prompts to image bytes
+    that hart-generate and the served MLflow model (`trainer.served_model`) both take."""
+    model: torch.nn.Module
+    tokenizer: torch.nn.Module
+    encoder: object
+    protocol: EvalProtocol
+    device: torch.device
+
+    @classmethod
+    def load(cls, config: GenerationConfig) -> Generator:
+        """The generator of `config` (its model files, text encoder, protocol and overrides, device);
+        prints the sampling settings. ValueError on a bad protocol, override or model path."""
+        protocol = protocol_with(config.protocol, config.overrides)
+        files = model_files(config, protocol.ema)
+        device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        print(f"[generate] protocol {config.protocol}{' with ' + ', '.join(config.overrides) if config.overrides else ''}: "
+              f"{protocol.describe()}", flush=True)
+        model, tokenizer, encoder = load_generator(files.get("llm", ""), files["tokenizer"], config.text_encoder,
+                                                   protocol, device, star=files.get("star", ""), compile=config.compile)
+        return cls(model, tokenizer, encoder, protocol, device)
+
+    @torch.no_grad()  # on a generator function: around each step, so the caller's code keeps its grad mode
+    def generate(self, prompts: list[EvalPrompt], protocol: EvalProtocol | None = None) -> Iterator[dict]:
+        """Image rows {id, prompt, category, png} of `prompts` in order: the protocol's seeded groups
+        (`groups`: group g of batch_size prompts samples with seed + g), each one `generate_group` call.
+        `protocol` (default: the loaded one) may change the sampling settings, not the weights it chose."""
+        protocol = protocol or self.protocol
+        assert protocol.ema == self.protocol.ema, "the weights (ema) are chosen at load"
+        for group in groups(prompts, protocol):
+            yield from generate_group(self.model, self.tokenizer, self.encoder, group, protocol, self.device)
+
+
 def run_generation(config: GenerationConfig) -> list[Path]:
     """Generate every prompt's images into `config.output`; returns the files written. ValueError on bad input."""
-    protocol = protocol_with(config.protocol, config.overrides)
     prompts = read_prompt_list(config)
-    files = model_files(config, protocol.ema)
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    print(f"[generate] protocol {config.protocol}{' with ' + ', '.join(config.overrides) if config.overrides else ''}: "
-          f"{protocol.describe()}", flush=True)
-    model, tokenizer, encoder = load_generator(files.get("llm", ""), files["tokenizer"], config.text_encoder, protocol,
-                                               device, star=files.get("star", ""), compile=config.compile)
+    generator = Generator.load(config)
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
     written = []
-    with torch.no_grad():
-        for group in groups(prompts, protocol):
-            for row in generate_group(model, tokenizer, encoder, group, protocol, device):
-                path = output / f"{row['id']}-{slug(row['prompt'])}.png"
-                path.write_bytes(row["png"])
-                written.append(path)
+    for row in generator.generate(prompts):
+        path = output / f"{row['id']}-{slug(row['prompt'])}.png"
+        path.write_bytes(row["png"])
+        written.append(path)
     return written
 
 
-__all__ = ["GenerationConfig", "run_generation", "read_prompt_list", "model_files", "slug"]
+__all__ = ["GenerationConfig", "Generator", "run_generation", "read_prompt_list", "model_files", "slug"]

@@ -8,7 +8,8 @@ Design:
   run name with no checkpoint left (never checkpointed, or its folder deleted) gets a *new*
   MLflow run, so steps 1..N are never appended to an old run's history. Every run carries
   the tag `hart.run_name`; a new run lists earlier runs of the same name in `hart.previous_runs`.
-- Workers log only on world rank 0 (`RunLogger`), with explicit `step=` taken from the
+- Workers log training metrics only on world rank 0 (`RunLogger`; each node's system metrics come from
+  its first worker: trainer/system_metrics.py), with explicit `step=` taken from the
   training step, so a resumed run continues the same step axis; every `run.log_every` steps
   one row per metric, averaged over those steps (`log_every: 1` logs every step) (Ray's MLflowLoggerCallback
   is a Tune callback and is rejected by Train V2, docs/design/ray.md, "Tune callbacks under Train V2").
@@ -36,8 +37,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
@@ -52,7 +54,9 @@ MODEL_TRAINING = "custom_model_development"
 MODEL_TRAINING_VIEW = "machine_learning"  # the UI's `workflowType` of its "Model training" view
 PREVIOUS_RUNS_TAG = "hart.previous_runs"  # earlier runs of the same name that had no checkpoint left to resume
 DEFAULT_TRACKING_URI = "sqlite:///runs/mlflow.db"
-EXPORT_ARTIFACT_PATH = "model"  # run artifact folder of the exported llm/ + tokenizer/ (and the registry source)
+# The run's logged (pyfunc) model of a transformer export, or its artifact folder of a tokenizer export
+EXPORT_ARTIFACT_PATH = "model"
+TRAIN_CONFIG_FILE = "train_config.json"  # the run config beside an export's folders (secrets redacted)
 REDACTED = "***"
 MAX_PARAM_CHARS = 500
 DATASET_DIGEST_CHARS = 36  # MLflow's dataset digest column (run inputs and the dataset of a metric)
@@ -245,19 +249,93 @@ def finish_run(tracking_uri: str, run_id: str, status: str) -> None:
     set_terminated_quietly(MlflowClient(tracking_uri=tracking_uri), run_id, status)
 
 
-def log_export_and_register(tracking_uri: str, run_id: str, export_dir: str | Path, model_name: str) -> int:
-    """Upload the exported folders as run artifacts and register them; returns the model version."""
+def log_export_and_register(tracking_uri: str, run_id: str, export_dir: str | Path, model_name: str,
+                            *, text_encoder: str, protocol: str, step: int = 0) -> int:
+    """Log an export from its run and register it; returns the model version.
+
+    A transformer export (HART's `llm/` or STAR's `star/`, with `tokenizer/`) becomes the pyfunc model
+    of `trainer.served_model` (MLflow's models-from-code: the file is the model's code, the export's
+    folders its artifacts, in the released layout), logged at `step` as the run's model `model` and
+    registered as `model_name` from that model: `mlflow.pyfunc.load_model("models:/NAME/VERSION")` and
+    `mlflow models serve` make hart-generate's images. `text_encoder` is recorded by reference and
+    `protocol` as the sampling settings (`model_config`, both overridable at load). A tokenizer export
+    (no transformer, nothing to generate with) is uploaded as the run's `model/` artifacts and
+    registered from there."""
+    import mlflow
     from mlflow.tracking import MlflowClient
 
+    export_dir = Path(export_dir)
     client = MlflowClient(tracking_uri=tracking_uri)
-    client.log_artifacts(run_id, str(export_dir), artifact_path=EXPORT_ARTIFACT_PATH)
     try:
         client.get_registered_model(model_name)
     except Exception:  # noqa: BLE001 - mlflow raises RestException / MlflowException when absent
         client.create_registered_model(model_name, description="HART weights exported by jobs.train")
-    source = f"{client.get_run(run_id).info.artifact_uri}/{EXPORT_ARTIFACT_PATH}"
-    version = client.create_model_version(model_name, source=source, run_id=run_id)
-    return int(version.version)
+    transformer = [name for name in ("llm", "star") if (export_dir / name).is_dir()]
+    if not transformer:
+        client.log_artifacts(run_id, str(export_dir), artifact_path=EXPORT_ARTIFACT_PATH)
+        source = f"{client.get_run(run_id).info.artifact_uri}/{EXPORT_ARTIFACT_PATH}"
+        return int(client.create_model_version(model_name, source=source, run_id=run_id).version)
+    artifacts = {name: str(export_dir / name) for name in (*transformer, "tokenizer")}
+    if (export_dir / TRAIN_CONFIG_FILE).is_file():
+        artifacts["train_config"] = str(export_dir / TRAIN_CONFIG_FILE)
+    # The fluent API places the logged model in the active run's experiment; leaving the run ends it
+    # (FINISHED, as the driver's finish_run does next; FAILED on an error here).
+    with fluent_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id, log_system_metrics=False), \
+            warnings.catch_warnings():
+        # the signature is given; an input example would load and run the model here to check it
+        warnings.filterwarnings("ignore", message=".*An input example was not provided")
+        info = mlflow.pyfunc.log_model(
+            name=EXPORT_ARTIFACT_PATH, step=step, registered_model_name=model_name,
+            python_model=str(Path(__file__).with_name("served_model.py")), artifacts=artifacts,
+            signature=served_signature(),
+            model_config={"text_encoder": text_encoder, "protocol": protocol, "overrides": [], "device": ""},
+            # given, not inferred: inferring loads the model (and its text encoder) in a subprocess
+            pip_requirements=served_requirements(),
+        )
+    return int(info.registered_model_version)
+
+
+@contextlib.contextmanager
+def fluent_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's process-wide tracking URI set to `uri` (the fluent API reads only that), then put back as it
+    was: the global (unset included) and the MLFLOW_TRACKING_URI variable `set_tracking_uri` also writes."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    saved_uri, saved_env = tracking_utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved_uri)
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
+
+
+def served_signature():
+    """The served model's signature: `prompt` (string) and optional `seed` (long), `cfg` (double) in,
+    `image` (PNG bytes) out."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    inputs = Schema([ColSpec("string", "prompt"), ColSpec("long", "seed", required=False),
+                     ColSpec("double", "cfg", required=False)])
+    return ModelSignature(inputs=inputs, outputs=Schema([ColSpec("binary", "image")]))
+
+
+def served_requirements() -> list[str]:
+    """This project and the libraries the served model's code imports, at their installed versions."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    pinned = []
+    for name in ("hart-on-ray", "torch", "transformers", "safetensors", "pillow", "pandas", "pyyaml", "pydantic", "mlflow"):
+        try:
+            pinned.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            pinned.append(name)
+    return pinned
 
 
 # --------------------------------------------------------------------------------------

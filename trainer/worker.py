@@ -15,12 +15,14 @@ Checkpoints are reported every `run.checkpoint_every` steps (a report is a barri
 workers, so none in between). Rank 0 logs metrics to MLflow every `run.log_every` steps and at
 each checkpoint: one row per metric, the mean over the steps since the last write
 (`tracking.RunLogger`). Each checkpoint (or every k-th) is also an MLflow logged model, opened by rank 0
-before that step's evaluation and marked READY after the report (`trainer.checkpoint_models`). Ray touch
-points are marked `# [ray]`.
+before that step's evaluation and marked READY after the report (`trainer.checkpoint_models`). The first
+worker of each Ray node samples the node's system metrics into the run from the end of setup to the end
+of the loop (`trainer.system_metrics`). Ray touch points are marked `# [ray]`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -56,6 +58,7 @@ from trainer.plan import RunPlan
 from trainer.resume import PROGRESS_FILE, checkpoint_dir_name
 from trainer.sample_grids import log_samples, sampling_text_encoder
 from trainer.stages import Stage, build_stage
+from trainer.system_metrics import NodeSystemMetrics
 from trainer.worker_step import global_losses, optimizer_step, step_seed, throughput
 
 
@@ -102,8 +105,13 @@ def setup_worker(plan: RunPlan, device: torch.device, rank: int = 0) -> WorkerSe
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    # What run_worker starts for the length of its loop (the node's system metrics) stops here, a raising step included.
+    with contextlib.ExitStack() as until_loop_ends:
+        run_worker(loop_config["plan"], until_loop_ends)
 
-    plan: RunPlan = loop_config["plan"]
+
+def run_worker(plan: RunPlan, until_loop_ends: contextlib.ExitStack) -> None:
+
     config, manifest = plan.config, plan.manifest
     quiet_report_log()
     context = ray.train.get_context()  # [ray]
@@ -126,6 +134,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         resumed = True
     logger = tracking.RunLogger(plan.tracking_uri, plan.run_id, enabled=rank == 0)
     models = CheckpointModels(logger.client, plan.run_id, config.run, enabled=logger.enabled)
+    until_loop_ends.enter_context(NodeSystemMetrics.of_worker(plan))  # the first worker of each Ray node samples it
     if resumed:  # where the metric history has points of steps redone after this restore (RELIABILITY.md)
         logger.record({"restored_at_step": float(step), "world_size": float(world_size)}, step)
         models.ready(step)  # Ray restored it, so it is persisted (trainer/checkpoint_models.py)

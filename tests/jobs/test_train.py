@@ -20,6 +20,7 @@ from trainer import tracking
 from trainer.driver import run_training
 from pipelines import storage
 from tests.training_fixtures import tiny_config
+from trainer.system_metrics import METRIC_PREFIX
 
 
 def only_run(tracking_uri: str, experiment: str, run_name: str):
@@ -50,6 +51,12 @@ def test_joint_crash_resume_on_s3_then_export(train_assets, s3_bucket, s3_endpoi
     # params: the flattened config, nothing credential-like (the fake AWS secret is "testing")
     assert run.data.params["run.name"] == config.run.name and run.data.params["stage"] == "joint"
     assert not any("testing" in value for value in run.data.params.values())
+    # the node's system metrics: one series, a last sample when the crash ended the first attempt, and
+    # the resumed attempt's samples after it (trainer/system_metrics.py)
+    cpu = [key for key in run.data.metrics if key.startswith(METRIC_PREFIX) and key.endswith("/cpu_utilization_percentage")]
+    assert len(cpu) == 1, cpu
+    cpu_steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, cpu[0]))
+    assert len(cpu_steps) >= 2 and cpu_steps == list(range(len(cpu_steps)))
 
     # the last checkpoint on S3 carries the step, the MLflow run id and the training state
     local = tmp_path / "last"
@@ -74,18 +81,24 @@ def test_joint_crash_resume_on_s3_then_export(train_assets, s3_bucket, s3_endpoi
     # READY, linked to the run; the resumed run made none again for the step-2 checkpoint it restored
     from mlflow.entities import LoggedModelStatus
 
-    from trainer.checkpoint_models import run_checkpoint_models
+    from trainer.checkpoint_models import CHECKPOINT_MODEL_TYPE, run_checkpoint_models
 
     models = run_checkpoint_models(client, run.info.run_id, run.info.experiment_id)
     assert sorted(models) == [2, 4]
-    assert len(client.search_logged_models([run.info.experiment_id])) == 2
+    kinds = [m.model_type for m in client.search_logged_models([run.info.experiment_id])]
+    assert kinds.count(CHECKPOINT_MODEL_TYPE) == 2  # beside them, the export's pyfunc model
     for step, model in models.items():
         assert model.status == LoggedModelStatus.READY and model.name == f"{config.run.name}-step{step:08d}"
         assert model.params["checkpoint_uri"] == f"{s3_bucket}/train/{config.run.name}/checkpoint_step{step:08d}"
         assert client.list_logged_model_artifacts(model.model_id) == []
-    assert sorted((o.step, o.model_id) for o in run.outputs.model_outputs) == [(s, models[s].model_id) for s in (2, 4)]
+    outputs = {(o.step, o.model_id) for o in client.get_run(run.info.run_id).outputs.model_outputs}
+    assert {(s, models[s].model_id) for s in (2, 4)} <= outputs
     version = client.get_model_version("hart-joint", str(outcome["model_version"]))
     assert version.run_id == run.info.run_id
+    # the version is the run's logged pyfunc model (trainer/served_model.py, tested there), with the run's text encoder
+    logged = client.get_logged_model(version.source.removeprefix("models:/"))
+    assert logged.source_run_id == run.info.run_id
+    assert (run.data.params["text_encoder"], run.data.params["protocol"]) == ("minilm", "shapes")  # its model_config
     assert json.loads((tmp_path / "export" / "llm" / "config.json").read_text())["model_type"] == "hart_transformer_t2i"
 
 

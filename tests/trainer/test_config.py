@@ -104,6 +104,7 @@ def test_online_section_is_checked():
     ("precision=fp8", "precision must be one of"),
     ("objective.continuous_prob=1.5", r"objective.continuous_prob must be in \[0, 1\]"),
     ("eval.protocol=nope", "eval.protocol must be one of"),
+    ("tracking.served_protocol=demo", r"tracking.served_protocol must be one of .* \(one image per prompt\)"),
 ])
 def test_section_values_are_checked(override, message):
     with pytest.raises(ValueError, match=message):
