@@ -237,8 +237,8 @@ def log_dataset_input(tracking_uri: str, run_id: str, name: str, digest: str, so
     from mlflow.tracking import MlflowClient
 
     source = redact_uri(source)
-    dataset = Dataset(name=name, digest=digest[:DATASET_DIGEST_CHARS], source_type="s3" if source.startswith("s3://") else "local",
-                      source=json.dumps({"uri": source}))
+    dataset = Dataset(name=name, digest=digest[:DATASET_DIGEST_CHARS],
+                      source_type="s3" if source.startswith("s3://") else "local", source=json.dumps({"uri": source}))
     MlflowClient(tracking_uri=tracking_uri).log_inputs(
         run_id, datasets=[DatasetInput(dataset, tags=[InputTag(DATASET_CONTEXT_TAG, context)])])
 
