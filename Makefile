@@ -63,7 +63,8 @@ mlflow-ui: install
 	    $(if $(MLFLOW_ARTIFACTS),--artifacts-destination $(abspath $(MLFLOW_ARTIFACTS)))
 
 # The same store in headless Chromium: model-training view, Dataset column, eval/ metrics, per-category
-# table, checkpoint models with their metrics in the Models view (trainer/mlflow_ui_check.py). Needs `apt-get install chromium` and `pip install playwright`.
+# table, checkpoint models with their metrics in the Models view, each node's system metrics
+# (trainer/mlflow_ui_check.py). Needs `apt-get install chromium` and `pip install playwright`.
 # OUT: folder of the screenshots (default runs/mlflow-ui-check); EXPERIMENT: default hart-demo.
 mlflow-ui-check: install
 	$(PY) -m jobs.mlflow_ui_check --store $(MLFLOW_STORE) $(if $(MLFLOW_ARTIFACTS),--artifacts $(MLFLOW_ARTIFACTS)) \

@@ -28,6 +28,9 @@ Design:
       it in its metric's column (the columns the UI builds from a metric's key and dataset), so a click on
       a metric's column header ranks the checkpoints by it. The browser page is wide enough for all of
       those columns: the table renders only the columns in view.
+  (f) the System metrics tab of the newest training run with `system/` metrics shows each node's series
+      (trainer/system_metrics.py: `system/<node>/<metric>`, one node per Ray node that hosted a worker):
+      for every node the run's tags name, a chart of its CPU utilisation.
 - Each check saves a screenshot into `--out` and prints PASS or FAIL with what it saw; any failure
   exits 1, a setup problem (no store, no browser, the server not starting) exits 2.
 """
@@ -47,6 +50,7 @@ from urllib.parse import quote
 
 from trainer.checkpoint_models import CHECKPOINT_MODEL_TYPE
 from trainer.local_services import mlflow_server
+from trainer.system_metrics import NODE_TAG_PREFIX, metric_key
 from trainer.tracking import DATASET_CONTEXT_TAG, EXPERIMENT_KIND_TAG, MODEL_TRAINING_VIEW, experiment_ui_url
 
 # Headless and quiet on a closed network: without the background-networking flags Chromium keeps
@@ -82,6 +86,8 @@ class Expected:
     tables: dict[str, dict] = field(default_factory=dict)  # per_category.json path -> {"columns", "data"}
     checkpoint_models: list[CheckpointModelView] = field(default_factory=list)  # newest first
     ranking: tuple[str, list[str]] | None = None  # (metric column, model names best first) from the API
+    system_run: tuple[str, str] | None = None  # (run id, run name) of the newest training run with system/ metrics
+    system_nodes: dict[str, list[str]] = field(default_factory=dict)  # node -> its system/<node>/ metric keys
 
 
 @dataclass(frozen=True)
@@ -117,7 +123,20 @@ def read_expected(client, experiment_name: str, max_runs: int) -> Expected:
                 local = client.download_artifacts(evaluated.info.run_id, path, tmp)
                 expected.tables[path] = json.loads(Path(local).read_text())
     read_checkpoint_models(client, expected, max_runs)
+    read_system_metrics(expected, [r for r in runs if "stage" in r.data.params])
     return expected
+
+
+def read_system_metrics(expected: Expected, training_runs) -> None:
+    """The newest training run with per-node system metrics: its nodes (from the run's node tags, so a node
+    that logged no series is reported missing) and each node's metric keys."""
+    for run in training_runs:
+        nodes = sorted(key.removeprefix(NODE_TAG_PREFIX) for key in run.data.tags if key.startswith(NODE_TAG_PREFIX))
+        if nodes:
+            expected.system_run = (run.info.run_id, run.info.run_name)
+            expected.system_nodes = {node: sorted(k for k in run.data.metrics if k.startswith(metric_key(node, "")))
+                                     for node in nodes}
+            return
 
 
 def read_checkpoint_models(client, expected: Expected, max_models: int) -> None:
@@ -320,6 +339,24 @@ def check_models_view(page, base: str, expected: Expected, timeout_ms: int) -> s
             f"{sum(len(m.metrics) for m in expected.checkpoint_models)} metric values{ranked}")
 
 
+def check_system_metrics(page, base: str, expected: Expected, timeout_ms: int) -> str:
+    if expected.system_run is None:
+        raise CheckFailed(f"no training run of experiment {expected.experiment_name!r} has per-node system metrics "
+                          f"(tracking.system_metrics_interval_s > 0 on a run that trained)")
+    run_id, name = expected.system_run
+    silent = [node for node, keys in expected.system_nodes.items() if metric_key(node, "cpu_utilization_percentage") not in keys]
+    if silent:
+        raise CheckFailed(f"run {name}: nodes {silent} are tagged but have no cpu_utilization_percentage series")
+    page.goto(f"{base}/#/experiments/{expected.experiment_id}/runs/{run_id}/system-metrics"
+              f"?workflowType={MODEL_TRAINING_VIEW}")
+    rendered(page, page.get_by_text("System metrics"), "the run's System metrics tab", timeout_ms)
+    for node in expected.system_nodes:  # a chart's title is its metric key
+        rendered(page, page.get_by_text(metric_key(node, "cpu_utilization_percentage")),
+                 f"node {node}'s CPU utilisation chart", timeout_ms)
+    return (f"run {name}'s System metrics tab charts {len(expected.system_nodes)} nodes: "
+            + ", ".join(f"{node} ({len(keys)} series)" for node, keys in expected.system_nodes.items()))
+
+
 def models_viewport(expected: Expected) -> dict[str, int]:
     """Wide enough for every metric column of the checked models (the table renders the columns in view)."""
     columns = {metric[:3] for model in expected.checkpoint_models for metric in model.metrics}
@@ -400,6 +437,7 @@ def run_checks(browser, base: str, expected: Expected, out: Path, timeout_ms: in
         checks.append((f"d-table-{slug}".rstrip("-"), f"(d) per-category table {path or ''}".rstrip(),
                        functools.partial(check_table, path=path)))
     checks.append(("e-models-view", "(e) Models view lists the checkpoint models with their metrics", check_models_view))
+    checks.append(("f-system-metrics", "(f) System metrics tab charts each node's series", check_system_metrics))
     results = []
     for shot, title, check in checks:
         screenshot = out / f"{shot}.png"

@@ -6,13 +6,16 @@ Run: .venv/bin/pytest tests/jobs/test_mlflow_ui_check.py -q
 
 from __future__ import annotations
 
+import pytest
 from mlflow.tracking import MlflowClient
 
-from trainer import tracking
 from jobs.mlflow_ui_check import main
+from trainer import tracking
 from trainer.checkpoint_models import CheckpointModels
 from trainer.config import load_train_config
-from trainer.mlflow_ui_check import CheckpointModelView, metric_column_id, models_viewport, read_expected
+from trainer.mlflow_ui_check import (CheckFailed, CheckpointModelView, check_system_metrics, metric_column_id,
+                                     models_viewport, read_expected)
+from trainer.system_metrics import NODE_TAG_PREFIX, metric_key
 
 
 def test_expectations_come_from_the_store(tmp_path):
@@ -76,3 +79,24 @@ def test_models_view_expectations_list_checkpoint_models_with_their_metrics(tmp_
 def test_a_missing_store_is_a_setup_error(tmp_path, capsys):
     assert main(["--store", str(tmp_path / "none.db")]) == 2
     assert "no MLflow store at" in capsys.readouterr().out
+
+
+def test_system_metrics_expectations_name_each_tagged_node_and_its_series(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    older, _ = tracking.open_run(uri, "hart-demo", "demo-tokenizer", {"stage": "tokenizer"})
+    client.set_tag(older, NODE_TAG_PREFIX + "host-00000000", "ray_node_id=00 ip=127.0.0.1 host=host gpus=not measured")
+    trained, _ = tracking.open_run(uri, "hart-demo", "demo-joint", {"stage": "joint"})
+    for node in ("host-1a2b3c4d", "host-5e6f7a8b"):
+        client.set_tag(trained, NODE_TAG_PREFIX + node, f"ray_node_id={node} ip=127.0.0.1 host=host gpus=not measured")
+    for metric in ("cpu_utilization_percentage", "system_memory_usage_megabytes"):
+        client.log_metric(trained, metric_key("host-1a2b3c4d", metric), 50.0, step=0)
+    expected = read_expected(client, "hart-demo", max_runs=6)
+    assert expected.system_run == (trained, "demo-joint")  # the newest training run with node tags
+    assert expected.system_nodes == {
+        "host-1a2b3c4d": ["system/host-1a2b3c4d/cpu_utilization_percentage",
+                          "system/host-1a2b3c4d/system_memory_usage_megabytes"],
+        "host-5e6f7a8b": [],  # tagged, no series: check (f) fails naming it, before opening the page
+    }
+    with pytest.raises(CheckFailed, match=r"nodes \['host-5e6f7a8b'\] are tagged but have no"):
+        check_system_metrics(None, "http://unused", expected, timeout_ms=1)
