@@ -28,6 +28,7 @@ Design:
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -42,11 +43,14 @@ from trainer.tracking import redact_uri
 CHECKPOINT_MODEL_TYPE = "hart-checkpoint"
 STEP_PARAM = "step"
 URI_PARAM = "checkpoint_uri"
+MODEL_NAME_REFUSED = r"[/:.%\"']"  # MLflow 3.17's logged-model name check
 COPIED_FILES = ("model.safetensors", "ema.safetensors", META_FILE)  # run.checkpoint_models: copy
 
 
 def checkpoint_model_name(run_name: str, step: int) -> str:
-    return f"{run_name}-step{step:08d}"
+    """`<run.name>-step<N>`, with the characters MLflow refuses in a model name (`MODEL_NAME_REFUSED`, e.g. the
+    dot of `hart-0.7b-finetune`) written as `_`."""
+    return re.sub(MODEL_NAME_REFUSED, "_", f"{run_name}-step{step:08d}")
 
 
 def logs_model(run: RunSection, step: int) -> bool:

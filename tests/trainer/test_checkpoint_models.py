@@ -14,7 +14,7 @@ from mlflow.entities import LoggedModelStatus
 from configuration.loader import config_from_dict
 from trainer import tracking
 from trainer.checkpoint_models import (
-    CHECKPOINT_MODEL_TYPE, COPIED_FILES, CheckpointModels, logs_model, model_of_step, run_checkpoint_models,
+    CHECKPOINT_MODEL_TYPE, COPIED_FILES, CheckpointModels, checkpoint_model_name, logs_model, model_of_step, run_checkpoint_models,
 )
 from trainer.config import RunSection, load_train_config
 
@@ -102,3 +102,11 @@ def test_figures_logged_against_checkpoint_models_rank_them(store):
     (metric,) = ranked[0].metrics
     assert (metric.key, metric.value, metric.step, metric.dataset_name, metric.dataset_digest) == (
         "eval/joint_accuracy", 0.75, 4, "shapes:heldout", dataset[1][:36])
+
+
+def test_a_run_name_with_characters_mlflow_refuses_still_names_its_models(store):
+    uri, run_id, logger = store
+    assert checkpoint_model_name("hart-0.7b-finetune", 2) == "hart-0_7b-finetune-step00000002"
+    models = CheckpointModels(logger.client, run_id, run_section(name="hart-0.7b:v1"))
+    models.open(2)  # MLflow refuses '.', '/', ':' in a model name: the store takes this one
+    assert models.by_step[2].name == "hart-0_7b_v1-step00000002"
