@@ -32,10 +32,12 @@ TEST_WORKERS ?= 2
 test: install
 	$(PY) -m pytest -q -m "not slow and not gpu and not smoke" $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist worksteal) tests
 
-# The whole demo chain at tiny step counts in a temporary workdir, its outputs checked, and the
-# check itself tested (tests/jobs/test_demo_smoke.py). CI runs it after `make test`.
+# The two chains end to end, side by side (one test process per file): the whole demo at tiny step
+# counts in a temporary workdir, its outputs checked and the check itself tested
+# (tests/jobs/test_demo_smoke.py), and the README's quickstart run as written (tests/test_readme_quickstart.py).
+# CI runs it after `make test`.
 demo-smoke: install
-	$(PY) -m pytest -q -s -m smoke tests/jobs/test_demo_smoke.py
+	$(PY) -m pytest -q -m smoke -n 2 --dist loadfile tests/jobs/test_demo_smoke.py tests/test_readme_quickstart.py
 
 # STORAGE=s3 runs the demo against a local S3-compatible server + an mlflow server on loopback.
 demo: install

@@ -1,7 +1,13 @@
 """The README's quickstart, extracted from the README and run as written in a copy of the repository:
 shards -> tokenizer -> token cache -> transformer -> generated images -> evaluation, each step a
 separate command with its own local Ray instance, as a new user runs it. The README cannot drift
-from what runs."""
+from what runs.
+
+The run itself is a chain end to end like the demo's smoke run (minutes of Ray start-ups and tiny
+training): marked `smoke`, `make demo-smoke` (and so `.ci/run`) runs it beside the demo's chain, and
+`make test` only checks that the block is found.
+Run: .venv/bin/pytest -m smoke tests/test_readme_quickstart.py -q
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,8 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 MARKER = "<!-- quickstart:"
@@ -28,6 +36,7 @@ def test_the_quickstart_block_is_found():
     assert block.startswith("source .venv/bin/activate") and "hart-evaluate run" in block
 
 
+@pytest.mark.smoke
 def test_readme_quickstart_runs_as_written(tmp_path):
     checkout = tmp_path / "checkout"
     shutil.copytree(REPO, checkout, ignore=shutil.ignore_patterns(
