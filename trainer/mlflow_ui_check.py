@@ -30,7 +30,8 @@ Design:
       those columns: the table renders only the columns in view.
   (f) the System metrics tab of the newest training run with `system/` metrics shows each node's series
       (trainer/system_metrics.py: `system/<node>/<metric>`, one node per Ray node that hosted a worker):
-      for every node the run's tags name, a chart of its CPU utilisation.
+      for every node the run's tags name, a section headed `system/<node>` holding its charts, one of them
+      its CPU utilisation.
 - Each check saves a screenshot into `--out` and prints PASS or FAIL with what it saw; any failure
   exits 1, a setup problem (no store, no browser, the server not starting) exits 2.
 """
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import html
 import json
 import math
 import os
@@ -326,9 +328,14 @@ def check_models_view(page, base: str, expected: Expected, timeout_ms: int) -> s
         except PlaywrightTimeout:
             problems.append(f"{model.name}: not listed")
             continue
+        # the cells' col-id attributes hold the column id HTML-escaped (`&quot;`), the headers' do not
+        cells = rows.evaluate_all("rows => rows.flatMap(r => Array.from(r.querySelectorAll('[col-id]'))"
+                                  ".map(c => [c.getAttribute('col-id'), c.innerText.trim()]))")
+        by_column: dict[str, list[str]] = {}
+        for column, text in cells:
+            by_column.setdefault(html.unescape(column), []).append(text)
         for key, dataset_name, digest, value in model.metrics:
-            shown = [text.strip() for text in
-                     rows.locator(f"[col-id='{metric_column_id(key, dataset_name, digest)}']").all_inner_texts()]
+            shown = by_column.get(metric_column_id(key, dataset_name, digest), [])
             if not any(close(text, value) for text in shown):
                 problems.append(f"{model.name} {metric_label(key, dataset_name, digest)}: "
                                 f"{shown or 'no cell'} (API {value})")
@@ -350,7 +357,9 @@ def check_system_metrics(page, base: str, expected: Expected, timeout_ms: int) -
     page.goto(f"{base}/#/experiments/{expected.experiment_id}/runs/{run_id}/system-metrics"
               f"?workflowType={MODEL_TRAINING_VIEW}")
     rendered(page, page.get_by_text("System metrics"), "the run's System metrics tab", timeout_ms)
-    for node in expected.system_nodes:  # a chart's title is its metric key
+    for node, keys in expected.system_nodes.items():  # a section per node, its charts' legends name the keys
+        section = metric_key(node, "")[:-1]  # the heading shows it, then the number of charts in an element of its own
+        rendered(page, page.get_by_text(section, exact=True), f"node {node}'s section ({section})", timeout_ms)
         rendered(page, page.get_by_text(metric_key(node, "cpu_utilization_percentage")),
                  f"node {node}'s CPU utilisation chart", timeout_ms)
     return (f"run {name}'s System metrics tab charts {len(expected.system_nodes)} nodes: "
