@@ -25,9 +25,10 @@ Design:
       category) and the file's values (numbers as the UI rounds them, to 10 significant digits);
   (e) the experiment's Models view lists the newest `--max-runs` checkpoint models (type
       `hart-checkpoint`, trainer/checkpoint_models.py), each in its row with every metric logged against
-      it in its metric's column (the columns the UI builds from a metric's key and dataset), so a click on
-      a metric's column header ranks the checkpoints by it. The browser page is wide enough for all of
-      those columns: the table renders only the columns in view.
+      it in its metric's column (the columns the UI builds from a metric's key and dataset). MLflow 3.17.2's
+      tab sorts only by creation time (its sort-by-metric menu is switched off in the released UI): the
+      ranking is the API's (`search_logged_models` ordered by the first metric), printed with the result.
+      The browser page is wide enough for all of those columns: the table renders only the columns in view.
   (f) the System metrics tab of the newest training run with `system/` metrics shows each node's series
       (trainer/system_metrics.py: `system/<node>/<metric>`, one node per Ray node that hosted a worker):
       for every node the run's tags name, a section headed `system/<node>` holding its charts, one of them
