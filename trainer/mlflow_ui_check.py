@@ -35,6 +35,9 @@ Design:
       its CPU utilisation.
 - Each check saves a screenshot into `--out` and prints PASS or FAIL with what it saw; any failure
   exits 1, a setup problem (no store, no browser, the server not starting) exits 2.
+
+Length: over 400 lines because each of its six checks is a page's selectors and what they must show, read
+in one place beside the expectations they test; they share the browser set-up and the store reading.
 """
 
 from __future__ import annotations

@@ -24,6 +24,10 @@ Design:
   checks in a real browser what such a link shows.
 - `mlflow` is imported inside the functions that call it, not at the top: the import costs about 3 s
   of CPU, which every Ray Train worker would pay at start-up although only rank 0 logs.
+
+Length: over 400 lines; it is every MLflow call the jobs make (params, runs, datasets, the registered pyfunc
+model, the rank-0 logger). The pyfunc logging (`log_export_and_register` and its signature, requirements and
+tracking-URI helpers) is the part that could become a module of its own.
 """
 
 from __future__ import annotations
